@@ -1,0 +1,193 @@
+"""Parsing and validation of the fields that input formats are made of (texts, message lists, transcripts).
+
+Every function raises :class:`~rlft.data.errors.RecordError` naming the field, what was expected and what was
+found; :func:`rlft.data.formats.convert` adds the file and line. All texts are stripped of surrounding whitespace
+here, in one place, so chosen and rejected replies compare meaningfully whatever format they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from rlft.data.errors import RecordError, describe_value
+
+__all__ = [
+    "Example",
+    "ROLES",
+    "SHAREGPT_ROLES",
+    "optional_text",
+    "parse_label",
+    "parse_messages",
+    "parse_prompt",
+    "parse_reply",
+    "parse_transcript",
+    "required_text",
+    "same_prompt",
+    "user_turn",
+]
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {**ROLES, "human": "user", "gpt": "assistant", "chatgpt": "assistant"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class Example:
+    """A parsed row: a conversation whose last message is the (chosen) reply when there is one.
+
+    Attributes:
+        messages: Normalised messages; for preference data, the prompt followed by the chosen reply.
+        rejected: The rejected reply, for preference formats.
+        field: Field to name in errors about the conversation as a whole.
+        extras: Per-example fields to keep in ``prompts`` records (e.g. a seed task instance's output).
+    """
+
+    messages: list[dict]
+    rejected: str | None = None
+    field: str = ""
+    extras: dict = dataclasses.field(default_factory=dict)
+
+
+def _text(value: object, where: str, empty_reason: str) -> str:
+    if value is None:
+        raise RecordError(where, "missing (or null); expected a non-empty string", "missing field")
+    if not isinstance(value, str):
+        raise RecordError(where, f"expected a string, found {describe_value(value)}", "wrong type")
+    text = value.strip()
+    if not text:
+        raise RecordError(where, "is empty; expected a non-empty string", empty_reason)
+    return text
+
+
+def required_text(data: dict, key: str, *, where: str | None = None, empty_reason: str = "empty field") -> str:
+    """The stripped, non-empty string ``data[key]``; ``where`` names the field in errors (default ``key``)."""
+    return _text(data.get(key), where or key, empty_reason)
+
+
+def optional_text(data: dict, key: str, *, where: str | None = None) -> str:
+    """The stripped string ``data[key]``, or ``""`` when it is absent, null or empty."""
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(where or key, f"expected a string, found {describe_value(value)}", "wrong type")
+    return value.strip()
+
+
+def user_turn(instruction: str, extra: str) -> dict:
+    """A user message from an instruction and its optional input/context, separated by a blank line."""
+    return {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}
+
+
+def parse_messages(value: object, where: str, *, sharegpt: bool = False) -> list[dict]:
+    """Normalise a list of chat messages to ``[{"role", "content"}]`` with canonical roles.
+
+    Args:
+        value: The raw list; messages use ``role``/``content`` or (ShareGPT) ``from``/``value``.
+        where: Field name for errors.
+        sharegpt: Accept ShareGPT roles (``human``, ``gpt``) and ``from``/``value`` keys.
+
+    Empty system messages are dropped (they carry nothing); empty user/assistant messages are errors.
+    """
+    if value is None:
+        raise RecordError(where, "missing (or null); expected a list of messages", "missing field")
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise RecordError(where, f"expected a list of {{role, content}} messages, found {describe_value(value)}",
+                          "wrong type")  # fmt: skip
+    if not value:
+        raise RecordError(where, "is an empty list; expected at least one message", "empty field")
+    roles = SHAREGPT_ROLES if sharegpt else ROLES
+    messages = []
+    for index, message in enumerate(value):
+        role_key, content_key = ("from", "value") if sharegpt and "from" in message else ("role", "content")
+        role = message.get(role_key)
+        if role is None:
+            raise RecordError(f"{where}[{index}].{role_key}", "missing; expected the speaker's role", "missing field")
+        canonical = roles.get(role.lower()) if isinstance(role, str) else None
+        if canonical is None:
+            raise RecordError(f"{where}[{index}].{role_key}",
+                              f"unknown role {role!r}; expected one of {', '.join(roles)}", "unknown role")  # fmt: skip
+        content = message.get(content_key)
+        if canonical == "system" and isinstance(content, str) and not content.strip():
+            continue
+        reason = "empty response" if canonical == "assistant" else "empty field"
+        messages.append({"role": canonical, "content": _text(content, f"{where}[{index}].{content_key}", reason)})
+    if not messages:
+        raise RecordError(where, "has only empty system messages", "empty field")
+    return messages
+
+
+def parse_prompt(data: dict, key: str) -> list[dict]:
+    """A prompt given as a string (one user turn) or as a list of messages."""
+    value = data.get(key)
+    if isinstance(value, list):
+        return parse_messages(value, key)
+    return [{"role": "user", "content": _text(value, key, "empty field")}]
+
+
+def parse_reply(data: dict, key: str) -> tuple[list[dict], str]:
+    """A reply given as a string or as messages ending in the assistant's reply.
+
+    Returns:
+        The messages before the final assistant turn (empty for a plain string) and the reply text.
+    """
+    value = data.get(key)
+    if not isinstance(value, list):
+        return [], _text(value, key, "empty response")
+    messages = parse_messages(value, key)
+    if messages[-1]["role"] != "assistant":
+        raise RecordError(key, f"expected the conversation to end with the assistant's reply, found a final "
+                          f"'{messages[-1]['role']}' message", "no assistant turn")  # fmt: skip
+    return messages[:-1], messages[-1]["content"]
+
+
+def parse_transcript(data: dict, key: str) -> list[dict]:
+    """Parse an HH-RLHF transcript (``\\n\\nHuman: ...\\n\\nAssistant: ...``) into messages.
+
+    The last turn must be the Assistant's; its text (stripped) is the reply.
+    """
+    text = _text(data.get(key), key, "empty field")
+    parts = _HH_TURN.split("\n\n" + text)
+    if len(parts) == 1 or parts[0].strip():
+        found = describe_value(text, 50)
+        raise RecordError(key, "transcript does not parse: expected turns starting with '\\n\\nHuman:' and "
+                          f"'\\n\\nAssistant:', found {found}", "unparseable transcript")  # fmt: skip
+    speakers, texts = parts[1::2], parts[2::2]
+    if "Assistant" not in speakers:
+        raise RecordError(key, "transcript does not parse: it has no '\\n\\nAssistant:' turn",
+                          "unparseable transcript")  # fmt: skip
+    if speakers[-1] != "Assistant":
+        raise RecordError(key, "transcript ends with a Human turn; expected it to end with the Assistant's reply",
+                          "unparseable transcript")  # fmt: skip
+    messages = []
+    for turn, (speaker, content) in enumerate(zip(speakers, texts), start=1):
+        last = turn == len(speakers)
+        if not content.strip():
+            what = "the final Assistant reply is empty" if last else f"turn {turn} ({speaker}) is empty"
+            raise RecordError(key, what, "empty response" if last else "empty field")
+        messages.append({"role": _HH_ROLES[speaker], "content": content.strip()})
+    return messages
+
+
+def same_prompt(prompt: list[dict], expected: list[dict], key: str, other: str) -> None:
+    """Raise a ``prompt mismatch`` error naming the first differing turn unless the two prompts are equal."""
+    if prompt == expected:
+        return
+    turn = next((i for i, (a, b) in enumerate(zip(prompt, expected)) if a != b), min(len(prompt), len(expected)))
+    raise RecordError(key, f"its prompt (everything before the last assistant turn) differs from '{other}' at turn "
+                      f"{turn + 1} ({len(prompt)} vs {len(expected)} turns); both must share the same prompt",
+                      "prompt mismatch")  # fmt: skip
+
+
+def parse_label(data: dict, key: str) -> int:
+    """A 0/1 label (int, bool-free) given as a number or a string such as ``"1"`` (CSV)."""
+    value = data.get(key)
+    if value is None:
+        raise RecordError(key, "missing; expected 0 or 1 (index of the correct solution)", "missing field")
+    label = value.strip() if isinstance(value, str) else value
+    if label in (0, 1, "0", "1") and not isinstance(label, bool | float):
+        return int(label)
+    raise RecordError(key, f"expected 0 or 1, found {describe_value(value)}", "invalid label")

@@ -1,0 +1,420 @@
+"""Input formats and their conversion to rlft's canonical records.
+
+Canonical records (one per training example):
+
+* ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+* ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str}`` (the final assistant replies)
+* ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions)
+
+Each input format parses a row into :class:`Example` objects (a conversation ending in the reply, plus an optional
+rejected reply); the kind projections in :data:`_PROJECTIONS` turn examples into records. Field parsing and
+validation live in :mod:`rlft.data.fields`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlft.data.errors import DataError, Issue, RecordError
+from rlft.data.fields import (
+    Example,
+    optional_text,
+    parse_label,
+    parse_messages,
+    parse_prompt,
+    parse_reply,
+    parse_transcript,
+    required_text,
+    same_prompt,
+    user_turn,
+)
+from rlft.data.sources import Row
+
+__all__ = ["KINDS", "FORMATS", "Format", "ConversionReport", "convert", "detect_format"]
+
+KINDS = ("sft", "pairs", "prompts")
+_DETECT_ROWS = 50
+_MAX_LISTED = 10
+_EXAMPLES_PER_REASON = 5
+
+
+# --------------------------------------------------------------------------------------------------------- parsers
+def _parse_messages(data: dict, kind: str) -> list[Example]:
+    return [Example(parse_messages(data.get("messages"), "messages"), field="messages")]
+
+
+def _parse_sharegpt(data: dict, kind: str) -> list[Example]:
+    messages = parse_messages(data.get("conversations"), "conversations", sharegpt=True)
+    system = optional_text(data, "system")
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return [Example(messages, field="conversations")]
+
+
+def _parse_prompt_completion(data: dict, kind: str) -> list[Example]:
+    prompt = parse_prompt(data, "prompt")
+    completion = data.get("completion")
+    if isinstance(completion, list):
+        turns = parse_messages(completion, "completion")
+        if turns[-1]["role"] != "assistant":
+            raise RecordError("completion", "the completion must end with an assistant message", "no assistant turn")
+    else:
+        turns = [{"role": "assistant", "content": required_text(data, "completion", empty_reason="empty response")}]
+    return [Example(prompt + turns, field="completion")]
+
+
+def _parse_prompt_only(data: dict, kind: str) -> list[Example]:
+    key = "prompt" if "prompt" in data else "question"
+    return [Example(parse_prompt(data, key), field=key)]
+
+
+def _instruction_parser(extra_key: str, reply_key: str) -> Callable[[dict, str], list[Example]]:
+    def parse(data: dict, kind: str) -> list[Example]:
+        prompt = user_turn(required_text(data, "instruction"), optional_text(data, extra_key))
+        reply = required_text(data, reply_key, empty_reason="empty response")
+        return [Example([prompt, {"role": "assistant", "content": reply}], field=reply_key)]
+
+    return parse
+
+
+def _parse_alpaca_seed(data: dict, kind: str) -> list[Example]:
+    instruction = required_text(data, "instruction")
+    instances = data.get("instances")
+    if instances is None:
+        raise RecordError("instances", "missing; expected a list of {input, output} objects", "missing field")
+    if not isinstance(instances, list):
+        raise RecordError("instances", f"expected a list of {{input, output}}, found {type(instances).__name__}",
+                          "wrong type")  # fmt: skip
+    if not instances:
+        raise RecordError("instances", "empty list; a seed task needs at least one {input, output}", "empty instances")
+    examples = []
+    for index, instance in enumerate(instances):
+        where = f"instances[{index}]"
+        if not isinstance(instance, dict):
+            raise RecordError(where, f"expected an object, found {type(instance).__name__}", "wrong type")
+        prompt = user_turn(instruction, optional_text(instance, "input", where=f"{where}.input"))
+        output = required_text(instance, "output", where=f"{where}.output", empty_reason="empty response")
+        examples.append(Example([prompt, {"role": "assistant", "content": output}], field=where,
+                                extras={"output": output}))  # fmt: skip
+    return examples
+
+
+def _parse_hh(data: dict, kind: str) -> list[Example]:
+    chosen = parse_transcript(data, "chosen")
+    rejected = parse_transcript(data, "rejected")
+    same_prompt(chosen[:-1], rejected[:-1], "rejected", "chosen")
+    return [Example(chosen, rejected=rejected[-1]["content"], field="chosen")]
+
+
+def _parse_preference(data: dict, kind: str) -> list[Example]:
+    chosen_prefix, chosen = parse_reply(data, "chosen")
+    rejected_prefix, rejected = parse_reply(data, "rejected")
+    if data.get("prompt") is not None:
+        prompt = parse_prompt(data, "prompt")
+        for prefix, key in ((chosen_prefix, "chosen"), (rejected_prefix, "rejected")):
+            if prefix:
+                same_prompt(prefix, prompt, key, "prompt")
+    else:  # implicit prompt: chosen and rejected are full conversations sharing it
+        if not chosen_prefix:
+            raise RecordError("prompt", "missing; give a prompt or full conversations in chosen/rejected",
+                              "missing field")  # fmt: skip
+        prompt = chosen_prefix
+        same_prompt(rejected_prefix or [], prompt, "rejected", "chosen")
+    return [Example([*prompt, {"role": "assistant", "content": chosen}], rejected=rejected, field="chosen")]
+
+
+def _parse_piqa(data: dict, kind: str) -> list[Example]:
+    goal = user_turn(required_text(data, "goal"), "")
+    solutions = [required_text(data, "sol1", empty_reason="empty response"),
+                 required_text(data, "sol2", empty_reason="empty response")]  # fmt: skip
+    if kind == "prompts" and data.get("label") in (None, -1, "-1"):  # the PIQA test split is unlabelled
+        return [Example([goal], field="goal")]
+    label = parse_label(data, "label")
+    reply = {"role": "assistant", "content": solutions[label]}
+    return [Example([goal, reply], rejected=solutions[1 - label], field="label")]
+
+
+# ----------------------------------------------------------------------------------------------------- projections
+def _to_sft(example: Example) -> dict:
+    if not any(message["role"] == "assistant" for message in example.messages):
+        raise RecordError(example.field, "conversation has no assistant turn; SFT trains on assistant replies",
+                          "no assistant turn")  # fmt: skip
+    return {"messages": example.messages}
+
+
+def _to_pair(example: Example) -> dict:
+    chosen = example.messages[-1]["content"]
+    if chosen == example.rejected:
+        raise RecordError("rejected", "identical to 'chosen' (after stripping whitespace); a pair needs two "
+                          "different responses", "identical chosen/rejected")  # fmt: skip
+    return {"prompt": example.messages[:-1], "chosen": chosen, "rejected": example.rejected}
+
+
+def _to_prompt(example: Example) -> dict:
+    messages = example.messages
+    prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    if not any(message["role"] == "user" for message in prompt):
+        raise RecordError(example.field, "no user turn before the final assistant reply; nothing to prompt with",
+                          "empty field")  # fmt: skip
+    return {"prompt": prompt}
+
+
+_PROJECTIONS: dict[str, Callable[[Example], dict]] = {"sft": _to_sft, "pairs": _to_pair, "prompts": _to_prompt}
+
+_KIND_ADVICE = {
+    "pairs": "it has no rejected responses, and pairs (DPO, ORPO, SimPO, reward models) need them; use a preference "
+    "format (prompt/chosen/rejected, HH-RLHF, PIQA) or train SFT on this data",
+    "sft": "it has prompts but no responses to train on; add a 'completion' field or use it for online RL "
+    "(PPO/GRPO, kind 'prompts')",
+    "prompts": "it has no prompts",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Format:
+    """One input format: how to recognise it and how to turn its rows into canonical records.
+
+    Attributes:
+        name: Registry name (what users pass as ``format=``).
+        keys: Human description of the keys, for error messages.
+        matches: ``matches(data) -> bool``, used by auto-detection (looks at keys only).
+        parse: ``parse(data, kind) -> list[Example]``; raises :class:`RecordError` for invalid rows.
+        kinds: Record kinds this format can provide.
+        prompt_fields: Fields that become the prompt; for ``prompts`` every other field of the row is kept.
+    """
+
+    name: str
+    keys: str
+    matches: Callable[[dict], bool]
+    parse: Callable[[dict, str], list[Example]]
+    kinds: tuple[str, ...]
+    prompt_fields: tuple[str, ...]
+
+    def to_records(self, row: Row, kind: str) -> list[dict]:
+        """Convert one row to 0..n records of ``kind``; raises :class:`RecordError` when the row is invalid."""
+        _check_kind(self, kind)
+        records = []
+        for example in self.parse(row.data, kind):
+            record = _PROJECTIONS[kind](example)
+            if kind == "prompts":
+                kept = {k: v for k, v in row.data.items() if k not in self.prompt_fields and k != "prompt"}
+                record = {**kept, **example.extras, **record}
+            records.append(record)
+        return records
+
+
+def _has(*keys: str) -> Callable[[dict], bool]:
+    return lambda data: all(key in data for key in keys)
+
+
+def _lacks(*keys: str) -> Callable[[dict], bool]:
+    return lambda data: not any(key in data for key in keys)
+
+
+def _all(*tests: Callable[[dict], bool]) -> Callable[[dict], bool]:
+    return lambda data: all(test(data) for test in tests)
+
+
+_SFT_KINDS = ("sft", "prompts")
+_PAIR_KINDS = ("sft", "pairs", "prompts")
+_RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "messages", "conversations")
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("messages", "messages: [{role, content}]", lambda d: isinstance(d.get("messages"), list),
+               _parse_messages, _SFT_KINDS, ("messages",)),
+        Format("sharegpt", "conversations: [{from, value}]", lambda d: isinstance(d.get("conversations"), list),
+               _parse_sharegpt, _SFT_KINDS, ("conversations", "system")),
+        Format("prompt_completion", "prompt, completion", _has("prompt", "completion"),
+               _parse_prompt_completion, _SFT_KINDS, ("prompt",)),
+        Format("alpaca", "instruction, input, output", _all(_has("instruction", "output"), _lacks("instances")),
+               _instruction_parser("input", "output"), _SFT_KINDS, ("instruction", "input")),
+        Format("dolly", "instruction, context, response", _has("instruction", "response"),
+               _instruction_parser("context", "response"), _SFT_KINDS, ("instruction", "context")),
+        Format("hh_rlhf", "chosen, rejected (Human:/Assistant: transcripts)",
+               _all(_has("chosen", "rejected"), _lacks("prompt"), lambda d: isinstance(d["chosen"], str)),
+               _parse_hh, _PAIR_KINDS, ("chosen", "rejected")),
+        Format("preference", "prompt, chosen, rejected",
+               _all(_has("chosen", "rejected"), lambda d: "prompt" in d or isinstance(d["chosen"], list)),
+               _parse_preference, _PAIR_KINDS, ("prompt",)),
+        Format("piqa", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2"), _parse_piqa, _PAIR_KINDS, ("goal",)),
+        Format("alpaca_seed", "instruction, instances: [{input, output}]", _has("instruction", "instances"),
+               _parse_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
+        Format("prompt_only", "prompt (or question), other fields kept",
+               _all(lambda d: "prompt" in d or "question" in d, _lacks(*_RESPONSE_KEYS)),
+               _parse_prompt_only, ("prompts",), ("prompt", "question")),
+    )
+}  # fmt: skip
+
+
+def _check_kind(fmt: Format, kind: str) -> None:
+    if kind not in KINDS:
+        raise DataError(f"unknown record kind '{kind}'; expected one of {', '.join(KINDS)}")
+    if kind not in fmt.kinds:
+        raise DataError(
+            f"format '{fmt.name}' cannot provide '{kind}' records: {_KIND_ADVICE[kind]}. "
+            f"It provides: {', '.join(fmt.kinds)}."
+        )
+
+
+def _format_list() -> str:
+    return "; ".join(f"{f.name} ({f.keys})" for f in FORMATS.values())
+
+
+def detect_format(rows: list[Row]) -> str:
+    """Name of the format that matches most of the first rows.
+
+    Raises:
+        DataError: No rows, no format matches, or several formats match equally well; the message lists the keys
+            seen and the formats available, and says how to choose one with ``format=``.
+    """
+    if not rows:
+        raise DataError("no rows to detect the format from: the data is empty")
+    sample = rows[:_DETECT_ROWS]
+    votes = Counter(name for row in sample for name, fmt in FORMATS.items() if fmt.matches(row.data))
+    keys = sorted({key for row in sample for key in row.data})
+    where = _sources(sample)
+    hint = "Pass format=NAME (e.g. --data.format alpaca) to choose one."
+    if not votes:
+        raise DataError(
+            f"{where}: cannot detect the data format; keys seen in the first {len(sample)} rows: {keys}. "
+            f"Known formats: {_format_list()}. {hint}"
+        )
+    best = max(votes.values())
+    winners = sorted(name for name, count in votes.items() if count == best)
+    if len(winners) > 1:
+        raise DataError(
+            f"{where}: the data format is ambiguous: rows match {', '.join(winners)} (keys seen: {keys}). {hint}"
+        )
+    return winners[0]
+
+
+# ------------------------------------------------------------------------------------------------------- conversion
+@dataclass
+class ConversionReport:
+    """What happened to the rows of one conversion, for the log.
+
+    Attributes:
+        format: Format used (detected or given).
+        kind: Record kind produced.
+        rows_in: Input rows.
+        records_out: Records produced.
+        filtered: Reason -> number of rows (invalid, when skipping) or records (duplicates) dropped.
+        examples: Reason -> the first few issues (file:line) behind ``filtered``.
+        source: Short name of the input, for :meth:`summary`.
+    """
+
+    format: str
+    kind: str
+    rows_in: int
+    records_out: int
+    filtered: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[Issue]] = field(default_factory=dict)
+    source: str = ""
+
+    def summary(self) -> str:
+        """One human line, e.g. ``hh.jsonl: 300 rows (hh_rlhf) -> 297 pairs; filtered: 2 duplicate``."""
+        line = f"{self.source or 'data'}: {self.rows_in} rows ({self.format}) -> {self.records_out} {self.kind}"
+        if self.filtered:
+            line += "; filtered: " + ", ".join(f"{count} {reason}" for reason, count in self.filtered.items())
+        return line
+
+    def details(self) -> str:
+        """:meth:`summary` plus the first examples of every filtered reason, one per line."""
+        lines = [self.summary()]
+        for reason, issues in self.examples.items():
+            lines += [f"  {reason}: {issue}" for issue in issues]
+        return "\n".join(lines)
+
+
+def _sources(rows: list[Row]) -> str:
+    names = sorted({row.source for row in rows})
+    if len(names) == 1:
+        return Path(names[0]).name if Path(names[0]).exists() else names[0]
+    return f"{len(names)} files" if names else "data"
+
+
+def _resolve_format(rows: list[Row], name: str) -> Format:
+    if name == "auto":
+        return FORMATS[detect_format(rows)]
+    if name not in FORMATS:
+        raise DataError(f"unknown format '{name}'; use 'auto' or one of: {_format_list()}")
+    return FORMATS[name]
+
+
+def _invalid_error(fmt: Format, kind: str, invalid: dict[str, list[Issue]], rows: list[Row]) -> DataError:
+    issues = sorted((i for group in invalid.values() for i in group), key=lambda i: (i.source, i.line or 0))
+    counts = ", ".join(f"{len(group)} {reason}" for reason, group in invalid.items())
+    listed = "\n".join(f"  {issue}" for issue in issues[:_MAX_LISTED])
+    more = f"\n  ... and {len(issues) - _MAX_LISTED} more" if len(issues) > _MAX_LISTED else ""
+    return DataError(
+        f"{_sources(rows)}: {len(issues)} of {len(rows)} rows are invalid as '{fmt.name}' data for {kind} "
+        f"({counts}):\n{listed}{more}\nFix them, or pass skip_invalid=True (--data.skip_invalid true) to drop "
+        "invalid rows (they are counted in the conversion report).",
+        issues,
+    )
+
+
+def convert(
+    rows: list[Row], *, kind: str, format: str = "auto", on_invalid: str = "error", dedupe: bool = True
+) -> tuple[list[dict], ConversionReport]:
+    """Convert rows to canonical records of one kind.
+
+    Args:
+        rows: Rows from :func:`rlft.data.sources.read_rows`.
+        kind: ``"sft"``, ``"pairs"`` or ``"prompts"``.
+        format: A name from :data:`FORMATS`, or ``"auto"`` to detect it from the first rows.
+        on_invalid: ``"error"`` raises one :class:`DataError` listing the invalid rows; ``"skip"`` drops them and
+            counts them by reason in the report.
+        dedupe: Drop exact duplicate records (counted as ``"duplicate"``).
+
+    Returns:
+        The records and a :class:`ConversionReport`.
+
+    Raises:
+        DataError: Unknown kind/format/on_invalid, a kind the format cannot provide, invalid rows (with
+            ``on_invalid="error"``), or no records left at all.
+    """
+    if on_invalid not in ("error", "skip"):
+        raise DataError(f"on_invalid must be 'error' or 'skip', not '{on_invalid}'")
+    fmt = _resolve_format(rows, format)
+    _check_kind(fmt, kind)
+    invalid: dict[str, list[Issue]] = {}
+    records: list[dict] = []
+    dropped: dict[str, list[Issue]] = {}
+    seen: set[str] = set()
+    for row in rows:
+        try:
+            converted = fmt.to_records(row, kind)
+        except RecordError as err:
+            invalid.setdefault(err.reason, []).append(Issue(row.source, row.line, err.field, err.message))
+            continue
+        for record in converted:
+            key = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str) if dedupe else None
+            if key is not None and key in seen:
+                dropped.setdefault("duplicate", []).append(Issue(row.source, row.line, None, "duplicate record"))
+                continue
+            if key is not None:
+                seen.add(key)
+            records.append(record)
+    if invalid and on_invalid == "error":
+        raise _invalid_error(fmt, kind, invalid, rows)
+    everything = {**invalid, **dropped}
+    report = ConversionReport(
+        format=fmt.name,
+        kind=kind,
+        rows_in=len(rows),
+        records_out=len(records),
+        filtered={reason: len(issues) for reason, issues in everything.items()},
+        examples={reason: issues[:_EXAMPLES_PER_REASON] for reason, issues in everything.items()},
+        source=_sources(rows),
+    )
+    if not records:
+        raise DataError(f"no usable records: {report.summary()}", [i for g in everything.values() for i in g])
+    return records, report
