@@ -1,0 +1,270 @@
+"""Chunked, memory-lean per-token log-probabilities and entropies.
+
+A causal LM's logits are ``[B, T, V]`` with ``V`` in the tens of thousands, so a full fp32 ``log_softmax`` is often
+the largest tensor in a training step (e.g. 8 x 2048 x 128k x 4 bytes = 8 GiB). The functions here never build it:
+
+* :func:`gather_logps` walks the logits in chunks of rows and computes ``logit[label] - logsumexp(row)``, upcasting
+  only the current chunk. A custom autograd function saves the (possibly bf16) logits plus one fp32 ``logsumexp``
+  per row and recomputes the softmax chunk by chunk in backward, so autograd does not keep fp32 copies either.
+* :func:`hidden_logps` goes one step further and starts from the final hidden states: it multiplies one chunk of
+  tokens by the LM head at a time, so the ``[B, T, V]`` logits never exist at once, in forward or backward.
+* :func:`entropy_from_logits` computes the per-position Shannon entropy with the same chunking.
+
+All three are public through :mod:`rlft.ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+"""Label value that marks a position as "not scored" (prompt, padding); its log-prob is reported as 0."""
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision softmax statistics lose too much; fp64 inputs keep their precision (used by parity tests).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+class _GatherLogps(torch.autograd.Function):
+    """``log_softmax(logits / temperature)[label]`` over rows of a 2-D ``[N, V]`` tensor, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, temperature: float):
+        out_dtype = _compute_dtype(logits.dtype)
+        valid = labels != IGNORE_INDEX
+        safe_labels = labels.masked_fill(~valid, 0)
+        out = torch.empty(labels.shape, dtype=out_dtype, device=logits.device)
+        lse = torch.empty(labels.shape, dtype=out_dtype, device=logits.device)
+        for start in range(0, logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = logits[rows].to(out_dtype) / temperature
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+        out = out.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(logits, safe_labels, valid, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, safe_labels, valid, lse = ctx.saved_tensors
+        grad_rows = (grad_out * valid).to(lse.dtype) / ctx.temperature
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            probs = torch.exp(logits[rows].to(lse.dtype) / ctx.temperature - lse[rows].unsqueeze(-1))
+            # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x)
+            grad = -probs * grad_rows[rows].unsqueeze(-1)
+            grad.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
+            grad_logits[rows] = grad.to(logits.dtype)
+        return grad_logits, None, None, None
+
+
+def gather_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probability of each label under ``logits``, without a full fp32 log-softmax.
+
+    Equivalent to ``torch.log_softmax(logits.float() / temperature, -1).gather(-1, labels[..., None])[..., 0]`` with
+    ignored positions set to 0, but the peak extra memory is one fp32 chunk of ``chunk_size`` rows (forward and
+    backward). Labels must already be aligned with the logits (shift them yourself for causal LMs).
+
+    Args:
+        logits: ``[..., V]`` logits in any float dtype (bf16/fp16 are upcast one chunk at a time).
+        labels: ``[...]`` integer token ids; positions equal to ``IGNORE_INDEX`` (-100) give 0.
+        chunk_size: rows (positions) processed at once.
+        temperature: divide logits by this before the softmax (sampling temperature of the rollout).
+
+    Returns:
+        ``[...]`` log-probs in fp32 (fp64 when the logits are fp64), differentiable w.r.t. ``logits``.
+
+    Raises:
+        ValueError: if the shapes do not line up or a label is out of the vocabulary.
+    """
+    _check_chunk_size(chunk_size)
+    _check_temperature(temperature)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up: expected logits shaped "
+            "labels.shape + (vocab,). For a causal LM pass logits[:, :-1] and labels[:, 1:]."
+        )
+    vocab = logits.shape[-1]
+    flat_labels = labels.reshape(-1).long()
+    scored = flat_labels[flat_labels != IGNORE_INDEX]
+    if scored.numel() and (scored.min() < 0 or scored.max() >= vocab):
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or {IGNORE_INDEX}; got values in "
+            f"[{int(scored.min())}, {int(scored.max())}]"
+        )
+    out = _GatherLogps.apply(logits.reshape(-1, vocab), flat_labels, chunk_size, temperature)
+    return out.reshape(labels.shape)
+
+
+class _HiddenLogps(torch.autograd.Function):
+    """Per-token log-probs from hidden states ``[N, H]`` through an LM head ``[V, H]``, chunk of tokens by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, temperature: float):
+        out_dtype = _compute_dtype(hidden.dtype)
+        valid = labels != IGNORE_INDEX
+        safe_labels = labels.masked_fill(~valid, 0)
+        out = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
+        lse = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = _project(hidden[rows], weight, bias).to(out_dtype) / temperature
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out.masked_fill(~valid, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, bias, safe_labels, valid, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_rows = (grad_out * valid).to(lse.dtype) / ctx.temperature
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulate the head's gradient in fp32 across chunks, cast once at the end.
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = _project(hidden[rows], weight, bias).to(lse.dtype) / ctx.temperature
+            grad_logits = -torch.exp(logits - lse[rows].unsqueeze(-1)) * grad_rows[rows].unsqueeze(-1)
+            grad_logits.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
+            if need_hidden:
+                grad_hidden[rows] = (grad_logits @ weight.to(lse.dtype)).to(hidden.dtype)
+            if need_weight:
+                grad_weight += grad_logits.transpose(0, 1) @ hidden[rows].to(lse.dtype)
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def hidden_logps(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probs straight from the final hidden states, never building the ``[B, T, V]`` logits.
+
+    Equivalent to ``gather_logps(hidden_states @ lm_head_weight.T + bias, labels)``. Forward and backward both
+    process ``chunk_size`` tokens at a time and recompute that chunk's logits, so the extra memory is one
+    ``[chunk_size, V]`` fp32 block; gradients flow to ``hidden_states``, ``lm_head_weight`` and ``bias``.
+
+    Args:
+        hidden_states: ``[..., H]`` final hidden states (after the model's last norm), aligned with ``labels``.
+        lm_head_weight: ``[V, H]`` output embedding (``model.get_output_embeddings().weight``).
+        labels: ``[...]`` token ids, ``IGNORE_INDEX`` (-100) for positions that give 0.
+        chunk_size: tokens processed at once.
+        bias: optional ``[V]`` LM-head bias.
+        temperature: divide logits by this before the softmax.
+
+    Returns:
+        ``[...]`` fp32 log-probs (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: on mismatched shapes or out-of-vocabulary labels.
+    """
+    _check_chunk_size(chunk_size)
+    _check_temperature(temperature)
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} do not line up: expected "
+            "hidden_states shaped labels.shape + (hidden,)."
+        )
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden_states.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [vocab, hidden={hidden_states.shape[-1]}], got {tuple(lm_head_weight.shape)}"
+        )
+    vocab = lm_head_weight.shape[0]
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias must be [{vocab}], got {tuple(bias.shape)}")
+    flat_labels = labels.reshape(-1).long()
+    scored = flat_labels[flat_labels != IGNORE_INDEX]
+    if scored.numel() and (scored.min() < 0 or scored.max() >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}")
+    flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = _HiddenLogps.apply(flat_hidden, lm_head_weight, bias, flat_labels, chunk_size, temperature)
+    return out.reshape(labels.shape)
+
+
+class _Entropy(torch.autograd.Function):
+    """Shannon entropy of ``softmax(row)`` for each row of ``[N, V]``, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, chunk_size: int):
+        out_dtype = _compute_dtype(logits.dtype)
+        entropy = torch.empty(logits.shape[0], dtype=out_dtype, device=logits.device)
+        lse = torch.empty_like(entropy)
+        for start in range(0, logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = logits[rows].to(out_dtype)
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            probs = torch.exp(chunk - lse[rows].unsqueeze(-1))
+            # H = logsumexp(x) - sum_i p_i x_i
+            entropy[rows] = lse[rows] - (probs * chunk).sum(-1)
+        ctx.save_for_backward(logits, lse, entropy)
+        ctx.chunk_size = chunk_size
+        return entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, lse, entropy = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logp = logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)
+            # dH/dx_j = -p_j (log p_j + H)
+            grad = -torch.exp(logp) * (logp + entropy[rows].unsqueeze(-1)) * grad_out[rows].unsqueeze(-1)
+            grad_logits[rows] = grad.to(logits.dtype)
+        return grad_logits, None
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Per-position entropy (nats) of ``softmax(logits)``, chunked so no full fp32 copy is made.
+
+    Args:
+        logits: ``[..., V]`` logits in any float dtype.
+        chunk_size: rows processed at once.
+
+    Returns:
+        ``[...]`` entropies in fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
+    """
+    _check_chunk_size(chunk_size)
+    vocab = logits.shape[-1]
+    return _Entropy.apply(logits.reshape(-1, vocab), chunk_size).reshape(logits.shape[:-1])
