@@ -1,0 +1,211 @@
+"""Database schema and engine setup for preference collection.
+
+One SQLAlchemy schema serves both back-ends: an embedded SQLite file (the default, zero setup) and PostgreSQL
+(``--db postgresql://user:pass@host/db``). The schema is versioned: :data:`MIGRATIONS` maps each version to the
+function that brings a database from the previous version to it, and :func:`open_database` applies the missing ones
+and refuses a database written by a newer rlft.
+
+Tables:
+    * ``examples`` — prompt (chat messages as JSON), response A/B, the models that wrote them, category, and
+      ``overlap`` (how many labelers should see the item).
+    * ``labelers`` — name, SHA-256 of the access token (the token itself is never stored), admin flag.
+    * ``assignments`` — the claim table: ``overlap`` rows ("slots") per example. A slot is free, leased to one
+      labeler until ``lease_expires_at``, or completed. Claiming a slot is a compare-and-swap ``UPDATE``, so parallel
+      requests can never give one item to more than ``overlap`` labelers; ``UNIQUE(example_id, labeler_id)`` stops
+      a labeler from holding two slots of the same item. ``swapped`` records the randomised left/right order the
+      labeler saw, so position bias can be measured.
+    * ``preferences`` — one vote: choice in terms of the stored A/B (``a``/``b``/``tie``), the displayed side that
+      was clicked (``left``/``right``/``tie``), confidence 1–5, reasoning, time spent, timestamps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC timestamp (SQLite has no time zones; storing naive UTC keeps both back-ends identical)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaInfo(Base):
+    __tablename__ = "schema_info"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Example(Base):
+    __tablename__ = "examples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # sha256 of the canonical JSON of (prompt, response_a, response_b): re-importing the same file is a no-op.
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    prompt_json: Mapped[str] = mapped_column(Text, nullable=False)
+    response_a: Mapped[str] = mapped_column(Text, nullable=False)
+    response_b: Mapped[str] = mapped_column(Text, nullable=False)
+    model_a: Mapped[str | None] = mapped_column(String(200))
+    model_b: Mapped[str | None] = mapped_column(String(200))
+    category: Mapped[str | None] = mapped_column(String(200), index=True)
+    source: Mapped[str | None] = mapped_column(String(500))
+    overlap: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    __table_args__ = (Index("ix_examples_models", "model_a", "model_b"),)
+
+
+class Labeler(Base):
+    __tablename__ = "labelers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    example_id: Mapped[int] = mapped_column(ForeignKey("examples.id", ondelete="CASCADE"), nullable=False)
+    slot: Mapped[int] = mapped_column(Integer, nullable=False)
+    labeler_id: Mapped[int | None] = mapped_column(ForeignKey("labelers.id"))
+    swapped: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+    leased_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    __table_args__ = (
+        UniqueConstraint("example_id", "slot", name="uq_assignment_slot"),
+        # NULL labeler_ids are distinct in both SQLite and PostgreSQL, so free slots do not collide.
+        UniqueConstraint("example_id", "labeler_id", name="uq_assignment_labeler"),
+        Index("ix_assignments_labeler_done", "labeler_id", "completed_at"),
+        Index("ix_assignments_claimable", "completed_at", "lease_expires_at"),
+    )
+
+
+class Preference(Base):
+    __tablename__ = "preferences"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True, nullable=False)
+    example_id: Mapped[int] = mapped_column(ForeignKey("examples.id", ondelete="CASCADE"), nullable=False, index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), nullable=False, index=True)
+    choice: Mapped[str] = mapped_column(String(3), nullable=False)  # "a" | "b" | "tie" w.r.t. stored responses
+    shown_choice: Mapped[str] = mapped_column(String(5), nullable=False)  # "left" | "right" | "tie" as displayed
+    swapped: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    confidence: Mapped[int] = mapped_column(Integer, nullable=False)
+    reasoning: Mapped[str | None] = mapped_column(Text)
+    time_spent_s: Mapped[float | None] = mapped_column(Float)
+    shown_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    __table_args__ = (UniqueConstraint("example_id", "labeler_id", name="uq_preference_labeler"),)
+
+
+def _migrate_to_1(conn: Connection) -> None:
+    Base.metadata.create_all(conn)
+
+
+# version -> migration from version-1; append new entries (never edit old ones) when the schema changes.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1}
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a newer rlft than this one."""
+
+
+def normalise_url(url: str) -> str:
+    """Turn what a user types for ``--db`` into an SQLAlchemy URL.
+
+    A bare path (``labels.db``) means an SQLite file; ``postgresql://`` selects the psycopg 3 driver, which is the
+    one rlft's ``ui`` extra installs.
+    """
+    if "://" not in url:
+        return f"sqlite:///{url}"
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        # Let SQLAlchemy's "begin" hook issue BEGIN itself (pysqlite would otherwise defer it past our reads).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        cur.execute("PRAGMA busy_timeout=30000")  # wait for the write lock instead of failing at once
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        # IMMEDIATE takes the write lock up front: a read-then-write transaction can then never fail with
+        # SQLITE_BUSY half-way (the lock upgrade deadlock of DEFERRED transactions), it just waits its turn.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` (a path or an SQLAlchemy URL) with settings that are safe under concurrency."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8)
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
+
+
+def schema_version(conn: Connection) -> int:
+    """The schema version stored in the database (0 for an empty database)."""
+    if not inspect(conn).has_table(SchemaInfo.__tablename__):
+        return 0
+    version = conn.execute(select(SchemaInfo.version).where(SchemaInfo.id == 1)).scalar_one_or_none()
+    return int(version or 0)
+
+
+def upgrade(engine: Engine) -> int:
+    """Apply every migration the database lacks; return the resulting version."""
+    with engine.begin() as conn:
+        current = schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database schema version {current} is newer than this rlft supports ({SCHEMA_VERSION}); "
+                "upgrade rlft or use another --db"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version](conn)
+        if current < SCHEMA_VERSION:
+            table = SchemaInfo.__table__
+            if current == 0:
+                conn.execute(table.insert().values(id=1, version=SCHEMA_VERSION, updated_at=utcnow()))
+            else:
+                conn.execute(table.update().where(table.c.id == 1).values(version=SCHEMA_VERSION, updated_at=utcnow()))
+    return SCHEMA_VERSION
+
+
+def open_database(url: str) -> Engine:
+    """Engine for ``url`` with the schema created or migrated to :data:`SCHEMA_VERSION`."""
+    engine = make_engine(url)
+    upgrade(engine)
+    return engine

@@ -1,0 +1,361 @@
+"""Operations on the preference database, shared by the HTTP API, the Gradio UI and the CLI.
+
+Every function takes an :class:`~sqlalchemy.engine.Engine` and runs its own short transaction, so callers (request
+handlers on many threads) never share a connection. User mistakes raise :class:`LabelError` subclasses that carry
+the HTTP status the API answers with.
+
+Assignment protocol (why overlap is never exceeded): each example owns ``overlap`` slot rows in ``assignments``.
+:func:`claim_next` first hands back the labeler's own unfinished slot (renewing its lease, so a page reload does not
+leak slots); otherwise it picks a free or lease-expired slot of an example the labeler has not touched and claims it
+with a compare-and-swap ``UPDATE ... WHERE <still claimable>``. On PostgreSQL the candidate rows are selected
+``FOR UPDATE SKIP LOCKED`` so parallel requests spread over different slots instead of queueing on one; on SQLite
+every transaction is ``BEGIN IMMEDIATE`` (see :mod:`rlft.label.db`), which serialises writers. A labeler racing
+with themself is stopped by ``UNIQUE(example_id, labeler_id)`` inside a savepoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import random
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from rlft.label.db import Assignment, Example, Labeler, Preference, utcnow
+from rlft.label.importing import PairRecord
+
+A = Assignment.__table__
+E = Example.__table__
+L = Labeler.__table__
+P = Preference.__table__
+
+CHOICES = ("a", "b", "tie")
+# displayed side -> stored response, for (swapped=False, swapped=True)
+_SHOWN_TO_STORED = {"a": ("a", "b"), "b": ("b", "a"), "tie": ("tie", "tie")}
+_SHOWN_SIDE = {"a": "left", "b": "right", "tie": "tie"}
+MAX_REASONING_CHARS = 10_000
+
+
+class LabelError(Exception):
+    """A request that cannot be served; ``status`` is the HTTP status code the API returns."""
+
+    status = 400
+
+
+class Unauthorized(LabelError):
+    status = 401
+
+
+class Forbidden(LabelError):
+    status = 403
+
+
+class NotFound(LabelError):
+    status = 404
+
+
+class Conflict(LabelError):
+    status = 409
+
+
+class Invalid(LabelError):
+    status = 422
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: int
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class Task:
+    """An example as one labeler sees it: ``response_a`` is shown on the left, ``response_b`` on the right."""
+
+    assignment_id: int
+    example_id: int
+    prompt: list[dict[str, str]]
+    response_a: str
+    response_b: str
+    category: str | None
+    lease_expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    inserted: int
+    duplicates: int
+    slots: int
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One stored preference joined with its example (used by statistics and export)."""
+
+    example_id: int
+    labeler: str
+    choice: str
+    shown_choice: str
+    swapped: bool
+    confidence: int
+    time_spent_s: float | None
+    model_a: str | None
+    model_b: str | None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def add_labeler(engine: Engine, name: str, *, admin: bool = False, token: str | None = None) -> str:
+    """Create a labeler (or admin) and return their access token; only its hash is stored."""
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise Invalid("labeler name must be 1-200 characters")
+    token = token or secrets.token_urlsafe(24)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(L).values(name=name, token_hash=hash_token(token), is_admin=admin, created_at=utcnow()))
+    except IntegrityError as exc:
+        raise Conflict(f"a labeler named {name!r} already exists (or the token is already in use)") from exc
+    return token
+
+
+def authenticate(engine: Engine, token: str | None, *, admin: bool = False) -> Identity:
+    """The labeler owning ``token``; :class:`Unauthorized` if unknown, :class:`Forbidden` if ``admin`` is needed."""
+    if not token:
+        raise Unauthorized(
+            "missing token: send 'Authorization: Bearer <token>' (create one with rlft label add-labeler)"
+        )
+    with engine.connect() as conn:
+        row = conn.execute(select(L.c.id, L.c.name, L.c.is_admin).where(L.c.token_hash == hash_token(token))).first()
+    if row is None:
+        raise Unauthorized("unknown token")
+    if admin and not row.is_admin:
+        raise Forbidden(f"{row.name!r} is not an admin; this endpoint needs an admin token (add-labeler --admin)")
+    return Identity(row.id, row.name, bool(row.is_admin))
+
+
+def content_hash(record: PairRecord) -> str:
+    payload = json.dumps([record.prompt, record.response_a, record.response_b], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def import_records(engine: Engine, records: Iterable[PairRecord], *, overlap: int = 1) -> ImportSummary:
+    """Insert examples with ``overlap`` labeling slots each; examples already present are counted, not duplicated."""
+    if overlap < 1:
+        raise Invalid(f"overlap must be >= 1, got {overlap}")
+    records = list(records)
+    hashes = [content_hash(r) for r in records]
+    inserted = slots = 0
+    with engine.begin() as conn:
+        existing = set()
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start : start + 500]
+            existing |= set(conn.execute(select(E.c.content_hash).where(E.c.content_hash.in_(chunk))).scalars())
+        now = utcnow()
+        for record, digest in zip(records, hashes):
+            if digest in existing:
+                continue
+            existing.add(digest)  # duplicates inside the same file count once
+            example_id = conn.execute(
+                insert(E).values(
+                    content_hash=digest,
+                    prompt_json=json.dumps(record.prompt, ensure_ascii=False),
+                    response_a=record.response_a,
+                    response_b=record.response_b,
+                    model_a=record.model_a,
+                    model_b=record.model_b,
+                    category=record.category,
+                    source=(record.source or "")[:500] or None,
+                    overlap=overlap,
+                    created_at=now,
+                )
+            ).inserted_primary_key[0]
+            conn.execute(insert(A), [{"example_id": example_id, "slot": s, "swapped": False} for s in range(overlap)])
+            inserted += 1
+            slots += overlap
+    return ImportSummary(inserted=inserted, duplicates=len(records) - inserted, slots=slots)
+
+
+def _task(conn, assignment_id: int, example_id: int, swapped: bool, expires: dt.datetime) -> Task:
+    ex = conn.execute(select(E).where(E.c.id == example_id)).one()
+    left, right = (ex.response_b, ex.response_a) if swapped else (ex.response_a, ex.response_b)
+    return Task(assignment_id, example_id, json.loads(ex.prompt_json), left, right, ex.category, expires)
+
+
+def claim_next(
+    engine: Engine, labeler_id: int, *, lease_seconds: float = 600, rng: random.Random | None = None
+) -> Task | None:
+    """Lease the next example for a labeler, or ``None`` when nothing is left for them (see module docstring)."""
+    rng = rng or random.Random()
+    now = utcnow()
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    with engine.begin() as conn:
+        own = conn.execute(
+            select(A.c.id, A.c.example_id, A.c.swapped)
+            .where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
+            .order_by(A.c.id)
+            .limit(1)
+        ).first()
+        if own is not None:
+            # compare-and-swap: an expired lease may have been taken over by someone else meanwhile
+            renewed = conn.execute(
+                update(A)
+                .where(A.c.id == own.id, A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
+                .values(lease_expires_at=expires)
+            )
+            if renewed.rowcount == 1:
+                return _task(conn, own.id, own.example_id, own.swapped, expires)
+        claimable = or_(A.c.labeler_id.is_(None), and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now))
+        touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
+        candidates = conn.execute(
+            select(A.c.id, A.c.example_id)
+            .where(claimable, A.c.example_id.not_in(touched))
+            .order_by(A.c.example_id, A.c.slot)
+            .limit(8)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for cand in candidates:
+            swapped = rng.random() < 0.5
+            try:
+                with conn.begin_nested():
+                    result = conn.execute(
+                        update(A)
+                        .where(A.c.id == cand.id, claimable)
+                        .values(labeler_id=labeler_id, swapped=swapped, leased_at=now, lease_expires_at=expires)
+                    )
+            except IntegrityError:  # this labeler claimed another slot of the example in a parallel request
+                continue
+            if result.rowcount == 1:
+                return _task(conn, cand.id, cand.example_id, swapped, expires)
+    return None
+
+
+def submit_preference(
+    engine: Engine,
+    labeler_id: int,
+    assignment_id: int,
+    choice: str,
+    *,
+    confidence: int = 3,
+    reasoning: str | None = None,
+    time_spent_s: float | None = None,
+) -> dict:
+    """Record a vote. ``choice`` names the *displayed* response (``a`` = left, ``b`` = right, or ``tie``)."""
+    if choice not in CHOICES:
+        raise Invalid(f"choice must be one of {list(CHOICES)} (a = left response, b = right), got {choice!r}")
+    if not isinstance(confidence, int) or not 1 <= confidence <= 5:
+        raise Invalid(f"confidence must be an integer from 1 to 5, got {confidence!r}")
+    if reasoning is not None and len(reasoning) > MAX_REASONING_CHARS:
+        raise Invalid(f"reasoning is limited to {MAX_REASONING_CHARS} characters, got {len(reasoning)}")
+    if time_spent_s is not None and not 0 <= time_spent_s < 7 * 24 * 3600:
+        raise Invalid(f"time_spent_s must be between 0 and one week, got {time_spent_s}")
+    now = utcnow()
+    with engine.begin() as conn:
+        slot = conn.execute(select(A).where(A.c.id == assignment_id)).first()
+        if slot is None:
+            raise NotFound(f"assignment {assignment_id} does not exist")
+        if slot.labeler_id != labeler_id:
+            raise Conflict(f"assignment {assignment_id} is not leased to you (the lease may have expired and moved on)")
+        if slot.completed_at is not None:
+            raise Conflict(f"assignment {assignment_id} was already submitted")
+        done = conn.execute(
+            update(A)
+            .where(A.c.id == assignment_id, A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
+            .values(completed_at=now)
+        )
+        if done.rowcount != 1:
+            raise Conflict(f"assignment {assignment_id} changed while submitting; fetch the next example again")
+        stored = _SHOWN_TO_STORED[choice][int(slot.swapped)]
+        if time_spent_s is None and slot.leased_at is not None:
+            time_spent_s = (now - slot.leased_at).total_seconds()
+        conn.execute(
+            insert(P).values(
+                assignment_id=assignment_id,
+                example_id=slot.example_id,
+                labeler_id=labeler_id,
+                choice=stored,
+                shown_choice=_SHOWN_SIDE[choice],
+                swapped=slot.swapped,
+                confidence=confidence,
+                reasoning=reasoning or None,
+                time_spent_s=time_spent_s,
+                shown_at=slot.leased_at,
+                created_at=now,
+            )
+        )
+    return {"assignment_id": assignment_id, "example_id": slot.example_id, "choice": stored}
+
+
+def progress(engine: Engine, labeler_id: int) -> dict:
+    """How many items the labeler has done and how many are still open to them."""
+    now = utcnow()
+    claimable = or_(A.c.labeler_id.is_(None), and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now))
+    touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
+    with engine.connect() as conn:
+        done = conn.execute(select(func.count()).select_from(P).where(P.c.labeler_id == labeler_id)).scalar_one()
+        open_ = conn.execute(
+            select(func.count(func.distinct(A.c.example_id))).where(claimable, A.c.example_id.not_in(touched))
+        ).scalar_one()
+        pending = conn.execute(
+            select(func.count()).where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
+        ).scalar_one()
+    return {"done": int(done), "remaining": int(open_) + int(pending)}
+
+
+def overview(engine: Engine) -> dict:
+    """Counts over the whole database."""
+    now = utcnow()
+    with engine.connect() as conn:
+
+        def count(stmt) -> int:
+            return int(conn.execute(stmt).scalar_one())
+
+        return {
+            "examples": count(select(func.count()).select_from(E)),
+            "slots": count(select(func.count()).select_from(A)),
+            "completed": count(select(func.count()).select_from(P)),
+            "leased": count(select(func.count()).where(A.c.completed_at.is_(None), A.c.lease_expires_at >= now)),
+            "labelers": count(select(func.count()).select_from(L).where(L.c.is_admin.is_(False))),
+        }
+
+
+def load_votes(engine: Engine) -> list[Vote]:
+    """Every vote with its labeler's name and the example's model names, in a stable order."""
+    stmt = (
+        select(
+            P.c.example_id,
+            L.c.name,
+            P.c.choice,
+            P.c.shown_choice,
+            P.c.swapped,
+            P.c.confidence,
+            P.c.time_spent_s,
+            E.c.model_a,
+            E.c.model_b,
+        )  # fmt: skip
+        .join(L, L.c.id == P.c.labeler_id)
+        .join(E, E.c.id == P.c.example_id)
+        .order_by(P.c.example_id, P.c.id)
+    )
+    with engine.connect() as conn:
+        return [Vote(*row) for row in conn.execute(stmt)]
+
+
+def load_examples(engine: Engine, example_ids: Iterable[int]) -> dict[int, dict]:
+    """Examples by id, with the prompt decoded back to chat messages."""
+    ids = sorted(set(example_ids))
+    out: dict[int, dict] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(ids), 500):
+            for row in conn.execute(select(E).where(E.c.id.in_(ids[start : start + 500]))):
+                out[row.id] = {**row._asdict(), "prompt": json.loads(row.prompt_json)}
+    return out
