@@ -65,7 +65,7 @@ def _read_jsonl(path: Path) -> list[Row]:
             if not text.strip():
                 continue
             try:
-                value = json.loads(text)
+                value = json.loads(text.rstrip("\r\n"))  # so error columns refer to this line
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}); "

@@ -137,8 +137,8 @@ def test_every_registered_format_is_tested() -> None:
 
 
 def test_alpaca_seed_gives_one_record_per_instance() -> None:
-    row = {"id": "t1", "instruction": "Sort the numbers.",
-           "instances": [{"input": "3 1 2", "output": "1 2 3"}, {"input": "", "output": "Give me numbers."}]}  # fmt: skip
+    instances = [{"input": "3 1 2", "output": "1 2 3"}, {"input": "", "output": "Give me numbers."}]
+    row = {"id": "t1", "instruction": "Sort the numbers.", "instances": instances}
     records, report = convert(rows_of(row), kind="sft", format="auto")
     assert records == [
         {"messages": [user("Sort the numbers.\n\n3 1 2"), assistant("1 2 3")]},
