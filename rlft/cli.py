@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> "module:function" taking argv (list[str]); imported lazily so `rlft label` does not pay for torch.
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("rlft.models_cli:main", "download/convert registry models (rlft models pull smollm2-135m-instruct)"),
+    "models": ("rlft.models.cli:main", "download/convert registry models (rlft models pull smollm2-135m-instruct)"),
     "generate": ("rlft.generate:main", "chat with a model, adapter folder or checkpoint (streams to the terminal)"),
     "eval": ("rlft.eval.cli:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
     "label": ("rlft.label.cli:main", "human preference collection: serve the labeling UI, import, export, stats"),

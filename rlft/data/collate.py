@@ -1,0 +1,81 @@
+"""Dynamic padding: each batch is padded to its own longest sequence, never to ``max_length``."""
+
+from __future__ import annotations
+
+import torch
+
+from rlft.data.encoding import IGNORE_INDEX
+
+
+def pad(sequences: list[list[int]], value: int, *, left: bool = False, multiple_of: int | None = None) -> torch.Tensor:
+    """Stack ragged lists into a ``[B, T]`` tensor padded with ``value`` on the right (or left)."""
+    length = max((len(s) for s in sequences), default=0)
+    if multiple_of:
+        length = -(-length // multiple_of) * multiple_of
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            if left:
+                out[row, length - len(seq) :] = torch.tensor(seq)
+            else:
+                out[row, : len(seq)] = torch.tensor(seq)
+    return out
+
+
+class Collator:
+    """Builds batches for one data kind (``sft``, ``pairs`` or ``prompts``)."""
+
+    def __init__(self, kind: str, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.kind = kind
+        self.pad_id = pad_token_id
+        self.multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return getattr(self, f"_{self.kind}")(examples)
+
+    def _right(self, seqs: list[list[int]], value: int) -> torch.Tensor:
+        return pad(seqs, value, multiple_of=self.multiple_of)
+
+    def _sft(self, examples: list[dict]) -> dict:
+        ids = [e["input_ids"] for e in examples]
+        return {
+            "input_ids": self._right(ids, self.pad_id),
+            "attention_mask": self._right([[1] * len(s) for s in ids], 0),
+            "labels": self._right([e["labels"] for e in examples], IGNORE_INDEX),
+        }
+
+    def _pairs(self, examples: list[dict]) -> dict:
+        # chosen and rejected share one width so methods can run them as a single concatenated forward
+        batch: dict = {}
+        seqs = {side: [e["prompt_ids"] + e[f"{side}_ids"] for e in examples] for side in ("chosen", "rejected")}
+        labels = {
+            side: [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_labels"] for e in examples]
+            for side in ("chosen", "rejected")
+        }
+        width = max(len(s) for side in seqs.values() for s in side)
+        if self.multiple_of:
+            width = -(-width // self.multiple_of) * self.multiple_of
+        for side in ("chosen", "rejected"):
+            batch[f"{side}_input_ids"] = _fit(self._right(seqs[side], self.pad_id), width, self.pad_id)
+            batch[f"{side}_attention_mask"] = _fit(self._right([[1] * len(s) for s in seqs[side]], 0), width, 0)
+            batch[f"{side}_labels"] = _fit(self._right(labels[side], IGNORE_INDEX), width, IGNORE_INDEX)
+        batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
+        return batch
+
+    def _prompts(self, examples: list[dict]) -> dict:
+        # left padding: generation appends to the right of every prompt at once
+        ids = [e["prompt_ids"] for e in examples]
+        batch = {
+            "prompt_input_ids": pad(ids, self.pad_id, left=True),
+            "prompt_attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
+        }
+        for key in examples[0]:
+            if key not in ("prompt_ids",):
+                batch[key] = [e[key] for e in examples]
+        return batch
+
+
+def _fit(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    if tensor.shape[1] == width:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)

@@ -1,0 +1,202 @@
+"""``PreferenceDataModule``: the one data module every rlft method trains on.
+
+The method, not the user, decides what the data must provide: SFT asks for conversations, DPO/ORPO/reward models
+for preference pairs, PPO/GRPO for prompts. The module reads any supported file or hub dataset, converts it to that
+kind of canonical record, validates it, tokenizes with the model's own chat template and serves dynamically padded
+batches whose order survives a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from rlft.data.collate import Collator
+from rlft.data.encoding import encode_pair, encode_prompt, encode_sft
+from rlft.data.formats import convert
+from rlft.data.sources import read_rows
+
+log = logging.getLogger(__name__)
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded per-epoch shuffle that can skip what a resumed run already consumed.
+
+    It subclasses ``DistributedSampler`` so Lightning shards with it instead of wrapping it, and a resumed epoch
+    sees exactly the order (and position) of the interrupted one.
+    """
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Reads, validates, tokenizes and batches SFT conversations, preference pairs or RL prompts.
+
+    Args:
+        path: A local JSONL/JSON/Parquet/CSV file, a folder of them, or a Hugging Face dataset name.
+        format: Input format name, or ``"auto"`` to detect it (messages, sharegpt, prompt_completion, alpaca, dolly,
+            hh_rlhf, preference, piqa, alpaca_seed).
+        val_path: Separate validation data; when unset, ``val_fraction`` of ``path`` is held out.
+        val_fraction: Share of the training data held out for validation (deterministic given ``seed``).
+        batch_size: Examples (pairs, prompts) per training batch and per device.
+        eval_batch_size: Batch size for validation (default: ``batch_size``).
+        max_length: Longest token sequence; longer examples keep the end of the prompt and are counted.
+        max_prompt_length: Longest prompt for generation (prompts kind); default ``max_length // 2``.
+        seed: Seed of the split and of the shuffle order.
+        limit: Use only the first N training examples (after the split), e.g. for smoke runs.
+        val_limit: Use only the first N validation examples.
+        skip_invalid: Drop invalid rows with a count per reason instead of stopping with an error listing them.
+        dedupe: Drop exact duplicate records (counted in the log).
+        split: Split to read from a hub dataset or a folder with split files.
+        subset: Hub dataset configuration name.
+        num_workers: DataLoader worker processes.
+        pad_to_multiple_of: Round padded lengths up (helps tensor cores on GPU).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        format: str = "auto",
+        val_path: str | None = None,
+        val_fraction: float = 0.05,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = None,
+        seed: int = 42,
+        limit: int | None = None,
+        val_limit: int | None = None,
+        skip_invalid: bool = False,
+        dedupe: bool = True,
+        split: str = "train",
+        subset: str | None = None,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.kind: str | None = None
+        self.tokenizer = None
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+        self.stats: dict[str, Counter] = {}
+
+    def attach(self, kind: str, tokenizer) -> PreferenceDataModule:
+        """Tell the module what the method needs (``sft``, ``pairs``, ``prompts``) and which tokenizer to use."""
+        self.kind, self.tokenizer = kind, tokenizer
+        return self
+
+    def _records(self, path: str, split: str) -> list[dict]:
+        hp = self.hparams
+        rows = read_rows(path, split=split, subset=hp.subset)
+        records, report = convert(
+            rows, kind=self.kind, format=hp.format, on_invalid="skip" if hp.skip_invalid else "error", dedupe=hp.dedupe
+        )
+        log.info(report.summary())
+        if sum(report.filtered.values()):
+            log.warning(report.details())
+        if not records:
+            raise ValueError(f"{path}: no usable {self.kind} records ({report.summary()})")
+        return records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.kind is None and self.trainer is not None:
+            module = self.trainer.lightning_module
+            self.attach(module.data_kind, module.tokenizer)
+        if self.kind is None or self.tokenizer is None:
+            raise RuntimeError("PreferenceDataModule needs attach(kind, tokenizer) or a trainer with an rlft method")
+        if self.train_set or self.val_set:
+            return
+        hp = self.hparams
+        records = self._records(hp.path, hp.split)
+        if hp.val_path:
+            train, val = records, self._records(hp.val_path, "validation" if hp.val_path == hp.path else hp.split)
+        else:
+            order = list(range(len(records)))
+            random.Random(hp.seed).shuffle(order)
+            n_val = round(len(records) * hp.val_fraction)
+            if hp.val_fraction > 0 and n_val == 0 and len(records) > 1:
+                n_val = 1
+            val_ids = set(order[:n_val])
+            train = [r for i, r in enumerate(records) if i not in val_ids]
+            val = [r for i, r in enumerate(records) if i in val_ids]
+        train, val = train[: hp.limit], val[: hp.val_limit]
+        self.train_set = self._encode(train, "train")
+        self.val_set = self._encode(val, "val")
+
+    def _encode(self, records: list[dict], name: str) -> list[dict]:
+        hp = self.hparams
+        encoded, truncated = [], 0
+        for record in records:
+            example = self._encode_one(record)
+            truncated += bool(example.pop("truncated"))
+            encoded.append(example)
+        self.stats[name] = Counter(examples=len(encoded), truncated=truncated)
+        if truncated:
+            log.warning(
+                "%s: %d of %d examples were longer than max_length=%d and were truncated (prompt start dropped)",
+                name, truncated, len(encoded), hp.max_length,
+            )  # fmt: skip
+        return encoded
+
+    def _encode_one(self, record: dict) -> dict:
+        hp, tok = self.hparams, self.tokenizer
+        if self.kind == "sft":
+            enc = encode_sft(tok, record["messages"], max_length=hp.max_length)
+            return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
+        if self.kind == "pairs":
+            return encode_pair(tok, record["prompt"], record["chosen"], record["rejected"], max_length=hp.max_length)
+        enc = encode_prompt(tok, record["prompt"], max_length=hp.max_prompt_length or hp.max_length // 2)
+        return {**record, "prompt_ids": enc.input_ids, "truncated": enc.truncated}
+
+    def _collator(self) -> Collator:
+        return Collator(self.kind, self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
+
+    def _consumed_batches(self) -> int:
+        """Batches of the current epoch that a resumed run has already trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableSampler(len(self.train_set), seed=hp.seed, shuffle=True, num_replicas=world, rank=rank)
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+        sampler.skip = self._consumed_batches() * hp.batch_size
+        return DataLoader(
+            self.train_set, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
+            num_workers=hp.num_workers,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_set:
+            return []
+        hp = self.hparams
+        return DataLoader(
+            self.val_set, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
+            collate_fn=self._collator(), num_workers=hp.num_workers,
+        )  # fmt: skip
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def tokens_in(self, batch: dict) -> int:
+        """Real (non-pad) tokens in a batch, for throughput."""
+        return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))

@@ -1,0 +1,167 @@
+"""Chat-template encoding with token-exact assistant labels.
+
+The template is rendered incrementally: for assistant turn *i*, ``render(messages[:i], add_generation_prompt=True)``
+is a prefix of ``render(messages[:i+1])``, and the difference is exactly what the model must produce — the content
+followed by the end-of-turn token. Each piece is tokenized on its own (no special tokens added, the template already
+holds BOS where the model wants one), so labels can never leak prompt tokens and BOS is never doubled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be split into prompt and assistant parts."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX outside the trained assistant tokens
+    truncated: bool = False
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _special_strings(tokenizer) -> list[str]:
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return [s for s in specials if s]
+
+
+def _end_of_turn(span: str, specials: list[str]) -> int:
+    """Index just after the first special token in ``span`` (the end-of-turn marker); what follows is not trained."""
+    hits = [(i, len(s)) for s in specials if (i := span.find(s)) > 0]
+    if hits:
+        start, length = min(hits)
+        return start + length
+    return len(span.rstrip())
+
+
+def conversation_segments(tokenizer, messages: list[dict], train_on: str = "all") -> list[tuple[str, bool]]:
+    """Split the rendered conversation into ``(text, is_trained)`` pieces whose concatenation is the full render.
+
+    Args:
+        train_on: ``"all"`` trains every assistant turn, ``"last"`` only the final one.
+    """
+    specials = _special_strings(tokenizer)
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = set(assistant_turns if train_on == "all" else assistant_turns[-1:])
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i in assistant_turns:
+        prefix = (
+            _render(tokenizer, messages[:i], add_generation_prompt=True) if i else _generation_prompt_only(tokenizer)
+        )
+        upto = _render(tokenizer, messages[: i + 1])
+        if not prefix.startswith(done) or not upto.startswith(prefix) or upto == prefix:
+            raise TemplateError(
+                "the chat template does not render conversations incrementally (turn "
+                f"{i} changes earlier text, or add_generation_prompt is ignored), so assistant tokens cannot be "
+                "located exactly; set a different chat template on the tokenizer"
+            )
+        span = upto[len(prefix) :]
+        cut = _end_of_turn(span, specials)
+        segments += [(prefix[len(done) :], False), (span[:cut], i in trained), (span[cut:], False)]
+        done = upto
+    full = _render(tokenizer, messages)
+    if not full.startswith(done):
+        raise TemplateError("the chat template renders the full conversation differently from its turns")
+    segments.append((full[len(done) :], False))
+    return [(text, is_trained) for text, is_trained in segments if text]
+
+
+def _generation_prompt_only(tokenizer) -> str:
+    try:
+        return _render(tokenizer, [], add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - some templates index messages[0]
+        raise TemplateError("conversation starts with an assistant turn; the template needs a prompt") from error
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_conversation(tokenizer, messages: list[dict], *, train_on: str = "all") -> Encoded:
+    """Token ids and labels of a whole conversation (no truncation)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, is_trained in conversation_segments(tokenizer, messages, train_on=train_on):
+        ids = _tokenize(tokenizer, text)
+        input_ids += ids
+        labels += ids if is_trained else [IGNORE_INDEX] * len(ids)
+    return Encoded(input_ids, labels)
+
+
+def encode_prompt(tokenizer, prompt: list[dict], *, max_length: int | None = None) -> Encoded:
+    """The prompt with the generation header, left-truncated to keep its end (what the model answers)."""
+    ids = _tokenize(tokenizer, _render(tokenizer, prompt, add_generation_prompt=True))
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[-max_length:]
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), truncated)
+
+
+def truncate(
+    prompt_ids: list[int], response: list[list[int]], max_length: int
+) -> tuple[list[int], list[list[int]], bool]:
+    """Fit prompt + the longest response into ``max_length``: cut the prompt's start, then responses' ends.
+
+    The prompt keeps at least half the budget (or all of itself if shorter), so a long response cannot erase the
+    question it answers.
+    """
+    longest = max(len(r) for r in response)
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids, response, False
+    keep_prompt = max(max_length - longest, min(len(prompt_ids), max_length // 2))
+    keep_response = max_length - keep_prompt
+    return prompt_ids[len(prompt_ids) - keep_prompt :], [r[:keep_response] for r in response], True
+
+
+def encode_sft(tokenizer, messages: list[dict], *, max_length: int) -> Encoded:
+    """A conversation trained on every assistant turn; too long -> keep the end of the prompt before the last turn."""
+    enc = encode_conversation(tokenizer, messages)
+    if len(enc.input_ids) <= max_length:
+        return enc
+    last_turn = _last_trained_start(enc.labels)
+    prompt, (response,), _ = truncate(enc.input_ids[:last_turn], [enc.input_ids[last_turn:]], max_length)
+    prompt_labels = enc.labels[:last_turn][len(enc.labels[:last_turn]) - len(prompt) :]
+    return Encoded(prompt + response, prompt_labels + enc.labels[last_turn:][: len(response)], True)
+
+
+def _last_trained_start(labels: list[int]) -> int:
+    start = len(labels)
+    while start > 0 and labels[start - 1] == IGNORE_INDEX:
+        start -= 1
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
+def encode_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, *, max_length: int) -> dict:
+    """Prompt, chosen and rejected ids sharing one prompt encoding; labels cover the final assistant reply only."""
+    encoded = [
+        encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": reply}], train_on="last")
+        for reply in (chosen, rejected)
+    ]
+    starts = [_last_trained_start(e.labels) for e in encoded]
+    prompt_ids = encoded[0].input_ids[: starts[0]]
+    if encoded[1].input_ids[: starts[1]] != prompt_ids:
+        raise TemplateError("chosen and rejected render different prompts; the chat template depends on the reply")
+    responses = [e.input_ids[s:] for e, s in zip(encoded, starts)]
+    response_labels = [e.labels[s:] for e, s in zip(encoded, starts)]
+    prompt_ids, responses, truncated = truncate(prompt_ids, responses, max_length)
+    response_labels = [lab[: len(r)] for lab, r in zip(response_labels, responses)]
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": responses[0],
+        "chosen_labels": response_labels[0],
+        "rejected_ids": responses[1],
+        "rejected_labels": response_labels[1],
+        "truncated": truncated,
+    }

@@ -1,0 +1,178 @@
+"""``RLFTModule``: what every rlft method shares — model loading, LoRA, optimiser/schedule, checkpoints, export.
+
+Subclasses set ``data_kind`` (what the data module must serve) and implement ``compute_loss(batch)``. Everything a
+researcher typically changes is a method of its own so a subclass overrides one thing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import lightning as L
+import torch
+import transformers
+
+from rlft.models import LoraSettings, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW with a warmup + decay schedule.
+
+    Args:
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (not applied to biases and norm weights).
+        betas: Adam betas.
+        eps: Adam epsilon.
+        warmup_steps: Linear warmup steps (overrides ``warmup_ratio`` when > 0).
+        warmup_ratio: Warmup as a share of all optimisation steps.
+        scheduler: ``cosine``, ``linear``, ``constant_with_warmup``, ``cosine_with_min_lr`` ... (transformers names).
+        min_lr_ratio: Floor of the cosine schedule relative to ``lr`` (for ``cosine_with_min_lr``).
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    scheduler: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+
+class RLFTModule(L.LightningModule):
+    """Base of every rlft method.
+
+    Args:
+        model: Model string: hub id, local folder, adapter folder (e.g. an SFT output), ``.gguf`` file or an alias
+            such as ``smollm2-135m-instruct`` (pulled on first use).
+        lora: LoRA settings; ``null`` trains all weights.
+        dtype: Weight dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+        quantization: ``4bit`` or ``8bit`` loads the base through bitsandbytes (QLoRA; needs a CUDA GPU).
+        gradient_checkpointing: Recompute activations in backward to save memory (works with LoRA).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; default lets transformers choose.
+        optim: Optimiser and learning-rate schedule.
+        output_dir: Where the final Hugging Face folder goes; default ``<log dir>/hf_model``.
+        merge_on_save: Also save LoRA merged into the base weights (``<output_dir>/merged``).
+    """
+
+    data_kind: ClassVar[str] = "sft"
+
+    def __init__(
+        self,
+        model: str,
+        lora: LoraSettings | None = LoraSettings(),
+        dtype: str = "float32",
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        optim: OptimizerSettings = OptimizerSettings(),
+        output_dir: str | None = None,
+        merge_on_save: bool = False,
+    ) -> None:
+        super().__init__()
+        # YAML/CLI and checkpoints may hand these over as plain dicts
+        lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        optim = OptimizerSettings(**optim) if isinstance(optim, dict) else optim
+        self.save_hyperparameters()
+        # typed copies: LightningCLI may replace `hparams` entries with plain dicts
+        self.lora_settings, self.optim_settings = lora, optim
+        self.tokenizer = load_tokenizer(model)
+        self.model = self.build_model()
+        # checkpoints hold trainable weights only; the frozen base is reloaded from `model` on resume
+        self.strict_loading = False
+        self._step_started = 0.0
+
+    def build_model(self) -> torch.nn.Module:
+        """Load the network; override for extra heads (see ``RewardModel``)."""
+        hp = self.hparams
+        return load_model(
+            hp.model, dtype=hp.dtype, lora=self.lora_settings, quantization=hp.quantization,
+            gradient_checkpointing=hp.gradient_checkpointing, attn_implementation=hp.attn_implementation,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- training loop
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the scalar loss and a dict of detached metrics (names without the ``train/`` prefix)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.compute_loss(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.compute_loss(batch)
+        batch_size = self.batch_size_of(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
+
+    def batch_size_of(self, batch: dict) -> int:
+        first = next(v for v in batch.values() if torch.is_tensor(v))
+        return first.shape[0]
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v))
+        if elapsed > 0:
+            self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        settings = self.optim_settings
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+        )  # fmt: skip
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * total)
+        extra = {"min_lr_rate": settings.min_lr_ratio} if settings.scheduler == "cosine_with_min_lr" else None
+        scheduler = transformers.get_scheduler(
+            settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+            scheduler_specific_kwargs=extra,
+        )  # fmt: skip
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.export(self.export_dir())
+
+    def export_dir(self) -> Path:
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf_model"
+
+    def export(self, path: str | Path) -> Path:
+        """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template) loadable without rlft."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.hparams.merge_on_save and hasattr(self.model, "merge_and_unload"):
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(path / "merged")
+            self.tokenizer.save_pretrained(path / "merged")
+        log.info("saved Hugging Face model to %s", path)
+        print(f"rlft: final model saved to {path}")
+        return path

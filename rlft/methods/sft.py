@@ -1,0 +1,46 @@
+"""Supervised fine-tuning with a completion-only loss."""
+
+from __future__ import annotations
+
+import torch
+
+from rlft.data.encoding import IGNORE_INDEX
+from rlft.methods.base import RLFTModule
+from rlft.ops import gather_logps
+
+
+class SFT(RLFTModule):
+    """Supervised fine-tuning: next-token NLL on assistant tokens only, token-weighted over the batch.
+
+    Logs ``train/loss``, ``val/loss`` (token-weighted over the whole validation set) and ``val/perplexity``.
+    """
+
+    data_kind = "sft"
+
+    def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the labels and the mask of trained tokens, both ``[B, T-1]``."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        return gather_logps(logits[:, :-1], labels), labels != IGNORE_INDEX
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, mask = self.token_logps(batch)
+        tokens = mask.sum()
+        loss = -(logps * mask).sum() / tokens.clamp(min=1)
+        return loss, {"trained_tokens": tokens.float()}
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logps, mask = self.token_logps(batch)
+        self._val_nll += -(logps.double() * mask).sum()
+        self._val_tokens += mask.sum()
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        loss = (nll / tokens.clamp(min=1)).float()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/perplexity", loss.exp())
