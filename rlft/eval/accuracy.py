@@ -1,0 +1,152 @@
+"""Task accuracy: by generation + answer extraction, and by log-likelihood of choices (multiple choice)."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Sequence
+
+from rlft.eval.generation import Generator, SamplingSettings
+from rlft.eval.scoring import continuation_logprob
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _normalise(text: str) -> str:
+    text = text.lower().strip()
+    text = text.translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def _last_number(text: str) -> str | None:
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def _choice_letter(text: str) -> str | None:
+    # "(B)", "B)", "Answer: B", "B." - the first standalone capital A-E wins
+    match = re.search(r"(?:^|[\s(\[:])([A-E])(?:[).\]:,\s]|$)", text.strip())
+    return match.group(1) if match else None
+
+
+def _first_line(text: str) -> str | None:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return _normalise(line) or None
+
+
+def _boxed(text: str) -> str | None:
+    match = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return match[-1].strip() if match else _last_number(text)
+
+
+# extractor name -> (pull the answer out of a generation, normalise the gold answer the same way)
+EXTRACTORS: dict[str, tuple[Callable[[str], str | None], Callable[[str], str]]] = {
+    "last_number": (_last_number, lambda gold: _last_number(gold) or gold.strip()),
+    "choice_letter": (_choice_letter, lambda gold: gold.strip().upper()),
+    "first_line": (_first_line, _normalise),
+    "boxed": (_boxed, lambda gold: gold.strip()),
+}
+
+
+def extract_answer(text: str, extractor: str) -> str | None:
+    """The answer a generation gives, or ``None`` if the extractor finds none."""
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {extractor!r}; choose one of {sorted(EXTRACTORS)}")
+    return EXTRACTORS[extractor][0](text)
+
+
+def generative_accuracy(
+    generator: Generator,
+    items: Sequence[dict],
+    *,
+    extractor: str = "last_number",
+    settings: SamplingSettings | None = None,
+    chat: bool = True,
+) -> dict:
+    """Accuracy of generated answers.
+
+    Args:
+        generator: The batched generator.
+        items: ``{"question": str, "answer": str}`` (``prompt`` is accepted for ``question``).
+        extractor: Name in :data:`EXTRACTORS`.
+        settings: Sampling settings (default greedy, 128 new tokens).
+        chat: Send questions as a user message through the chat template (else as plain text).
+
+    Returns:
+        ``accuracy``, ``n``, ``no_answer`` (generations where nothing could be extracted) and per-item rows.
+    """
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {extractor!r}; choose one of {sorted(EXTRACTORS)}")
+    extract, normalise_gold = EXTRACTORS[extractor]
+    questions = []
+    for i, item in enumerate(items):
+        question = item.get("question", item.get("prompt"))
+        if question is None or "answer" not in item:
+            raise ValueError(f"item {i} needs 'question' (or 'prompt') and 'answer' fields, got {sorted(item)}")
+        questions.append([{"role": "user", "content": question}] if chat else question)
+    outputs = generator.generate(questions, settings or SamplingSettings(max_new_tokens=128))
+    rows, correct, missing = [], 0, 0
+    for item, samples in zip(items, outputs):
+        predicted = extract(samples[0])
+        gold = normalise_gold(str(item["answer"]))
+        hit = predicted is not None and predicted == gold
+        correct += hit
+        missing += predicted is None
+        rows.append({"question": item.get("question", item.get("prompt")), "generation": samples[0],
+                     "predicted": predicted, "gold": gold, "correct": hit})  # fmt: skip
+    return {"accuracy": correct / len(items) if items else 0.0, "n": len(items), "no_answer": missing, "rows": rows}
+
+
+def choice_item(row: dict, index: int = 0) -> dict:
+    """Normalise a multiple-choice row: PIQA (goal/sol1/sol2/label) or question/choices/label (or answer index)."""
+    if {"goal", "sol1", "sol2", "label"} <= row.keys():
+        return {"context": f"Question: {row['goal']}\nAnswer:", "choices": [row["sol1"], row["sol2"]],
+                "label": int(row["label"])}  # fmt: skip
+    if "choices" in row and ("label" in row or "answer" in row):
+        label = row.get("label", row.get("answer"))
+        choices = list(row["choices"])
+        label = choices.index(label) if isinstance(label, str) and label in choices else int(label)
+        context = row.get("context") or f"Question: {row.get('question', '')}\nAnswer:"
+        return {"context": context, "choices": choices, "label": label}
+    raise ValueError(
+        f"row {index}: multiple-choice rows need PIQA fields (goal, sol1, sol2, label) or question/choices/label, "
+        f"got {sorted(row)}"
+    )
+
+
+def multiple_choice_accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 8) -> dict:
+    """Pick the choice with the highest log-likelihood given the context (PIQA/lm-eval style).
+
+    Reports ``accuracy`` (sum of log-probs) and ``accuracy_norm`` (log-prob per character of the choice, which
+    removes the bias towards short answers), as lm-eval's ``acc`` and ``acc_norm`` do.
+
+    Args:
+        model: Causal LM.
+        tokenizer: Its tokenizer.
+        items: Rows accepted by :func:`choice_item`.
+        batch_size: Sequences per forward pass.
+    """
+    normalised = [choice_item(row, i) for i, row in enumerate(items)]
+    pairs, spans = [], []
+    for item in normalised:
+        if not 0 <= item["label"] < len(item["choices"]):
+            raise ValueError(f"label {item['label']} is out of range for {len(item['choices'])} choices")
+        spans.append((len(pairs), len(pairs) + len(item["choices"])))
+        pairs += [(item["context"], " " + str(choice).strip()) for choice in item["choices"]]
+    scores = continuation_logprob(model, tokenizer, pairs, batch_size=batch_size)
+    correct = correct_norm = 0
+    predictions = []
+    for item, (lo, hi) in zip(normalised, spans):
+        logps = [scores[j][0] for j in range(lo, hi)]
+        per_char = [lp / max(1, len(pairs[j][1])) for lp, j in zip(logps, range(lo, hi))]
+        pick = max(range(len(logps)), key=logps.__getitem__)
+        pick_norm = max(range(len(per_char)), key=per_char.__getitem__)
+        correct += pick == item["label"]
+        correct_norm += pick_norm == item["label"]
+        predictions.append({"pred": pick, "pred_norm": pick_norm, "label": item["label"], "logps": logps})
+    n = len(normalised)
+    return {"accuracy": correct / n if n else 0.0, "accuracy_norm": correct_norm / n if n else 0.0, "n": n,
+            "predictions": predictions}  # fmt: skip

@@ -1,0 +1,27 @@
+"""Reading evaluation data through rlft's own readers and converters (one place for file handling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlft.data.formats import convert
+from rlft.data.sources import read_rows
+
+
+def load_records(path: str | Path, *, kind: str, format: str = "auto", limit: int | None = None) -> list[dict]:
+    """Canonical records (``sft``, ``pairs`` or ``prompts``) from any supported file or hub dataset.
+
+    Args:
+        path: JSONL/JSON/Parquet/CSV file, a folder, or a hub dataset name.
+        kind: ``"sft"``, ``"pairs"`` or ``"prompts"``.
+        format: Input format name or ``"auto"``.
+        limit: Keep only the first ``limit`` records (``None`` keeps all).
+    """
+    records, _ = convert(read_rows(str(path)), kind=kind, format=format, on_invalid="skip")
+    return records[:limit] if limit is not None else records
+
+
+def load_raw_rows(path: str | Path, *, limit: int | None = None) -> list[dict]:
+    """Rows as plain dicts (for task files whose fields are not a training format, e.g. question/answer)."""
+    rows = [row.data for row in read_rows(str(path))]
+    return rows[:limit] if limit is not None else rows

@@ -1,0 +1,194 @@
+"""One batched generator for every evaluation that samples text.
+
+Prompts are either plain strings (completion mode, e.g. HumanEval for base models) or message lists (rendered with
+the tokenizer's chat template plus the generation header). The Hugging Face backend left-pads batches of similar
+length and uses the KV cache; the vLLM backend is used when vLLM is installed, a GPU is present and the model is on
+disk (it loads the model again from its folder, so an in-memory adapter must be merged and saved first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict]
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample.
+
+    Args:
+        max_new_tokens: Tokens generated at most per sample.
+        temperature: 0 means greedy decoding.
+        top_p: Nucleus sampling mass (sampling only).
+        num_samples: Samples per prompt (``n`` of pass@k).
+        stop: Strings that end a sample; the text is cut before the first one.
+        batch_size: Prompts per forward batch (HF backend).
+        seed: Seed for sampling, so evaluations are reproducible.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 8
+    seed: int = 0
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Text before the earliest stop string (unchanged if none occurs)."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate without gradients and restore the train/eval state afterwards (callbacks run mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode_prompt_text(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat template + generation header for messages, plain encoding for strings."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    # the template already holds BOS where the model wants one: adding it again would double it
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    # chat models end a turn with a special token that is not always the tokenizer's EOS
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token in tokenizer.get_vocab():
+            ids.add(token_id)
+    return sorted(ids)
+
+
+class HFBackend:
+    """Batched ``model.generate`` with left padding, sorted by prompt length to minimise padding."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings) -> list[list[str]]:
+        tok = self.tokenizer
+        encoded = [encode_prompt_text(tok, p) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        outputs: list[list[str]] = [[] for _ in prompts]
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        device = next(self.model.parameters()).device
+        sampling = settings.temperature > 0
+        torch.manual_seed(settings.seed)
+        stop_ids = _stop_token_ids(self.model, tok)
+        with eval_mode(self.model):
+            for start in range(0, len(order), settings.batch_size):
+                batch = order[start : start + settings.batch_size]
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                    mask[row, width - len(encoded[i]) :] = 1
+                kwargs = dict(temperature=settings.temperature, top_p=settings.top_p) if sampling else {}
+                generated = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=sampling,
+                    num_return_sequences=settings.num_samples if sampling else 1,
+                    pad_token_id=pad_id,
+                    eos_token_id=stop_ids,
+                    **({"stop_strings": list(settings.stop), "tokenizer": tok} if settings.stop else {}),
+                    **kwargs,
+                )
+                texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+                per_prompt = settings.num_samples if sampling else 1
+                for row, i in enumerate(batch):
+                    samples = [cut_at_stop(t, settings.stop) for t in texts[row * per_prompt : (row + 1) * per_prompt]]
+                    # greedy decoding is deterministic: n identical samples without n forward passes
+                    outputs[i] = samples if sampling else samples * settings.num_samples
+        return outputs
+
+
+class VLLMBackend:
+    """vLLM offline inference (optional; needs ``pip install vllm`` and a GPU)."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tokenizer) -> None:
+        from vllm import LLM
+
+        self.llm, self.tokenizer = LLM(model=model_path, seed=0), tokenizer
+
+    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings) -> list[list[str]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=settings.num_samples,
+            temperature=settings.temperature,
+            top_p=settings.top_p if settings.temperature > 0 else 1.0,
+            max_tokens=settings.max_new_tokens,
+            stop=list(settings.stop) or None,
+            seed=settings.seed,
+        )
+        inputs = [TokensPrompt(prompt_token_ids=encode_prompt_text(self.tokenizer, p)) for p in prompts]
+        results = self.llm.generate(inputs, params, use_tqdm=False)
+        return [[cut_at_stop(o.text, settings.stop) for o in r.outputs] for r in results]
+
+
+def vllm_usable() -> bool:
+    """vLLM is installed and a CUDA GPU is present."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+class Generator:
+    """The batched generator all evaluations share.
+
+    Args:
+        model: A loaded causal LM (``PreTrainedModel`` or ``PeftModel``).
+        tokenizer: Its tokenizer (with a chat template for message prompts).
+        backend: ``"auto"`` (vLLM when usable and ``model_path`` is given, else HF), ``"hf"`` or ``"vllm"``.
+        model_path: Folder of the model on disk; only vLLM needs it.
+    """
+
+    def __init__(self, model, tokenizer, *, backend: str = "auto", model_path: str | None = None) -> None:
+        if backend not in ("auto", "hf", "vllm"):
+            raise ValueError(f"backend must be 'auto', 'hf' or 'vllm', got {backend!r}")
+        if backend == "vllm" and not (vllm_usable() and model_path):
+            raise ValueError("backend='vllm' needs vLLM installed, a CUDA GPU and the model as a folder on disk")
+        use_vllm = backend == "vllm" or (backend == "auto" and model_path is not None and vllm_usable())
+        self.model, self.tokenizer = model, tokenizer
+        self.backend = VLLMBackend(model_path, tokenizer) if use_vllm else HFBackend(model, tokenizer)
+        log.info("generation backend: %s", self.backend.name)
+
+    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings | None = None) -> list[list[str]]:
+        """``settings.num_samples`` completions per prompt, in prompt order."""
+        if not prompts:
+            return []
+        return self.backend.generate(list(prompts), settings or SamplingSettings())
