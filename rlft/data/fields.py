@@ -121,11 +121,18 @@ def parse_messages(value: object, where: str, *, sharegpt: bool = False) -> list
 
 
 def parse_prompt(data: dict, key: str) -> list[dict]:
-    """A prompt given as a string (one user turn) or as a list of messages."""
+    """A prompt given as a string (one user turn), an HH-style transcript string or a list of messages.
+
+    Transcript prompts (``"\\n\\nHuman: ...\\n\\nAssistant:"``, as in several HH-RLHF derivatives) become their
+    turns, without the trailing empty ``Assistant:`` that only cues the reply.
+    """
     value = data.get(key)
     if isinstance(value, list):
         return parse_messages(value, key)
-    return [{"role": "user", "content": _text(value, key, "empty field")}]
+    text = _text(value, key, "empty field")
+    if text.startswith("Human:") and "\n\nAssistant:" in text:
+        return _transcript_turns(text, key, reply_required=False)
+    return [{"role": "user", "content": text}]
 
 
 def parse_reply(data: dict, key: str) -> tuple[list[dict], str]:
@@ -149,22 +156,28 @@ def parse_transcript(data: dict, key: str) -> list[dict]:
 
     The last turn must be the Assistant's; its text (stripped) is the reply.
     """
-    text = _text(data.get(key), key, "empty field")
+    return _transcript_turns(_text(data.get(key), key, "empty field"), key, reply_required=True)
+
+
+def _transcript_turns(text: str, key: str, *, reply_required: bool) -> list[dict]:
     parts = _HH_TURN.split("\n\n" + text)
     if len(parts) == 1 or parts[0].strip():
         found = describe_value(text, 50)
         raise RecordError(key, "transcript does not parse: expected turns starting with '\\n\\nHuman:' and "
                           f"'\\n\\nAssistant:', found {found}", "unparseable transcript")  # fmt: skip
     speakers, texts = parts[1::2], parts[2::2]
-    if "Assistant" not in speakers:
+    if not reply_required:
+        if speakers[-1] == "Assistant" and not texts[-1].strip():
+            speakers, texts = speakers[:-1], texts[:-1]  # the empty cue for the reply to come
+    elif "Assistant" not in speakers:
         raise RecordError(key, "transcript does not parse: it has no '\\n\\nAssistant:' turn",
                           "unparseable transcript")  # fmt: skip
-    if speakers[-1] != "Assistant":
+    elif speakers[-1] != "Assistant":
         raise RecordError(key, "transcript ends with a Human turn; expected it to end with the Assistant's reply",
                           "unparseable transcript")  # fmt: skip
     messages = []
     for turn, (speaker, content) in enumerate(zip(speakers, texts), start=1):
-        last = turn == len(speakers)
+        last = turn == len(speakers) and reply_required
         if not content.strip():
             what = "the final Assistant reply is empty" if last else f"turn {turn} ({speaker}) is empty"
             raise RecordError(key, what, "empty response" if last else "empty field")

@@ -68,7 +68,7 @@ def _parse_prompt_completion(data: dict, kind: str) -> list[Example]:
 
 
 def _parse_prompt_only(data: dict, kind: str) -> list[Example]:
-    key = "prompt" if "prompt" in data else "question"
+    key = "prompt" if data.get("prompt") is not None else "question"
     return [Example(parse_prompt(data, key), field=key)]
 
 
@@ -208,12 +208,13 @@ class Format:
         return records
 
 
+# A null value counts as absent: Parquet and hub datasets give every row every column, null where unset.
 def _has(*keys: str) -> Callable[[dict], bool]:
-    return lambda data: all(key in data for key in keys)
+    return lambda data: all(data.get(key) is not None for key in keys)
 
 
 def _lacks(*keys: str) -> Callable[[dict], bool]:
-    return lambda data: not any(key in data for key in keys)
+    return lambda data: all(data.get(key) is None for key in keys)
 
 
 def _all(*tests: Callable[[dict], bool]) -> Callable[[dict], bool]:
@@ -241,13 +242,13 @@ FORMATS: dict[str, Format] = {
                _all(_has("chosen", "rejected"), _lacks("prompt"), lambda d: isinstance(d["chosen"], str)),
                _parse_hh, _PAIR_KINDS, ("chosen", "rejected")),
         Format("preference", "prompt, chosen, rejected",
-               _all(_has("chosen", "rejected"), lambda d: "prompt" in d or isinstance(d["chosen"], list)),
+               _all(_has("chosen", "rejected"), lambda d: _has("prompt")(d) or isinstance(d["chosen"], list)),
                _parse_preference, _PAIR_KINDS, ("prompt",)),
         Format("piqa", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2"), _parse_piqa, _PAIR_KINDS, ("goal",)),
         Format("alpaca_seed", "instruction, instances: [{input, output}]", _has("instruction", "instances"),
                _parse_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
         Format("prompt_only", "prompt (or question), other fields kept",
-               _all(lambda d: "prompt" in d or "question" in d, _lacks(*_RESPONSE_KEYS)),
+               _all(lambda d: _has("prompt")(d) or _has("question")(d), _lacks(*_RESPONSE_KEYS)),
                _parse_prompt_only, ("prompts",), ("prompt", "question")),
     )
 }  # fmt: skip

@@ -36,6 +36,8 @@ class Row:
     line: int | None
 
 
+# Keys under which JSON files commonly wrap their list of records ({"data": [...], "version": ...}).
+_WRAPPER_KEYS = ("data", "rows", "records", "examples")
 # A hub id is "name" or "owner/name" made of these characters; anything else can only be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Directory files named after a split ("train.jsonl", "test-00000.parquet") are filtered by the requested split;
@@ -58,7 +60,7 @@ def _object_or_error(value: object, source: str, line: int) -> dict:
     return value
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, split: str) -> list[Row]:
     rows = []
     with _open_text(path) as handle:
         for number, text in enumerate(handle, start=1):
@@ -75,21 +77,30 @@ def _read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
-def _read_json(path: Path) -> list[Row]:
+def _records_in(value: dict, path: Path, split: str) -> list | None:
+    """The list of records inside a JSON object that wraps them, or ``None`` when the object is one record."""
+    for key in (split, *_WRAPPER_KEYS):
+        if isinstance(value.get(key), list):
+            return value[key]
+    if value and all(key.lower() in _SPLIT_ALIASES for key in value):  # {"train": [...], "test": [...]}
+        raise DataError(f"{path}: JSON object has no list for split '{split}'; it has: {', '.join(value)}")
+    return None
+
+
+def _read_json(path: Path, split: str) -> list[Row]:
     with _open_text(path) as handle:
         text = handle.read()
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level objects: it is JSON Lines with a .json name
-            return _read_jsonl(path)
+            return _read_jsonl(path, split)
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
     if isinstance(value, dict):
-        lists = {key: item for key, item in value.items() if isinstance(item, list)}
-        if len(lists) == 1 and len(value) <= 2:  # {"data": [...]} or {"data": [...], "version": ...}
-            value = next(iter(lists.values()))
-        else:
+        records = _records_in(value, path, split)
+        if records is None:
             return [Row(value, str(path), 1)]
+        value = records
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of objects but found {type(value).__name__}")
     return [Row(_object_or_error(item, str(path), index), str(path), index) for index, item in enumerate(value, 1)]
@@ -106,7 +117,7 @@ def _decode_cell(text: str) -> object:
     return text
 
 
-def _read_csv(path: Path) -> list[Row]:
+def _read_csv(path: Path, split: str) -> list[Row]:
     with _open_text(path) as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
@@ -123,7 +134,7 @@ def _read_csv(path: Path) -> list[Row]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path, split: str) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
@@ -133,7 +144,7 @@ def _read_parquet(path: Path) -> list[Row]:
     return [Row(data, str(path), index) for index, data in enumerate(table.to_pylist(), start=1)]
 
 
-_READERS: dict[str, Callable[[Path], list[Row]]] = {
+_READERS: dict[str, Callable[[Path, str], list[Row]]] = {
     ".jsonl": _read_jsonl,
     ".jsonl.gz": _read_jsonl,
     ".ndjson": _read_jsonl,
@@ -145,7 +156,7 @@ _READERS: dict[str, Callable[[Path], list[Row]]] = {
 SUFFIXES = tuple(_READERS)
 
 
-def _reader_for(path: Path) -> Callable[[Path], list[Row]] | None:
+def _reader_for(path: Path) -> Callable[[Path, str], list[Row]] | None:
     name = path.name.lower()
     # Longest suffix first so ".jsonl.gz" wins over ".gz"-less matches.
     for suffix in sorted(_READERS, key=len, reverse=True):
@@ -154,12 +165,12 @@ def _reader_for(path: Path) -> Callable[[Path], list[Row]] | None:
     return None
 
 
-def _read_file(path: Path) -> list[Row]:
+def _read_file(path: Path, split: str) -> list[Row]:
     reader = _reader_for(path)
     if reader is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
     try:
-        return reader(path)
+        return reader(path, split)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except (EOFError, gzip.BadGzipFile) as err:
@@ -201,7 +212,7 @@ def _read_directory(path: Path, split: str) -> list[Row]:
             found = sorted({s for s in splits.values() if s})
             raise DataError(f"{path}: no files for split '{split}'; files exist for splits: {', '.join(found)}")
         files = wanted
-    return [row for file in files for row in _read_file(file)]
+    return [row for file in files for row in _read_file(file, split)]
 
 
 def _read_hub(name: str, split: str, subset: str | None) -> list[Row]:
@@ -247,7 +258,7 @@ def read_rows(path: str, *, split: str = "train", subset: str | None = None) -> 
                 raise DataError(f"{path}: no sub-directory '{subset}' (subset) in this directory")
         return _read_directory(local, split)
     if local.is_file():
-        return _read_file(local)
+        return _read_file(local, split)
     if _HUB_ID.match(path) is None or _reader_for(local) is not None:
         raise DataError(
             f"{path}: file not found (and it is not a Hugging Face hub dataset name such as 'owner/name'); "

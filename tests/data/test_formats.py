@@ -259,3 +259,22 @@ def test_real_alpaca_seed_tasks_convert_to_sft() -> None:
         expected_user += "\n\n" + first["instances"][0]["input"].strip()
     assert records[0] == {"messages": [user(expected_user), assistant(first["instances"][0]["output"].strip())]}
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in records)
+
+
+def test_hh_style_prompt_strings_become_turns() -> None:
+    # As in HH-RLHF derivatives: the prompt is a transcript ending in an empty "Assistant:" cue.
+    row = {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant:", "chosen": " Knock knock.",
+           "rejected": " No."}  # fmt: skip
+    records, _ = convert(rows_of(row), kind="pairs")
+    assert records == [{"prompt": [user("Hi"), assistant("Hello!"), user("Joke?")], "chosen": "Knock knock.",
+                        "rejected": "No."}]  # fmt: skip
+    records, _ = convert(rows_of({"prompt": "Human: a\n\nAssistant: b\n\nHuman: c"}), kind="prompts")
+    assert records == [{"prompt": [user("a"), assistant("b"), user("c")]}]
+
+
+def test_null_columns_count_as_absent() -> None:
+    # Parquet/hub rows carry every column; unset ones are null and must not change detection.
+    row = {"prompt": "Hi", "completion": "Hello", "chosen": None, "rejected": None, "messages": None}
+    assert detect_format(rows_of(row)) == "prompt_completion"
+    row = {"prompt": None, "chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    assert detect_format(rows_of(row)) == "hh_rlhf"

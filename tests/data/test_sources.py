@@ -220,3 +220,17 @@ def test_unsupported_and_undecodable_files(tmp_path) -> None:
     bad_parquet.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"bad.parquet: cannot read Parquet file"):
         read_rows(str(bad_parquet))
+
+
+def test_json_object_keyed_by_split(tmp_path) -> None:
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": ITEMS[:2], "test": ITEMS[2:]}), encoding="utf-8")
+    assert [r.data for r in read_rows(str(path))] == ITEMS[:2]
+    assert [r.data for r in read_rows(str(path), split="test")] == ITEMS[2:]
+    with pytest.raises(DataError, match="no list for split 'validation'; it has: train, test"):
+        read_rows(str(path), split="validation")
+    # A single record whose only list is its own field is one row, not a wrapper.
+    single = tmp_path / "one.json"
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    single.write_text(json.dumps(record), encoding="utf-8")
+    assert read_rows(str(single)) == [Row(record, str(single), 1)]
