@@ -19,8 +19,8 @@ Endpoints:
     ``GET  /api/export/winrates``       (admin) model-vs-model win-rates with CIs.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must resolve the dependency aliases defined inside
+# create_app at runtime, and string annotations of local names cannot be resolved.
 import json
 from typing import Annotated, Any, Literal
 

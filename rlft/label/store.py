@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -191,51 +192,78 @@ def _task(conn, assignment_id: int, example_id: int, swapped: bool, expires: dt.
     return Task(assignment_id, example_id, json.loads(ex.prompt_json), left, right, ex.category, expires)
 
 
+def _renew_own_lease(conn, labeler_id: int, expires: dt.datetime) -> Task | None:
+    own = conn.execute(
+        select(A.c.id, A.c.example_id, A.c.swapped)
+        .where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
+        .order_by(A.c.id)
+        .limit(1)
+    ).first()
+    if own is None:
+        return None
+    # compare-and-swap: an expired lease may have been taken over by someone else meanwhile
+    renewed = conn.execute(
+        update(A)
+        .where(A.c.id == own.id, A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
+        .values(lease_expires_at=expires)
+    )
+    return _task(conn, own.id, own.example_id, own.swapped, expires) if renewed.rowcount == 1 else None
+
+
 def claim_next(
-    engine: Engine, labeler_id: int, *, lease_seconds: float = 600, rng: random.Random | None = None
+    engine: Engine,
+    labeler_id: int,
+    *,
+    lease_seconds: float = 600,
+    rng: random.Random | None = None,
+    max_rounds: int = 20,
 ) -> Task | None:
     """Lease the next example for a labeler, or ``None`` when nothing is left for them (see module docstring)."""
     rng = rng or random.Random()
-    now = utcnow()
-    expires = now + dt.timedelta(seconds=lease_seconds)
-    with engine.begin() as conn:
-        own = conn.execute(
-            select(A.c.id, A.c.example_id, A.c.swapped)
-            .where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
-            .order_by(A.c.id)
-            .limit(1)
-        ).first()
-        if own is not None:
-            # compare-and-swap: an expired lease may have been taken over by someone else meanwhile
-            renewed = conn.execute(
-                update(A)
-                .where(A.c.id == own.id, A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
-                .values(lease_expires_at=expires)
-            )
-            if renewed.rowcount == 1:
-                return _task(conn, own.id, own.example_id, own.swapped, expires)
+    for round_ in range(max_rounds):
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=lease_seconds)
         claimable = or_(A.c.labeler_id.is_(None), and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now))
         touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
-        candidates = conn.execute(
-            select(A.c.id, A.c.example_id)
-            .where(claimable, A.c.example_id.not_in(touched))
-            .order_by(A.c.example_id, A.c.slot)
-            .limit(8)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for cand in candidates:
-            swapped = rng.random() < 0.5
-            try:
-                with conn.begin_nested():
-                    result = conn.execute(
-                        update(A)
-                        .where(A.c.id == cand.id, claimable)
-                        .values(labeler_id=labeler_id, swapped=swapped, leased_at=now, lease_expires_at=expires)
-                    )
-            except IntegrityError:  # this labeler claimed another slot of the example in a parallel request
-                continue
-            if result.rowcount == 1:
-                return _task(conn, cand.id, cand.example_id, swapped, expires)
+        tried: set[int] = set()
+        with engine.begin() as conn:
+            task = _renew_own_lease(conn, labeler_id, expires)
+            if task is not None:
+                return task
+            while True:
+                # One row at a time: SKIP LOCKED must not hide more slots from parallel requests than we try.
+                cand = conn.execute(
+                    select(A.c.id, A.c.example_id)
+                    .where(claimable, A.c.example_id.not_in(touched), A.c.example_id.not_in(tried or [-1]))
+                    .order_by(A.c.example_id, A.c.slot)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if cand is None:
+                    break
+                tried.add(cand.example_id)
+                swapped = rng.random() < 0.5
+                try:
+                    with conn.begin_nested():
+                        result = conn.execute(
+                            update(A)
+                            .where(A.c.id == cand.id, claimable)
+                            .values(labeler_id=labeler_id, swapped=swapped, leased_at=now, lease_expires_at=expires)
+                        )
+                except IntegrityError:  # this labeler claimed another slot of the example in a parallel request
+                    continue
+                if result.rowcount == 1:
+                    return _task(conn, cand.id, cand.example_id, swapped, expires)
+            # Slots locked by in-flight requests were skipped; if any exist, wait for those requests and look again
+            # rather than telling the labeler that nothing is left.
+            locked_elsewhere = conn.execute(
+                select(A.c.id)
+                .where(claimable, A.c.example_id.not_in(touched), A.c.example_id.not_in(tried or [-1]))
+                .limit(1)
+            ).first()
+        if locked_elsewhere is None:
+            return None
+        time.sleep(0.01 * (round_ + 1))
     return None
 
 
