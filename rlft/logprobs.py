@@ -234,9 +234,9 @@ class _Entropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             chunk = logits[rows].to(out_dtype)
             lse[rows] = torch.logsumexp(chunk, dim=-1)
-            probs = torch.exp(chunk - lse[rows].unsqueeze(-1))
-            # H = logsumexp(x) - sum_i p_i x_i
-            entropy[rows] = lse[rows] - (probs * chunk).sum(-1)
+            # -sum p log p rather than logsumexp(x) - sum p x: the latter cancels badly for peaked rows in fp32
+            logp = chunk - lse[rows].unsqueeze(-1)
+            entropy[rows] = -(torch.exp(logp) * logp).sum(-1)
         ctx.save_for_backward(logits, lse, entropy)
         ctx.chunk_size = chunk_size
         return entropy
