@@ -123,7 +123,8 @@ def _parse_preference(data: dict, kind: str) -> list[Example]:
             raise RecordError("prompt", "missing; give a prompt or full conversations in chosen/rejected",
                               "missing field")  # fmt: skip
         prompt = chosen_prefix
-        same_prompt(rejected_prefix or [], prompt, "rejected", "chosen")
+        if rejected_prefix:  # a bare rejected reply (string or one message) shares chosen's prompt by definition
+            same_prompt(rejected_prefix, prompt, "rejected", "chosen")
     return [Example([*prompt, {"role": "assistant", "content": chosen}], rejected=rejected, field="chosen")]
 
 

@@ -162,9 +162,10 @@ def test_preference_with_full_conversations_takes_last_assistant_turn() -> None:
            "chosen": [*convo, {"role": "assistant", "content": "Blue"}],
            "rejected": [*convo, {"role": "assistant", "content": "Seven"}]}  # fmt: skip
     implicit = {"chosen": row["chosen"], "rejected": row["rejected"]}
+    implicit_bare_rejected = {"chosen": row["chosen"], "rejected": " Seven"}
     only_reply = {"prompt": convo, "chosen": [assistant("Blue")], "rejected": [assistant("Seven")]}
     expected = [{"prompt": [user("Name a colour")], "chosen": "Blue", "rejected": "Seven"}]
-    for item in (row, implicit, only_reply):
+    for item in (row, implicit, implicit_bare_rejected, only_reply):
         records, report = convert(rows_of(item), kind="pairs")
         assert report.format == "preference"
         assert records == expected
