@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,13 @@ class RLFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # dropout and sampling continue from the same random stream after a resume
+        checkpoint["rlft_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if rng := checkpoint.get("rlft_rng"):
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import transformers
 
+from rlft.models.checkpoint import checkpoint_hparams, is_checkpoint, load_checkpoint_model
 from rlft.models.registry import REGISTRY, pull
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def _hub_hint(model: str, error: Exception) -> RuntimeError:
 
 def load_tokenizer(model: str, *, padding_side: str = "right") -> transformers.PreTrainedTokenizerBase:
     """The model's tokenizer with a pad token and a chat template (ChatML when the model has none)."""
+    if is_checkpoint(model):
+        model = checkpoint_hparams(model)["model"]
     ref = resolve_model(model)
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file and ref.tokenizer_path == ref.path else {}
     try:
@@ -174,6 +177,8 @@ def load_model(
         raise ValueError(f"quantization must be null, '4bit' or '8bit', got {quantization!r}")
     if dtype not in DTYPES and dtype != "auto":
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    if is_checkpoint(model):
+        return load_checkpoint_model(model, dtype=dtype)
     ref = resolve_model(model)
     torch_dtype = DTYPES.get(dtype, "auto")
     kwargs: dict = {"dtype": torch_dtype}

