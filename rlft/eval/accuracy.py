@@ -141,7 +141,7 @@ def multiple_choice_accuracy(model, tokenizer, items: Sequence[dict], *, batch_s
     predictions = []
     for item, (lo, hi) in zip(normalised, spans):
         logps = [scores[j][0] for j in range(lo, hi)]
-        per_char = [lp / max(1, len(pairs[j][1])) for lp, j in zip(logps, range(lo, hi))]
+        per_char = [lp / max(1, len(pairs[j][1].strip())) for lp, j in zip(logps, range(lo, hi))]
         pick = max(range(len(logps)), key=logps.__getitem__)
         pick_norm = max(range(len(per_char)), key=per_char.__getitem__)
         correct += pick == item["label"]

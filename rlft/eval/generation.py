@@ -65,7 +65,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def encode_prompt_text(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of a prompt: chat template + generation header for messages, plain encoding for strings."""
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        # a string already rendered through the chat template carries its BOS: do not add a second one
+        rendered = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+        return tokenizer(prompt, add_special_tokens=not rendered)["input_ids"]
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     # the template already holds BOS where the model wants one: adding it again would double it
     return tokenizer(text, add_special_tokens=False)["input_ids"]
