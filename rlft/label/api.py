@@ -110,7 +110,8 @@ def create_app(
 
     @app.exception_handler(store.LabelError)
     def _label_error(_: Request, exc: store.LabelError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(ImportValidationError)
     def _import_error(_: Request, exc: ImportValidationError) -> JSONResponse:

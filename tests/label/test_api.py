@@ -77,6 +77,7 @@ def test_every_endpoint_rejects_missing_and_unknown_tokens(ctx, method, path, bo
     kwargs = {"json": body} if body is not None else {}
     missing = getattr(ctx.client, method)(path, **kwargs)
     assert missing.status_code == 401 and "Bearer" in missing.json()["detail"]
+    assert missing.headers["www-authenticate"] == "Bearer"
     wrong = getattr(ctx.client, method)(path, headers=bearer("not-a-token"), **kwargs)
     assert wrong.status_code == 401 and wrong.json()["detail"] == "unknown token"
 

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from rlft.label import store
 from rlft.label.cli import main
-from rlft.label.db import SCHEMA_VERSION, SchemaVersionError, open_database
+from rlft.label.db import SCHEMA_VERSION, SchemaVersionError, normalise_url, open_database
 from rlft.label.export import build_pairs, decide, win_rates
 from rlft.label.importing import ImportValidationError, load_generations, load_pairs
 
@@ -212,3 +212,11 @@ def test_label_package_does_not_import_torch():
     code = "import sys, rlft.label.cli, rlft.label.api, rlft.label.export; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_db_argument_forms():
+    assert normalise_url("labels.db") == "sqlite:///labels.db"
+    assert normalise_url("/abs/labels.db") == "sqlite:////abs/labels.db"
+    assert normalise_url("postgresql://u:p@h/db") == "postgresql+psycopg://u:p@h/db"
+    assert normalise_url("postgres://u:p@h/db") == "postgresql+psycopg://u:p@h/db"
+    assert normalise_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
