@@ -1,0 +1,394 @@
+"""Direct Preference Optimization with three interchangeable reference models.
+
+The policy scores chosen and rejected responses in **one** concatenated forward (:func:`pair_logps`). The reference
+log-probs come from (``reference``):
+
+* ``adapter`` — the LoRA base with the adapter switched off: no second copy of the weights (default with LoRA).
+  When training continues an existing adapter (e.g. an SFT output folder), a frozen copy of that adapter is loaded
+  under the name ``ref`` and activated instead, so the reference is the SFT policy, not the raw base;
+* ``model`` — a separate frozen model loaded from ``ref_model`` (any model string; default: ``model`` itself);
+* ``precomputed`` — computed once at fit start over the train and validation sets (from ``ref_model`` when given,
+  else the adapter-disabled base, else the untrained policy), keyed by a hash of each example's tokens and stored
+  in ``reference_logps.pt`` next to the checkpoints, so resumed runs and later epochs reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from rlft.data.collate import Collator
+from rlft.losses import DPO_LOSS_TYPES, dpo_loss
+from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.models import LoraSettings, load_model, resolve_model
+from rlft.models.checkpoint import is_checkpoint
+from rlft.ops import IGNORE_INDEX, gather_logps, hidden_logps
+
+log = logging.getLogger(__name__)
+
+LENGTH_AVERAGED_LOSS_TYPES = {"ipo"}
+"""DPO loss types that compare length-averaged log-probs (IPO, as TRL and the IPO authors do)."""
+REF_ADAPTER = "ref"
+CACHE_FILE = "reference_logps.pt"
+_CACHE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------ concatenated forward
+@dataclass
+class PairLogps:
+    """Per-sequence log-probs of a batch of pairs, summed over the response tokens, and the token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+    @property
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean token NLL of each chosen response (the SFT loss term of RPO, ORPO, CPO)."""
+        return -self.chosen_avg
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head when logits are exactly ``hidden @ W.T (+ b)``; None when the model rescales or caps them."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    config = getattr(lm, "config", None)
+    rescaled = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+    )
+    # a LoRA-wrapped head is not an nn.Linear, and its update would be missed by reading `.weight`
+    return head if type(head) is torch.nn.Linear and not rescaled else None
+
+
+def pair_logps(model: torch.nn.Module, batch: dict) -> PairLogps:
+    """Log-probs of chosen and rejected responses from one forward over ``[chosen; rejected]``.
+
+    The LM head is applied only to scored positions (never to the prompt), chunk by chunk, so the ``[2B, T, V]``
+    logits are not materialised; models with rescaled logits fall back to the full forward.
+    """
+    n = batch["chosen_input_ids"].shape[0]
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
+    scored = labels != IGNORE_INDEX
+    lm = _causal_lm(model)
+    head = _plain_head(lm)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        sums = (gather_logps(logits[:, :-1], labels) * scored).sum(-1)
+    else:
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        token_logps = hidden_logps(hidden[:, :-1][scored], head.weight, labels[scored], bias=head.bias)
+        rows = scored.nonzero()[:, 0]
+        sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device).index_add(
+            0, rows, token_logps
+        )
+    counts = scored.sum(-1)
+    return PairLogps(sums[:n], sums[n:], counts[:n], counts[n:])
+
+
+def pair_key(chosen_ids, rejected_ids, prompt_length: int) -> str:
+    """Stable key of one pair: a hash of its two token sequences and where the prompt ends."""
+    digest = hashlib.blake2b(digest_size=16)
+    for ids in (chosen_ids, rejected_ids, [prompt_length]):
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def batch_keys(batch: dict) -> list[str]:
+    keys = []
+    for i in range(batch["chosen_input_ids"].shape[0]):
+        chosen = batch["chosen_input_ids"][i][batch["chosen_attention_mask"][i].bool()].tolist()
+        rejected = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
+        keys.append(pair_key(chosen, rejected, int(batch["prompt_lengths"][i])))
+    return keys
+
+
+def zero_dropout(module: torch.nn.Module) -> None:
+    """Zero every dropout so the policy and its reference see the same deterministic network (as TRL does)."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Dropout):
+            sub.p = 0.0
+
+
+def pair_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """The shared preference metrics (names without the ``train/``/``val/`` prefix)."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": logps.chosen.detach().mean(),
+        "logps/rejected": logps.rejected.detach().mean(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ method
+class DPO(RLFTModule):
+    """Direct Preference Optimization (https://arxiv.org/abs/2305.18290) and its loss variants.
+
+    Logs ``{train,val}/rewards/{chosen,rejected,accuracy,margin}`` and ``{train,val}/logps/{chosen,rejected}``.
+    To try a new objective, override :meth:`preference_loss` or register a function in
+    ``rlft.losses.DPO_LOSS_TYPES`` and select it with ``loss_type``.
+
+    Args:
+        beta: Inverse temperature of the implicit reward (IPO's tau for ``loss_type: ipo``).
+        loss_type: Key of ``rlft.losses.DPO_LOSS_TYPES``: ``sigmoid``, ``hinge``, ``ipo``, ``robust`` or your own.
+        label_smoothing: Assumed label-flip rate (conservative DPO with ``sigmoid``, robust DPO).
+        rpo_alpha: Weight of RPO's NLL term on the chosen responses; null disables it.
+        reference: ``adapter``, ``model`` or ``precomputed`` (see the module docs); default ``adapter`` with LoRA,
+            ``model`` without.
+        ref_model: Model string of the reference for ``model``/``precomputed``; default: ``model``.
+        ref_cache_path: File of precomputed reference log-probs; default ``<checkpoint dir>/reference_logps.pt``.
+        disable_dropout: Switch dropout off in the policy (and reference) so log-prob ratios are not noisy.
+    """
+
+    data_kind = "pairs"
+
+    def __init__(
+        self,
+        model: str,
+        lora: LoraSettings | None = LoraSettings(),
+        dtype: str = "float32",
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        optim: OptimizerSettings = OptimizerSettings(lr=5e-6),
+        output_dir: str | None = None,
+        merge_on_save: bool = False,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        rpo_alpha: float | None = None,
+        reference: Literal["adapter", "model", "precomputed"] | None = None,
+        ref_model: str | None = None,
+        ref_cache_path: str | None = None,
+        disable_dropout: bool = True,
+    ) -> None:
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSS_TYPES)} or register yours")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        super().__init__(
+            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
+            merge_on_save,
+        )  # fmt: skip
+        is_peft = hasattr(self.model, "disable_adapter")
+        self.reference_mode = reference or ("adapter" if is_peft else "model")
+        if self.reference_mode not in ("adapter", "model", "precomputed"):
+            raise ValueError(f"reference must be 'adapter', 'model' or 'precomputed', got {reference!r}")
+        if self.reference_mode == "adapter" and not is_peft:
+            raise ValueError("reference: adapter needs a LoRA policy (set `lora`), or use reference: model")
+        if disable_dropout:
+            zero_dropout(self.model)
+        self.ref_model: torch.nn.Module | None = None
+        self._ref_cache: dict[str, tuple[float, float]] | None = None
+        if self.reference_mode == "model":
+            self.ref_model = self._load_reference_model()
+        if is_peft and not (self.reference_mode == "precomputed" and ref_model):
+            self._load_reference_adapter()
+
+    # ------------------------------------------------------------------------------------------ reference sources
+    def _load_reference_model(self) -> torch.nn.Module:
+        hp = self.hparams
+        ref = load_model(hp.ref_model or hp.model, dtype=hp.dtype, lora=None, trainable_adapter=False)
+        ref.requires_grad_(False).eval()
+        zero_dropout(ref)
+        policy_vocab = _causal_lm(self.model).get_output_embeddings().weight.shape[0]
+        ref_vocab = _causal_lm(ref).get_output_embeddings().weight.shape[0]
+        if ref_vocab != policy_vocab:
+            raise ValueError(
+                f"ref_model {hp.ref_model!r} has a vocabulary of {ref_vocab} tokens but the policy has {policy_vocab}; "
+                "the reference must share the policy's tokenizer"
+            )
+        return ref
+
+    def _load_reference_adapter(self) -> None:
+        """When continuing an existing adapter, keep its initial weights as the reference (not the raw base)."""
+        model = self.hparams.model
+        if is_checkpoint(model):
+            return
+        adapter = resolve_model(model).adapter
+        if adapter:
+            self.model.load_adapter(adapter, adapter_name=REF_ADAPTER, is_trainable=False)
+
+    @contextlib.contextmanager
+    def reference_network(self) -> Iterator[torch.nn.Module]:
+        """The network that plays the reference, ready to run under ``torch.no_grad``."""
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            yield self.ref_model
+        elif hasattr(self.model, "peft_config") and REF_ADAPTER in self.model.peft_config:
+            self.model.set_adapter(REF_ADAPTER, inference_mode=True)
+            try:
+                yield self.model
+            finally:  # set_adapter also restores requires_grad of the trained adapter
+                self.model.set_adapter("default")
+        elif hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+        else:  # no LoRA, no reference model: the policy itself (only valid before training, to precompute)
+            yield self.model
+
+    def live_reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), self.reference_network() as network:
+            logps = pair_logps(network, batch)
+        return logps.chosen, logps.rejected
+
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs ``(chosen [B], rejected [B])``; override to plug in another reference."""
+        if self.reference_mode != "precomputed":
+            return self.live_reference_logps(batch)
+        if self._ref_cache is None:
+            raise RuntimeError("reference: precomputed, but the cache was not built (it is built in on_fit_start)")
+        keys = batch_keys(batch)
+        missing = [k for k in keys if k not in self._ref_cache]
+        if missing:
+            if self.ref_model is None and not hasattr(self.model, "disable_adapter"):
+                raise KeyError(
+                    f"{len(missing)} examples of this batch have no precomputed reference log-probs and the trained "
+                    "policy cannot serve as its own reference; rerun from scratch or set ref_model"
+                )
+            chosen, rejected = self.live_reference_logps(batch)
+            for i, key in enumerate(keys):
+                self._ref_cache[key] = (float(chosen[i]), float(rejected[i]))
+        values = torch.tensor([self._ref_cache[k] for k in keys], dtype=torch.float32, device=self.device)
+        return values[:, 0], values[:, 1]
+
+    # ------------------------------------------------------------------------------------------ precomputation
+    def reference_cache_path(self) -> Path:
+        if self.hparams.ref_cache_path:
+            return Path(self.hparams.ref_cache_path)
+        callback = self.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
+        return Path(folder) / CACHE_FILE
+
+    def _reference_source(self) -> str:
+        hp = self.hparams
+        return f"{hp.ref_model or hp.model}|adapter={hasattr(self.model, 'disable_adapter')}|dtype={hp.dtype}"
+
+    def on_fit_start(self) -> None:
+        if self.reference_mode == "precomputed":
+            self.prepare_reference_cache()
+
+    def prepare_reference_cache(self) -> None:
+        """Load the cache file, compute what it lacks for the train and validation sets, and save it."""
+        path = self.reference_cache_path()
+        cache: dict[str, tuple[float, float]] = {}
+        if path.exists():
+            stored = torch.load(path, map_location="cpu", weights_only=False)
+            if stored.get("version") == _CACHE_VERSION and stored.get("source") == self._reference_source():
+                cache = stored["logps"]
+            else:
+                log.warning("%s was computed with another reference (%s); recomputing", path, stored.get("source"))
+        examples = self._pairs_to_score()
+        todo = [e for e in examples if _example_key(e) not in cache]
+        if todo:
+            self._check_can_compute(path, len(todo))
+            self._score_examples(todo, cache)
+            if self.trainer.is_global_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"version": _CACHE_VERSION, "source": self._reference_source(), "logps": cache}, path)
+            log.info("precomputed reference log-probs of %d pairs into %s", len(todo), path)
+        else:
+            log.info("reusing precomputed reference log-probs from %s", path)
+        self._ref_cache = cache
+
+    def _pairs_to_score(self) -> list[dict]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_set"):
+            raise RuntimeError("reference: precomputed needs rlft.data.PreferenceDataModule as the trainer's datamodule")
+        return list(datamodule.train_set) + list(datamodule.val_set)
+
+    def _check_can_compute(self, path: Path, count: int) -> None:
+        policy_is_reference = self.ref_model is None and not hasattr(self.model, "disable_adapter")
+        if policy_is_reference and self.trainer.ckpt_path and not self.hparams.ref_model:
+            raise RuntimeError(
+                f"resuming, but {path} lacks reference log-probs for {count} pairs and the policy (trained in full) "
+                "is no longer the reference; restore that file, or set ref_model to the initial model"
+            )
+
+    def _score_examples(self, examples: list[dict], cache: dict) -> None:
+        ref_from_string = self.hparams.ref_model is not None and self.ref_model is None
+        if ref_from_string:  # loaded only for this pass, then freed
+            self.ref_model = self._load_reference_model().to(self.device)
+        collate = Collator("pairs", self.tokenizer.pad_token_id)
+        batch_size = getattr(self.trainer.datamodule.hparams, "eval_batch_size", None) or 8
+        try:
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                batch = {k: v.to(self.device) for k, v in collate(chunk).items()}
+                chosen, rejected = self.live_reference_logps(batch)
+                for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                    cache[_example_key(example)] = (c, r)
+        finally:
+            if ref_from_string:
+                self.ref_model = None
+
+    # ------------------------------------------------------------------------------------------ loss
+    def policy_logps(self, batch: dict) -> PairLogps:
+        return pair_logps(self.model, batch)
+
+    def preference_loss(
+        self, policy: PairLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example losses and implicit rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
+        hp = self.hparams
+        chosen, rejected = policy.chosen, policy.rejected
+        if hp.loss_type in LENGTH_AVERAGED_LOSS_TYPES:
+            chosen, rejected = policy.chosen_avg, policy.rejected_avg
+            ref_chosen = ref_chosen / policy.chosen_tokens.clamp(min=1)
+            ref_rejected = ref_rejected / policy.rejected_tokens.clamp(min=1)
+        return dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta=hp.beta, loss_type=hp.loss_type,
+            label_smoothing=hp.label_smoothing, rpo_alpha=hp.rpo_alpha,
+            chosen_nll=policy.chosen_nll if hp.rpo_alpha is not None else None,
+        )  # fmt: skip
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy = self.policy_logps(batch)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = self.preference_loss(policy, ref_chosen, ref_rejected)
+        metrics = pair_metrics(policy, chosen_rewards, rejected_rewards)
+        if self.hparams.rpo_alpha is not None:
+            metrics["nll"] = policy.chosen_nll.detach().mean()
+        return losses.mean(), metrics
+
+    # ------------------------------------------------------------------------------------------ export
+    def export(self, path: str | Path) -> Path:
+        """The trained adapter (or weights) only: the frozen ``ref`` adapter copy is not part of the result."""
+        path = super().export(path)
+        # peft writes extra adapters into sub-folders named after them
+        ref_folder = Path(path) / REF_ADAPTER
+        if ref_folder.is_dir() and (ref_folder / "adapter_config.json").exists():
+            import shutil
+
+            shutil.rmtree(ref_folder)
+        return path
+
+
+def _example_key(example: dict) -> str:
+    prompt = example["prompt_ids"]
+    return pair_key(prompt + example["chosen_ids"], prompt + example["rejected_ids"], len(prompt))
