@@ -39,6 +39,11 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    # skipping the no-op division saves one chunk-sized temporary
+    return chunk if temperature == 1.0 else chunk / temperature
+
+
 class _GatherLogps(torch.autograd.Function):
     """``log_softmax(logits / temperature)[label]`` over rows of a 2-D ``[N, V]`` tensor, chunk by chunk."""
 
@@ -51,7 +56,7 @@ class _GatherLogps(torch.autograd.Function):
         lse = torch.empty(labels.shape, dtype=out_dtype, device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = logits[rows].to(out_dtype) / temperature
+            chunk = _scaled(logits[rows].to(out_dtype), temperature)
             lse[rows] = torch.logsumexp(chunk, dim=-1)
             out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
         out = out.masked_fill(~valid, 0.0)
@@ -67,7 +72,7 @@ class _GatherLogps(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            probs = torch.exp(logits[rows].to(lse.dtype) / ctx.temperature - lse[rows].unsqueeze(-1))
+            probs = torch.exp(_scaled(logits[rows].to(lse.dtype), ctx.temperature) - lse[rows].unsqueeze(-1))
             # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x)
             grad = -probs * grad_rows[rows].unsqueeze(-1)
             grad.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
@@ -131,7 +136,7 @@ class _HiddenLogps(torch.autograd.Function):
         lse = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = _project(hidden[rows], weight, bias).to(out_dtype) / temperature
+            chunk = _scaled(_project(hidden[rows], weight, bias).to(out_dtype), temperature)
             lse[rows] = torch.logsumexp(chunk, dim=-1)
             out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
@@ -150,7 +155,7 @@ class _HiddenLogps(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = _project(hidden[rows], weight, bias).to(lse.dtype) / ctx.temperature
+            logits = _scaled(_project(hidden[rows], weight, bias).to(lse.dtype), ctx.temperature)
             grad_logits = -torch.exp(logits - lse[rows].unsqueeze(-1)) * grad_rows[rows].unsqueeze(-1)
             grad_logits.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
             if need_hidden:
