@@ -14,10 +14,10 @@ respect to the stored responses; the randomised display order was already undone
 
 The summary (written / skipped per reason) is returned and printed by the CLI, so nothing disappears silently.
 
-Win-rates (``rlft label export --winrate``): for every unordered pair of models, each example is scored by its
-votes' majority outcome (the plurality of a/b/tie; a split between a and b counts as a tie): 1 for a win of the
-first model (alphabetical), 0.5 for a tie, 0 for a loss. The win-rate is the mean score with a normal-approximation
-95% CI; ``decisive_win_rate`` leaves ties out and carries a Wilson 95% CI.
+Win-rates (``rlft label export --winrate``): for every unordered pair of models, each example's outcome follows
+rule 2 (majority over non-tie votes; all-tie and split items count as ties, no agreement threshold) and is scored
+1 for a win of the first model (alphabetical), 0.5 for a tie, 0 for a loss. The win-rate is the mean score with a
+normal-approximation 95% CI; ``decisive_win_rate`` leaves ties out and carries a Wilson 95% CI.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from rlft.label.agreement import mean_interval, plurality, wilson_interval
+from rlft.label.agreement import mean_interval, wilson_interval
 from rlft.label.store import Vote, load_examples, load_votes, overview
 
 SKIP_REASONS = ("too_few_votes", "all_ties", "split", "low_agreement")
@@ -132,7 +132,7 @@ def win_rates(votes: Sequence[Vote]) -> list[dict]:
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
     for item_votes in by_item.values():
         model_a, model_b = item_votes[0].model_a, item_votes[0].model_b
-        outcome = plurality([v.choice for v in item_votes]) or "tie"
+        outcome = decide([v.choice for v in item_votes], min_agreement=0.0)[0] or "tie"
         score_a = {"a": 1.0, "b": 0.0, "tie": 0.5}[outcome]
         first, second = sorted((model_a, model_b))
         scores[first, second].append(score_a if first == model_a else 1.0 - score_a)
