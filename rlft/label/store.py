@@ -155,6 +155,13 @@ def import_records(engine: Engine, records: Iterable[PairRecord], *, overlap: in
         raise Invalid(f"overlap must be >= 1, got {overlap}")
     records = list(records)
     hashes = [content_hash(r) for r in records]
+    try:
+        return _insert_examples(engine, records, hashes, overlap)
+    except IntegrityError as exc:  # two imports of the same rows at the same moment
+        raise Conflict("another import inserted some of these examples concurrently; run the import again") from exc
+
+
+def _insert_examples(engine: Engine, records: list[PairRecord], hashes: list[str], overlap: int) -> ImportSummary:
     inserted = slots = 0
     with engine.begin() as conn:
         existing = set()

@@ -77,6 +77,20 @@ def test_krippendorff_alpha_hand_computed():
     assert krippendorff_alpha(units) == pytest.approx(0.2)
 
 
+def test_krippendorff_alpha_published_example():
+    # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability": 4 observers, 12 units with missing values,
+    # nominal alpha = 0.743.
+    n = None
+    observers = [
+        [1, 2, 3, 3, 2, 1, 4, 1, 2, n, n, n],
+        [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, n, 3],
+        [n, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, n],
+        [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, n],
+    ]
+    units = [[x for x in unit if x is not None] for unit in zip(*observers)]
+    assert krippendorff_alpha(units) == pytest.approx(0.743, abs=5e-4)
+
+
 def test_krippendorff_alpha_perfect_and_undefined():
     assert krippendorff_alpha([["a", "a"], ["b", "b", "b"]]) == pytest.approx(1.0)
     assert krippendorff_alpha([["a", "a"], ["a", "a"]]) is None

@@ -53,15 +53,17 @@ def test_win_rates_hand_computed():
         _vote(4, "u", "a", "y", "x"), _vote(4, "v", "a", "y", "x"),  # stored A is y: y wins
         _vote(5, "u", "a"), _vote(5, "v", "b"),  # a/b split -> tie
         _vote(6, "u", "a", "x", "x"),  # same model on both sides: not a comparison
+        _vote(7, "u", "a"), _vote(7, "v", "tie"),  # majority over non-tie votes (as in export): x wins
     ]  # fmt: skip
     (result,) = win_rates(votes)
-    assert (result["model_x"], result["model_y"], result["items"]) == ("x", "y", 5)
-    assert (result["wins_x"], result["wins_y"], result["ties"]) == (1, 2, 2)
-    # scores for x: 1, 0, 0.5, 0, 0.5 -> mean 0.4 ; decisive 1/3
-    assert result["win_rate_x"] == pytest.approx(0.4)
-    assert result["decisive_win_rate_x"] == pytest.approx(1 / 3)
-    low, high = result["win_rate_x_ci95"]
-    assert low < 0.4 < high
+    assert (result["model_x"], result["model_y"], result["items"]) == ("x", "y", 6)
+    assert (result["wins_x"], result["wins_y"], result["ties"]) == (2, 2, 2)
+    # scores for x: 1, 0, 0.5, 0, 0.5, 1 -> mean 0.5 ; decisive 2/4
+    assert result["win_rate_x"] == pytest.approx(0.5)
+    assert result["decisive_win_rate_x"] == pytest.approx(0.5)
+    # normal CI: scores' sample sd = sqrt((2*0.25 + 2*0.25 + 0 + 0) / 5) = sqrt(0.2)
+    half = 1.96 * (0.2**0.5) / 6**0.5
+    assert result["win_rate_x_ci95"] == pytest.approx([0.5 - half, 0.5 + half])
 
 
 def test_build_pairs_uses_stored_orientation():
