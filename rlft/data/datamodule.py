@@ -173,6 +173,11 @@ class PreferenceDataModule(L.LightningDataModule):
             return 0
         return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
+    def _generator(self) -> torch.Generator:
+        # a private generator keeps DataLoader iterators from drawing on the global RNG, which would shift dropout
+        # masks after a resume
+        return torch.Generator().manual_seed(self.hparams.seed)
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -182,7 +187,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler.skip = self._consumed_batches() * hp.batch_size
         return DataLoader(
             self.train_set, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
-            num_workers=hp.num_workers,
+            num_workers=hp.num_workers, generator=self._generator(),
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader | list:
@@ -191,7 +196,7 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         return DataLoader(
             self.val_set, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
-            collate_fn=self._collator(), num_workers=hp.num_workers,
+            collate_fn=self._collator(), num_workers=hp.num_workers, generator=self._generator(),
         )  # fmt: skip
 
     def predict_dataloader(self) -> DataLoader | list:

@@ -7,6 +7,7 @@ researcher typically changes is a method of its own so a subclass overrides one 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -80,12 +81,12 @@ class RLFTModule(L.LightningModule):
         merge_on_save: bool = False,
     ) -> None:
         super().__init__()
-        # YAML/CLI and checkpoints may hand these over as plain dicts
-        lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-        optim = OptimizerSettings(**optim) if isinstance(optim, dict) else optim
+        # typed settings for the code; plain dicts in hparams so checkpoints load with torch's weights_only=True
+        self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.optim_settings = OptimizerSettings(**optim) if isinstance(optim, dict) else optim
+        lora = dataclasses.asdict(self.lora_settings) if self.lora_settings else None
+        optim = dataclasses.asdict(self.optim_settings)
         self.save_hyperparameters()
-        # typed copies: LightningCLI may replace `hparams` entries with plain dicts
-        self.lora_settings, self.optim_settings = lora, optim
         self.tokenizer = load_tokenizer(model)
         self.model = self.build_model()
         # checkpoints hold trainable weights only; the frozen base is reloaded from `model` on resume
