@@ -66,6 +66,8 @@ def build_blocks(engine: Engine, *, lease_seconds: float = 600.0) -> gr.Blocks:
     """The Gradio app (not yet mounted)."""
     with gr.Blocks(title="rlft labeling", analytics_enabled=False) as demo:
         token_state = gr.State("")
+        # Remembered in the browser (encrypted localStorage) so a page reload does not ask for the token again.
+        saved_token = gr.BrowserState("", storage_key="rlft-label-token")
         task_state = gr.State(None)  # {"assignment_id": int, "shown": float}
         gr.Markdown("# rlft preference labeling")
         with gr.Tab("Label"):
@@ -119,8 +121,8 @@ def build_blocks(engine: Engine, *, lease_seconds: float = 600.0) -> gr.Blocks:
             try:
                 identity = store.authenticate(engine, token)
             except store.LabelError as exc:
-                return ["", None, f"**Error:** {exc}", "", "", "", ""]
-            return show_next(token, identity)
+                return ["", None, f"**Error:** {exc}", "", "", "", "", ""]
+            return [*show_next(token, identity), token]
 
         def make_vote(choice: str):
             def vote(token: str, task: dict | None, conf: int, why: str) -> list:
@@ -156,8 +158,9 @@ def build_blocks(engine: Engine, *, lease_seconds: float = 600.0) -> gr.Blocks:
             report = format_report(quality_report(votes), store.overview(engine))
             return f"{report}\n\n### Model win-rates\n\n{format_win_rates(win_rates(votes))}"
 
-        start_btn.click(start, [token_box], view)
-        token_box.submit(start, [token_box], view)
+        start_btn.click(start, [token_box], [*view, saved_token])
+        token_box.submit(start, [token_box], [*view, saved_token])
+        demo.load(lambda saved: (saved or "", saved or ""), [saved_token], [token_box, stats_token])
         inputs = [token_state, task_state, confidence, reasoning]
         for button, choice in ((btn_a, "a"), (btn_b, "b"), (btn_tie, "tie")):
             button.click(make_vote(choice), inputs, view)

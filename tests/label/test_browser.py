@@ -135,6 +135,13 @@ def test_label_two_examples_in_the_browser(tmp_path, serve, browser):
     assert reasoning == "B is not a haiku"
     assert all(v.time_spent_s is not None and v.time_spent_s > 0 for v in votes.values())
 
+    # A reload remembers the token (browser storage), on both tabs.
+    browser.refresh()
+    _wait(
+        lambda: any(e.get_attribute("value") == token for e in browser.find_elements(By.CSS_SELECTOR, "#token input")),
+        what="token restored after reload",
+    )
+
     # The statistics tab renders the report for a valid token.
     tabs = browser.find_elements(By.XPATH, "//button[contains(., 'Statistics')]")
     [tab for tab in tabs if tab.is_displayed()][0].click()
@@ -142,7 +149,7 @@ def test_label_two_examples_in_the_browser(tmp_path, serve, browser):
         lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "#stats-token input") if e.is_displayed()],
         what="stats tab",
     )[0]
-    stats_input.send_keys(token)
+    assert stats_input.get_attribute("value") == token
     browser.find_element(By.ID, "refresh-stats").click()
     _wait(lambda: "Fleiss" in browser.find_element(By.ID, "stats").text, what="statistics")
     assert "model-x" in browser.find_element(By.ID, "stats").text
