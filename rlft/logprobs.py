@@ -16,6 +16,7 @@ All three are public through :mod:`rlft.ops`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
@@ -125,22 +126,31 @@ def gather_logps(
 
 
 class _HiddenLogps(torch.autograd.Function):
-    """Per-token log-probs from hidden states ``[N, H]`` through an LM head ``[V, H]``, chunk of tokens by chunk."""
+    """Per-token log-probs from hidden states ``[N, H]`` through an LM head ``[V, H]``, chunk of tokens by chunk.
+
+    The projection runs in ``matmul_dtype`` (the autocast dtype when autocast was on at forward time, else the
+    inputs' dtype), fixed at forward time so the backward recomputation sees exactly the forward's logits whatever
+    the autocast state of the backward pass.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, temperature: float):
-        out_dtype = _compute_dtype(hidden.dtype)
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, temperature: float, matmul_dtype: torch.dtype):
+        out_dtype = _compute_dtype(matmul_dtype)
         valid = labels != IGNORE_INDEX
         safe_labels = labels.masked_fill(~valid, 0)
         out = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk = _scaled(_project(hidden[rows], weight, bias).to(out_dtype), temperature)
-            lse[rows] = torch.logsumexp(chunk, dim=-1)
-            out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+        # Cast the head once, not once per chunk.
+        head, head_bias = _cast(weight, matmul_dtype), _cast(bias, matmul_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = F.linear(hidden[rows].to(matmul_dtype), head, head_bias)
+                chunk = _scaled(logits.to(out_dtype), temperature)
+                lse[rows] = torch.logsumexp(chunk, dim=-1)
+                out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.chunk_size, ctx.temperature, ctx.matmul_dtype = chunk_size, temperature, matmul_dtype
         return out.masked_fill(~valid, 0.0)
 
     @staticmethod
@@ -148,31 +158,46 @@ class _HiddenLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, bias, safe_labels, valid, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        mm = ctx.matmul_dtype
         grad_rows = (grad_out * valid).to(lse.dtype) / ctx.temperature
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # Accumulate the head's gradient in fp32 across chunks, cast once at the end.
+        # The head's gradient is a sum over all chunks: accumulate it in fp32 (fp64 for fp64), cast once at the end.
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            logits = _scaled(_project(hidden[rows], weight, bias).to(lse.dtype), ctx.temperature)
-            grad_logits = -torch.exp(logits - lse[rows].unsqueeze(-1)) * grad_rows[rows].unsqueeze(-1)
-            grad_logits.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
-            if need_hidden:
-                grad_hidden[rows] = (grad_logits @ weight.to(lse.dtype)).to(hidden.dtype)
-            if need_weight:
-                grad_weight += grad_logits.transpose(0, 1) @ hidden[rows].to(lse.dtype)
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
+        head, head_bias = _cast(weight, mm), _cast(bias, mm)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                chunk_hidden = hidden[rows].to(mm)
+                logits = _scaled(F.linear(chunk_hidden, head, head_bias).to(lse.dtype), ctx.temperature)
+                # d/dlogits [logit_y - logsumexp] = onehot(y) - softmax
+                grad_logits = -torch.exp(logits - lse[rows].unsqueeze(-1)) * grad_rows[rows].unsqueeze(-1)
+                grad_logits.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+                grad_logits = grad_logits.to(mm)
+                if need_hidden:
+                    grad_hidden[rows] = (grad_logits @ head).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad_logits.transpose(0, 1) @ chunk_hidden).to(lse.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(hidden, weight, bias)
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` would compute in here, autocast included (fp64 is never autocast)."""
+    device_type = hidden.device.type
+    promoted = torch.promote_types(hidden.dtype, weight.dtype)
+    if promoted != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return promoted
 
 
 def hidden_logps(
@@ -186,9 +211,11 @@ def hidden_logps(
 ) -> torch.Tensor:
     """Per-token log-probs straight from the final hidden states, never building the ``[B, T, V]`` logits.
 
-    Equivalent to ``gather_logps(hidden_states @ lm_head_weight.T + bias, labels)``. Forward and backward both
-    process ``chunk_size`` tokens at a time and recompute that chunk's logits, so the extra memory is one
-    ``[chunk_size, V]`` fp32 block; gradients flow to ``hidden_states``, ``lm_head_weight`` and ``bias``.
+    Equivalent to ``gather_logps(F.linear(hidden_states, lm_head_weight, bias), labels)``. Forward and backward
+    both process ``chunk_size`` tokens at a time and recompute that chunk's logits, so the extra memory is a few
+    ``[chunk_size, V]`` fp32 blocks; gradients flow to ``hidden_states``, ``lm_head_weight`` and ``bias``. The
+    projection runs in the dtype a plain ``lm_head`` call would use (the autocast dtype under autocast, e.g.
+    Lightning's ``bf16-mixed``), the softmax statistics in fp32.
 
     Args:
         hidden_states: ``[..., H]`` final hidden states (after the model's last norm), aligned with ``labels``.
@@ -223,7 +250,8 @@ def hidden_logps(
     if scored.numel() and (scored.min() < 0 or scored.max() >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}")
     flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    out = _HiddenLogps.apply(flat_hidden, lm_head_weight, bias, flat_labels, chunk_size, temperature)
+    matmul_dtype = _matmul_dtype(flat_hidden, lm_head_weight)
+    out = _HiddenLogps.apply(flat_hidden, lm_head_weight, bias, flat_labels, chunk_size, temperature, matmul_dtype)
     return out.reshape(labels.shape)
 
 
