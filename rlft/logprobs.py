@@ -259,19 +259,19 @@ class _Entropy(torch.autograd.Function):
     """Shannon entropy of ``softmax(row)`` for each row of ``[N, V]``, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, chunk_size: int):
+    def forward(ctx, logits: torch.Tensor, chunk_size: int, temperature: float):
         out_dtype = _compute_dtype(logits.dtype)
         entropy = torch.empty(logits.shape[0], dtype=out_dtype, device=logits.device)
         lse = torch.empty_like(entropy)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = logits[rows].to(out_dtype)
+            chunk = _scaled(logits[rows].to(out_dtype), temperature)
             lse[rows] = torch.logsumexp(chunk, dim=-1)
             # -sum p log p rather than logsumexp(x) - sum p x: the latter cancels badly for peaked rows in fp32
             logp = chunk - lse[rows].unsqueeze(-1)
             entropy[rows] = -(torch.exp(logp) * logp).sum(-1)
         ctx.save_for_backward(logits, lse, entropy)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return entropy
 
     @staticmethod
@@ -281,23 +281,28 @@ class _Entropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logp = logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)
-            # dH/dx_j = -p_j (log p_j + H)
-            grad = -torch.exp(logp) * (logp + entropy[rows].unsqueeze(-1)) * grad_out[rows].unsqueeze(-1)
+            logp = _scaled(logits[rows].to(lse.dtype), ctx.temperature) - lse[rows].unsqueeze(-1)
+            # dH/dx_j = -p_j (log p_j + H) / temperature
+            scale = grad_out[rows].unsqueeze(-1).to(lse.dtype) / ctx.temperature
+            grad = -torch.exp(logp) * (logp + entropy[rows].unsqueeze(-1)) * scale
             grad_logits[rows] = grad.to(logits.dtype)
-        return grad_logits, None
+        return grad_logits, None, None
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """Per-position entropy (nats) of ``softmax(logits)``, chunked so no full fp32 copy is made.
+def entropy_from_logits(
+    logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-position entropy (nats) of ``softmax(logits / temperature)``, chunked so no full fp32 copy is made.
 
     Args:
         logits: ``[..., V]`` logits in any float dtype.
         chunk_size: rows processed at once.
+        temperature: sampling temperature (divides the logits chunk by chunk, without a full-size copy).
 
     Returns:
         ``[...]`` entropies in fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
     """
     _check_chunk_size(chunk_size)
+    _check_temperature(temperature)
     vocab = logits.shape[-1]
-    return _Entropy.apply(logits.reshape(-1, vocab), chunk_size).reshape(logits.shape[:-1])
+    return _Entropy.apply(logits.reshape(-1, vocab), chunk_size, temperature).reshape(logits.shape[:-1])

@@ -177,6 +177,13 @@ def test_entropy_hand_computed_and_matches_naive():
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5)
+    hot = logits.detach().requires_grad_(True)
+    tempered = entropy_from_logits(hot, chunk_size=4, temperature=0.6)
+    torch.testing.assert_close(tempered, naive_entropy(hot.detach() / 0.6), atol=1e-5, rtol=0)
+    assert torch.autograd.gradcheck(
+        lambda x: entropy_from_logits(x, chunk_size=2, temperature=0.6),
+        (logits.detach()[0, :3].double().requires_grad_(),),
+    )
     bf16 = logits.detach().to(torch.bfloat16)
     torch.testing.assert_close(entropy_from_logits(bf16, chunk_size=3), naive_entropy(bf16), atol=1e-5, rtol=0)
 
