@@ -11,8 +11,12 @@ from rlft.sandbox import run_programs
 
 # Codex-paper stop sequences: a new top-level statement ends the function body.
 COMPLETION_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
-CHAT_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
-CHAT_STOP = ["```", *COMPLETION_STOP]
+CHAT_INSTRUCTION = (
+    "Complete the following Python function. Reply with the complete function in one ```python code block.\n\n"
+    "```python\n{prompt}```"
+)
+# the closing fence of the first code block ends the answer (an opening fence is followed by a language name)
+CHAT_STOP = ["\n```\n"]
 _CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
@@ -48,17 +52,6 @@ def extract_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-def chat_prompt(tokenizer, problem: dict) -> str:
-    """Ask through the chat template and pre-fill the answer with the function's signature and docstring.
-
-    Instruct models otherwise tend to restate or explain the code; continuing an opened code block keeps them on
-    the function body (the answer is cut at the closing fence).
-    """
-    message = [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=problem["prompt"])}]
-    rendered = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
-    return rendered + "```python\n" + problem["prompt"]
-
-
 def _prompt_header(prompt: str) -> str:
     """Imports and helper definitions that precede the target function in the prompt."""
     return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
@@ -67,9 +60,9 @@ def _prompt_header(prompt: str) -> str:
 def build_program(problem: dict, generation: str, mode: str) -> str:
     """The program that tests one sample: solution, the problem's ``check`` function and the call to it.
 
-    In ``completion`` mode the generation continues the prompt. In ``chat`` mode the generation continues the
-    pre-filled prompt too; a reply that is a fenced block redefining the entry point (a model that ignored the
-    pre-fill) replaces the prompt's function, keeping the prompt's imports.
+    In ``completion`` mode the generation continues the prompt. In ``chat`` mode the first code block of the reply
+    is used; if it redefines the entry point it replaces the prompt's function (keeping the prompt's imports),
+    otherwise it is taken as the body that continues the prompt.
     """
     if mode == "completion":
         solution = problem["prompt"] + generation
@@ -112,7 +105,7 @@ def evaluate_humaneval(
         top_p: Nucleus mass when sampling.
         max_new_tokens: Generation budget per sample.
         mode: ``completion`` (continue the raw prompt; base models) or ``chat`` (ask through the chat template
-            with the function pre-filled; instruct models).
+            for the whole function in a code block; instruct models).
         batch_size: Prompts per generation batch.
         timeout_s: Sandbox wall-clock limit per sample.
         memory_mb: Sandbox memory limit per sample.
@@ -132,7 +125,7 @@ def evaluate_humaneval(
         prompts = [p["prompt"] for p in problems]
         stop = COMPLETION_STOP
     else:
-        prompts = [chat_prompt(generator.tokenizer, p) for p in problems]
+        prompts = [[{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=p["prompt"])}] for p in problems]
         stop = CHAT_STOP
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_samples=n,
                                 stop=stop, batch_size=batch_size, seed=seed)  # fmt: skip
