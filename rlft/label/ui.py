@@ -158,9 +158,13 @@ def build_blocks(engine: Engine, *, lease_seconds: float = 600.0) -> gr.Blocks:
             report = format_report(quality_report(votes), store.overview(engine))
             return f"{report}\n\n### Model win-rates\n\n{format_win_rates(win_rates(votes))}"
 
+        def restore_token(saved: str):
+            # Leave the boxes alone when nothing is saved: the labeler may already be typing into them.
+            return (saved, saved) if saved else (gr.skip(), gr.skip())
+
         start_btn.click(start, [token_box], [*view, saved_token])
         token_box.submit(start, [token_box], [*view, saved_token])
-        demo.load(lambda saved: (saved or "", saved or ""), [saved_token], [token_box, stats_token])
+        demo.load(restore_token, [saved_token], [token_box, stats_token])
         inputs = [token_state, task_state, confidence, reasoning]
         for button, choice in ((btn_a, "a"), (btn_b, "b"), (btn_tie, "tie")):
             button.click(make_vote(choice), inputs, view)

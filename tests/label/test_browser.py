@@ -63,14 +63,14 @@ def browser():
     driver.quit()
 
 
-def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
+def _wait(predicate, timeout: float = 30.0, what: str = "condition", on_timeout=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}{on_timeout()}")
 
 
 def test_label_two_examples_in_the_browser(tmp_path, serve, browser):
@@ -94,7 +94,7 @@ def test_label_two_examples_in_the_browser(tmp_path, serve, browser):
     def shown() -> tuple[str, str, str]:
         return tuple(browser.find_element(By.ID, i).text for i in ("prompt", "response-a", "response-b"))
 
-    _wait(lambda: "labeled 0" in status_text(), what="first example")
+    _wait(lambda: "labeled 0" in status_text(), what="first example", on_timeout=lambda: f": {status_text()!r}")
     prompt1, left1, right1 = _wait(lambda: shown() if shown()[0] else None, what="prompt text")
     assert "largest planet" in prompt1 and {left1, right1} == {EXAMPLES[0].response_a, EXAMPLES[0].response_b}
     if os.environ.get("RLFT_LABEL_SCREENSHOT"):
