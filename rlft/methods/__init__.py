@@ -1,6 +1,11 @@
 """Training methods: one ``LightningModule`` each, all on :class:`rlft.methods.base.RLFTModule`."""
 
 from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.dpo import DPO
+from rlft.methods.grpo import GRPO
+from rlft.methods.orpo import ORPO, SimPO
+from rlft.methods.ppo import PPO
+from rlft.methods.reward_model import RewardModel
 from rlft.methods.sft import SFT
 
-__all__ = ["SFT", "OptimizerSettings", "RLFTModule"]
+__all__ = ["SFT", "DPO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "OptimizerSettings", "RLFTModule"]

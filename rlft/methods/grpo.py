@@ -1,0 +1,204 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300) and its RLOO / Dr. GRPO variants.
+
+One training step samples ``group_size`` responses per prompt, scores them, turns the scores into group-relative
+advantages (no value model), and maximises the clipped surrogate with a ``beta``-weighted k3 KL to the reference as
+a loss term. ``baseline: leave_one_out`` with ``scale: none`` is RLOO (https://arxiv.org/abs/2402.14740);
+``scale: none`` with ``loss_aggregation: dr_grpo`` is Dr. GRPO (https://arxiv.org/abs/2503.20783).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+
+from rlft.losses import grpo_loss
+from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.ppo import disable_dropout
+from rlft.models import LoraSettings, load_model
+from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
+from rlft.rewards import RewardSpec, Rewards, as_reward_tensor
+from rlft.rl_losses import LOSS_AGGREGATIONS
+from rlft.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
+
+
+class GRPO(RLFTModule):
+    """Group Relative Policy Optimization.
+
+    Override :meth:`reward` (or set ``rewards``) to change what is optimised and :meth:`rollout` to change how
+    responses are produced. Metrics: ``train/reward`` (mean score), ``train/reward_std`` (mean within-group std),
+    ``train/kl`` (mean per-token k3 KL to the reference), ``train/entropy``, ``train/clipfrac``,
+    ``train/approx_kl`` (to the rollout policy), ``train/response_length``, ``train/stop_rate``,
+    ``train/rollout_tokens_per_sec``, ``train/step_seconds``.
+
+    Args:
+        rewards: Reward sources summed with their weights (see :mod:`rlft.rewards`).
+        sampling: How responses are sampled (use ``temperature > 0``: a group of identical answers teaches nothing).
+        group_size: Responses per prompt (G).
+        beta: Weight of the KL-to-reference loss term; 0 skips the reference forward.
+        clip_range: Ratio clip epsilon (lower bound; upper too unless ``clip_range_high``).
+        clip_range_high: Upper clip epsilon (DAPO's clip-higher).
+        baseline: ``mean`` (GRPO) or ``leave_one_out`` (RLOO).
+        scale: Advantage scaling: ``std`` (group std, GRPO), ``batch`` (batch std) or ``none`` (Dr. GRPO, RLOO).
+        loss_aggregation: ``sequence`` (GRPO), ``token`` (DAPO/BNPO) or ``dr_grpo``.
+        num_iterations: Updates per rollout (mu of the paper); > 1 makes the ratio and clipping matter.
+        minibatch_size: Sequences per optimiser step; default the whole rollout (``batch_size * group_size``).
+        reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
+            copy of the policy when training all weights).
+        max_grad_norm: Gradient clipping norm (``null`` disables).
+    """
+
+    data_kind = "prompts"
+
+    def __init__(
+        self,
+        model: str,
+        lora: LoraSettings | None = LoraSettings(dropout=0.0),
+        dtype: str = "float32",
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        optim: OptimizerSettings = OptimizerSettings(lr=1e-5),
+        output_dir: str | None = None,
+        merge_on_save: bool = False,
+        rewards: list[RewardSpec] | None = None,
+        sampling: RolloutSettings = RolloutSettings(),
+        group_size: int = 4,
+        beta: float = 0.04,
+        clip_range: float = 0.2,
+        clip_range_high: float | None = None,
+        baseline: str = "mean",
+        scale: str = "std",
+        loss_aggregation: str = "sequence",
+        num_iterations: int = 1,
+        minibatch_size: int | None = None,
+        reference: str | None = None,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        checks = {"baseline": (baseline, ADVANTAGE_BASELINES), "scale": (scale, ADVANTAGE_SCALES)}
+        checks["loss_aggregation"] = (loss_aggregation, LOSS_AGGREGATIONS)
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
+        if group_size < 2 and baseline == "leave_one_out" or group_size < 1:
+            raise ValueError(f"group_size={group_size} is too small for baseline={baseline!r}")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        super().__init__(
+            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
+            merge_on_save,
+        )  # fmt: skip
+        self.automatic_optimization = False
+        self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
+        self.rewards = Rewards(rewards) if rewards else None
+        self.last_reward_parts: dict[str, torch.Tensor] = {}
+        disable_dropout(self.model)
+        self.reference_model = None
+        if beta != 0 and (reference is not None or not hasattr(self.model, "disable_adapter")):
+            import copy
+
+            ref = load_model(reference, dtype=dtype, trainable_adapter=False) if reference else copy.deepcopy(self.model)
+            self.reference_model = ref.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ hooks a subclass overrides
+    def rollout(self, batch: dict) -> Rollout:
+        """``group_size`` samples per prompt, with reference log-probs (``beta != 0``) and old log-probs (when the
+        policy changes before the last update of this rollout)."""
+        hp = self.hparams
+        rows = batch["prompt_input_ids"].shape[0] * hp.group_size
+        several_updates = hp.num_iterations > 1 or (hp.minibatch_size or rows) < rows
+        return collect_rollout(
+            self.model, self.tokenizer, batch, self.sampling, group_size=hp.group_size, score=several_updates,
+            reference=self.reference_model, with_reference=hp.beta != 0,
+        )  # fmt: skip
+
+    def reward(self, prompts: list, completions: list[str], **fields) -> torch.Tensor:
+        """Score of each completion (``[N]``); the default sums the configured ``rewards``."""
+        if self.rewards is None:
+            raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
+        total, self.last_reward_parts = self.rewards(prompts, completions, fields)
+        return total
+
+    def advantages(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-relative advantages ``[N]`` of the scores."""
+        hp = self.hparams
+        return group_advantages(scores, hp.group_size, baseline=hp.baseline, scale=hp.scale)
+
+    # ------------------------------------------------------------------ update
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        started = time.perf_counter()
+        rollout = self.rollout(batch)
+        scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
+        scores = scores.to(self.device)
+        advantages = self.advantages(scores)
+        stats = self.optimise(rollout, advantages)
+        mask = rollout.response_mask
+        metrics = {
+            "reward_std": scores.view(-1, hp.group_size).std(-1).mean() if hp.group_size > 1 else torch.zeros(()),
+            "response_length": rollout.response_lengths.float().mean(),
+            "stop_rate": rollout.finished.float().mean(),
+            "rollout_tokens_per_sec": torch.tensor(mask.sum().item() / max(rollout.generation_seconds, 1e-9)),
+            "step_seconds": torch.tensor(time.perf_counter() - started),
+            **{f"reward/{k}": v.mean() for k, v in self.last_reward_parts.items()},
+            **stats,
+        }
+        self._step_tokens = int(rollout.attention_mask.sum())
+        self.log("train/reward", scores.mean(), prog_bar=True)
+        self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()})
+
+    def optimise(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``num_iterations`` passes over minibatches of one rollout; returns the means of the statistics."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        mask = rollout.response_mask.float()
+        length = rollout.response_ids.shape[1]
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(hp.num_iterations):
+            for rows in minibatches(len(rollout), hp.minibatch_size):
+                rows = rows.to(self.device)
+                part = rollout.select(rows)
+                logps, entropy, _ = token_logps(
+                    self.model, part.input_ids, part.attention_mask, length, temperature=self.sampling.temperature,
+                    with_entropy=True,
+                )  # fmt: skip
+                # one update per rollout: the rollout policy is the current one, so the ratio is exactly 1
+                old = part.logps if part.logps is not None else logps.detach()
+                losses, loss_stats = grpo_loss(
+                    logps, old, part.ref_logps, advantages[rows], mask[rows], clip_range=hp.clip_range,
+                    clip_range_high=hp.clip_range_high, beta=hp.beta, loss_aggregation=hp.loss_aggregation,
+                    max_length=self.sampling.max_new_tokens,
+                )  # fmt: skip
+                loss = losses.mean()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                step = {
+                    "loss": loss.detach(),
+                    "entropy": masked_mean(entropy, mask[rows]),
+                    "approx_kl": masked_mean(0.5 * (logps.detach() - old) ** 2, mask[rows]),
+                    **{k: v.mean() for k, v in loss_stats.items()},
+                }
+                for key, value in step.items():
+                    totals.setdefault(key, []).append(value)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return {k: torch.stack(v).mean() for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ validation, throughput
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
+        scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
+        size = len(rollout)
+        self.log("val/reward", scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # prompt and response tokens of all samples, not only the prompt tokens the base class would count
+        elapsed = time.perf_counter() - self._step_started
+        if elapsed > 0:
+            self.log("train/tokens_per_sec", getattr(self, "_step_tokens", 0) / elapsed, prog_bar=True)

@@ -1,0 +1,333 @@
+"""PPO for language models (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; Ouyang et al. 2022).
+
+One training step = one rollout: sample responses to the batch's prompts, score them with the reward sources, turn
+the score into per-token rewards (score on the last response token minus ``kl_coef`` times the per-token KL to the
+reference), estimate advantages with GAE, then run ``ppo_epochs`` passes of clipped PPO updates over minibatches,
+stopping early when the approximate KL to the rollout policy passes ``target_approx_kl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rlft.losses import ppo_policy_loss, ppo_value_loss
+from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.models import LoraSettings, load_model
+from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
+from rlft.rewards import RewardSpec, Rewards, as_reward_tensor
+from rlft.rollout import Rollout, RolloutSettings, collect_rollout, inference, minibatches, token_logps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KLSettings:
+    """KL penalty in the reward: ``r_t -= coef * KL_t`` per response token.
+
+    Args:
+        coef: Initial (or fixed) coefficient; 0 switches the penalty and the reference forward off.
+        estimator: Per-token estimator of ``KL(pi || ref)``: ``k1`` (``log pi - log ref``, as TRL/Ziegler), ``k2``
+            or ``k3``.
+        target: Adaptive controller (Ziegler et al.): steer the coefficient so the mean per-sequence KL approaches
+            this value; ``null`` keeps ``coef`` fixed.
+        horizon: Adaptive controller horizon in sequences (larger = slower adaptation).
+    """
+
+    coef: float = 0.05
+    estimator: str = "k1"
+    target: float | None = None
+    horizon: int = 10_000
+
+    def update(self, coef: float, observed_kl: float, sequences: int) -> float:
+        """Next coefficient of the adaptive controller (unchanged when ``target`` is null)."""
+        if self.target is None:
+            return coef
+        error = max(-0.2, min(0.2, observed_kl / self.target - 1.0))
+        return coef * (1.0 + error * sequences / self.horizon)
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Zero dropout so log-prob ratios compare the same network at rollout and update time."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Dropout):
+            sub.p = 0.0
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over response tokens (1 = perfect critic, <= 0 = useless)."""
+    if mask.sum() < 2:
+        return torch.zeros(())
+    var = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var.clamp(min=1e-8)
+
+
+def last_token_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N, R]`` tensor with each row's score on its last response token (right-padded mask), zeros elsewhere."""
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    placed = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device)
+    placed[torch.arange(mask.shape[0], device=mask.device), last] = scores
+    return placed
+
+
+class PPO(RLFTModule):
+    """Proximal Policy Optimization with a value head, a KL-penalised reward and GAE.
+
+    Override :meth:`reward` (or set ``rewards``) to change what is optimised and :meth:`rollout` to change how
+    responses are produced. Metrics: ``train/reward`` (mean score before the KL penalty), ``train/kl`` (mean over
+    sequences of the summed per-token KL, what the adaptive controller steers), ``train/kl_coef``,
+    ``train/entropy``, ``train/clipfrac``, ``train/approx_kl``, ``train/value_loss``, ``train/policy_loss``,
+    ``train/explained_variance``, ``train/response_length``, ``train/stop_rate``, ``train/ppo_epochs``,
+    ``train/rollout_tokens_per_sec`` and ``train/step_seconds``.
+
+    Args:
+        rewards: Reward sources summed with their weights (see :mod:`rlft.rewards`).
+        sampling: How responses are sampled.
+        kl: KL penalty (fixed or adaptive).
+        ppo_epochs: Passes over each rollout.
+        minibatch_size: Sequences per optimiser step; default the whole rollout.
+        clip_range: PPO ratio clip epsilon.
+        clip_range_value: Value clip epsilon.
+        vf_coef: Weight of the value loss.
+        gamma: Discount.
+        lam: GAE lambda.
+        whiten_rewards: Whiten the per-token rewards of each rollout (scale only, as TRL).
+        reward_clip: Clip scores to ``[-reward_clip, reward_clip]`` before the KL penalty.
+        missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens``.
+        target_approx_kl: Stop a rollout's epochs early once the mean approx-KL of an epoch passes this.
+        critic: ``null`` puts the value head on the policy trunk; a model string trains a separate critic (with
+            the same LoRA settings) instead.
+        reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
+            copy of the policy when training all weights).
+        max_grad_norm: Gradient clipping norm (``null`` disables).
+    """
+
+    data_kind = "prompts"
+
+    def __init__(
+        self,
+        model: str,
+        lora: LoraSettings | None = LoraSettings(dropout=0.0),
+        dtype: str = "float32",
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        optim: OptimizerSettings = OptimizerSettings(lr=1e-5),
+        output_dir: str | None = None,
+        merge_on_save: bool = False,
+        rewards: list[RewardSpec] | None = None,
+        sampling: RolloutSettings = RolloutSettings(),
+        kl: KLSettings = KLSettings(),
+        ppo_epochs: int = 4,
+        minibatch_size: int | None = None,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_rewards: bool = False,
+        reward_clip: float | None = None,
+        missing_eos_penalty: float | None = None,
+        target_approx_kl: float | None = None,
+        critic: str | None = None,
+        reference: str | None = None,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        super().__init__(
+            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
+            merge_on_save,
+        )  # fmt: skip
+        if ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
+        self.automatic_optimization = False
+        self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
+        self.kl_settings = KLSettings(**kl) if isinstance(kl, dict) else kl
+        self.kl_coef = self.kl_settings.coef
+        self.rewards = Rewards(rewards) if rewards else None
+        self.last_reward_parts: dict[str, torch.Tensor] = {}
+        disable_dropout(self.model)
+        self.reference_model = self.build_reference(reference) if self.kl_coef > 0 else None
+        self.critic = None
+        if critic is not None:
+            self.critic = load_model(critic, dtype=dtype, lora=self.lora_settings)
+            disable_dropout(self.critic)
+        trunk = self.critic if self.critic is not None else self.model
+        hidden = trunk.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1)
+        # a zero head predicts 0 at first, so early advantages are the plain rewards rather than noise
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def build_reference(self, reference: str | None) -> torch.nn.Module | None:
+        """A separate frozen reference (``reference`` string, or a copy when training all weights) or None (LoRA)."""
+        if reference is None and hasattr(self.model, "disable_adapter"):
+            return None
+        if reference is None:
+            log.warning("no LoRA: keeping a frozen copy of the initial policy as the KL reference (twice the memory)")
+            import copy
+
+            ref = copy.deepcopy(self.model)
+        else:
+            ref = load_model(reference, dtype=self.hparams.dtype, trainable_adapter=False)
+        return ref.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ hooks a subclass overrides
+    def rollout(self, batch: dict) -> Rollout:
+        """Sample responses for a prompts batch with old and reference log-probs and old values."""
+        shared_trunk = self.critic is None
+        rollout = collect_rollout(
+            self.model, self.tokenizer, batch, self.sampling, score=not shared_trunk,
+            reference=self.reference_model, with_reference=self.kl_coef > 0,
+        )  # fmt: skip
+        with inference(self):
+            if shared_trunk:
+                # one forward gives the old log-probs and the trunk states the value head reads
+                rollout.logps, _, hidden = token_logps(
+                    self.model, rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1],
+                    temperature=self.sampling.temperature, with_hidden=True,
+                )  # fmt: skip
+                rollout.values = self.values(rollout, hidden)
+            else:
+                rollout.values = self.values(rollout)
+        return rollout
+
+    def reward(self, prompts: list, completions: list[str], **fields) -> torch.Tensor:
+        """Score of each completion (``[N]``); the default sums the configured ``rewards``."""
+        if self.rewards is None:
+            raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
+        total, self.last_reward_parts = self.rewards(prompts, completions, fields)
+        return total
+
+    # ------------------------------------------------------------------ pieces of the update
+    def values(self, rollout: Rollout, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Value estimates ``[N, R]`` of the states before each response token."""
+        if hidden is None:
+            trunk = self.critic if self.critic is not None else self.model
+            length = rollout.response_ids.shape[1]
+            _, _, hidden = token_logps(trunk, rollout.input_ids, rollout.attention_mask, length, with_hidden=True)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def token_rewards(self, rollout: Rollout, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rewards (score on the last token, minus the KL penalty) and the per-token KL."""
+        mask = rollout.response_mask.to(scores.dtype)
+        kl = torch.zeros_like(mask)
+        if rollout.ref_logps is not None:
+            kl = kl_estimate(rollout.logps, rollout.ref_logps, kind=self.kl_settings.estimator) * mask
+        rewards = last_token_scores(scores, mask) - self.kl_coef * kl
+        if self.hparams.whiten_rewards and mask.sum() > 1:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        return rewards, kl
+
+    def shaped_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        if hp.missing_eos_penalty is not None:
+            scores = scores - hp.missing_eos_penalty * (~rollout.finished).to(scores.dtype)
+        if hp.reward_clip is not None:
+            scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
+        return scores
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        started = time.perf_counter()
+        rollout = self.rollout(batch)
+        raw = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
+        raw = raw.to(self.device)
+        rewards, kl = self.token_rewards(rollout, self.shaped_scores(rollout, raw))
+        mask = rollout.response_mask.to(rewards.dtype)
+        advantages, returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
+        if mask.sum() > 1:
+            advantages = masked_whiten(advantages, mask) * mask
+        stats = self.optimise(rollout, advantages, returns)
+        sequence_kl = kl.sum(-1).mean()
+        self.kl_coef = self.kl_settings.update(self.kl_coef, float(sequence_kl), len(rollout))
+        metrics = {
+            "reward": raw.mean(),
+            "kl": sequence_kl,
+            "kl_coef": torch.tensor(self.kl_coef),
+            "response_length": rollout.response_lengths.float().mean(),
+            "stop_rate": rollout.finished.float().mean(),
+            "explained_variance": explained_variance(rollout.values, returns, mask),
+            "rollout_tokens_per_sec": torch.tensor(mask.sum().item() / max(rollout.generation_seconds, 1e-9)),
+            "step_seconds": torch.tensor(time.perf_counter() - started),
+            **{f"reward/{k}": v.mean() for k, v in self.last_reward_parts.items()},
+            **stats,
+        }
+        self._step_tokens = int(rollout.attention_mask.sum())
+        self.log("train/reward", metrics.pop("reward"), prog_bar=True)
+        self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()})
+
+    def optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """PPO epochs over minibatches of one rollout; returns the means of the update statistics."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        mask = rollout.response_mask.float()
+        length = rollout.response_ids.shape[1]
+        totals: dict[str, list[torch.Tensor]] = {}
+        epochs_done = 0
+        for _ in range(hp.ppo_epochs):
+            epoch_kl = []
+            for rows in minibatches(len(rollout), hp.minibatch_size):
+                rows = rows.to(self.device)
+                part = rollout.select(rows)
+                shared_trunk = self.critic is None
+                logps, entropy, hidden = token_logps(
+                    self.model, part.input_ids, part.attention_mask, length, temperature=self.sampling.temperature,
+                    with_entropy=True, with_hidden=shared_trunk,
+                )  # fmt: skip
+                values = self.values(part, hidden if shared_trunk else None)
+                policy_losses, policy_stats = ppo_policy_loss(
+                    logps, part.logps, advantages[rows], mask[rows], clip_range=hp.clip_range
+                )
+                value_losses, value_stats = ppo_value_loss(
+                    values, part.values, returns[rows], mask[rows], clip_range_value=hp.clip_range_value
+                )
+                loss = policy_losses.mean() + hp.vf_coef * value_losses.mean()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                step = {
+                    "loss": loss.detach(),
+                    "policy_loss": policy_losses.detach().mean(),
+                    "value_loss": value_losses.detach().mean(),
+                    "entropy": masked_mean(entropy, mask[rows]),
+                    **{k: v.mean() for k, v in {**policy_stats, **value_stats}.items()},
+                }
+                for key, value in step.items():
+                    totals.setdefault(key, []).append(value)
+                epoch_kl.append(step["approx_kl"])
+            epochs_done += 1
+            if hp.target_approx_kl is not None and torch.stack(epoch_kl).mean() > hp.target_approx_kl:
+                break
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        means = {k: torch.stack(v).mean() for k, v in totals.items()}
+        means["ppo_epochs"] = torch.tensor(float(epochs_done))
+        return means
+
+    # ------------------------------------------------------------------ validation, throughput, state
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
+        scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
+        size = len(rollout)
+        self.log("val/reward", scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # prompt and response tokens of the whole rollout, not only the prompt tokens the base class would count
+        elapsed = time.perf_counter() - self._step_started
+        if elapsed > 0:
+            self.log("train/tokens_per_sec", getattr(self, "_step_tokens", 0) / elapsed, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rlft_kl_coef"] = self.kl_coef
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl_coef = checkpoint.get("rlft_kl_coef", self.kl_coef)

@@ -1,0 +1,346 @@
+"""Reward sources for online RL, named in YAML and combined as a weighted sum.
+
+Every source is a callable ``f(prompts, completions, **fields) -> list[float]``: ``prompts`` are the chat messages
+(or strings) of each row, ``completions`` the decoded responses and ``fields`` every other record field (``answer``,
+``test``, ``entry_point`` ...) as lists aligned with the rows. Sources are built from a :class:`RewardSpec`::
+
+    rewards:
+      - {source: exact_match, options: {field: answer, extract: last_number}}
+      - {source: regex, weight: 0.5, options: {pattern: '^\\d+$'}}
+      - {source: code_tests, options: {timeout_s: 5, memory_mb: 512}}
+      - {source: reward_model, options: {path: runs/rm/hf_model}}
+      - {source: my_package.rewards:brevity, options: {limit: 20}}   # any importable function (or file.py:function)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RewardFunction = Callable[..., Sequence[float]]
+
+
+@dataclass
+class RewardSpec:
+    """One reward source.
+
+    Args:
+        source: A built-in source (``exact_match``, ``regex``, ``code_tests``, ``length``, ``reward_model``) or a
+            Python function as ``module:function`` / ``path/to/file.py:function`` called as
+            ``function(prompts, completions, **fields, **options) -> list[float]``.
+        weight: Multiplier of this source in the summed reward.
+        name: Metric name (``train/reward/<name>``); default the source name.
+        options: Keyword arguments of the source (see each built-in's docstring).
+    """
+
+    source: str
+    weight: float = 1.0
+    name: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- answer extraction and matching
+def _last_number(text: str) -> str | None:
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def _boxed(text: str) -> str | None:
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1] if found else None
+
+
+def _answer_tag(text: str) -> str | None:
+    found = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
+    return found[-1] if found else None
+
+
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "full": lambda text: text,
+    "last_number": _last_number,
+    "boxed": _boxed,
+    "answer_tag": _answer_tag,
+}
+"""How ``exact_match`` finds the answer in a completion; an unknown name is used as a regex (group 1 or match)."""
+
+
+def _extractor(extract: str) -> Callable[[str], str | None]:
+    if extract in EXTRACTORS:
+        return EXTRACTORS[extract]
+    try:
+        pattern = re.compile(extract, flags=re.DOTALL)
+    except re.error as error:
+        raise ValueError(f"exact_match: extract={extract!r} is neither one of {sorted(EXTRACTORS)} nor a regex") from error
+
+    def by_regex(text: str) -> str | None:
+        found = pattern.search(text)
+        return None if found is None else (found.group(1) if pattern.groups else found.group(0))
+
+    return by_regex
+
+
+def normalise_answer(text: str, *, case_sensitive: bool = False) -> str:
+    """Strip whitespace, surrounding quotes/``$`` and a final period; numbers compare by value (``12.0`` == ``12``)."""
+    text = text.strip().strip("$").strip().rstrip(".").strip().strip("\"'`")
+    try:
+        number = float(text.replace(",", ""))
+        return repr(int(number)) if number.is_integer() else repr(number)
+    except ValueError:
+        return text if case_sensitive else text.lower()
+
+
+def _field(fields: dict, name: str, source: str, rows: int) -> list:
+    if name not in fields:
+        raise KeyError(
+            f"reward {source!r} needs the field {name!r} in every prompt record; the records have "
+            f"{sorted(fields) or 'no extra fields'}. Add it to the data or set options.field"
+        )
+    values = fields[name]
+    if len(values) != rows:
+        raise ValueError(f"reward {source!r}: field {name!r} has {len(values)} values for {rows} completions")
+    return values
+
+
+def exact_match(
+    field: str = "answer", extract: str = "full", case_sensitive: bool = False
+) -> RewardFunction:  # noqa: A002 - `field` is the YAML option's name
+    """1.0 when the extracted answer equals the record's reference field after normalisation, else 0.0.
+
+    Args:
+        field: Record field holding the reference answer (a string or a list of accepted answers).
+        extract: ``full`` (whole completion), ``last_number``, ``boxed`` (``\\boxed{..}``), ``answer_tag``
+            (``<answer>..</answer>``) or a regex (its first group is the answer).
+        case_sensitive: Compare non-numeric answers with case.
+    """
+    find = _extractor(extract)
+    norm = functools.partial(normalise_answer, case_sensitive=case_sensitive)
+
+    def reward(prompts, completions, **fields) -> list[float]:
+        references = _field(fields, field, "exact_match", len(completions))
+        scores = []
+        for completion, reference in zip(completions, references):
+            answer = find(completion)
+            accepted = reference if isinstance(reference, (list, tuple)) else [reference]
+            scores.append(float(answer is not None and norm(answer) in {norm(str(a)) for a in accepted}))
+        return scores
+
+    return reward
+
+
+def regex_match(pattern: str, field: str | None = None, fullmatch: bool = False) -> RewardFunction:  # noqa: A002
+    """1.0 when the completion matches ``pattern`` (e.g. an answer format), else 0.0.
+
+    Args:
+        pattern: Regular expression; ``{field}`` in it is replaced by the record's (escaped) ``field`` value.
+        field: Record field substituted into the pattern, if any.
+        fullmatch: The whole stripped completion must match (default: search anywhere).
+    """
+    if field is None:
+        compiled = re.compile(pattern, flags=re.DOTALL)
+    elif "{field}" not in pattern:
+        raise ValueError(f"regex reward: field={field!r} is set but the pattern has no '{{field}}' placeholder")
+
+    def reward(prompts, completions, **fields) -> list[float]:
+        values = _field(fields, field, "regex", len(completions)) if field else [None] * len(completions)
+        scores = []
+        for completion, value in zip(completions, values):
+            rx = compiled if field is None else re.compile(pattern.replace("{field}", re.escape(str(value))), re.DOTALL)
+            matcher = rx.fullmatch if fullmatch else rx.search
+            scores.append(float(matcher(completion.strip()) is not None))
+        return scores
+
+    return reward
+
+
+def length_target(target: int, unit: str = "words") -> RewardFunction:
+    """``1 - |length - target| / target`` clipped to ``[0, 1]``: 1.0 at the target length.
+
+    Args:
+        target: Wanted length.
+        unit: ``words`` (whitespace-separated) or ``chars``.
+    """
+    if target < 1 or unit not in ("words", "chars"):
+        raise ValueError(f"length reward needs target >= 1 and unit 'words' or 'chars', got {target}, {unit!r}")
+    measure = (lambda text: len(text.split())) if unit == "words" else len
+
+    def reward(prompts, completions, **fields) -> list[float]:
+        return [max(0.0, 1.0 - abs(measure(c) - target) / target) for c in completions]
+
+    return reward
+
+
+_CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|$)", flags=re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(completion: str) -> str:
+    """The first fenced code block of a chat answer, or the completion itself when it has no fence."""
+    found = _CODE_BLOCK.search(completion)
+    return found.group(1) if found else completion
+
+
+def build_test_program(code: str, test: str, entry_point: str | None, prefix: str = "") -> str:
+    """HumanEval-style program: optional prompt prefix, the code, the tests, then ``check(entry_point)``."""
+    parts = [prefix + code, test]
+    if entry_point:
+        parts.append(f"check({entry_point})")
+    return "\n\n".join(parts) + "\n"
+
+
+def code_tests(
+    test_field: str = "test",
+    entry_point_field: str | None = "entry_point",
+    prefix_field: str | None = None,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    workers: int | None = None,
+) -> RewardFunction:
+    """1.0 when the completion's code passes the record's unit tests in the sandbox, else 0.0 (errors, timeouts).
+
+    Each program runs in :func:`rlft.sandbox.run_program` (own process group, time and memory limits, no network
+    where namespaces work, writes confined to a temporary folder).
+
+    Args:
+        test_field: Field with the test code (HumanEval's ``test`` defines ``check(candidate)``).
+        entry_point_field: Field naming the function to check; ``None`` runs the tests as they are.
+        prefix_field: Field prepended to the completion (HumanEval's ``prompt`` in completion mode).
+        timeout_s: Wall-clock limit per program.
+        memory_mb: Address-space limit per program.
+        workers: Programs run at once (default: CPU count, at most 8).
+    """
+    from rlft.sandbox import run_programs
+
+    def reward(prompts, completions, **fields) -> list[float]:
+        rows = len(completions)
+        tests = _field(fields, test_field, "code_tests", rows)
+        entries = _field(fields, entry_point_field, "code_tests", rows) if entry_point_field else [None] * rows
+        prefixes = _field(fields, prefix_field, "code_tests", rows) if prefix_field else [""] * rows
+        code = [c if prefix_field else extract_code(c) for c in completions]
+        programs = [build_test_program(*args) for args in zip(code, tests, entries, prefixes)]
+        results = run_programs(programs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+        return [float(r.passed) for r in results]
+
+    return reward
+
+
+def reward_model(path: str, batch_size: int = 8, max_length: int = 1024, device: str = "auto") -> RewardFunction:
+    """Scores from a trained :class:`rlft.methods.RewardModel` (exported folder or ``.ckpt``), loaded on first use.
+
+    Args:
+        path: Reward-model folder (``RewardModel``'s export) or checkpoint file.
+        batch_size: Sequences per forward.
+        max_length: Longer conversations keep their end.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"reward_model: {path} does not exist; train one with rlft.methods.RewardModel")
+
+    @functools.cache
+    def scorer():
+        from rlft.methods.reward_model import RewardScorer
+
+        target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        return RewardScorer.from_pretrained(path, device=target, batch_size=batch_size, max_length=max_length)
+
+    def reward(prompts, completions, **fields) -> list[float]:
+        return scorer().score(list(prompts), list(completions)).tolist()
+
+    return reward
+
+
+REWARD_SOURCES: dict[str, Callable[..., RewardFunction]] = {
+    "exact_match": exact_match,
+    "regex": regex_match,
+    "length": length_target,
+    "code_tests": code_tests,
+    "reward_model": reward_model,
+}
+
+
+def import_function(reference: str) -> Callable:
+    """Import ``package.module:function`` or ``path/to/file.py:function``."""
+    module_name, _, attribute = reference.rpartition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"reward source {reference!r}: expected a built-in {sorted(REWARD_SOURCES)} or module:function")
+    if module_name.endswith(".py"):
+        file = Path(module_name)
+        if not file.is_file():
+            raise FileNotFoundError(f"reward source {reference!r}: no file {file}")
+        spec = importlib.util.spec_from_file_location(f"rlft_user_reward_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ImportError(f"reward source {reference!r}: cannot import {module_name!r} ({error})") from error
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise AttributeError(f"reward source {reference!r}: {module_name} has no function {attribute!r}")
+    return function
+
+
+def build_reward(spec: RewardSpec) -> RewardFunction:
+    """The callable a :class:`RewardSpec` names, with its options bound."""
+    options = dict(spec.options or {})
+    if spec.source in REWARD_SOURCES:
+        try:
+            return REWARD_SOURCES[spec.source](**options)
+        except TypeError as error:
+            raise TypeError(f"reward {spec.source!r}: bad options {options} ({error})") from error
+    function = import_function(spec.source)
+    return functools.partial(function, **options) if options else function
+
+
+class Rewards:
+    """A weighted sum of reward sources.
+
+    Args:
+        specs: :class:`RewardSpec` objects (or dicts with the same keys).
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec | dict]) -> None:
+        specs = [RewardSpec(**s) if isinstance(s, dict) else s for s in specs]
+        if not specs:
+            raise ValueError("no reward source given: set `rewards` (e.g. [{source: exact_match}]) or override reward()")
+        self.names = _unique_names(specs)
+        self.weights = [s.weight for s in specs]
+        self.functions = [build_reward(s) for s in specs]
+
+    def __call__(
+        self, prompts: Sequence, completions: Sequence[str], fields: dict[str, list] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the total reward ``[N]`` and each source's raw reward ``[N]`` by name."""
+        fields = fields or {}
+        parts = {}
+        for name, function in zip(self.names, self.functions):
+            values = function(list(prompts), list(completions), **fields)
+            parts[name] = as_reward_tensor(values, len(completions), name)
+        total = sum(w * parts[n] for n, w in zip(self.names, self.weights))
+        return total, parts
+
+
+def as_reward_tensor(values, rows: int, name: str = "reward") -> torch.Tensor:
+    """Check a reward function's output (one finite number per completion) and make it a float tensor."""
+    tensor = torch.as_tensor(values.tolist() if torch.is_tensor(values) else list(values), dtype=torch.float32)
+    if tensor.shape != (rows,):
+        raise ValueError(f"reward {name!r} returned {tuple(tensor.shape)} values for {rows} completions")
+    if not all(math.isfinite(v) for v in tensor.tolist()):
+        raise ValueError(f"reward {name!r} returned a non-finite value: {tensor.tolist()}")
+    return tensor
+
+
+def _unique_names(specs: Sequence[RewardSpec]) -> list[str]:
+    names, seen = [], {}
+    for spec in specs:
+        base = spec.name or spec.source.rpartition(":")[2]
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return names

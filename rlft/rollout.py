@@ -1,0 +1,339 @@
+"""Rollouts for online RL, shared by PPO and GRPO: sample responses to a batch of prompts and score their tokens.
+
+One rollout is: the left-padded prompts (optionally each repeated ``group_size`` times), the sampled responses
+right-padded after their stop token, the response mask (the stop token included, so the model learns to stop), the
+decoded completions, and the per-token log-probs of the rollout policy ("old" log-probs) and of the reference model.
+
+Generation runs ``model.generate`` once per batch with the KV cache on and the prompts left-padded, so prompts are
+encoded once and every step after the first feeds a single new token (the slow-rollout bug of peer frameworks).
+Log-probs come from one separate forward pass with the same position ids the training forward uses, so the first
+PPO/GRPO update sees a ratio of exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from rlft.logprobs import entropy_from_logits, gather_logps
+
+# turn-ending tokens of common chat templates: not always the tokenizer's EOS
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "</s>")
+
+
+@dataclass
+class RolloutSettings:
+    """How responses are sampled.
+
+    Args:
+        max_new_tokens: Longest response in tokens; responses cut here have no stop token.
+        temperature: Sampling temperature (log-probs are taken at the same temperature); 0 means greedy.
+        top_p: Nucleus sampling mass.
+        top_k: Sample among the k most likely tokens only; 0 disables.
+        stop_token_ids: Extra token ids that end a response, besides EOS and the template's end-of-turn token.
+        generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory); default all.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    generation_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Rollout:
+    """Sampled responses and everything the updates need, one row per sampled sequence.
+
+    Attributes:
+        prompt_ids: ``[N, P]`` left-padded prompt tokens.
+        prompt_mask: ``[N, P]`` 1 on real prompt tokens.
+        response_ids: ``[N, R]`` sampled tokens, padded after the stop token.
+        response_mask: ``[N, R]`` 1 up to and including the stop token (right padding).
+        completions: Decoded responses without special tokens.
+        prompts: The prompt of each row (message lists or strings), repeated per sample.
+        fields: Extra record fields (e.g. ``answer``), one list entry per row.
+        finished: ``[N]`` whether the response ended with a stop token (False: cut at ``max_new_tokens``).
+        logps: ``[N, R]`` log-probs of the response tokens under the rollout policy.
+        ref_logps: ``[N, R]`` the same under the reference model (None when not needed).
+        values: ``[N, R]`` value estimates (PPO).
+        generation_seconds: Wall time spent in ``generate``.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    completions: list[str]
+    prompts: list
+    fields: dict[str, list] = field(default_factory=dict)
+    finished: torch.Tensor | None = None
+    logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    generation_seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> Rollout:
+        """The rollout restricted to ``rows`` (a minibatch)."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        picked = index.tolist()
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if torch.is_tensor(value):
+                changes[f.name] = value[index.to(value.device)]
+            elif f.name in ("completions", "prompts"):
+                changes[f.name] = [value[i] for i in picked]
+        changes["fields"] = {k: [v[i] for i in picked] for k, v in self.fields.items()}
+        return replace(self, **changes)
+
+
+def stop_token_ids(tokenizer, model=None, extra: Sequence[int] = ()) -> list[int]:
+    """Token ids that end a response: EOS of the tokenizer and generation config, chat end-of-turn tokens, extras."""
+    ids = set(extra)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return sorted(ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` computes them (so scoring matches sampling)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def mask_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Response mask (ones through the first stop token), the ids with everything after it set to ``pad_id``, and
+    whether each row stopped.
+
+    Args:
+        response_ids: ``[N, R]`` generated tokens.
+        stop_ids: Tokens that end a response.
+        pad_id: Filler for positions after the stop token.
+
+    Returns:
+        ``(response_ids, response_mask, finished)``.
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(list(stop_ids), device=response_ids.device))
+    # a position is inside the response while no stop token came strictly before it
+    stops_before = torch.cumsum(is_stop.long(), dim=-1) - is_stop.long()
+    mask = (stops_before == 0).long()
+    return torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id)), mask, is_stop.any(-1)
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module) -> Iterator[None]:
+    """No gradients and eval mode (dropout off, so the sampled and scored policy are the same), then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def reference_model(policy: torch.nn.Module, reference: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
+    """The reference policy: a given frozen model, else the LoRA policy with its adapter disabled (no second copy).
+
+    Raises:
+        ValueError: if there is neither a separate reference nor a LoRA adapter to disable.
+    """
+    if reference is not None:
+        yield reference
+    elif hasattr(policy, "disable_adapter"):
+        with policy.disable_adapter():
+            yield policy
+    else:
+        raise ValueError("a KL penalty needs a reference: train with LoRA (the base is the reference) or pass one")
+
+
+def token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token log-probs of the last ``response_length`` tokens (differentiable when grad is on).
+
+    Only the logits of the response positions are computed (``logits_to_keep``), which avoids a ``[N, L, V]``
+    tensor over the prompt.
+
+    Args:
+        model: Causal LM.
+        input_ids: ``[N, P + R]`` prompt (left padded) followed by response (right padded).
+        attention_mask: Same shape.
+        response_length: ``R``.
+        temperature: Sampling temperature the logits are divided by (0 counts as 1: greedy has no temperature).
+        with_entropy: Also return the per-token entropy (detached) of the sampling distribution.
+        with_hidden: Also return the last hidden state at the positions predicting each response token.
+
+    Returns:
+        ``(logps [N, R], entropy [N, R] or None, hidden [N, R, H] or None)``.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        logits_to_keep=response_length + 1,
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+    logits = out.logits[:, -response_length - 1 : -1]
+    temperature = temperature if temperature > 0 else 1.0
+    logps = gather_logps(logits, input_ids[:, -response_length:], temperature=temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach() / temperature)
+    hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
+    return logps, entropy, hidden
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: RolloutSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one response per row with the KV cache; returns ``(response_ids, response_mask, finished)``."""
+    stops = stop_token_ids(tokenizer, model, settings.stop_token_ids)
+    pad_id = pad_token_id(tokenizer)
+    sampling = settings.temperature > 0
+    options = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) if sampling else {}
+    chunk = settings.generation_batch_size or prompt_ids.shape[0]
+    pieces = []
+    with inference(model):
+        for start in range(0, prompt_ids.shape[0], chunk):
+            ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=sampling,
+                use_cache=True,
+                pad_token_id=pad_id,
+                eos_token_id=stops,
+                **options,
+            )
+            pieces.append(generated[:, ids.shape[1] :])
+    width = max(p.shape[1] for p in pieces)
+    padded = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces]
+    return mask_after_stop(torch.cat(padded), stops, pad_id)
+
+
+def collect_rollout(
+    model: torch.nn.Module,
+    tokenizer,
+    batch: dict,
+    settings: RolloutSettings,
+    *,
+    group_size: int = 1,
+    score: bool = True,
+    reference: torch.nn.Module | None = None,
+    with_reference: bool = False,
+) -> Rollout:
+    """Sample ``group_size`` responses per prompt of a ``prompts`` batch and score them.
+
+    Args:
+        model: The policy (usually a LoRA ``PeftModel``).
+        tokenizer: Its tokenizer.
+        batch: A ``PreferenceDataModule`` prompts batch: ``prompt_input_ids``/``prompt_attention_mask`` (left
+            padded), ``prompt`` and any extra fields as lists.
+        settings: Sampling settings.
+        group_size: Samples per prompt; rows of one prompt are contiguous.
+        score: Compute the rollout policy's log-probs (``Rollout.logps``).
+        reference: Separate frozen reference model; default is the adapter-disabled policy.
+        with_reference: Compute ``Rollout.ref_logps``.
+
+    Returns:
+        The :class:`Rollout`.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    device = next(model.parameters()).device
+    prompt_ids = batch["prompt_input_ids"].to(device).repeat_interleave(group_size, dim=0)
+    prompt_mask = batch["prompt_attention_mask"].to(device).repeat_interleave(group_size, dim=0)
+    started = time.perf_counter()
+    response_ids, response_mask, finished = generate_responses(model, tokenizer, prompt_ids, prompt_mask, settings)
+    elapsed = time.perf_counter() - started
+    completions = tokenizer.batch_decode(
+        [ids[: int(n)] for ids, n in zip(response_ids, response_mask.sum(-1))], skip_special_tokens=True
+    )
+    repeat = lambda values: [v for v in values for _ in range(group_size)]  # noqa: E731
+    extra = {k: repeat(v) for k, v in batch.items() if not torch.is_tensor(v) and k != "prompt"}
+    rollout = Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        completions=completions,
+        prompts=repeat(batch.get("prompt", [None] * prompt_ids.shape[0])),
+        fields=extra,
+        finished=finished,
+        generation_seconds=elapsed,
+    )
+    length = response_ids.shape[1]
+    with inference(model):
+        if score:
+            rollout.logps = token_logps(
+                model, rollout.input_ids, rollout.attention_mask, length, temperature=settings.temperature
+            )[0]
+        if with_reference:
+            with reference_model(model, reference) as ref:
+                rollout.ref_logps = token_logps(
+                    ref, rollout.input_ids, rollout.attention_mask, length, temperature=settings.temperature
+                )[0]
+    return rollout
+
+
+def minibatches(size: int, minibatch_size: int | None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """A random split of ``range(size)`` into minibatches of ``minibatch_size`` (the last may be smaller)."""
+    step = minibatch_size or size
+    if step < 1:
+        raise ValueError(f"minibatch_size must be >= 1, got {minibatch_size}")
+    order = torch.randperm(size, generator=generator)
+    return list(order.split(step))
