@@ -73,11 +73,14 @@ class _GatherLogps(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            probs = torch.exp(_scaled(logits[rows].to(lse.dtype), ctx.temperature) - lse[rows].unsqueeze(-1))
-            # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x)
-            grad = -probs * grad_rows[rows].unsqueeze(-1)
+            # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x); one fresh buffer per chunk, updated in place,
+            # keeps temporaries and memory passes to a minimum.
+            grad = logits[rows].to(lse.dtype, copy=True)
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-grad_rows[rows].unsqueeze(-1))
             grad.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
-            grad_logits[rows] = grad.to(logits.dtype)
+            grad_logits[rows].copy_(grad)
         return grad_logits, None, None, None
 
 
@@ -169,9 +172,11 @@ class _HiddenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 chunk_hidden = hidden[rows].to(mm)
-                logits = _scaled(F.linear(chunk_hidden, head, head_bias).to(lse.dtype), ctx.temperature)
+                grad_logits = F.linear(chunk_hidden, head, head_bias).to(lse.dtype)  # fresh buffer: in-place is safe
+                if ctx.temperature != 1.0:
+                    grad_logits.div_(ctx.temperature)
                 # d/dlogits [logit_y - logsumexp] = onehot(y) - softmax
-                grad_logits = -torch.exp(logits - lse[rows].unsqueeze(-1)) * grad_rows[rows].unsqueeze(-1)
+                grad_logits.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-grad_rows[rows].unsqueeze(-1))
                 grad_logits.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
                 if need_bias:
                     grad_bias += grad_logits.sum(0)

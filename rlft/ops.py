@@ -94,7 +94,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     Raises:
         ValueError: if the mask selects nothing, or a single element with ``unbiased=True``.
     """
-    count = mask.sum()
+    count = mask.to(x.dtype).sum()
     if count == 0:
         raise ValueError("masked_var: the mask selects no element; check the response mask of this batch")
     centered = x - masked_mean(x, mask)
