@@ -78,7 +78,8 @@ def _extractor(extract: str) -> Callable[[str], str | None]:
     try:
         pattern = re.compile(extract, flags=re.DOTALL)
     except re.error as error:
-        raise ValueError(f"exact_match: extract={extract!r} is neither one of {sorted(EXTRACTORS)} nor a regex") from error
+        known = sorted(EXTRACTORS)
+        raise ValueError(f"exact_match: extract={extract!r} is neither one of {known} nor a regex") from error
 
     def by_regex(text: str) -> str | None:
         found = pattern.search(text)
@@ -109,9 +110,7 @@ def _field(fields: dict, name: str, source: str, rows: int) -> list:
     return values
 
 
-def exact_match(
-    field: str = "answer", extract: str = "full", case_sensitive: bool = False
-) -> RewardFunction:  # noqa: A002 - `field` is the YAML option's name
+def exact_match(field: str = "answer", extract: str = "full", case_sensitive: bool = False) -> RewardFunction:  # noqa: A002 - `field` is the YAML option's name
     """1.0 when the extracted answer equals the record's reference field after normalisation, else 0.0.
 
     Args:
@@ -268,7 +267,8 @@ def import_function(reference: str) -> Callable:
     """Import ``package.module:function`` or ``path/to/file.py:function``."""
     module_name, _, attribute = reference.rpartition(":")
     if not module_name or not attribute:
-        raise ValueError(f"reward source {reference!r}: expected a built-in {sorted(REWARD_SOURCES)} or module:function")
+        known = sorted(REWARD_SOURCES)
+        raise ValueError(f"reward source {reference!r}: expected a built-in {known} or module:function")
     if module_name.endswith(".py"):
         file = Path(module_name)
         if not file.is_file():
@@ -309,7 +309,7 @@ class Rewards:
     def __init__(self, specs: Sequence[RewardSpec | dict]) -> None:
         specs = [RewardSpec(**s) if isinstance(s, dict) else s for s in specs]
         if not specs:
-            raise ValueError("no reward source given: set `rewards` (e.g. [{source: exact_match}]) or override reward()")
+            raise ValueError("no reward source: set `rewards` (e.g. [{source: exact_match}]) or override reward()")
         self.names = _unique_names(specs)
         self.weights = [s.weight for s in specs]
         self.functions = [build_reward(s) for s in specs]

@@ -9,6 +9,7 @@ a loss term. ``baseline: leave_one_out`` with ``scale: none`` is RLOO (https://a
 from __future__ import annotations
 
 import time
+from copy import deepcopy
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.methods.ppo import disable_dropout
 from rlft.models import LoraSettings, load_model
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
-from rlft.rewards import RewardSpec, Rewards, as_reward_tensor
+from rlft.rewards import Rewards, RewardSpec, as_reward_tensor
 from rlft.rl_losses import LOSS_AGGREGATIONS
 from rlft.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
 
@@ -96,9 +97,8 @@ class GRPO(RLFTModule):
         disable_dropout(self.model)
         self.reference_model = None
         if beta != 0 and (reference is not None or not hasattr(self.model, "disable_adapter")):
-            import copy
-
-            ref = load_model(reference, dtype=dtype, trainable_adapter=False) if reference else copy.deepcopy(self.model)
+            # no adapter to switch off (or an explicit reference): a frozen copy of the initial policy
+            ref = load_model(reference, dtype=dtype, trainable_adapter=False) if reference else deepcopy(self.model)
             self.reference_model = ref.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ hooks a subclass overrides

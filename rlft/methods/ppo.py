@@ -19,7 +19,7 @@ from rlft.losses import ppo_policy_loss, ppo_value_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.models import LoraSettings, load_model
 from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
-from rlft.rewards import RewardSpec, Rewards, as_reward_tensor
+from rlft.rewards import Rewards, RewardSpec, as_reward_tensor
 from rlft.rollout import Rollout, RolloutSettings, collect_rollout, inference, minibatches, token_logps
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,153 @@
+"""Rollouts: stop masks, left padding, KV-cache generation and log-probs checked against unpadded forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlft.models import LoraSettings, load_model, load_tokenizer
+from rlft.rollout import (
+    Rollout,
+    RolloutSettings,
+    collect_rollout,
+    mask_after_stop,
+    minibatches,
+    position_ids_for,
+    stop_token_ids,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is the capital of France? Please answer in one word."}],
+    [{"role": "user", "content": "Write a function that adds two numbers."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("tiny-llama")
+    model = load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    return model, tokenizer
+
+
+def prompt_batch(tokenizer, prompts=PROMPTS, **fields) -> dict:
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt": list(prompts), **fields}
+
+
+def test_mask_after_stop_keeps_the_stop_token_and_pads_after_it():
+    ids = torch.tensor([[5, 6, 2, 7, 8], [5, 6, 7, 8, 9], [2, 4, 2, 4, 4]])
+    out, mask, finished = mask_after_stop(ids, [2], pad_id=0)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert out.tolist() == [[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]]
+    assert finished.tolist() == [True, False, True]
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_for(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_stop_tokens_include_end_of_turn(tiny):
+    model, tokenizer = tiny
+    stops = stop_token_ids(tokenizer, model, extra=[7])
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in stops and 7 in stops
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        RolloutSettings(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        RolloutSettings(top_p=0.0)
+
+
+def test_rollout_logps_match_unpadded_forward_and_greedy_matches_per_row_generation(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer, answer=["a", "b", "c"])
+    settings = RolloutSettings(max_new_tokens=6, temperature=0.0)
+    rollout = collect_rollout(model, tokenizer, batch, settings, with_reference=True)
+    assert rollout.response_ids.shape == rollout.logps.shape == rollout.ref_logps.shape
+    assert rollout.fields == {"answer": ["a", "b", "c"]}
+    # a fresh LoRA adapter (B = 0) is the identity: policy and adapter-disabled reference agree
+    torch.testing.assert_close(rollout.logps, rollout.ref_logps)
+    stops = stop_token_ids(tokenizer, model)
+    for row in range(len(PROMPTS)):
+        prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
+        length = int(rollout.response_mask[row].sum())
+        response = rollout.response_ids[row, :length]
+        # independent reference: greedy decoding of this prompt alone (no padding at all), token by token
+        with torch.no_grad():
+            seq = prompt.clone()
+            for _ in range(settings.max_new_tokens):
+                nxt = model(input_ids=seq[None]).logits[0, -1].argmax()
+                seq = torch.cat([seq, nxt[None]])
+                if int(nxt) in stops:
+                    break
+            assert seq[len(prompt) :].tolist() == response.tolist()
+            logits = model(input_ids=seq[None]).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(logits.float(), -1).gather(-1, response[:, None])[:, 0]
+        torch.testing.assert_close(rollout.logps[row, :length], expected, atol=1e-4, rtol=1e-4)
+        assert rollout.completions[row] == tokenizer.decode(response, skip_special_tokens=True)
+
+
+def test_generation_uses_the_kv_cache(tiny):
+    model, tokenizer = tiny
+    widths = []
+    base = model.get_base_model()
+    hook = base.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        batch = prompt_batch(tokenizer)
+        collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=5), score=False)
+    finally:
+        hook.remove()
+    prompt_width = batch["prompt_input_ids"].shape[1]
+    # the prompt is encoded once; every later step feeds only the newly sampled token
+    assert widths[0] == prompt_width and all(w == 1 for w in widths[1:]) and len(widths) >= 2
+
+
+def test_group_samples_are_contiguous_and_temperature_scales_logps(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer, PROMPTS[:2], answer=["x", "y"])
+    torch.manual_seed(1)
+    hot = collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=4, temperature=2.0), group_size=3)
+    assert len(hot) == 6 and hot.fields["answer"] == ["x"] * 3 + ["y"] * 3
+    assert hot.prompts[:3] == [PROMPTS[0]] * 3 and hot.prompts[3] == PROMPTS[1]
+    assert torch.equal(hot.prompt_ids[0], hot.prompt_ids[2]) and torch.equal(hot.prompt_ids[3], hot.prompt_ids[5])
+    # log-probs are those of the sampling distribution: logits / temperature
+    row, length = 0, int(hot.response_mask[0].sum())
+    with torch.no_grad():
+        logits = model(
+            input_ids=hot.input_ids[row : row + 1],
+            attention_mask=hot.attention_mask[row : row + 1],
+            position_ids=position_ids_for(hot.attention_mask[row : row + 1]),
+        ).logits[0]
+    width = hot.prompt_ids.shape[1]
+    expected = torch.log_softmax(logits[width - 1 : width - 1 + length] / 2.0, -1)
+    expected = expected.gather(-1, hot.response_ids[row, :length, None])[:, 0]
+    torch.testing.assert_close(hot.logps[row, :length], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_select_and_minibatches():
+    rollout = Rollout(
+        prompt_ids=torch.arange(8).view(4, 2),
+        prompt_mask=torch.ones(4, 2, dtype=torch.long),
+        response_ids=torch.arange(12).view(4, 3),
+        response_mask=torch.ones(4, 3, dtype=torch.long),
+        completions=["a", "b", "c", "d"],
+        prompts=["p0", "p1", "p2", "p3"],
+        fields={"answer": [0, 1, 2, 3]},
+        logps=torch.zeros(4, 3),
+    )
+    part = rollout.select([3, 1])
+    assert part.completions == ["d", "b"] and part.fields == {"answer": [3, 1]} and part.prompts == ["p3", "p1"]
+    assert part.response_ids.tolist() == [[9, 10, 11], [3, 4, 5]] and part.input_ids.shape == (2, 5)
+    chunks = minibatches(10, 4, torch.Generator().manual_seed(0))
+    assert [len(c) for c in chunks] == [4, 4, 2] and sorted(torch.cat(chunks).tolist()) == list(range(10))
