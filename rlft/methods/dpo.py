@@ -188,7 +188,7 @@ class DPO(RLFTModule):
         disable_dropout: bool = True,
     ) -> None:
         if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSS_TYPES)} or register yours")
+            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSS_TYPES)} or register one")
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         super().__init__(
@@ -319,7 +319,7 @@ class DPO(RLFTModule):
     def _pairs_to_score(self) -> list[dict]:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "train_set"):
-            raise RuntimeError("reference: precomputed needs rlft.data.PreferenceDataModule as the trainer's datamodule")
+            raise RuntimeError("reference: precomputed needs an rlft.data.PreferenceDataModule as datamodule")
         return list(datamodule.train_set) + list(datamodule.val_set)
 
     def _check_can_compute(self, path: Path, count: int) -> None:

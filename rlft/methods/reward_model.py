@@ -2,8 +2,8 @@
 
 The reward of a sequence is the head applied to the final hidden state of its **last non-padding token**, located
 from the attention mask, so left and right padding give the same reward (position ids are rebuilt from the mask
-too). The export is a folder with the backbone (PEFT adapter or full weights), the tokenizer, ``reward_head.safetensors``
-and ``reward_config.json``; score text with it in two lines::
+too). The export is a folder with the backbone (PEFT adapter or full weights), the tokenizer,
+``reward_head.safetensors`` and ``reward_config.json``; score text with it in two lines::
 
     from rlft.methods.reward_model import RewardScorer
     rewards = RewardScorer.from_pretrained("runs/rm/hf_model").score(["How do I boil an egg?"], ["Simmer it 8 min."])
@@ -274,7 +274,7 @@ class RewardScorer:
             completions: The assistant replies to score, one per prompt.
         """
         if len(prompts) != len(completions):
-            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one of each per item")
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one per prompt")
         sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
         scores = []
         pad_id = self.tokenizer.pad_token_id

@@ -1,0 +1,118 @@
+"""Reference-free preference optimisation: ORPO and SimPO.
+
+Both score chosen and rejected in one concatenated forward (:func:`rlft.methods.dpo.pair_logps`) and compare
+**length-averaged** log-probs, so no reference model is loaded or run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from rlft.losses import orpo_loss, simpo_loss
+from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.dpo import PairLogps, pair_logps, pair_metrics, zero_dropout
+from rlft.models import LoraSettings
+
+
+def _average_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    metrics = pair_metrics(logps, chosen_rewards, rejected_rewards)
+    # these methods optimise length-averaged log-probs, so report those (as TRL's ORPO/CPO trainers do)
+    metrics["logps/chosen"] = logps.chosen_avg.detach().mean()
+    metrics["logps/rejected"] = logps.rejected_avg.detach().mean()
+    return metrics
+
+
+class ORPO(RLFTModule):
+    """Odds-Ratio Preference Optimization (https://arxiv.org/abs/2403.07691): SFT on chosen + odds-ratio term.
+
+    Logs ``{train,val}/rewards/*`` (``beta`` x mean log-prob), ``logps/*`` (length-averaged), ``nll``,
+    ``log_odds_ratio`` and ``log_odds_chosen``.
+
+    Args:
+        beta: Weight ``lambda`` of the odds-ratio term.
+        disable_dropout: Switch dropout off so chosen and rejected are scored by the same network.
+    """
+
+    data_kind = "pairs"
+
+    def __init__(
+        self,
+        model: str,
+        lora: LoraSettings | None = LoraSettings(),
+        dtype: str = "float32",
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        optim: OptimizerSettings = OptimizerSettings(lr=8e-6),
+        output_dir: str | None = None,
+        merge_on_save: bool = False,
+        beta: float = 0.1,
+        disable_dropout: bool = True,
+    ) -> None:
+        super().__init__(
+            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
+            merge_on_save,
+        )  # fmt: skip
+        if disable_dropout:
+            zero_dropout(self.model)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = pair_logps(self.model, batch)
+        losses, stats = orpo_loss(logps.chosen_avg, logps.rejected_avg, logps.chosen_nll, beta=self.hparams.beta)
+        metrics = _average_metrics(logps, stats["chosen_rewards"], stats["rejected_rewards"])
+        metrics.update({name: stats[name].mean() for name in ("nll", "log_odds_ratio", "log_odds_chosen")})
+        return losses.mean(), metrics
+
+
+class SimPO(RLFTModule):
+    """Simple Preference Optimization (https://arxiv.org/abs/2405.14734): length-normalised reward with a margin.
+
+    Args:
+        beta: Reward scale.
+        gamma: Target reward margin (absolute, in reward units; the paper's ``gamma/beta`` ratio times ``beta``).
+        label_smoothing: Label-flip probability (conservative form).
+        nll_weight: Weight of an extra NLL term on the chosen responses (CPO-SimPO); 0 disables it.
+        disable_dropout: Switch dropout off so chosen and rejected are scored by the same network.
+    """
+
+    data_kind = "pairs"
+
+    def __init__(
+        self,
+        model: str,
+        lora: LoraSettings | None = LoraSettings(),
+        dtype: str = "float32",
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        optim: OptimizerSettings = OptimizerSettings(lr=1e-6),
+        output_dir: str | None = None,
+        merge_on_save: bool = False,
+        beta: float = 2.0,
+        gamma: float = 1.0,
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        disable_dropout: bool = True,
+    ) -> None:
+        if nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+        super().__init__(
+            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
+            merge_on_save,
+        )  # fmt: skip
+        if disable_dropout:
+            zero_dropout(self.model)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hp = self.hparams
+        logps = pair_logps(self.model, batch)
+        losses, chosen_rewards, rejected_rewards = simpo_loss(
+            logps.chosen_avg, logps.rejected_avg, beta=hp.beta, gamma=hp.gamma, label_smoothing=hp.label_smoothing
+        )
+        metrics = _average_metrics(logps, chosen_rewards, rejected_rewards)
+        if hp.nll_weight:
+            losses = losses + hp.nll_weight * logps.chosen_nll
+            metrics["nll"] = logps.chosen_nll.detach().mean()
+        return losses.mean(), metrics

@@ -1,0 +1,340 @@
+"""DPO: concatenated log-probs vs TRL, the three reference modes, the SFT -> DPO pipeline, subclassing, options."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+
+from rlft.data import PreferenceDataModule  # noqa: E402
+from rlft.data.collate import Collator  # noqa: E402
+from rlft.losses import DPO_LOSS_TYPES, dpo_loss  # noqa: E402
+from rlft.methods import DPO, SFT  # noqa: E402
+from rlft.methods.dpo import CACHE_FILE, REF_ADAPTER, pair_logps  # noqa: E402
+from rlft.models import load_model, load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PAIRS = str(REPO / "rlft" / "assets" / "sample_pairs.jsonl")
+SFT_DATA = str(REPO / "rlft" / "assets" / "sample_sft.jsonl")
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two oversubscribed ones on this shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pairs_batch(model: str, n: int = 6, max_length: int = 96) -> dict:
+    data = PreferenceDataModule(path=PAIRS, max_length=max_length, val_fraction=0.0)
+    data.attach("pairs", load_tokenizer(model)).setup()
+    return Collator("pairs", data.tokenizer.pad_token_id)(data.train_set[:n])
+
+
+def trainer(tmp_path: Path, steps: int, **kwargs) -> L.Trainer:
+    options = dict(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0,
+    )  # fmt: skip
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def reference_logps_by_hand(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log_softmax(logits)[label] over response tokens, side by side, with plain torch ops."""
+    out = []
+    for side in ("chosen", "rejected"):
+        with torch.no_grad():
+            logits = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]).logits
+        labels = batch[f"{side}_labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].double(), -1)
+        token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((token * (labels != -100)).sum(-1).float())
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------- TRL parity
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_concatenated_logps_match_trl_dpo_forward(family):
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    data = PreferenceDataModule(path=PAIRS, max_length=96, val_fraction=0.0)
+    data.attach("pairs", load_tokenizer(family)).setup()
+    examples = data.train_set[:5]
+    ours_batch = Collator("pairs", data.tokenizer.pad_token_id)(examples)
+    model = load_model(family).eval()
+    with torch.no_grad():
+        ours = pair_logps(model, ours_batch)
+
+    # TRL's own collator and fused-head forward (DPOTrainer._compute_loss) on the same token ids
+    trl_batch = DataCollatorForPreference(pad_token_id=data.tokenizer.pad_token_id).torch_call(
+        [{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in examples]
+    )
+    labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
+    ours_labels = torch.cat([ours_batch["chosen_labels"], ours_batch["rejected_labels"]])
+    if family == "tiny-llama":  # Llama-3 template: the whole response is trained, so the masks agree exactly
+        width = ours_labels.shape[1]
+        assert torch.equal(labels[:, :width], ours_labels) and (labels[:, width:] == -100).all()
+    else:  # ChatML leaves a "\n" after <|im_end|> untrained in rlft; score TRL on rlft's labels
+        labels = torch.nn.functional.pad(ours_labels, (0, labels.shape[1] - ours_labels.shape[1]), value=-100)
+    trl_model = load_model(family).eval()
+    trl_utils.add_fused_lm_head(trl_model)
+    with torch.no_grad():
+        trl_out = trl_model(
+            input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], labels=labels,
+            fused_lm_head=True,
+        )  # fmt: skip
+    trl_chosen, trl_rejected = trl_out.log_probs.sum(dim=1).chunk(2)
+    torch.testing.assert_close(ours.chosen, trl_chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.rejected, trl_rejected, atol=1e-5, rtol=0)
+    # and both agree with a plain log_softmax in float64
+    by_hand = reference_logps_by_hand(model, ours_batch)
+    torch.testing.assert_close(ours.chosen, by_hand[0], atol=1e-4, rtol=0)
+
+
+def test_pair_logps_gradients_match_full_logits_path():
+    batch = pairs_batch("tiny-llama", n=3)
+    model = load_model("tiny-llama")
+    logps = pair_logps(model, batch)
+    (logps.chosen - logps.rejected).sum().backward()
+    fast = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    chosen, rejected = [], []
+    for side, out in (("chosen", chosen), ("rejected", rejected)):
+        logits = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]).logits
+        labels = batch[f"{side}_labels"][:, 1:]
+        token = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((token * (labels != -100)).sum(-1))
+    (chosen[0] - rejected[0]).sum().backward()
+    torch.testing.assert_close(fast, model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5, rtol=1e-4)
+    assert torch.equal(logps.chosen_tokens, (batch["chosen_labels"][:, 1:] != -100).sum(-1))
+
+
+# ---------------------------------------------------------------------------------------------- reference modes
+def test_adapter_reference_is_the_base_without_a_second_copy():
+    batch = pairs_batch("tiny-llama")
+    dpo = DPO("tiny-llama", lora=LORA)
+    assert dpo.reference_mode == "adapter" and dpo.ref_model is None
+    base_params = sum(p.numel() for p in load_model("tiny-llama").parameters())
+    lora_params = sum(p.numel() for p in dpo.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in dpo.parameters()) == base_params + lora_params  # no frozen copy anywhere
+    # make the adapter non-trivial so policy and reference differ
+    with torch.no_grad():
+        for name, p in dpo.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ref_chosen, ref_rejected = dpo.reference_logps(batch)
+    expected = reference_logps_by_hand(load_model("tiny-llama"), batch)
+    torch.testing.assert_close(ref_chosen, expected[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ref_rejected, expected[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(dpo.policy_logps(batch).chosen, ref_chosen, atol=1e-3)
+    assert all(p.requires_grad for n, p in dpo.model.named_parameters() if "lora_" in n)
+
+
+def test_separate_reference_model_any_model_string():
+    batch = pairs_batch("tiny-llama")
+    dpo = DPO("tiny-llama", lora=None)  # no LoRA: a separate frozen copy is the default
+    assert dpo.reference_mode == "model" and dpo.ref_model is not None
+    assert not any(p.requires_grad for p in dpo.ref_model.parameters())
+    loss, metrics = dpo.compute_loss(batch)
+    assert dpo.configure_optimizers  # frozen reference weights never reach the optimiser:
+    trained = {id(p) for p in dpo.parameters() if p.requires_grad}
+    assert not trained & {id(p) for p in dpo.ref_model.parameters()}
+    # policy == reference at initialisation: every log-ratio is 0 and the sigmoid loss is exactly log 2
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/margin"].item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="needs a LoRA policy"):
+        DPO("tiny-llama", lora=None, reference="adapter")
+    # any model string: a LoRA policy on tiny-llama with a tiny-mistral reference (same tokenizer)
+    other = DPO("tiny-llama", lora=LORA, reference="model", ref_model="tiny-mistral")
+    expected = reference_logps_by_hand(load_model("tiny-mistral"), batch)
+    torch.testing.assert_close(other.reference_logps(batch)[0], expected[0], atol=1e-4, rtol=0)
+
+
+def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(tmp_path, monkeypatch):
+    def data():
+        return PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.2, limit=16, val_limit=3)
+
+    ckpt_dir = tmp_path / "checkpoints"
+    callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=2)
+    dpo = DPO("tiny-llama", lora=LORA, reference="precomputed", optim={"lr": 1e-3})
+    trainer(tmp_path, 3, enable_checkpointing=True, callbacks=[callback], limit_val_batches=None,
+            val_check_interval=2).fit(dpo, data())  # fmt: skip
+    cache_file = ckpt_dir / CACHE_FILE
+    stored = torch.load(cache_file, weights_only=False)
+    assert len(stored["logps"]) == 16 + 3  # every train and validation pair
+    # the cached values are the adapter-disabled base's log-probs
+    batch = pairs_batch("tiny-llama", n=16)
+    keys = __import__("rlft.methods.dpo", fromlist=["batch_keys"]).batch_keys(batch)
+    cached = torch.tensor([stored["logps"][k] for k in keys if k in stored["logps"]])
+    expected = torch.stack(reference_logps_by_hand(load_model("tiny-llama"), batch), -1)
+    known = [i for i, k in enumerate(keys) if k in stored["logps"]]
+    assert len(known) >= 10
+    torch.testing.assert_close(cached, expected[known], atol=1e-4, rtol=0)
+
+    # resume for two more epochs: nothing is recomputed and no live reference forward happens
+    calls = []
+    monkeypatch.setattr(DPO, "live_reference_logps", lambda self, batch: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("live reference used")))  # fmt: skip
+    mtime = cache_file.stat().st_mtime_ns
+    resumed = DPO("tiny-llama", lora=LORA, reference="precomputed", optim={"lr": 1e-3})
+    callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=2)
+    trainer(tmp_path, 12, max_epochs=3, enable_checkpointing=True, callbacks=[callback], limit_val_batches=None,
+            val_check_interval=2).fit(resumed, data(), ckpt_path=str(ckpt_dir / "last.ckpt"))  # fmt: skip
+    assert resumed.trainer.current_epoch >= 2 and not calls
+    assert cache_file.stat().st_mtime_ns == mtime
+
+
+def test_precomputed_full_finetune_refuses_to_use_trained_policy_on_resume(tmp_path):
+    dpo = DPO("tiny-llama", lora=None, reference="precomputed", ref_cache_path=str(tmp_path / "ref.pt"))
+
+    class FakeTrainer:
+        ckpt_path = str(tmp_path / "last.ckpt")
+
+    dpo._trainer = FakeTrainer()  # what Lightning sets while fitting
+    with pytest.raises(RuntimeError, match="no longer the reference"):
+        dpo._check_can_compute(tmp_path / "ref.pt", 3)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def test_sft_adapter_then_dpo_from_its_folder(tmp_path):
+    sft = SFT("tiny-llama", lora=LORA, optim={"lr": 5e-3}, output_dir=str(tmp_path / "sft"))
+    sft_data = PreferenceDataModule(path=SFT_DATA, batch_size=4, max_length=96, val_fraction=0.0)
+    trainer(tmp_path, 4).fit(sft, sft_data)
+    sft_folder = tmp_path / "sft"
+    assert (sft_folder / "adapter_config.json").exists()
+
+    dpo = DPO(str(sft_folder), lora=LORA, optim={"lr": 1e-3}, output_dir=str(tmp_path / "dpo"))
+    assert REF_ADAPTER in dpo.model.peft_config  # the SFT adapter, frozen, is the reference
+    batch = pairs_batch("tiny-llama")
+    sft_model = load_model(str(sft_folder), trainable_adapter=False).eval()
+    expected = reference_logps_by_hand(sft_model, batch)
+    ref_chosen, _ = dpo.reference_logps(batch)
+    torch.testing.assert_close(ref_chosen, expected[0], atol=1e-4, rtol=0)
+    loss, _ = dpo.compute_loss(batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # policy starts as the SFT model
+    trained = {n for n, p in dpo.model.named_parameters() if p.requires_grad}
+    assert trained and all(".default." in n for n in trained)
+
+    trainer(tmp_path, 4).fit(dpo, PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0))
+    assert {n for n, p in dpo.model.named_parameters() if p.requires_grad} == trained  # ref stayed frozen
+    ref_after, _ = dpo.reference_logps(batch)
+    torch.testing.assert_close(ref_after, expected[0], atol=1e-4, rtol=0)
+    out = tmp_path / "dpo"
+    assert (out / "adapter_config.json").exists() and not (out / REF_ADAPTER).exists()
+    exported = load_model(str(out), trainable_adapter=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pair_logps(exported, batch).chosen, dpo.policy_logps(batch).chosen, atol=1e-4,
+                                   rtol=0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- options and subclassing
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_type": "sigmoid", "label_smoothing": 0.1},
+        {"loss_type": "ipo", "beta": 0.5},
+        {"loss_type": "hinge"},
+        {"loss_type": "sigmoid", "rpo_alpha": 0.5},
+    ],
+)
+def test_options_reach_the_loss(options):
+    batch = pairs_batch("tiny-llama")
+    dpo = DPO("tiny-llama", lora=LORA, **options)
+    with torch.no_grad():
+        for name, p in dpo.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    loss, metrics = dpo.compute_loss(batch)
+    policy = reference_logps_by_hand(dpo.model, batch)
+    with dpo.model.disable_adapter():
+        ref = reference_logps_by_hand(dpo.model, batch)
+    tokens = [(batch[f"{s}_labels"][:, 1:] != -100).sum(-1) for s in ("chosen", "rejected")]
+    if options["loss_type"] == "ipo":  # IPO compares length-averaged log-probs
+        policy = (policy[0] / tokens[0], policy[1] / tokens[1])
+        ref = (ref[0] / tokens[0], ref[1] / tokens[1])
+    rpo = options.get("rpo_alpha")
+    expected, chosen_rewards, _ = dpo_loss(
+        *policy, *ref, beta=options.get("beta", 0.1), loss_type=options["loss_type"],
+        label_smoothing=options.get("label_smoothing", 0.0), rpo_alpha=rpo,
+        chosen_nll=-policy[0] / tokens[0] if rpo is not None else None,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(expected.mean().item(), abs=1e-4)
+    assert metrics["rewards/chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-4)
+    assert ("nll" in metrics) == (rpo is not None)
+
+
+def test_unknown_loss_type_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="sigmoid"):
+        DPO("tiny-llama", loss_type="nope")
+
+
+class ScaledMarginDPO(DPO):
+    """A user's subclass: only the loss changes (here: DPO with a fixed target margin of 0.5 in reward units)."""
+
+    def preference_loss(self, policy, ref_chosen, ref_rejected):
+        chosen_rewards = self.hparams.beta * (policy.chosen - ref_chosen)
+        rejected_rewards = self.hparams.beta * (policy.rejected - ref_rejected)
+        losses = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards - 0.5)
+        return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def test_user_subclass_overrides_one_method_and_trains(tmp_path):
+    batch = pairs_batch("tiny-llama")
+    model = ScaledMarginDPO("tiny-llama", lora=LORA, optim={"lr": 2e-3})
+    loss, _ = model.compute_loss(batch)
+    assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(-0.5)).item(), abs=1e-5)
+    data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, limit=4)
+    trainer(tmp_path, 15).fit(model, data)  # one batch seen 15 times: the custom loss must go down
+    assert model.compute_loss(Collator("pairs", 0)(data.train_set[:4]))[0].item() < loss.item() - 0.1
+
+
+def test_registered_loss_type_is_selectable(monkeypatch):
+    monkeypatch.setitem(DPO_LOSS_TYPES, "squared", lambda logits, beta, smoothing: (beta * logits - 1) ** 2)
+    batch = pairs_batch("tiny-llama")
+    loss, _ = DPO("tiny-llama", lora=LORA, loss_type="squared", beta=0.2).compute_loss(batch)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)  # all log-ratios are 0 at initialisation
+
+
+def test_training_raises_reward_accuracy_on_a_fixed_batch(tmp_path):
+    data = PreferenceDataModule(path=PAIRS, batch_size=8, max_length=96, val_fraction=0.0, limit=8)
+    dpo = DPO("tiny-llama", lora=LORA, optim={"lr": 3e-3})
+    trainer(tmp_path, 12).fit(dpo, data)
+    loss, metrics = dpo.compute_loss(Collator("pairs", 0)(data.train_set))
+    assert loss.item() < math.log(2) - 0.05 and metrics["rewards/accuracy"].item() >= 0.75
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_pairs_stop_with_actionable_errors_or_counted_filters(tmp_path, caplog):
+    rows = [
+        '{"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away."}',
+        '{"prompt": "Say hi", "chosen": "", "rejected": "Go away."}',
+        '{"prompt": "Name a colour", "chosen": "Red", "rejected": "Red"}',
+        '{"prompt": "Count", "chosen": "1 2 3"}',
+        '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: hello", "rejected": "\\n\\nHuman: bye\\n\\nAssistant: no"}',
+        '{"prompt": "Add 2 and 2", "chosen": "4", "rejected": "5"}',
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    dpo = DPO("tiny-llama", lora=LORA)
+    with pytest.raises(ValueError) as error:
+        trainer(tmp_path, 1).fit(dpo, PreferenceDataModule(path=str(path), val_fraction=0.0))
+    message = str(error.value)
+    for needle in ("bad.jsonl:2", "bad.jsonl:3", "bad.jsonl:4", "identical", "skip_invalid"):
+        assert needle in message, message
+    caplog.set_level("WARNING")
+    data = PreferenceDataModule(path=str(path), val_fraction=0.0, skip_invalid=True)
+    trainer(tmp_path, 1).fit(dpo, data)
+    assert len(data.train_set) == 2
+    assert "identical" in caplog.text and "empty" in caplog.text
