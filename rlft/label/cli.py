@@ -31,15 +31,14 @@ def _engine(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
+    from sqlalchemy import func, select
 
     from rlft.label import store
     from rlft.label.api import create_app
-    from rlft.label.db import Labeler
+    from rlft.label.db import Labeler, read_only
 
     engine = _engine(args)
-    with engine.connect() as conn:
-        from sqlalchemy import func, select
-
+    with read_only(engine) as conn:
         admins = conn.execute(select(func.count()).select_from(Labeler).where(Labeler.is_admin.is_(True))).scalar_one()
     if not admins:
         token = store.add_labeler(engine, "admin", admin=True)

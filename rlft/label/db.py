@@ -42,6 +42,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA_VERSION = 1
+READ_ONLY_OPTION = "rlft_read_only"
 
 
 def utcnow() -> dt.datetime:
@@ -163,7 +164,13 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn) -> None:
         # IMMEDIATE takes the write lock up front: a read-then-write transaction can then never fail with
         # SQLITE_BUSY half-way (the lock upgrade deadlock of DEFERRED transactions), it just waits its turn.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only work (see read_only) uses a plain BEGIN: WAL readers never wait for the writer.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY_OPTION) else "BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Connection:
+    """A connection for queries that write nothing (on SQLite it does not queue behind writers)."""
+    return engine.connect().execution_options(**{READ_ONLY_OPTION: True})
 
 
 def make_engine(url: str) -> Engine:

@@ -10,7 +10,8 @@ leak slots); otherwise it picks a free or lease-expired slot of an example the l
 with a compare-and-swap ``UPDATE ... WHERE <still claimable>``. On PostgreSQL the candidate rows are selected
 ``FOR UPDATE SKIP LOCKED`` so parallel requests spread over different slots instead of queueing on one; on SQLite
 every transaction is ``BEGIN IMMEDIATE`` (see :mod:`rlft.label.db`), which serialises writers. A labeler racing
-with themself is stopped by ``UNIQUE(example_id, labeler_id)`` inside a savepoint.
+with themself (several tabs) is serialised by a row lock on their ``labelers`` row, so all tabs get the same
+lease; ``UNIQUE(example_id, labeler_id)`` (checked inside a savepoint) backs this up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from rlft.label.db import Assignment, Example, Labeler, Preference, utcnow
+from rlft.label.db import Assignment, Example, Labeler, Preference, read_only, utcnow
 from rlft.label.importing import PairRecord
 
 A = Assignment.__table__
@@ -135,7 +136,7 @@ def authenticate(engine: Engine, token: str | None, *, admin: bool = False) -> I
         raise Unauthorized(
             "missing token: send 'Authorization: Bearer <token>' (create one with rlft label add-labeler)"
         )
-    with engine.connect() as conn:
+    with read_only(engine) as conn:
         row = conn.execute(select(L.c.id, L.c.name, L.c.is_admin).where(L.c.token_hash == hash_token(token))).first()
     if row is None:
         raise Unauthorized("unknown token")
@@ -234,6 +235,9 @@ def claim_next(
         touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
         tried: set[int] = set()
         with engine.begin() as conn:
+            # Serialise one labeler's parallel requests (several tabs): the second one then sees the first one's
+            # lease and returns it. Other labelers do not wait on this row lock.
+            conn.execute(select(L.c.id).where(L.c.id == labeler_id).with_for_update()).first()
             task = _renew_own_lease(conn, labeler_id, expires)
             if task is not None:
                 return task
@@ -335,7 +339,7 @@ def progress(engine: Engine, labeler_id: int) -> dict:
     now = utcnow()
     claimable = or_(A.c.labeler_id.is_(None), and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now))
     touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
-    with engine.connect() as conn:
+    with read_only(engine) as conn:
         done = conn.execute(select(func.count()).select_from(P).where(P.c.labeler_id == labeler_id)).scalar_one()
         open_ = conn.execute(
             select(func.count(func.distinct(A.c.example_id))).where(claimable, A.c.example_id.not_in(touched))
@@ -349,7 +353,7 @@ def progress(engine: Engine, labeler_id: int) -> dict:
 def overview(engine: Engine) -> dict:
     """Counts over the whole database."""
     now = utcnow()
-    with engine.connect() as conn:
+    with read_only(engine) as conn:
 
         def count(stmt) -> int:
             return int(conn.execute(stmt).scalar_one())
@@ -381,7 +385,7 @@ def load_votes(engine: Engine) -> list[Vote]:
         .join(E, E.c.id == P.c.example_id)
         .order_by(P.c.example_id, P.c.id)
     )
-    with engine.connect() as conn:
+    with read_only(engine) as conn:
         return [Vote(*row) for row in conn.execute(stmt)]
 
 
@@ -389,7 +393,7 @@ def load_examples(engine: Engine, example_ids: Iterable[int]) -> dict[int, dict]
     """Examples by id, with the prompt decoded back to chat messages."""
     ids = sorted(set(example_ids))
     out: dict[int, dict] = {}
-    with engine.connect() as conn:
+    with read_only(engine) as conn:
         for start in range(0, len(ids), 500):
             for row in conn.execute(select(E).where(E.c.id.in_(ids[start : start + 500]))):
                 out[row.id] = {**row._asdict(), "prompt": json.loads(row.prompt_json)}
