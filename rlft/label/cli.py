@@ -120,11 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the labeling UI (/ui/) and HTTP API (/api, docs at /docs)")
+    p = sub.add_parser(
+        "serve",
+        help="run the labeling UI (/ui/) and HTTP API (/api, docs at /docs)",
+        description="Serve the Gradio labeling UI at /ui/ and the JSON API at /api (OpenAPI docs at /docs). On the "
+        "first start an 'admin' account is created and its token printed once. Labelers log in with the token "
+        "from 'rlft label add-labeler'.",
+    )
     _add_db(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    p.add_argument("--lease-minutes", type=float, default=10.0, help="how long a fetched item stays reserved")
+    p.add_argument(
+        "--lease-minutes",
+        type=float,
+        default=10.0,
+        help="how long a fetched item stays reserved for its labeler (default: %(default)s)",
+    )
     p.add_argument("--overlap", type=int, default=1, help="labelers per example for imports made through the API")
     p.add_argument("--no-ui", action="store_true", help="serve only the HTTP API")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

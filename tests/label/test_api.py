@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from rlft.label import store
 from rlft.label.api import create_app
 from rlft.label.db import open_database
+from rlft.label.importing import parse_pair_rows
 
 PAIRS = [
     {"prompt": "What is 2+2?", "response_a": "4", "response_b": "5", "model_a": "m1", "model_b": "m2"},
@@ -229,15 +230,14 @@ def test_import_generations_reports_unmatched(ctx):
 
 def test_expired_lease_is_reassigned_and_late_submit_refused(db_url):
     engine = open_database(db_url)
-    store.import_records(engine, [r for r in __import__("rlft.label.importing", fromlist=["x"]).parse_pair_rows(
-        (f"rows[{i}]", r) for i, r in enumerate(PAIRS[:1]))], overlap=1)  # fmt: skip
+    store.import_records(engine, parse_pair_rows([("rows[0]", PAIRS[0])]), overlap=1)
     alice, bob = (bearer(store.add_labeler(engine, n)) for n in ("alice", "bob"))
-    with TestClient(create_app(engine, ui=False, lease_seconds=0.5)) as c:
+    with TestClient(create_app(engine, ui=False, lease_seconds=1.0)) as c:
         first = c.post("/api/next", headers=alice).json()["task"]
         assert c.post("/api/next", headers=bob).json()["task"] is None  # the only slot is leased to alice
         again = c.post("/api/next", headers=alice).json()["task"]
         assert again["assignment_id"] == first["assignment_id"]  # reload returns the same item, not a new slot
-        time.sleep(0.8)
+        time.sleep(1.3)
         taken = c.post("/api/next", headers=bob).json()["task"]
         assert taken is not None and taken["example_id"] == first["example_id"]
         late = c.post("/api/preferences", json={"assignment_id": first["assignment_id"], "choice": "a"}, headers=alice)
