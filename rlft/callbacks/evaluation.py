@@ -1,0 +1,217 @@
+"""Lightning callbacks that run an evaluation every N training steps and at the end of fit.
+
+Each callback evaluates the in-memory model of the running method (``pl_module.model`` and
+``pl_module.tokenizer``, as every rlft method has them) without touching its training state, and logs to every
+active logger (CSV, TensorBoard, W&B) at the current global step. Add them in a config::
+
+    trainer:
+      callbacks:
+        - class_path: rlft.callbacks.PerplexityCallback
+          init_args: {data: data/val.jsonl, every_n_steps: 200, limit: 64}
+        - class_path: rlft.callbacks.SampleGenerationsCallback
+          init_args: {prompts: ["Write a haiku about autumn."], every_n_steps: 200}
+
+Evaluations run on global rank 0 only (other ranks continue), so keep them small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+
+from rlft.eval.generation import Generator, SamplingSettings, eval_mode
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationCallback(L.Callback):
+    """Base class: subclasses implement :meth:`evaluate` returning ``{metric name: number}``.
+
+    Args:
+        every_n_steps: Evaluate after every N optimizer steps (0 = only at the end of fit).
+        at_fit_end: Also evaluate when fit ends.
+        prefix: Prefix of the logged metric names.
+    """
+
+    def __init__(self, every_n_steps: int = 0, at_fit_end: bool = True, prefix: str = "eval") -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps, self.at_fit_end, self.prefix = every_n_steps, at_fit_end, prefix
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._last_step = -1
+
+    def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_step:
+            return
+        self._last_step = step
+        model, tokenizer = pl_module.model, pl_module.tokenizer
+        with eval_mode(model):
+            metrics = self.evaluate(model, tokenizer, pl_module)
+        named = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
+        self.history.append((step, named))
+        for logger in trainer.loggers:
+            logger.log_metrics(named, step=step)
+        log.info("step %d: %s", step, named)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end:
+            self._run(trainer, pl_module)
+            for logger in trainer.loggers:
+                logger.save()
+
+
+class PerplexityCallback(EvaluationCallback):
+    """Perplexity on a held-out chat/instruction file (logged as ``<prefix>/perplexity``).
+
+    Args:
+        data: Data file in any rlft SFT format.
+        mode: ``assistant`` (assistant tokens only) or ``full``.
+        limit: First N records only.
+        batch_size: Windows per forward pass.
+        max_length: Window length (default: the model's context).
+        every_n_steps: See :class:`EvaluationCallback`.
+        at_fit_end: See :class:`EvaluationCallback`.
+        prefix: See :class:`EvaluationCallback`.
+    """
+
+    def __init__(self, data: str, mode: str = "assistant", limit: int | None = 64, batch_size: int = 4,
+                 max_length: int | None = None, every_n_steps: int = 0, at_fit_end: bool = True,
+                 prefix: str = "eval") -> None:  # fmt: skip
+        super().__init__(every_n_steps, at_fit_end, prefix)
+        from rlft.eval.data import load_records
+
+        self.records = load_records(data, kind="sft", limit=limit)
+        self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
+
+    def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
+        from rlft.eval.perplexity import perplexity
+
+        result = perplexity(model, tokenizer, self.records, mode=self.mode, batch_size=self.batch_size,
+                            max_length=self.max_length)  # fmt: skip
+        return {"perplexity": result.perplexity, "nll": result.nll}
+
+
+class _ModuleRewardScorer:
+    """Scores exchanges with a training :class:`rlft.methods.RewardModel` network (no copy of the weights)."""
+
+    def __init__(self, network, tokenizer) -> None:
+        from rlft.methods.reward_model import RewardScorer
+
+        was_training = network.training
+        self.scorer = RewardScorer(network, tokenizer)
+        network.train(was_training)  # RewardScorer switches to eval mode; the callback's context handles that
+
+    def score_exchanges(self, prompts: list, responses: list[str]) -> list[float]:
+        return [float(x) for x in self.scorer.score(prompts, responses).tolist()]
+
+
+class RewardAccuracyCallback(EvaluationCallback):
+    """Reward-model accuracy and AUROC on held-out pairs (for :class:`rlft.methods.RewardModel` training).
+
+    Args:
+        pairs: Pair file in any rlft pair format.
+        limit: First N pairs only.
+        every_n_steps: See :class:`EvaluationCallback`.
+        at_fit_end: See :class:`EvaluationCallback`.
+        prefix: See :class:`EvaluationCallback`.
+    """
+
+    def __init__(self, pairs: str, limit: int | None = 128, every_n_steps: int = 0, at_fit_end: bool = True,
+                 prefix: str = "eval") -> None:  # fmt: skip
+        super().__init__(every_n_steps, at_fit_end, prefix)
+        from rlft.eval.data import load_records
+
+        self.pairs = load_records(pairs, kind="pairs", limit=limit)
+
+    def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
+        from rlft.eval.reward_bench import preference_accuracy
+
+        result = preference_accuracy(_ModuleRewardScorer(model, tokenizer), self.pairs)
+        return {"rm_accuracy": result["accuracy"], "rm_auroc": result["auroc"], "rm_margin": result["mean_margin"]}
+
+
+class PassAtKCallback(EvaluationCallback):
+    """HumanEval pass@1 on a small subset, run in the sandbox (logged as ``<prefix>/pass@1``).
+
+    Args:
+        limit: First N HumanEval problems.
+        mode: ``chat`` or ``completion`` (see :func:`rlft.eval.humaneval.evaluate_humaneval`).
+        max_new_tokens: Generation budget per problem.
+        every_n_steps: See :class:`EvaluationCallback`.
+        at_fit_end: See :class:`EvaluationCallback`.
+        prefix: See :class:`EvaluationCallback`.
+    """
+
+    def __init__(self, limit: int = 8, mode: str = "chat", max_new_tokens: int = 256, every_n_steps: int = 0,
+                 at_fit_end: bool = True, prefix: str = "eval") -> None:  # fmt: skip
+        super().__init__(every_n_steps, at_fit_end, prefix)
+        from rlft.eval.humaneval import load_problems
+
+        self.problems = load_problems(limit=limit)
+        self.mode, self.max_new_tokens = mode, max_new_tokens
+
+    def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
+        from rlft.eval.humaneval import evaluate_humaneval
+
+        result = evaluate_humaneval(Generator(model, tokenizer), self.problems, mode=self.mode,
+                                    max_new_tokens=self.max_new_tokens)  # fmt: skip
+        return {"pass@1": result["pass@1"]}
+
+
+class SampleGenerationsCallback(EvaluationCallback):
+    """Greedy answers to fixed prompts, as a table: W&B table, TensorBoard text, and ``samples.jsonl`` in the log
+    folder (CSV runs). Logs the mean answer length in words as ``<prefix>/sample_length``.
+
+    Args:
+        prompts: User messages to answer.
+        max_new_tokens: Answer budget.
+        every_n_steps: See :class:`EvaluationCallback`.
+        at_fit_end: See :class:`EvaluationCallback`.
+        prefix: See :class:`EvaluationCallback`.
+    """
+
+    def __init__(self, prompts: list[str], max_new_tokens: int = 64, every_n_steps: int = 0, at_fit_end: bool = True,
+                 prefix: str = "eval") -> None:  # fmt: skip
+        super().__init__(every_n_steps, at_fit_end, prefix)
+        if not prompts:
+            raise ValueError("SampleGenerationsCallback needs at least one prompt")
+        self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
+        self.samples: list[dict] = []
+
+    def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
+        chats = [[{"role": "user", "content": p}] for p in self.prompts]
+        answers = [s[0] for s in Generator(model, tokenizer).generate(chats, SamplingSettings(self.max_new_tokens))]
+        step = pl_module.trainer.global_step
+        rows = [{"step": step, "prompt": p, "response": a} for p, a in zip(self.prompts, answers)]
+        self.samples += rows
+        self._publish(pl_module.trainer, rows, step)
+        return {"sample_length": sum(len(a.split()) for a in answers) / len(answers)}
+
+    def _publish(self, trainer, rows: list[dict], step: int) -> None:
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(logger, "log_table"):  # W&B
+                logger.log_table(key=f"{self.prefix}/samples", columns=["step", "prompt", "response"],
+                                 data=[[r["step"], r["prompt"], r["response"]] for r in rows], step=step)  # fmt: skip
+            elif hasattr(experiment, "add_text"):  # TensorBoard
+                table = "| prompt | response |\n|---|---|\n" + "\n".join(
+                    f"| {r['prompt']} | {r['response']} |".replace("\n", " ") for r in rows
+                )
+                experiment.add_text(f"{self.prefix}/samples", table, global_step=step)
+            log_dir = getattr(logger, "log_dir", None)
+            if log_dir and not hasattr(experiment, "add_text"):
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                with open(Path(log_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
