@@ -45,8 +45,31 @@ def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
     return chunk if temperature == 1.0 else chunk / temperature
 
 
+def _as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
+    """View ``[..., V]`` as ``[A, M, V]`` blocks of rows, without copying whenever possible.
+
+    ``logits[:, :-1]`` (the causal shift) cannot be flattened to ``[N, V]`` as a view (``reshape`` would silently
+    copy the whole tensor), but it is ``B`` blocks of ``T - 1`` contiguous rows, which is all the kernels need.
+    """
+    vocab = logits.shape[-1]
+    layouts = [(1, -1, vocab)] + ([(-1, logits.shape[-2], vocab)] if logits.dim() >= 2 else [])
+    for layout in layouts:
+        try:
+            return logits.view(*layout)
+        except RuntimeError:
+            continue
+    return logits.reshape(1, -1, vocab)  # exotic strides: a copy is unavoidable
+
+
+def _row_chunks(blocks: torch.Tensor, chunk_size: int):
+    """``(block, row slice)`` pairs covering ``[A, M, ...]`` with at most ``chunk_size`` rows each."""
+    for block in range(blocks.shape[0]):
+        for start in range(0, blocks.shape[1], chunk_size):
+            yield block, slice(start, start + chunk_size)
+
+
 class _GatherLogps(torch.autograd.Function):
-    """``log_softmax(logits / temperature)[label]`` over rows of a 2-D ``[N, V]`` tensor, chunk by chunk."""
+    """``log_softmax(logits / temperature)[label]`` over ``[A, M, V]`` row blocks, chunk by chunk."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, temperature: float):
@@ -55,11 +78,11 @@ class _GatherLogps(torch.autograd.Function):
         safe_labels = labels.masked_fill(~valid, 0)
         out = torch.empty(labels.shape, dtype=out_dtype, device=logits.device)
         lse = torch.empty(labels.shape, dtype=out_dtype, device=logits.device)
-        for start in range(0, logits.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk = _scaled(logits[rows].to(out_dtype), temperature)
-            lse[rows] = torch.logsumexp(chunk, dim=-1)
-            out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+        for block, rows in _row_chunks(logits, chunk_size):
+            chunk = _scaled(logits[block, rows].to(out_dtype), temperature)
+            lse[block, rows] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(-1, safe_labels[block, rows].unsqueeze(-1)).squeeze(-1)
+            out[block, rows] = picked - lse[block, rows]
         out = out.masked_fill(~valid, 0.0)
         ctx.save_for_backward(logits, safe_labels, valid, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
@@ -70,17 +93,17 @@ class _GatherLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         logits, safe_labels, valid, lse = ctx.saved_tensors
         grad_rows = (grad_out * valid).to(lse.dtype) / ctx.temperature
-        grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for block, rows in _row_chunks(logits, ctx.chunk_size):
             # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x); one fresh buffer per chunk, updated in place,
             # keeps temporaries and memory passes to a minimum.
-            grad = logits[rows].to(lse.dtype, copy=True)
+            grad = logits[block, rows].to(lse.dtype, copy=True)
             if ctx.temperature != 1.0:
                 grad.div_(ctx.temperature)
-            grad.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-grad_rows[rows].unsqueeze(-1))
-            grad.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
-            grad_logits[rows].copy_(grad)
+            scale = grad_rows[block, rows].unsqueeze(-1)
+            grad.sub_(lse[block, rows].unsqueeze(-1)).exp_().mul_(-scale)
+            grad.scatter_add_(-1, safe_labels[block, rows].unsqueeze(-1), scale)
+            grad_logits[block, rows].copy_(grad)
         return grad_logits, None, None, None
 
 
@@ -124,7 +147,8 @@ def gather_logps(
             f"labels must be in [0, {vocab}) or {IGNORE_INDEX}; got values in "
             f"[{int(scored.min())}, {int(scored.max())}]"
         )
-    out = _GatherLogps.apply(logits.reshape(-1, vocab), flat_labels, chunk_size, temperature)
+    blocks = _as_row_blocks(logits)
+    out = _GatherLogps.apply(blocks, flat_labels.view(blocks.shape[:-1]), chunk_size, temperature)
     return out.reshape(labels.shape)
 
 
@@ -261,20 +285,19 @@ def hidden_logps(
 
 
 class _Entropy(torch.autograd.Function):
-    """Shannon entropy of ``softmax(row)`` for each row of ``[N, V]``, chunk by chunk."""
+    """Shannon entropy of ``softmax(row / temperature)`` for each row of ``[A, M, V]`` row blocks, chunk by chunk."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, chunk_size: int, temperature: float):
         out_dtype = _compute_dtype(logits.dtype)
-        entropy = torch.empty(logits.shape[0], dtype=out_dtype, device=logits.device)
+        entropy = torch.empty(logits.shape[:-1], dtype=out_dtype, device=logits.device)
         lse = torch.empty_like(entropy)
-        for start in range(0, logits.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk = _scaled(logits[rows].to(out_dtype), temperature)
-            lse[rows] = torch.logsumexp(chunk, dim=-1)
+        for block, rows in _row_chunks(logits, chunk_size):
+            chunk = _scaled(logits[block, rows].to(out_dtype), temperature)
+            lse[block, rows] = torch.logsumexp(chunk, dim=-1)
             # -sum p log p rather than logsumexp(x) - sum p x: the latter cancels badly for peaked rows in fp32
-            logp = chunk - lse[rows].unsqueeze(-1)
-            entropy[rows] = -(torch.exp(logp) * logp).sum(-1)
+            logp = chunk - lse[block, rows].unsqueeze(-1)
+            entropy[block, rows] = -(torch.exp(logp) * logp).sum(-1)
         ctx.save_for_backward(logits, lse, entropy)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return entropy
@@ -283,14 +306,13 @@ class _Entropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         logits, lse, entropy = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            logp = _scaled(logits[rows].to(lse.dtype), ctx.temperature) - lse[rows].unsqueeze(-1)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for block, rows in _row_chunks(logits, ctx.chunk_size):
+            logp = _scaled(logits[block, rows].to(lse.dtype), ctx.temperature) - lse[block, rows].unsqueeze(-1)
             # dH/dx_j = -p_j (log p_j + H) / temperature
-            scale = grad_out[rows].unsqueeze(-1).to(lse.dtype) / ctx.temperature
-            grad = -torch.exp(logp) * (logp + entropy[rows].unsqueeze(-1)) * scale
-            grad_logits[rows] = grad.to(logits.dtype)
+            scale = grad_out[block, rows].unsqueeze(-1).to(lse.dtype) / ctx.temperature
+            grad = -torch.exp(logp) * (logp + entropy[block, rows].unsqueeze(-1)) * scale
+            grad_logits[block, rows].copy_(grad)
         return grad_logits, None, None
 
 
@@ -309,5 +331,4 @@ def entropy_from_logits(
     """
     _check_chunk_size(chunk_size)
     _check_temperature(temperature)
-    vocab = logits.shape[-1]
-    return _Entropy.apply(logits.reshape(-1, vocab), chunk_size, temperature).reshape(logits.shape[:-1])
+    return _Entropy.apply(_as_row_blocks(logits), chunk_size, temperature).reshape(logits.shape[:-1])
