@@ -1,0 +1,34 @@
+"""rlft's evaluation suite: the Python API behind ``rlft eval``.
+
+    from rlft.eval import Generator, SamplingSettings, perplexity, evaluate_humaneval, load_problems
+    ppl = perplexity(model, tokenizer, records, mode="assistant").perplexity
+
+Names are imported lazily so ``import rlft.eval`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Generator": "generation", "SamplingSettings": "generation",
+    "perplexity": "perplexity", "PerplexityResult": "perplexity",
+    "multiple_choice_accuracy": "accuracy", "generative_accuracy": "accuracy", "extract_answer": "accuracy",
+    "evaluate_humaneval": "humaneval", "load_problems": "humaneval",
+    "run_lm_eval": "harness", "offline_tasks": "harness",
+    "preference_accuracy": "reward_bench", "policy_report": "reward_bench", "load_reward_scorer": "reward_bench",
+    "RewardModelScorer": "reward_bench", "refusal_rate": "reward_bench",
+    "generate_for_policies": "compare", "summarize_policies": "compare",
+    "Judge": "judge", "LocalJudge": "judge", "OpenAIJudge": "judge",
+    "build_report": "report", "write_result": "results", "make_result": "results", "load_records": "data",
+    "pass_at_k": "metrics", "win_rate": "metrics", "auroc": "metrics", "distinct_n": "metrics", "self_bleu": "metrics",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rlft.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rlft.eval.{_EXPORTS[name]}"), name)
