@@ -46,7 +46,7 @@ def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
-    """View ``[..., V]`` as ``[A, M, V]`` blocks of rows, without copying whenever possible.
+    """View ``[..., V]`` (logits, or hidden states ``[..., H]``) as ``[A, M, V]`` row blocks, without copying.
 
     ``logits[:, :-1]`` (the causal shift) cannot be flattened to ``[N, V]`` as a view (``reshape`` would silently
     copy the whole tensor), but it is ``B`` blocks of ``T - 1`` contiguous rows, which is all the kernels need.
@@ -153,7 +153,7 @@ def gather_logps(
 
 
 class _HiddenLogps(torch.autograd.Function):
-    """Per-token log-probs from hidden states ``[N, H]`` through an LM head ``[V, H]``, chunk of tokens by chunk.
+    """Per-token log-probs from ``[A, M, H]`` hidden-state blocks through an LM head ``[V, H]``, chunk by chunk.
 
     The projection runs in ``matmul_dtype`` (the autocast dtype when autocast was on at forward time, else the
     inputs' dtype), fixed at forward time so the backward recomputation sees exactly the forward's logits whatever
@@ -170,12 +170,12 @@ class _HiddenLogps(torch.autograd.Function):
         # Cast the head once, not once per chunk.
         head, head_bias = _cast(weight, matmul_dtype), _cast(bias, matmul_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
-                rows = slice(start, start + chunk_size)
-                logits = F.linear(hidden[rows].to(matmul_dtype), head, head_bias)
+            for block, rows in _row_chunks(hidden, chunk_size):
+                logits = F.linear(hidden[block, rows].to(matmul_dtype), head, head_bias)
                 chunk = _scaled(logits.to(out_dtype), temperature)
-                lse[rows] = torch.logsumexp(chunk, dim=-1)
-                out[rows] = chunk.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+                lse[block, rows] = torch.logsumexp(chunk, dim=-1)
+                picked = chunk.gather(-1, safe_labels[block, rows].unsqueeze(-1)).squeeze(-1)
+                out[block, rows] = picked - lse[block, rows]
         ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
         ctx.chunk_size, ctx.temperature, ctx.matmul_dtype = chunk_size, temperature, matmul_dtype
         return out.masked_fill(~valid, 0.0)
@@ -187,26 +187,26 @@ class _HiddenLogps(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         mm = ctx.matmul_dtype
         grad_rows = (grad_out * valid).to(lse.dtype) / ctx.temperature
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         # The head's gradient is a sum over all chunks: accumulate it in fp32 (fp64 for fp64), cast once at the end.
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_bias else None
         head, head_bias = _cast(weight, mm), _cast(bias, mm)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                rows = slice(start, start + ctx.chunk_size)
-                chunk_hidden = hidden[rows].to(mm)
+            for block, rows in _row_chunks(hidden, ctx.chunk_size):
+                chunk_hidden = hidden[block, rows].to(mm)
                 grad_logits = F.linear(chunk_hidden, head, head_bias).to(lse.dtype)  # fresh buffer: in-place is safe
                 if ctx.temperature != 1.0:
                     grad_logits.div_(ctx.temperature)
                 # d/dlogits [logit_y - logsumexp] = onehot(y) - softmax
-                grad_logits.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-grad_rows[rows].unsqueeze(-1))
-                grad_logits.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), grad_rows[rows].unsqueeze(-1))
+                scale = grad_rows[block, rows].unsqueeze(-1)
+                grad_logits.sub_(lse[block, rows].unsqueeze(-1)).exp_().mul_(-scale)
+                grad_logits.scatter_add_(-1, safe_labels[block, rows].unsqueeze(-1), scale)
                 if need_bias:
                     grad_bias += grad_logits.sum(0)
                 grad_logits = grad_logits.to(mm)
                 if need_hidden:
-                    grad_hidden[rows] = (grad_logits @ head).to(hidden.dtype)
+                    grad_hidden[block, rows] = (grad_logits @ head).to(hidden.dtype)
                 if need_weight:
                     grad_weight += (grad_logits.transpose(0, 1) @ chunk_hidden).to(lse.dtype)
         if grad_weight is not None:
@@ -278,9 +278,10 @@ def hidden_logps(
     scored = flat_labels[flat_labels != IGNORE_INDEX]
     if scored.numel() and (scored.min() < 0 or scored.max() >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}")
-    flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    matmul_dtype = _matmul_dtype(flat_hidden, lm_head_weight)
-    out = _HiddenLogps.apply(flat_hidden, lm_head_weight, bias, flat_labels, chunk_size, temperature, matmul_dtype)
+    blocks = _as_row_blocks(hidden_states)  # hidden[:, :-1] is used in place, not copied
+    matmul_dtype = _matmul_dtype(blocks, lm_head_weight)
+    block_labels = flat_labels.view(blocks.shape[:-1])
+    out = _HiddenLogps.apply(blocks, lm_head_weight, bias, block_labels, chunk_size, temperature, matmul_dtype)
     return out.reshape(labels.shape)
 
 
