@@ -33,6 +33,9 @@ class GRPO(RLFTModule):
     ``train/approx_kl`` (to the rollout policy), ``train/response_length``, ``train/stop_rate``,
     ``train/rollout_tokens_per_sec``, ``train/step_seconds``.
 
+    ``trainer.max_steps`` counts optimiser updates: one per rollout by default, ``num_iterations *
+    ceil(batch_size * group_size / minibatch_size)`` in general.
+
     Args:
         rewards: Reward sources summed with their weights (see :mod:`rlft.rewards`).
         sampling: How responses are sampled (use ``temperature > 0``: a group of identical answers teaches nothing).
@@ -151,7 +154,7 @@ class GRPO(RLFTModule):
     def optimise(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """``num_iterations`` passes over minibatches of one rollout; returns the means of the statistics."""
         hp = self.hparams
-        optimizer = self.optimizers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mask = rollout.response_mask.float()
         length = rollout.response_ids.shape[1]
         totals: dict[str, list[torch.Tensor]] = {}
@@ -176,6 +179,8 @@ class GRPO(RLFTModule):
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
+                if scheduler is not None:  # per optimiser step, as Lightning counts `max_steps` here
+                    scheduler.step()
                 step = {
                     "loss": loss.detach(),
                     "entropy": masked_mean(entropy, mask[rows]),
@@ -184,9 +189,6 @@ class GRPO(RLFTModule):
                 }
                 for key, value in step.items():
                     totals.setdefault(key, []).append(value)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
         return {k: torch.stack(v).mean() for k, v in totals.items()}
 
     # ------------------------------------------------------------------ validation, throughput

@@ -84,6 +84,9 @@ class PPO(RLFTModule):
     ``train/explained_variance``, ``train/response_length``, ``train/stop_rate``, ``train/ppo_epochs``,
     ``train/rollout_tokens_per_sec`` and ``train/step_seconds``.
 
+    ``trainer.max_steps`` counts optimiser updates (Lightning's convention for manual optimisation): each rollout
+    makes ``ppo_epochs * ceil(rollout size / minibatch_size)`` of them, fewer when the epochs stop early.
+
     Args:
         rewards: Reward sources summed with their weights (see :mod:`rlft.rewards`).
         sampling: How responses are sampled.
@@ -263,7 +266,7 @@ class PPO(RLFTModule):
     def optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """PPO epochs over minibatches of one rollout; returns the means of the update statistics."""
         hp = self.hparams
-        optimizer = self.optimizers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mask = rollout.response_mask.float()
         length = rollout.response_ids.shape[1]
         totals: dict[str, list[torch.Tensor]] = {}
@@ -291,6 +294,8 @@ class PPO(RLFTModule):
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
+                if scheduler is not None:  # per optimiser step, as Lightning counts `max_steps` here
+                    scheduler.step()
                 step = {
                     "loss": loss.detach(),
                     "policy_loss": policy_losses.detach().mean(),
@@ -304,9 +309,6 @@ class PPO(RLFTModule):
             epochs_done += 1
             if hp.target_approx_kl is not None and torch.stack(epoch_kl).mean() > hp.target_approx_kl:
                 break
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
         means = {k: torch.stack(v).mean() for k, v in totals.items()}
         means["ppo_epochs"] = torch.tensor(float(epochs_done))
         return means
