@@ -99,10 +99,13 @@ def test_causal_shift_slice_is_processed_without_copying_the_logits():
     (g_ref,) = torch.autograd.grad(ref.sum(), logits)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(entropy_from_logits(logits[:, 1:], chunk_size=4), naive_entropy(logits[:, 1:]))
-    hidden = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
-    head = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    hidden_labels = torch.tensor([[1, 6, IGNORE_INDEX, 0], [2, 2, 5, 3]])
     assert _as_row_blocks(hidden[:, :-1]).data_ptr() == hidden.data_ptr()
-    assert torch.autograd.gradcheck(lambda h, w: hidden_logps(h[:, :-1], w, labels, chunk_size=3), (hidden, head))
+    assert torch.autograd.gradcheck(
+        lambda h, w: hidden_logps(h[:, :-1], w, hidden_labels, chunk_size=3), (hidden, head)
+    )
 
 
 def test_gather_logps_gradcheck_fp64():
