@@ -117,3 +117,19 @@ def test_local_model_judge_counts_unparseable_replies(tiny):
     assert result["n"] == 1 and result["scored"] + result["unparseable"] == 1
     if result["unparseable"]:
         assert result["mean_score"] is None and result["retries"] == 1
+
+
+def test_cli_pairwise_judge_over_http_is_cached_between_runs(server, tmp_path):
+    from rlft.eval.cli import main
+
+    url, seen = server
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour."}\n{"prompt": "Name an animal."}\n')
+    argv = ["judge", "tiny-llama", str(prompts), "--mode", "pairwise", "--baseline", "tiny-qwen2", "--api_base", url,
+            "--api_model", "judge-model", "--max_new_tokens", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    main(argv)
+    result = json.loads((tmp_path / "out" / "judge_pairwise.json").read_text())
+    assert result["metrics"]["judged"] == 2 and result["metrics"]["win_rate"]["n"] == 2
+    assert seen["requests"] == 4  # two prompts, both orders
+    main(argv)
+    assert seen["requests"] == 4  # the second run is answered from <out>/judge_cache.jsonl
