@@ -121,6 +121,25 @@ def test_pair_logps_gradients_match_full_logits_path():
     assert torch.equal(logps.chosen_tokens, (batch["chosen_labels"][:, 1:] != -100).sum(-1))
 
 
+def test_gradient_checkpointing_with_lora_keeps_loss_and_gradients():
+    batch = pairs_batch("tiny-llama", n=3)
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        dpo = DPO("tiny-llama", lora=LORA, gradient_checkpointing=checkpointing).train()
+        with torch.no_grad():
+            for name, p in dpo.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+        loss, _ = dpo.compute_loss(batch)
+        loss.backward()  # the "element 0 of tensors does not require grad" failure would raise here
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for n, p in dpo.model.named_parameters() if "lora_A" in n]))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    assert grads[1].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------- reference modes
 def test_adapter_reference_is_the_base_without_a_second_copy():
     batch = pairs_batch("tiny-llama")

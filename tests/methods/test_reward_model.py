@@ -174,8 +174,10 @@ def test_hh_transcripts_with_mismatched_prompts_are_reported(tmp_path, caplog):
     path = tmp_path / "hh.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (good, mismatch, good | {"rejected": good["chosen"]})) + "\n")
     rm = RewardModel("tiny-llama", lora=LORA)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
     with pytest.raises(ValueError) as error:
         trainer.fit(rm, PreferenceDataModule(path=str(path), val_fraction=0.0))
     assert "hh.jsonl:2" in str(error.value) and "prompt" in str(error.value)
