@@ -48,9 +48,9 @@ def test_smollm2_perplexity_on_alpaca_seed_tasks(smollm2):
     from rlft.eval.perplexity import perplexity
 
     model, tok = smollm2
-    records = load_records(ALPACA, kind="sft", limit=40)
+    records = load_records(ALPACA, kind="sft", limit=12)
     result = perplexity(model, tok, records, mode="assistant", batch_size=8)
     # random weights over a 49k vocabulary would give ~5e4; a trained instruct model is in the single/low double digits
     assert 1.5 < result.perplexity < 40, result
-    assert result.examples == 40 and result.tokens > 1000
-    print(f"SmolLM2-135M-Instruct assistant-token perplexity on 40 Alpaca seed tasks = {result.perplexity:.2f}")
+    assert result.examples == 12 and result.tokens > 300
+    print(f"SmolLM2-135M-Instruct assistant-token perplexity on 12 Alpaca seed tasks = {result.perplexity:.2f}")
