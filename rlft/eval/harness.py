@@ -89,6 +89,9 @@ def run_lm_eval(
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ImportError("lm-eval tasks need the `lm-eval` package: pip install 'rlft[eval]'") from error
+    own_unknown = [t for t in tasks if t.startswith("rlft_") and t not in offline_tasks()]
+    if own_unknown and not include_path:  # rlft's names are all known without indexing lm-eval's catalogue
+        raise ValueError(f"unknown rlft task(s) {own_unknown}; rlft's offline tasks: {offline_tasks()}")
     paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else [])
     # indexing lm-eval's thousands of built-in task YAMLs takes tens of seconds: only do it when needed
     own = set(offline_tasks())

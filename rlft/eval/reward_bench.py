@@ -157,7 +157,7 @@ def refusal_rate(texts: Sequence[str]) -> float:
 class ToxicityClassifier:
     """A local text classifier with a toxic label (e.g. a downloaded ``unitary/toxic-bert`` folder).
 
-    The score is the probability of the label named ``toxic`` (case-insensitive, first match), else of label 1.
+    The score is the probability of the label whose name contains ``toxic`` (not ``non-toxic``), else of label 1.
     """
 
     def __init__(self, path: str, *, batch_size: int = 16) -> None:
@@ -166,7 +166,8 @@ class ToxicityClassifier:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
         labels = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
-        self.index = next((i for name, i in labels.items() if "toxic" in name), 1 if len(labels) > 1 else 0)
+        toxic = [i for name, i in labels.items() if "toxic" in name and not name.startswith(("non", "not"))]
+        self.index = toxic[0] if toxic else (1 if len(labels) > 1 else 0)
         self.multi_label = self.model.config.problem_type == "multi_label_classification"
         self.batch_size = batch_size
 

@@ -37,9 +37,8 @@ def test_generation_task_and_adapter_merge(tiny):
         for name, param in lora.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
-    tasks = ["rlft_mc_basics", "rlft_gen_arithmetic"]
-    plain = run_lm_eval(lora, tok, tasks, limit=3, merge_adapter=False)
-    merged = run_lm_eval(lora, tok, tasks, limit=3, merge_adapter=True)
+    plain = run_lm_eval(lora, tok, ["rlft_mc_basics", "rlft_gen_arithmetic"], limit=3, merge_adapter=False)
+    merged = run_lm_eval(lora, tok, ["rlft_mc_basics"], limit=3, merge_adapter=True)
     assert plain["results"]["rlft_mc_basics"] == pytest.approx(merged["results"]["rlft_mc_basics"])
     assert "exact_match[last_number]" in plain["results"]["rlft_gen_arithmetic"]
     assert plain["n_samples"]["rlft_gen_arithmetic"] == 3
@@ -50,4 +49,4 @@ def test_generation_task_and_adapter_merge(tiny):
 def test_unknown_task_names_are_reported(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="rlft_mc_basics"):
-        run_lm_eval(model, tok, ["rlft_no_such_task"], include_path=TASKS_DIR)
+        run_lm_eval(model, tok, ["rlft_no_such_task"])

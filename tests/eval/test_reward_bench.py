@@ -92,3 +92,25 @@ def test_two_label_classifier_is_rejected(reward_model):
     )
     with pytest.raises(ValueError, match="num_labels=1"):
         RewardModelScorer(two, tok)
+
+
+def test_local_toxicity_classifier_reads_the_toxic_label(tmp_path):
+    from rlft.eval.reward_bench import ToxicityClassifier
+    from rlft.models import load_tokenizer, resolve_model
+
+    labels = {0: "toxic", 1: "non-toxic"}  # the toxic label first, to prove it is found by name, not position
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_model("tiny-llama").path, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}
+    )
+    clf.config.pad_token_id = load_tokenizer("tiny-llama").pad_token_id
+    clf.save_pretrained(tmp_path)
+    load_tokenizer("tiny-llama").save_pretrained(tmp_path)
+    classifier = ToxicityClassifier(str(tmp_path))
+    assert classifier.index == 0
+    scores = classifier(["you are nice", "hello"])
+    tok = classifier.tokenizer
+    with torch.no_grad():
+        expected = classifier.model(**tok(["you are nice"], return_tensors="pt")).logits.softmax(-1)[0, 0].item()
+    assert scores[0] == pytest.approx(expected, abs=1e-5) and all(0 <= s <= 1 for s in scores)
+    report = toxicity(["you are nice", "hello"], classifier)
+    assert report["toxicity"] == pytest.approx(sum(scores) / 2)
