@@ -71,7 +71,10 @@ def test_val_path_and_limits(tokenizer):
 
 def test_truncation_is_counted(tokenizer, tmp_path, caplog):
     path = tmp_path / "long.jsonl"
-    rows = [{"prompt": "word " * 400, "chosen": "yes", "rejected": "no"}, {"prompt": "hi", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": "word " * 400, "chosen": "yes", "rejected": "no"},
+        {"prompt": "hi", "chosen": "a", "rejected": "b"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with caplog.at_level("WARNING"):
         dm = _module(tokenizer, "pairs", str(path), val_fraction=0.0)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtualenv in .venv and install rlft into it with the given extras.
+# Usage: bash scripts/setup_env.sh [EXTRAS]      e.g. bash scripts/setup_env.sh dev,eval,ui
+# Torch: on a machine without an NVIDIA GPU a CPU build is preferred (an unpinned `torch` pulls GBs of CUDA
+# wheels). Override the requirement with RLFT_TORCH_SPEC (and pip's usual PIP_INDEX_URL/PIP_EXTRA_INDEX_URL).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "rlft: creating virtualenv .venv"
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    spec="${RLFT_TORCH_SPEC:-torch}"
+  else
+    spec="${RLFT_TORCH_SPEC:-torch==2.13.0}"
+  fi
+  echo "rlft: installing $spec"
+  "${pip[@]}" install "$spec"
+fi
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+echo "rlft: installing rlft$( [ -n "$extras" ] && echo "[$extras]" ) (editable)"
+"${pip[@]}" install -e "$target" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+.venv/bin/python -c "import rlft, torch; print(f'rlft {rlft.__version__} ready (torch {torch.__version__})')"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Fresh machine -> lint + the whole test suite. Sets up .venv first (see scripts/setup_env.sh).
+#   bash scripts/test.sh                 # everything (real-model tests pull SmolLM2 once, ~40 s)
+#   bash scripts/test.sh -m "not real"   # skip the real-model tests; any pytest arguments work
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh dev,eval,ui
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+echo "rlft: ruff"
+.venv/bin/ruff check rlft tests scripts
+.venv/bin/ruff format --check rlft tests scripts
+echo "rlft: pytest"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
