@@ -105,9 +105,11 @@ class HFBackend:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
         sampling = settings.temperature > 0
-        torch.manual_seed(settings.seed)
         stop_ids = _stop_token_ids(self.model, tok)
-        with eval_mode(self.model):
+        # a private RNG stream: seeded sampling must not reset the generator a training run is using
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), eval_mode(self.model):
+            torch.manual_seed(settings.seed)
             for start in range(0, len(order), settings.batch_size):
                 batch = order[start : start + settings.batch_size]
                 width = max(len(encoded[i]) for i in batch)

@@ -160,7 +160,11 @@ def test_batched_generation_equals_one_by_one(tiny):
     batched = gen.generate(prompts, settings)
     single = [gen.generate([p], SamplingSettings(max_new_tokens=12, batch_size=1))[0] for p in prompts]
     assert batched == single
+    rng_before = torch.get_rng_state()
     sampled = gen.generate(prompts[:1], SamplingSettings(max_new_tokens=8, temperature=1.0, num_samples=4))
     assert len(sampled) == 1 and len(sampled[0]) == 4
+    assert torch.equal(rng_before, torch.get_rng_state())  # the caller's RNG stream is untouched
+    again = gen.generate(prompts[:1], SamplingSettings(max_new_tokens=8, temperature=1.0, num_samples=4))
+    assert again == sampled  # seeded: reproducible
     assert cut_at_stop("a\ndef f", ["\ndef", "\nclass"]) == "a"
     assert model.training is False
