@@ -23,6 +23,19 @@ def _load(model: str):
     return load_model(model, trainable_adapter=False), load_tokenizer(model)
 
 
+def _generator(lm, tok, model: str):
+    """The batched generator; vLLM serves plain model folders/hub ids when it is installed and a GPU is present."""
+    from rlft.eval.generation import Generator, vllm_usable
+
+    model_path = None
+    if vllm_usable() and not model.endswith(".ckpt"):
+        from rlft.models import resolve_model
+
+        ref = resolve_model(model)
+        model_path = ref.path if ref.adapter is None and ref.gguf_file is None else None
+    return Generator(lm, tok, model_path=model_path)
+
+
 def _finish(result: dict, out: str, name: str | None = None) -> None:
     json_path, _ = write_result(result, out, name=name)
     print(metrics_table(result["metrics"], title=f"{result['kind']}: {result['model']}"))
@@ -75,7 +88,7 @@ def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "cho
     """
     from rlft.eval.accuracy import generative_accuracy, multiple_choice_accuracy
     from rlft.eval.data import load_raw_rows
-    from rlft.eval.generation import Generator, SamplingSettings
+    from rlft.eval.generation import SamplingSettings
 
     rows = load_raw_rows(data, limit=limit)
     lm, tok = _load(model)
@@ -84,7 +97,9 @@ def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "cho
         details = {"predictions": metrics.pop("predictions")}
     else:
         settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-        metrics = generative_accuracy(Generator(lm, tok), rows, extractor=extractor, settings=settings, chat=chat)
+        metrics = generative_accuracy(
+            _generator(lm, tok, model), rows, extractor=extractor, settings=settings, chat=chat
+        )
         details = {"rows": metrics.pop("rows")}
     config = {"data": data, "method": method, "extractor": extractor, "limit": limit}
     _finish(make_result(f"accuracy_{method}", model, metrics, config=config, details=details), out)
@@ -113,12 +128,11 @@ def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown 
         seed: Sampling seed.
         out: Output folder.
     """
-    from rlft.eval.generation import Generator
     from rlft.eval.humaneval import evaluate_humaneval, load_problems
 
     problems = load_problems(limit=limit, task_ids=task_ids)
     lm, tok = _load(model)
-    result = evaluate_humaneval(Generator(lm, tok), problems, n=n, ks=k, temperature=temperature, mode=mode,
+    result = evaluate_humaneval(_generator(lm, tok, model), problems, n=n, ks=k, temperature=temperature, mode=mode,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, timeout_s=timeout_s,
                                 memory_mb=memory_mb, workers=workers, seed=seed)  # fmt: skip
     details = {"per_problem": result.pop("per_problem")}
