@@ -22,16 +22,52 @@ def pad(sequences: list[list[int]], value: int, *, left: bool = False, multiple_
     return out
 
 
-class Collator:
-    """Builds batches for one data kind (``sft``, ``pairs`` or ``prompts``)."""
+def pack(sequences: list[list[int]], labels: list[list[int]]) -> dict:
+    """Concatenate sequences into one padding-free row ``[1, sum(lengths)]``.
 
-    def __init__(self, kind: str, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    ``position_ids`` restart at 0 for every sequence; transformers turns that into a block-diagonal causal mask
+    (varlen kernels with flash-attention), so no token attends across an example boundary. The first label of
+    each sequence is ignored because its "previous token" belongs to another example.
+    """
+    ids, positions, targets = [], [], []
+    for seq, lab in zip(sequences, labels):
+        ids += seq
+        positions += range(len(seq))
+        targets += [IGNORE_INDEX] + lab[1:]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([targets]),
+        "seq_lengths": torch.tensor([len(s) for s in sequences]),
+    }
+
+
+class Collator:
+    """Builds batches for one data kind (``sft``, ``pairs`` or ``prompts``), padded or packed."""
+
+    def __init__(
+        self, kind: str, pad_token_id: int, pad_to_multiple_of: int | None = None, packing: bool = False
+    ) -> None:
         self.kind = kind
         self.pad_id = pad_token_id
         self.multiple_of = pad_to_multiple_of
+        self.packing = packing
 
     def __call__(self, examples: list[dict]) -> dict:
+        if self.packing and self.kind == "sft":
+            return pack([e["input_ids"] for e in examples], [e["labels"] for e in examples])
+        if self.packing and self.kind == "pairs":
+            return self._pairs_packed(examples)
         return getattr(self, f"_{self.kind}")(examples)
+
+    def _pairs_packed(self, examples: list[dict]) -> dict:
+        # all chosen sequences, then all rejected ones: the same order as the padded concatenated forward
+        sides = ("chosen", "rejected")
+        seqs = [e["prompt_ids"] + e[f"{side}_ids"] for side in sides for e in examples]
+        labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_labels"] for side in sides for e in examples]
+        batch = pack(seqs, labels)
+        batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
+        return batch
 
     def _right(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         return pad(seqs, value, multiple_of=self.multiple_of)
@@ -79,3 +115,10 @@ def _fit(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     if tensor.shape[1] == width:
         return tensor
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens in a padded or packed batch, for throughput."""
+    if "seq_lengths" in batch:
+        return int(batch["seq_lengths"].sum())
+    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))

@@ -63,6 +63,8 @@ class PreferenceDataModule(L.LightningDataModule):
         subset: Hub dataset configuration name.
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: Round padded lengths up (helps tensor cores on GPU).
+        packing: Padding-free batches: the batch's sequences are concatenated into one row with restarting
+            ``position_ids`` (no pad tokens computed, no attention across examples). SFT and pairs.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class PreferenceDataModule(L.LightningDataModule):
         subset: str | None = None,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -164,7 +167,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return {**record, "prompt_ids": enc.input_ids, "truncated": enc.truncated}
 
     def _collator(self) -> Collator:
-        return Collator(self.kind, self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
+        hp = self.hparams
+        return Collator(self.kind, self.tokenizer.pad_token_id, hp.pad_to_multiple_of, packing=hp.packing)
 
     def _consumed_batches(self) -> int:
         """Batches of the current epoch that a resumed run has already trained on."""
@@ -201,7 +205,3 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
-
-    def tokens_in(self, batch: dict) -> int:
-        """Real (non-pad) tokens in a batch, for throughput."""
-        return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))

@@ -20,7 +20,8 @@ import lightning as L
 import torch
 import transformers
 
-from rlft.models import LoraSettings, load_model, load_tokenizer
+from rlft.data.collate import count_tokens
+from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,18 @@ class RLFTModule(L.LightningModule):
             gradient_checkpointing=hp.gradient_checkpointing, attn_implementation=hp.attn_implementation,
         )  # fmt: skip
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if (
+            datamodule is not None
+            and getattr(datamodule.hparams, "packing", False)
+            and not supports_packing(self.model)
+        ):
+            raise ValueError(
+                f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "
+                "attention mask), so padding-free packing would mix examples; set data.packing: false"
+            )
+
     # ---------------------------------------------------------------- training loop
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the scalar loss and a dict of detached metrics (names without the ``train/`` prefix)."""
@@ -127,7 +140,7 @@ class RLFTModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
-        tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v))
+        tokens = count_tokens(batch)
         if elapsed > 0:
             self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True)
 

@@ -19,7 +19,10 @@ class SFT(RLFTModule):
 
     def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of the labels and the mask of trained tokens, both ``[B, T-1]``."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), use_cache=False,
+        ).logits  # fmt: skip
         labels = batch["labels"][:, 1:]
         return gather_logps(logits[:, :-1], labels), labels != IGNORE_INDEX
 

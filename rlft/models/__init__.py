@@ -8,6 +8,7 @@ from rlft.models.loading import (
     load_model,
     load_tokenizer,
     resolve_model,
+    supports_packing,
 )
 from rlft.models.registry import REGISTRY, cache_dir, cached_path, pull
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_tokenizer",
     "pull",
     "resolve_model",
+    "supports_packing",
 ]

@@ -219,3 +219,21 @@ def load_model(
         task_type=None,
     )
     return peft.get_peft_model(base, config)
+
+
+@torch.no_grad()
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` keeps packed sequences apart given restarting ``position_ids`` (probed on two sequences).
+
+    Most decoders (Llama, Mistral, Qwen, Gemma, GPT-2) do; models that derive positions from the attention mask
+    (e.g. OPT) do not, and packing them would silently mix examples.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    first, second = torch.arange(3, 10, device=device)[None], torch.arange(11, 16, device=device)[None]
+    separate = torch.cat([model(input_ids=s, use_cache=False).logits for s in (first, second)], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).to(device)[None]
+    packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
+    model.train(was_training)
+    return torch.allclose(separate.float(), packed.float(), atol=1e-3, rtol=1e-3)

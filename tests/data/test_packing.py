@@ -1,0 +1,94 @@
+"""Padding-free packing: identical per-example losses, no attention across examples, clear refusal otherwise."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from rlft.data import PreferenceDataModule
+from rlft.data.encoding import IGNORE_INDEX
+from rlft.methods import SFT
+from rlft.models import load_model, load_tokenizer, supports_packing
+from rlft.ops import gather_logps
+
+
+def _batches(name: str, kind: str, packing: bool, path: str) -> list[dict]:
+    dm = PreferenceDataModule(path=path, batch_size=4, max_length=96, val_fraction=0.0, packing=packing, limit=8)
+    dm.attach(kind, load_tokenizer(name)).setup("fit")
+    return list(dm.train_dataloader())
+
+
+def _per_sequence_logps(model, batch: dict) -> list[float]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits  # fmt: skip
+    labels = batch["labels"][:, 1:]
+    token = gather_logps(logits[:, :-1], labels) * (labels != IGNORE_INDEX)
+    if "seq_lengths" not in batch:
+        return token.sum(-1).tolist()
+    sums, start = [], 0
+    for length in batch["seq_lengths"].tolist():  # a segment's labels sit one position left after the shift
+        sums.append(float(token[0, max(start - 1, 0) : start + length - 1].sum()))
+        start += length
+    return sums
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-gemma", "tiny-gpt2"])
+def test_packed_sft_losses_equal_padded_per_example(name):
+    model = load_model(name).eval()
+    padded = _batches(name, "sft", False, "rlft/assets/sample_sft.jsonl")
+    packed = _batches(name, "sft", True, "rlft/assets/sample_sft.jsonl")
+    assert all(b["input_ids"].shape[0] == 1 for b in packed)
+    assert sum(int(b["seq_lengths"].sum()) for b in packed) == sum(int(b["attention_mask"].sum()) for b in padded)
+    with torch.no_grad():
+        for a, b in zip(padded, packed):
+            torch.testing.assert_close(
+                torch.tensor(_per_sequence_logps(model, a)), torch.tensor(_per_sequence_logps(model, b)),
+                atol=1e-4, rtol=1e-5,
+            )  # fmt: skip
+
+
+def test_packed_pairs_keep_chosen_then_rejected_order():
+    padded = _batches("tiny-llama", "pairs", False, "rlft/assets/sample_pairs.jsonl")[0]
+    packed = _batches("tiny-llama", "pairs", True, "rlft/assets/sample_pairs.jsonl")[0]
+    lengths = packed["seq_lengths"].tolist()
+    expected = padded["chosen_attention_mask"].sum(1).tolist() + padded["rejected_attention_mask"].sum(1).tolist()
+    assert lengths == expected
+    first = padded["chosen_input_ids"][0, : lengths[0]]
+    assert torch.equal(packed["input_ids"][0, : lengths[0]], first)
+
+
+def test_one_example_cannot_change_another_when_packed():
+    model = load_model("tiny-llama").eval()
+    a, b, other = torch.arange(5, 12), torch.arange(20, 26), torch.arange(60, 67)
+    positions = torch.tensor([list(range(7)) + list(range(6))])
+    with torch.no_grad():
+        ab = model(input_ids=torch.cat([a, b])[None], position_ids=positions, use_cache=False).logits
+        cb = model(input_ids=torch.cat([other, b])[None], position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(ab[0, 7:], cb[0, 7:])  # b's outputs do not depend on what precedes it in the row
+    assert not torch.allclose(ab[0, :7], cb[0, :7])
+
+
+def test_packing_is_refused_for_a_model_that_would_mix_examples(tmp_path):
+    assert not supports_packing(load_model("tiny-opt"))
+    assert supports_packing(load_model("tiny-llama"))
+    module = SFT(model="tiny-opt", lora=None)
+    data = PreferenceDataModule(path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=64, packing=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="packing"):
+        trainer.fit(module, data)
+
+
+def test_sft_trains_packed_with_the_same_first_loss(tmp_path):
+    losses = {}
+    for packing in (False, True):
+        L.seed_everything(0)
+        module = SFT(model="tiny-llama", lora=None)
+        data = PreferenceDataModule(path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=96,
+                                    val_fraction=0.0, packing=packing)  # fmt: skip
+        data.attach("sft", module.tokenizer).setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        with torch.no_grad():
+            losses[packing] = float(module.compute_loss(batch)[0])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
