@@ -261,8 +261,10 @@ class DPO(RLFTModule):
         """Summed reference log-probs ``(chosen [B], rejected [B])``; override to plug in another reference."""
         if self.reference_mode != "precomputed":
             return self.live_reference_logps(batch)
-        if self._ref_cache is None:
-            raise RuntimeError("reference: precomputed, but the cache was not built (it is built in on_fit_start)")
+        if self._ref_cache is None:  # `validate`/`test` without `fit`: build (or load) the cache now
+            if self._trainer is None:
+                raise RuntimeError("reference: precomputed needs a Trainer (the cache is built from its datamodule)")
+            self.prepare_reference_cache()
         keys = batch_keys(batch)
         missing = [k for k in keys if k not in self._ref_cache]
         if missing:

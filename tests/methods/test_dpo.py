@@ -213,6 +213,13 @@ def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(
             val_check_interval=2).fit(resumed, data(), ckpt_path=str(ckpt_dir / "last.ckpt"))  # fmt: skip
     assert resumed.trainer.current_epoch >= 2 and not calls
     assert cache_file.stat().st_mtime_ns == mtime
+    # `validate` without `fit` loads the same cache
+    fresh = DPO("tiny-llama", lora=LORA, reference="precomputed")
+    callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir))
+    metrics = trainer(tmp_path, 1, enable_checkpointing=True, callbacks=[callback], limit_val_batches=None).validate(
+        fresh, data(), verbose=False
+    )
+    assert not calls and metrics[0]["val/loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_precomputed_full_finetune_refuses_to_use_trained_policy_on_resume(tmp_path):
