@@ -63,6 +63,7 @@ class PreferenceDataModule(L.LightningDataModule):
         subset: Hub dataset configuration name.
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: Round padded lengths up (helps tensor cores on GPU).
+        shuffle: Shuffle the training order each epoch (seeded; the order survives a resume).
         packing: Padding-free batches: the batch's sequences are concatenated into one row with restarting
             ``position_ids`` (no pad tokens computed, no attention across examples). SFT and pairs.
     """
@@ -86,6 +87,7 @@ class PreferenceDataModule(L.LightningDataModule):
         subset: str | None = None,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
+        shuffle: bool = True,
         packing: bool = False,
     ) -> None:
         super().__init__()
@@ -185,7 +187,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(len(self.train_set), seed=hp.seed, shuffle=True, num_replicas=world, rank=rank)
+        sampler = ResumableSampler(len(self.train_set), seed=hp.seed, shuffle=hp.shuffle, num_replicas=world, rank=rank)
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
         sampler.skip = self._consumed_batches() * hp.batch_size
