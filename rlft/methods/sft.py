@@ -27,10 +27,23 @@ class SFT(RLFTModule):
         return gather_logps(logits[:, :-1], labels), labels != IGNORE_INDEX
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Token-weighted NLL over the *global* batch.
+
+        Under data parallelism each rank divides its NLL sum by the token count of all ranks (times the world size,
+        which the gradient averaging divides out again), so N processes compute exactly the gradient of one
+        process with the N-times larger batch rather than an average of per-rank means.
+        """
         logps, mask = self.token_logps(batch)
+        nll = -(logps * mask).sum()
         tokens = mask.sum()
-        loss = -(logps * mask).sum() / tokens.clamp(min=1)
-        return loss, {"trained_tokens": tokens.float()}
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and self.training:
+            global_tokens = self.trainer.strategy.reduce(tokens.detach().float(), reduce_op="sum")
+            loss = nll * world / global_tokens.clamp(min=1)
+            global_loss = self.trainer.strategy.reduce(nll.detach(), reduce_op="sum") / global_tokens.clamp(min=1)
+            return loss, {"trained_tokens": tokens.float(), "global_loss": global_loss}
+        loss = nll / tokens.clamp(min=1)
+        return loss, {"trained_tokens": tokens.float(), "global_loss": loss.detach()}
 
     def on_validation_epoch_start(self) -> None:
         self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
