@@ -159,19 +159,36 @@ def regex_match(pattern: str, field: str | None = None, fullmatch: bool = False)
     return reward
 
 
-def length_target(target: int, unit: str = "words") -> RewardFunction:
-    """``1 - |length - target| / target`` clipped to ``[0, 1]``: 1.0 at the target length.
+def _near_target(length: int, target: int) -> float:
+    return max(0.0, 1.0 - abs(length - target) / target)
+
+
+def _at_most(length: int, target: int) -> float:
+    return min(1.0, target / max(length, 1))
+
+
+LENGTH_MODES: dict[str, Callable[[int, int], float]] = {"target": _near_target, "at_most": _at_most}
+
+
+def length_target(target: int, unit: str = "words", mode: str = "target") -> RewardFunction:
+    """Reward a response length, in ``[0, 1]``.
 
     Args:
         target: Wanted length.
         unit: ``words`` (whitespace-separated) or ``chars``.
+        mode: ``target`` gives ``1 - |length - target| / target`` clipped at 0 (1.0 exactly at the target);
+            ``at_most`` gives ``min(1, target / length)`` (brevity: 1.0 up to the target, decaying smoothly above).
     """
-    if target < 1 or unit not in ("words", "chars"):
-        raise ValueError(f"length reward needs target >= 1 and unit 'words' or 'chars', got {target}, {unit!r}")
+    if target < 1 or unit not in ("words", "chars") or mode not in LENGTH_MODES:
+        raise ValueError(
+            f"length reward needs target >= 1, unit 'words' or 'chars' and mode in {sorted(LENGTH_MODES)}; "
+            f"got {target}, {unit!r}, {mode!r}"
+        )
     measure = (lambda text: len(text.split())) if unit == "words" else len
+    score = LENGTH_MODES[mode]
 
     def reward(prompts, completions, **fields) -> list[float]:
-        return [max(0.0, 1.0 - abs(measure(c) - target) / target) for c in completions]
+        return [score(measure(c), target) for c in completions]
 
     return reward
 

@@ -63,7 +63,7 @@ class Rollout:
         prompt_mask: ``[N, P]`` 1 on real prompt tokens.
         response_ids: ``[N, R]`` sampled tokens, padded after the stop token.
         response_mask: ``[N, R]`` 1 up to and including the stop token (right padding).
-        completions: Decoded responses without special tokens.
+        completions: Decoded responses up to (not including) the stop token; other special tokens stay visible.
         prompts: The prompt of each row (message lists or strings), repeated per sample.
         fields: Extra record fields (e.g. ``answer``), one list entry per row.
         finished: ``[N]`` whether the response ended with a stop token (False: cut at ``max_new_tokens``).
@@ -300,8 +300,11 @@ def collect_rollout(
     started = time.perf_counter()
     response_ids, response_mask, finished = generate_responses(model, tokenizer, prompt_ids, prompt_mask, settings)
     elapsed = time.perf_counter() - started
+    # the text is everything before the stop token, other special tokens included: skipping them would let a policy
+    # hide tokens from text-based rewards (e.g. a length reward) while still emitting them
+    text_lengths = response_mask.sum(-1) - finished.long()
     completions = tokenizer.batch_decode(
-        [ids[: int(n)] for ids, n in zip(response_ids, response_mask.sum(-1))], skip_special_tokens=True
+        [ids[: int(n)] for ids, n in zip(response_ids, text_lengths)], skip_special_tokens=False
     )
     repeat = lambda values: [v for v in values for _ in range(group_size)]  # noqa: E731
     extra = {k: repeat(v) for k, v in batch.items() if not torch.is_tensor(v) and k != "prompt"}

@@ -54,6 +54,10 @@ def test_regex_with_reference_field_and_length_target():
     assert cites(PROMPTS[:2], ["the answer is 1+1", "the answer is 2"], answer=["1+1", "1"]) == [1.0, 0.0]
     length = build_reward(RewardSpec("length", options={"target": 4}))
     assert length(PROMPTS[:3], ["a b c d", "a b", "a b c d e f g h i"]) == [1.0, 0.5, 0.0]
+    brevity = build_reward(RewardSpec("length", options={"target": 5, "unit": "chars", "mode": "at_most"}))
+    assert brevity(PROMPTS[:3], ["abc", "abcdefghij", ""]) == [1.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="mode"):
+        build_reward(RewardSpec("length", options={"target": 5, "mode": "exact"}))
 
 
 def test_user_functions_from_module_and_file(tmp_path, monkeypatch):

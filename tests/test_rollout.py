@@ -102,7 +102,8 @@ def test_rollout_logps_match_unpadded_forward_and_greedy_matches_per_row_generat
             logits = model(input_ids=seq[None]).logits[0, len(prompt) - 1 : -1]
             expected = torch.log_softmax(logits.float(), -1).gather(-1, response[:, None])[:, 0]
         torch.testing.assert_close(rollout.logps[row, :length], expected, atol=1e-4, rtol=1e-4)
-        assert rollout.completions[row] == tokenizer.decode(response, skip_special_tokens=True)
+        text_tokens = response[:-1] if bool(rollout.finished[row]) else response
+        assert rollout.completions[row] == tokenizer.decode(text_tokens, skip_special_tokens=False)
 
 
 def test_generation_uses_the_kv_cache(tiny):

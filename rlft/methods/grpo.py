@@ -28,7 +28,8 @@ class GRPO(RLFTModule):
     """Group Relative Policy Optimization.
 
     Override :meth:`reward` (or set ``rewards``) to change what is optimised and :meth:`rollout` to change how
-    responses are produced. Metrics: ``train/reward`` (mean score), ``train/reward_std`` (mean within-group std),
+    responses are produced. Metrics: ``train/reward`` (mean reward), ``train/score`` (after the missing-EOS
+    penalty: what the advantages are computed from), ``train/reward_std`` (mean within-group std),
     ``train/kl`` (mean per-token k3 KL to the reference), ``train/entropy``, ``train/clipfrac``,
     ``train/approx_kl`` (to the rollout policy), ``train/response_length``, ``train/stop_rate``,
     ``train/rollout_tokens_per_sec``, ``train/step_seconds``.
@@ -48,6 +49,8 @@ class GRPO(RLFTModule):
         loss_aggregation: ``sequence`` (GRPO), ``token`` (DAPO/BNPO) or ``dr_grpo``.
         num_iterations: Updates per rollout (mu of the paper); > 1 makes the ratio and clipping matter.
         minibatch_size: Sequences per optimiser step; default the whole rollout (``batch_size * group_size``).
+        missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens`` (so a length
+            reward cannot be met by a response that never ends).
         reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
             copy of the policy when training all weights).
         max_grad_norm: Gradient clipping norm (``null`` disables).
@@ -77,6 +80,7 @@ class GRPO(RLFTModule):
         loss_aggregation: str = "sequence",
         num_iterations: int = 1,
         minibatch_size: int | None = None,
+        missing_eos_penalty: float | None = None,
         reference: str | None = None,
         max_grad_norm: float | None = 1.0,
     ) -> None:
@@ -135,10 +139,14 @@ class GRPO(RLFTModule):
         rollout = self.rollout(batch)
         scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
         scores = scores.to(self.device)
-        advantages = self.advantages(scores)
+        shaped = scores
+        if hp.missing_eos_penalty is not None:
+            shaped = scores - hp.missing_eos_penalty * (~rollout.finished).to(scores.dtype)
+        advantages = self.advantages(shaped)
         stats = self.optimise(rollout, advantages)
         mask = rollout.response_mask
         metrics = {
+            "score": shaped.mean(),
             "reward_std": scores.view(-1, hp.group_size).std(-1).mean() if hp.group_size > 1 else torch.zeros(()),
             "response_length": rollout.response_lengths.float().mean(),
             "stop_rate": rollout.finished.float().mean(),
@@ -190,6 +198,11 @@ class GRPO(RLFTModule):
                 for key, value in step.items():
                     totals.setdefault(key, []).append(value)
         return {k: torch.stack(v).mean() for k, v in totals.items()}
+
+    def on_train_start(self) -> None:
+        # from_pretrained returns eval-mode models and Lightning keeps module modes: train mode is what turns
+        # gradient checkpointing on in transformers (dropout is zeroed either way)
+        self.model.train()
 
     # ------------------------------------------------------------------ validation, throughput
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -78,7 +78,8 @@ class PPO(RLFTModule):
     """Proximal Policy Optimization with a value head, a KL-penalised reward and GAE.
 
     Override :meth:`reward` (or set ``rewards``) to change what is optimised and :meth:`rollout` to change how
-    responses are produced. Metrics: ``train/reward`` (mean score before the KL penalty), ``train/kl`` (mean over
+    responses are produced. Metrics: ``train/reward`` (mean reward), ``train/score`` (after the missing-EOS penalty
+    and clipping, before the KL penalty), ``train/kl`` (mean over
     sequences of the summed per-token KL, what the adaptive controller steers), ``train/kl_coef``,
     ``train/entropy``, ``train/clipfrac``, ``train/approx_kl``, ``train/value_loss``, ``train/policy_loss``,
     ``train/explained_variance``, ``train/response_length``, ``train/stop_rate``, ``train/ppo_epochs``,
@@ -239,7 +240,8 @@ class PPO(RLFTModule):
         rollout = self.rollout(batch)
         raw = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
         raw = raw.to(self.device)
-        rewards, kl = self.token_rewards(rollout, self.shaped_scores(rollout, raw))
+        shaped = self.shaped_scores(rollout, raw)
+        rewards, kl = self.token_rewards(rollout, shaped)
         mask = rollout.response_mask.to(rewards.dtype)
         advantages, returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
         if mask.sum() > 1:
@@ -249,6 +251,7 @@ class PPO(RLFTModule):
         self.kl_coef = self.kl_settings.update(self.kl_coef, float(sequence_kl), len(rollout))
         metrics = {
             "reward": raw.mean(),
+            "score": shaped.mean(),
             "kl": sequence_kl,
             "kl_coef": torch.tensor(self.kl_coef),
             "response_length": rollout.response_lengths.float().mean(),
@@ -312,6 +315,13 @@ class PPO(RLFTModule):
         means = {k: torch.stack(v).mean() for k, v in totals.items()}
         means["ppo_epochs"] = torch.tensor(float(epochs_done))
         return means
+
+    def on_train_start(self) -> None:
+        # from_pretrained returns eval-mode models and Lightning keeps module modes: train mode is what turns
+        # gradient checkpointing on in transformers (dropout is zeroed either way)
+        self.model.train()
+        if self.critic is not None:
+            self.critic.train()
 
     # ------------------------------------------------------------------ validation, throughput, state
     def validation_step(self, batch: dict, batch_idx: int) -> None:
