@@ -52,7 +52,8 @@ class GRPO(RLFTModule):
         missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens`` (so a length
             reward cannot be met by a response that never ends).
         reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
-            copy of the policy when training all weights).
+            copy of the policy when training all weights). When ``model`` continues an SFT adapter folder, pass that
+            folder here too, or the reference is the raw base rather than the SFT policy.
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 

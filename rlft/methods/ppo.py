@@ -8,6 +8,7 @@ stopping early when the approximate KL to the rollout policy passes ``target_app
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -106,7 +107,8 @@ class PPO(RLFTModule):
         critic: ``null`` puts the value head on the policy trunk; a model string trains a separate critic (with
             the same LoRA settings) instead.
         reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
-            copy of the policy when training all weights).
+            copy of the policy when training all weights). When ``model`` continues an SFT adapter folder, pass that
+            folder here too, or the reference is the raw base rather than the SFT policy.
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
@@ -172,8 +174,6 @@ class PPO(RLFTModule):
             return None
         if reference is None:
             log.warning("no LoRA: keeping a frozen copy of the initial policy as the KL reference (twice the memory)")
-            import copy
-
             ref = copy.deepcopy(self.model)
         else:
             ref = load_model(reference, dtype=self.hparams.dtype, trainable_adapter=False)
