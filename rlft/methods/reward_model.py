@@ -32,16 +32,21 @@ HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
 
 
-def _linear_head(hidden: int) -> torch.nn.Module:
+def _zero_linear(hidden: int) -> torch.nn.Linear:
     head = torch.nn.Linear(hidden, 1)
-    # small init keeps initial rewards near 0 so the first BT losses are ~log 2
-    torch.nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
+    # every reward starts at exactly 0 (BT loss log 2): final hidden states of LMs are large, and a random
+    # projection of them gives big, arbitrary initial rewards that the first steps must first unlearn
+    torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     return head
 
 
+def _linear_head(hidden: int) -> torch.nn.Module:
+    return _zero_linear(hidden)
+
+
 def _mlp_head(hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(), _linear_head(hidden))
+    return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(), _zero_linear(hidden))
 
 
 REWARD_HEADS: dict[str, Callable[[int], torch.nn.Module]] = {"linear": _linear_head, "mlp": _mlp_head}

@@ -48,6 +48,20 @@ def reward_by_hand(rm: RewardModel, ids: list[int]) -> float:
         return rm.model.head(hidden[0, -1]).item()
 
 
+def randomize_head(rm: RewardModel) -> RewardModel:
+    """The head starts at 0 (all rewards 0); give it random weights so rewards tell sequences apart."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in rm.model.head.parameters():
+            p.normal_(std=0.1)
+    return rm
+
+
+def test_head_starts_at_zero_reward():
+    rm = RewardModel("tiny-llama", lora=LORA, head="mlp")
+    assert rm.model(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).item() == 0.0
+
+
 def test_last_token_index_any_padding_side():
     right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
@@ -57,10 +71,7 @@ def test_last_token_index_any_padding_side():
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
 def test_reward_is_read_at_last_real_token_for_left_and_right_padding(family):
-    rm = RewardModel(family, lora=None).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        rm.model.head.weight.normal_()
+    rm = randomize_head(RewardModel(family, lora=None).eval())
     pad_id = rm.tokenizer.pad_token_id
     seqs = [[5, 9, 17, 33, 2], [7, 8], [40, 41, 42]]
     expected = torch.tensor([reward_by_hand(rm, s) for s in seqs])
@@ -77,7 +88,7 @@ def test_reward_is_read_at_last_real_token_for_left_and_right_padding(family):
 
 @pytest.mark.parametrize("options", [{}, {"margin": 0.5}, {"center_coef": 0.01}, {"head": "mlp"}])
 def test_bradley_terry_loss_and_metrics_from_independent_rewards(options):
-    rm = RewardModel("tiny-llama", lora=LORA, **options).eval()
+    rm = randomize_head(RewardModel("tiny-llama", lora=LORA, **options).eval())
     data = PreferenceDataModule(path=PAIRS, max_length=96, val_fraction=0.0)
     data.attach("pairs", rm.tokenizer).setup()
     examples = data.train_set[:5]
@@ -149,7 +160,7 @@ def _records(encoded: list[dict], data: PreferenceDataModule) -> list[dict]:
 
 
 def test_scorer_accepts_strings_or_messages_and_checks_lengths(tmp_path):
-    rm = RewardModel("tiny-llama", lora=LORA)
+    rm = randomize_head(RewardModel("tiny-llama", lora=LORA))
     rm.export(tmp_path / "rm")
     scorer = RewardScorer.from_pretrained(tmp_path / "rm", batch_size=2)
     as_text = scorer.score(["What is 2 + 2?", "Name a colour."], ["4", "Blue, like the sky on a clear day."])
@@ -158,6 +169,7 @@ def test_scorer_accepts_strings_or_messages_and_checks_lengths(tmp_path):
         ["4", "Blue, like the sky on a clear day."],
     )
     torch.testing.assert_close(as_text, as_messages)
+    assert as_text[0] != as_text[1]
     single = scorer.score(["Name a colour."], ["Blue, like the sky on a clear day."])
     assert single.item() == pytest.approx(as_text[1].item(), abs=1e-5)  # batch padding changes nothing
     with pytest.raises(ValueError, match="one per prompt"):

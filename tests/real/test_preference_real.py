@@ -61,13 +61,15 @@ def hh_data(batch_size: int) -> PreferenceDataModule:
 
 
 class History(L.Callback):
-    """Every logged training metric, step by step."""
+    """Every logged training metric, step by step, and the batches trained on."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
+        self.batches: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+        self.batches.append(batch)
 
 
 def run(module, data, tmp_path: Path, steps: int, **kwargs) -> History:
@@ -101,7 +103,13 @@ def test_smollm2_reward_model_on_hh_rlhf(tmp_path):
         f"auroc {metrics['val/auroc']:.3f} margin {metrics['val/rewards/margin']:.3f}; "
         f"tokens/s {metrics['train/tokens_per_sec']:.0f}"
     )
-    assert mean(losses[-3:]) < mean(losses[:3])
+    # the head starts at 0, so every pair starts at loss log 2; after one pass the pairs trained on score better
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    rm.eval()
+    with torch.no_grad():
+        seen = mean([rm.compute_loss(batch)[0].item() for batch in history.batches])
+    print(f"RM loss on the {4 * steps} trained pairs: {math.log(2):.3f} -> {seen:.3f}")
+    assert seen < math.log(2) - 0.01
     assert 0.0 <= metrics["val/accuracy"] <= 1.0 and 0.0 <= metrics["val/auroc"] <= 1.0
     # the exported folder scores text through the two-line API, and agrees with the trained module
     scorer = RewardScorer.from_pretrained(tmp_path / "rm")
@@ -125,6 +133,6 @@ def test_smollm2_dpo_on_hh_rlhf(tmp_path):
     print(f"DPO margins: {[round(x, 3) for x in margins]}; tokens/s {history.steps[-1]['train/tokens_per_sec']:.0f}")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # a fresh adapter is exactly its reference
     later = slice(steps // 2, None)
-    assert mean(losses[later]) < math.log(2)
-    assert mean(accuracy[later]) > 0.5
+    assert min(losses[1:]) < math.log(2) and max(accuracy) > 0.5  # the brief's "within the run"
+    assert mean(losses[later]) < math.log(2) and mean(accuracy[later]) > 0.5  # and not by a single lucky batch
     assert (tmp_path / "dpo" / "adapter_config.json").exists()
