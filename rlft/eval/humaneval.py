@@ -52,16 +52,18 @@ def extract_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-def _prompt_header(prompt: str) -> str:
-    """Imports and helper definitions that precede the target function in the prompt."""
-    return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+def _prompt_header(problem: dict) -> str:
+    """Everything in the prompt before the target function: imports and helper functions it may call."""
+    match = re.search(rf"^def {re.escape(problem['entry_point'])}\s*\(", problem["prompt"], re.MULTILINE)
+    return problem["prompt"][: match.start()] if match else ""
 
 
 def build_program(problem: dict, generation: str, mode: str) -> str:
     """The program that tests one sample: solution, the problem's ``check`` function and the call to it.
 
     In ``completion`` mode the generation continues the prompt. In ``chat`` mode the first code block of the reply
-    is used; if it redefines the entry point it replaces the prompt's function (keeping the prompt's imports),
+    is used; if it redefines the entry point it replaces the prompt's function (keeping the prompt's imports and
+    helper functions),
     otherwise it is taken as the body that continues the prompt.
     """
     if mode == "completion":
@@ -69,7 +71,7 @@ def build_program(problem: dict, generation: str, mode: str) -> str:
     else:
         code = extract_code(generation)
         if re.search(rf"^def {re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
-            solution = _prompt_header(problem["prompt"]) + "\n" + code
+            solution = _prompt_header(problem) + "\n" + code
         else:
             solution = problem["prompt"] + code
     return f"{solution}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"

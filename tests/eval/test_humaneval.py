@@ -81,3 +81,10 @@ def test_end_to_end_with_a_tiny_model(tiny):
     assert result["problems"] == 2 and 0.0 <= result["pass@1"] <= 1.0
     assert sum(result["status_counts"].values()) == 2
     assert "guard" in result["sandbox"]
+
+
+def test_chat_reply_keeps_helper_functions_from_the_prompt():
+    problem = load_problems(task_ids=["HumanEval/10"])[0]  # make_palindrome calls the prompt's is_palindrome
+    reply = "```python\ndef make_palindrome(string: str) -> str:\n" + problem["canonical_solution"] + "```"
+    assert "is_palindrome(" in problem["canonical_solution"]
+    assert run_program(build_program(problem, reply, "chat"), timeout_s=10).status == "passed"
