@@ -109,3 +109,11 @@ def test_tokenizer_without_template_or_pad_gets_chatml_and_a_pad(tmp_path):
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.chat_template == CHATML_FALLBACK
     assert loaded.pad_token is not None and loaded.pad_token != loaded.eos_token
+
+
+def test_methods_train_in_train_mode_so_checkpointing_is_active():
+    from rlft.methods import SFT
+
+    module = SFT(model="tiny-llama", gradient_checkpointing=True)
+    layers = [m for m in module.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m.training for m in module.model.modules())

@@ -90,6 +90,9 @@ class RLFTModule(L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model)
         self.model = self.build_model()
+        # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, dropout and gradient
+        # checkpointing would silently stay off during training
+        self.model.train()
         # checkpoints hold trainable weights only; the frozen base is reloaded from `model` on resume
         self.strict_loading = False
         self._step_started = 0.0
