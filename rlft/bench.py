@@ -47,8 +47,10 @@ class BenchConfig:
         lora_r: LoRA rank (alpha = 2r, dropout 0, all linear layers).
         lr: Learning rate (small: the benchmark measures speed, not learning).
         beta: DPO beta.
-        rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), combined by ``+``.
-        trl_variants: TRL variants: ``default``, ``packing`` (SFT padding-free packing), ``precomputed``.
+        rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
+            checkpointing), combined by ``+`` (e.g. ``precomputed+gc``).
+        trl_variants: TRL variants: ``default`` (TRL turns gradient checkpointing on by default), ``packing`` (SFT
+            padding-free packing), ``precomputed``, ``nogc``.
         threads: torch CPU threads per worker (0 = torch default).
     """
 
@@ -79,6 +81,8 @@ def _records(cfg: BenchConfig) -> list[dict]:
     from rlft.data.sources import read_rows
 
     records, _ = convert(read_rows(_data_path(cfg)), kind=KIND[cfg.mode], on_invalid="skip")
+    if cfg.mode == "sft":  # single-turn only, so TRL's completion-only loss trains exactly the tokens rlft trains
+        records = [r for r in records if sum(m["role"] == "assistant" for m in r["messages"]) == 1]
     needed = cfg.steps * cfg.batch_size
     if len(records) < needed:
         raise ValueError(f"{_data_path(cfg)} has {len(records)} usable examples; {needed} needed")
@@ -140,7 +144,8 @@ def _run_rlft(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in _records(cfg)))
     lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
     optim = OptimizerSettings(lr=cfg.lr, scheduler="constant")
-    common = dict(model=cfg.model, lora=lora, optim=optim, output_dir=str(workdir / "out"))
+    common = dict(model=cfg.model, lora=lora, optim=optim, output_dir=str(workdir / "out"),
+                  gradient_checkpointing="gc" in options)  # fmt: skip
     if cfg.mode == "sft":
         from rlft.methods import SFT
 
@@ -196,7 +201,8 @@ def _run_trl(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     common = dict(output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                   report_to=[], max_length=cfg.max_length, bf16=_cuda(), use_cpu=not _cuda(),
-                  dataloader_drop_last=False, seed=0, data_seed=0)  # fmt: skip
+                  dataloader_drop_last=False, seed=0, data_seed=0,
+                  gradient_checkpointing="nogc" not in options)  # TRL's default is on  # fmt: skip
     if cfg.mode == "sft":
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
         args = trl.SFTConfig(**common, packing="packing" in options)

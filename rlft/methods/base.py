@@ -68,6 +68,7 @@ class RLFTModule(L.LightningModule):
     """
 
     data_kind: ClassVar[str] = "sft"
+    supports_packed_batches: ClassVar[bool] = True  # False where the loss needs padded rows
 
     def __init__(
         self,
@@ -107,11 +108,10 @@ class RLFTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if (
-            datamodule is not None
-            and getattr(datamodule.hparams, "packing", False)
-            and not supports_packing(self.model)
-        ):
+        packing = datamodule is not None and getattr(datamodule.hparams, "packing", False)
+        if packing and not self.supports_packed_batches:
+            raise ValueError(f"{type(self).__name__} does not take packed batches; set data.packing: false")
+        if packing and not supports_packing(self.model):
             raise ValueError(
                 f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "
                 "attention mask), so padding-free packing would mix examples; set data.packing: false"
@@ -135,6 +135,10 @@ class RLFTModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
 
     def batch_size_of(self, batch: dict) -> int:
+        """Examples in a padded or packed batch (pairs count once)."""
+        for key in ("prompt_lengths", "seq_lengths"):
+            if key in batch:
+                return len(batch[key])
         first = next(v for v in batch.values() if torch.is_tensor(v))
         return first.shape[0]
 

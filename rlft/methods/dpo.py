@@ -15,22 +15,27 @@ log-probs come from (``reference``):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from rlft.data.collate import Collator
 from rlft.losses import DPO_LOSS_TYPES, dpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.pair_scoring import (  # noqa: F401 - re-exported for users of rlft.methods.dpo
+    PairLogps,
+    _causal_lm,
+    batch_keys,
+    pair_key,
+    pair_logps,
+    pair_metrics,
+    zero_dropout,
+)
 from rlft.models import LoraSettings, load_model, resolve_model
 from rlft.models.checkpoint import is_checkpoint
-from rlft.ops import IGNORE_INDEX, gather_logps, hidden_logps
 
 log = logging.getLogger(__name__)
 
@@ -39,110 +44,6 @@ LENGTH_AVERAGED_LOSS_TYPES = {"ipo"}
 REF_ADAPTER = "ref"
 CACHE_FILE = "reference_logps.pt"
 _CACHE_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------ concatenated forward
-@dataclass
-class PairLogps:
-    """Per-sequence log-probs of a batch of pairs, summed over the response tokens, and the token counts."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-
-    @property
-    def chosen_avg(self) -> torch.Tensor:
-        return self.chosen / self.chosen_tokens.clamp(min=1)
-
-    @property
-    def rejected_avg(self) -> torch.Tensor:
-        return self.rejected / self.rejected_tokens.clamp(min=1)
-
-    @property
-    def chosen_nll(self) -> torch.Tensor:
-        """Mean token NLL of each chosen response (the SFT loss term of RPO, ORPO, CPO)."""
-        return -self.chosen_avg
-
-
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
-    """The LM head when logits are exactly ``hidden @ W.T (+ b)``; None when the model rescales or caps them."""
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    config = getattr(lm, "config", None)
-    rescaled = any(
-        getattr(config, name, None) not in (None, 1.0)
-        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-    )
-    # a LoRA-wrapped head is not an nn.Linear, and its update would be missed by reading `.weight`
-    return head if type(head) is torch.nn.Linear and not rescaled else None
-
-
-def pair_logps(model: torch.nn.Module, batch: dict) -> PairLogps:
-    """Log-probs of chosen and rejected responses from one forward over ``[chosen; rejected]``.
-
-    The LM head is applied only to scored positions (never to the prompt), chunk by chunk, so the ``[2B, T, V]``
-    logits are not materialised; models with rescaled logits fall back to the full forward.
-    """
-    n = batch["chosen_input_ids"].shape[0]
-    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
-    scored = labels != IGNORE_INDEX
-    lm = _causal_lm(model)
-    head = _plain_head(lm)
-    if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        sums = (gather_logps(logits[:, :-1], labels) * scored).sum(-1)
-    else:
-        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        token_logps = hidden_logps(hidden[:, :-1][scored], head.weight, labels[scored], bias=head.bias)
-        rows = scored.nonzero()[:, 0]
-        sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device).index_add(
-            0, rows, token_logps
-        )
-    counts = scored.sum(-1)
-    return PairLogps(sums[:n], sums[n:], counts[:n], counts[n:])
-
-
-def pair_key(chosen_ids, rejected_ids, prompt_length: int) -> str:
-    """Stable key of one pair: a hash of its two token sequences and where the prompt ends."""
-    digest = hashlib.blake2b(digest_size=16)
-    for ids in (chosen_ids, rejected_ids, [prompt_length]):
-        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()
-
-
-def batch_keys(batch: dict) -> list[str]:
-    keys = []
-    for i in range(batch["chosen_input_ids"].shape[0]):
-        chosen = batch["chosen_input_ids"][i][batch["chosen_attention_mask"][i].bool()].tolist()
-        rejected = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
-        keys.append(pair_key(chosen, rejected, int(batch["prompt_lengths"][i])))
-    return keys
-
-
-def zero_dropout(module: torch.nn.Module) -> None:
-    """Zero every dropout so the policy and its reference see the same deterministic network (as TRL does)."""
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Dropout):
-            sub.p = 0.0
-
-
-def pair_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
-    """The shared preference metrics (names without the ``train/``/``val/`` prefix)."""
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": logps.chosen.detach().mean(),
-        "logps/rejected": logps.rejected.detach().mean(),
-    }
 
 
 # ------------------------------------------------------------------------------------------------------ method

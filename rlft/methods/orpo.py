@@ -12,7 +12,7 @@ import torch
 
 from rlft.losses import orpo_loss, simpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.methods.dpo import PairLogps, pair_logps, pair_metrics, zero_dropout
+from rlft.methods.pair_scoring import PairLogps, pair_logps, pair_metrics, zero_dropout
 from rlft.models import LoraSettings
 
 

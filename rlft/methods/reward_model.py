@@ -103,6 +103,7 @@ class RewardModel(RLFTModule):
     """
 
     data_kind = "pairs"
+    supports_packed_batches = False  # the reward is read at the last token of each padded row
 
     def __init__(
         self,

@@ -92,3 +92,61 @@ def test_sft_trains_packed_with_the_same_first_loss(tmp_path):
         with torch.no_grad():
             losses[packing] = float(module.compute_loss(batch)[0])
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_packed_pairs_score_like_padded_pairs(name):
+    from rlft.methods.pair_scoring import batch_keys, pair_logps
+
+    model = load_model(name).eval()
+    padded = _batches(name, "pairs", False, "rlft/assets/sample_pairs.jsonl")[:2]
+    packed = _batches(name, "pairs", True, "rlft/assets/sample_pairs.jsonl")[:2]
+    with torch.no_grad():
+        for a, b in zip(padded, packed):
+            pa, pb = pair_logps(model, a), pair_logps(model, b)
+            torch.testing.assert_close(pa.chosen, pb.chosen, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(pa.rejected, pb.rejected, atol=1e-4, rtol=1e-5)
+            assert torch.equal(pa.chosen_tokens, pb.chosen_tokens) and torch.equal(
+                pa.rejected_tokens, pb.rejected_tokens
+            )
+            assert batch_keys(a) == batch_keys(b)
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("reference", ["adapter", "precomputed"])
+def test_dpo_trains_on_packed_pairs_with_the_padded_first_loss(tmp_path, reference):
+    from rlft.methods import DPO
+    from rlft.models import LoraSettings
+
+    losses = {}
+    for packing in (False, True):
+        L.seed_everything(0)
+        module = DPO(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), reference=reference,
+                     ref_cache_path=str(tmp_path / f"ref{packing}.pt"), output_dir=str(tmp_path / "out"))  # fmt: skip
+        data = PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=96,
+                                    val_fraction=0.0, packing=packing, shuffle=False, limit=8)  # fmt: skip
+        recorder = _LossRecorder()
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[recorder])  # fmt: skip
+        trainer.fit(module, data)
+        losses[packing] = recorder.losses
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_reward_model_refuses_packed_batches(tmp_path):
+    from rlft.methods import RewardModel
+
+    module = RewardModel(model="tiny-llama")
+    data = PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=64, packing=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="packed"):
+        trainer.fit(module, data)
