@@ -19,7 +19,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     spec="${RLFT_TORCH_SPEC:-torch==2.13.0}"
   fi
   echo "rlft: installing $spec"
-  "${pip[@]}" install "$spec"
+  "${pip[@]}" install "$spec" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"

@@ -20,7 +20,7 @@ def _fit(root: Path, *extra: str) -> dict[int, float]:
     config = config.replace("rlft/assets/", f"{REPO}/rlft/assets/")
     (root.parent / f"{root.name}.yaml").write_text(config)
     cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(root.parent / f"{root.name}.yaml"),
-           "--trainer.max_steps", "3", "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
            "--data.shuffle", "false", "--data.val_fraction", "0", "--trainer.enable_progress_bar", "false",
            *extra]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
