@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -37,6 +38,7 @@ def run_lightning_cli(argv: list[str]) -> RLFTCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        # from the console, let LightningCLI read sys.argv itself (passing both triggers a warning)
+        args=None if argv == sys.argv[1:] else argv,
         auto_configure_optimizers=False,
     )
