@@ -8,13 +8,14 @@ disk (it loads the model again from its folder, so an in-memory adapter must be 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from rlft.rollout import inference as eval_mode  # noqa: F401 - no grad, eval mode, restored after
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """Text before the earliest stop string (unchanged if none occurs)."""
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
     return text[:cut]
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate without gradients and restore the train/eval state afterwards (callbacks run mid-training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def encode_prompt_text(tokenizer, prompt: Prompt) -> list[int]:
