@@ -6,7 +6,7 @@ timed steps (the first ``warmup`` steps are excluded), peak RSS, peak GPU memory
 losses must agree before the speeds mean anything.
 
     rlft bench --mode dpo --steps 4 --repeats 2
-    rlft bench --mode sft --trl_variants default,packing --rlft_variants default,packing
+    rlft bench --mode sft --trl_variants [default,packing] --rlft_variants [default,packing]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class BenchConfig:
         lr: Learning rate (small: the benchmark measures speed, not learning).
         beta: DPO beta.
         rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
-            checkpointing), combined by ``+`` (e.g. ``precomputed+gc``).
+            checkpointing), ``noshare`` (DPO without prompt sharing), combined by ``+`` (e.g. ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (TRL turns gradient checkpointing on by default), ``packing`` (SFT
             padding-free packing), ``precomputed``, ``nogc``.
         threads: torch CPU threads per worker (0 = torch default).
@@ -154,7 +154,7 @@ def _run_rlft(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
         from rlft.methods import DPO
 
         reference = "precomputed" if "precomputed" in options else "adapter"
-        module = DPO(**common, beta=cfg.beta, reference=reference)
+        module = DPO(**common, beta=cfg.beta, reference=reference, share_prompts="noshare" not in options)
     data = PreferenceDataModule(path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length,
                                 val_fraction=0.0, packing="packing" in options, shuffle=False)  # fmt: skip
     timer = _StepTimer()

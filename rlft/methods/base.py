@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import transformers
 
+from rlft.attention import segmented_attention
 from rlft.data.collate import count_tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 
@@ -111,7 +112,7 @@ class RLFTModule(L.LightningModule):
         packing = datamodule is not None and getattr(datamodule.hparams, "packing", False)
         if packing and not self.supports_packed_batches:
             raise ValueError(f"{type(self).__name__} does not take packed batches; set data.packing: false")
-        if packing and not supports_packing(self.model):
+        if packing and not (segmented_attention(self.model) or supports_packing(self.model)):
             raise ValueError(
                 f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "
                 "attention mask), so padding-free packing would mix examples; set data.packing: false"

@@ -33,6 +33,8 @@ class ORPO(RLFTModule):
     Args:
         beta: Weight ``lambda`` of the odds-ratio term.
         disable_dropout: Switch dropout off so chosen and rejected are scored by the same network.
+        share_prompts: Run each pair's common prompt once for both responses (exact: the same log-probs; about a
+            third fewer tokens through the network on HH-RLHF). Needs an SDPA model; others ignore it.
     """
 
     data_kind = "pairs"
@@ -50,6 +52,7 @@ class ORPO(RLFTModule):
         merge_on_save: bool = False,
         beta: float = 0.1,
         disable_dropout: bool = True,
+        share_prompts: bool = True,
     ) -> None:
         super().__init__(
             model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
@@ -59,7 +62,7 @@ class ORPO(RLFTModule):
             zero_dropout(self.model)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = pair_logps(self.model, batch)
+        logps = pair_logps(self.model, batch, self.hparams.share_prompts)
         losses, stats = orpo_loss(logps.chosen_avg, logps.rejected_avg, logps.chosen_nll, beta=self.hparams.beta)
         metrics = _average_metrics(logps, stats["chosen_rewards"], stats["rejected_rewards"])
         metrics.update({name: stats[name].mean() for name in ("nll", "log_odds_ratio", "log_odds_chosen")})
@@ -75,6 +78,8 @@ class SimPO(RLFTModule):
         label_smoothing: Label-flip probability (conservative form).
         nll_weight: Weight of an extra NLL term on the chosen responses (CPO-SimPO); 0 disables it.
         disable_dropout: Switch dropout off so chosen and rejected are scored by the same network.
+        share_prompts: Run each pair's common prompt once for both responses (exact: the same log-probs; about a
+            third fewer tokens through the network on HH-RLHF). Needs an SDPA model; others ignore it.
     """
 
     data_kind = "pairs"
@@ -95,6 +100,7 @@ class SimPO(RLFTModule):
         label_smoothing: float = 0.0,
         nll_weight: float = 0.0,
         disable_dropout: bool = True,
+        share_prompts: bool = True,
     ) -> None:
         if nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
@@ -107,7 +113,7 @@ class SimPO(RLFTModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
-        logps = pair_logps(self.model, batch)
+        logps = pair_logps(self.model, batch, self.hparams.share_prompts)
         losses, chosen_rewards, rejected_rewards = simpo_loss(
             logps.chosen_avg, logps.rejected_avg, beta=hp.beta, gamma=hp.gamma, label_smoothing=hp.label_smoothing
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlft.attention import forward_inputs, segmented_attention, segmented_inputs
 from rlft.ops import IGNORE_INDEX, gather_logps, hidden_logps
 
 
@@ -55,39 +56,142 @@ def _plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
     return head if type(head) is torch.nn.Linear and not rescaled else None
 
 
-def _flatten(batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor, int]:
-    """Model inputs, shifted labels ``[R, T-1]``, each label position's sequence index, and the sequence count."""
-    if "seq_lengths" in batch:  # packed: one row, sequences told apart by restarting position_ids
-        lengths = batch["seq_lengths"]
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-        owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)[None, 1:]
-        return inputs, batch["labels"][:, 1:], owner, len(lengths)
-    inputs = {
-        "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        "attention_mask": torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-    }
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
-    owner = torch.arange(len(labels), device=labels.device)[:, None].expand_as(labels)
-    return inputs, labels, owner, len(labels)
+def scored_logps(model: torch.nn.Module, inputs: dict, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of ``targets[k]`` as predicted at position ``source[k]`` of the flattened ``[rows * T]`` outputs.
 
-
-def pair_logps(model: torch.nn.Module, batch: dict) -> PairLogps:
-    """Log-probs of chosen and rejected responses from one forward over ``[chosen; rejected]``.
-
-    The LM head is applied only to scored positions (never to the prompt), chunk by chunk, so the ``[2B, T, V]``
-    logits are not materialised; models with rescaled logits fall back to the full forward.
+    The LM head runs only at the ``source`` positions, chunk by chunk (:func:`rlft.ops.hidden_logps`), so no
+    ``[rows, T, V]`` logits exist; models whose logits are rescaled or capped fall back to the full forward.
     """
-    inputs, labels, owner, sequences = _flatten(batch)
-    scored = labels != IGNORE_INDEX
     lm = _causal_lm(model)
     head = _plain_head(lm)
     if head is None:
         logits = model(**inputs, use_cache=False).logits
-        token_logps = gather_logps(logits[:, :-1], labels)[scored]
+        return gather_logps(logits.flatten(0, 1)[source], targets)
+    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
+    return hidden_logps(hidden.flatten(0, 1)[source], head.weight, targets, bias=head.bias)
+
+
+@dataclass
+class _Layout:
+    """How a batch of pairs is fed to the model and where each scored token's log-prob is read.
+
+    ``source[k]`` is the position, in the flattened ``[rows * T]`` hidden states, whose prediction scores token
+    ``targets[k]`` of sequence ``owner[k]`` (chosen ``0..B-1``, rejected ``B..2B-1``).
+    """
+
+    inputs: dict
+    source: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    sequences: int
+
+
+def _padded_layout(batch: dict) -> _Layout:
+    inputs = {
+        "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+        "attention_mask": torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+    }
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    width = labels.shape[1]
+    return _Layout(inputs, rows * width + cols, labels[rows, cols + 1], rows, len(labels))
+
+
+def _packed_layout(model: torch.nn.Module, batch: dict) -> _Layout:
+    """One padding-free row with restarting ``position_ids`` (attended per example where the model allows)."""
+    lengths = batch["seq_lengths"]
+    inputs = forward_inputs(model, batch)
+    labels = batch["labels"][0]
+    cols = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0]
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    return _Layout(inputs, cols, labels[cols + 1], owner[cols + 1], len(lengths))
+
+
+def _pair_sequences(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, labels)`` of every sequence, chosen ``1..B`` then rejected ``1..B``, without padding."""
+    if "seq_lengths" in batch:
+        lengths = batch["seq_lengths"].tolist()
+        return list(zip(batch["input_ids"][0].split(lengths), batch["labels"][0].split(lengths)))
+    sequences = []
+    for side in ("chosen", "rejected"):
+        rows = zip(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
+        for ids, mask, labels in rows:
+            keep = mask.bool()
+            sequences.append((ids[keep], labels[keep]))
+    return sequences
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0, 0]) if len(differ) else n
+
+
+def shared_prompt_layout(batch: dict) -> _Layout:
+    """Each pair as one tree: the common prefix (the prompt) once, then both responses, each attending to it.
+
+    A pair ``(p + c, p + r)`` becomes the span ``[p, c, r]`` with positions ``[0..|p|), [|p|..), [|p|..)`` and a
+    mask in which ``c`` and ``r`` see ``p`` and themselves but not each other, so every token gets exactly the hidden
+    state it has in its own sequence, while the prompt's layers run once instead of twice. The chosen and rejected
+    prompts are compared token by token; pairs whose sequences start differently (e.g. truncated differently) are
+    laid out as two ordinary causal spans.
+    """
+    sequences = _pair_sequences(batch)
+    n = len(sequences) // 2
+    device = sequences[0][0].device
+    ids, positions, segments, maps = [], [], [], [None] * (2 * n)
+    offset = 0
+    for i in range(n):
+        (chosen, _), (rejected, _) = sequences[i], sequences[n + i]
+        shared = _common_prefix(chosen, rejected)
+        lc, lr = len(chosen), len(rejected)
+        if shared == 0:
+            ids += [chosen, rejected]
+            positions += [torch.arange(lc, device=device), torch.arange(lr, device=device)]
+            segments += [(offset, offset + lc, None), (offset + lc, offset + lc + lr, None)]
+            maps[i] = torch.arange(offset, offset + lc, device=device)
+            maps[n + i] = torch.arange(offset + lc, offset + lc + lr, device=device)
+            offset += lc + lr
+            continue
+        span = torch.cat([torch.arange(lc, device=device), torch.arange(shared, lr, device=device)])
+        part = torch.cat([torch.zeros(shared, device=device), torch.ones(lc - shared, device=device),
+                          torch.full((lr - shared,), 2.0, device=device)])  # fmt: skip
+        mask = (span[None, :] <= span[:, None]) & ((part[None, :] == 0) | (part[None, :] == part[:, None]))
+        ids += [chosen, rejected[shared:]]
+        positions.append(span)
+        segments.append((offset, offset + len(span), mask[None, None]))
+        maps[i] = offset + torch.arange(lc, device=device)
+        maps[n + i] = offset + torch.cat(
+            [torch.arange(shared, device=device), torch.arange(lc, lr + lc - shared, device=device)]
+        )
+        offset += len(span)
+    source, targets, owner = [], [], []
+    for k, (_, labels) in enumerate(sequences):
+        t = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0] + 1
+        source.append(maps[k][t - 1])
+        targets.append(labels[t])
+        owner.append(torch.full_like(t, k))
+    inputs = segmented_inputs(torch.cat(ids), torch.cat(positions), tuple(segments))
+    return _Layout(inputs, torch.cat(source), torch.cat(targets), torch.cat(owner), 2 * n)
+
+
+def pair_logps(model: torch.nn.Module, batch: dict, share_prompts: bool = False) -> PairLogps:
+    """Log-probs of chosen and rejected responses from one forward over ``[chosen; rejected]``.
+
+    The LM head is applied only to scored positions (never to the prompt), chunk by chunk, so the ``[2B, T, V]``
+    logits are not materialised; models with rescaled logits fall back to the full forward. With ``share_prompts``
+    (and a model that takes segmented attention, see :mod:`rlft.attention`), each pair's prompt is run once for
+    both responses (:func:`shared_prompt_layout`); the numbers are those of the plain layout.
+    """
+    if share_prompts and segmented_attention(model):
+        layout = shared_prompt_layout(batch)
+    elif "seq_lengths" in batch:
+        layout = _packed_layout(model, batch)
     else:
-        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
-        token_logps = hidden_logps(hidden[:, :-1][scored], head.weight, labels[scored], bias=head.bias)
-    rows = owner[scored]
+        layout = _padded_layout(batch)
+    token_logps = scored_logps(model, layout.inputs, layout.source, layout.targets)
+    rows = layout.owner
+    sequences = layout.sequences
     sums = torch.zeros(sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(sequences, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
     n = sequences // 2

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from rlft.attention import forward_inputs
 from rlft.data.encoding import IGNORE_INDEX
 from rlft.methods.base import RLFTModule
-from rlft.ops import gather_logps
+from rlft.methods.pair_scoring import scored_logps
 
 
 class SFT(RLFTModule):
@@ -17,14 +18,15 @@ class SFT(RLFTModule):
 
     data_kind = "sft"
 
-    def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of the labels and the mask of trained tokens, both ``[B, T-1]``."""
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"), use_cache=False,
-        ).logits  # fmt: skip
-        labels = batch["labels"][:, 1:]
-        return gather_logps(logits[:, :-1], labels), labels != IGNORE_INDEX
+    def token_logps(self, batch: dict) -> torch.Tensor:
+        """Log-probs of every trained (assistant) token of a padded or packed batch, ``[K]``.
+
+        The LM head runs only on those tokens (never on prompts or padding), in chunks.
+        """
+        labels = batch["labels"]
+        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        source = rows * labels.shape[1] + cols
+        return scored_logps(self.model, forward_inputs(self.model, batch), source, labels[rows, cols + 1])
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Token-weighted NLL over the *global* batch.
@@ -33,9 +35,9 @@ class SFT(RLFTModule):
         which the gradient averaging divides out again), so N processes compute exactly the gradient of one
         process with the N-times larger batch rather than an average of per-rank means.
         """
-        logps, mask = self.token_logps(batch)
-        nll = -(logps * mask).sum()
-        tokens = mask.sum()
+        logps = self.token_logps(batch)
+        nll = -logps.sum()
+        tokens = torch.tensor(logps.numel(), device=logps.device)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1 and self.training:
             global_tokens = self.trainer.strategy.reduce(tokens.detach().float(), reduce_op="sum")
@@ -50,9 +52,9 @@ class SFT(RLFTModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logps, mask = self.token_logps(batch)
-        self._val_nll += -(logps.double() * mask).sum()
-        self._val_tokens += mask.sum()
+        logps = self.token_logps(batch)
+        self._val_nll += -logps.double().sum()
+        self._val_tokens += logps.numel()
 
     def on_validation_epoch_end(self) -> None:
         nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")

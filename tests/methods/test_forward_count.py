@@ -21,6 +21,9 @@ def _count_forwards(module, data, tmp_path, steps: int = 2) -> int:
     return len(calls)
 
 
+PROBE = 3  # the one-off segmented-attention probe (rlft.attention): two short sequences apart, then packed
+
+
 def _pairs(**kwargs) -> PreferenceDataModule:
     return PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=96, val_fraction=0.0,
                                 limit=8, **kwargs)  # fmt: skip
@@ -31,13 +34,13 @@ def test_dpo_runs_one_policy_forward_and_at_most_one_reference_forward_per_step(
     module = DPO(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), reference=reference,
                  ref_cache_path=str(tmp_path / "ref.pt"), output_dir=str(tmp_path / "out"))  # fmt: skip
     # chosen and rejected share one forward; precomputing scores the 8 pairs once in batches of 8 (eval batch size)
-    assert _count_forwards(module, _pairs(eval_batch_size=4), tmp_path) == 2 * per_step + upfront
+    assert _count_forwards(module, _pairs(eval_batch_size=4), tmp_path) == 2 * per_step + upfront + PROBE
 
 
 def test_packed_dpo_and_sft_do_one_forward_per_scoring(tmp_path):
     module = DPO(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), output_dir=str(tmp_path / "out"))
-    # 2 steps x (policy + adapter-off reference), plus the 3 small forwards of the one-off packing-support probe
-    assert _count_forwards(module, _pairs(packing=True), tmp_path) == 2 * 2 + 3
+    # 2 steps x (policy + adapter-off reference), plus the probe
+    assert _count_forwards(module, _pairs(packing=True), tmp_path) == 2 * 2 + PROBE
     sft = SFT(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), output_dir=str(tmp_path / "sft"))
     data = PreferenceDataModule(path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=96, val_fraction=0.0)
     assert _count_forwards(sft, data, tmp_path, steps=3) == 3

@@ -1,0 +1,125 @@
+"""Segmented attention and prompt sharing give the numbers (and gradients) of the plain layouts."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from rlft.attention import SEGMENTED_SDPA, causal_segments, segmented_attention, segmented_inputs
+from rlft.data import PreferenceDataModule
+from rlft.methods.pair_scoring import pair_logps, shared_prompt_layout, zero_dropout
+from rlft.models import LoraSettings, load_model, load_tokenizer
+
+PAIRS = "rlft/assets/sample_pairs.jsonl"
+
+
+def _pair_batches(name: str, packing: bool, limit: int = 8) -> list[dict]:
+    dm = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=packing,
+                              shuffle=False, limit=limit)  # fmt: skip
+    dm.attach("pairs", load_tokenizer(name)).setup("fit")
+    return list(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma",
+                                  "tiny-gpt2", "tiny-opt"])  # fmt: skip
+def test_segments_attend_like_separate_sequences(name):
+    model = load_model(name).eval()
+    assert segmented_attention(model)
+    assert model.config._attn_implementation == SEGMENTED_SDPA
+    torch.manual_seed(0)
+    lengths = [9, 1, 14, 5]
+    sequences = [torch.randint(3, 200, (n,)) for n in lengths]
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in sequences])
+        packed = model(**segmented_inputs(torch.cat(sequences), positions, causal_segments(lengths))).logits[0]
+        # without segments the same call is one causal row: later sequences see earlier ones
+        plain = model(**segmented_inputs(torch.cat(sequences), positions, None)).logits[0]
+    torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain[10:], separate[10:], atol=1e-4)
+
+
+def test_models_on_other_attention_keep_it():
+    model = load_model("tiny-llama", attn_implementation="eager")
+    assert not segmented_attention(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_shared_layout_runs_each_prompt_once():
+    batch = _pair_batches("tiny-llama", packing=False)[0]
+    layout = shared_prompt_layout(batch)
+    total = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    prompts = int(batch["prompt_lengths"].sum())
+    assert layout.inputs["input_ids"].shape[1] <= total - prompts
+    assert all(mask is not None for _, _, mask in layout.inputs["rlft_segments"])
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma", "tiny-gpt2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompts_give_the_padded_logps_and_gradients(name, checkpointing):
+    model = load_model(name, lora=LoraSettings(r=4, dropout=0.0), gradient_checkpointing=checkpointing).train()
+    zero_dropout(model)  # as the preference methods do: GPT-2 has dropout in its config
+    padded = _pair_batches(name, packing=False)[0]
+    packed = _pair_batches(name, packing=True)[0]
+    results = []
+    for batch, share in ((padded, False), (padded, True), (packed, True), (packed, False)):
+        model.zero_grad()
+        logps = pair_logps(model, batch, share_prompts=share)
+        (logps.chosen.sum() - 2 * logps.rejected.sum()).backward()
+        results.append((logps, _grads(model)))
+    reference, reference_grads = results[0]
+    for logps, grads in results[1:]:
+        torch.testing.assert_close(logps.chosen, reference.chosen, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(logps.rejected, reference.rejected, atol=1e-4, rtol=1e-5)
+        assert torch.equal(logps.chosen_tokens, reference.chosen_tokens)
+        assert torch.equal(logps.rejected_tokens, reference.rejected_tokens)
+        for g, r in zip(grads, reference_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-3)
+
+
+def test_pairs_that_start_differently_are_scored_apart():
+    model = load_model("tiny-llama").eval()
+    batch = _pair_batches("tiny-llama", packing=False)[0]
+    # make the first pair's rejected sequence begin with another token: nothing is shared for that pair
+    first = batch["rejected_attention_mask"][0].nonzero()[0, 0]
+    batch["rejected_input_ids"][0, first] = (batch["chosen_input_ids"][0, first] + 1) % 200
+    layout = shared_prompt_layout(batch)
+    assert layout.inputs["rlft_segments"][0][2] is None and layout.inputs["rlft_segments"][1][2] is None
+    with torch.no_grad():
+        plain, shared = pair_logps(model, batch), pair_logps(model, batch, share_prompts=True)
+    torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-4, rtol=1e-5)
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("method", ["DPO", "ORPO", "SimPO"])
+def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, method):
+    import rlft.methods
+
+    losses = {}
+    for share in (False, True):
+        L.seed_everything(0)
+        module = getattr(rlft.methods, method)(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0),
+                                               share_prompts=share, output_dir=str(tmp_path / "out"))  # fmt: skip
+        data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, shuffle=False,
+                                    limit=12)  # fmt: skip
+        recorder = _LossRecorder()
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[recorder])  # fmt: skip
+        trainer.fit(module, data)
+        losses[share] = recorder.losses
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
