@@ -1,4 +1,6 @@
-"""Lightning callbacks for rlft runs (evaluation during training)."""
+"""Lightning callbacks for rlft runs (evaluation during training, torch.compile)."""
+
+from rlft.callbacks.compile import TorchCompile
 
 from rlft.callbacks.evaluation import (
     EvaluationCallback,
@@ -14,4 +16,5 @@ __all__ = [
     "PerplexityCallback",
     "RewardAccuracyCallback",
     "SampleGenerationsCallback",
+    "TorchCompile",
 ]
