@@ -1,7 +1,6 @@
 """Lightning callbacks for rlft runs (evaluation during training, torch.compile)."""
 
 from rlft.callbacks.compile import TorchCompile
-
 from rlft.callbacks.evaluation import (
     EvaluationCallback,
     PassAtKCallback,
