@@ -197,7 +197,10 @@ class RLFTModule(L.LightningModule):
         """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template) loadable without rlft."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if hasattr(self.model, "peft_config"):  # the trained adapter only, not a frozen reference copy
+            self.model.save_pretrained(path, selected_adapters=["default"])
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if self.hparams.merge_on_save and hasattr(self.model, "merge_and_unload"):
             merged = copy.deepcopy(self.model).merge_and_unload()

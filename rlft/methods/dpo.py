@@ -34,14 +34,13 @@ from rlft.methods.pair_scoring import (  # noqa: F401 - re-exported for users of
     pair_metrics,
     zero_dropout,
 )
-from rlft.models import LoraSettings, load_model, resolve_model
-from rlft.models.checkpoint import is_checkpoint
+from rlft.models import LoraSettings, load_model
+from rlft.rollout import REF_ADAPTER, load_reference_adapter, reference_model  # noqa: F401 - REF_ADAPTER re-exported
 
 log = logging.getLogger(__name__)
 
 LENGTH_AVERAGED_LOSS_TYPES = {"ipo"}
 """DPO loss types that compare length-averaged log-probs (IPO, as TRL and the IPO authors do)."""
-REF_ADAPTER = "ref"
 CACHE_FILE = "reference_logps.pt"
 _CACHE_VERSION = 1
 
@@ -112,7 +111,7 @@ class DPO(RLFTModule):
         if self.reference_mode == "model":
             self.ref_model = self._load_reference_model()
         if is_peft and not (self.reference_mode == "precomputed" and ref_model):
-            self._load_reference_adapter()
+            load_reference_adapter(self.model, self.hparams.model)
 
     # ------------------------------------------------------------------------------------------ reference sources
     def _load_reference_model(self) -> torch.nn.Module:
@@ -129,30 +128,15 @@ class DPO(RLFTModule):
             )
         return ref
 
-    def _load_reference_adapter(self) -> None:
-        """When continuing an existing adapter, keep its initial weights as the reference (not the raw base)."""
-        model = self.hparams.model
-        if is_checkpoint(model):
-            return
-        adapter = resolve_model(model).adapter
-        if adapter:
-            self.model.load_adapter(adapter, adapter_name=REF_ADAPTER, is_trainable=False)
-
     @contextlib.contextmanager
     def reference_network(self) -> Iterator[torch.nn.Module]:
         """The network that plays the reference, ready to run under ``torch.no_grad``."""
         if self.ref_model is not None:
             self.ref_model.eval()
             yield self.ref_model
-        elif hasattr(self.model, "peft_config") and REF_ADAPTER in self.model.peft_config:
-            self.model.set_adapter(REF_ADAPTER, inference_mode=True)
-            try:
-                yield self.model
-            finally:  # set_adapter also restores requires_grad of the trained adapter
-                self.model.set_adapter("default")
-        elif hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield self.model
+        elif hasattr(self.model, "disable_adapter"):  # the frozen `ref` adapter, else the adapter switched off
+            with reference_model(self.model) as network:
+                yield network
         else:  # no LoRA, no reference model: the policy itself (only valid before training, to precompute)
             yield self.model
 
@@ -281,18 +265,6 @@ class DPO(RLFTModule):
         if self.hparams.rpo_alpha is not None:
             metrics["nll"] = policy.chosen_nll.detach().mean()
         return losses.mean(), metrics
-
-    # ------------------------------------------------------------------------------------------ export
-    def export(self, path: str | Path) -> Path:
-        """The trained adapter (or weights) only: the frozen ``ref`` adapter copy is not part of the result."""
-        path = super().export(path)
-        # peft writes extra adapters into sub-folders named after them
-        ref_folder = Path(path) / REF_ADAPTER
-        if ref_folder.is_dir() and (ref_folder / "adapter_config.json").exists():
-            import shutil
-
-            shutil.rmtree(ref_folder)
-        return path
 
 
 def _example_key(example: dict) -> str:

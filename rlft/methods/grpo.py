@@ -21,7 +21,14 @@ from rlft.models import LoraSettings, load_model
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
 from rlft.rewards import Rewards, RewardSpec, as_reward_tensor
 from rlft.rl_losses import LOSS_AGGREGATIONS
-from rlft.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
+from rlft.rollout import (
+    Rollout,
+    RolloutSettings,
+    collect_rollout,
+    load_reference_adapter,
+    minibatches,
+    token_logps,
+)
 
 
 class GRPO(RLFTModule):
@@ -51,9 +58,9 @@ class GRPO(RLFTModule):
         minibatch_size: Sequences per optimiser step; default the whole rollout (``batch_size * group_size``).
         missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens`` (so a length
             reward cannot be met by a response that never ends).
-        reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
-            copy of the policy when training all weights). When ``model`` continues an SFT adapter folder, pass that
-            folder here too, or the reference is the raw base rather than the SFT policy.
+        reference: Model string of a frozen reference; default the initial policy without a second copy of the
+            base: the LoRA base with the adapter disabled, or, when ``model`` continues an adapter folder (e.g. an
+            SFT result), a frozen copy of that adapter; a frozen copy of the policy when training all weights.
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
@@ -108,6 +115,8 @@ class GRPO(RLFTModule):
             # no adapter to switch off (or an explicit reference): a frozen copy of the initial policy
             ref = load_model(reference, dtype=dtype, trainable_adapter=False) if reference else deepcopy(self.model)
             self.reference_model = ref.requires_grad_(False).eval()
+        elif beta != 0:  # continuing an adapter (e.g. an SFT folder): a frozen copy of it is the reference
+            load_reference_adapter(self.model, model)
 
     # ------------------------------------------------------------------ hooks a subclass overrides
     def rollout(self, batch: dict) -> Rollout:

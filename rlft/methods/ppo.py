@@ -21,7 +21,15 @@ from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.models import LoraSettings, load_model
 from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
 from rlft.rewards import Rewards, RewardSpec, as_reward_tensor
-from rlft.rollout import Rollout, RolloutSettings, collect_rollout, inference, minibatches, token_logps
+from rlft.rollout import (
+    Rollout,
+    RolloutSettings,
+    collect_rollout,
+    inference,
+    load_reference_adapter,
+    minibatches,
+    token_logps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +114,9 @@ class PPO(RLFTModule):
         target_approx_kl: Stop a rollout's epochs early once the mean approx-KL of an epoch passes this.
         critic: ``null`` puts the value head on the policy trunk; a model string trains a separate critic (with
             the same LoRA settings) instead.
-        reference: Model string of a frozen reference; default the LoRA base with the adapter disabled (a frozen
-            copy of the policy when training all weights). When ``model`` continues an SFT adapter folder, pass that
-            folder here too, or the reference is the raw base rather than the SFT policy.
+        reference: Model string of a frozen reference; default the initial policy without a second copy of the
+            base: the LoRA base with the adapter disabled, or, when ``model`` continues an adapter folder (e.g. an
+            SFT result), a frozen copy of that adapter; a frozen copy of the policy when training all weights.
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
@@ -171,6 +179,7 @@ class PPO(RLFTModule):
     def build_reference(self, reference: str | None) -> torch.nn.Module | None:
         """A separate frozen reference (``reference`` string, or a copy when training all weights) or None (LoRA)."""
         if reference is None and hasattr(self.model, "disable_adapter"):
+            load_reference_adapter(self.model, self.hparams.model)  # continuing an adapter: a frozen copy of it
             return None
         if reference is None:
             log.warning("no LoRA: keeping a frozen copy of the initial policy as the KL reference (twice the memory)")
