@@ -28,7 +28,8 @@ DEFAULT_DATA = {
     "sft": [SHARED / "alpaca_seed_tasks.jsonl", ASSETS / "sample_sft.jsonl"],
     "dpo": [SHARED / "hh_rlhf_harmless_sample.jsonl", ASSETS / "sample_pairs.jsonl"],
 }
-KIND = {"sft": "sft", "dpo": "pairs"}
+DEFAULT_DATA["rm"] = DEFAULT_DATA["dpo"]
+KIND = {"sft": "sft", "dpo": "pairs", "rm": "pairs"}
 
 
 @dataclass
@@ -36,7 +37,7 @@ class BenchConfig:
     """What both frameworks run.
 
     Args:
-        mode: ``sft`` or ``dpo``.
+        mode: ``sft``, ``dpo`` or ``rm`` (reward model; rlft pads its pairs, so only the ``default`` variant).
         model: Model string (rlft resolves it; TRL gets the resolved local folder).
         data: Data file; default: the real shared data when present, else rlft's sample data.
         batch_size: Examples (pairs for DPO) per step.
@@ -150,6 +151,10 @@ def _run_rlft(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
         from rlft.methods import SFT
 
         module = SFT(**common)
+    elif cfg.mode == "rm":
+        from rlft.methods import RewardModel
+
+        module = RewardModel(**common)
     else:
         from rlft.methods import DPO
 
@@ -186,6 +191,7 @@ def _cuda() -> bool:
 def _run_trl(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     import datasets
     import peft
+    import torch
     import transformers
     import trl
 
@@ -194,9 +200,15 @@ def _run_trl(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     options = set(variant.split("+"))
     path = resolve_model(cfg.model).path
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    if cfg.mode == "rm":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype="auto")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        torch.nn.init.zeros_(model.score.weight)  # as rlft's head: both step-0 losses are exactly log 2
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear",
-                           task_type="CAUSAL_LM")  # fmt: skip
+                           task_type="SEQ_CLS" if cfg.mode == "rm" else "CAUSAL_LM",
+                           modules_to_save=["score"] if cfg.mode == "rm" else None)  # fmt: skip
     records = _records(cfg)
     common = dict(output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
@@ -210,8 +222,12 @@ def _run_trl(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     else:
         rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records]  # fmt: skip
-        args = trl.DPOConfig(**common, beta=cfg.beta, precompute_ref_log_probs="precomputed" in options)
-        trainer_cls = trl.DPOTrainer
+        if cfg.mode == "rm":
+            args = trl.RewardConfig(**common)
+            trainer_cls = trl.RewardTrainer
+        else:
+            args = trl.DPOConfig(**common, beta=cfg.beta, precompute_ref_log_probs="precomputed" in options)
+            trainer_cls = trl.DPOTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=lora)  # fmt: skip
     trainer._get_train_sampler = lambda *a, **k: None  # same order as rlft: no shuffling

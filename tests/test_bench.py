@@ -13,10 +13,18 @@ from rlft.bench import BenchConfig, run
 pytest.importorskip("trl")
 
 
+DATA = {
+    "sft": "rlft/assets/sample_sft.jsonl",
+    "dpo": "rlft/assets/sample_pairs.jsonl",
+    "rm": "rlft/assets/sample_pairs.jsonl",
+}
+
+
 @pytest.mark.slow
-def test_bench_runs_rlft_and_trl_on_identical_work(capsys):
-    cfg = BenchConfig(mode="sft", model="tiny-llama", data="rlft/assets/sample_sft.jsonl", steps=3, warmup=1,
-                      repeats=1, rlft_variants=["default"], trl_variants=["nogc"], max_length=128)  # fmt: skip
+@pytest.mark.parametrize("mode", ["sft", "dpo", "rm"])
+def test_bench_runs_rlft_and_trl_on_identical_work(capsys, mode):
+    cfg = BenchConfig(mode=mode, model="tiny-llama", data=DATA[mode], steps=3, warmup=1, repeats=1,
+                      rlft_variants=["default"], trl_variants=["nogc"], max_length=128)  # fmt: skip
     results = run(cfg)
     by_framework = {r["framework"]: r for r in results}
     assert by_framework["rlft"]["step0_loss"] == pytest.approx(by_framework["trl"]["step0_loss"], rel=1e-4)
