@@ -84,10 +84,23 @@ def _records(cfg: BenchConfig) -> list[dict]:
     records, _ = convert(read_rows(_data_path(cfg)), kind=KIND[cfg.mode], on_invalid="skip")
     if cfg.mode == "sft":  # single-turn only, so TRL's completion-only loss trains exactly the tokens rlft trains
         records = [r for r in records if sum(m["role"] == "assistant" for m in r["messages"]) == 1]
+    if cfg.mode == "rm":  # TRL's RewardTrainer drops over-long pairs where rlft truncates: use only pairs that fit
+        from rlft.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+        records = [r for r in records if _pair_fits(tokenizer, r, cfg.max_length)]
     needed = cfg.steps * cfg.batch_size
     if len(records) < needed:
         raise ValueError(f"{_data_path(cfg)} has {len(records)} usable examples; {needed} needed")
     return records[:needed]
+
+
+def _pair_fits(tokenizer, record: dict, max_length: int) -> bool:
+    return all(
+        len(tokenizer.apply_chat_template(record["prompt"] + [{"role": "assistant", "content": record[side]}],
+                                          tokenize=True, return_dict=False)) <= max_length
+        for side in ("chosen", "rejected")
+    )  # fmt: skip
 
 
 class _StepTimer:

@@ -112,7 +112,8 @@ class RLFTModule(L.LightningModule):
         packing = datamodule is not None and getattr(datamodule.hparams, "packing", False)
         if packing and not self.supports_packed_batches:
             raise ValueError(f"{type(self).__name__} does not take packed batches; set data.packing: false")
-        if packing and not (segmented_attention(self.model) or supports_packing(self.model)):
+        lm = getattr(self.model, "backbone", self.model)  # a reward model's network wraps its causal LM
+        if packing and not (segmented_attention(lm) or supports_packing(lm)):
             raise ValueError(
                 f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "
                 "attention mask), so padding-free packing would mix examples; set data.packing: false"

@@ -1,6 +1,6 @@
 """Scoring preference pairs: per-sequence log-probs of chosen and rejected responses in one forward.
 
-Shared by DPO, ORPO and SimPO. Batches come padded (``chosen_*``/``rejected_*`` tensors of one width) or packed
+Shared by DPO, ORPO, SimPO and the reward model. Batches come padded (``chosen_*``/``rejected_*`` tensors of one width) or packed
 (one padding-free row of ``[chosen_1..chosen_B, rejected_1..rejected_B]`` with restarting ``position_ids``, see
 :func:`rlft.data.collate.pack`); both give the same numbers.
 """
@@ -72,11 +72,12 @@ def scored_logps(model: torch.nn.Module, inputs: dict, source: torch.Tensor, tar
 
 
 @dataclass
-class _Layout:
+class PairLayout:
     """How a batch of pairs is fed to the model and where each scored token's log-prob is read.
 
     ``source[k]`` is the position, in the flattened ``[rows * T]`` hidden states, whose prediction scores token
-    ``targets[k]`` of sequence ``owner[k]`` (chosen ``0..B-1``, rejected ``B..2B-1``).
+    ``targets[k]`` of sequence ``owner[k]`` (chosen ``0..B-1``, rejected ``B..2B-1``); ``last[i]`` is the position
+    of sequence ``i``'s last token (where a reward model reads its score).
     """
 
     inputs: dict
@@ -84,9 +85,10 @@ class _Layout:
     targets: torch.Tensor
     owner: torch.Tensor
     sequences: int
+    last: torch.Tensor
 
 
-def _padded_layout(batch: dict) -> _Layout:
+def _padded_layout(batch: dict) -> PairLayout:
     inputs = {
         "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
         "attention_mask": torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
@@ -94,17 +96,21 @@ def _padded_layout(batch: dict) -> _Layout:
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     width = labels.shape[1]
-    return _Layout(inputs, rows * width + cols, labels[rows, cols + 1], rows, len(labels))
+    mask = inputs["attention_mask"].bool()
+    last = (torch.arange(width, device=mask.device) * mask).argmax(-1) + torch.arange(
+        len(mask), device=mask.device
+    ) * width
+    return PairLayout(inputs, rows * width + cols, labels[rows, cols + 1], rows, len(labels), last)
 
 
-def _packed_layout(model: torch.nn.Module, batch: dict) -> _Layout:
+def _packed_layout(model: torch.nn.Module, batch: dict) -> PairLayout:
     """One padding-free row with restarting ``position_ids`` (attended per example where the model allows)."""
     lengths = batch["seq_lengths"]
     inputs = forward_inputs(model, batch)
     labels = batch["labels"][0]
     cols = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0]
     owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    return _Layout(inputs, cols, labels[cols + 1], owner[cols + 1], len(lengths))
+    return PairLayout(inputs, cols, labels[cols + 1], owner[cols + 1], len(lengths), lengths.cumsum(0) - 1)
 
 
 def _pair_sequences(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,7 +133,7 @@ def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0, 0]) if len(differ) else n
 
 
-def shared_prompt_layout(batch: dict) -> _Layout:
+def shared_prompt_layout(batch: dict) -> PairLayout:
     """Each pair as one tree: the common prefix (the prompt) once, then both responses, each attending to it.
 
     A pair ``(p + c, p + r)`` becomes the span ``[p, c, r]`` with positions ``[0..|p|), [|p|..), [|p|..)`` and a
@@ -172,7 +178,17 @@ def shared_prompt_layout(batch: dict) -> _Layout:
         targets.append(labels[t])
         owner.append(torch.full_like(t, k))
     inputs = segmented_inputs(torch.cat(ids), torch.cat(positions), tuple(segments))
-    return _Layout(inputs, torch.cat(source), torch.cat(targets), torch.cat(owner), 2 * n)
+    last = torch.stack([m[-1] for m in maps])
+    return PairLayout(inputs, torch.cat(source), torch.cat(targets), torch.cat(owner), 2 * n, last)
+
+
+def pair_layout(model: torch.nn.Module, batch: dict, share_prompts: bool = False) -> PairLayout:
+    """The shared-prompt layout when asked for and the model supports it, else the batch's packed or padded one."""
+    if share_prompts and segmented_attention(model):
+        return shared_prompt_layout(batch)
+    if "seq_lengths" in batch:
+        return _packed_layout(model, batch)
+    return _padded_layout(batch)
 
 
 def pair_logps(model: torch.nn.Module, batch: dict, share_prompts: bool = False) -> PairLogps:
@@ -183,12 +199,7 @@ def pair_logps(model: torch.nn.Module, batch: dict, share_prompts: bool = False)
     (and a model that takes segmented attention, see :mod:`rlft.attention`), each pair's prompt is run once for
     both responses (:func:`shared_prompt_layout`); the numbers are those of the plain layout.
     """
-    if share_prompts and segmented_attention(model):
-        layout = shared_prompt_layout(batch)
-    elif "seq_lengths" in batch:
-        layout = _packed_layout(model, batch)
-    else:
-        layout = _padded_layout(batch)
+    layout = pair_layout(model, batch, share_prompts)
     token_logps = scored_logps(model, layout.inputs, layout.source, layout.targets)
     rows = layout.owner
     sequences = layout.sequences

@@ -24,6 +24,7 @@ from rlft.data.encoding import encode_conversation
 from rlft.eval.metrics import pairwise_auroc
 from rlft.losses import bradley_terry_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.pair_scoring import pair_layout
 from rlft.models import LoraSettings, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,22 @@ class RewardNetwork(torch.nn.Module):
         self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward of each (left- or right-padded) row, read at its last real token (``[B]``)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "position_ids": position_ids_from_mask(attention_mask)}  # fmt: skip
+        last = (
+            last_token_index(attention_mask)
+            + torch.arange(len(input_ids), device=input_ids.device) * input_ids.shape[1]
+        )
+        return self.score_at(inputs, last)
+
+    def score_at(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+        """Rewards read at ``positions`` of the flattened ``[rows * T]`` hidden states of one forward on ``inputs``
+        (any layout: padded, packed, shared prompts)."""
         lm = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-        hidden = lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # fmt: skip
-        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
+        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
         head_dtype = next(self.head.parameters()).dtype
-        return self.head(last.to(head_dtype)).squeeze(-1).float()
+        return self.head(hidden.to(head_dtype)).squeeze(-1).float()
 
 
 class RewardModel(RLFTModule):
@@ -100,10 +109,10 @@ class RewardModel(RLFTModule):
         margin: Constant margin ``m`` in ``-log sigmoid(r_c - r_r - m)``; null for none.
         center_coef: Weight of ``(r_c + r_r)^2`` that keeps rewards centred on 0 (0 disables it).
         head_dtype: Keep the head in this dtype (``float32`` is stable even with a bf16 backbone).
+        share_prompts: Run each pair's common prompt once for both responses (exact; see ``rlft.methods.DPO``).
     """
 
     data_kind = "pairs"
-    supports_packed_batches = False  # the reward is read at the last token of each padded row
 
     def __init__(
         self,
@@ -120,6 +129,7 @@ class RewardModel(RLFTModule):
         margin: float | None = None,
         center_coef: float = 0.0,
         head_dtype: str = "float32",
+        share_prompts: bool = True,
     ) -> None:
         if head not in REWARD_HEADS:
             raise ValueError(f"unknown reward head {head!r}; choose one of {sorted(REWARD_HEADS)}")
@@ -138,11 +148,15 @@ class RewardModel(RLFTModule):
     # ------------------------------------------------------------------------------------------ loss
     def pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of chosen and rejected (``[B]`` each) from one forward over both."""
-        n = batch["chosen_input_ids"].shape[0]
-        rewards = self.model(
-            torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-            torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-        )
+        if self.hparams.share_prompts or "seq_lengths" in batch:
+            layout = pair_layout(self.model.backbone, batch, self.hparams.share_prompts)
+            rewards = self.model.score_at(layout.inputs, layout.last)
+        else:  # padded rows; positions rebuilt from the mask, so left padding works too
+            rewards = self.model(
+                torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+                torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+            )
+        n = len(rewards) // 2
         return rewards[:n], rewards[n:]
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

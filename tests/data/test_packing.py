@@ -142,14 +142,3 @@ def test_dpo_trains_on_packed_pairs_with_the_padded_first_loss(tmp_path, referen
         trainer.fit(module, data)
         losses[packing] = recorder.losses
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
-
-
-def test_reward_model_refuses_packed_batches(tmp_path):
-    from rlft.methods import RewardModel
-
-    module = RewardModel(model="tiny-llama")
-    data = PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=64, packing=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match="packed"):
-        trainer.fit(module, data)

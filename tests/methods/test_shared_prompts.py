@@ -123,3 +123,31 @@ def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, method
         losses[share] = recorder.losses
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_reward_model_scores_every_layout_alike(tmp_path):
+    from rlft.methods import RewardModel
+
+    module = RewardModel(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0))
+    torch.nn.init.normal_(module.model.head.weight, std=0.5)  # the zero-initialised head would score everything 0
+    zero_dropout(module.model)
+    padded = _pair_batches("tiny-llama", packing=False)[0]
+    packed = _pair_batches("tiny-llama", packing=True)[0]
+    results = []
+    for batch, share in ((padded, False), (padded, True), (packed, True), (packed, False)):
+        module.hparams.share_prompts = share
+        module.model.zero_grad()
+        chosen, rejected = module.pair_rewards(batch)
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        results.append((chosen, rejected, _grads(module.model)))
+    for chosen, rejected, grads in results[1:]:
+        torch.testing.assert_close(chosen, results[0][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rejected, results[0][1], atol=1e-4, rtol=1e-4)
+        for g, r in zip(grads, results[0][2]):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-3)
+    assert results[0][0].abs().min() > 0  # non-trivial rewards
+
+    data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=True, limit=8)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, data)  # packed pairs train (they used to be refused)
