@@ -1,8 +1,9 @@
 """Scoring preference pairs: per-sequence log-probs of chosen and rejected responses in one forward.
 
-Shared by DPO, ORPO, SimPO and the reward model. Batches come padded (``chosen_*``/``rejected_*`` tensors of one width) or packed
-(one padding-free row of ``[chosen_1..chosen_B, rejected_1..rejected_B]`` with restarting ``position_ids``, see
-:func:`rlft.data.collate.pack`); both give the same numbers.
+Shared by DPO, ORPO, SimPO and the reward model. Batches come padded (``chosen_*``/``rejected_*`` tensors of one
+width) or packed (one padding-free row of ``[chosen_1..chosen_B, rejected_1..rejected_B]`` with restarting
+``position_ids``, see :func:`rlft.data.collate.pack`); with ``share_prompts`` either becomes one row of prompt trees
+(:func:`shared_prompt_layout`). All layouts give the same numbers.
 """
 
 from __future__ import annotations
