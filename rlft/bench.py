@@ -91,7 +91,9 @@ def _records(cfg: BenchConfig) -> list[dict]:
         records = [r for r in records if _pair_fits(tokenizer, r, cfg.max_length)]
     needed = cfg.steps * cfg.batch_size
     if len(records) < needed:
-        raise ValueError(f"{_data_path(cfg)} has {len(records)} usable examples; {needed} needed")
+        fit = f" that fit in max_length={cfg.max_length}" if cfg.mode == "rm" else ""
+        raise ValueError(f"{_data_path(cfg)} has {len(records)} usable examples{fit}; {needed} needed "
+                         "(steps x batch_size)")  # fmt: skip
     return records[:needed]
 
 

@@ -40,3 +40,26 @@ def smollm2() -> str:
     except Exception as error:  # noqa: BLE001 - any failure to obtain the model is a skip reason, stated
         pytest.skip(f"SmolLM2-135M-Instruct could not be pulled: {error}")
     return "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def fit_losses(tmp_path):
+    """``fit_losses(module, data, steps, callbacks=())``: train quietly on CPU and return the per-step losses."""
+    import lightning as L
+
+    class Recorder(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    def fit(module, data, steps: int, callbacks=()) -> list[float]:
+        recorder = Recorder()
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[recorder, *callbacks])  # fmt: skip
+        trainer.fit(module, data)
+        return recorder.losses
+
+    return fit

@@ -6,9 +6,9 @@ Canonical records (one per training example):
 * ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str}`` (the final assistant replies)
 * ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions)
 
-Each input format parses a row into :class:`Example` objects (a conversation ending in the reply, plus an optional
-rejected reply); the kind projections in :data:`_PROJECTIONS` turn examples into records. Field parsing and
-validation live in :mod:`rlft.data.fields`.
+Each input format parses a row (parsers in :mod:`rlft.data.parsers`) into :class:`Example` objects (a conversation
+ending in the reply, plus an optional rejected reply); the kind projections in :data:`_PROJECTIONS` turn examples
+into records. Field parsing and validation live in :mod:`rlft.data.fields`.
 """
 
 from __future__ import annotations
@@ -19,19 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlft.data import parsers
 from rlft.data.errors import DataError, Issue, RecordError
-from rlft.data.fields import (
-    Example,
-    optional_text,
-    parse_label,
-    parse_messages,
-    parse_prompt,
-    parse_reply,
-    parse_transcript,
-    required_text,
-    same_prompt,
-    user_turn,
-)
+from rlft.data.fields import Example
 from rlft.data.sources import Row
 
 __all__ = ["KINDS", "FORMATS", "Format", "ConversionReport", "convert", "detect_format"]
@@ -40,103 +30,6 @@ KINDS = ("sft", "pairs", "prompts")
 _DETECT_ROWS = 50
 _MAX_LISTED = 10
 _EXAMPLES_PER_REASON = 5
-
-
-# --------------------------------------------------------------------------------------------------------- parsers
-def _parse_messages(data: dict, kind: str) -> list[Example]:
-    return [Example(parse_messages(data.get("messages"), "messages"), field="messages")]
-
-
-def _parse_sharegpt(data: dict, kind: str) -> list[Example]:
-    messages = parse_messages(data.get("conversations"), "conversations", sharegpt=True)
-    system = optional_text(data, "system")
-    if system and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    return [Example(messages, field="conversations")]
-
-
-def _parse_prompt_completion(data: dict, kind: str) -> list[Example]:
-    prompt = parse_prompt(data, "prompt")
-    completion = data.get("completion")
-    if isinstance(completion, list):
-        turns = parse_messages(completion, "completion")
-        if turns[-1]["role"] != "assistant":
-            raise RecordError("completion", "the completion must end with an assistant message", "no assistant turn")
-    else:
-        turns = [{"role": "assistant", "content": required_text(data, "completion", empty_reason="empty response")}]
-    return [Example(prompt + turns, field="completion")]
-
-
-def _parse_prompt_only(data: dict, kind: str) -> list[Example]:
-    key = "prompt" if data.get("prompt") is not None else "question"
-    return [Example(parse_prompt(data, key), field=key)]
-
-
-def _instruction_parser(extra_key: str, reply_key: str) -> Callable[[dict, str], list[Example]]:
-    def parse(data: dict, kind: str) -> list[Example]:
-        prompt = user_turn(required_text(data, "instruction"), optional_text(data, extra_key))
-        reply = required_text(data, reply_key, empty_reason="empty response")
-        return [Example([prompt, {"role": "assistant", "content": reply}], field=reply_key)]
-
-    return parse
-
-
-def _parse_alpaca_seed(data: dict, kind: str) -> list[Example]:
-    instruction = required_text(data, "instruction")
-    instances = data.get("instances")
-    if instances is None:
-        raise RecordError("instances", "missing; expected a list of {input, output} objects", "missing field")
-    if not isinstance(instances, list):
-        raise RecordError("instances", f"expected a list of {{input, output}}, found {type(instances).__name__}",
-                          "wrong type")  # fmt: skip
-    if not instances:
-        raise RecordError("instances", "empty list; a seed task needs at least one {input, output}", "empty instances")
-    examples = []
-    for index, instance in enumerate(instances):
-        where = f"instances[{index}]"
-        if not isinstance(instance, dict):
-            raise RecordError(where, f"expected an object, found {type(instance).__name__}", "wrong type")
-        prompt = user_turn(instruction, optional_text(instance, "input", where=f"{where}.input"))
-        output = required_text(instance, "output", where=f"{where}.output", empty_reason="empty response")
-        examples.append(Example([prompt, {"role": "assistant", "content": output}], field=where,
-                                extras={"output": output}))  # fmt: skip
-    return examples
-
-
-def _parse_hh(data: dict, kind: str) -> list[Example]:
-    chosen = parse_transcript(data, "chosen")
-    rejected = parse_transcript(data, "rejected")
-    same_prompt(chosen[:-1], rejected[:-1], "rejected", "chosen")
-    return [Example(chosen, rejected=rejected[-1]["content"], field="chosen")]
-
-
-def _parse_preference(data: dict, kind: str) -> list[Example]:
-    chosen_prefix, chosen = parse_reply(data, "chosen")
-    rejected_prefix, rejected = parse_reply(data, "rejected")
-    if data.get("prompt") is not None:
-        prompt = parse_prompt(data, "prompt")
-        for prefix, key in ((chosen_prefix, "chosen"), (rejected_prefix, "rejected")):
-            if prefix:
-                same_prompt(prefix, prompt, key, "prompt")
-    else:  # implicit prompt: chosen and rejected are full conversations sharing it
-        if not chosen_prefix:
-            raise RecordError("prompt", "missing; give a prompt or full conversations in chosen/rejected",
-                              "missing field")  # fmt: skip
-        prompt = chosen_prefix
-        if rejected_prefix:  # a bare rejected reply (string or one message) shares chosen's prompt by definition
-            same_prompt(rejected_prefix, prompt, "rejected", "chosen")
-    return [Example([*prompt, {"role": "assistant", "content": chosen}], rejected=rejected, field="chosen")]
-
-
-def _parse_piqa(data: dict, kind: str) -> list[Example]:
-    goal = user_turn(required_text(data, "goal"), "")
-    solutions = [required_text(data, "sol1", empty_reason="empty response"),
-                 required_text(data, "sol2", empty_reason="empty response")]  # fmt: skip
-    if kind == "prompts" and data.get("label") in (None, -1, "-1"):  # the PIQA test split is unlabelled
-        return [Example([goal], field="goal")]
-    label = parse_label(data, "label")
-    reply = {"role": "assistant", "content": solutions[label]}
-    return [Example([goal, reply], rejected=solutions[1 - label], field="label")]
 
 
 # ----------------------------------------------------------------------------------------------------- projections
@@ -230,27 +123,28 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("messages", "messages: [{role, content}]", lambda d: isinstance(d.get("messages"), list),
-               _parse_messages, _SFT_KINDS, ("messages",)),
+               parsers.from_messages, _SFT_KINDS, ("messages",)),
         Format("sharegpt", "conversations: [{from, value}]", lambda d: isinstance(d.get("conversations"), list),
-               _parse_sharegpt, _SFT_KINDS, ("conversations", "system")),
+               parsers.from_sharegpt, _SFT_KINDS, ("conversations", "system")),
         Format("prompt_completion", "prompt, completion", _has("prompt", "completion"),
-               _parse_prompt_completion, _SFT_KINDS, ("prompt",)),
+               parsers.from_prompt_completion, _SFT_KINDS, ("prompt",)),
         Format("alpaca", "instruction, input, output", _all(_has("instruction", "output"), _lacks("instances")),
-               _instruction_parser("input", "output"), _SFT_KINDS, ("instruction", "input")),
+               parsers.from_instruction("input", "output"), _SFT_KINDS, ("instruction", "input")),
         Format("dolly", "instruction, context, response", _has("instruction", "response"),
-               _instruction_parser("context", "response"), _SFT_KINDS, ("instruction", "context")),
+               parsers.from_instruction("context", "response"), _SFT_KINDS, ("instruction", "context")),
         Format("hh_rlhf", "chosen, rejected (Human:/Assistant: transcripts)",
                _all(_has("chosen", "rejected"), _lacks("prompt"), lambda d: isinstance(d["chosen"], str)),
-               _parse_hh, _PAIR_KINDS, ("chosen", "rejected")),
+               parsers.from_hh, _PAIR_KINDS, ("chosen", "rejected")),
         Format("preference", "prompt, chosen, rejected",
                _all(_has("chosen", "rejected"), lambda d: _has("prompt")(d) or isinstance(d["chosen"], list)),
-               _parse_preference, _PAIR_KINDS, ("prompt",)),
-        Format("piqa", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2"), _parse_piqa, _PAIR_KINDS, ("goal",)),
+               parsers.from_preference, _PAIR_KINDS, ("prompt",)),
+        Format("piqa", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2"),
+               parsers.from_piqa, _PAIR_KINDS, ("goal",)),
         Format("alpaca_seed", "instruction, instances: [{input, output}]", _has("instruction", "instances"),
-               _parse_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
+               parsers.from_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
         Format("prompt_only", "prompt (or question), other fields kept",
                _all(lambda d: _has("prompt")(d) or _has("question")(d), _lacks(*_RESPONSE_KEYS)),
-               _parse_prompt_only, ("prompts",), ("prompt", "question")),
+               parsers.from_prompt_only, ("prompts",), ("prompt", "question")),
     )
 }  # fmt: skip
 

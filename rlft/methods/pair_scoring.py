@@ -72,6 +72,23 @@ def scored_logps(model: torch.nn.Module, inputs: dict, source: torch.Tensor, tar
     return hidden_logps(hidden.flatten(0, 1)[source], head.weight, targets, bias=head.bias)
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position of each row, for left, right or no padding (``[B]``)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2 ... counted over real tokens only, so a left-padded row gets the positions of its unpadded self."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def flat_last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token in the flattened ``[B * T]`` positions (``[B]``)."""
+    rows = torch.arange(len(attention_mask), device=attention_mask.device)
+    return last_token_index(attention_mask) + rows * attention_mask.shape[1]
+
+
 @dataclass
 class PairLayout:
     """How a batch of pairs is fed to the model and where each scored token's log-prob is read.
@@ -90,18 +107,14 @@ class PairLayout:
 
 
 def _padded_layout(batch: dict) -> PairLayout:
-    inputs = {
-        "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        "attention_mask": torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-    }
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    # positions counted over real tokens: left- and right-padded rows score alike
+    inputs = {"input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+              "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}  # fmt: skip
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     width = labels.shape[1]
-    mask = inputs["attention_mask"].bool()
-    last = (torch.arange(width, device=mask.device) * mask).argmax(-1) + torch.arange(
-        len(mask), device=mask.device
-    ) * width
-    return PairLayout(inputs, rows * width + cols, labels[rows, cols + 1], rows, len(labels), last)
+    return PairLayout(inputs, rows * width + cols, labels[rows, cols + 1], rows, len(labels), flat_last_positions(mask))
 
 
 def _packed_layout(model: torch.nn.Module, batch: dict) -> PairLayout:

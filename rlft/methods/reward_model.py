@@ -24,7 +24,12 @@ from rlft.data.encoding import encode_conversation
 from rlft.eval.metrics import pairwise_auroc
 from rlft.losses import bradley_terry_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.methods.pair_scoring import pair_layout
+from rlft.methods.pair_scoring import (  # noqa: F401 - last_token_index re-exported
+    flat_last_positions,
+    last_token_index,
+    pair_layout,
+    position_ids_from_mask,
+)
 from rlft.models import LoraSettings, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,17 +59,6 @@ REWARD_HEADS: dict[str, Callable[[int], torch.nn.Module]] = {"linear": _linear_h
 """Scalar heads by name: ``hidden_size -> module mapping [..., hidden] to [..., 1]``."""
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended position of each row, for left, right or no padding (``[B]``)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.bool()).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2 ... counted over real tokens only, so a left-padded row gets the positions of its unpadded self."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class RewardNetwork(torch.nn.Module):
     """A causal LM's transformer body (its LM head is never run) and a scalar head.
 
@@ -82,11 +76,7 @@ class RewardNetwork(torch.nn.Module):
         """Reward of each (left- or right-padded) row, read at its last real token (``[B]``)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "position_ids": position_ids_from_mask(attention_mask)}  # fmt: skip
-        last = (
-            last_token_index(attention_mask)
-            + torch.arange(len(input_ids), device=input_ids.device) * input_ids.shape[1]
-        )
-        return self.score_at(inputs, last)
+        return self.score_at(inputs, flat_last_positions(attention_mask))
 
     def score_at(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
         """Rewards read at ``positions`` of the flattened ``[rows * T]`` hidden states of one forward on ``inputs``
@@ -148,14 +138,8 @@ class RewardModel(RLFTModule):
     # ------------------------------------------------------------------------------------------ loss
     def pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of chosen and rejected (``[B]`` each) from one forward over both."""
-        if self.hparams.share_prompts or "seq_lengths" in batch:
-            layout = pair_layout(self.model.backbone, batch, self.hparams.share_prompts)
-            rewards = self.model.score_at(layout.inputs, layout.last)
-        else:  # padded rows; positions rebuilt from the mask, so left padding works too
-            rewards = self.model(
-                torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-                torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-            )
+        layout = pair_layout(self.model.backbone, batch, self.hparams.share_prompts)
+        rewards = self.model.score_at(layout.inputs, layout.last)
         n = len(rewards) // 2
         return rewards[:n], rewards[n:]
 

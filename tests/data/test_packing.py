@@ -115,16 +115,8 @@ def test_packed_pairs_score_like_padded_pairs(name):
             assert batch_keys(a) == batch_keys(b)
 
 
-class _LossRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 @pytest.mark.parametrize("reference", ["adapter", "precomputed"])
-def test_dpo_trains_on_packed_pairs_with_the_padded_first_loss(tmp_path, reference):
+def test_dpo_trains_on_packed_pairs_with_the_padded_first_loss(tmp_path, fit_losses, reference):
     from rlft.methods import DPO
     from rlft.models import LoraSettings
 
@@ -135,10 +127,5 @@ def test_dpo_trains_on_packed_pairs_with_the_padded_first_loss(tmp_path, referen
                      ref_cache_path=str(tmp_path / f"ref{packing}.pt"), output_dir=str(tmp_path / "out"))  # fmt: skip
         data = PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=96,
                                     val_fraction=0.0, packing=packing, shuffle=False, limit=8)  # fmt: skip
-        recorder = _LossRecorder()
-        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=[recorder])  # fmt: skip
-        trainer.fit(module, data)
-        losses[packing] = recorder.losses
+        losses[packing] = fit_losses(module, data, steps=2)
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)

@@ -96,16 +96,8 @@ def test_pairs_that_start_differently_are_scored_apart():
     torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-4, rtol=1e-5)
 
 
-class _LossRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 @pytest.mark.parametrize("method", ["DPO", "ORPO", "SimPO"])
-def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, method):
+def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, fit_losses, method):
     import rlft.methods
 
     losses = {}
@@ -115,17 +107,23 @@ def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, method
                                                share_prompts=share, output_dir=str(tmp_path / "out"))  # fmt: skip
         data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, shuffle=False,
                                     limit=12)  # fmt: skip
-        recorder = _LossRecorder()
-        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=[recorder])  # fmt: skip
-        trainer.fit(module, data)
-        losses[share] = recorder.losses
+        losses[share] = fit_losses(module, data, steps=3)
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
-def test_reward_model_scores_every_layout_alike(tmp_path):
+def _left_padded(batch: dict) -> dict:
+    out = dict(batch)
+    for side in ("chosen", "rejected"):
+        mask = batch[f"{side}_attention_mask"]
+        shifts = (mask.shape[1] - mask.sum(1)).tolist()
+        for key in ("input_ids", "attention_mask", "labels"):
+            rows = batch[f"{side}_{key}"]
+            out[f"{side}_{key}"] = torch.stack([row.roll(shift) for row, shift in zip(rows, shifts)])
+    return out
+
+
+def test_reward_model_scores_every_layout_alike(fit_losses):
     from rlft.methods import RewardModel
 
     module = RewardModel(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0))
@@ -146,8 +144,16 @@ def test_reward_model_scores_every_layout_alike(tmp_path):
         for g, r in zip(grads, results[0][2]):
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-3)
     assert results[0][0].abs().min() > 0  # non-trivial rewards
+    module.hparams.share_prompts = False
+    with torch.no_grad():  # left padding (as a user's own collator might do) scores the same
+        chosen, rejected = module.pair_rewards(_left_padded(padded))
+    torch.testing.assert_close(chosen, results[0][0].detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rejected, results[0][1].detach(), atol=1e-4, rtol=1e-4)
 
-    data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=True, limit=8)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(module, data)  # packed pairs train (they used to be refused)
+    # packed pairs train (they used to be refused), starting from the padded batch's loss
+    with torch.no_grad():
+        padded_loss = float(module.compute_loss(padded)[0])
+    data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=True,
+                                shuffle=False, limit=8)  # fmt: skip
+    losses = fit_losses(module, data, steps=2)
+    assert len(losses) == 2 and losses[0] == pytest.approx(padded_loss, abs=1e-5)
