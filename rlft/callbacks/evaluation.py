@@ -107,7 +107,7 @@ class _ModuleRewardScorer:
     """Scores exchanges with a training :class:`rlft.methods.RewardModel` network (no copy of the weights)."""
 
     def __init__(self, network, tokenizer) -> None:
-        from rlft.methods.reward_model import RewardScorer
+        from rlft.models.reward import RewardScorer
 
         was_training = network.training
         self.scorer = RewardScorer(network, tokenizer)

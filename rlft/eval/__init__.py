@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-# public name -> module that defines it
+# public name -> module that defines it (a bare name is a module of rlft.eval)
 _EXPORTS = {
     "Generator": "generation", "SamplingSettings": "generation",
     "perplexity": "perplexity", "PerplexityResult": "perplexity",
@@ -22,7 +22,8 @@ _EXPORTS = {
     "generate_for_policies": "compare", "summarize_policies": "compare",
     "Judge": "judge", "LocalJudge": "judge", "OpenAIJudge": "judge",
     "build_report": "report", "write_result": "results", "make_result": "results", "load_records": "data",
-    "pass_at_k": "metrics", "win_rate": "metrics", "auroc": "metrics", "distinct_n": "metrics", "self_bleu": "metrics",
+    "pass_at_k": "rlft.metrics", "win_rate": "rlft.metrics", "auroc": "rlft.metrics", "distinct_n": "rlft.metrics",
+    "self_bleu": "rlft.metrics",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
@@ -31,4 +32,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'rlft.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"rlft.eval.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if "." in module else f"rlft.eval.{module}"), name)

@@ -2,60 +2,16 @@
 
 from __future__ import annotations
 
-import re
-import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from rlft.eval.generation import Generator, SamplingSettings
 from rlft.eval.scoring import continuation_logprob
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _normalise(text: str) -> str:
-    text = text.lower().strip()
-    text = text.translate(str.maketrans("", "", string.punctuation))
-    return " ".join(text.split())
-
-
-def _last_number(text: str) -> str | None:
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    value = found[-1].replace(",", "")
-    return value[:-2] if value.endswith(".0") else value
-
-
-def _choice_letter(text: str) -> str | None:
-    # "(B)", "B)", "Answer: B", "B." - the first standalone capital A-E wins
-    match = re.search(r"(?:^|[\s(\[:])([A-E])(?:[).\]:,\s]|$)", text.strip())
-    return match.group(1) if match else None
-
-
-def _first_line(text: str) -> str | None:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return _normalise(line) or None
-
-
-def _boxed(text: str) -> str | None:
-    match = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return match[-1].strip() if match else _last_number(text)
-
-
-# extractor name -> (pull the answer out of a generation, normalise the gold answer the same way)
-EXTRACTORS: dict[str, tuple[Callable[[str], str | None], Callable[[str], str]]] = {
-    "last_number": (_last_number, lambda gold: _last_number(gold) or gold.strip()),
-    "choice_letter": (_choice_letter, lambda gold: gold.strip().upper()),
-    "first_line": (_first_line, _normalise),
-    "boxed": (_boxed, lambda gold: gold.strip()),
-}
+from rlft.rl import answers
 
 
 def extract_answer(text: str, extractor: str) -> str | None:
-    """The answer a generation gives, or ``None`` if the extractor finds none."""
-    if extractor not in EXTRACTORS:
-        raise ValueError(f"unknown extractor {extractor!r}; choose one of {sorted(EXTRACTORS)}")
-    return EXTRACTORS[extractor][0](text)
+    """The answer a generation gives, or ``None`` if the extractor finds none (see :mod:`rlft.rl.answers`)."""
+    return answers.extractor(extractor)(text)
 
 
 def generative_accuracy(
@@ -71,16 +27,14 @@ def generative_accuracy(
     Args:
         generator: The batched generator.
         items: ``{"question": str, "answer": str}`` (``prompt`` is accepted for ``question``).
-        extractor: Name in :data:`EXTRACTORS`.
+        extractor: Name in :data:`rlft.rl.answers.EXTRACTORS` or a regex.
         settings: Sampling settings (default greedy, 128 new tokens).
         chat: Send questions as a user message through the chat template (else as plain text).
 
     Returns:
         ``accuracy``, ``n``, ``no_answer`` (generations where nothing could be extracted) and per-item rows.
     """
-    if extractor not in EXTRACTORS:
-        raise ValueError(f"unknown extractor {extractor!r}; choose one of {sorted(EXTRACTORS)}")
-    extract, normalise_gold = EXTRACTORS[extractor]
+    find = answers.extractor(extractor)
     questions = []
     for i, item in enumerate(items):
         question = item.get("question", item.get("prompt"))
@@ -90,9 +44,8 @@ def generative_accuracy(
     outputs = generator.generate(questions, settings or SamplingSettings(max_new_tokens=128))
     rows, correct, missing = [], 0, 0
     for item, samples in zip(items, outputs):
-        predicted = extract(samples[0])
-        gold = normalise_gold(str(item["answer"]))
-        hit = predicted is not None and predicted == gold
+        hit, predicted = answers.is_correct(samples[0], str(item["answer"]), extractor)
+        gold = answers.normalise_answer(answers.gold_answer(str(item["answer"]), find))
         correct += hit
         missing += predicted is None
         rows.append({"question": item.get("question", item.get("prompt")), "generation": samples[0],

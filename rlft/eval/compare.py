@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from rlft.eval.generation import Generator, SamplingSettings
-from rlft.eval.metrics import diversity, length_stats, outcomes_from_scores, win_rate
 from rlft.eval.reward_bench import Scorer, refusal_rate, score_exchanges
+from rlft.metrics import diversity, length_stats, outcomes_from_scores, win_rate
 
 Prompt = str | list[dict]
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlft.rollout import inference as eval_mode  # noqa: F401 - no grad, eval mode, restored after
+from rlft.models.modes import inference as eval_mode  # noqa: F401 - no grad, eval mode, restored after
+from rlft.models.tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,6 @@ def encode_prompt_text(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _stop_token_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    # chat models end a turn with a special token that is not always the tokenizer's EOS
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token in tokenizer.get_vocab():
-            ids.add(token_id)
-    return sorted(ids)
-
-
 class HFBackend:
     """Batched ``model.generate`` with left padding, sorted by prompt length to minimise padding."""
 
@@ -94,7 +79,7 @@ class HFBackend:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
         sampling = settings.temperature > 0
-        stop_ids = _stop_token_ids(self.model, tok)
+        stop_ids = stop_token_ids(tok, self.model)
         # a private RNG stream: seeded sampling must not reset the generator a training run is using
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), eval_mode(self.model):

@@ -6,8 +6,9 @@ import re
 from collections.abc import Sequence
 
 from rlft.eval.generation import Generator, SamplingSettings
-from rlft.eval.metrics import mean_pass_at_k
-from rlft.sandbox import run_programs
+from rlft.metrics import mean_pass_at_k
+from rlft.rl.answers import extract_code
+from rlft.rl.sandbox import run_programs
 
 # Codex-paper stop sequences: a new top-level statement ends the function body.
 COMPLETION_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
@@ -17,7 +18,6 @@ CHAT_INSTRUCTION = (
 )
 # the closing fence of the first code block ends the answer (an opening fence is followed by a language name)
 CHAT_STOP = ["\n```\n"]
-_CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def load_problems(limit: int | None = None, task_ids: Sequence[str] | None = None) -> list[dict]:
@@ -44,12 +44,6 @@ def load_problems(limit: int | None = None, task_ids: Sequence[str] | None = Non
     else:
         selected = list(problems.values())
     return selected[:limit] if limit is not None else selected
-
-
-def extract_code(text: str) -> str:
-    """The first fenced code block of a chat reply (or the whole reply when it has none)."""
-    match = _CODE_BLOCK.search(text)
-    return match.group(1) if match else text
 
 
 def _prompt_header(problem: dict) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rlft.eval.generation import Generator, SamplingSettings
-from rlft.eval.metrics import win_rate
+from rlft.metrics import win_rate
 
 POINTWISE_TEMPLATE = """You are a strict, fair judge of AI assistant answers.
 Rate the answer to the question on a scale of 1 (useless or harmful) to 5 (excellent: correct, helpful, clear).

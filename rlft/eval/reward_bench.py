@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rlft.eval.generation import eval_mode
-from rlft.eval.metrics import pairwise_auroc
+from rlft.metrics import pairwise_auroc
 
 Scorer = Callable[[list[str]], list[float]]
 
@@ -52,7 +52,7 @@ class RlftRewardScorer:
     """Adapter for reward models exported by :class:`rlft.methods.RewardModel` (backbone + ``reward_head``)."""
 
     def __init__(self, path: str) -> None:
-        from rlft.methods.reward_model import RewardScorer
+        from rlft.models.reward import RewardScorer
 
         self.scorer = RewardScorer.from_pretrained(path)
 

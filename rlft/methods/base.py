@@ -20,9 +20,9 @@ import lightning as L
 import torch
 import transformers
 
-from rlft.attention import segmented_attention
 from rlft.data.collate import count_tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
+from rlft.models.attention import segmented_attention
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,10 @@ import torch
 from rlft.data.collate import Collator
 from rlft.losses import DPO_LOSS_TYPES, dpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.methods.pair_scoring import (  # noqa: F401 - re-exported for users of rlft.methods.dpo
-    PairLogps,
-    _causal_lm,
-    batch_keys,
-    pair_key,
-    pair_logps,
-    pair_metrics,
-    zero_dropout,
-)
 from rlft.models import LoraSettings, load_model
-from rlft.rollout import REF_ADAPTER, load_reference_adapter, reference_model  # noqa: F401 - REF_ADAPTER re-exported
+from rlft.models.modes import disable_dropout as zero_dropout
+from rlft.models.reference import load_reference_adapter, reference_model
+from rlft.models.scoring import PairLogps, _causal_lm, batch_keys, pair_key, pair_logps, pair_metrics  # noqa: F401
 
 log = logging.getLogger(__name__)
 

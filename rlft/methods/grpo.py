@@ -16,19 +16,19 @@ import torch
 
 from rlft.losses import grpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.methods.ppo import disable_dropout
 from rlft.models import LoraSettings, load_model
+from rlft.models.modes import disable_dropout
+from rlft.models.reference import load_reference_adapter
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
-from rlft.rewards import Rewards, RewardSpec, as_reward_tensor
-from rlft.rl_losses import LOSS_AGGREGATIONS
-from rlft.rollout import (
+from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
+from rlft.rl.rollout import (
     Rollout,
     RolloutSettings,
     collect_rollout,
-    load_reference_adapter,
     minibatches,
     token_logps,
 )
+from rlft.rl_losses import LOSS_AGGREGATIONS
 
 
 class GRPO(RLFTModule):
@@ -45,7 +45,7 @@ class GRPO(RLFTModule):
     ceil(batch_size * group_size / minibatch_size)`` in general.
 
     Args:
-        rewards: Reward sources summed with their weights (see :mod:`rlft.rewards`).
+        rewards: Reward sources summed with their weights (see :mod:`rlft.rl.rewards`).
         sampling: How responses are sampled (use ``temperature > 0``: a group of identical answers teaches nothing).
         group_size: Responses per prompt (G).
         beta: Weight of the KL-to-reference loss term; 0 skips the reference forward.

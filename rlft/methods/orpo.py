@@ -12,8 +12,9 @@ import torch
 
 from rlft.losses import orpo_loss, simpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.methods.pair_scoring import PairLogps, pair_logps, pair_metrics, zero_dropout
 from rlft.models import LoraSettings
+from rlft.models.modes import disable_dropout as zero_dropout
+from rlft.models.scoring import PairLogps, pair_logps, pair_metrics
 
 
 def _average_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

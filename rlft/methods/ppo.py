@@ -19,14 +19,14 @@ import torch
 from rlft.losses import ppo_policy_loss, ppo_value_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.models import LoraSettings, load_model
+from rlft.models.modes import disable_dropout, inference
+from rlft.models.reference import load_reference_adapter
 from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
-from rlft.rewards import Rewards, RewardSpec, as_reward_tensor
-from rlft.rollout import (
+from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
+from rlft.rl.rollout import (
     Rollout,
     RolloutSettings,
     collect_rollout,
-    inference,
-    load_reference_adapter,
     minibatches,
     token_logps,
 )
@@ -60,13 +60,6 @@ class KLSettings:
         return coef * (1.0 + error * sequences / self.horizon)
 
 
-def disable_dropout(module: torch.nn.Module) -> None:
-    """Zero dropout so log-prob ratios compare the same network at rollout and update time."""
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Dropout):
-            sub.p = 0.0
-
-
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``1 - Var(returns - values) / Var(returns)`` over response tokens (1 = perfect critic, <= 0 = useless)."""
     if mask.sum() < 2:
@@ -98,7 +91,7 @@ class PPO(RLFTModule):
     makes ``ppo_epochs * ceil(rollout size / minibatch_size)`` of them, fewer when the epochs stop early.
 
     Args:
-        rewards: Reward sources summed with their weights (see :mod:`rlft.rewards`).
+        rewards: Reward sources summed with their weights (see :mod:`rlft.rl.rewards`).
         sampling: How responses are sampled.
         kl: KL penalty (fixed or adaptive).
         ppo_epochs: Passes over each rollout.

@@ -1,90 +1,25 @@
 """Reward model: a causal-LM backbone plus a scalar head, trained with the Bradley-Terry pairwise loss.
 
-The reward of a sequence is the head applied to the final hidden state of its **last non-padding token**, located
-from the attention mask, so left and right padding give the same reward (position ids are rebuilt from the mask
-too). The export is a folder with the backbone (PEFT adapter or full weights), the tokenizer,
-``reward_head.safetensors`` and ``reward_config.json``; score text with it in two lines::
-
-    from rlft.methods.reward_model import RewardScorer
-    rewards = RewardScorer.from_pretrained("runs/rm/hf_model").score(["How do I boil an egg?"], ["Simmer it 8 min."])
+The network, its exported folder (backbone, tokenizer, ``reward_head.safetensors``, ``reward_config.json``) and the
+scorer that RL and evaluation use live in :mod:`rlft.models.reward`; this module is only the training recipe.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from rlft.data.encoding import encode_conversation
-from rlft.eval.metrics import pairwise_auroc
 from rlft.losses import bradley_terry_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.methods.pair_scoring import (  # noqa: F401 - last_token_index re-exported
-    flat_last_positions,
-    last_token_index,
-    pair_layout,
-    position_ids_from_mask,
-)
-from rlft.models import LoraSettings, load_model, load_tokenizer
+from rlft.metrics import pairwise_auroc
+from rlft.models import LoraSettings
+from rlft.models.reward import REWARD_HEADS, RewardNetwork, RewardScorer, write_reward_folder  # noqa: F401
+from rlft.models.scoring import pair_layout
 
 log = logging.getLogger(__name__)
-
-HEAD_FILE = "reward_head.safetensors"
-CONFIG_FILE = "reward_config.json"
-
-
-def _zero_linear(hidden: int) -> torch.nn.Linear:
-    head = torch.nn.Linear(hidden, 1)
-    # every reward starts at exactly 0 (BT loss log 2): final hidden states of LMs are large, and a random
-    # projection of them gives big, arbitrary initial rewards that the first steps must first unlearn
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    return head
-
-
-def _linear_head(hidden: int) -> torch.nn.Module:
-    return _zero_linear(hidden)
-
-
-def _mlp_head(hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(), _zero_linear(hidden))
-
-
-REWARD_HEADS: dict[str, Callable[[int], torch.nn.Module]] = {"linear": _linear_head, "mlp": _mlp_head}
-"""Scalar heads by name: ``hidden_size -> module mapping [..., hidden] to [..., 1]``."""
-
-
-class RewardNetwork(torch.nn.Module):
-    """A causal LM's transformer body (its LM head is never run) and a scalar head.
-
-    Args:
-        backbone: A causal LM, optionally wrapped by peft.
-        head: Module mapping the final hidden state to one number.
-    """
-
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reward of each (left- or right-padded) row, read at its last real token (``[B]``)."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "position_ids": position_ids_from_mask(attention_mask)}  # fmt: skip
-        return self.score_at(inputs, flat_last_positions(attention_mask))
-
-    def score_at(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
-        """Rewards read at ``positions`` of the flattened ``[rows * T]`` hidden states of one forward on ``inputs``
-        (any layout: padded, packed, shared prompts)."""
-        lm = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
-        head_dtype = next(self.head.parameters()).dtype
-        return self.head(hidden.to(head_dtype)).squeeze(-1).float()
 
 
 class RewardModel(RLFTModule):
@@ -195,102 +130,12 @@ class RewardModel(RLFTModule):
     def export(self, path: str | Path) -> Path:
         """Write the folder that :meth:`RewardScorer.from_pretrained` loads (backbone, tokenizer, head, config)."""
         path = Path(path)
-        _write_reward_folder(path, self.model.backbone, self.model.head, self.tokenizer, self.reward_config())
+        write_reward_folder(path, self.model.backbone, self.model.head, self.tokenizer, self.reward_config())
         if self.hparams.merge_on_save and hasattr(self.model.backbone, "merge_and_unload"):
             import copy
 
             merged = copy.deepcopy(self.model.backbone).merge_and_unload()
-            _write_reward_folder(path / "merged", merged, self.model.head, self.tokenizer,
+            write_reward_folder(path / "merged", merged, self.model.head, self.tokenizer,
                                  {**self.reward_config(), "backbone": "full"})  # fmt: skip
         print(f"rlft: reward model saved to {path}")
         return path
-
-
-def _write_reward_folder(path: Path, backbone, head, tokenizer, config: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    if not hasattr(backbone, "peft_config"):  # a stale adapter from an earlier run would shadow the full weights
-        for stale in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
-            (path / stale).unlink(missing_ok=True)
-    backbone.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-
-
-class RewardScorer:
-    """Scores ``(prompt, completion)`` pairs with a trained reward model; what RL methods call for rewards.
-
-    Args:
-        network: The :class:`RewardNetwork`.
-        tokenizer: Its tokenizer (with chat template).
-        max_length: Longer conversations keep their end (the reply the reward judges).
-        batch_size: Sequences per forward.
-    """
-
-    def __init__(self, network: RewardNetwork, tokenizer, *, max_length: int = 1024, batch_size: int = 8) -> None:
-        self.network = network.eval()
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> RewardScorer:
-        """Load an exported reward-model folder or an rlft ``RewardModel`` checkpoint (``.ckpt``)."""
-        path = Path(path)
-        if path.suffix == ".ckpt":
-            module = RewardModel.load_from_checkpoint(str(path), map_location="cpu", strict=False)
-            return cls(module.model, module.tokenizer, **kwargs).to(device)
-        config_file = path / CONFIG_FILE
-        if not config_file.exists():
-            raise FileNotFoundError(
-                f"{path} is not a reward-model folder (no {CONFIG_FILE}); pass the folder RewardModel exported at the "
-                "end of training (`output_dir`, default <log dir>/hf_model) or a RewardModel .ckpt"
-            )
-        config = json.loads(config_file.read_text())
-        backbone = load_model(str(path), dtype=config.get("dtype", "float32"), trainable_adapter=False)
-        hidden = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).config
-        head = REWARD_HEADS[config["head"]](hidden.get_text_config().hidden_size)
-        head.load_state_dict(load_file(str(path / HEAD_FILE)))
-        head = head.to(getattr(torch, config.get("head_dtype", "float32")))
-        network = RewardNetwork(backbone, head).requires_grad_(False)
-        return cls(network, load_tokenizer(str(path)), **kwargs).to(device)
-
-    def to(self, device: str | torch.device) -> RewardScorer:
-        self.network.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.network.parameters()).device
-
-    def encode(self, prompt: list[dict] | str, completion: str) -> list[int]:
-        """Token ids of the prompt plus the completion as the final assistant turn (as in training)."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        ids = encode_conversation(self.tokenizer, [*messages, {"role": "assistant", "content": completion}]).input_ids
-        return ids[-self.max_length :]
-
-    @torch.no_grad()
-    def score(self, prompts: list[list[dict]] | list[str], completions: list[str]) -> torch.Tensor:
-        """Reward of each completion given its prompt: float ``[N]`` on the CPU.
-
-        Args:
-            prompts: Chat messages (``[{"role": "user", "content": ...}, ...]``) or plain user strings.
-            completions: The assistant replies to score, one per prompt.
-        """
-        if len(prompts) != len(completions):
-            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one per prompt")
-        sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
-        scores = []
-        pad_id = self.tokenizer.pad_token_id
-        for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start : start + self.batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            scores.append(self.network(ids.to(self.device), mask.to(self.device)).float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
-
-    __call__ = score

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from rlft.attention import forward_inputs
 from rlft.data.encoding import IGNORE_INDEX
 from rlft.methods.base import RLFTModule
-from rlft.methods.pair_scoring import scored_logps
+from rlft.models.attention import forward_inputs
+from rlft.models.scoring import scored_logps
 
 
 class SFT(RLFTModule):

@@ -1,7 +1,8 @@
-"""Use an rlft Lightning checkpoint (``*.ckpt``) as a model string.
+"""Read an rlft Lightning checkpoint (``*.ckpt``): its hyperparameters and trained weights (nothing is built here).
 
-rlft checkpoints hold only the trainable weights plus the hyperparameters that say how the base was built, so the
-model is rebuilt from its original model string and LoRA settings, then the trained weights are loaded on top.
+rlft checkpoints hold only the trainable weights plus the hyperparameters that say how the base was built, so
+:func:`rlft.models.loading.load_checkpoint_model` rebuilds the model from its original model string and LoRA
+settings, then loads the trained weights on top.
 """
 
 from __future__ import annotations
@@ -25,19 +26,7 @@ def checkpoint_hparams(path: str) -> dict:
     return dict(hparams)
 
 
-def load_checkpoint_model(path: str, **overrides) -> torch.nn.Module:
-    """Rebuild the policy network stored in an rlft checkpoint (LoRA left unmerged)."""
-    from rlft.models.loading import LoraSettings, load_model
-
-    hparams = checkpoint_hparams(path)
-    lora = hparams.get("lora")
-    lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-    model = load_model(hparams["model"], dtype=overrides.pop("dtype", hparams.get("dtype", "float32")), lora=lora)
+def trained_weights(path: str, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The trainable tensors a checkpoint stores under ``prefix`` (prefix removed)."""
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    missing_trained = set(weights) - set(model.state_dict())
-    if missing_trained:
-        raise ValueError(f"{path}: {len(missing_trained)} trained tensors do not fit the rebuilt model, e.g. "
-                         f"{sorted(missing_trained)[:3]}")  # fmt: skip
-    model.load_state_dict(weights, strict=False)
-    return model
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 import transformers
 
-from rlft.models.checkpoint import checkpoint_hparams, is_checkpoint, load_checkpoint_model
+from rlft.models.checkpoint import checkpoint_hparams, is_checkpoint, trained_weights
 from rlft.models.registry import REGISTRY, pull
 
 log = logging.getLogger(__name__)
@@ -237,3 +237,18 @@ def supports_packing(model: torch.nn.Module) -> bool:
     packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
     model.train(was_training)
     return torch.allclose(separate.float(), packed.float(), atol=1e-3, rtol=1e-3)
+
+
+def load_checkpoint_model(path: str, **overrides) -> torch.nn.Module:
+    """Rebuild the policy network stored in an rlft checkpoint (LoRA left unmerged)."""
+    hparams = checkpoint_hparams(path)
+    lora = hparams.get("lora")
+    lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+    model = load_model(hparams["model"], dtype=overrides.pop("dtype", hparams.get("dtype", "float32")), lora=lora)
+    weights = trained_weights(path)
+    missing_trained = set(weights) - set(model.state_dict())
+    if missing_trained:
+        raise ValueError(f"{path}: {len(missing_trained)} trained tensors do not fit the rebuilt model, e.g. "
+                         f"{sorted(missing_trained)[:3]}")  # fmt: skip
+    model.load_state_dict(weights, strict=False)
+    return model

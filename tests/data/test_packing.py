@@ -99,7 +99,7 @@ def test_sft_trains_packed_with_the_same_first_loss(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_packed_pairs_score_like_padded_pairs(name):
-    from rlft.methods.pair_scoring import batch_keys, pair_logps
+    from rlft.models.scoring import batch_keys, pair_logps
 
     model = load_model(name).eval()
     padded = _batches(name, "pairs", False, "rlft/assets/sample_pairs.jsonl")[:2]

@@ -7,7 +7,7 @@ import json
 import pytest
 import transformers
 
-from rlft.eval.cli import main
+from rlft.cli.eval import main
 from rlft.eval.harness import TASKS_DIR
 from rlft.eval.report import build_report, read_metrics_csv
 from rlft.eval.results import make_result, write_result

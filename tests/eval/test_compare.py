@@ -6,7 +6,7 @@ import pytest
 
 from rlft.eval.compare import generate_for_policies, prompt_text, summarize_policies
 from rlft.eval.generation import SamplingSettings
-from rlft.eval.metrics import distinct_n
+from rlft.metrics import distinct_n
 
 
 def reply_length(texts):

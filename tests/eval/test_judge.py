@@ -120,7 +120,7 @@ def test_local_model_judge_counts_unparseable_replies(tiny):
 
 
 def test_cli_pairwise_judge_over_http_is_cached_between_runs(server, tmp_path):
-    from rlft.eval.cli import main
+    from rlft.cli.eval import main
 
     url, seen = server
     prompts = tmp_path / "prompts.jsonl"

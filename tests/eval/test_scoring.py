@@ -127,8 +127,10 @@ def test_extractors():
     assert extract_answer("  Paris.\nBecause...", "first_line") == "paris"
     assert extract_answer(r"thus \boxed{42}", "boxed") == "42"
     assert extract_answer("no digits here", "last_number") is None
-    with pytest.raises(ValueError, match="unknown extractor"):
-        extract_answer("x", "nope")
+    # names that are not registered are regexes (group 1 or the whole match), as in the exact_match reward
+    assert extract_answer("Final: 17 apples", r"Final: (\d+)") == "17"
+    with pytest.raises(ValueError, match="neither one of"):
+        extract_answer("x", "(unclosed")
 
 
 class _Scripted:

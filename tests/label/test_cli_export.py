@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from rlft.cli.label import main
 from rlft.label import store
-from rlft.label.cli import main
 from rlft.label.db import SCHEMA_VERSION, SchemaVersionError, normalise_url, open_database
 from rlft.label.export import build_pairs, decide, win_rates
 from rlft.label.importing import ImportValidationError, load_generations, load_pairs
@@ -211,7 +211,7 @@ def test_label_package_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, rlft.label.cli, rlft.label.api, rlft.label.export; print('torch' in sys.modules)"
+    code = "import sys, rlft.cli.label, rlft.label.api, rlft.label.export; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -21,7 +21,7 @@ def _count_forwards(module, data, tmp_path, steps: int = 2) -> int:
     return len(calls)
 
 
-PROBE = 3  # the one-off segmented-attention probe (rlft.attention): two short sequences apart, then packed
+PROBE = 3  # the one-off segmented-attention probe (rlft.models.attention): two short sequences apart, then packed
 
 
 def _pairs(**kwargs) -> PreferenceDataModule:

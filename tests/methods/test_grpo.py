@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from rlft.cli.fit import run_lightning_cli
 from rlft.data import PreferenceDataModule
-from rlft.lightning_cli import run_lightning_cli
 from rlft.methods import GRPO
 from rlft.models import LoraSettings
 

@@ -119,7 +119,7 @@ def test_orpo_odds_ratio_term_separates_beyond_plain_sft(tmp_path):
 
 @pytest.mark.parametrize("method", ["rm", "dpo", "orpo", "simpo"])
 def test_tiny_config_runs_through_the_cli(tmp_path, method):
-    from rlft.lightning_cli import run_lightning_cli
+    from rlft.cli.fit import run_lightning_cli
 
     out = tmp_path / "hf"
     cli = run_lightning_cli([

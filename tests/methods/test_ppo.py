@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from rlft.cli.fit import run_lightning_cli
 from rlft.data import PreferenceDataModule
-from rlft.lightning_cli import run_lightning_cli
 from rlft.methods import PPO
 from rlft.methods.ppo import KLSettings, explained_variance, last_token_scores
 from rlft.models import LoraSettings
-from rlft.rollout import Rollout
+from rlft.rl.rollout import Rollout
 
 PROMPTS = "rlft/assets/sample_prompts.jsonl"
 

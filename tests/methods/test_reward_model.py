@@ -15,15 +15,11 @@ import lightning as L  # noqa: E402
 
 from rlft.data import PreferenceDataModule  # noqa: E402
 from rlft.data.collate import Collator, pad  # noqa: E402
-from rlft.eval.metrics import pairwise_auroc  # noqa: E402
 from rlft.losses import bradley_terry_loss  # noqa: E402
 from rlft.methods import RewardModel  # noqa: E402
-from rlft.methods.reward_model import (  # noqa: E402
-    CONFIG_FILE,
-    HEAD_FILE,
-    RewardScorer,
-    last_token_index,
-)
+from rlft.metrics import pairwise_auroc  # noqa: E402
+from rlft.models.reward import CONFIG_FILE, HEAD_FILE, RewardScorer  # noqa: E402
+from rlft.models.scoring import last_token_index  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = str(REPO / "rlft" / "assets" / "sample_pairs.jsonl")

@@ -10,7 +10,8 @@ import torch
 from rlft.data import PreferenceDataModule
 from rlft.methods import GRPO, PPO, SFT
 from rlft.models import LoraSettings
-from rlft.rollout import REF_ADAPTER, reference_model, token_logps
+from rlft.models.reference import REF_ADAPTER, reference_model
+from rlft.rl.rollout import token_logps
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 

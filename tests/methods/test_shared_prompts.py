@@ -6,10 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from rlft.attention import SEGMENTED_SDPA, causal_segments, segmented_attention, segmented_inputs
 from rlft.data import PreferenceDataModule
-from rlft.methods.pair_scoring import pair_logps, shared_prompt_layout, zero_dropout
 from rlft.models import LoraSettings, load_model, load_tokenizer
+from rlft.models.attention import SEGMENTED_SDPA, causal_segments, segmented_attention, segmented_inputs
+from rlft.models.modes import disable_dropout as zero_dropout
+from rlft.models.scoring import pair_logps, shared_prompt_layout
 
 PAIRS = "rlft/assets/sample_pairs.jsonl"
 

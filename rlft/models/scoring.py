@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlft.attention import forward_inputs, segmented_attention, segmented_inputs
+from rlft.models.attention import forward_inputs, segmented_attention, segmented_inputs
 from rlft.ops import IGNORE_INDEX, gather_logps, hidden_logps
 
 
@@ -210,7 +210,7 @@ def pair_logps(model: torch.nn.Module, batch: dict, share_prompts: bool = False)
 
     The LM head is applied only to scored positions (never to the prompt), chunk by chunk, so the ``[2B, T, V]``
     logits are not materialised; models with rescaled logits fall back to the full forward. With ``share_prompts``
-    (and a model that takes segmented attention, see :mod:`rlft.attention`), each pair's prompt is run once for
+    (and a model that takes segmented attention, see :mod:`rlft.models.attention`), each pair's prompt is run once for
     both responses (:func:`shared_prompt_layout`); the numbers are those of the plain layout.
     """
     layout = pair_layout(model, batch, share_prompts)
@@ -245,13 +245,6 @@ def batch_keys(batch: dict) -> list[str]:
         rejected = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
         keys.append(pair_key(chosen, rejected, prompt_length))
     return keys
-
-
-def zero_dropout(module: torch.nn.Module) -> None:
-    """Zero every dropout so the policy and its reference see the same deterministic network (as TRL does)."""
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Dropout):
-            sub.p = 0.0
 
 
 def pair_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from rlft.rl.answers import extract_code, extractor, is_correct
+
 RewardFunction = Callable[..., Sequence[float]]
 
 
@@ -45,57 +47,6 @@ class RewardSpec:
     weight: float = 1.0
     name: str | None = None
     options: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- answer extraction and matching
-def _last_number(text: str) -> str | None:
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return numbers[-1].replace(",", "") if numbers else None
-
-
-def _boxed(text: str) -> str | None:
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1] if found else None
-
-
-def _answer_tag(text: str) -> str | None:
-    found = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
-    return found[-1] if found else None
-
-
-EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "full": lambda text: text,
-    "last_number": _last_number,
-    "boxed": _boxed,
-    "answer_tag": _answer_tag,
-}
-"""How ``exact_match`` finds the answer in a completion; an unknown name is used as a regex (group 1 or match)."""
-
-
-def _extractor(extract: str) -> Callable[[str], str | None]:
-    if extract in EXTRACTORS:
-        return EXTRACTORS[extract]
-    try:
-        pattern = re.compile(extract, flags=re.DOTALL)
-    except re.error as error:
-        known = sorted(EXTRACTORS)
-        raise ValueError(f"exact_match: extract={extract!r} is neither one of {known} nor a regex") from error
-
-    def by_regex(text: str) -> str | None:
-        found = pattern.search(text)
-        return None if found is None else (found.group(1) if pattern.groups else found.group(0))
-
-    return by_regex
-
-
-def normalise_answer(text: str, *, case_sensitive: bool = False) -> str:
-    """Strip whitespace, surrounding quotes/``$`` and a final period; numbers compare by value (``12.0`` == ``12``)."""
-    text = text.strip().strip("$").strip().rstrip(".").strip().strip("\"'`")
-    try:
-        number = float(text.replace(",", ""))
-        return repr(int(number)) if number.is_integer() else repr(number)
-    except ValueError:
-        return text if case_sensitive else text.lower()
 
 
 def _field(fields: dict, name: str, source: str, rows: int) -> list:
@@ -119,17 +70,16 @@ def exact_match(field: str = "answer", extract: str = "full", case_sensitive: bo
             (``<answer>..</answer>``) or a regex (its first group is the answer).
         case_sensitive: Compare non-numeric answers with case.
     """
-    find = _extractor(extract)
-    norm = functools.partial(normalise_answer, case_sensitive=case_sensitive)
+    extractor(extract)  # a bad extractor name fails when the reward is built, not at the first rollout
 
     def reward(prompts, completions, **fields) -> list[float]:
         references = _field(fields, field, "exact_match", len(completions))
-        scores = []
-        for completion, reference in zip(completions, references):
-            answer = find(completion)
-            accepted = reference if isinstance(reference, (list, tuple)) else [reference]
-            scores.append(float(answer is not None and norm(answer) in {norm(str(a)) for a in accepted}))
-        return scores
+        return [
+            float(
+                is_correct(c, r if isinstance(r, (list, tuple)) else str(r), extract, case_sensitive=case_sensitive)[0]
+            )
+            for c, r in zip(completions, references)
+        ]
 
     return reward
 
@@ -193,15 +143,6 @@ def length_target(target: int, unit: str = "words", mode: str = "target") -> Rew
     return reward
 
 
-_CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|$)", flags=re.DOTALL | re.IGNORECASE)
-
-
-def extract_code(completion: str) -> str:
-    """The first fenced code block of a chat answer, or the completion itself when it has no fence."""
-    found = _CODE_BLOCK.search(completion)
-    return found.group(1) if found else completion
-
-
 def build_test_program(code: str, test: str, entry_point: str | None, prefix: str = "") -> str:
     """HumanEval-style program: optional prompt prefix, the code, the tests, then ``check(entry_point)``."""
     parts = [prefix + code, test]
@@ -220,7 +161,7 @@ def code_tests(
 ) -> RewardFunction:
     """1.0 when the completion's code passes the record's unit tests in the sandbox, else 0.0 (errors, timeouts).
 
-    Each program runs in :func:`rlft.sandbox.run_program` (own process group, time and memory limits, no network
+    Each program runs in :func:`rlft.rl.sandbox.run_program` (own process group, time and memory limits, no network
     where namespaces work, writes confined to a temporary folder).
 
     Args:
@@ -231,7 +172,7 @@ def code_tests(
         memory_mb: Address-space limit per program.
         workers: Programs run at once (default: CPU count, at most 8).
     """
-    from rlft.sandbox import run_programs
+    from rlft.rl.sandbox import run_programs
 
     def reward(prompts, completions, **fields) -> list[float]:
         rows = len(completions)
@@ -260,7 +201,7 @@ def reward_model(path: str, batch_size: int = 8, max_length: int = 1024, device:
 
     @functools.cache
     def scorer():
-        from rlft.methods.reward_model import RewardScorer
+        from rlft.models.reward import RewardScorer
 
         target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         return RewardScorer.from_pretrained(path, device=target, batch_size=batch_size, max_length=max_length)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rlft.eval.metrics import (
+from rlft.metrics import (
     auroc,
     distinct_n,
     length_stats,

@@ -12,17 +12,17 @@ PPO/GRPO update sees a ratio of exactly 1.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from rlft.logprobs import entropy_from_logits, gather_logps
-
-# turn-ending tokens of common chat templates: not always the tokenizer's EOS
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "</s>")
+from rlft.models.modes import inference
+from rlft.models.reference import reference_model
+from rlft.models.scoring import position_ids_from_mask
+from rlft.models.tokens import pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -116,29 +116,6 @@ class Rollout:
         return replace(self, **changes)
 
 
-def stop_token_ids(tokenizer, model=None, extra: Sequence[int] = ()) -> list[int]:
-    """Token ids that end a response: EOS of the tokenizer and generation config, chat end-of-turn tokens, extras."""
-    ids = set(extra)
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(value)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
-    return sorted(ids)
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as ``generate`` computes them (so scoring matches sampling)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def mask_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Response mask (ones through the first stop token), the ids with everything after it set to ``pad_id``, and
     whether each row stopped.
@@ -156,62 +133,6 @@ def mask_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id:
     stops_before = torch.cumsum(is_stop.long(), dim=-1) - is_stop.long()
     mask = (stops_before == 0).long()
     return torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id)), mask, is_stop.any(-1)
-
-
-@contextlib.contextmanager
-def inference(model: torch.nn.Module) -> Iterator[None]:
-    """No gradients and eval mode (dropout off, so the sampled and scored policy are the same), then restore."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-REF_ADAPTER = "ref"
-"""Name of the frozen adapter that plays the reference when training continues an existing adapter."""
-
-
-def load_reference_adapter(policy: torch.nn.Module, model: str) -> bool:
-    """When ``model`` names an adapter folder (e.g. an SFT result), load a frozen copy of it as ``ref``.
-
-    Continuing an adapter, the initial policy is base + that adapter, so the reference must be too, not the raw
-    base that switching the adapter off would give. Returns whether a reference adapter was loaded.
-    """
-    from rlft.models import resolve_model
-    from rlft.models.checkpoint import is_checkpoint
-
-    if is_checkpoint(model) or not hasattr(policy, "load_adapter"):
-        return False
-    adapter = resolve_model(model).adapter
-    if adapter:
-        policy.load_adapter(adapter, adapter_name=REF_ADAPTER, is_trainable=False)
-    return bool(adapter)
-
-
-@contextlib.contextmanager
-def reference_model(policy: torch.nn.Module, reference: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
-    """The reference policy: a given frozen model, else the LoRA policy's frozen ``ref`` adapter (see
-    :func:`load_reference_adapter`), else the LoRA policy with its adapter disabled (no second copy of weights).
-
-    Raises:
-        ValueError: if there is neither a separate reference nor a LoRA adapter to disable.
-    """
-    if reference is not None:
-        yield reference
-    elif REF_ADAPTER in getattr(policy, "peft_config", {}):
-        policy.set_adapter(REF_ADAPTER, inference_mode=True)
-        try:
-            yield policy
-        finally:  # set_adapter also makes the trained adapter trainable again
-            policy.set_adapter("default")
-    elif hasattr(policy, "disable_adapter"):
-        with policy.disable_adapter():
-            yield policy
-    else:
-        raise ValueError("a KL penalty needs a reference: train with LoRA (the base is the reference) or pass one")
 
 
 def token_logps(
@@ -244,7 +165,7 @@ def token_logps(
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_for(attention_mask),
+        position_ids=position_ids_from_mask(attention_mask),
         logits_to_keep=response_length + 1,
         output_hidden_states=with_hidden,
         use_cache=False,

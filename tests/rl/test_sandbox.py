@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rlft.sandbox import network_namespace_available, run_program, run_programs
+from rlft.rl.sandbox import network_namespace_available, run_program, run_programs
 
 
 def _sandbox_dirs() -> set[str]:

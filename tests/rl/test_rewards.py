@@ -7,14 +7,13 @@ import textwrap
 import pytest
 import torch
 
-from rlft.rewards import (
+from rlft.rl.answers import extract_code, normalise_answer
+from rlft.rl.rewards import (
     Rewards,
     RewardSpec,
     as_reward_tensor,
     build_reward,
     build_test_program,
-    extract_code,
-    normalise_answer,
 )
 
 PROMPTS = [[{"role": "user", "content": "q"}]] * 4
@@ -121,7 +120,8 @@ def test_code_tests_completion_mode_with_prompt_prefix():
 
 
 def test_reward_model_source_matches_the_scorer(tmp_path):
-    from rlft.methods.reward_model import RewardModel, RewardScorer
+    from rlft.methods import RewardModel
+    from rlft.models.reward import RewardScorer
 
     torch.manual_seed(0)
     module = RewardModel(model="tiny-llama", lora=None)

@@ -292,7 +292,7 @@ def _worker(argv: list[str]) -> None:
 
 def _launch(framework: str, variant: str, cfg: BenchConfig) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "rlft.bench", "--worker", framework, variant, json.dumps(asdict(cfg))]
+    cmd = [sys.executable, "-m", "rlft.cli.bench", "--worker", framework, variant, json.dumps(asdict(cfg))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RLFT_BENCH ")]
     if proc.returncode != 0 or not lines:

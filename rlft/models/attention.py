@@ -5,7 +5,7 @@ the SDPA kernels then compute every one of the ``L²`` scores, masked or not: on
 ~5× the attention work of the examples attended separately. ``rlft_sdpa`` (a registered transformers attention
 implementation, identical to ``sdpa`` unless told otherwise) takes the spans of the row through the forward keyword
 ``rlft_segments`` and runs SDPA on each span: causal for an ordinary packed example, or under a small boolean mask
-for a prompt shared by a chosen and a rejected response (see :func:`rlft.methods.pair_scoring.shared_prompt_layout`).
+for a prompt shared by a chosen and a rejected response (see :func:`rlft.models.scoring.shared_prompt_layout`).
 The keyword travels with the layer call, so gradient checkpointing recomputes the same spans.
 """
 

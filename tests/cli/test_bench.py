@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlft.bench import BenchConfig, run
+from rlft.cli.bench import BenchConfig, run
 
 pytest.importorskip("trl")
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from rlft.cli import main
-from rlft.lightning_cli import run_lightning_cli
+from rlft.cli.fit import run_lightning_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "trainer")
 OVERLAYS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
 
@@ -48,8 +48,8 @@ def test_overrides_reach_the_instantiated_objects(tmp_path):
     cli_args = ["--config", "configs/sft/tiny.yaml", "--data.path", "rlft/assets/sample_pairs.jsonl",
                 "--model.lora.r", "32", "--trainer.max_steps", "7",
                 "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    from rlft.cli.fit import RLFTCLI
     from rlft.data import PreferenceDataModule
-    from rlft.lightning_cli import RLFTCLI
     from rlft.methods.base import RLFTModule
 
     # run=False instantiates model, data and trainer without fitting

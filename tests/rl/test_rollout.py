@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from rlft.models import LoraSettings, load_model, load_tokenizer
-from rlft.rollout import (
+from rlft.models.scoring import position_ids_from_mask as position_ids_for
+from rlft.models.tokens import stop_token_ids
+from rlft.rl.rollout import (
     Rollout,
     RolloutSettings,
     collect_rollout,
     mask_after_stop,
     minibatches,
-    position_ids_for,
-    stop_token_ids,
 )
 
 PROMPTS = [

@@ -12,11 +12,11 @@ import sys
 
 # subcommand -> "module:function" taking argv (list[str]); imported lazily so `rlft label` does not pay for torch.
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("rlft.models.cli:main", "download/convert registry models (rlft models pull smollm2-135m-instruct)"),
-    "generate": ("rlft.generate:main", "chat with a model, adapter folder or checkpoint (streams to the terminal)"),
-    "eval": ("rlft.eval.cli:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
-    "label": ("rlft.label.cli:main", "human preference collection: serve the labeling UI, import, export, stats"),
-    "bench": ("rlft.bench:main", "throughput/memory benchmark against TRL on identical work"),
+    "models": ("rlft.cli.models:main", "download/convert registry models (rlft models pull smollm2-135m-instruct)"),
+    "generate": ("rlft.cli.generate:main", "chat with a model, adapter folder or checkpoint (streams to the terminal)"),
+    "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
+    "label": ("rlft.cli.label:main", "human preference collection: serve the labeling UI, import, export, stats"),
+    "bench": ("rlft.cli.bench:main", "throughput/memory benchmark against TRL on identical work"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         getattr(importlib.import_module(module), func)(rest)
         return
     if command in LIGHTNING_COMMANDS:
-        from rlft.lightning_cli import run_lightning_cli
+        from rlft.cli.fit import run_lightning_cli
 
         run_lightning_cli(argv)
         return

@@ -1,0 +1,182 @@
+"""The reward network (a causal-LM body plus a scalar head), its exported folder, and the scorer that RL and
+evaluation call for rewards.
+
+The reward of a sequence is the head applied to the final hidden state of its **last non-padding token**, located
+from the attention mask, so left and right padding give the same reward. Score text in two lines::
+
+    from rlft.models.reward import RewardScorer
+    rewards = RewardScorer.from_pretrained("runs/rm/hf_model").score(["How do I boil an egg?"], ["Simmer it 8 min."])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlft.data.encoding import encode_conversation
+from rlft.models.checkpoint import checkpoint_hparams, trained_weights
+from rlft.models.loading import LoraSettings, load_model, load_tokenizer
+from rlft.models.scoring import flat_last_positions, position_ids_from_mask
+
+HEAD_FILE = "reward_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+
+
+def _zero_linear(hidden: int) -> torch.nn.Linear:
+    head = torch.nn.Linear(hidden, 1)
+    # every reward starts at exactly 0 (BT loss log 2): final hidden states of LMs are large, and a random
+    # projection of them gives big, arbitrary initial rewards that the first steps must first unlearn
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def _linear_head(hidden: int) -> torch.nn.Module:
+    return _zero_linear(hidden)
+
+
+def _mlp_head(hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(), _zero_linear(hidden))
+
+
+REWARD_HEADS: dict[str, Callable[[int], torch.nn.Module]] = {"linear": _linear_head, "mlp": _mlp_head}
+"""Scalar heads by name: ``hidden_size -> module mapping [..., hidden] to [..., 1]``."""
+
+
+class RewardNetwork(torch.nn.Module):
+    """A causal LM's transformer body (its LM head is never run) and a scalar head.
+
+    Args:
+        backbone: A causal LM, optionally wrapped by peft.
+        head: Module mapping the final hidden state to one number.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward of each (left- or right-padded) row, read at its last real token (``[B]``)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "position_ids": position_ids_from_mask(attention_mask)}  # fmt: skip
+        return self.score_at(inputs, flat_last_positions(attention_mask))
+
+    def score_at(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+        """Rewards read at ``positions`` of the flattened ``[rows * T]`` hidden states of one forward on ``inputs``
+        (any layout: padded, packed, shared prompts)."""
+        lm = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
+        head_dtype = next(self.head.parameters()).dtype
+        return self.head(hidden.to(head_dtype)).squeeze(-1).float()
+
+
+def write_reward_folder(path: Path, backbone, head, tokenizer, config: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if not hasattr(backbone, "peft_config"):  # a stale adapter from an earlier run would shadow the full weights
+        for stale in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+            (path / stale).unlink(missing_ok=True)
+    backbone.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+class RewardScorer:
+    """Scores ``(prompt, completion)`` pairs with a trained reward model; what RL methods call for rewards.
+
+    Args:
+        network: The :class:`RewardNetwork`.
+        tokenizer: Its tokenizer (with chat template).
+        max_length: Longer conversations keep their end (the reply the reward judges).
+        batch_size: Sequences per forward.
+    """
+
+    def __init__(self, network: RewardNetwork, tokenizer, *, max_length: int = 1024, batch_size: int = 8) -> None:
+        self.network = network.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> RewardScorer:
+        """Load an exported reward-model folder or an rlft ``RewardModel`` checkpoint (``.ckpt``)."""
+        path = Path(path)
+        if path.suffix == ".ckpt":
+            return cls(_network_from_checkpoint(str(path)), load_tokenizer(str(path)), **kwargs).to(device)
+        config_file = path / CONFIG_FILE
+        if not config_file.exists():
+            raise FileNotFoundError(
+                f"{path} is not a reward-model folder (no {CONFIG_FILE}); pass the folder RewardModel exported at the "
+                "end of training (`output_dir`, default <log dir>/hf_model) or a RewardModel .ckpt"
+            )
+        config = json.loads(config_file.read_text())
+        backbone = load_model(str(path), dtype=config.get("dtype", "float32"), trainable_adapter=False)
+        hidden = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).config
+        head = REWARD_HEADS[config["head"]](hidden.get_text_config().hidden_size)
+        head.load_state_dict(load_file(str(path / HEAD_FILE)))
+        head = head.to(getattr(torch, config.get("head_dtype", "float32")))
+        network = RewardNetwork(backbone, head).requires_grad_(False)
+        return cls(network, load_tokenizer(str(path)), **kwargs).to(device)
+
+    def to(self, device: str | torch.device) -> RewardScorer:
+        self.network.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def encode(self, prompt: list[dict] | str, completion: str) -> list[int]:
+        """Token ids of the prompt plus the completion as the final assistant turn (as in training)."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids = encode_conversation(self.tokenizer, [*messages, {"role": "assistant", "content": completion}]).input_ids
+        return ids[-self.max_length :]
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]] | list[str], completions: list[str]) -> torch.Tensor:
+        """Reward of each completion given its prompt: float ``[N]`` on the CPU.
+
+        Args:
+            prompts: Chat messages (``[{"role": "user", "content": ...}, ...]``) or plain user strings.
+            completions: The assistant replies to score, one per prompt.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one per prompt")
+        sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        pad_id = self.tokenizer.pad_token_id
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            scores.append(self.network(ids.to(self.device), mask.to(self.device)).float().cpu())
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    __call__ = score
+
+
+def _network_from_checkpoint(path: str) -> RewardNetwork:
+    """Rebuild a ``RewardModel`` checkpoint's network from its hyperparameters and trained weights."""
+    hparams = checkpoint_hparams(path)
+    lora = hparams.get("lora")
+    lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+    backbone = load_model(hparams["model"], dtype=hparams.get("dtype", "float32"), lora=lora)
+    lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    head = REWARD_HEADS[hparams.get("head", "linear")](lm.config.get_text_config().hidden_size)
+    network = RewardNetwork(backbone, head.to(getattr(torch, hparams.get("head_dtype", "float32"))))
+    weights = trained_weights(path)
+    unknown = set(weights) - set(network.state_dict())
+    if unknown:
+        raise ValueError(f"{path}: not a RewardModel checkpoint ({len(unknown)} tensors do not fit, e.g. "
+                         f"{sorted(unknown)[:3]})")  # fmt: skip
+    network.load_state_dict(weights, strict=False)
+    return network.requires_grad_(False)
