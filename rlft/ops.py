@@ -60,13 +60,18 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, average: bo
     return total / mask.sum(-1).clamp(min=1.0)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over all processes (identity in one process), so batch statistics cover the global batch."""
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, all_reduce: Reduce | None = None):
     """Mean of ``x`` over positions where ``mask`` is non-zero (weights allowed), like TRL's ``masked_mean``.
 
     Args:
         x: values.
         mask: same shape as ``x``; 0/1 or non-negative weights.
         dim: reduce along this dimension; ``None`` reduces everything to a scalar.
+        all_reduce: With ``dim=None``, sums the total and the count over processes (the global batch's mean).
 
     Returns:
         The masked mean. Where the mask sums to 0 the result is 0 (TRL returns NaN there).
@@ -75,18 +80,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     mask = mask.to(x.dtype)
     total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
     count = mask.sum() if dim is None else mask.sum(dim)
+    if all_reduce is not None and dim is None:
+        total, count = all_reduce(total), all_reduce(count)
     nonempty = count > 0
     # dividing by 1 where nothing is selected keeps autograd free of 0/0 NaNs
     return torch.where(nonempty, total / torch.where(nonempty, count, torch.ones_like(count)), torch.zeros_like(total))
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, all_reduce: Reduce | None = None):
     """Variance of ``x`` over masked positions (scalar), with TRL's Bessel correction ``n / (n - 1)``.
 
     Args:
         x: values.
         mask: same shape, 0/1.
         unbiased: apply the ``n / (n - 1)`` correction with ``n = mask.sum()``.
+        all_reduce: Statistics over the global batch of all processes (see :data:`Reduce`).
 
     Returns:
         Scalar variance.
@@ -95,10 +103,11 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
         ValueError: if the mask selects nothing, or a single element with ``unbiased=True``.
     """
     count = mask.to(x.dtype).sum()
+    count = all_reduce(count) if all_reduce is not None else count
     if count == 0:
         raise ValueError("masked_var: the mask selects no element; check the response mask of this batch")
-    centered = x - masked_mean(x, mask)
-    variance = masked_mean(centered**2, mask)
+    centered = x - masked_mean(x, mask, all_reduce=all_reduce)
+    variance = masked_mean(centered**2, mask, all_reduce=all_reduce)
     if unbiased:
         if count == 1:
             raise ValueError("masked_var: unbiased variance needs at least 2 masked elements; pass unbiased=False")
@@ -106,7 +115,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return variance
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, all_reduce: Reduce | None = None
+) -> torch.Tensor:
     """Normalise ``x`` to unit (unbiased) variance over masked positions, as TRL's ``masked_whiten``.
 
     ``(x - mean) / sqrt(var + eps)``, and the mean is added back when ``shift_mean=False`` (PPO whitens rewards
@@ -117,11 +128,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
         mask: same shape, 0/1.
         shift_mean: subtract the mean (True) or keep it.
         eps: added to the variance for stability.
+        all_reduce: Whiten with the global batch's statistics (see :data:`Reduce`).
 
     Returns:
         Whitened tensor of ``x``'s shape.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, all_reduce=all_reduce), masked_var(x, mask, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 

@@ -14,9 +14,9 @@ LAYERS = [
     {"rlft.losses", "rlft.rl_losses", "rlft.ops", "rlft.logprobs", "rlft.metrics", "rlft.registry"},
     {"rlft.data"},
     {"rlft.models"},
-    {"rlft.rl"},
+    {"rlft.rl", "rlft.strategies"},
     {"rlft.methods"},
-    {"rlft.eval", "rlft.callbacks", "rlft.label", "rlft.strategies", "rlft.export", "rlft.serve", "rlft.tune"},
+    {"rlft.eval", "rlft.callbacks", "rlft.label", "rlft.export", "rlft.serve", "rlft.tune"},
     {"rlft.cli", "rlft.pipeline"},
 ]
 

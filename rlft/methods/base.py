@@ -23,6 +23,7 @@ import transformers
 from rlft.data.collate import count_tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
+from rlft.strategies import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,13 @@ class RLFTModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
 
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all training processes (itself in one process): for statistics and decisions
+        that must cover the global batch and agree on every rank (whitening, adaptive KL, early stopping)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.detach().clone(), reduce_op="sum")
+
     def batch_size_of(self, batch: dict) -> int:
         """Examples in a padded or packed batch (pairs count once)."""
         for key in ("prompt_lengths", "seq_lengths"):
@@ -160,10 +168,11 @@ class RLFTModule(L.LightningModule):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # no empty groups: ZeRO drops them from the optimizer, and a schedule built on both would then mismatch
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-        )  # fmt: skip
+            [g for g in groups if g["params"]], lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * total)
         extra = {"min_lr_rate": settings.min_lr_ratio} if settings.scheduler == "cosine_with_min_lr" else None
@@ -185,26 +194,57 @@ class RLFTModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
 
+    def configure_model(self) -> None:
+        """Let a sharding strategy (FSDP2) shard the networks; Lightning calls this before the optimiser exists."""
+        shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
+
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self.export(self.export_dir())
+        if self.trainer.sanity_checking:
+            return
+        network = None
+        if is_sharded(self):
+            # every rank takes part in gathering the trained weights from the shards; rank 0 writes them into an
+            # unsharded twin, so the exported folder is the full model and never a rank's shard
+            state = full_state_dict(self.model, trainable_only=True)
+            network = self.unsharded_copy(state) if self.trainer.is_global_zero else None
+        if self.trainer.is_global_zero:
+            self.export(self.export_dir(), network)
+        self.trainer.strategy.barrier("rlft-export")
+
+    def unsharded_copy(self, trained: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A fresh, unsharded network (``build_model``) holding the ``trained`` weights."""
+        twin = self.build_model()
+        expected = {n for n, p in twin.named_parameters() if p.requires_grad}
+        missing = expected - trained.keys()
+        if missing:
+            raise RuntimeError(f"gathered weights lack {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
+        twin.load_state_dict({k: v for k, v in trained.items() if k in expected}, strict=False)
+        return twin
 
     def export_dir(self) -> Path:
         if self.hparams.output_dir:
             return Path(self.hparams.output_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf_model"
 
-    def export(self, path: str | Path) -> Path:
-        """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template) loadable without rlft."""
+    def export(self, path: str | Path, network: torch.nn.Module | None = None) -> Path:
+        """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template) loadable without rlft.
+
+        Args:
+            path: The folder.
+            network: What to save; default ``self.model`` (a sharded run passes its gathered, unsharded copy).
+        """
+        network = self.model if network is None else network
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if hasattr(self.model, "peft_config"):  # the trained adapter only, not a frozen reference copy
-            self.model.save_pretrained(path, selected_adapters=["default"])
+        if hasattr(network, "peft_config"):  # the trained adapter only, not a frozen reference copy
+            network.save_pretrained(path, selected_adapters=["default"])
         else:
-            self.model.save_pretrained(path)
+            network.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        if self.hparams.merge_on_save and hasattr(self.model, "merge_and_unload"):
-            merged = copy.deepcopy(self.model).merge_and_unload()
+        if self.hparams.merge_on_save and hasattr(network, "merge_and_unload"):
+            merged = copy.deepcopy(network).merge_and_unload()
             merged.save_pretrained(path / "merged")
             self.tokenizer.save_pretrained(path / "merged")
         log.info("saved Hugging Face model to %s", path)

@@ -28,7 +28,7 @@ from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.models import LoraSettings, load_model
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
-from rlft.models.scoring import PairLogps, _causal_lm, batch_keys, pair_key, pair_logps, pair_metrics  # noqa: F401
+from rlft.models.scoring import PairLogps, batch_keys, causal_lm, pair_key, pair_logps, pair_metrics  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class DPO(RLFTModule):
         ref = load_model(hp.ref_model or hp.model, dtype=hp.dtype, lora=None, trainable_adapter=False)
         ref.requires_grad_(False).eval()
         zero_dropout(ref)
-        policy_vocab = _causal_lm(self.model).get_output_embeddings().weight.shape[0]
-        ref_vocab = _causal_lm(ref).get_output_embeddings().weight.shape[0]
+        policy_vocab = causal_lm(self.model).get_output_embeddings().weight.shape[0]
+        ref_vocab = causal_lm(ref).get_output_embeddings().weight.shape[0]
         if ref_vocab != policy_vocab:
             raise ValueError(
                 f"ref_model {hp.ref_model!r} has a vocabulary of {ref_vocab} tokens but the policy has {policy_vocab}; "

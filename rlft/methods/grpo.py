@@ -29,6 +29,7 @@ from rlft.rl.rollout import (
     token_logps,
 )
 from rlft.rl_losses import LOSS_AGGREGATIONS
+from rlft.strategies import full_weights
 
 
 class GRPO(RLFTModule):
@@ -125,10 +126,11 @@ class GRPO(RLFTModule):
         hp = self.hparams
         rows = batch["prompt_input_ids"].shape[0] * hp.group_size
         several_updates = hp.num_iterations > 1 or (hp.minibatch_size or rows) < rows
-        return collect_rollout(
-            self.model, self.tokenizer, batch, self.sampling, group_size=hp.group_size, score=several_updates,
-            reference=self.reference_model, with_reference=hp.beta != 0,
-        )  # fmt: skip
+        with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
+            return collect_rollout(
+                self.model, self.tokenizer, batch, self.sampling, group_size=hp.group_size, score=several_updates,
+                reference=self.reference_model, with_reference=hp.beta != 0,
+            )  # fmt: skip
 
     def reward(self, prompts: list, completions: list[str], **fields) -> torch.Tensor:
         """Score of each completion (``[N]``); the default sums the configured ``rewards``."""
@@ -216,7 +218,8 @@ class GRPO(RLFTModule):
 
     # ------------------------------------------------------------------ validation, throughput
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
+        with full_weights(self):
+            rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
         scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
         size = len(rollout)
         self.log("val/reward", scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)

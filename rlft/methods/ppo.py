@@ -30,6 +30,7 @@ from rlft.rl.rollout import (
     minibatches,
     token_logps,
 )
+from rlft.strategies import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,11 @@ class PPO(RLFTModule):
     def rollout(self, batch: dict) -> Rollout:
         """Sample responses for a prompts batch with old and reference log-probs and old values."""
         shared_trunk = self.critic is None
-        rollout = collect_rollout(
-            self.model, self.tokenizer, batch, self.sampling, score=not shared_trunk,
-            reference=self.reference_model, with_reference=self.kl_coef > 0,
-        )  # fmt: skip
+        with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
+            rollout = collect_rollout(
+                self.model, self.tokenizer, batch, self.sampling, score=not shared_trunk,
+                reference=self.reference_model, with_reference=self.kl_coef > 0,
+            )  # fmt: skip
         with inference(self):
             if shared_trunk:
                 # one forward gives the old log-probs and the trunk states the value head reads
@@ -224,8 +226,8 @@ class PPO(RLFTModule):
         if rollout.ref_logps is not None:
             kl = kl_estimate(rollout.logps, rollout.ref_logps, kind=self.kl_settings.estimator) * mask
         rewards = last_token_scores(scores, mask) - self.kl_coef * kl
-        if self.hparams.whiten_rewards and mask.sum() > 1:
-            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        if self.hparams.whiten_rewards and self.sum_over_processes(mask.sum()) > 1:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.sum_over_processes) * mask
         return rewards, kl
 
     def shaped_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
@@ -246,11 +248,14 @@ class PPO(RLFTModule):
         rewards, kl = self.token_rewards(rollout, shaped)
         mask = rollout.response_mask.to(rewards.dtype)
         advantages, returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
-        if mask.sum() > 1:
-            advantages = masked_whiten(advantages, mask) * mask
+        if self.sum_over_processes(mask.sum()) > 1:
+            # the global batch's statistics, so N processes compute what one process would on the same batch
+            advantages = masked_whiten(advantages, mask, all_reduce=self.sum_over_processes) * mask
         stats = self.optimise(rollout, advantages, returns)
-        sequence_kl = kl.sum(-1).mean()
-        self.kl_coef = self.kl_settings.update(self.kl_coef, float(sequence_kl), len(rollout))
+        sequences = self.sum_over_processes(torch.tensor(float(len(rollout)), device=kl.device))
+        sequence_kl = self.sum_over_processes(kl.sum()) / sequences
+        # every rank must hold the same coefficient: it is updated from the global KL
+        self.kl_coef = self.kl_settings.update(self.kl_coef, float(sequence_kl), int(sequences))
         metrics = {
             "reward": raw.mean(),
             "score": shaped.mean(),
@@ -312,7 +317,9 @@ class PPO(RLFTModule):
                     totals.setdefault(key, []).append(value)
                 epoch_kl.append(step["approx_kl"])
             epochs_done += 1
-            if hp.target_approx_kl is not None and torch.stack(epoch_kl).mean() > hp.target_approx_kl:
+            # the stop decision is taken on the mean over ranks: a rank stopping alone would hang the others
+            epoch_kl = self.sum_over_processes(torch.stack(epoch_kl).mean()) / self.trainer.world_size
+            if hp.target_approx_kl is not None and epoch_kl > hp.target_approx_kl:
                 break
         means = {k: torch.stack(v).mean() for k, v in totals.items()}
         means["ppo_epochs"] = torch.tensor(float(epochs_done))
@@ -327,7 +334,8 @@ class PPO(RLFTModule):
 
     # ------------------------------------------------------------------ validation, throughput, state
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
+        with full_weights(self):
+            rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
         scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
         size = len(rollout)
         self.log("val/reward", scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)

@@ -127,15 +127,16 @@ class RewardModel(RLFTModule):
             "backbone": "adapter" if hasattr(self.model.backbone, "peft_config") else "full",
         }
 
-    def export(self, path: str | Path) -> Path:
+    def export(self, path: str | Path, network: RewardNetwork | None = None) -> Path:
         """Write the folder that :meth:`RewardScorer.from_pretrained` loads (backbone, tokenizer, head, config)."""
+        network = self.model if network is None else network
         path = Path(path)
-        write_reward_folder(path, self.model.backbone, self.model.head, self.tokenizer, self.reward_config())
-        if self.hparams.merge_on_save and hasattr(self.model.backbone, "merge_and_unload"):
+        write_reward_folder(path, network.backbone, network.head, self.tokenizer, self.reward_config())
+        if self.hparams.merge_on_save and hasattr(network.backbone, "merge_and_unload"):
             import copy
 
-            merged = copy.deepcopy(self.model.backbone).merge_and_unload()
-            write_reward_folder(path / "merged", merged, self.model.head, self.tokenizer,
+            merged = copy.deepcopy(network.backbone).merge_and_unload()
+            write_reward_folder(path / "merged", merged, network.head, self.tokenizer,
                                  {**self.reward_config(), "backbone": "full"})  # fmt: skip
         print(f"rlft: reward model saved to {path}")
         return path

@@ -41,11 +41,11 @@ class PairLogps:
         return -self.chosen_avg
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
+def plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
     """The LM head when logits are exactly ``hidden @ W.T (+ b)``; None when the model rescales or caps them."""
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     config = getattr(lm, "config", None)
@@ -63,8 +63,8 @@ def scored_logps(model: torch.nn.Module, inputs: dict, source: torch.Tensor, tar
     The LM head runs only at the ``source`` positions, chunk by chunk (:func:`rlft.ops.hidden_logps`), so no
     ``[rows, T, V]`` logits exist; models whose logits are rescaled or capped fall back to the full forward.
     """
-    lm = _causal_lm(model)
-    head = _plain_head(lm)
+    lm = causal_lm(model)
+    head = plain_head(lm)
     if head is None:
         logits = model(**inputs, use_cache=False).logits
         return gather_logps(logits.flatten(0, 1)[source], targets)

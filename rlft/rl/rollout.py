@@ -21,7 +21,7 @@ import torch
 from rlft.logprobs import entropy_from_logits, gather_logps
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
-from rlft.models.scoring import position_ids_from_mask
+from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
 
 
@@ -162,23 +162,26 @@ def token_logps(
     Returns:
         ``(logps [N, R], entropy [N, R] or None, hidden [N, R, H] or None)``.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=response_length + 1,
-        output_hidden_states=with_hidden,
-        use_cache=False,
-    )
-    logits = out.logits[:, -response_length - 1 : -1]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}  # fmt: skip
+    lm = causal_lm(model)
+    head = plain_head(lm)
+    if head is not None:
+        # decoder stack, then the head on the response positions only: the same calls pair scoring makes, which a
+        # sharded (FSDP2) network serves without the full model's forward
+        hidden = lm.base_model(**inputs).last_hidden_state[:, -response_length - 1 : -1]
+        logits = head(hidden)
+    else:  # rescaled or capped logits: the model's own forward
+        out = model(**inputs, logits_to_keep=response_length + 1, output_hidden_states=with_hidden)
+        logits = out.logits[:, -response_length - 1 : -1]
+        hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
     temperature = temperature if temperature > 0 else 1.0
     logps = gather_logps(logits, input_ids[:, -response_length:], temperature=temperature)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach() / temperature)
-    hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
-    return logps, entropy, hidden
+    return logps, entropy, hidden if with_hidden else None
 
 
 def generate_responses(

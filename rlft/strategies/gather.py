@@ -1,0 +1,93 @@
+"""Full weights on every rank for a moment: the one place that knows how each strategy shards parameters.
+
+Two jobs need the whole model on a rank while training keeps it sharded:
+
+- **Rollouts** (PPO/GRPO generation): decoding step by step through sharded layers would all-gather every layer
+  at every token, and ranks whose completions end early would stop calling the collectives the others wait for
+  (a hang). Gathering once per rollout and decoding without collectives fixes both.
+- **Export**: the final Hugging Face folder must hold the trained weights, not the local shard (the "empty
+  adapter" that TRL/PEFT users get under ZeRO-3).
+
+``full_weights(module)`` is a collective: every rank must enter it. Without sharding it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def _trainer_strategy(module: torch.nn.Module):
+    trainer = getattr(module, "_trainer", None)
+    return None if trainer is None else trainer.strategy
+
+
+def _zero3_engine(module: torch.nn.Module):
+    strategy = _trainer_strategy(module)
+    engine = getattr(strategy, "model", None)
+    if getattr(strategy, "zero_stage_3", False) and hasattr(engine, "optimizer"):
+        return engine
+    return None
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether parameters of ``module`` are split across ranks (ZeRO-3 or FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(hasattr(p, "ds_id") for p in module.parameters()) or any(
+        isinstance(m, FSDPModule) for m in module.modules()
+    )
+
+
+@contextlib.contextmanager
+def full_weights(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, every parameter of ``module`` holds its full value on every rank and forwards run without
+    collectives; outside, the sharding is as before. Weights changed inside are not written back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    engine = _zero3_engine(module)
+    if engine is not None:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        # gathers every parameter once and removes ZeRO's per-module fetch/release hooks until the end
+        with unwrap_model_for_generation(engine):
+            yield
+        return
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    # keep layers unsharded after each forward so decoding steps do not all-gather again
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+    handles = [m.unshard(async_op=True) for m in sharded]
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) ``state_dict`` of ``module`` as CPU tensors, on every rank (a collective)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad} if trainable_only else None
+    zero3 = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+    else:
+        context = full_weights(module)
+    with context:
+        state = {}
+        for name, value in module.state_dict().items():
+            if names is None or name in names:
+                value = value.full_tensor() if hasattr(value, "full_tensor") else value
+                state[name] = value.detach().to("cpu", copy=True)
+        return state

@@ -1,0 +1,120 @@
+"""Trains each requested method for a few steps under one strategy and saves what the parity tests compare.
+
+Run as one process (the reference) or under ``torchrun --nproc_per_node 2`` (the sharded run); every method
+shares one process group, so the 2-process start-up is paid once per strategy, not once per method::
+
+    python tests/distributed/parity_worker.py OUT_DIR --strategy single --methods sft dpo ...
+    torchrun --nproc_per_node 2 tests/distributed/parity_worker.py OUT_DIR --strategy zero3 --methods sft ...
+
+For each method, rank 0 writes ``OUT_DIR/<method>.pt``: the global (all-rank mean) loss of every step and the full
+trainable weights after the last step, gathered from the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GLOBAL_BATCH = 4
+
+# method -> (config, overrides of init_args): greedy rollouts make RL samples independent of the RNG stream,
+# which differs between one process and two; lr is low enough that fp32 reduction order stays at rounding level
+METHODS = {
+    "sft": ("sft", {}),
+    "rm": ("rm", {}),
+    "dpo": ("dpo", {"reference": "adapter"}),
+    "dpo_full_ref": ("dpo", {"reference": "model"}),
+    "orpo": ("orpo", {}),
+    "simpo": ("simpo", {}),
+    "ppo": ("ppo", {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None}),
+    "ppo_critic": (
+        "ppo",
+        {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None, "critic": "tiny-llama"},
+    ),  # fmt: skip
+    "grpo": ("grpo", {"sampling": {"max_new_tokens": 8, "temperature": 1.0}, "group_size": 2}),
+}
+
+
+class LossRecorder(L.Callback):
+    """The loss of each optimisation step averaged over ranks (each rank logs only its own batch)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train/global_loss", trainer.callback_metrics.get("train/loss"))
+        loss = loss.detach().float().clone().reshape(1)
+        if torch.distributed.is_initialized() and "train/global_loss" not in trainer.callback_metrics:
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        self.losses.append(float(loss))
+
+
+def strategy_for(name: str):
+    from rlft.strategies import DeepSpeedStrategy, FSDP2Strategy
+
+    return {
+        "single": lambda: "auto",
+        "ddp": lambda: "ddp",
+        "zero2": lambda: DeepSpeedStrategy(stage=2),
+        # threshold 0: every parameter of the tiny model is sharded (DeepSpeed keeps small ones whole by default)
+        "zero3": lambda: DeepSpeedStrategy(stage=3, param_persistence_threshold=0),
+        "fsdp": lambda: FSDP2Strategy(),
+    }[name]()
+
+
+def build(method: str, out: Path):
+    config_name, overrides = METHODS[method]
+    config = yaml.safe_load((REPO / "configs" / config_name / "tiny.yaml").read_text())
+    model_cfg, data_cfg = config["model"], config["data"]
+    init = {**copy.deepcopy(model_cfg["init_args"]), **overrides, "output_dir": str(out / method / "hf_model")}
+    if isinstance(init.get("sampling"), dict) and "sampling" in model_cfg["init_args"]:
+        init["sampling"] = {**model_cfg["init_args"]["sampling"], **overrides.get("sampling", {})}
+    module_path, _, cls_name = model_cfg["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_path), cls_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data_args = {**data_cfg["init_args"], "batch_size": GLOBAL_BATCH // world, "val_fraction": 0.0}
+    data_args["path"] = str(REPO / data_args["path"])
+    from rlft.data import PreferenceDataModule
+
+    return cls(**init), PreferenceDataModule(**data_args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--strategy", default="single")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    from rlft.strategies import full_state_dict
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for method in args.methods:
+        L.seed_everything(0, verbose=False)
+        module, data = build(method, args.out)
+        recorder = LossRecorder()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=world, strategy=strategy_for(args.strategy), max_steps=args.steps,
+            precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
+            default_root_dir=str(args.out / method),
+        )  # fmt: skip
+        trainer.fit(module, datamodule=data)
+        weights = full_state_dict(module, trainable_only=True)
+        if trainer.is_global_zero:
+            torch.save({"losses": recorder.losses, "weights": weights}, args.out / f"{method}.pt")
+        print(f"parity_worker: {method} {args.strategy} losses {recorder.losses}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
