@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rlft.ops import masked_mean
+from rlft.registry import resolve
 from rlft.rl_losses import LOSS_AGGREGATIONS, grpo_loss, ppo_policy_loss, ppo_value_loss
 
 __all__ = [
@@ -110,6 +111,10 @@ def _dpo_ipo(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch
     return (logits - 1 / (2 * beta)) ** 2
 
 
+# IPO compares length-averaged log-probs (as TRL does, agreed with the IPO authors); a variant declares this itself
+_dpo_ipo.length_averaged = True
+
+
 def _dpo_robust(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs label_smoothing (flip rate) in [0, 0.5), got {label_smoothing}")
@@ -124,7 +129,10 @@ DPO_LOSS_TYPES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] 
     "ipo": _dpo_ipo,
     "robust": _dpo_robust,
 }
-"""DPO variants ``f(logits, beta, label_smoothing) -> losses``; ``logits = (pi_c - ref_c) - (pi_r - ref_r)``."""
+"""DPO variants ``f(logits, beta, label_smoothing) -> losses``; ``logits = (pi_c - ref_c) - (pi_r - ref_r)``.
+
+A variant that compares length-averaged log-probs sets ``f.length_averaged = True``. ``loss_type`` also takes
+``module:function`` (see :func:`rlft.registry.resolve`), so your own variant needs no registration."""
 
 
 def dpo_loss(
@@ -134,7 +142,7 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Callable = "sigmoid",
     label_smoothing: float = 0.0,
     chosen_nll: torch.Tensor | None = None,
     rpo_alpha: float | None = None,
@@ -161,7 +169,7 @@ def dpo_loss(
         ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses.
         ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses.
         beta: inverse temperature of the implicit reward (IPO's tau for ``ipo``).
-        loss_type: key of ``DPO_LOSS_TYPES``.
+        loss_type: key of ``DPO_LOSS_TYPES``, ``module:function``, or the function itself.
         label_smoothing: label-flip probability for ``sigmoid`` (cDPO) and ``robust``; ignored otherwise.
         chosen_nll: ``[B]`` NLL of the chosen responses for RPO.
         rpo_alpha: RPO weight.
@@ -176,8 +184,7 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {sorted(DPO_LOSS_TYPES)}")
+    variant = resolve(loss_type, DPO_LOSS_TYPES, "DPO loss_type")
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing is a label-flip probability in [0, 0.5], got {label_smoothing}")
     if beta <= 0:
@@ -186,7 +193,7 @@ def dpo_loss(
         raise ValueError("RPO needs both chosen_nll and rpo_alpha (or neither)")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = DPO_LOSS_TYPES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    losses = variant(chosen_logratios - rejected_logratios, beta, label_smoothing)
     if chosen_nll is not None:
         losses = losses + rpo_nll_term(chosen_nll, rpo_alpha)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -1,4 +1,4 @@
-"""Lightning callbacks for rlft runs (evaluation during training, torch.compile)."""
+"""Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory)."""
 
 from rlft.callbacks.compile import TorchCompile
 from rlft.callbacks.evaluation import (
@@ -8,9 +8,11 @@ from rlft.callbacks.evaluation import (
     RewardAccuracyCallback,
     SampleGenerationsCallback,
 )
+from rlft.callbacks.memory import MemoryReport
 
 __all__ = [
     "EvaluationCallback",
+    "MemoryReport",
     "PassAtKCallback",
     "PerplexityCallback",
     "RewardAccuracyCallback",

@@ -3,9 +3,14 @@
 from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.methods.dpo import DPO
 from rlft.methods.grpo import GRPO
+from rlft.methods.online import OnlineRL
 from rlft.methods.orpo import ORPO, SimPO
 from rlft.methods.ppo import PPO
+from rlft.methods.reinforce import ReinforcePP
 from rlft.methods.reward_model import RewardModel
 from rlft.methods.sft import SFT
 
-__all__ = ["SFT", "DPO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "OptimizerSettings", "RLFTModule"]
+__all__ = [
+    "SFT", "DPO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "ReinforcePP", "OnlineRL", "OptimizerSettings",
+    "RLFTModule",
+]  # fmt: skip

@@ -29,11 +29,10 @@ from rlft.models import LoraSettings, load_model
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
 from rlft.models.scoring import PairLogps, batch_keys, causal_lm, pair_key, pair_logps, pair_metrics  # noqa: F401
+from rlft.registry import resolve
 
 log = logging.getLogger(__name__)
 
-LENGTH_AVERAGED_LOSS_TYPES = {"ipo"}
-"""DPO loss types that compare length-averaged log-probs (IPO, as TRL and the IPO authors do)."""
 CACHE_FILE = "reference_logps.pt"
 _CACHE_VERSION = 1
 
@@ -48,7 +47,9 @@ class DPO(RLFTModule):
 
     Args:
         beta: Inverse temperature of the implicit reward (IPO's tau for ``loss_type: ipo``).
-        loss_type: Key of ``rlft.losses.DPO_LOSS_TYPES``: ``sigmoid``, ``hinge``, ``ipo``, ``robust`` or your own.
+        loss_type: Key of ``rlft.losses.DPO_LOSS_TYPES`` (``sigmoid``, ``hinge``, ``ipo``, ``robust``) or your own
+            ``module:function`` with the same signature (set ``function.length_averaged = True`` if it compares
+            length-averaged log-probs).
         label_smoothing: Assumed label-flip rate (conservative DPO with ``sigmoid``, robust DPO).
         rpo_alpha: Weight of RPO's NLL term on the chosen responses; null disables it.
         reference: ``adapter``, ``model`` or ``precomputed`` (see the module docs); default ``adapter`` with LoRA,
@@ -83,8 +84,7 @@ class DPO(RLFTModule):
         disable_dropout: bool = True,
         share_prompts: bool = True,
     ) -> None:
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSS_TYPES)} or register one")
+        resolve(loss_type, DPO_LOSS_TYPES, "DPO loss_type")  # a typo fails here, not at the first step
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         super().__init__(
@@ -240,7 +240,7 @@ class DPO(RLFTModule):
         """Per-example losses and implicit rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
         hp = self.hparams
         chosen, rejected = policy.chosen, policy.rejected
-        if hp.loss_type in LENGTH_AVERAGED_LOSS_TYPES:
+        if getattr(resolve(hp.loss_type, DPO_LOSS_TYPES, "DPO loss_type"), "length_averaged", False):
             chosen, rejected = policy.chosen_avg, policy.rejected_avg
             ref_chosen = ref_chosen / policy.chosen_tokens.clamp(min=1)
             ref_rejected = ref_rejected / policy.rejected_tokens.clamp(min=1)

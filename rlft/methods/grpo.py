@@ -9,38 +9,30 @@ a loss term. ``baseline: leave_one_out`` with ``scale: none`` is RLOO (https://a
 from __future__ import annotations
 
 import time
-from copy import deepcopy
 from typing import Literal
 
 import torch
 
 from rlft.losses import grpo_loss
-from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.models import LoraSettings, load_model
-from rlft.models.modes import disable_dropout
-from rlft.models.reference import load_reference_adapter
+from rlft.methods.base import OptimizerSettings
+from rlft.methods.online import OnlineRL
+from rlft.models import LoraSettings
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
-from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
-from rlft.rl.rollout import (
-    Rollout,
-    RolloutSettings,
-    collect_rollout,
-    minibatches,
-    token_logps,
-)
+from rlft.rl.rewards import RewardSpec
+from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
 from rlft.rl_losses import LOSS_AGGREGATIONS
 from rlft.strategies import full_weights
 
 
-class GRPO(RLFTModule):
+class GRPO(OnlineRL):
     """Group Relative Policy Optimization.
 
-    Override :meth:`reward` (or set ``rewards``) to change what is optimised and :meth:`rollout` to change how
-    responses are produced. Metrics: ``train/reward`` (mean reward), ``train/score`` (after the missing-EOS
-    penalty: what the advantages are computed from), ``train/reward_std`` (mean within-group std),
-    ``train/kl`` (mean per-token k3 KL to the reference), ``train/entropy``, ``train/clipfrac``,
-    ``train/approx_kl`` (to the rollout policy), ``train/response_length``, ``train/stop_rate``,
-    ``train/rollout_tokens_per_sec``, ``train/step_seconds``.
+    Hooks (see :mod:`rlft.methods.online`): :meth:`rollout`, :meth:`reward`, :meth:`shape_scores`,
+    :meth:`advantages`, :meth:`policy_loss`. Metrics: ``train/reward`` (mean reward), ``train/score`` (after
+    shaping: what the advantages are computed from), ``train/reward_std`` (mean within-group std), ``train/kl``
+    (mean per-token k3 KL to the reference), ``train/entropy``, ``train/clipfrac``, ``train/approx_kl`` (to the
+    rollout policy), ``train/response_length``, ``train/stop_rate``, ``train/rollout_tokens_per_sec``,
+    ``train/step_seconds``.
 
     ``trainer.max_steps`` counts optimiser updates: one per rollout by default, ``num_iterations *
     ceil(batch_size * group_size / minibatch_size)`` in general.
@@ -64,8 +56,6 @@ class GRPO(RLFTModule):
             SFT result), a frozen copy of that adapter; a frozen copy of the policy when training all weights.
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
-
-    data_kind = "prompts"
 
     def __init__(
         self,
@@ -106,18 +96,7 @@ class GRPO(RLFTModule):
             model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
             merge_on_save,
         )  # fmt: skip
-        self.automatic_optimization = False
-        self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
-        self.rewards = Rewards(rewards) if rewards else None
-        self.last_reward_parts: dict[str, torch.Tensor] = {}
-        disable_dropout(self.model)
-        self.reference_model = None
-        if beta != 0 and (reference is not None or not hasattr(self.model, "disable_adapter")):
-            # no adapter to switch off (or an explicit reference): a frozen copy of the initial policy
-            ref = load_model(reference, dtype=dtype, trainable_adapter=False) if reference else deepcopy(self.model)
-            self.reference_model = ref.requires_grad_(False).eval()
-        elif beta != 0:  # continuing an adapter (e.g. an SFT folder): a frozen copy of it is the reference
-            load_reference_adapter(self.model, model)
+        self.init_online(rewards, sampling, reference=reference, use_reference=beta != 0)
 
     # ------------------------------------------------------------------ hooks a subclass overrides
     def rollout(self, batch: dict) -> Rollout:
@@ -132,49 +111,38 @@ class GRPO(RLFTModule):
                 reference=self.reference_model, with_reference=hp.beta != 0,
             )  # fmt: skip
 
-    def reward(self, prompts: list, completions: list[str], **fields) -> torch.Tensor:
-        """Score of each completion (``[N]``); the default sums the configured ``rewards``."""
-        if self.rewards is None:
-            raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
-        total, self.last_reward_parts = self.rewards(prompts, completions, fields)
-        return total
-
-    def advantages(self, scores: torch.Tensor) -> torch.Tensor:
-        """Group-relative advantages ``[N]`` of the scores."""
+    def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """Group-relative advantages ``[N]`` of the (shaped) scores."""
         hp = self.hparams
         return group_advantages(scores, hp.group_size, baseline=hp.baseline, scale=hp.scale)
+
+    def policy_loss(
+        self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None, advantages: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """Per-sequence losses ``[n]`` and statistics for one minibatch (``[n, R]`` log-probs and mask, ``[n]``
+        advantages); the default is the clipped GRPO surrogate with the KL term (:func:`rlft.losses.grpo_loss`)."""
+        hp = self.hparams
+        return grpo_loss(
+            logps, old_logps, ref_logps, advantages, mask, clip_range=hp.clip_range,
+            clip_range_high=hp.clip_range_high, beta=hp.beta, loss_aggregation=hp.loss_aggregation,
+            max_length=self.sampling.max_new_tokens,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ update
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp = self.hparams
         started = time.perf_counter()
         rollout = self.rollout(batch)
-        scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
-        scores = scores.to(self.device)
-        shaped = scores
-        if hp.missing_eos_penalty is not None:
-            shaped = scores - hp.missing_eos_penalty * (~rollout.finished).to(scores.dtype)
-        advantages = self.advantages(shaped)
-        stats = self.optimise(rollout, advantages)
-        mask = rollout.response_mask
-        metrics = {
-            "score": shaped.mean(),
-            "reward_std": scores.view(-1, hp.group_size).std(-1).mean() if hp.group_size > 1 else torch.zeros(()),
-            "response_length": rollout.response_lengths.float().mean(),
-            "stop_rate": rollout.finished.float().mean(),
-            "rollout_tokens_per_sec": torch.tensor(mask.sum().item() / max(rollout.generation_seconds, 1e-9)),
-            "step_seconds": torch.tensor(time.perf_counter() - started),
-            **{f"reward/{k}": v.mean() for k, v in self.last_reward_parts.items()},
-            **stats,
-        }
-        self._step_tokens = int(rollout.attention_mask.sum())
-        self.log("train/reward", scores.mean(), prog_bar=True)
-        self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()})
+        raw, shaped = self.score(rollout)
+        stats = self.optimise(rollout, self.advantages(rollout, shaped))
+        metrics = self.rollout_metrics(rollout, raw, shaped, started)
+        metrics["reward_std"] = raw.view(-1, hp.group_size).std(-1).mean() if hp.group_size > 1 else torch.zeros(())
+        self.log_step(rollout, raw, {**metrics, **stats})
 
     def optimise(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """``num_iterations`` passes over minibatches of one rollout; returns the means of the statistics."""
         hp = self.hparams
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mask = rollout.response_mask.float()
         length = rollout.response_ids.shape[1]
         totals: dict[str, list[torch.Tensor]] = {}
@@ -188,19 +156,9 @@ class GRPO(RLFTModule):
                 )  # fmt: skip
                 # one update per rollout: the rollout policy is the current one, so the ratio is exactly 1
                 old = part.logps if part.logps is not None else logps.detach()
-                losses, loss_stats = grpo_loss(
-                    logps, old, part.ref_logps, advantages[rows], mask[rows], clip_range=hp.clip_range,
-                    clip_range_high=hp.clip_range_high, beta=hp.beta, loss_aggregation=hp.loss_aggregation,
-                    max_length=self.sampling.max_new_tokens,
-                )  # fmt: skip
+                losses, loss_stats = self.policy_loss(logps, old, part.ref_logps, advantages[rows], mask[rows])
                 loss = losses.mean()
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                if scheduler is not None:  # per optimiser step, as Lightning counts `max_steps` here
-                    scheduler.step()
+                self.optimizer_update(loss)
                 step = {
                     "loss": loss.detach(),
                     "entropy": masked_mean(entropy, mask[rows]),
@@ -210,23 +168,3 @@ class GRPO(RLFTModule):
                 for key, value in step.items():
                     totals.setdefault(key, []).append(value)
         return {k: torch.stack(v).mean() for k, v in totals.items()}
-
-    def on_train_start(self) -> None:
-        # from_pretrained returns eval-mode models and Lightning keeps module modes: train mode is what turns
-        # gradient checkpointing on in transformers (dropout is zeroed either way)
-        self.model.train()
-
-    # ------------------------------------------------------------------ validation, throughput
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with full_weights(self):
-            rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
-        scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
-        size = len(rollout)
-        self.log("val/reward", scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # prompt and response tokens of all samples, not only the prompt tokens the base class would count
-        elapsed = time.perf_counter() - self._step_started
-        if elapsed > 0:
-            self.log("train/tokens_per_sec", getattr(self, "_step_tokens", 0) / elapsed, prog_bar=True)

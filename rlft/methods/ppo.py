@@ -8,7 +8,6 @@ stopping early when the approximate KL to the rollout policy passes ``target_app
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -17,19 +16,13 @@ from typing import Literal
 import torch
 
 from rlft.losses import ppo_policy_loss, ppo_value_loss
-from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.base import OptimizerSettings
+from rlft.methods.online import OnlineRL
 from rlft.models import LoraSettings, load_model
 from rlft.models.modes import disable_dropout, inference
-from rlft.models.reference import load_reference_adapter
 from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
-from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
-from rlft.rl.rollout import (
-    Rollout,
-    RolloutSettings,
-    collect_rollout,
-    minibatches,
-    token_logps,
-)
+from rlft.rl.rewards import RewardSpec
+from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
 from rlft.strategies import full_weights
 
 log = logging.getLogger(__name__)
@@ -77,7 +70,7 @@ def last_token_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return placed
 
 
-class PPO(RLFTModule):
+class PPO(OnlineRL):
     """Proximal Policy Optimization with a value head, a KL-penalised reward and GAE.
 
     Override :meth:`reward` (or set ``rewards``) to change what is optimised and :meth:`rollout` to change how
@@ -114,8 +107,6 @@ class PPO(RLFTModule):
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
-    data_kind = "prompts"
-
     def __init__(
         self,
         model: str,
@@ -151,14 +142,9 @@ class PPO(RLFTModule):
         )  # fmt: skip
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
-        self.automatic_optimization = False
-        self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
         self.kl_settings = KLSettings(**kl) if isinstance(kl, dict) else kl
         self.kl_coef = self.kl_settings.coef
-        self.rewards = Rewards(rewards) if rewards else None
-        self.last_reward_parts: dict[str, torch.Tensor] = {}
-        disable_dropout(self.model)
-        self.reference_model = self.build_reference(reference) if self.kl_coef > 0 else None
+        self.init_online(rewards, sampling, reference=reference, use_reference=self.kl_coef > 0)
         self.critic = None
         if critic is not None:
             self.critic = load_model(critic, dtype=dtype, lora=self.lora_settings)
@@ -169,18 +155,6 @@ class PPO(RLFTModule):
         # a zero head predicts 0 at first, so early advantages are the plain rewards rather than noise
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-
-    def build_reference(self, reference: str | None) -> torch.nn.Module | None:
-        """A separate frozen reference (``reference`` string, or a copy when training all weights) or None (LoRA)."""
-        if reference is None and hasattr(self.model, "disable_adapter"):
-            load_reference_adapter(self.model, self.hparams.model)  # continuing an adapter: a frozen copy of it
-            return None
-        if reference is None:
-            log.warning("no LoRA: keeping a frozen copy of the initial policy as the KL reference (twice the memory)")
-            ref = copy.deepcopy(self.model)
-        else:
-            ref = load_model(reference, dtype=self.hparams.dtype, trainable_adapter=False)
-        return ref.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ hooks a subclass overrides
     def rollout(self, batch: dict) -> Rollout:
@@ -203,13 +177,6 @@ class PPO(RLFTModule):
                 rollout.values = self.values(rollout)
         return rollout
 
-    def reward(self, prompts: list, completions: list[str], **fields) -> torch.Tensor:
-        """Score of each completion (``[N]``); the default sums the configured ``rewards``."""
-        if self.rewards is None:
-            raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
-        total, self.last_reward_parts = self.rewards(prompts, completions, fields)
-        return total
-
     # ------------------------------------------------------------------ pieces of the update
     def values(self, rollout: Rollout, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Value estimates ``[N, R]`` of the states before each response token."""
@@ -230,53 +197,53 @@ class PPO(RLFTModule):
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.sum_over_processes) * mask
         return rewards, kl
 
-    def shaped_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
-        hp = self.hparams
-        if hp.missing_eos_penalty is not None:
-            scores = scores - hp.missing_eos_penalty * (~rollout.finished).to(scores.dtype)
-        if hp.reward_clip is not None:
-            scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
+    def shape_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """The missing-EOS penalty (see :class:`OnlineRL`), then clipping to ``[-reward_clip, reward_clip]``."""
+        scores = super().shape_scores(rollout, scores)
+        if self.hparams.reward_clip is not None:
+            scores = scores.clamp(-self.hparams.reward_clip, self.hparams.reward_clip)
         return scores
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def advantages(self, rollout: Rollout, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GAE advantages (whitened over the global batch) and returns ``[N, R]``, and the per-token KL."""
         hp = self.hparams
-        started = time.perf_counter()
-        rollout = self.rollout(batch)
-        raw = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
-        raw = raw.to(self.device)
-        shaped = self.shaped_scores(rollout, raw)
-        rewards, kl = self.token_rewards(rollout, shaped)
+        rewards, kl = self.token_rewards(rollout, scores)
         mask = rollout.response_mask.to(rewards.dtype)
         advantages, returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
         if self.sum_over_processes(mask.sum()) > 1:
             # the global batch's statistics, so N processes compute what one process would on the same batch
             advantages = masked_whiten(advantages, mask, all_reduce=self.sum_over_processes) * mask
+        return advantages, returns, kl
+
+    def policy_loss(
+        self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sequence clipped PPO surrogate losses ``[n]`` and statistics (:func:`rlft.losses.ppo_policy_loss`)."""
+        return ppo_policy_loss(logps, old_logps, advantages, mask, clip_range=self.hparams.clip_range)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        started = time.perf_counter()
+        rollout = self.rollout(batch)
+        raw, shaped = self.score(rollout)
+        advantages, returns, kl = self.advantages(rollout, shaped)
         stats = self.optimise(rollout, advantages, returns)
         sequences = self.sum_over_processes(torch.tensor(float(len(rollout)), device=kl.device))
         sequence_kl = self.sum_over_processes(kl.sum()) / sequences
         # every rank must hold the same coefficient: it is updated from the global KL
         self.kl_coef = self.kl_settings.update(self.kl_coef, float(sequence_kl), int(sequences))
+        mask = rollout.response_mask.to(returns.dtype)
         metrics = {
-            "reward": raw.mean(),
-            "score": shaped.mean(),
+            **self.rollout_metrics(rollout, raw, shaped, started),
             "kl": sequence_kl,
             "kl_coef": torch.tensor(self.kl_coef),
-            "response_length": rollout.response_lengths.float().mean(),
-            "stop_rate": rollout.finished.float().mean(),
             "explained_variance": explained_variance(rollout.values, returns, mask),
-            "rollout_tokens_per_sec": torch.tensor(mask.sum().item() / max(rollout.generation_seconds, 1e-9)),
-            "step_seconds": torch.tensor(time.perf_counter() - started),
-            **{f"reward/{k}": v.mean() for k, v in self.last_reward_parts.items()},
             **stats,
         }
-        self._step_tokens = int(rollout.attention_mask.sum())
-        self.log("train/reward", metrics.pop("reward"), prog_bar=True)
-        self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()})
+        self.log_step(rollout, raw, metrics)
 
     def optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """PPO epochs over minibatches of one rollout; returns the means of the update statistics."""
         hp = self.hparams
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mask = rollout.response_mask.float()
         length = rollout.response_ids.shape[1]
         totals: dict[str, list[torch.Tensor]] = {}
@@ -292,20 +259,12 @@ class PPO(RLFTModule):
                     with_entropy=True, with_hidden=shared_trunk,
                 )  # fmt: skip
                 values = self.values(part, hidden if shared_trunk else None)
-                policy_losses, policy_stats = ppo_policy_loss(
-                    logps, part.logps, advantages[rows], mask[rows], clip_range=hp.clip_range
-                )
+                policy_losses, policy_stats = self.policy_loss(logps, part.logps, advantages[rows], mask[rows])
                 value_losses, value_stats = ppo_value_loss(
                     values, part.values, returns[rows], mask[rows], clip_range_value=hp.clip_range_value
                 )
                 loss = policy_losses.mean() + hp.vf_coef * value_losses.mean()
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                if scheduler is not None:  # per optimiser step, as Lightning counts `max_steps` here
-                    scheduler.step()
+                self.optimizer_update(loss)
                 step = {
                     "loss": loss.detach(),
                     "policy_loss": policy_losses.detach().mean(),
@@ -326,27 +285,11 @@ class PPO(RLFTModule):
         return means
 
     def on_train_start(self) -> None:
-        # from_pretrained returns eval-mode models and Lightning keeps module modes: train mode is what turns
-        # gradient checkpointing on in transformers (dropout is zeroed either way)
-        self.model.train()
+        super().on_train_start()
         if self.critic is not None:
             self.critic.train()
 
-    # ------------------------------------------------------------------ validation, throughput, state
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with full_weights(self):
-            rollout = collect_rollout(self.model, self.tokenizer, batch, self.sampling, score=False)
-        scores = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **rollout.fields), len(rollout))
-        size = len(rollout)
-        self.log("val/reward", scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # prompt and response tokens of the whole rollout, not only the prompt tokens the base class would count
-        elapsed = time.perf_counter() - self._step_started
-        if elapsed > 0:
-            self.log("train/tokens_per_sec", getattr(self, "_step_tokens", 0) / elapsed, prog_bar=True)
-
+    # ------------------------------------------------------------------ state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["rlft_kl_coef"] = self.kl_coef

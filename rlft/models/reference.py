@@ -8,12 +8,16 @@ copy of the weights, the default); otherwise an error, because a full-weight pol
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 from collections.abc import Iterator
 
 import torch
 
 from rlft.models.checkpoint import is_checkpoint
-from rlft.models.loading import resolve_model
+from rlft.models.loading import load_model, resolve_model
+
+log = logging.getLogger(__name__)
 
 REF_ADAPTER = "ref"
 """Name of the frozen adapter that plays the reference when training continues an existing adapter."""
@@ -54,3 +58,23 @@ def reference_model(policy: torch.nn.Module, reference: torch.nn.Module | None =
             yield policy
     else:
         raise ValueError("a KL penalty needs a reference: train with LoRA (the base is the reference) or pass one")
+
+
+def build_reference(
+    policy: torch.nn.Module, model: str, reference: str | None = None, *, dtype: str = "float32"
+) -> torch.nn.Module | None:
+    """The reference of an online method: a separate frozen model, or ``None`` when the policy itself serves.
+
+    ``None`` for a LoRA policy (its adapter switched off, or — continuing an adapter folder such as an SFT result —
+    a frozen ``ref`` copy of that adapter, loaded here). A named ``reference`` is loaded frozen; a full-weight
+    policy without one gets a frozen copy of itself (twice the memory, said in the log).
+    """
+    if reference is None and hasattr(policy, "disable_adapter"):
+        load_reference_adapter(policy, model)
+        return None
+    if reference is None:
+        log.warning("no LoRA: keeping a frozen copy of the initial policy as the KL reference (twice the memory)")
+        ref = copy.deepcopy(policy)
+    else:
+        ref = load_model(reference, dtype=dtype, trainable_adapter=False)
+    return ref.requires_grad_(False).eval()

@@ -15,8 +15,6 @@ Every source is a callable ``f(prompts, completions, **fields) -> list[float]``:
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rlft.registry import import_object
 from rlft.rl.answers import extract_code, extractor, is_correct
 
 RewardFunction = Callable[..., Sequence[float]]
@@ -222,26 +221,14 @@ REWARD_SOURCES: dict[str, Callable[..., RewardFunction]] = {
 
 
 def import_function(reference: str) -> Callable:
-    """Import ``package.module:function`` or ``path/to/file.py:function``."""
-    module_name, _, attribute = reference.rpartition(":")
-    if not module_name or not attribute:
-        known = sorted(REWARD_SOURCES)
-        raise ValueError(f"reward source {reference!r}: expected a built-in {known} or module:function")
-    if module_name.endswith(".py"):
-        file = Path(module_name)
-        if not file.is_file():
-            raise FileNotFoundError(f"reward source {reference!r}: no file {file}")
-        spec = importlib.util.spec_from_file_location(f"rlft_user_reward_{file.stem}", file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ImportError(f"reward source {reference!r}: cannot import {module_name!r} ({error})") from error
-    function = getattr(module, attribute, None)
+    """Import ``package.module:function`` or ``path/to/file.py:function`` (a reward source of your own)."""
+    if ":" not in reference:
+        raise ValueError(
+            f"reward source {reference!r}: expected a built-in {sorted(REWARD_SOURCES)} or module:function"
+        )
+    function = import_object(reference, "reward source")
     if not callable(function):
-        raise AttributeError(f"reward source {reference!r}: {module_name} has no function {attribute!r}")
+        raise AttributeError(f"reward source {reference!r} is not a function")
     return function
 
 

@@ -44,6 +44,33 @@ METHODS = {
 }
 
 
+class RaggedGenerationProbe(L.Callback):
+    """Each rank decodes a different number of tokens inside ``full_weights``, then all ranks meet in a collective.
+
+    If decoding ran any collective per step (ZeRO-3's per-layer all-gathers, FSDP's unshards), the rank that stops
+    first would leave the other waiting, and this would hang until the test's timeout.
+    """
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        from rlft.strategies import full_weights
+
+        rank = trainer.global_rank
+        prompt = module.tokenizer("Hello there", return_tensors="pt")
+        with full_weights(module), torch.no_grad():
+            new = 2 + 14 * rank
+            out = module.model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        done = torch.tensor([out.shape[1] - prompt["input_ids"].shape[1]], dtype=torch.float32)
+        if torch.distributed.is_initialized():
+            gathered = [torch.zeros_like(done) for _ in range(trainer.world_size)]
+            torch.distributed.all_gather(gathered, done)
+            self.lengths = [int(t) for t in gathered]
+        else:
+            self.lengths = [int(done)]
+
+
 class LossRecorder(L.Callback):
     """The loss of each optimisation step averaged over ranks (each rank logs only its own batch)."""
 
@@ -102,17 +129,18 @@ def main() -> None:
     for method in args.methods:
         L.seed_everything(0, verbose=False)
         module, data = build(method, args.out)
-        recorder = LossRecorder()
+        recorder, probe = LossRecorder(), RaggedGenerationProbe()
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=strategy_for(args.strategy), max_steps=args.steps,
             precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
+            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, probe],
             default_root_dir=str(args.out / method),
         )  # fmt: skip
         trainer.fit(module, datamodule=data)
         weights = full_state_dict(module, trainable_only=True)
         if trainer.is_global_zero:
-            torch.save({"losses": recorder.losses, "weights": weights}, args.out / f"{method}.pt")
+            result = {"losses": recorder.losses, "weights": weights, "generated": probe.lengths}
+            torch.save(result, args.out / f"{method}.pt")
         print(f"parity_worker: {method} {args.strategy} losses {recorder.losses}", file=sys.stderr, flush=True)
 
 

@@ -84,10 +84,10 @@ def test_rloo_and_dr_grpo_advantages():
     module = GRPO(model="tiny-llama", group_size=3, baseline="leave_one_out", scale="none", beta=0.0)
     rewards = torch.tensor([1.0, 0.0, 2.0, 5.0, 5.0, 8.0])
     expected = torch.tensor([1 - 1.0, 0 - 1.5, 2 - 0.5, 5 - 6.5, 5 - 6.5, 8 - 5.0])
-    torch.testing.assert_close(module.advantages(rewards), expected)
+    torch.testing.assert_close(module.advantages(None, rewards), expected)
     grpo = GRPO(model="tiny-llama", group_size=3, beta=0.0)
     group = torch.tensor([1.0, 0.0, 2.0])
-    torch.testing.assert_close(grpo.advantages(group), (group - 1.0) / (group.std() + 1e-4))
+    torch.testing.assert_close(grpo.advantages(None, group), (group - 1.0) / (group.std() + 1e-4))
     with pytest.raises(ValueError, match="baseline='median'"):
         GRPO(model="tiny-llama", baseline="median")
     with pytest.raises(ValueError, match="too small"):

@@ -1,0 +1,56 @@
+"""Per-rank memory of the same SmolLM2 LoRA SFT run under DDP, ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes.
+
+    python scripts/distributed_memory.py [--config configs/sft/smollm2_lora.yaml] [--steps 3]
+
+Each run is a fresh `rlft fit` with rlft.callbacks.MemoryReport; prints RSS after setup (model loaded and
+sharded), during training, and the peak, for each rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGIES = {"ddp": ["--trainer.strategy", "ddp"], **{
+    name: ["-c", str(REPO / "configs" / "trainer" / f"{name}.yaml")]
+    for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp")
+}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default=str(REPO / "configs" / "sft" / "smollm2_lora.yaml"))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rows = []
+    for name in args.strategies:
+        with tempfile.TemporaryDirectory() as root:
+            cmd = [sys.executable, "-m", "rlft", "fit", "-c", args.config, *STRATEGIES[name],
+                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+                   "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
+                   "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                   "--trainer.default_root_dir", root, "--model.init_args.output_dir", f"{root}/hf_model",
+                   "--trainer.callbacks+=rlft.callbacks.MemoryReport", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"{name}: failed\n{result.stderr[-3000:]}", file=sys.stderr)
+                continue
+            for rank in (0, 1):
+                numbers = json.loads((Path(root) / "memory" / f"rank{rank}.json").read_text())
+                rows.append((name, rank, numbers))
+    print(f"{'strategy':<18}{'rank':>5}{'RSS after setup MB':>20}{'RSS training MB':>17}{'peak RSS MB':>13}")
+    for name, rank, n in rows:
+        print(f"{name:<18}{rank:>5}{n.get('rss_mb_after_setup', 0):>20.0f}{n.get('rss_mb_training', 0):>17.0f}"
+              f"{n.get('peak_rss_mb', 0):>13.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Paper variants as a researcher writes them on rlft's hooks; each class is under 20 lines."""
+
+import torch
+import torch.nn.functional as F
+
+from rlft.methods import DPO, GRPO
+from rlft.ops import masked_mean
+
+
+class OverlongGRPO(GRPO):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to L_max - L_cache tokens, then a linear
+    penalty down to -1 at L_max and beyond."""
+
+    max_length, cache = 16, 6
+
+    def shape_scores(self, rollout, scores):
+        lengths = rollout.response_lengths.to(scores.dtype)
+        penalty = ((self.max_length - self.cache - lengths) / self.cache).clamp(-1.0, 0.0)
+        return super().shape_scores(rollout, scores) + penalty
+
+
+class DPOPositive(DPO):
+    """DPO-Positive (Pal et al. 2024, arXiv 2402.13228, eq. 3): penalise the chosen log-prob falling below the
+    reference's."""
+
+    lam = 50.0
+
+    def preference_loss(self, policy, ref_chosen, ref_rejected):
+        beta = self.hparams.beta
+        chosen, rejected = policy.chosen - ref_chosen, policy.rejected - ref_rejected
+        penalty = (ref_chosen - policy.chosen).clamp(min=0)
+        losses = -F.logsigmoid(beta * (chosen - rejected - self.lam * penalty))
+        return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+class GSPO(GRPO):
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): one length-normalised importance ratio per sequence, clipped."""
+
+    def policy_loss(self, logps, old_logps, ref_logps, advantages, mask):
+        ratio = masked_mean(logps - old_logps, mask, dim=-1).exp()
+        eps = self.hparams.clip_range
+        losses = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+        return losses, {"clipfrac": ((ratio - 1).abs() > eps).float()}
+
+
+def completion_tokens(prompts, completions, completion_ids, completion_lengths, step, **fields):
+    """A reward that reads the token ids, lengths and the global step rlft passes to every reward function."""
+    assert [len(ids) for ids in completion_ids] == completion_lengths and isinstance(step, int)
+    return [-abs(n - 8) / 8 for n in completion_lengths]
