@@ -43,6 +43,17 @@ def smollm2() -> str:
 
 
 @pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine more threads spin and run ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fit_losses(tmp_path):
     """``fit_losses(module, data, steps, callbacks=())``: train quietly on CPU and return the per-step losses."""
     import lightning as L

@@ -62,9 +62,13 @@ class ORPO(RLFTModule):
         if disable_dropout:
             zero_dropout(self.model)
 
+    def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example losses ``[B]`` and the statistics of :func:`rlft.losses.orpo_loss` (override for a variant)."""
+        return orpo_loss(policy.chosen_avg, policy.rejected_avg, policy.chosen_nll, beta=self.hparams.beta)
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = pair_logps(self.model, batch, self.hparams.share_prompts)
-        losses, stats = orpo_loss(logps.chosen_avg, logps.rejected_avg, logps.chosen_nll, beta=self.hparams.beta)
+        losses, stats = self.preference_loss(logps)
         metrics = _average_metrics(logps, stats["chosen_rewards"], stats["rejected_rewards"])
         metrics.update({name: stats[name].mean() for name in ("nll", "log_odds_ratio", "log_odds_chosen")})
         return losses.mean(), metrics
@@ -112,12 +116,17 @@ class SimPO(RLFTModule):
         if disable_dropout:
             zero_dropout(self.model)
 
+    def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example losses and rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
+        hp = self.hparams
+        return simpo_loss(
+            policy.chosen_avg, policy.rejected_avg, beta=hp.beta, gamma=hp.gamma, label_smoothing=hp.label_smoothing
+        )
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         logps = pair_logps(self.model, batch, self.hparams.share_prompts)
-        losses, chosen_rewards, rejected_rewards = simpo_loss(
-            logps.chosen_avg, logps.rejected_avg, beta=hp.beta, gamma=hp.gamma, label_smoothing=hp.label_smoothing
-        )
+        losses, chosen_rewards, rejected_rewards = self.preference_loss(logps)
         metrics = _average_metrics(logps, chosen_rewards, rejected_rewards)
         if hp.nll_weight:
             losses = losses + hp.nll_weight * logps.chosen_nll

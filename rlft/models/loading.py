@@ -239,16 +239,25 @@ def supports_packing(model: torch.nn.Module) -> bool:
     return torch.allclose(separate.float(), packed.float(), atol=1e-3, rtol=1e-3)
 
 
-def load_checkpoint_model(path: str, **overrides) -> torch.nn.Module:
-    """Rebuild the policy network stored in an rlft checkpoint (LoRA left unmerged)."""
+def checkpoint_backbone(path: str, dtype: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The base model (with its LoRA adapter, untrained) an rlft checkpoint was trained from, and its hparams."""
     hparams = checkpoint_hparams(path)
     lora = hparams.get("lora")
     lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-    model = load_model(hparams["model"], dtype=overrides.pop("dtype", hparams.get("dtype", "float32")), lora=lora)
+    return load_model(hparams["model"], dtype=dtype or hparams.get("dtype", "float32"), lora=lora), hparams
+
+
+def load_trained(network: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Load a checkpoint's trained tensors into ``network``, refusing tensors that do not fit it."""
     weights = trained_weights(path)
-    missing_trained = set(weights) - set(model.state_dict())
-    if missing_trained:
-        raise ValueError(f"{path}: {len(missing_trained)} trained tensors do not fit the rebuilt model, e.g. "
-                         f"{sorted(missing_trained)[:3]}")  # fmt: skip
-    model.load_state_dict(weights, strict=False)
-    return model
+    unknown = set(weights) - set(network.state_dict())
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} trained tensors do not fit the rebuilt {type(network).__name__}, "
+                         f"e.g. {sorted(unknown)[:3]} (a checkpoint of another method or model?)")  # fmt: skip
+    network.load_state_dict(weights, strict=False)
+    return network
+
+
+def load_checkpoint_model(path: str, **overrides) -> torch.nn.Module:
+    """Rebuild the policy network stored in an rlft checkpoint (LoRA left unmerged)."""
+    return load_trained(checkpoint_backbone(path, overrides.pop("dtype", None))[0], path)

@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlft.data.encoding import encode_conversation
-from rlft.models.checkpoint import checkpoint_hparams, trained_weights
-from rlft.models.loading import LoraSettings, load_model, load_tokenizer
+from rlft.models.loading import checkpoint_backbone, load_model, load_tokenizer, load_trained
 from rlft.models.scoring import flat_last_positions, position_ids_from_mask
 
 HEAD_FILE = "reward_head.safetensors"
@@ -166,17 +165,8 @@ class RewardScorer:
 
 def _network_from_checkpoint(path: str) -> RewardNetwork:
     """Rebuild a ``RewardModel`` checkpoint's network from its hyperparameters and trained weights."""
-    hparams = checkpoint_hparams(path)
-    lora = hparams.get("lora")
-    lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-    backbone = load_model(hparams["model"], dtype=hparams.get("dtype", "float32"), lora=lora)
+    backbone, hparams = checkpoint_backbone(path)
     lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     head = REWARD_HEADS[hparams.get("head", "linear")](lm.config.get_text_config().hidden_size)
     network = RewardNetwork(backbone, head.to(getattr(torch, hparams.get("head_dtype", "float32"))))
-    weights = trained_weights(path)
-    unknown = set(weights) - set(network.state_dict())
-    if unknown:
-        raise ValueError(f"{path}: not a RewardModel checkpoint ({len(unknown)} tensors do not fit, e.g. "
-                         f"{sorted(unknown)[:3]})")  # fmt: skip
-    network.load_state_dict(weights, strict=False)
-    return network.requires_grad_(False)
+    return load_trained(network, path).requires_grad_(False)

@@ -15,13 +15,7 @@ from rlft.models import LoraSettings
 PROMPTS = "rlft/assets/sample_prompts.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine more threads spin and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def digit_fraction(completions: list[str]) -> list[float]:

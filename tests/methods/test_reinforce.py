@@ -11,13 +11,7 @@ from rlft.data import PreferenceDataModule
 from rlft.methods import ReinforcePP
 from rlft.rl.rollout import Rollout
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class DigitReinforce(ReinforcePP):
