@@ -126,6 +126,42 @@ class FSDP2Strategy(ModelParallelStrategy):
         torch.distributed.all_reduce(grad)  # gloo has no AVG
         return grad / torch.distributed.get_world_size()
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Resume a folder of shards that holds the trained tensors only.
+
+        rlft checkpoints drop the frozen base (it is reloaded from the model string), and Lightning's loader asks
+        the checkpoint for every tensor of the module; this asks only for what was saved.
+        """
+        from pathlib import Path
+
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+        module = self.model
+        state = {k: v for k, v in get_model_state_dict(module).items() if f"state_dict.{k}" in saved}
+        if not state:
+            raise ValueError(f"{path}: no tensor of this model in the checkpoint (a checkpoint of another run?)")
+        load({"state_dict": state}, checkpoint_id=path)
+        module.load_state_dict(state, strict=False)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                module, optimizer, optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+            )
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
         # the precision plugin clips with torch's clip_grad_norm_, which cannot mix sharded (DTensor) gradients
