@@ -33,6 +33,7 @@ METHODS = {
     "rm": ("rm", {}),
     "dpo": ("dpo", {"reference": "adapter"}),
     "dpo_full_ref": ("dpo", {"reference": "model"}),
+    "dpo_precomputed": ("dpo", {"reference": "precomputed"}),
     "orpo": ("orpo", {}),
     "simpo": ("simpo", {}),
     "ppo": ("ppo", {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None}),
@@ -59,9 +60,10 @@ class RaggedGenerationProbe(L.Callback):
 
         rank = trainer.global_rank
         prompt = module.tokenizer("Hello there", return_tensors="pt")
+        network = getattr(module.model, "backbone", module.model)  # a reward model's causal LM
         with full_weights(module), torch.no_grad():
             new = 2 + 14 * rank
-            out = module.model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            out = network.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         done = torch.tensor([out.shape[1] - prompt["input_ids"].shape[1]], dtype=torch.float32)
         if torch.distributed.is_initialized():
             gathered = [torch.zeros_like(done) for _ in range(trainer.world_size)]
