@@ -30,6 +30,7 @@ from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
 from rlft.models.scoring import PairLogps, batch_keys, causal_lm, pair_key, pair_logps, pair_metrics  # noqa: F401
 from rlft.registry import resolve
+from rlft.strategies import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +221,20 @@ class DPO(RLFTModule):
         collate = Collator("pairs", self.tokenizer.pad_token_id)
         batch_size = getattr(self.trainer.datamodule.hparams, "eval_batch_size", None) or 8
         try:
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                batch = {k: v.to(self.device) for k, v in collate(chunk).items()}
-                chosen, rejected = self.live_reference_logps(batch)
-                for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-                    cache[_example_key(example)] = (c, r)
+            # one gather of sharded weights for the whole pass (every rank scores every example, in step)
+            with full_weights(self), torch.no_grad():
+                self._score_chunks(examples, batch_size, collate, cache)
         finally:
             if ref_from_string:
                 self.ref_model = None
+
+    def _score_chunks(self, examples: list[dict], batch_size: int, collate: Collator, cache: dict) -> None:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = {k: v.to(self.device) for k, v in collate(chunk).items()}
+            chosen, rejected = self.live_reference_logps(batch)
+            for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                cache[_example_key(example)] = (c, r)
 
     # ------------------------------------------------------------------------------------------ loss
     def policy_logps(self, batch: dict) -> PairLogps:

@@ -106,6 +106,10 @@ def build(method: str, out: Path):
     config = yaml.safe_load((REPO / "configs" / config_name / "tiny.yaml").read_text())
     model_cfg, data_cfg = config["model"], config["data"]
     init = {**copy.deepcopy(model_cfg["init_args"]), **overrides, "output_dir": str(out / method / "hf_model")}
+    # Adam divides by sqrt(v) + eps: for a weight whose true gradient is 0 (the reward head's bias cancels in
+    # r_c - r_r) it turns rounding-level gradients (~1e-9, which differ with the reduction order) into lr-sized
+    # steps. eps 1e-6 bounds that amplification so the comparison measures the training, not Adam's noise
+    init["optim"] = {**init.get("optim", {}), "eps": 1e-6}
     if isinstance(init.get("sampling"), dict) and "sampling" in model_cfg["init_args"]:
         init["sampling"] = {**model_cfg["init_args"]["sampling"], **overrides.get("sampling", {})}
     module_path, _, cls_name = model_cfg["class_path"].rpartition(".")
