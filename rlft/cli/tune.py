@@ -50,6 +50,14 @@ class _ParseOnlyCLI(RLFTCLI):
         pass
 
 
+def parse_fit_config(args: list[str]):
+    """``rlft fit``'s resolved config of ``-c FILE ... --key value``, nothing built (raises ArgumentError)."""
+    cli = _ParseOnlyCLI(
+        RLFTModule, PreferenceDataModule, args=args, run=False, parser_kwargs={"exit_on_error": False}, **CLI_KWARGS
+    )
+    return cli.config
+
+
 def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
