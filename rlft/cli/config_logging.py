@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib import metadata
 from pathlib import Path
 
 from lightning.pytorch.cli import SaveConfigCallback
 
-import rlft
-
 log = logging.getLogger(__name__)
+
+
+def rlft_version() -> str:
+    # read from the installed metadata: importing the root package from here would point the layers upward
+    try:
+        return metadata.version("rlft")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _wandb_loggers(trainer) -> list:
@@ -31,7 +38,7 @@ class TrackedConfigCallback(SaveConfigCallback):
             return
         config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         for logger in loggers:
-            logger.experiment.config.update({"rlft_version": rlft.__version__, "config": config}, allow_val_change=True)
+            logger.experiment.config.update({"rlft_version": rlft_version(), "config": config}, allow_val_change=True)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # teardown runs after the module's on_fit_end (which saves the HF folder) and before loggers finalize
@@ -45,7 +52,7 @@ class TrackedConfigCallback(SaveConfigCallback):
             import wandb
 
             run = logger.experiment
-            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"rlft_version": rlft.__version__})
+            artifact = wandb.Artifact(f"hf-model-{run.id}", type="model", metadata={"rlft_version": rlft_version()})
             artifact.add_dir(str(folder))
             run.log_artifact(artifact, aliases=["latest", "final"])
-            log.info("logged %s to W&B as artifact model-%s", folder, run.id)
+            log.info("logged %s to W&B as artifact hf-model-%s", folder, run.id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,26 @@ class Trials:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("config", text)
         trial.set_user_attr("metric", self.metric)
+        trial.set_user_attr("pid", os.getpid())
         return path
+
+    def baseline(self, space: SearchSpace) -> dict[str, Any]:
+        """The base config's own values of the searched keys that lie inside the search space."""
+        config = self.parse({})
+        values = {}
+        for param in space.params:
+            value = config.get(param.key)
+            if (
+                param.kind == "choices"
+                and value in param.spec
+                or (
+                    param.kind != "choices"
+                    and isinstance(value, (int, float))
+                    and param.spec[0] <= value <= param.spec[1]
+                )
+            ):
+                values[param.key] = value
+        return values
 
     def objective(self, trial: optuna.Trial, space: SearchSpace, prune: bool) -> float:
         try:
@@ -176,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
                         "default DIR/study.db")  # fmt: skip
     parser.add_argument("--study-name", help="default: the --out folder's name; processes sharing it share trials")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: unseeded)")
+    parser.add_argument("--baseline", action="store_true", help="first trial of a new study: the config's own values")
     parser.add_argument("--heartbeat", type=int, default=60, help="seconds between trial heartbeats")
     parser.add_argument("--grace-period", type=int, default=None, help="seconds without heartbeat before a trial "
                         "counts as dead and is re-queued (default: 2 x heartbeat)")  # fmt: skip
@@ -209,6 +230,11 @@ def main(argv: list[str]) -> None:
         sampler=make_sampler(sampler_cfg, seed=args.seed), pruner=pruner,
         heartbeat_interval=args.heartbeat, grace_period=args.grace_period,
     )  # fmt: skip
+    if args.baseline and not study.get_trials(deepcopy=False):
+        values = trials.baseline(space)
+        log.info("baseline trial (the config's own values): %s", values or "none inside the search space")
+        if values:
+            study.enqueue_trial(values, user_attrs={"baseline": True})
     prune = not isinstance(pruner, optuna.pruners.NopPruner)
     optimize(study, lambda trial: trials.objective(trial, space, prune), args.trials)
     finish(study, out_dir, metric)

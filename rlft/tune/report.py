@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import optuna
@@ -98,7 +99,9 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
         if name == "importances.png" and (len(completed) < 2 or not _varied(completed)):
             log.info("parameter importances need >= 2 completed trials with differing parameters; not plotted")
             continue
-        axes = plot(study)
+        with warnings.catch_warnings():  # the matplotlib backend is "experimental" since optuna 2.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            axes = plot(study)
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         figure.set_size_inches(8, 5)
         figure.tight_layout()

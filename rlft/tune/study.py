@@ -3,19 +3,22 @@
 Storage is SQLite (``DIR/study.db``) by default or any SQLAlchemy URL (``postgresql+psycopg://...``), so several
 ``rlft tune`` processes can work on one study. Every process sends heartbeats; a trial whose process died (no
 heartbeat for ``grace_period`` seconds) is marked FAIL by the next process that starts a trial and re-queued with
-the same parameters (Optuna's ``RetryFailedTrialCallback``), which is what makes a killed study resume.
+the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``), which is what makes a killed study resume.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
@@ -96,16 +99,27 @@ def open_study(
     max_retry: int = 2,
 ) -> optuna.Study:
     """Create the study or join an existing one of the same name (several processes, or a resumed run)."""
-    rdb = RDBStorage(
-        storage,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period or 2 * heartbeat_interval,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=max_retry),
-        engine_kwargs={"pool_pre_ping": True} if not storage.startswith("sqlite") else None,
-    )
-    study = optuna.create_study(
-        study_name=name, storage=rdb, direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True
-    )
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = RDBStorage(
+                    storage,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period or 2 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                    engine_kwargs={"pool_pre_ping": True} if not storage.startswith("sqlite") else None,
+                )
+            study = optuna.create_study(
+                study_name=name, storage=rdb, direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True
+            )
+            break
+        except sqlalchemy.exc.SQLAlchemyError as error:
+            # processes started together race to create the schema and the study; the loser finds them made
+            if attempt == 2:
+                raise
+            log.warning("opening study %s failed (%s); retrying", name, type(error).__name__)
+            time.sleep(1.0 + attempt)
     if study.direction.name.lower() != direction:
         raise ValueError(
             f"study {name!r} in {storage} already exists with direction {study.direction.name.lower()}, "
