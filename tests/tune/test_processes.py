@@ -70,7 +70,8 @@ def test_two_processes_share_one_postgres_study(tmp_path, write_search, tiny, re
     search = write_search({"params": {LR: {"log_uniform": [1.0e-4, 1.0e-2]}}, "pruner": "none"})
     cmd = _command(out, search, tiny, "--trials", "4", "--storage", postgres_url, "--study-name", "shared-study")
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - closed below
-    procs = [subprocess.Popen(cmd, cwd=repo_root, env=_env(repo_root), stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    env = _env(repo_root)
+    procs = [subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=f, stderr=subprocess.STDOUT) for f in logs]
     try:
         codes = [p.wait(timeout=900) for p in procs]
     finally:

@@ -60,7 +60,8 @@ def read_offline_run(folder: Path) -> dict:
             for item in record.history.item:
                 history[item.key or "/".join(item.nested_key)].append(json.loads(item.value_json))
         elif kind == "artifact":
-            artifacts[record.artifact.name] += [(record.artifact.type, e.path) for e in record.artifact.manifest.contents]
+            artifact = record.artifact
+            artifacts[artifact.name] += [(artifact.type, entry.path) for entry in artifact.manifest.contents]
     return {"run": run, "config": config, "history": dict(history), "artifacts": dict(artifacts)}
 
 
@@ -84,7 +85,8 @@ def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
     rlft_main(["fit", "-c", "configs/dpo/tiny.yaml", "-c", "configs/logger/wandb.yaml", *FAST,
                f"{wb}project", "rlft-test", f"{wb}name", "dpo-tiny-offline", f"{wb}save_dir", str(tmp_path),
                f"{wb}log_model", "true", "--trainer.default_root_dir", str(tmp_path),
-               "--model.init_args.output_dir", str(tmp_path / "hf_model"), "--model.init_args.beta", "0.3"])  # fmt: skip
+               "--model.init_args.output_dir", str(tmp_path / "hf_model"),
+               "--model.init_args.beta", "0.3"])  # fmt: skip
     (run,) = _runs(tmp_path)
     assert run["run"]["project"] == "rlft-test" and run["run"]["name"] == "dpo-tiny-offline"
     assert run["config"]["rlft_version"]
