@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ class Trials:
             raise
 
     def run(self, config: Path, trial: optuna.Trial | None) -> float:
+        _finish_wandb_run()  # WandbLogger would otherwise log this trial into a run still open in this process
         callbacks = [StepPruningCallback(trial, self.metric)] if trial is not None else []
         cli = RLFTCLI(
             RLFTModule, PreferenceDataModule, args=["-c", str(config)], run=False,
@@ -171,13 +173,17 @@ class Trials:
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         finally:
-            for logger in cli.trainer.loggers:
-                if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-                    logger.experiment.finish()
+            _finish_wandb_run()
         metrics = cli.trainer.callback_metrics
         if self.metric not in metrics:
             raise KeyError(f"metric {self.metric!r} was never logged; logged: {', '.join(sorted(metrics))}")
         return float(metrics[self.metric])
+
+
+def _finish_wandb_run() -> None:
+    wandb = sys.modules.get("wandb")  # only if something imported it: tuning without W&B never loads it
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _parser() -> argparse.ArgumentParser:

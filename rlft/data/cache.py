@@ -3,10 +3,10 @@
 The key hashes everything the encoded examples depend on: the content of every data file read (not its name or
 mtime), the tokenizer (name, vocabulary, added and special tokens), its chat template, the data module's options
 (kind, format, max lengths, split, limits, ...) and the source of the ``rlft.data`` code itself, so a changed input,
-template or converter can never be served stale. Entries live in ``$RLFT_CACHE/data`` (default
-``~/.cache/rlft/data``), one pickle per key, written atomically so concurrent processes (DDP ranks, parallel
-trials) can share them. Hub datasets are not cached here (``datasets`` caches their download; their content cannot
-be hashed before reading it).
+template or converter can never be served stale. Entries live in ``$RLFT_DATA_CACHE``, else
+``$RLFT_CACHE/data`` (``RLFT_CACHE`` also holds pulled models; default ``~/.cache/rlft``), one pickle per key,
+written atomically so concurrent processes (DDP ranks, parallel trials) can share them. Hub datasets are not cached
+here (``datasets`` caches their download; their content cannot be hashed before reading it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ _DATA_CODE = Path(__file__).resolve().parent
 
 
 def cache_dir() -> Path:
-    """``$RLFT_CACHE/data``, default ``~/.cache/rlft/data``."""
+    """``$RLFT_DATA_CACHE``, else ``$RLFT_CACHE/data``, default ``~/.cache/rlft/data``."""
+    if folder := os.environ.get("RLFT_DATA_CACHE"):
+        return Path(folder)
     root = os.environ.get("RLFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rlft")
     return Path(root) / "data"
 

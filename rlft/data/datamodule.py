@@ -68,7 +68,7 @@ class PreferenceDataModule(L.LightningDataModule):
         packing: Padding-free batches: the batch's sequences are concatenated into one row with restarting
             ``position_ids`` (no pad tokens computed, no attention across examples). SFT and pairs.
         cache: Reuse the tokenised examples of an earlier run with the same files (by content), tokenizer, chat
-            template and options (``$RLFT_CACHE``, default ``~/.cache/rlft``); ``false`` always re-tokenises.
+            template and options (``$RLFT_DATA_CACHE``, default ``~/.cache/rlft/data``); ``false`` re-tokenises.
     """
 
     def __init__(

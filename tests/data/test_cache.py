@@ -21,7 +21,7 @@ PAIRS = "rlft/assets/sample_pairs.jsonl"
 @pytest.fixture(autouse=True)
 def cache_root(tmp_path, monkeypatch):
     root = tmp_path / "cache"
-    monkeypatch.setenv("RLFT_CACHE", str(root))
+    monkeypatch.setenv("RLFT_DATA_CACHE", str(root))
     return root
 
 
@@ -64,7 +64,7 @@ def test_second_setup_is_served_from_cache(tokenizer, pairs_file, encoder_calls,
     first = _setup(tokenizer, kind, str(pairs_file))
     encoded = encoder_calls["n"]
     assert encoded == len(first.train_set) + len(first.val_set) > 0
-    assert len(list((cache_root / "data").glob("*.pkl"))) == 1
+    assert len(list(cache_root.glob("*.pkl"))) == 1
 
     second = _setup(tokenizer, kind, str(pairs_file))
     assert encoder_calls["n"] == encoded  # not one more encoder call
@@ -107,7 +107,7 @@ def test_cache_false_always_encodes(tokenizer, pairs_file, encoder_calls, cache_
     n = encoder_calls["n"]
     _setup(tokenizer, "pairs", str(pairs_file), cache=False)
     assert encoder_calls["n"] == 2 * n
-    assert not (cache_root / "data").exists()
+    assert not cache_root.exists()
 
 
 def test_cache_hit_replays_the_data_report(tokenizer, tmp_path, caplog):
@@ -127,7 +127,7 @@ def test_cache_hit_replays_the_data_report(tokenizer, tmp_path, caplog):
 
 
 def test_data_prepare_cli_fills_the_cache_for_fit(repo_root, tmp_path, cache_root, pairs_file):
-    env_cache = {"RLFT_CACHE": str(cache_root), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo_root)}
+    env_cache = {"RLFT_DATA_CACHE": str(cache_root), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo_root)}
 
     cmd = [sys.executable, "-m", "rlft", "data", "prepare", "-c", "configs/dpo/tiny.yaml"]
     cmd += ["--data.init_args.path", str(pairs_file)]
@@ -135,7 +135,7 @@ def test_data_prepare_cli_fills_the_cache_for_fit(repo_root, tmp_path, cache_roo
     assert out.returncode == 0, out.stderr
     assert "64 rows (preference) -> " in out.stdout, out.stdout  # the conversion report, up front
     assert "cached" in out.stdout and str(cache_root) in out.stdout
-    entries = list((cache_root / "data").glob("*.pkl"))
+    entries = list(cache_root.glob("*.pkl"))
     assert len(entries) == 1
 
     # the same config served by the data module used in training: a hit

@@ -20,7 +20,7 @@ TINY = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trai
 @pytest.fixture(autouse=True)
 def _repo_cwd_and_cache(repo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(repo_root)  # the configs name their data relative to the repo
-    monkeypatch.setenv("RLFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RLFT_DATA_CACHE", str(tmp_path / "data-cache"))
 
 
 @pytest.fixture

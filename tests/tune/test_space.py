@@ -3,6 +3,8 @@ their condition holds, and malformed files are refused with the file and key."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -90,3 +92,16 @@ def test_samplers_pruners_and_storage_by_name(tmp_path):
         make_pruner({"name": "median", "n_warmup": 3})
     assert storage_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'study.db'}"
     assert storage_url("postgresql://u:p@h/db", tmp_path) == "postgresql+psycopg://u:p@h/db"
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs" / "tune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("search", SHIPPED, ids=lambda p: p.name)
+def test_shipped_search_spaces_validate_against_their_method(search, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    from rlft.cli.tune import Trials
+
+    method = search.name.split("_")[0]  # dpo_lr_beta.yaml -> configs/dpo/tiny.yaml
+    space = load_search_space(search)
+    Trials([f"configs/{method}/tiny.yaml"], [], repo_root / "runs", space.metric or "val/loss", "t").validate(space)

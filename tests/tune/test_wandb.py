@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("wandb")
+wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from rlft.cli import main as rlft_main  # noqa: E402
@@ -43,13 +44,26 @@ def _chunks(data: bytes):
             yield pending + chunk
 
 
+def _records(folder: Path, timeout: float = 60.0) -> list:
+    """The run file's records once W&B's service has written its final ``exit`` record (it writes asynchronously)."""
+    (path,) = folder.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for raw in _chunks(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout}s (run not finished)"
+        time.sleep(0.5)
+
+
 def read_offline_run(folder: Path) -> dict:
     """run (project, name, group), config {key: value}, history {metric: [values]}, artifacts {name: [files]}."""
-    (path,) = folder.glob("run-*.wandb")
     run, config, history, artifacts = {}, {}, defaultdict(list), defaultdict(list)
-    for raw in _chunks(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+    for record in _records(folder):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = {"project": record.run.project, "name": record.run.display_name, "group": record.run.run_group}
@@ -77,6 +91,8 @@ FAST = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trai
 def _offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    wandb.finish()  # an in-process run stays open until finished (a CLI process finishes it at exit)
 
 
 @pytest.mark.slow
@@ -87,6 +103,7 @@ def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
                f"{wb}log_model", "true", "--trainer.default_root_dir", str(tmp_path),
                "--model.init_args.output_dir", str(tmp_path / "hf_model"),
                "--model.init_args.beta", "0.3"])  # fmt: skip
+    wandb.finish()  # flushes the run file, as the end of an `rlft fit` process does
     (run,) = _runs(tmp_path)
     assert run["run"]["project"] == "rlft-test" and run["run"]["name"] == "dpo-tiny-offline"
     assert run["config"]["rlft_version"]
