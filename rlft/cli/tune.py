@@ -254,7 +254,7 @@ def finish(study: optuna.Study, out_dir: Path, metric: str) -> None:
         raise SystemExit("rlft tune: no trial completed (see the errors above)")
     best = study.best_trial
     path = write_best_config(study, out_dir)
-    plots = write_plots(study, out_dir)
+    plots = write_plots(study, out_dir, metric)
     print(f"best: trial {best.number}, {metric}={best.value:.6g}, {best.params}")
     print(f"best config: {path}  (rlft fit -c {path})")
     print("plots: " + ", ".join(str(p) for p in plots))

@@ -84,7 +84,7 @@ def _replace_prefix(value, old: str, new: str):
     return value
 
 
-def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
+def write_plots(study: optuna.Study, out_dir: Path, metric: str = "Objective Value") -> list[Path]:
     """Optimisation history and (with two or more finished trials and parameters that vary) importances as PNGs."""
     import matplotlib
 
@@ -101,7 +101,7 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
             continue
         with warnings.catch_warnings():  # the matplotlib backend is "experimental" since optuna 2.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            axes = plot(study)
+            axes = plot(study, target_name=metric)
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         figure.set_size_inches(8, 5)
         figure.tight_layout()

@@ -68,7 +68,7 @@ def test_killed_study_resumes_and_reruns_the_killed_trial(tmp_path, write_search
 def test_two_processes_share_one_postgres_study(tmp_path, write_search, tiny, repo_root, postgres_url):
     out = tmp_path / "shared"
     search = write_search({"params": {LR: {"log_uniform": [1.0e-4, 1.0e-2]}}, "pruner": "none"})
-    cmd = _command(out, search, tiny, "--trials", "4", "--storage", postgres_url, "--study-name", "shared-study")
+    cmd = _command(out, search, tiny, "--trials", "3", "--storage", postgres_url, "--study-name", "shared-study")
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - closed below
     env = _env(repo_root)
     procs = [subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=f, stderr=subprocess.STDOUT) for f in logs]
@@ -87,7 +87,7 @@ def test_two_processes_share_one_postgres_study(tmp_path, write_search, tiny, re
 
     trials = optuna.load_study(study_name="shared-study", storage=postgres_url).trials
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 4 <= len(done) <= 5  # the total is shared; one process may finish a trial it started meanwhile
+    assert 3 <= len(done) <= 4  # the total is shared; one process may finish a trial it started meanwhile
     pids = {p.pid for p in procs}
     assert {t.user_attrs["pid"] for t in done} == pids  # both processes ran trials of the one study
     assert len({t.number for t in trials}) == len(trials)
