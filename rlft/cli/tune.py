@@ -119,7 +119,8 @@ class Trials:
                 logger.init_args.group = self.study_name
                 logger.init_args.name = f"{self.study_name}-trial_{trial.number}"
                 logger.init_args.job_type = "tune"
-                logger.init_args.config = {"tune": {"study": self.study_name, "trial": trial.number, **params}}
+                tune = {"study": self.study_name, "trial": trial.number, **params}
+                logger.init_args.config = {**(logger.init_args.get("config") or {}), "tune": tune}
         for callback in cfg.trainer.get("callbacks") or []:
             if "dirpath" in callback.get("init_args", {}) and callback.init_args.dirpath:
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
