@@ -136,19 +136,8 @@ class Trials:
     def baseline(self, space: SearchSpace) -> dict[str, Any]:
         """The base config's own values of the searched keys that lie inside the search space."""
         config = self.parse({})
-        values = {}
-        for param in space.params:
-            value = config.get(param.key)
-            if (
-                param.kind == "choices"
-                and value in param.spec
-                or (
-                    param.kind != "choices"
-                    and isinstance(value, (int, float))
-                    and param.spec[0] <= value <= param.spec[1]
-                )
-            ):
-                values[param.key] = value
+        values = {param.key: config.get(param.key) for param in space.params}
+        return {p.key: values[p.key] for p in space.params if p.contains(values[p.key]) and p.active(values)}
         return values
 
     def objective(self, trial: optuna.Trial, space: SearchSpace, prune: bool) -> float:
@@ -159,6 +148,12 @@ class Trials:
             return self.run(config, trial if prune else None)
         except optuna.TrialPruned:
             raise
+        except (KeyboardInterrupt, SystemExit) as error:
+            # Ctrl-C and SIGTERM reach here as SystemExit (Lightning's graceful shutdown): stop the whole study, with
+            # this trial failed and its parameters queued again, so re-running the command resumes with them
+            trial.set_user_attr("error", f"interrupted ({type(error).__name__}); re-queued")
+            trial.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+            raise KeyboardInterrupt from error
         except Exception as error:  # noqa: BLE001 - recorded on the trial, then Optuna marks it FAIL and goes on
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:4000])
             log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
@@ -243,7 +238,11 @@ def main(argv: list[str]) -> None:
         if values:
             study.enqueue_trial(values, user_attrs={"baseline": True})
     prune = not isinstance(pruner, optuna.pruners.NopPruner)
-    optimize(study, lambda trial: trials.objective(trial, space, prune), args.trials)
+    try:
+        optimize(study, lambda trial: trials.objective(trial, space, prune), args.trials)
+    except KeyboardInterrupt:
+        print(trials_table(study, metric))
+        raise SystemExit("rlft tune: interrupted; run the same command again to resume the study") from None
     finish(study, out_dir, metric)
 
 

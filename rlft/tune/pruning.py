@@ -20,7 +20,8 @@ __all__ = ["StepPruningCallback"]
 class StepPruningCallback(PyTorchLightningPruningCallback):
     """Report ``monitor`` to the trial after every validation and raise ``TrialPruned`` when the pruner says so.
 
-    A non-finite value (a diverged run) is reported as such; Optuna's pruners prune on NaN.
+    A non-finite value (a diverged run) is pruned at once; the validation at ``max_steps`` never prunes, since
+    the trial has nothing left to save.
     """
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -32,10 +33,15 @@ class StepPruningCallback(PyTorchLightningPruningCallback):
         if value is None:
             raise KeyError(
                 f"pruning metric {self.monitor!r} was not logged at validation; logged: "
-                f"{', '.join(sorted(trainer.callback_metrics)) or 'nothing'}"
+                f"{', '.join(sorted(trainer.callback_metrics)) or 'nothing'} (--pruner none tunes on metrics that "
+                "validation does not log)"
             )
         value = float(value)
         step = trainer.global_step
         self._trial.report(value, step=step)
-        if self._trial.should_prune() or not math.isfinite(value):
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"pruned at step {step}: {self.monitor}={value} (diverged)")
+        # a trial whose training is over completes with its value: pruning it now would save nothing
+        finished = 0 < trainer.max_steps <= step
+        if not finished and self._trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: {self.monitor}={value:.6g}")

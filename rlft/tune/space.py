@@ -80,6 +80,13 @@ class Param:
             return trial.suggest_int(self.key, low, high, step=step, log=log)
         return trial.suggest_float(self.key, low, high, step=self.options.get("step"), log=self.kind == "log_uniform")
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one the distribution can produce (used to enqueue the config's own values)."""
+        if self.kind == "choices":
+            return value in self.spec
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and self.spec[0] <= value <= self.spec[1] and (self.kind != "int" or isinstance(value, int))
+
     def examples(self) -> list:
         """Values that together exercise the parameter's types for validation (bounds, every choice)."""
         return list(self.spec)

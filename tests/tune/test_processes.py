@@ -95,3 +95,27 @@ def test_two_processes_share_one_postgres_study(tmp_path, write_search, tiny, re
         assert (out / f"trial_{t.number}" / "config.yaml").is_file()
     for output in outputs:
         assert "study 'shared-study'" in output and "best config:" in output
+
+
+def test_sigterm_stops_the_study_with_a_nonzero_exit_and_requeues_the_trial(tmp_path, write_search, tiny, repo_root):
+    out = tmp_path / "term"
+    search = write_search({"params": {LR: {"log_uniform": [1.0e-4, 1.0e-2]}}, "pruner": "none"})
+    cmd = _command(out, search, [*tiny, "--trainer.max_steps", "16"], "--trials", "1", "--seed", "0")
+    with open(tmp_path / "first.log", "w+") as log:
+        first = subprocess.Popen(cmd, cwd=repo_root, env=_env(repo_root), stdout=log, stderr=subprocess.STDOUT)
+        _wait_for(out / "trial_0" / "csv", first)  # the trainer is set up: Lightning's SIGTERM handler is in place
+        time.sleep(2.0)
+        first.terminate()
+        code = first.wait(timeout=300)
+        log.seek(0)
+        output = log.read()
+    assert code != 0 and "interrupted; run the same command again to resume" in output, output[-2000:]
+    storage = f"sqlite:///{out / 'study.db'}"
+    interrupted, queued = optuna.load_study(study_name="term", storage=storage).trials
+    assert interrupted.state == TrialState.FAIL and "interrupted" in interrupted.user_attrs["error"]
+    assert queued.state == TrialState.WAITING and queued.user_attrs["requeued_from"] == 0
+
+    again = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = optuna.load_study(study_name="term", storage=storage).trials[1]
+    assert resumed.state == TrialState.COMPLETE and resumed.params == interrupted.params
