@@ -126,6 +126,7 @@ def test_cache_hit_replays_the_data_report(tokenizer, tmp_path, caplog):
     assert "from the data cache" in caplog.text
 
 
+@pytest.mark.slow
 def test_data_prepare_cli_fills_the_cache_for_fit(repo_root, tmp_path, cache_root, pairs_file):
     env_cache = {"RLFT_DATA_CACHE": str(cache_root), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo_root)}
 
