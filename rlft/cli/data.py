@@ -61,7 +61,7 @@ def prepare(argv: list[str]) -> None:
     if not data.hparams.cache:
         raise SystemExit("rlft data prepare: --data.cache false leaves nothing to prepare")
     tokenizer = load_tokenizer(model)
-    key = data_cache.dataset_key(kind, tokenizer, dict(data.hparams))
+    key = data_cache.dataset_key(kind, tokenizer, dict(data.hparams), type(data))
     if key is None:
         raise SystemExit(
             f"rlft data prepare: {data.hparams.path} is not a local file or folder; hub datasets are cached by "

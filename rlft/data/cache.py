@@ -12,6 +12,7 @@ here (``datasets`` caches their download; their content cannot be hashed before 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -78,7 +79,23 @@ def _code_hash() -> str:
     return digest.hexdigest()
 
 
-def dataset_key(kind: str, tokenizer, options: dict) -> str | None:
+def _class_hash(cls: type | None) -> str:
+    """A data module subclass may encode differently: its name and the source of every module of its MRO count."""
+    if cls is None:
+        return ""
+    digest = hashlib.sha256()
+    for klass in cls.__mro__:
+        digest.update(f"{klass.__module__}.{klass.__qualname__}".encode())
+        try:
+            source = inspect.getsourcefile(klass)
+        except TypeError:  # builtins (object)
+            continue
+        if source and Path(source).is_file() and not Path(source).is_relative_to(_DATA_CODE):
+            _hash_file(Path(source), digest)
+    return digest.hexdigest()
+
+
+def dataset_key(kind: str, tokenizer, options: dict, module_class: type | None = None) -> str | None:
     """The cache key of one ``setup()``; ``None`` when an input is not a local file (not cacheable)."""
     files = {}
     for name in ("path", "val_path"):
@@ -93,6 +110,7 @@ def dataset_key(kind: str, tokenizer, options: dict) -> str | None:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "options": {k: options.get(k) for k in KEY_OPTIONS},
         "code": _code_hash(),
+        "class": _class_hash(module_class),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

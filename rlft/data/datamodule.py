@@ -132,7 +132,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set or self.val_set:
             return
         hp = self.hparams
-        key = data_cache.dataset_key(self.kind, self.tokenizer, dict(hp)) if hp.cache else None
+        key = data_cache.dataset_key(self.kind, self.tokenizer, dict(hp), type(self)) if hp.cache else None
         if key and (entry := data_cache.load(key)):
             self.train_set, self.val_set, self.stats, self.report = (
                 entry[k] for k in ("train", "val", "stats", "report")

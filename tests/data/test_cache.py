@@ -164,3 +164,21 @@ def test_data_prepare_refuses_a_disabled_cache(pairs_file):
     with pytest.raises(SystemExit, match="--data.cache false leaves nothing to prepare"):
         data_main(["prepare", "--data.path", str(pairs_file), "--model", "tiny-qwen2", "--kind", "sft",
                    "--data.cache", "false"])  # fmt: skip
+
+
+class _FirstTokensOnly(PreferenceDataModule):
+    """Research code that encodes its own way: it must never be served the base class's cached examples."""
+
+    def _encode_one(self, record: dict) -> dict:
+        example = super()._encode_one(record)
+        return {**example, "chosen_ids": example["chosen_ids"][:2], "chosen_labels": example["chosen_labels"][:2]}
+
+
+def test_a_data_module_subclass_gets_its_own_entries(tokenizer, pairs_file, encoder_calls, cache_root):
+    base = _setup(tokenizer, "pairs", str(pairs_file))
+    n = encoder_calls["n"]
+    sub = _FirstTokensOnly(path=str(pairs_file), batch_size=4, max_length=128, val_fraction=0.2)
+    sub.attach("pairs", tokenizer).setup("fit")
+    assert encoder_calls["n"] == 2 * n
+    assert all(len(e["chosen_ids"]) <= 2 for e in sub.train_set) and sub.train_set != base.train_set
+    assert len(list(cache_root.glob("*.pkl"))) == 2
