@@ -17,6 +17,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
     "label": ("rlft.cli.label:main", "human preference collection: serve the labeling UI, import, export, stats"),
     "bench": ("rlft.cli.bench:main", "throughput/memory benchmark against TRL on identical work"),
+    "data": ("rlft.cli.data:main", "tokenise a data set once into the cache runs reuse (rlft data prepare -c CONFIG)"),
+    "tune": ("rlft.cli.tune:main", "hyperparameter search with Optuna (rlft tune -c CONFIG --search S.yaml --out DIR)"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -9,6 +9,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from rlft.cli.config_logging import TrackedConfigCallback
 from rlft.data import PreferenceDataModule
 from rlft.methods.base import RLFTModule
 
@@ -38,6 +39,7 @@ def run_lightning_cli(argv: list[str]) -> RLFTCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        save_config_callback=TrackedConfigCallback,  # also logs the resolved config (+ final adapter) to W&B
         # from the console, let LightningCLI read sys.argv itself (passing both triggers a warning)
         args=None if argv == sys.argv[1:] else argv,
         auto_configure_optimizers=False,

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from rlft.data import cache as data_cache
 from rlft.data.collate import Collator
 from rlft.data.encoding import encode_pair, encode_prompt, encode_sft
 from rlft.data.formats import convert
@@ -66,6 +67,8 @@ class PreferenceDataModule(L.LightningDataModule):
         shuffle: Shuffle the training order each epoch (seeded; the order survives a resume).
         packing: Padding-free batches: the batch's sequences are concatenated into one row with restarting
             ``position_ids`` (no pad tokens computed, no attention across examples). SFT and pairs.
+        cache: Reuse the tokenised examples of an earlier run with the same files (by content), tokenizer, chat
+            template and options (``$RLFT_DATA_CACHE``, default ``~/.cache/rlft/data``); ``false`` re-tokenises.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class PreferenceDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         shuffle: bool = True,
         packing: bool = False,
+        cache: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -99,6 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.stats: dict[str, Counter] = {}
+        self.report: list[tuple[int, str]] = []  # (level, line) of the data report, replayed on a cache hit
 
     def attach(self, kind: str, tokenizer) -> PreferenceDataModule:
         """Tell the module what the method needs (``sft``, ``pairs``, ``prompts``) and which tokenizer to use."""
@@ -111,9 +116,9 @@ class PreferenceDataModule(L.LightningDataModule):
         records, report = convert(
             rows, kind=self.kind, format=hp.format, on_invalid="skip" if hp.skip_invalid else "error", dedupe=hp.dedupe
         )
-        log.info(report.summary())
+        self._note(logging.INFO, report.summary())
         if sum(report.filtered.values()):
-            log.warning(report.details())
+            self._note(logging.WARNING, report.details())
         if not records:
             raise ValueError(f"{path}: no usable {self.kind} records ({report.summary()})")
         return records
@@ -127,6 +132,15 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set or self.val_set:
             return
         hp = self.hparams
+        key = data_cache.dataset_key(self.kind, self.tokenizer, dict(hp), type(self)) if hp.cache else None
+        if key and (entry := data_cache.load(key)):
+            self.train_set, self.val_set, self.stats, self.report = (
+                entry[k] for k in ("train", "val", "stats", "report")
+            )
+            log.info("%d train / %d val examples from the data cache (%s)", len(self.train_set), len(self.val_set), key)
+            for level, message in self.report:
+                log.log(level, message)
+            return
         records = self._records(hp.path, hp.split)
         if hp.val_path:
             train, val = records, self._records(hp.val_path, "validation" if hp.val_path == hp.path else hp.split)
@@ -142,6 +156,8 @@ class PreferenceDataModule(L.LightningDataModule):
         train, val = train[: hp.limit], val[: hp.val_limit]
         self.train_set = self._encode(train, "train")
         self.val_set = self._encode(val, "val")
+        if key:
+            data_cache.save(key, self.train_set, self.val_set, self.stats, self.report)
 
     def _encode(self, records: list[dict], name: str) -> list[dict]:
         hp = self.hparams
@@ -152,11 +168,14 @@ class PreferenceDataModule(L.LightningDataModule):
             encoded.append(example)
         self.stats[name] = Counter(examples=len(encoded), truncated=truncated)
         if truncated:
-            log.warning(
-                "%s: %d of %d examples were longer than max_length=%d and were truncated (prompt start dropped)",
-                name, truncated, len(encoded), hp.max_length,
-            )  # fmt: skip
+            self._note(logging.WARNING, f"{name}: {truncated} of {len(encoded)} examples were longer than max_length="
+                       f"{hp.max_length} and were truncated (prompt start dropped)")  # fmt: skip
         return encoded
+
+    def _note(self, level: int, message: str) -> None:
+        """Log a data report line and keep it, so a run served from the cache reports the same."""
+        log.log(level, message)
+        self.report.append((level, message))
 
     def _encode_one(self, record: dict) -> dict:
         hp, tok = self.hparams, self.tokenizer

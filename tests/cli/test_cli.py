@@ -14,7 +14,8 @@ from rlft.cli import main
 from rlft.cli.fit import run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "trainer")
+# overlays and search spaces are not runnable alone: trainer/ here, logger/ and tune/ in tests/tune
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("trainer", "logger", "tune"))
 OVERLAYS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
 
 
