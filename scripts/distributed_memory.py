@@ -36,7 +36,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "rlft", "fit", "-c", args.config, *STRATEGIES[name],
                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
                    "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
-                   "--trainer.logger", "false",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root,
                    "--trainer.default_root_dir", root, "--model.init_args.output_dir", f"{root}/hf_model",
                    "--trainer.callbacks+=rlft.callbacks.MemoryReport", "--trainer.enable_progress_bar", "false"]  # fmt: skip
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
