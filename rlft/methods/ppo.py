@@ -160,21 +160,22 @@ class PPO(OnlineRL):
     def rollout(self, batch: dict) -> Rollout:
         """Sample responses for a prompts batch with old and reference log-probs and old values."""
         shared_trunk = self.critic is None
-        with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
+        # sharded weights gathered once for the whole rollout (sampling, old log-probs, values), not per step
+        with full_weights(self):
             rollout = collect_rollout(
                 self.model, self.tokenizer, batch, self.sampling, score=not shared_trunk,
                 reference=self.reference_model, with_reference=self.kl_coef > 0,
             )  # fmt: skip
-        with inference(self):
-            if shared_trunk:
-                # one forward gives the old log-probs and the trunk states the value head reads
-                rollout.logps, _, hidden = token_logps(
-                    self.model, rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1],
-                    temperature=self.sampling.temperature, with_hidden=True,
-                )  # fmt: skip
-                rollout.values = self.values(rollout, hidden)
-            else:
-                rollout.values = self.values(rollout)
+            with inference(self):
+                if shared_trunk:
+                    # one forward gives the old log-probs and the trunk states the value head reads
+                    rollout.logps, _, hidden = token_logps(
+                        self.model, rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1],
+                        temperature=self.sampling.temperature, with_hidden=True,
+                    )  # fmt: skip
+                    rollout.values = self.values(rollout, hidden)
+                else:
+                    rollout.values = self.values(rollout)
         return rollout
 
     # ------------------------------------------------------------------ pieces of the update

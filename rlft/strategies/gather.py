@@ -32,6 +32,26 @@ def _zero3_engine(module: torch.nn.Module):
     return None
 
 
+@contextlib.contextmanager
+def _zero3_unhooked(engine) -> Iterator[None]:
+    """Every ZeRO-3 parameter gathered once, and ZeRO's per-module fetch/release hooks off until the end."""
+    import deepspeed
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    with deepspeed.zero.GatheredParameters(list(offload.module.parameters()), modifier_rank=None):
+        # re-registering hooks (below) gives modules new ids, so marks left under old ids by earlier forwards (a
+        # PPO value head after its updates) would never be released and re-partitioning would refuse them
+        for param in offload.module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether parameters of ``module`` are split across ranks (ZeRO-3 or FSDP2)."""
     from torch.distributed.fsdp import FSDPModule
@@ -49,10 +69,7 @@ def full_weights(module: torch.nn.Module) -> Iterator[None]:
 
     engine = _zero3_engine(module)
     if engine is not None:
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-        # gathers every parameter once and removes ZeRO's per-module fetch/release hooks until the end
-        with unwrap_model_for_generation(engine):
+        with _zero3_unhooked(engine):
             yield
         return
     sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
