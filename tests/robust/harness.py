@@ -68,12 +68,12 @@ class Method:
 
 METHODS = {
     # 51 training rows / batch 4 = 13 batches: the natural epoch boundary at step 13
-    "sft": Method("sft", max_steps=15, limit_train_batches=None, boundary_step=13),
-    "rm": Method("rm", max_steps=8, limit_train_batches=3, boundary_step=6),
-    "dpo": Method("dpo", max_steps=8, limit_train_batches=3, boundary_step=3),
-    "grpo": Method("grpo", max_steps=6, limit_train_batches=2, boundary_step=4),
+    "sft": Method("sft", max_steps=18, limit_train_batches=None, boundary_step=13),
+    "rm": Method("rm", max_steps=10, limit_train_batches=3, boundary_step=6),
+    "dpo": Method("dpo", max_steps=10, limit_train_batches=3, boundary_step=6),
+    "grpo": Method("grpo", max_steps=8, limit_train_batches=2, boundary_step=4),
     # 2 PPO epochs x 2 minibatches = 4 optimiser steps per rollout batch; 2 batches per epoch
-    "ppo": Method("ppo", max_steps=16, limit_train_batches=2, boundary_step=8, steps_per_batch=4),
+    "ppo": Method("ppo", max_steps=24, limit_train_batches=2, boundary_step=8, steps_per_batch=4),
 }
 
 
@@ -173,14 +173,19 @@ def concrete_fault(kind: str, method: Method, done: int, step_seconds: float, rn
     if kind == "boundary":
         return f"after_save:{method.boundary_step}" if done < method.boundary_step else None
     if kind == "random":
-        if done + 1 > method.max_steps - 2 * method.steps_per_batch:
+        # soon after the resume point, so later faults still have steps to land in; before the planned boundary
+        # while it is ahead, so that one still happens
+        latest = method.max_steps - 2 * method.steps_per_batch
+        if done < method.boundary_step - method.steps_per_batch:
+            latest = min(latest, method.boundary_step - method.steps_per_batch)
+        if done + 1 > latest:
             return None
-        step = rng.randint(done + 1, method.max_steps - 2 * method.steps_per_batch)
-        return f"timer:{step}:{rng.uniform(0.0, 1.5) * step_seconds:.3f}"
+        step = rng.randint(done + 1, min(latest, done + 2 * method.steps_per_batch))
+        return f"timer:{step}:{rng.uniform(0.0, 1.0) * step_seconds:.3f}"
     if kind == "mid_save":
         # a step checkpoint and last.ckpt per batch; the final batch's belong to the clean finish
         saves_left = 2 * ((method.max_steps - done) // method.steps_per_batch - 1)
-        return f"mid_save:{rng.randint(1, saves_left)}" if saves_left >= 1 else None
+        return f"mid_save:{rng.randint(1, min(saves_left, 4))}" if saves_left >= 1 else None
     if kind == "export":
         return "mid_export"
     raise ValueError(kind)
