@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rlft.callbacks.guard import NonFiniteGuard, refuse_impossible_settings
@@ -31,6 +31,10 @@ from rlft.methods.base import RLFTModule
 LAST_OR_FRESH = "last_or_fresh"
 # settings that shape the trainable tensors or what they mean: a resume that changes them cannot be exact
 FIXED_ON_RESUME = ("model", "lora", "quantization")
+# optimiser settings baked into the restored schedule: changing them on resume would silently not apply
+FIXED_OPTIM_ON_RESUME = ("scheduler", "warmup_steps", "warmup_ratio", "min_lr_ratio")
+# data settings that define the order a resume continues: change them and it would skip the wrong batches
+FIXED_DATA_ON_RESUME = ("path", "format", "batch_size", "seed", "shuffle", "val_fraction", "limit", "packing")
 RUN_MARKER = "rlft_run.json"
 
 
@@ -88,25 +92,65 @@ def _load_checkpoint_header(path: str) -> dict:
     return checkpoint
 
 
-def check_checkpoint_matches(path: str, model_config, model_class: str) -> None:
-    """Refuse a checkpoint of another method or model, or one whose fixed settings differ from the config."""
-    saved = _load_checkpoint_header(path).get("hyper_parameters") or {}
+def check_checkpoint_matches(path: str, model_config, model_class: str, data_config=None) -> dict:
+    """Refuse a checkpoint of another method or model, or one whose fixed settings differ from the config.
+
+    Returns the checkpoint's optimiser settings (for :class:`ResumeOptimizerOverride`).
+    """
+    checkpoint = _load_checkpoint_header(path)
+    saved = checkpoint.get("hyper_parameters") or {}
     saved_class = saved.get("_class_path")
     if saved_class and saved_class != model_class:
         raise CheckpointError(
             f"{path} was written by {saved_class}, but this run trains {model_class}; "
             "resume it with that run's config, or start this one fresh (omit --ckpt_path)"
         )
-    wanted = model_config.get("init_args", model_config) if hasattr(model_config, "get") else {}
-    for key in FIXED_ON_RESUME:
-        if key not in saved:
-            continue
-        value = _plain(wanted.get(key)) if hasattr(wanted, "get") else None
-        if _plain(saved[key]) != value:
+    wanted = _plain(model_config.get("init_args", model_config))
+    pairs = [(f"model.{k}", saved.get(k), wanted.get(k)) for k in FIXED_ON_RESUME if k in saved]
+    saved_optim, wanted_optim = saved.get("optim") or {}, wanted.get("optim") or {}
+    pairs += [
+        (f"model.optim.{k}", saved_optim.get(k), wanted_optim.get(k)) for k in FIXED_OPTIM_ON_RESUME if k in saved_optim
+    ]
+    saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+    if data_config is not None and saved_data:
+        wanted_data = _plain(data_config.get("init_args", data_config))
+        pairs += [(f"data.{k}", saved_data.get(k), wanted_data.get(k)) for k in FIXED_DATA_ON_RESUME if k in saved_data]
+    for name, old, new in pairs:
+        if _plain(old) != _plain(new):
             raise CheckpointError(
-                f"{path}: model.{key} cannot change on resume (checkpoint: {_plain(saved[key])!r}, "
-                f"this run: {value!r}); use the checkpoint's value or start fresh"
+                f"{path}: {name} cannot change on resume (checkpoint: {_plain(old)!r}, this run: {_plain(new)!r}); "
+                "use the checkpoint's value or start fresh"
             )
+    return _plain(saved_optim)
+
+
+class ResumeOptimizerOverride(Callback):
+    """After a resume, apply the command line's lr / weight decay / betas / eps to the restored optimiser.
+
+    Lightning restores the optimiser's param groups (and the schedule's base rates) from the checkpoint, which
+    would silently ignore e.g. ``--model.init_args.optim.lr`` on resume.
+    """
+
+    def __init__(self, saved: dict, wanted: dict) -> None:
+        self.saved, self.wanted = saved, wanted
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        old_lr, new_lr = self.saved.get("lr"), self.wanted.get("lr")
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if old_lr and new_lr and old_lr != new_lr:
+                    group["lr"] *= new_lr / old_lr
+                    group["initial_lr"] = group.get("initial_lr", old_lr) * new_lr / old_lr
+                if "betas" in self.wanted:
+                    group["betas"] = tuple(self.wanted["betas"])
+                if "eps" in self.wanted:
+                    group["eps"] = self.wanted["eps"]
+                if group.get("weight_decay") and "weight_decay" in self.wanted:
+                    group["weight_decay"] = self.wanted["weight_decay"]
+        if old_lr and new_lr and old_lr != new_lr:
+            for config in trainer.lr_scheduler_configs:
+                config.scheduler.base_lrs = [base * new_lr / old_lr for base in config.scheduler.base_lrs]
+            print(f"rlft: resumed with optim.lr {new_lr} (checkpoint: {old_lr})", file=sys.stderr)
 
 
 def _plain(value):
@@ -205,8 +249,11 @@ class RLFTCLI(LightningCLI):
         if ckpt and ckpt not in ("best", "hpc", "registry"):
             if not Path(ckpt).is_file():
                 raise CheckpointError(f"--ckpt_path {ckpt}: no such file")
-            model_config = self.config[subcommand]["model"]
-            check_checkpoint_matches(ckpt, model_config, _class_path(self.model))
+            config = self.config[subcommand]
+            saved_optim = check_checkpoint_matches(ckpt, config["model"], _class_path(self.model), config.get("data"))
+            wanted_optim = _plain(config["model"].get("init_args", config["model"])).get("optim") or {}
+            if subcommand == "fit" and saved_optim and wanted_optim:
+                self.trainer.callbacks.append(ResumeOptimizerOverride(saved_optim, wanted_optim))
         if subcommand == "fit" and isinstance(self.model, RLFTModule) and self.trainer.is_global_zero:
             root = Path(self.trainer.default_root_dir)
             output = self.model.hparams.get("output_dir")
