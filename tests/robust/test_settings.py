@@ -147,7 +147,7 @@ def test_bad_method_settings_and_data_errors_name_the_problem(tmp_path, capsys):
     empty.write_text("")
     assert f"{empty}: no rows" in _fails([*base, "--data.val_path", str(empty)], capsys)
     grpo = ["fit", "-c", str(REPO / "configs/grpo/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
-    assert "group_size must be >= 2" in _fails([*grpo, "--model.init_args.group_size", "1"], capsys)
+    assert "group_size=1 is too small: must be >= 2" in _fails([*grpo, "--model.init_args.group_size", "1"], capsys)
     ppo = ["fit", "-c", PPO, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
     ppo += ["--data.path", str(REPO / "rlft/assets/sample_prompts.jsonl"), "--model.init_args.output_dir",
             str(tmp_path / "ppo_out")]  # fmt: skip
