@@ -140,13 +140,15 @@ def test_bad_settings_are_one_line_without_traceback(tmp_path, capsys, extra, ex
 def test_bad_method_settings_and_data_errors_name_the_problem(tmp_path, capsys):
     dpo = str(REPO / "configs/dpo/tiny.yaml")
     base = ["fit", "-c", dpo, "--data.path", str(REPO / "rlft/assets/sample_pairs.jsonl"),
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]  # fmt: skip
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+            "--model.init_args.output_dir", str(tmp_path / "dpo_out")]  # fmt: skip
     assert "beta must be > 0, got -1.0" in _fails([*base, "--model.init_args.beta", "-1"], capsys)
     assert "unknown loss_type 'nope'" in _fails([*base, "--model.init_args.loss_type", "nope"], capsys)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert f"{empty}: no rows" in _fails([*base, "--data.val_path", str(empty)], capsys)
-    grpo = ["fit", "-c", str(REPO / "configs/grpo/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    grpo = ["fit", "-c", str(REPO / "configs/grpo/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--model.init_args.output_dir", str(tmp_path / "grpo_out")]  # fmt: skip
     assert "group_size=1 is too small: must be >= 2" in _fails([*grpo, "--model.init_args.group_size", "1"], capsys)
     ppo = ["fit", "-c", PPO, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
     ppo += ["--data.path", str(REPO / "rlft/assets/sample_prompts.jsonl"), "--model.init_args.output_dir",
