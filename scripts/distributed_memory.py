@@ -48,8 +48,10 @@ def main() -> None:
                 rows.append((name, rank, numbers))
     print(f"{'strategy':<18}{'rank':>5}{'RSS after setup MB':>20}{'RSS training MB':>17}{'peak RSS MB':>13}")
     for name, rank, n in rows:
-        print(f"{name:<18}{rank:>5}{n.get('rss_mb_after_setup', 0):>20.0f}{n.get('rss_mb_training', 0):>17.0f}"
-              f"{n.get('peak_rss_mb', 0):>13.0f}")
+        print(
+            f"{name:<18}{rank:>5}{n.get('rss_mb_after_setup', 0):>20.0f}{n.get('rss_mb_training', 0):>17.0f}"
+            f"{n.get('peak_rss_mb', 0):>13.0f}"
+        )
 
 
 if __name__ == "__main__":

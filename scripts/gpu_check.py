@@ -141,7 +141,9 @@ def main() -> None:
         result = run(fit(str(REPO / "configs/sft/tiny.yaml"), str(REPO / f"configs/trainer/{overlay}.yaml"), out,
                          device, ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0"]), 240)  # fmt: skip
         if result["status"] == "ok":
-            result["round_trip"] = run([sys.executable, "-c", ROUND_TRIP_SNIPPET, "tiny-llama", str(out / "hf_model")], 60)
+            result["round_trip"] = run(
+                [sys.executable, "-c", ROUND_TRIP_SNIPPET, "tiny-llama", str(out / "hf_model")], 60
+            )
         checks[name] = result
 
     # 5. GRPO rollouts
@@ -173,7 +175,9 @@ def main() -> None:
                             if k not in ("status", "seconds", "error", "log_tail", "round_trip"))  # fmt: skip
         if "round_trip" in result:
             numbers += f" round_trip={result['round_trip']['status']}"
-        lines.append(f"| {name} | {result['status']} | {result.get('seconds', '')} | {numbers or result.get('error', '')[:80]} |")
+        lines.append(
+            f"| {name} | {result['status']} | {result.get('seconds', '')} | {numbers or result.get('error', '')[:80]} |"
+        )
     (args.out / "gpu_report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     failed = [name for name, result in checks.items() if result["status"] == "failed"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the external services that the rlft test-suite needs on a fresh Debian machine (run as root):
 #   * PostgreSQL (for tests/label against a real server),
-#   * headless Chromium + chromedriver (for the labeling-UI browser test).
+#   * headless Chromium + chromedriver (for the labeling-UI browser test),
+#   * bubblewrap (the code sandbox, rlft/rl/sandbox.py: without it untrusted programs are refused, not run).
 #
 # Usage (what .ci/run does):   eval "$(bash scripts/services.sh)"
 #
@@ -13,7 +14,7 @@ set -euo pipefail
 PG_USER="${RLFT_PG_USER:-rlft}"
 PG_PASSWORD="${RLFT_PG_PASSWORD:-rlft}"
 PG_DB="${RLFT_PG_DB:-rlft_test}"
-PACKAGES=(postgresql chromium chromium-driver)
+PACKAGES=(postgresql chromium chromium-driver bubblewrap util-linux mount)
 
 log() { echo "[services] $*" >&2; }
 
@@ -63,4 +64,5 @@ fi
 echo "export RLFT_TEST_POSTGRES_URL=postgresql+psycopg://${PG_USER}:${PG_PASSWORD}@127.0.0.1:${PG_PORT}/${PG_DB}"
 echo "export RLFT_TEST_CHROMIUM=$(command -v chromium)"
 echo "export RLFT_TEST_CHROMEDRIVER=$(command -v chromedriver)"
+echo "export RLFT_TEST_BWRAP=$(command -v bwrap)"
 log "ready"

@@ -1,4 +1,4 @@
-"""Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory)."""
+"""Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory, non-finite guard)."""
 
 from rlft.callbacks.compile import TorchCompile
 from rlft.callbacks.evaluation import (
@@ -8,13 +8,18 @@ from rlft.callbacks.evaluation import (
     RewardAccuracyCallback,
     SampleGenerationsCallback,
 )
+from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard
 from rlft.callbacks.memory import MemoryReport
+from rlft.callbacks.resume import ResumeLogContinuity
 
 __all__ = [
     "EvaluationCallback",
     "MemoryReport",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "PassAtKCallback",
     "PerplexityCallback",
+    "ResumeLogContinuity",
     "RewardAccuracyCallback",
     "SampleGenerationsCallback",
     "TorchCompile",

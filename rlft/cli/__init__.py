@@ -8,6 +8,7 @@ the code they drive, so this file only routes to them.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> "module:function" taking argv (list[str]); imported lazily so `rlft label` does not pay for torch.
@@ -30,8 +31,31 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # mistakes in data, settings or files: rlft raises these with a message that says what to fix
+    types: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    for name in ("rlft.callbacks.guard:NonFiniteError",):
+        module, attr = name.split(":")
+        if module in sys.modules and hasattr(sys.modules[module], attr):
+            types.append(getattr(sys.modules[module], attr))
+    return tuple(types)
+
+
+def _one_line(error: BaseException) -> str:
+    from rlft.cli.fit import condense_parser_error
+
+    text = condense_parser_error(str(error)) if "rlft.cli.fit" in sys.modules else str(error)
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # tracebacks for user errors, and the parser's full messages
+        argv.remove("--debug")
+        os.environ["RLFT_DEBUG"] = "1"
+        if from_console:
+            sys.argv = [sys.argv[0], *argv]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
@@ -43,7 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     if command in LIGHTNING_COMMANDS:
         from rlft.cli.fit import run_lightning_cli
 
-        run_lightning_cli(argv)
+        try:
+            run_lightning_cli(argv)
+        except _user_error_types() as error:
+            if os.environ.get("RLFT_DEBUG"):
+                raise
+            print(f"rlft {command}: error: {_one_line(error)}", file=sys.stderr)
+            print("(run with --debug or RLFT_DEBUG=1 for the traceback)", file=sys.stderr)
+            raise SystemExit(1) from None
         return
     print(f"rlft: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     raise SystemExit(2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import torch
 
 from rlft.data.encoding import IGNORE_INDEX
@@ -52,13 +55,22 @@ class Collator:
         self.pad_id = pad_token_id
         self.multiple_of = pad_to_multiple_of
         self.packing = packing
+        # fingerprint -> data rows of recently built batches, so a callback can name the rows of a bad batch
+        # (the loader builds batches ahead of training, so "the last batch built" is not the one being trained)
+        self.recent_rows: OrderedDict[str, list[str]] = OrderedDict()
 
     def __call__(self, examples: list[dict]) -> dict:
         if self.packing and self.kind == "sft":
-            return pack([e["input_ids"] for e in examples], [e["labels"] for e in examples])
-        if self.packing and self.kind == "pairs":
-            return self._pairs_packed(examples)
-        return getattr(self, f"_{self.kind}")(examples)
+            batch = pack([e["input_ids"] for e in examples], [e["labels"] for e in examples])
+        elif self.packing and self.kind == "pairs":
+            batch = self._pairs_packed(examples)
+        else:
+            batch = getattr(self, f"_{self.kind}")(examples)
+        if any("row" in e for e in examples):
+            self.recent_rows[batch_fingerprint(batch)] = [e.get("row", "?") for e in examples]
+            while len(self.recent_rows) > 16:
+                self.recent_rows.popitem(last=False)
+        return batch
 
     def _pairs_packed(self, examples: list[dict]) -> dict:
         # all chosen sequences, then all rejected ones: the same order as the padded concatenated forward
@@ -105,9 +117,10 @@ class Collator:
             "prompt_input_ids": pad(ids, self.pad_id, left=True),
             "prompt_attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
         }
-        for key in examples[0]:
-            if key not in ("prompt_ids",):
-                batch[key] = [e[key] for e in examples]
+        # rows of one file may carry different extra fields: every field is kept, None where a row lacks it
+        keys = dict.fromkeys(k for e in examples for k in e if k not in ("prompt_ids", "row"))
+        for key in keys:
+            batch[key] = [e.get(key) for e in examples]
         return batch
 
 
@@ -115,6 +128,17 @@ def _fit(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     if tensor.shape[1] == width:
         return tensor
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def batch_fingerprint(batch: dict) -> str:
+    """A short hash of a batch's token ids (the same batch gives the same value after moving to a device)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for key in sorted(batch):
+        value = batch[key]
+        if torch.is_tensor(value) and key.endswith("input_ids"):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_tokens(batch: dict) -> int:

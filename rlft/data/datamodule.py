@@ -9,6 +9,7 @@ batches whose order survives a resume.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 
@@ -17,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rlft.data import cache as data_cache
-from rlft.data.collate import Collator
-from rlft.data.encoding import encode_pair, encode_prompt, encode_sft
+from rlft.data.collate import Collator, batch_fingerprint
+from rlft.data.encoding import IGNORE_INDEX, encode_pair, encode_prompt, encode_sft
+from rlft.data.errors import DataError
 from rlft.data.formats import convert
 from rlft.data.sources import read_rows
 
@@ -95,8 +97,21 @@ class PreferenceDataModule(L.LightningDataModule):
         cache: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        _check_ranges(
+            val_fraction=(val_fraction, 0.0 <= val_fraction < 1.0, "in [0, 1)"),
+            batch_size=(batch_size, batch_size >= 1, ">= 1"),
+            eval_batch_size=(eval_batch_size, eval_batch_size is None or eval_batch_size >= 1, ">= 1"),
+            max_length=(max_length, max_length >= 2, ">= 2 (a prompt token and a trained token)"),
+            max_prompt_length=(
+                max_prompt_length,
+                max_prompt_length is None or 1 <= max_prompt_length < max_length,
+                f">= 1 and < max_length ({max_length})",
+            ),
+            limit=(limit, limit is None or limit >= 1, ">= 1"),
+            val_limit=(val_limit, val_limit is None or val_limit >= 0, ">= 0"),
+            num_workers=(num_workers, num_workers >= 0, ">= 0"),
+            pad_to_multiple_of=(pad_to_multiple_of, pad_to_multiple_of is None or pad_to_multiple_of >= 1, ">= 1"),
+        )
         self.save_hyperparameters()
         self.kind: str | None = None
         self.tokenizer = None
@@ -104,6 +119,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_set: list[dict] = []
         self.stats: dict[str, Counter] = {}
         self.report: list[tuple[int, str]] = []  # (level, line) of the data report, replayed on a cache hit
+        self._collators: list[Collator] = []
 
     def attach(self, kind: str, tokenizer) -> PreferenceDataModule:
         """Tell the module what the method needs (``sft``, ``pairs``, ``prompts``) and which tokenizer to use."""
@@ -113,6 +129,8 @@ class PreferenceDataModule(L.LightningDataModule):
     def _records(self, path: str, split: str) -> list[dict]:
         hp = self.hparams
         rows = read_rows(path, split=split, subset=hp.subset)
+        if not rows:
+            raise DataError(f"{path}: no rows (the file or split '{split}' is empty)")
         records, report = convert(
             rows, kind=self.kind, format=hp.format, on_invalid="skip" if hp.skip_invalid else "error", dedupe=hp.dedupe
         )
@@ -120,8 +138,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if sum(report.filtered.values()):
             self._note(logging.WARNING, report.details())
         if not records:
-            raise ValueError(f"{path}: no usable {self.kind} records ({report.summary()})")
-        return records
+            raise DataError(f"{path}: no usable {self.kind} records ({report.summary()})")
+        # where each record came from, for messages about it after tokenization (kept out of the record itself)
+        return [{**r, "row": where} for r, where in zip(records, report.locations)]
 
     def setup(self, stage: str | None = None) -> None:
         if self.kind is None and self.trainer is not None:
@@ -141,6 +160,11 @@ class PreferenceDataModule(L.LightningDataModule):
             for level, message in self.report:
                 log.log(level, message)
             return
+        if hp.packing and self.kind not in ("sft", "pairs"):
+            raise DataError(
+                f"data.packing: true is not possible for {self.kind} data (online RL generates from left-padded "
+                "prompt batches); set data.packing: false"
+            )
         records = self._records(hp.path, hp.split)
         if hp.val_path:
             train, val = records, self._records(hp.val_path, "validation" if hp.val_path == hp.path else hp.split)
@@ -161,12 +185,30 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _encode(self, records: list[dict], name: str) -> list[dict]:
         hp = self.hparams
-        encoded, truncated = [], 0
+        encoded, truncated, invalid = [], 0, {}
         for record in records:
             example = self._encode_one(record)
+            example["row"] = record["row"]
             truncated += bool(example.pop("truncated"))
+            reason = _unusable(self.kind, example)
+            if reason:
+                invalid.setdefault(reason, []).append(record["row"])
+                continue
             encoded.append(example)
+        if invalid:
+            counts = "; ".join(f"{len(rows)} {reason} (e.g. {', '.join(rows[:3])})" for reason, rows in invalid.items())
+            message = f"{name}: {sum(map(len, invalid.values()))} of {len(records)} examples are unusable: {counts}"
+            if not hp.skip_invalid:
+                raise DataError(
+                    f"{message}. Raise data.max_length (now {hp.max_length}), fix the rows, or pass "
+                    "--data.skip_invalid true to drop them (counted)"
+                )
+            log.warning("%s; dropped (skip_invalid)", message)
+            if not encoded:
+                raise DataError(f"{message}: nothing left to train on")
         self.stats[name] = Counter(examples=len(encoded), truncated=truncated)
+        for reason, rows in invalid.items():
+            self.stats[name][reason] = len(rows)
         if truncated:
             self._note(logging.WARNING, f"{name}: {truncated} of {len(encoded)} examples were longer than max_length="
                        f"{hp.max_length} and were truncated (prompt start dropped)")  # fmt: skip
@@ -189,14 +231,36 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _collator(self) -> Collator:
         hp = self.hparams
-        return Collator(self.kind, self.tokenizer.pad_token_id, hp.pad_to_multiple_of, packing=hp.packing)
+        collator = Collator(self.kind, self.tokenizer.pad_token_id, hp.pad_to_multiple_of, packing=hp.packing)
+        self._collators = [*self._collators[-3:], collator]
+        return collator
+
+    def rows_of(self, batch: dict) -> list[str] | None:
+        """``file:line`` of the examples in a batch this module served (``None`` when unknown, e.g. workers)."""
+        key = batch_fingerprint(batch)
+        for collator in reversed(self._collators):
+            if key in collator.recent_rows:
+                return collator.recent_rows[key]
+        return None
+
+    def _batches_per_epoch(self) -> int:
+        trainer, hp = self.trainer, self.hparams
+        per_rank = math.ceil(len(self.train_set) / trainer.world_size)
+        batches = math.ceil(per_rank / hp.batch_size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            return min(batches, limit)
+        return batches if limit is None or limit >= 1.0 else int(batches * limit)
 
     def _consumed_batches(self) -> int:
         """Batches of the current epoch that a resumed run has already trained on."""
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        # a checkpoint written on the last batch of an epoch resumes at the start of the next one: skipping
+        # `ready` batches there would drop a whole epoch
+        return 0 if ready >= self._batches_per_epoch() else ready
 
     def _generator(self) -> torch.Generator:
         # a private generator keeps DataLoader iterators from drawing on the global RNG, which would shift dropout
@@ -226,3 +290,24 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+def _check_ranges(**checks: tuple) -> None:
+    for name, (value, ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"data.{name} must be {expected}, got {value!r}")
+
+
+def _unusable(kind: str, example: dict) -> str | None:
+    """Why an encoded example cannot train (usually: truncation to max_length removed what mattered)."""
+    if kind == "sft":
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            return "with no trained tokens left after truncation"
+    elif kind == "pairs":
+        if example["chosen_ids"] == example["rejected_ids"]:
+            return "with chosen == rejected after truncation"
+        if not any(t != IGNORE_INDEX for side in ("chosen", "rejected") for t in example[f"{side}_labels"]):
+            return "with no reply tokens left after truncation"
+    elif not example["prompt_ids"]:
+        return "with an empty prompt after truncation"
+    return None

@@ -204,6 +204,7 @@ class ConversionReport:
         filtered: Reason -> number of rows (invalid, when skipping) or records (duplicates) dropped.
         examples: Reason -> the first few issues (file:line) behind ``filtered``.
         source: Short name of the input, for :meth:`summary`.
+        locations: ``file:line`` of every record, in record order (for messages about a record after conversion).
     """
 
     format: str
@@ -213,6 +214,7 @@ class ConversionReport:
     filtered: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[Issue]] = field(default_factory=dict)
     source: str = ""
+    locations: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One human line, e.g. ``hh.jsonl: 300 rows (hh_rlhf) -> 297 pairs; filtered: 2 duplicate``."""
@@ -283,6 +285,7 @@ def convert(
     _check_kind(fmt, kind)
     invalid: dict[str, list[Issue]] = {}
     records: list[dict] = []
+    locations: list[str] = []
     dropped: dict[str, list[Issue]] = {}
     seen: set[str] = set()
     for row in rows:
@@ -299,6 +302,7 @@ def convert(
             if key is not None:
                 seen.add(key)
             records.append(record)
+            locations.append(row.source if row.line is None else f"{row.source}:{row.line}")
     if invalid and on_invalid == "error":
         raise _invalid_error(fmt, kind, invalid, rows)
     everything = {**invalid, **dropped}
@@ -310,6 +314,7 @@ def convert(
         filtered={reason: len(issues) for reason, issues in everything.items()},
         examples={reason: issues[:_EXAMPLES_PER_REASON] for reason, issues in everything.items()},
         source=_sources(rows),
+        locations=locations,
     )
     if not records:
         raise DataError(f"no usable records: {report.summary()}", [i for g in everything.values() for i in g])

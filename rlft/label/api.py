@@ -25,9 +25,10 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import Engine
 
 from rlft.label import store
@@ -39,8 +40,31 @@ from rlft.label.quality import quality_report
 _bearer = HTTPBearer(auto_error=False)
 
 
+_MAX_ID = 2**63 - 1  # BIGINT: a larger id would be a database error (500) instead of a 404
+
+
+def _no_nul(value: Any, where: str = "") -> Any:
+    """PostgreSQL text cannot hold NUL characters: refuse them as bad input (422) rather than failing (500)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{where or 'text'} contains a NUL character")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key, where)
+            _no_nul(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _no_nul(item, f"{where}[{index}]")
+    return value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/inf are valid JSON extensions that Python parses; as vote data they are nonsense and break the database
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text_without_nul(cls, value: Any, info) -> Any:
+        return _no_nul(value, info.field_name)
 
 
 class NewLabeler(_Strict):
@@ -62,11 +86,11 @@ class GenerationsImport(_Strict):
 
 
 class Submission(_Strict):
-    assignment_id: int
+    assignment_id: int = Field(ge=1, le=_MAX_ID)
     choice: Literal["a", "b", "tie"] = Field(description="displayed response: a = left, b = right")
     confidence: int = Field(3, ge=1, le=5)
     reasoning: str | None = Field(None, max_length=store.MAX_REASONING_CHARS)
-    time_spent_s: float | None = Field(None, ge=0)
+    time_spent_s: float | None = Field(None, ge=0, le=7 * 24 * 3600)
 
 
 def _task_json(task: store.Task | None) -> dict | None:
@@ -112,6 +136,16 @@ def create_app(
     def _label_error(_: Request, exc: store.LabelError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI echoes the bad input back; a NaN there would make the error response itself fail (500)
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", ""),
+             "input": repr(e["input"]) if "input" in e else None}
+            for e in exc.errors()
+        ]  # fmt: skip
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(ImportValidationError)
     def _import_error(_: Request, exc: ImportValidationError) -> JSONResponse:

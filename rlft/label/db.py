@@ -37,11 +37,12 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 READ_ONLY_OPTION = "rlft_read_only"
 
 
@@ -103,6 +104,13 @@ class Assignment(Base):
         UniqueConstraint("example_id", "labeler_id", name="uq_assignment_labeler"),
         Index("ix_assignments_labeler_done", "labeler_id", "completed_at"),
         Index("ix_assignments_claimable", "completed_at", "lease_expires_at"),
+        Index(
+            "ix_assignments_free",
+            "example_id",
+            "slot",
+            sqlite_where=text("labeler_id IS NULL"),
+            postgresql_where=text("labeler_id IS NULL"),
+        ),  # fmt: skip
     )
 
 
@@ -127,8 +135,15 @@ def _migrate_to_1(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _migrate_to_2(conn: Connection) -> None:
+    # free slots only: "next free slot in example order" becomes an index range scan instead of a table scan
+    for index in Assignment.__table__.indexes:
+        if index.name == "ix_assignments_free":
+            index.create(conn, checkfirst=True)
+
+
 # version -> migration from version-1; append new entries (never edit old ones) when the schema changes.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
 
 
 class SchemaVersionError(RuntimeError):

@@ -157,9 +157,17 @@ def import_records(engine: Engine, records: Iterable[PairRecord], *, overlap: in
     records = list(records)
     hashes = [content_hash(r) for r in records]
     try:
-        return _insert_examples(engine, records, hashes, overlap)
+        summary = _insert_examples(engine, records, hashes, overlap)
     except IntegrityError as exc:  # two imports of the same rows at the same moment
         raise Conflict("another import inserted some of these examples concurrently; run the import again") from exc
+    refresh_statistics(engine)
+    return summary
+
+
+def refresh_statistics(engine: Engine) -> None:
+    """``ANALYZE``: without statistics SQLite scans every slot to find the next free one (ms per request at scale)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")
 
 
 def _insert_examples(engine: Engine, records: list[PairRecord], hashes: list[str], overlap: int) -> ImportSummary:
@@ -243,13 +251,21 @@ def claim_next(
                 return task
             while True:
                 # One row at a time: SKIP LOCKED must not hide more slots from parallel requests than we try.
-                cand = conn.execute(
-                    select(A.c.id, A.c.example_id)
-                    .where(claimable, A.c.example_id.not_in(touched), A.c.example_id.not_in(tried or [-1]))
-                    .order_by(A.c.example_id, A.c.slot)
-                    .limit(1)
-                    .with_for_update(skip_locked=True)
-                ).first()
+                # Free slots first (a range scan of their partial index), then slots whose lease expired.
+                cand = None
+                for condition in (
+                    A.c.labeler_id.is_(None),
+                    and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now),
+                ):
+                    cand = conn.execute(
+                        select(A.c.id, A.c.example_id)
+                        .where(condition, A.c.example_id.not_in(touched), A.c.example_id.not_in(tried or [-1]))
+                        .order_by(A.c.example_id, A.c.slot)
+                        .limit(1)
+                        .with_for_update(skip_locked=True)
+                    ).first()
+                    if cand is not None:
+                        break
                 if cand is None:
                     break
                 tried.add(cand.example_id)
@@ -337,13 +353,22 @@ def submit_preference(
 def progress(engine: Engine, labeler_id: int) -> dict:
     """How many items the labeler has done and how many are still open to them."""
     now = utcnow()
-    claimable = or_(A.c.labeler_id.is_(None), and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now))
     touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
     with read_only(engine) as conn:
         done = conn.execute(select(func.count()).select_from(P).where(P.c.labeler_id == labeler_id)).scalar_one()
-        open_ = conn.execute(
-            select(func.count(func.distinct(A.c.example_id))).where(claimable, A.c.example_id.not_in(touched))
+        # |F ∪ X| - |(F ∪ X) ∩ T| with F = examples with a free slot, X = with an expired lease, T = touched by this
+        # labeler: the large term F is an index-only count, everything that filters by the labeler stays small
+        free = A.c.labeler_id.is_(None)
+        expired = and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now)
+        n_free = conn.execute(select(func.count(func.distinct(A.c.example_id))).where(free)).scalar_one()
+        free_ids = select(A.c.example_id).where(free)
+        n_expired_only = conn.execute(
+            select(func.count(func.distinct(A.c.example_id))).where(expired, A.c.example_id.not_in(free_ids))
         ).scalar_one()
+        n_touched_open = conn.execute(
+            select(func.count(func.distinct(A.c.example_id))).where(A.c.example_id.in_(touched), or_(free, expired))
+        ).scalar_one()
+        open_ = int(n_free) + int(n_expired_only) - int(n_touched_open)
         pending = conn.execute(
             select(func.count()).where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
         ).scalar_one()

@@ -88,8 +88,10 @@ class GRPO(OnlineRL):
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
-        if group_size < 2 and baseline == "leave_one_out" or group_size < 1:
-            raise ValueError(f"group_size={group_size} is too small for baseline={baseline!r}")
+        if group_size < 2:  # every baseline is a per-prompt group statistic: one sample gives advantage 0
+            raise ValueError(
+                f"group_size={group_size} is too small: must be >= 2 (advantages compare the samples of one prompt)"
+            )
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
         super().__init__(

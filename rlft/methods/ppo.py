@@ -296,4 +296,5 @@ class PPO(OnlineRL):
         checkpoint["rlft_kl_coef"] = self.kl_coef
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # restores the sampling RNG: without it a resume samples anew
         self.kl_coef = checkpoint.get("rlft_kl_coef", self.kl_coef)

@@ -1,35 +1,44 @@
-"""Run untrusted, model-generated Python in a contained child process.
+"""Run untrusted, model-generated Python behind an operating-system boundary (bubblewrap namespaces).
 
-Used by pass@k evaluation (HumanEval) and by code-execution rewards in RL. Every program gets:
+Used by pass@k evaluation (HumanEval) and by code-execution rewards in RL. Every program runs under ``bwrap`` with:
 
-* a fresh ``python -I -B`` interpreter (isolated mode: no user site, no ``PYTHON*`` variables, no cwd on ``sys.path``),
-* its own temporary directory as working directory, ``HOME`` and ``TMPDIR``, removed afterwards,
-* resource limits set in the child before ``exec`` (address space, CPU seconds, file size, process count, no core),
-* its own process session, so a timeout kills the whole process group (children included),
-* a new network namespace via ``unshare -n`` where the kernel lets us create one (no interfaces: nothing reachable),
-* a guard prelude that runs before the program and disables process creation, sockets and writes/deletions
-  outside the working directory.
+* new user, mount, PID, IPC, UTS, cgroup and network namespaces (``--unshare-all``): no network (not even the
+  host's loopback), no view of host processes, no System V IPC with the host;
+* a file system that holds only the interpreter, its standard library and the shared libraries they load, all
+  read-only, plus the program's private folder (read-write, at ``/sandbox``), a private ``/proc``, a minimal
+  ``/dev`` and an empty ``/tmp``; nothing else of the host (no ``/etc``, no ``/home``, no shell);
+* an empty environment (only ``PATH``, ``HOME``, ``TMPDIR``, ``LANG``);
+* when rlft runs as root: an unprivileged host uid for the whole sandbox (one of 32 from ``RLFT_SANDBOX_UID``,
+  default 200000, one per concurrent program), so the process-count limit holds (the kernel does not enforce
+  ``RLIMIT_NPROC`` for root) and one program's fork bomb cannot starve another;
+* resource limits set before ``exec`` that it cannot raise: address space, CPU seconds, file size, open files,
+  processes, no core dumps;
+* ``--die-with-parent`` and ``--new-session``; the PID namespace's init ends with the program, and the kernel then
+  kills every process left in the namespace (daemonised children included); at the timeout the whole tree is
+  killed.
 
-The guard is a safety net against *accidents* of generated code (``rm -rf``, fork loops, stray downloads), not a
-security boundary against an adversary: a determined program can restore what the guard removes. The kernel-side
-limits (process group kill, rlimits, network namespace) do not depend on the program's cooperation.
-``SandboxResult.protections`` says which layers applied to a run.
-
-Note: ``RLIMIT_NPROC`` counts processes per user and is not enforced for root, so as root a fork bomb is stopped by
-the guard (no fork/spawn functions) and by the process-group kill at the timeout.
+Fail closed: where bubblewrap is missing or cannot create the namespaces, :func:`run_program` raises
+:class:`SandboxUnavailable` and runs nothing, unless the user opts in with ``RLFT_SANDBOX=unsafe``, which runs the
+program with resource limits, its own process group and folder only (no isolation; ``protections`` says so).
+Not covered: CPU/memory accounting by cgroup (limits are per process, except the process count), kernel exploits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import queue
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,83 +47,13 @@ from pathlib import Path
 from typing import Literal
 
 Status = Literal["passed", "failed", "timeout", "error"]
+MODE_ENV = "RLFT_SANDBOX"  # unset/"bwrap": require the OS boundary; "unsafe": run without it (explicit opt-in)
+UID_ENV = "RLFT_SANDBOX_UID"
+INSIDE = "/sandbox"
 
-# The prelude runs in the child before the user's program (program.py, executed with runpy so that tracebacks
-# point at the user's own line numbers). It is kept self-contained: the child imports nothing from rlft.
-_GUARD = r"""
-import builtins, os, posix, runpy, shutil, sys
 
-_ROOT = os.path.realpath(os.getcwd())
-
-def _inside(path):
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        return False  # file descriptors and other exotic targets: refuse
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    real = os.path.realpath(os.path.join(_ROOT, path))
-    return real == _ROOT or real.startswith(_ROOT + os.sep)
-
-def _blocked(name):
-    def refuse(*args, **kwargs):
-        raise PermissionError(f"sandbox: {name} is disabled")
-    return refuse
-
-def _confined(name, func, n_paths=1):
-    def checked(*args, **kwargs):
-        for p in args[:n_paths]:
-            if not _inside(p):
-                raise PermissionError(f"sandbox: {name} outside the sandbox directory is not allowed: {p!r}")
-        return func(*args, **kwargs)
-    return checked
-
-# process creation and signalling other processes
-for _mod in (os, posix):
-    for _name in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
-                  "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
-                  "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg", "setuid", "setgid",
-                  "chroot", "putenv", "unsetenv"):
-        if hasattr(_mod, _name):
-            setattr(_mod, _name, _blocked(f"os.{_name}"))
-
-# file system changes outside the sandbox directory
-_real_open = builtins.open
-def _open(file, mode="r", *args, **kwargs):
-    if any(flag in mode for flag in "wax+") and not isinstance(file, int) and not _inside(file):
-        raise PermissionError(f"sandbox: writing outside the sandbox directory is not allowed: {file!r}")
-    return _real_open(file, mode, *args, **kwargs)
-builtins.open = _open
-import io
-io.open = _open
-
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_real_os_open = os.open
-def _os_open(path, flags, *args, **kwargs):
-    if flags & _WRITE_FLAGS and not _inside(path):
-        raise PermissionError(f"sandbox: writing outside the sandbox directory is not allowed: {path!r}")
-    return _real_os_open(path, flags, *args, **kwargs)
-for _mod in (os, posix):
-    _mod.open = _os_open
-    for _name, _n in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("rename", 2), ("replace", 2), ("chmod", 1),
-                      ("chown", 1), ("truncate", 1), ("link", 2), ("symlink", 2), ("mkdir", 1), ("utime", 1)):
-        if hasattr(_mod, _name):
-            setattr(_mod, _name, _confined(f"os.{_name}", getattr(_mod, _name), _n))
-os.removedirs = _confined("os.removedirs", os.removedirs)
-shutil.rmtree = _confined("shutil.rmtree", shutil.rmtree)
-shutil.move = _confined("shutil.move", shutil.move, 2)
-shutil.chown = _blocked("shutil.chown")
-
-# modules that reach the network or spawn processes: importing them fails
-for _name in ("socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "multiprocessing",
-              "_multiprocessing", "ctypes", "_ctypes", "pty", "resource", "urllib.request", "http.client",
-              "ftplib", "smtplib", "telnetlib", "asyncio", "concurrent.futures.process"):
-    sys.modules[_name] = None
-
-del _mod, _name
-sys.argv = ["program.py"]
-runpy.run_path("program.py", run_name="__main__")
-"""
+class SandboxUnavailable(RuntimeError):
+    """The isolation cannot be set up here, so untrusted code is not run."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +67,7 @@ class SandboxResult:
         stdout: Captured standard output (truncated to ``max_output_chars``).
         stderr: Captured standard error (truncated likewise).
         duration_s: Wall-clock seconds from start to end (or kill).
-        protections: The containment layers that applied, e.g. ``("guard", "rlimits", "process-group", "netns")``.
+        protections: The containment layers that applied, e.g. ``("bwrap", "userns", "pidns", "netns", ...)``.
     """
 
     status: Status
@@ -143,25 +82,187 @@ class SandboxResult:
         return self.status == "passed"
 
 
+def _interpreter() -> str:
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _shared_libraries(binaries: list[str]) -> set[str]:
+    """Library paths (as the loader names them) that ``binaries`` need, from ``ldd``."""
+    libs: set[str] = set()
+    for start in range(0, len(binaries), 64):
+        try:
+            out = subprocess.run(["ldd", *binaries[start : start + 64]], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for match in re.finditer(r"(?:=>\s*)?(/\S+)\s+\(0x", out.stdout):
+            libs.add(match.group(1))
+    return libs
+
+
 @functools.cache
-def network_namespace_available() -> bool:
-    """Whether ``unshare -n`` can create a network namespace here (needs root or user namespaces)."""
-    if shutil.which("unshare") is None:
-        return False
+def _read_only_binds() -> tuple[tuple[str, str], ...]:
+    """(host path, sandbox path) pairs: the interpreter, its standard library, and the libraries they load."""
+    exe = _interpreter()
+    stdlib = sysconfig.get_path("stdlib", vars={"installed_base": sys.base_prefix, "base": sys.base_prefix})
+    platstdlib = sysconfig.get_path("platstdlib", vars={"platbase": sys.base_prefix, "base": sys.base_prefix})
+    dynload = [str(p) for d in {stdlib, platstdlib} for p in Path(d, "lib-dynload").glob("*.so")]
+    binds = {exe: exe}
+    for folder in {stdlib, platstdlib}:
+        if os.path.isdir(folder):
+            binds[os.path.realpath(folder)] = folder
+    for lib in _shared_libraries([exe, *dynload]):
+        if os.path.exists(lib):
+            binds[os.path.realpath(lib)] = lib
+    return tuple(sorted(binds.items(), key=lambda kv: kv[1]))
+
+
+_UID_SLOTS = 32
+_free_uids: queue.Queue[int] | None = None
+_uid_lock = threading.Lock()
+
+
+def _sandbox_uid() -> int | None:
+    """The first unprivileged host uid of the sandbox range when rlft is root (None: keep the caller's own uid)."""
+    if os.geteuid() != 0:
+        return None
+    return int(os.environ.get(UID_ENV, "200000"))
+
+
+@contextlib.contextmanager
+def _uid_slot():
+    """A host uid no other running sandbox uses (its process count is this program's alone)."""
+    global _free_uids
+    base = _sandbox_uid()
+    if base is None:
+        yield None
+        return
+    with _uid_lock:
+        if _free_uids is None:
+            _free_uids = queue.Queue()
+            for offset in range(_UID_SLOTS):
+                _free_uids.put(base + offset)
+    uid = _free_uids.get()
     try:
-        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
+        yield uid
+    finally:
+        _free_uids.put(uid)
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Whether an unprivileged uid can reach ``path`` (every ancestor searchable, the file readable)."""
+    target = Path(path)
+    for folder in target.parents:
+        if not os.stat(folder).st_mode & 0o001:
+            return False
+    return bool(os.stat(target).st_mode & (0o005 if target.is_dir() else 0o004))
+
+
+def _staging(uid: int | None) -> list[tuple[str, str]]:
+    """(source, mount point) pairs for interpreter paths the sandbox uid cannot reach (e.g. under ``/root``).
+
+    They are bind-mounted, in a private mount namespace of the launcher only, onto world-reachable empty mount
+    points, from where the unprivileged bwrap can bind them; the host's mounts are not touched.
+    """
+    if uid is None:
+        return []
+    root = Path("/run/rlft-sandbox" if os.path.isdir("/run") else os.path.join(tempfile.gettempdir(), "rlft-stage"))
+    pairs = []
+    for index, (host, _) in enumerate(_read_only_binds()):
+        if _reachable_by_others(host):
+            continue
+        point = root / str(index)
+        root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(root, 0o755)
+        if os.path.isdir(host):
+            point.mkdir(exist_ok=True)
+        else:
+            point.touch(exist_ok=True)
+        pairs.append((host, str(point)))
+    return pairs
+
+
+def _launcher(uid: int | None, staged: list[tuple[str, str]]) -> list[str]:
+    """What starts bwrap: as root, mount the staged paths privately, then become ``uid`` for good."""
+    if uid is None or not staged:
+        return []
+    mounts = [path for pair in staged for path in pair]
+    script = 'while [ "$1" != "--" ]; do mount --bind "$1" "$2" || exit 125; shift 2; done; shift; exec "$@"'
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *mounts, "--", *drop]
+
+
+def _bwrap_command(argv: list[str], workdir: Path, staged: list[tuple[str, str]] = ()) -> list[str]:
+    command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    sources = dict(staged)
+    for host, inside in _read_only_binds():
+        command += ["--ro-bind", sources.get(host, host), inside]
+    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(workdir), INSIDE]
+    command += ["--chdir", INSIDE, "--hostname", "sandbox", "--clearenv"]
+    for name, value in _environment(INSIDE).items():
+        command += ["--setenv", name, value]
+    return [*command, "--", *argv]
+
+
+def _environment(home: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+
+
+@functools.cache
+def isolation_problem() -> str | None:
+    """Why the bubblewrap boundary cannot be set up here (``None`` when it can), probed once per process."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap (bwrap) is not installed; install it with `apt-get install -y bubblewrap`"
+    with tempfile.TemporaryDirectory(prefix="rlft-sandbox-probe-") as folder:
+        uid = _sandbox_uid()
+        _hand_over(Path(folder), uid)
+        probe_argv = [_interpreter(), "-I", "-S", "-B", "-c", "import os; os.listdir('/sandbox')"]
+        try:
+            command, kwargs = _start(probe_argv, Path(folder), uid)
+            probe = subprocess.run(command, capture_output=True, text=True, timeout=30, **kwargs)
+        except (OSError, subprocess.SubprocessError) as error:
+            return f"bwrap could not start: {error}"
+    if probe.returncode != 0:
+        return f"bwrap cannot create the sandbox here: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+def _start(argv: list[str], workdir: Path, uid: int | None) -> tuple[list[str], dict]:
+    """The full command and the Popen arguments that switch user (directly, or through the launcher)."""
+    staged = _staging(uid)
+    command = [*_launcher(uid, staged), *_bwrap_command(argv, workdir, staged)]
+    if uid is None or staged:
+        return command, {}
+    return command, {"user": uid, "group": uid, "extra_groups": []}
+
+
+def _hand_over(folder: Path, uid: int | None) -> None:
+    """Give the private folder to the sandbox uid (only needed when rlft is root and the sandbox is not)."""
+    if uid is None:
+        return
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, uid, uid, follow_symlinks=False)
+
+
+def _own_processes(uid: int) -> int:
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                count += os.stat(f"/proc/{entry}").st_uid == uid
+            except OSError:
+                continue
+    return count
 
 
 def _limit_resources(memory_mb: int, cpu_s: int, file_mb: int, max_processes: int) -> None:
-    """Runs in the forked child before exec: set hard limits the program cannot raise (unless it is root)."""
+    """Runs in the forked child before exec: hard limits the (unprivileged) sandbox cannot raise."""
     limits = {
         resource.RLIMIT_AS: memory_mb * 1024 * 1024,
         resource.RLIMIT_CPU: cpu_s,
         resource.RLIMIT_FSIZE: file_mb * 1024 * 1024,
         resource.RLIMIT_NPROC: max_processes,
+        resource.RLIMIT_NOFILE: 256,
         resource.RLIMIT_CORE: 0,
     }
     for kind, value in limits.items():
@@ -183,6 +284,13 @@ def _decode(data: bytes | None, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"\n... [{len(text) - limit} characters truncated]"
 
 
+def sandbox_mode() -> str:
+    mode = os.environ.get(MODE_ENV, "bwrap") or "bwrap"
+    if mode not in ("bwrap", "unsafe"):
+        raise ValueError(f"{MODE_ENV} must be 'bwrap' (default) or 'unsafe', got {mode!r}")
+    return mode
+
+
 def run_program(
     source: str,
     *,
@@ -195,20 +303,20 @@ def run_program(
     max_processes: int = 64,
     max_output_chars: int = 20_000,
 ) -> SandboxResult:
-    """Run ``source`` as a Python program in a contained child process.
+    """Run ``source`` as a Python program inside the sandbox.
 
     Args:
-        source: The program text (executed as ``__main__``).
-        timeout_s: Wall-clock limit; the whole process group is killed when it passes. CPU time is limited to
+        source: The program text (executed as ``__main__`` from ``/sandbox/program.py``).
+        timeout_s: Wall-clock limit; the whole process tree is killed when it passes. CPU time is limited to
             ``ceil(timeout_s) + 1`` seconds as well.
-        memory_mb: Address-space limit of the child (``RLIMIT_AS``).
-        cwd: Working directory to run in. ``None`` (default) creates a private temporary directory that is deleted
-            afterwards; a given directory is used as is and left in place (it belongs to the caller).
-        network_namespace: Run inside a fresh network namespace (``unshare -n``). ``None`` uses it when available.
-        guard: Install the guard prelude (disable process creation, sockets, writes outside the directory).
-            Only tests of the kernel-side layers turn it off.
+        memory_mb: Address-space limit of every process of the program (``RLIMIT_AS``).
+        cwd: The private folder (``/sandbox`` inside). ``None`` (default) creates a temporary one that is deleted
+            afterwards; a given folder is used as is and left in place (it belongs to the caller).
+        network_namespace: Kept for compatibility: under bubblewrap the network is always isolated. In
+            ``RLFT_SANDBOX=unsafe`` mode, ``True`` adds ``unshare -n`` where it works.
+        guard: Kept for compatibility (the Python-level guard was replaced by the OS boundary); ignored.
         file_mb: Largest file the program may write (``RLIMIT_FSIZE``).
-        max_processes: ``RLIMIT_NPROC`` (per user; not enforced for root).
+        max_processes: Processes the program may have at once (``RLIMIT_NPROC`` of the sandbox uid).
         max_output_chars: Truncate captured stdout/stderr beyond this many characters.
 
     Returns:
@@ -216,77 +324,79 @@ def run_program(
 
     Raises:
         ValueError: If a limit is not positive.
+        SandboxUnavailable: If the isolation cannot be set up and ``RLFT_SANDBOX=unsafe`` is not set.
     """
-    if timeout_s <= 0 or memory_mb <= 0:
-        raise ValueError(f"timeout_s and memory_mb must be positive, got timeout_s={timeout_s}, memory_mb={memory_mb}")
-    use_netns = network_namespace_available() if network_namespace is None else network_namespace
-    if use_netns and not network_namespace_available():
-        raise ValueError("network_namespace=True but `unshare -n` does not work here (needs root or user namespaces)")
+    del guard
+    if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0:
+        raise ValueError(
+            f"timeout_s, memory_mb and max_processes must be positive, got timeout_s={timeout_s}, "
+            f"memory_mb={memory_mb}, max_processes={max_processes}"
+        )
+    isolated = sandbox_mode() == "bwrap"
+    if isolated and (problem := isolation_problem()):
+        raise SandboxUnavailable(
+            f"the code sandbox cannot isolate untrusted programs here: {problem}. Nothing was run. To run them "
+            f"without isolation anyway (trusted code only), set {MODE_ENV}=unsafe"
+        )
+    with _uid_slot() if isolated else contextlib.nullcontext() as uid:
+        return _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes,
+                    max_output_chars)  # fmt: skip
+
+
+def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes, max_chars):
     owned = cwd is None
     workdir = Path(tempfile.mkdtemp(prefix="rlft-sandbox-")) if owned else Path(cwd)
-    protections = ["rlimits", "process-group", "own-tmpdir"] + (["guard"] if guard else [])
-    protections += ["netns"] if use_netns else []
     try:
         (workdir / "program.py").write_text(source, encoding="utf-8")
-        if guard:
-            (workdir / "_sandbox_guard.py").write_text(_GUARD, encoding="utf-8")
-        entry = ["_sandbox_guard.py"] if guard else ["program.py"]
-        command = [sys.executable, "-I", "-B", *entry]
-        if use_netns:
-            command = ["unshare", "-n", "--", *command]
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(workdir),
-            "TMPDIR": str(workdir),
-            "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0",
-            "OMP_NUM_THREADS": "1",
-        }
-        limit = functools.partial(_limit_resources, memory_mb, math.ceil(timeout_s) + 1, file_mb, max_processes)
+        argv = [_interpreter(), "-I", "-S", "-B", "program.py"]
+        if isolated:
+            _hand_over(workdir, uid)
+            command, switch = _start(argv, workdir, uid)
+            env = _environment(INSIDE)
+            protections = ["bwrap", "userns", "mountns", "pidns", "ipcns", "netns", "readonly-fs", "empty-env"]
+            protections += [f"uid:{uid if uid is not None else os.geteuid()}", "rlimits", "process-tree-kill"]
+            processes = max_processes + 2 + (0 if uid is not None else _own_processes(os.geteuid()))
+        else:
+            command, env, switch = argv, _environment(str(workdir)), {}
+            protections = ["unsafe-no-isolation", "rlimits", "process-group", "own-folder"]
+            if network_namespace and shutil.which("unshare"):
+                command, protections = ["unshare", "-n", "--", *command], [*protections, "netns"]
+            processes = max_processes + (_own_processes(os.geteuid()) if os.geteuid() else 0)
+        limit = functools.partial(_limit_resources, memory_mb, math.ceil(timeout_s) + 1, file_mb, processes)
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                command,
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=limit,
-            )
+                command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=limit, **switch,
+            )  # fmt: skip
         except OSError as exc:
-            return SandboxResult(
-                "error",
-                None,
-                "",
-                f"sandbox could not start the program: {exc}",
-                time.monotonic() - start,
-                tuple(protections),
-            )
+            return SandboxResult("error", None, "", f"sandbox could not start the program: {exc}",
+                                 time.monotonic() - start, tuple(protections))  # fmt: skip
         try:
             out, err = proc.communicate(timeout=timeout_s)
             timed_out = False
         except subprocess.TimeoutExpired:
+            # bwrap is the group leader; --die-with-parent takes the namespace's init with it, and the kernel then
+            # kills everything in the PID namespace
             _kill_group(proc)
             out, err = proc.communicate()
             timed_out = True
-        # children that outlived the main process (daemonised helpers) share its process group: end them too
         _kill_group(proc)
         duration = time.monotonic() - start
         cpu_killed = proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and duration >= timeout_s * 0.5
         status: Status = "timeout" if timed_out or cpu_killed else ("passed" if proc.returncode == 0 else "failed")
-        return SandboxResult(
-            status,
-            proc.returncode,
-            _decode(out, max_output_chars),
-            _decode(err, max_output_chars),
-            duration,
-            tuple(protections),
-        )
+        if isolated and status == "failed" and (err or b"").startswith(b"bwrap:"):
+            status = "error"
+        return SandboxResult(status, proc.returncode, _decode(out, max_chars),
+                             _decode(err, max_chars), duration, tuple(protections))  # fmt: skip
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def network_namespace_available() -> bool:
+    """Whether programs run without network: always under bubblewrap (kept for callers of the old API)."""
+    return isolation_problem() is None or (shutil.which("unshare") is not None and os.geteuid() == 0)
 
 
 def run_programs(
@@ -297,7 +407,7 @@ def run_programs(
     memory_mb: int = 1024,
     **kwargs,
 ) -> list[SandboxResult]:
-    """Run many programs, each in its own sandboxed process, a few at a time.
+    """Run many programs, each in its own sandbox, a few at a time.
 
     The programs themselves are separate processes; the small thread pool here only waits on them (threads are
     enough because the waiting releases the GIL).
@@ -311,7 +421,15 @@ def run_programs(
 
     Returns:
         One :class:`SandboxResult` per source, in order.
+
+    Raises:
+        SandboxUnavailable: As :func:`run_program`, before any program runs.
     """
+    if sandbox_mode() == "bwrap" and (problem := isolation_problem()):
+        raise SandboxUnavailable(
+            f"the code sandbox cannot isolate untrusted programs here: {problem}. Nothing was run. To run them "
+            f"without isolation anyway (trusted code only), set {MODE_ENV}=unsafe"
+        )
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(run_program, s, timeout_s=timeout_s, memory_mb=memory_mb, **kwargs) for s in sources]

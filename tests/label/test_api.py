@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from rlft.label import store
 from rlft.label.api import create_app
-from rlft.label.db import open_database
+from rlft.label.db import SCHEMA_VERSION, open_database
 from rlft.label.importing import parse_pair_rows
 
 PAIRS = [
@@ -53,7 +53,7 @@ def ctx(db_url):
 
 
 def test_healthz_needs_no_token(ctx):
-    assert ctx.client.get("/healthz").json() == {"ok": True, "schema_version": 1}
+    assert ctx.client.get("/healthz").json() == {"ok": True, "schema_version": SCHEMA_VERSION}
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,8 @@ def test_code_tests_in_the_sandbox():
         "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.",  # chat answer with a fence
         "def add(a, b):\n    return a - b\n",  # wrong
         "def add(a, b):\n    while True:\n        pass\n",  # never ends: killed at the timeout
-        "import os\ndef add(a, b):\n    os.system('echo hi')\n    return a + b\n",  # process creation is blocked
+        # needs a host file: the sandbox's file system holds no /etc at all
+        "def add(a, b):\n    open('/etc/hostname').read()\n    return a + b\n",
     ]
     reward = build_reward(RewardSpec("code_tests", options={"timeout_s": 2.0, "memory_mb": 256, "workers": 2}))
     fields = {k: [v] * 4 for k, v in HUMANEVAL_STYLE.items()}
