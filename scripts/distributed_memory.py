@@ -38,7 +38,8 @@ def main() -> None:
                    "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root,
                    "--trainer.default_root_dir", root, "--model.init_args.output_dir", f"{root}/hf_model",
-                   "--trainer.callbacks+=rlft.callbacks.MemoryReport", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+                   "--trainer.callbacks+=rlft.callbacks.MemoryReport",
+                   "--trainer.enable_progress_bar", "false"]  # fmt: skip
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if result.returncode != 0:
                 print(f"{name}: failed\n{result.stderr[-3000:]}", file=sys.stderr)

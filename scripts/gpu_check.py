@@ -50,8 +50,9 @@ tokens = rows * length
 attention = 12 * config.num_hidden_layers * config.hidden_size * length * tokens
 flops = 8 * params * tokens + attention
 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-print("RESULT " + json.dumps({"step_seconds": seconds, "tokens_per_sec": tokens / seconds, "flops_per_sec": flops / seconds,
-                              "params": params, "peak_gpu_gb": peak}))
+result = {"step_seconds": seconds, "tokens_per_sec": tokens / seconds, "flops_per_sec": flops / seconds,
+          "params": params, "peak_gpu_gb": peak}
+print("RESULT " + json.dumps(result))
 """
 
 ROUND_TRIP_SNIPPET = r"""
@@ -130,8 +131,10 @@ def main() -> None:
 
     # 3. QLoRA 4-bit step
     if cuda:
-        checks["qlora_4bit"] = run(fit(str(REPO / "configs/sft/tiny.yaml"), None, args.out / "qlora", device,
-                                       ["--model.init_args.quantization", "4bit", "--trainer.max_steps", "3"]), 120)  # fmt: skip
+        qlora = ["--model.init_args.quantization", "4bit", "--trainer.max_steps", "3"]
+        checks["qlora_4bit"] = run(
+            fit(str(REPO / "configs/sft/tiny.yaml"), None, args.out / "qlora", device, qlora), 120
+        )
     else:
         checks["qlora_4bit"] = no_gpu
 
