@@ -20,10 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
+
+if not torch.cuda.is_available():
+    # what DeepSpeed would pick anyway; said up front, it does not print its "no GPU detected" warning on stdout
+    # (which would end up in `rlft fit --print_config`)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
