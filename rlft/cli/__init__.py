@@ -17,6 +17,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
     "label": ("rlft.cli.label:main", "human preference collection: serve the labeling UI, import, export, stats"),
     "bench": ("rlft.cli.bench:main", "throughput/memory benchmark against TRL on identical work"),
+    "pipeline": ("rlft.cli.pipeline:main", "SFT -> reward model -> DPO/GRPO/online DPO -> held-out eval -> report"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
