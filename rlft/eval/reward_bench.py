@@ -51,10 +51,10 @@ def score_exchanges(scorer, prompts: Sequence[list[dict] | str], responses: Sequ
 class RlftRewardScorer:
     """Adapter for reward models exported by :class:`rlft.methods.RewardModel` (backbone + ``reward_head``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, max_length: int = 1024) -> None:
         from rlft.models.reward import RewardScorer
 
-        self.scorer = RewardScorer.from_pretrained(path)
+        self.scorer = RewardScorer.from_pretrained(path, max_length=max_length)
 
     def score_exchanges(self, prompts: list, responses: list[str]) -> list[float]:
         return [float(x) for x in self.scorer.score(prompts, responses).tolist()]
@@ -106,7 +106,9 @@ class RewardModelScorer:
         return scores
 
 
-def load_reward_scorer(model: str, *, batch_size: int = 8) -> RewardModelScorer | RlftRewardScorer:
+def load_reward_scorer(
+    model: str, *, batch_size: int = 8, max_length: int = 1024
+) -> RewardModelScorer | RlftRewardScorer:
     """Load a reward model: an rlft ``RewardModel`` export (folder with ``reward_config.json``) or any
     ``AutoModelForSequenceClassification`` with one label (folder, adapter folder, hub id)."""
     from pathlib import Path
@@ -114,10 +116,10 @@ def load_reward_scorer(model: str, *, batch_size: int = 8) -> RewardModelScorer 
     from rlft.models import load_model, load_tokenizer
 
     if (Path(model) / "reward_config.json").exists():
-        return RlftRewardScorer(model)
+        return RlftRewardScorer(model, max_length=max_length)
     tokenizer = load_tokenizer(model, padding_side="right")
     rm = load_model(model, auto_class="AutoModelForSequenceClassification", trainable_adapter=False)
-    return RewardModelScorer(rm, tokenizer, batch_size=batch_size)
+    return RewardModelScorer(rm, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def preference_accuracy(scorer, pairs: Sequence[dict], *, n_bootstrap: int = 0, seed: int = 0) -> dict:

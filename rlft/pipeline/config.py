@@ -88,6 +88,8 @@ class EvaluationSettings:
         lm_eval_tasks: lm-eval tasks run on each policy (rlft's offline ones); empty to skip.
         lm_eval_limit: Documents per lm-eval task.
         seed: Sampling and bootstrap seed.
+        pairs_limit: Held-out pairs the reward model is scored on (default: all).
+        rm_max_length: Tokens the reward model reads per exchange (the end is kept, as in training).
     """
 
     limit: int = 64
@@ -100,6 +102,8 @@ class EvaluationSettings:
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = 20
     seed: int = 0
+    pairs_limit: int | None = None
+    rm_max_length: int = 1024
 
 
 @dataclass

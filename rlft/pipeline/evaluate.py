@@ -81,8 +81,8 @@ def evaluate(cfg: dict) -> dict:
     from rlft.metrics import outcomes_from_scores, win_rate
     from rlft.models import load_model, load_tokenizer
 
-    pairs = load_records(cfg["heldout_pairs"], kind="pairs")
-    scorer = load_reward_scorer(cfg["reward_model"])
+    pairs = load_records(cfg["heldout_pairs"], kind="pairs", limit=cfg.get("pairs_limit"))
+    scorer = load_reward_scorer(cfg["reward_model"], max_length=cfg.get("rm_max_length", 1024))
     results: dict = {"reward_model": preference_accuracy(scorer, pairs, n_bootstrap=cfg["n_bootstrap"],
                                                          seed=cfg["seed"])}  # fmt: skip
     seen, prompts = set(), []

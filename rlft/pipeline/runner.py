@@ -6,7 +6,8 @@ the report, all under one run folder::
     <run_dir>/<stage>/stage.log                 its stdout and stderr
     <run_dir>/<stage>/checkpoints/last.ckpt     Lightning checkpoints (a killed stage resumes from here)
     <run_dir>/<stage>/hf_model                  its export, what the next stages load
-    <run_dir>/<stage>/DONE                      written after the export; a re-run skips the stage
+    <run_dir>/<stage>/DONE                      written after the export; a re-run skips the stage (unless a
+                                                stage it starts from or is scored by ran again)
     <run_dir>/evaluation/results.json, <run_dir>/report/report.md
 
 A stage runs in a subprocess so that a crash (or an out-of-memory kill) stays in it: a non-zero exit stops the
@@ -19,6 +20,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -64,6 +66,7 @@ class PipelineRunner:
         self.config, self.python, self.force = config, python or sys.executable, set(force)
         self.run_dir = Path(config.run_dir)
         self.timings: dict[str, float] = {}
+        self.ran: set[str] = set()  # stages (re-)run by this invocation
 
     # ----------------------------------------------------------------------------------------------- paths
     def stage_dir(self, name: str) -> Path:
@@ -168,9 +171,15 @@ class PipelineRunner:
 
     def run_stage(self, name: str, stage: StageSettings, train_path: str) -> None:
         folder = self.stage_dir(name)
-        if self.is_done(folder) and name not in self.force:
+        stale = {stage.init, stage.reward} & self.ran  # an upstream stage was re-run: this output is out of date
+        if self.is_done(folder) and name not in self.force and not stale:
             print(f"rlft pipeline: stage {name} already DONE, skipped", flush=True)
             return
+        if self.is_done(folder):  # forced or stale: start it afresh, not from its finished checkpoint
+            why = "--force" if name in self.force else f"{sorted(stale)} ran again"
+            print(f"rlft pipeline: stage {name} re-runs from scratch ({why})", flush=True)
+            shutil.rmtree(folder)
+        self.ran.add(name)
         (folder / DONE).unlink(missing_ok=True)
         if name == "online_dpo":
             from rlft.pipeline.online import run_online_dpo
@@ -185,7 +194,7 @@ class PipelineRunner:
 
         folder = self.run_dir / "evaluation"
         results = folder / "results.json"
-        if self.is_done(folder) and "evaluation" not in self.force:
+        if self.is_done(folder) and "evaluation" not in self.force and not self.ran:
             print("rlft pipeline: evaluation already DONE, skipped", flush=True)
             return results
         (folder / DONE).unlink(missing_ok=True)
