@@ -271,7 +271,7 @@ def load_toxicity_classifier(name: str | None) -> NamedToxicity | None:
 def toxicity(texts: Sequence[str], classifier: Scorer | None) -> dict:
     """Mean toxicity and share above 0.5, or an explicit note that no classifier is available."""
     if classifier is None:
-        note = ("not measured: no toxicity classifier (use toxicity_model=profanity_check, detoxify or a "
+        note = ("not measured: no local toxicity classifier was given (use profanity_check, detoxify or a "
                 "sequence-classification folder such as unitary/toxic-bert)")  # fmt: skip
         return {"toxicity": None, "toxicity_note": note}
     scores = classifier(list(texts))
@@ -294,4 +294,6 @@ def policy_report(
         rewards = score_exchanges(scorer, prompts, responses)
         out.update(mean_reward=float(np.mean(rewards)), std_reward=float(np.std(rewards)))
     out.update(toxicity(responses, toxicity_classifier))
+    if toxicity_classifier is not None and hasattr(toxicity_classifier, "name"):
+        out["toxicity_classifier"] = toxicity_classifier.name
     return out
