@@ -221,33 +221,36 @@ def build_pipeline_report(results_path: str | Path, run_dir: str | Path, *, out_
              "|---|---|---|---|---|---|",
              f"| {rm['n']} | {rm['accuracy']:.3f} | {_ci(rm.get('accuracy_ci'))} | {rm['auroc']:.3f} | "
              f"{_ci(rm.get('auroc_ci'))} | {rm['mean_margin']:.3f} |", ""]  # fmt: skip
-    lines += [f"## Policies on {results['n_prompts']} held-out prompts (vs `{start}`)", "",
-              "| policy | mean RM reward [95% CI] | gain vs start | gain / start std | win rate vs start [95% CI] | "
-              "KL to start [95% CI] | refusal rate | toxicity | words |", "|---" * 9 + "|"]  # fmt: skip
-    for name, p in results["policies"].items():
-        wr = p.get("win_rate")
-        gain = p.get("reward_gain")
-        rel = p.get("reward_gain_relative")
-        tox = p.get("toxicity")
-        cells = [
-            name,
-            f"{p['mean_reward']:.3f} {_ci(p.get('mean_reward_ci'))}",
-            "—" if gain is None else f"{gain:+.3f}" + (f" ({rel:+.0%})" if math.isfinite(rel) else ""),
-            "—" if gain is None else f"{p['reward_gain_std']:+.2f}",
-            "—" if wr is None else f"{wr['rate']:.3f} {_ci([wr['ci_low'], wr['ci_high']])}",
-            "—" if "kl_to_start" not in p else f"{p['kl_to_start']:.2f} {_ci(p.get('kl_to_start_ci'))}",
-            f"{p['refusal_rate']:.3f}",
-            "not measured" if tox is None else f"{tox:.3f}",
-            f"{p['mean_words']:.1f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    settings = results.get("settings", {})
-    lines += ["", f"Refusal classifier: {results['refusal_classifier']}. Toxicity classifier: "
-              f"{results['toxicity_classifier']}. Sampling: temperature {settings.get('temperature')}, "
-              f"{settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}; KL is the mean summed "
-              "log-ratio log pi(y|x) - log pi_start(y|x) on each policy's own samples. Gain % is relative to "
-              "|mean start reward| (reward models have an arbitrary offset: the win rate and the gain in start-std "
-              "units are the offset-free measures).", ""]  # fmt: skip
+    if not results["policies"]:
+        lines += ["No policy stage in this pipeline: the reward model alone was evaluated.", ""]
+    else:
+        lines += [f"## Policies on {results['n_prompts']} held-out prompts (vs `{start}`)", "",
+                  "| policy | mean RM reward [95% CI] | gain vs start | gain / start std | win rate vs start "
+                  "[95% CI] | KL to start [95% CI] | refusal rate | toxicity | words |", "|---" * 9 + "|"]  # fmt: skip
+        for name, p in results["policies"].items():
+            wr = p.get("win_rate")
+            gain = p.get("reward_gain")
+            rel = p.get("reward_gain_relative")
+            tox = p.get("toxicity")
+            cells = [
+                name,
+                f"{p['mean_reward']:.3f} {_ci(p.get('mean_reward_ci'))}",
+                "—" if gain is None else f"{gain:+.3f}" + (f" ({rel:+.0%})" if math.isfinite(rel) else ""),
+                "—" if gain is None else f"{p['reward_gain_std']:+.2f}",
+                "—" if wr is None else f"{wr['rate']:.3f} {_ci([wr['ci_low'], wr['ci_high']])}",
+                "—" if "kl_to_start" not in p else f"{p['kl_to_start']:.2f} {_ci(p.get('kl_to_start_ci'))}",
+                f"{p['refusal_rate']:.3f}",
+                "not measured" if tox is None else f"{tox:.3f}",
+                f"{p['mean_words']:.1f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        settings = results.get("settings", {})
+        lines += ["", f"Refusal classifier: {results['refusal_classifier']}. Toxicity classifier: "
+                  f"{results['toxicity_classifier']}. Sampling: temperature {settings.get('temperature')}, "
+                  f"{settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}; KL is the mean summed "
+                  "log-ratio log pi(y|x) - log pi_start(y|x) on each policy's own samples. Gain % is relative to "
+                  "|mean start reward| (reward models have an arbitrary offset: the win rate and the gain in start-std "
+                  "units are the offset-free measures).", ""]  # fmt: skip
     bars = [(f"{n} vs {start}", p["win_rate"]) for n, p in results["policies"].items() if p.get("win_rate")]
     if bars:
         plot_win_rates(bars, out / "win_rates.png")

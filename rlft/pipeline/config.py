@@ -171,6 +171,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         stages[name] = stage
     evaluation = raw.get("evaluation", {})
     evaluation = None if evaluation is None else _build(EvaluationSettings, evaluation, "evaluation", path)
+    if evaluation is not None and "rm" not in stages:
+        _fail(path, "evaluation needs a reward-model stage (stages.rm) to score with; add one or set evaluation: null")
     return PipelineConfig(run_dir=raw["run_dir"], data=data, stages=dict(sorted(stages.items(),
                           key=lambda kv: STAGE_ORDER.index(kv[0]))), evaluation=evaluation,
                           overlays=list(raw.get("overlays", [])), title=raw.get("title", "rlft pipeline"),

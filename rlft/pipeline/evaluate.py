@@ -29,14 +29,14 @@ def evaluation_config(runner) -> dict:
     """The evaluation stage's settings with every path resolved from the run folder."""
     settings = runner.config.evaluation
     stages = runner.config.stages
-    start = runner.start_policy()
     policies: dict[str, str] = {}
-    if "sft" in stages:
-        policies["base"] = runner._base_model(stages["sft"])
-    policies["start"] = start
-    for name in ("dpo", "grpo", "online_dpo"):
-        if name in stages:
-            policies[name] = str(runner.model_of(name))
+    if any(name in stages for name in ("dpo", "grpo", "online_dpo")):  # else: the reward model alone is evaluated
+        if "sft" in stages:
+            policies["base"] = runner._base_model(stages["sft"])
+        policies["start"] = runner.start_policy()
+        for name in ("dpo", "grpo", "online_dpo"):
+            if name in stages:
+                policies[name] = str(runner.model_of(name))
     if "rm" not in stages:
         raise ValueError(f"{runner.config.source}: the evaluation needs a reward-model stage (rm)")
     return {"policies": policies, "start": "start", "reward_model": str(runner.model_of("rm")),
@@ -85,6 +85,9 @@ def evaluate(cfg: dict) -> dict:
     scorer = load_reward_scorer(cfg["reward_model"], max_length=cfg.get("rm_max_length", 1024))
     results: dict = {"reward_model": preference_accuracy(scorer, pairs, n_bootstrap=cfg["n_bootstrap"],
                                                          seed=cfg["seed"])}  # fmt: skip
+    if not cfg["policies"]:
+        return {**results, "start": None, "n_prompts": 0, "policies": {}, "refusal_classifier": None,
+                "toxicity_classifier": None, "examples": []}  # fmt: skip
     seen, prompts = set(), []
     for p in pairs:
         key = json.dumps(p["prompt"], sort_keys=True)
