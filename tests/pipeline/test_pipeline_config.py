@@ -107,3 +107,21 @@ def test_split_is_deterministic_disjoint_by_prompt_and_counts_drops(tmp_path, re
     other = split_pairs([str(data)], tmp_path / "c", heldout_fraction=0.3, seed=2)
     assert (tmp_path / "c" / "heldout_pairs.jsonl").read_text() != (tmp_path / "a" / "heldout_pairs.jsonl").read_text()
     assert second == {**first, "files": second["files"]} and other["train"] + other["heldout"] == len(rows)
+
+
+@pytest.mark.parametrize("name", ["tiny", "hh_harmless_smollm2", "hh_harmless_smollm2_quick"])
+def test_every_generated_stage_config_parses_as_an_rlft_fit_config(name, repo_root, monkeypatch, tmp_path, capsys):
+    from rlft.cli.fit import run_lightning_cli
+
+    monkeypatch.chdir(repo_root)
+    runner = PipelineRunner(load_pipeline(f"configs/pipelines/{name}.yaml"))
+    runner.run_dir = tmp_path / "run"
+    for stage_name, stage in runner.config.stages.items():
+        config = runner.fit_config(stage_name, stage, tmp_path / stage_name, data_path=PAIRS)
+        path = tmp_path / f"{stage_name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with pytest.raises(SystemExit) as exit_info:
+            run_lightning_cli(["fit", "--print_config", "-c", str(path)])
+        assert exit_info.value.code in (0, None), stage_name
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["output_dir"] == str(tmp_path / stage_name / "hf_model")
