@@ -117,6 +117,20 @@ class PipelineConfig:
     source: str = ""
 
 
+def set_dotted(config: dict, key: str, value) -> None:
+    """Set ``a.b.c`` in a nested config; ``model.x`` / ``data.x`` go to ``init_args`` of a class_path block."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        nxt = parts[i + 1]
+        if "class_path" in node and nxt not in ("class_path", "init_args"):
+            node = node.setdefault("init_args", {})
+    node[parts[-1]] = value
+
+
 def _fail(path: str, message: str) -> None:
     raise ValueError(f"{path}: {message}")
 

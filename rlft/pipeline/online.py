@@ -100,7 +100,7 @@ def run_online_dpo(runner, stage, train_path: str) -> None:
             runner._run_process(f"online_dpo round {r} sampling", argv, round_dir / "stage.log")
         config = runner.fit_config("online_dpo", stage, round_dir, data_path=str(pairs), model=policy)
         # the reference stays the start policy in every round (computed once per round from it)
-        from rlft.pipeline.runner import set_dotted
+        from rlft.pipeline.config import set_dotted
 
         set_dotted(config, "model.reference", "precomputed")
         set_dotted(config, "model.ref_model", start)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from rlft.pipeline.config import PipelineConfig, StageSettings
+from rlft.pipeline.config import PipelineConfig, StageSettings, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,6 @@ DONE = "DONE"
 
 class StageFailed(RuntimeError):
     """A stage's process exited non-zero (or produced no output)."""
-
-
-def set_dotted(config: dict, key: str, value) -> None:
-    """Set ``a.b.c`` in a nested config; ``model.x`` / ``data.x`` go to ``init_args`` of a class_path block."""
-    parts = key.split(".")
-    node = config
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-        nxt = parts[i + 1]
-        if "class_path" in node and nxt not in ("class_path", "init_args"):
-            node = node.setdefault("init_args", {})
-    node[parts[-1]] = value
 
 
 class PipelineRunner:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rlft.pipeline import PipelineRunner, load_pipeline
-from rlft.pipeline.runner import set_dotted
+from rlft.pipeline.config import set_dotted
 from rlft.pipeline.split import split_pairs
 
 PAIRS = "rlft/assets/sample_pairs.jsonl"
