@@ -89,3 +89,14 @@ def test_invalid_ranked_rows_name_the_line_and_field(tmp_path):
         dm.setup("fit")
     text = str(error.value) + "".join(str(i) for i in error.value.issues)
     assert "2 invalid ranked rows" in text and "scores" in text and "same reply twice" in text
+
+
+def test_ranked_rows_expand_to_every_better_worse_pair():
+    from rlft.data.formats import convert
+    from rlft.data.sources import Row
+
+    row = Row({"prompt": "Pick", "responses": ["a", "b", "c", "d"]}, "r.jsonl", 1)
+    pairs, report = convert([row], kind="pairs")
+    assert report.format == "ranked"
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"),
+                                                             ("b", "d"), ("c", "d")]  # fmt: skip
