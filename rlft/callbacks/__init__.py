@@ -3,10 +3,12 @@
 from rlft.callbacks.compile import TorchCompile
 from rlft.callbacks.evaluation import (
     EvaluationCallback,
+    LMEvalCallback,
     PassAtKCallback,
     PerplexityCallback,
     RewardAccuracyCallback,
     SampleGenerationsCallback,
+    WinRateCallback,
 )
 from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard
 from rlft.callbacks.memory import MemoryReport
@@ -14,6 +16,7 @@ from rlft.callbacks.resume import ResumeLogContinuity
 
 __all__ = [
     "EvaluationCallback",
+    "LMEvalCallback",
     "MemoryReport",
     "NonFiniteError",
     "NonFiniteGuard",
@@ -23,4 +26,5 @@ __all__ = [
     "RewardAccuracyCallback",
     "SampleGenerationsCallback",
     "TorchCompile",
+    "WinRateCallback",
 ]

@@ -20,6 +20,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rlft.cli.bench:main", "throughput/memory benchmark against TRL on identical work"),
     "data": ("rlft.cli.data:main", "tokenise a data set once into the cache runs reuse (rlft data prepare -c CONFIG)"),
     "tune": ("rlft.cli.tune:main", "hyperparameter search with Optuna (rlft tune -c CONFIG --search S.yaml --out DIR)"),
+    "pipeline": ("rlft.cli.pipeline:main", "SFT -> reward model -> DPO/GRPO/online DPO -> held-out eval -> report"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

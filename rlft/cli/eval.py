@@ -176,7 +176,7 @@ def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmet
 
 
 def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompts: str | None = None,
-                limit: int | None = None, max_new_tokens: int = 128, toxicity_model: str | None = None,
+                limit: int | None = None, max_new_tokens: int = 128, toxicity_model: str = "profanity_check",
                 out: str = "eval_results") -> None:  # fmt: skip
     """RewardBench-lite: reward-model accuracy and AUROC on held-out pairs, and what it says about a policy.
 
@@ -187,12 +187,13 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
         prompts: Prompts for the policy (default: the prompts of `pairs`).
         limit: Use only the first N pairs/prompts.
         max_new_tokens: Policy generation budget.
-        toxicity_model: Local toxicity classifier folder; without one, toxicity is reported as not measured.
+        toxicity_model: Toxicity classifier: profanity_check (default; offline, alt-profanity-check), detoxify,
+            a Hugging Face classifier folder/hub id, or none.
         out: Output folder.
     """
     from rlft.eval.data import load_records
     from rlft.eval.generation import Generator, SamplingSettings
-    from rlft.eval.reward_bench import ToxicityClassifier, load_reward_scorer, policy_report, preference_accuracy
+    from rlft.eval.reward_bench import load_reward_scorer, load_toxicity_classifier, policy_report, preference_accuracy
 
     scorer = load_reward_scorer(reward_model)
     metrics: dict = {"pairs": preference_accuracy(scorer, load_records(pairs, kind="pairs", limit=limit))}
@@ -202,7 +203,7 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
         prompt_list = [r["prompt"] for r in prompt_records]
         lm, tok = _load(policy)
         responses = [s[0] for s in Generator(lm, tok).generate(prompt_list, SamplingSettings(max_new_tokens))]
-        classifier = ToxicityClassifier(toxicity_model) if toxicity_model else None
+        classifier = load_toxicity_classifier(toxicity_model)
         metrics["policy"] = policy_report(scorer, prompt_list, responses, toxicity_classifier=classifier)
         details["generations"] = [{"prompt": p, "response": r} for p, r in zip(prompt_list, responses)]
     config = {"pairs": pairs, "policy": policy, "limit": limit, "toxicity_model": toxicity_model}

@@ -22,6 +22,7 @@ from pathlib import Path
 from rlft.data import parsers
 from rlft.data.errors import DataError, Issue, RecordError
 from rlft.data.fields import Example
+from rlft.data.ranked_rows import from_ranked
 from rlft.data.sources import Row
 
 __all__ = ["KINDS", "FORMATS", "Format", "ConversionReport", "convert", "detect_format"]
@@ -117,7 +118,7 @@ def _all(*tests: Callable[[dict], bool]) -> Callable[[dict], bool]:
 
 _SFT_KINDS = ("sft", "prompts")
 _PAIR_KINDS = ("sft", "pairs", "prompts")
-_RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "messages", "conversations")
+_RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "messages", "conversations", "responses")
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -142,6 +143,8 @@ FORMATS: dict[str, Format] = {
                parsers.from_piqa, _PAIR_KINDS, ("goal",)),
         Format("alpaca_seed", "instruction, instances: [{input, output}]", _has("instruction", "instances"),
                parsers.from_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
+        Format("ranked", "prompt, responses (best first) [, scores]", _has("prompt", "responses"),
+               from_ranked, _PAIR_KINDS, ("prompt", "responses", "scores")),
         Format("prompt_only", "prompt (or question), other fields kept",
                _all(lambda d: _has("prompt")(d) or _has("question")(d), _lacks(*_RESPONSE_KEYS)),
                parsers.from_prompt_only, ("prompts",), ("prompt", "question")),

@@ -7,6 +7,7 @@ win-rate bars with confidence intervals from policy comparisons and judges, and 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,6 +171,118 @@ def build_report(results: Sequence[str | Path] = (), logs: Sequence[str | Path] 
             cells = [_escape(str(ex.get(n, ""))) for n in names]
             lines.append(f"| {_escape(ex['prompt'], 200)} | " + " | ".join(cells) + " |")
         lines.append("")
+    report = out / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ pipeline report
+def _ci(values) -> str:
+    return f"[{values[0]:.3f}, {values[1]:.3f}]" if values else ""
+
+
+def _merged_series(folder: Path) -> dict[str, list[tuple[float, float]]]:
+    """Every ``metrics.csv`` under a stage folder (one per attempt when a stage was resumed), merged by step."""
+    merged: dict[str, dict[float, float]] = {}
+    for csv_path in sorted(folder.rglob("metrics.csv")):
+        for key, points in read_metrics_csv(csv_path).items():
+            merged.setdefault(key, {}).update(dict(points))
+    return {k: sorted(v.items()) for k, v in merged.items()}
+
+
+def _plot_rounds(rounds: list[dict], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([r["round"] for r in rounds], [r["mean_sample_reward"] for r in rounds], marker="o")
+    ax.set_xlabel("round (policy that sampled)")
+    ax.set_ylabel("mean RM reward of samples")
+    ax.set_title("online DPO: reward of each round's samples", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def build_pipeline_report(results_path: str | Path, run_dir: str | Path, *, out_dir: str | Path,
+                          title: str = "rlft pipeline") -> Path:  # fmt: skip
+    """``report.md`` for an ``rlft pipeline`` run: held-out reward-model quality, every policy against the start
+    (reward, win rate, KL, refusal, toxicity, with CIs), learning curves of each stage, example answers."""
+    results = json.loads(Path(results_path).read_text())
+    run_dir, out = Path(run_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rm = results["reward_model"]
+    start = results["start"]
+    lines = [f"# {title}", "", f"Run folder: `{run_dir}`. Every number below is on held-out data no stage trained on.",
+             "", "## Reward model (held-out pairs)", "", "| pairs | accuracy | 95% CI | AUROC | 95% CI | mean margin |",
+             "|---|---|---|---|---|---|",
+             f"| {rm['n']} | {rm['accuracy']:.3f} | {_ci(rm.get('accuracy_ci'))} | {rm['auroc']:.3f} | "
+             f"{_ci(rm.get('auroc_ci'))} | {rm['mean_margin']:.3f} |", ""]  # fmt: skip
+    if not results["policies"]:
+        lines += ["No policy stage in this pipeline: the reward model alone was evaluated.", ""]
+    else:
+        lines += [f"## Policies on {results['n_prompts']} held-out prompts (vs `{start}`)", "",
+                  "| policy | mean RM reward [95% CI] | gain vs start | gain / start std | win rate vs start "
+                  "[95% CI] | KL to start [95% CI] | refusal rate | toxicity | words |", "|---" * 9 + "|"]  # fmt: skip
+        for name, p in results["policies"].items():
+            wr = p.get("win_rate")
+            gain = p.get("reward_gain")
+            rel = p.get("reward_gain_relative")
+            tox = p.get("toxicity")
+            cells = [
+                name,
+                f"{p['mean_reward']:.3f} {_ci(p.get('mean_reward_ci'))}",
+                "—" if gain is None else f"{gain:+.3f}" + (f" ({rel:+.0%})" if math.isfinite(rel) else ""),
+                "—" if gain is None else f"{p['reward_gain_std']:+.2f}",
+                "—" if wr is None else f"{wr['rate']:.3f} {_ci([wr['ci_low'], wr['ci_high']])}",
+                "—" if "kl_to_start" not in p else f"{p['kl_to_start']:.2f} {_ci(p.get('kl_to_start_ci'))}",
+                f"{p['refusal_rate']:.3f}",
+                "not measured" if tox is None else f"{tox:.3f}",
+                f"{p['mean_words']:.1f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        settings = results.get("settings", {})
+        lines += ["", f"Refusal classifier: {results['refusal_classifier']}. Toxicity classifier: "
+                  f"{results['toxicity_classifier']}. Sampling: temperature {settings.get('temperature')}, "
+                  f"{settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}; KL is the mean summed "
+                  "log-ratio log pi(y|x) - log pi_start(y|x) on each policy's own samples. Gain % is relative to "
+                  "|mean start reward| (reward models have an arbitrary offset: the win rate and the gain in start-std "
+                  "units are the offset-free measures).", ""]  # fmt: skip
+    bars = [(f"{n} vs {start}", p["win_rate"]) for n, p in results["policies"].items() if p.get("win_rate")]
+    if bars:
+        plot_win_rates(bars, out / "win_rates.png")
+        lines += ["![win rates](win_rates.png)", ""]
+    lines += ["## Learning curves", ""]
+    stage_dirs = [d for d in sorted(run_dir.iterdir()) if d.is_dir() and d.name not in ("data", "evaluation", "report")]
+    for stage in stage_dirs:
+        folders = sorted(stage.glob("round_*")) or [stage]
+        for folder in folders:
+            label = folder.relative_to(run_dir).as_posix()
+            series = _merged_series(folder)
+            png = out / f"curves_{label.replace('/', '_')}.png"
+            if series and plot_learning_curves(series, png, label):
+                lines += [f"**{label}**", "", f"![{label} learning curves]({png.name})", ""]
+        rounds = [json.loads(f.read_text()) | {"round": int(f.parent.name.split("_")[1])}
+                  for f in sorted(stage.glob("round_*/sampling.json"))]  # fmt: skip
+        if len(rounds) > 1:
+            _plot_rounds(rounds, out / "online_rounds.png")
+            lines += ["**online DPO rounds**", "", "![online DPO rounds](online_rounds.png)", ""]
+    examples = results.get("examples") or []
+    if examples:
+        names = list(results["policies"])
+        lines += ["## Example answers (held-out prompts, RM reward in brackets)", "",
+                  "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+        for ex in examples:
+            cells = [f"{_escape(str(ex.get(n, '')), 300)} [{ex['rewards'][n]:.2f}]" for n in names]
+            lines.append(f"| {_escape(ex['prompt'], 200)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    timings = run_dir / "timings.json"
+    if timings.exists():
+        lines += ["## Stage wall-clock (this invocation)", ""]
+        lines += [f"- {k}: {v / 60:.1f} min" for k, v in json.loads(timings.read_text()).items()] + [""]
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report

@@ -17,6 +17,8 @@ Endpoints:
     ``POST /api/import/generations``    (admin) import two models' generations joined on the prompt.
     ``GET  /api/export/pairs``          (admin) canonical DPO pairs as JSONL; summary in ``X-Export-Summary``.
     ``GET  /api/export/winrates``       (admin) model-vs-model win-rates with CIs.
+    ``/api/import/rankings``, ``/api/rankings/next``, ``/api/rankings``, ``/api/export/rankings``: K-wise
+    rankings (:mod:`rlft.label.rankings`).
 """
 
 # No `from __future__ import annotations` here: FastAPI must resolve the dependency aliases defined inside
@@ -236,6 +238,10 @@ def create_app(
     @app.get("/api/export/winrates")
     def export_winrates(_: Admin) -> list[dict]:
         return win_rates(store.load_votes(engine))
+
+    from rlft.label.ranking_api import add_ranking_routes
+
+    add_ranking_routes(app, engine, User, Admin)
 
     if ui:
         from rlft.label.ui import mount_ui  # gradio is heavy: import only when the UI is wanted

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from rlft.losses import bradley_terry_loss
+from rlft.losses import RANKING_LOSSES, bradley_terry_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.metrics import pairwise_auroc
 from rlft.models import LoraSettings
@@ -35,6 +35,9 @@ class RewardModel(RLFTModule):
         center_coef: Weight of ``(r_c + r_r)^2`` that keeps rewards centred on 0 (0 disables it).
         head_dtype: Keep the head in this dtype (``float32`` is stable even with a bf16 backbone).
         share_prompts: Run each pair's common prompt once for both responses (exact; see ``rlft.methods.DPO``).
+        ranking_loss: Loss for K-wise ranking batches (from ``rlft.data.RankingDataModule``): a key of
+            ``rlft.losses.RANKING_LOSSES`` (``plackett_luce`` or ``kwise_bradley_terry``). Pair batches always use
+            Bradley-Terry.
     """
 
     data_kind = "pairs"
@@ -55,7 +58,10 @@ class RewardModel(RLFTModule):
         center_coef: float = 0.0,
         head_dtype: str = "float32",
         share_prompts: bool = True,
+        ranking_loss: str = "plackett_luce",
     ) -> None:
+        if ranking_loss not in RANKING_LOSSES:
+            raise ValueError(f"unknown ranking_loss {ranking_loss!r}; choose one of {sorted(RANKING_LOSSES)}")
         if head not in REWARD_HEADS:
             raise ValueError(f"unknown reward head {head!r}; choose one of {sorted(REWARD_HEADS)}")
         super().__init__(
@@ -78,7 +84,29 @@ class RewardModel(RLFTModule):
         n = len(rewards) // 2
         return rewards[:n], rewards[n:]
 
+    def ranking_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, K]`` rewards (best first) and their mask for a ranking batch: all responses in one forward."""
+        flat = self.model(batch["ranking_input_ids"], batch["ranking_attention_mask"])
+        sizes = batch["ranking_sizes"].tolist()
+        mask = torch.arange(max(sizes), device=flat.device)[None] < batch["ranking_sizes"].to(flat.device)[:, None]
+        rewards = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+        return rewards, mask
+
+    def ranking_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-prompt ranking losses and every (better, worse) pair's rewards of a ranking batch."""
+        rewards, mask = self.ranking_rewards(batch)
+        losses = RANKING_LOSSES[self.hparams.ranking_loss](rewards, mask)
+        k = rewards.shape[1]
+        upper = torch.ones(k, k, dtype=torch.bool, device=rewards.device).triu(1)
+        pairs = (upper & mask[:, :, None] & mask[:, None, :]).nonzero()
+        return losses, rewards[pairs[:, 0], pairs[:, 1]], rewards[pairs[:, 0], pairs[:, 2]]
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "ranking_sizes" in batch:
+            losses, chosen, rejected = self.ranking_pairs(batch)
+            chosen, rejected = chosen.detach(), rejected.detach()
+            return losses.mean(), {"accuracy": (chosen > rejected).float().mean(),
+                                   "rewards/margin": (chosen - rejected).mean()}  # fmt: skip
         chosen, rejected = self.pair_rewards(batch)
         losses = bradley_terry_loss(chosen, rejected, margin=self.hparams.margin, center_coef=self.hparams.center_coef)
         chosen, rejected = chosen.detach(), rejected.detach()
@@ -96,8 +124,12 @@ class RewardModel(RLFTModule):
         self._val_losses: list[torch.Tensor] = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        chosen, rejected = self.pair_rewards(batch)
-        losses = bradley_terry_loss(chosen, rejected, margin=self.hparams.margin, center_coef=self.hparams.center_coef)
+        if "ranking_sizes" in batch:  # accuracy / AUROC over every (better, worse) pair of the rankings
+            losses, chosen, rejected = self.ranking_pairs(batch)
+        else:
+            chosen, rejected = self.pair_rewards(batch)
+            losses = bradley_terry_loss(chosen, rejected, margin=self.hparams.margin,
+                                        center_coef=self.hparams.center_coef)  # fmt: skip
         self._val_rewards.append(torch.stack([chosen, rejected], dim=-1))
         self._val_losses.append(losses)
 

@@ -14,8 +14,11 @@ from rlft.cli import main
 from rlft.cli.fit import run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[2]
-# overlays and search spaces are not runnable alone: trainer/ here, logger/ and tune/ in tests/tune
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("trainer", "logger", "tune"))
+# overlays, search spaces and pipeline files are not fit configs alone: trainer/ here, logger/ and tune/ in
+# tests/tune, pipelines/ in tests/pipeline (which parses every stage config they generate)
+CONFIGS = sorted(
+    p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("trainer", "logger", "tune", "pipelines")
+)
 OVERLAYS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
 
 

@@ -101,6 +101,12 @@ CASES = {
          "prompts": {"prompt": [user("Dry wet shoes")], "sol1": "Put them in the oven at 500F.",
                      "sol2": "Stuff them with newspaper.", "label": 1}},
     ),
+    "ranked": (  # K = 2 here (one pair); K-wise expansion is tested in tests/methods/test_reward_ranking.py
+        {"prompt": "Best color?", "responses": ["grey", "blue"], "scores": [0.1, 0.9], "id": 3},
+        {"sft": {"messages": [user("Best color?"), assistant("blue")]},
+         "pairs": {"prompt": [user("Best color?")], "chosen": "blue", "rejected": "grey"},
+         "prompts": {"prompt": [user("Best color?")], "id": 3}},
+    ),
     "prompt_only": (
         {"prompt": "def add(a, b):", "test": "assert add(1, 2) == 3", "entry_point": "add"},
         {"sft": None, "pairs": None,

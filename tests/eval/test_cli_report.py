@@ -82,7 +82,12 @@ def test_rewardbench_and_compare_with_a_reward_model_folder(tmp_path, data_dir, 
     main(["rewardbench", reward_folder, pairs, "--policy", "tiny-llama", "--max_new_tokens", "6", "--out", str(out)])
     bench = json.loads((out / "rewardbench.json").read_text())["metrics"]
     assert bench["pairs"]["n"] == 4 and 0 <= bench["pairs"]["accuracy"] <= 1
-    assert bench["policy"]["toxicity"] is None and "not measured" in bench["policy"]["toxicity_note"]
+    # toxicity is measured by default, by a classifier trained on human labels, and says which one
+    assert 0 <= bench["policy"]["toxicity"] <= 1 and "alt-profanity-check" in bench["policy"]["toxicity_classifier"]
+    main(["rewardbench", reward_folder, pairs, "--policy", "tiny-llama", "--max_new_tokens", "4",
+          "--toxicity_model", "none", "--out", str(tmp_path / "none")])  # fmt: skip
+    unmeasured = json.loads((tmp_path / "none" / "rewardbench.json").read_text())["metrics"]["policy"]
+    assert unmeasured["toxicity"] is None and "not measured" in unmeasured["toxicity_note"]
     policies = json.dumps({"base": "tiny-llama", "other": "tiny-qwen2"})
     main(["compare", policies, pairs, "base", "--reward_model", reward_folder,
           "--max_new_tokens", "6", "--n_bootstrap", "200", "--out", str(out)])  # fmt: skip

@@ -1,0 +1,213 @@
+"""Runs a pipeline: split the data, then each stage as its own ``python -m rlft fit`` process, then evaluation and
+the report, all under one run folder::
+
+    <run_dir>/data/{train,heldout}_pairs.jsonl   the split (held-out prompts are never trained on)
+    <run_dir>/<stage>/config.yaml               the stage's complete rlft fit config (rerunnable by hand)
+    <run_dir>/<stage>/stage.log                 its stdout and stderr
+    <run_dir>/<stage>/checkpoints/last.ckpt     Lightning checkpoints (a killed stage resumes from here)
+    <run_dir>/<stage>/hf_model                  its export, what the next stages load
+    <run_dir>/<stage>/DONE                      written after the export; a re-run skips the stage (unless a
+                                                stage it starts from or is scored by ran again)
+    <run_dir>/evaluation/results.json, <run_dir>/report/report.md
+
+A stage runs in a subprocess so that a crash (or an out-of-memory kill) stays in it: a non-zero exit stops the
+pipeline with the stage's name, exit code, log path and the end of its log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rlft.pipeline.config import PipelineConfig, StageSettings, set_dotted
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"
+
+
+class StageFailed(RuntimeError):
+    """A stage's process exited non-zero (or produced no output)."""
+
+
+class PipelineRunner:
+    """Run (or resume) a :class:`PipelineConfig`.
+
+    Args:
+        config: The loaded pipeline.
+        python: Interpreter for the stage processes (default: this one).
+        force: Stages to re-run even if they are DONE (their later stages are not forced).
+    """
+
+    def __init__(self, config: PipelineConfig, *, python: str | None = None, force: tuple[str, ...] = ()) -> None:
+        self.config, self.python, self.force = config, python or sys.executable, set(force)
+        self.run_dir = Path(config.run_dir)
+        self.timings: dict[str, float] = {}
+        self.ran: set[str] = set()  # stages (re-)run by this invocation
+
+    # ----------------------------------------------------------------------------------------------- paths
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def model_of(self, name: str) -> Path:
+        """The exported model folder a stage hands to later stages."""
+        if name == "online_dpo":
+            return self.stage_dir(name) / f"round_{self.config.stages[name].rounds}" / "hf_model"
+        return self.stage_dir(name) / "hf_model"
+
+    def start_policy(self) -> str:
+        """What the policy stages start from: the ``init`` they share (normally the SFT export)."""
+        for name in ("dpo", "grpo", "online_dpo"):
+            stage = self.config.stages.get(name)
+            if stage is not None:
+                return str(self.model_of(stage.init)) if stage.init else self._base_model(stage)
+        raise ValueError(f"{self.config.source}: no policy stage (dpo, grpo, online_dpo) to evaluate")
+
+    @staticmethod
+    def _base_model(stage: StageSettings) -> str:
+        config = yaml.safe_load(Path(stage.config).read_text())
+        return stage.args.get("model.model") or config["model"]["init_args"]["model"]
+
+    def is_done(self, folder: Path) -> bool:
+        return (folder / DONE).exists()
+
+    # ----------------------------------------------------------------------------------------------- configs
+    def fit_config(self, name: str, stage: StageSettings, folder: Path, *, data_path: str,
+                   model: str | None = None) -> dict:  # fmt: skip
+        """The stage's base YAML with run-folder paths, data and upstream models wired in, then its ``args``."""
+        config = yaml.safe_load(Path(stage.config).read_text())
+        trainer = config.setdefault("trainer", {})
+        trainer["default_root_dir"] = str(folder)
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers] if isinstance(loggers, dict) else []:
+            logger.setdefault("init_args", {})["save_dir"] = str(folder)
+        set_dotted(config, "model.output_dir", str(folder / "hf_model"))
+        set_dotted(config, "data.path", data_path)
+        config["data"].get("init_args", {}).pop("val_path", None)
+        if model is not None:
+            set_dotted(config, "model.model", model)
+        elif stage.init:
+            set_dotted(config, "model.model", str(self.model_of(stage.init)))
+        if stage.reward and name != "online_dpo":
+            rm = str(self.model_of(stage.reward))
+            set_dotted(config, "model.rewards", [{"source": "reward_model", "name": "rm", "options": {"path": rm}}])
+        for key, value in stage.args.items():
+            set_dotted(config, key, copy.deepcopy(value))
+        return config
+
+    # ----------------------------------------------------------------------------------------------- processes
+    def _run_process(self, name: str, argv: list[str], log_path: Path) -> None:
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(log_path, "a", encoding="utf-8") as out:
+            out.write(f"\n===== rlft pipeline: {' '.join(argv)} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            out.flush()
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - started
+        if code != 0:
+            tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
+            raise StageFailed(f"stage {name!r} failed with exit code {code}; full log: {log_path}\n--- last lines ---\n"
+                              f"{tail}")  # fmt: skip
+
+    def run_fit(self, name: str, config: dict, folder: Path, expected: Path) -> None:
+        """Write ``folder/config.yaml`` and run ``rlft fit`` on it (resuming from ``last.ckpt`` when there is one)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = folder / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = [self.python, "-m", "rlft", "fit", "-c", str(config_path)]
+        for overlay in self.config.overlays:
+            argv += ["-c", overlay]
+        resumed = (folder / "checkpoints" / "last.ckpt").exists()
+        if resumed:
+            argv += ["--ckpt_path", "last"]
+        print(f"rlft pipeline: stage {name} {'resuming from last.ckpt' if resumed else 'starting'} "
+              f"(log: {folder / 'stage.log'})", flush=True)  # fmt: skip
+        self._run_process(name, argv, folder / "stage.log")
+        if not expected.exists():
+            raise StageFailed(f"stage {name!r} exited 0 but wrote no {expected}; see {folder / 'stage.log'}")
+        self.mark_done(folder, {"output": str(expected), "config": str(config_path)})
+
+    def mark_done(self, folder: Path, info: dict) -> None:
+        (folder / DONE).write_text(json.dumps({**info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+    # ----------------------------------------------------------------------------------------------- stages
+    def split(self) -> dict:
+        from rlft.pipeline.split import split_pairs
+
+        folder = self.run_dir / "data"
+        if self.is_done(folder):
+            return json.loads((folder / "split.json").read_text())
+        d = self.config.data
+        info = split_pairs(d.paths, folder, heldout_fraction=d.heldout_fraction, seed=d.seed, format=d.format)
+        (folder / "split.json").write_text(json.dumps(info, indent=2))
+        self.mark_done(folder, {"output": str(folder)})
+        print(f"rlft pipeline: data split {info['train']} train / {info['heldout']} held-out pairs "
+              f"(dropped: {info['dropped'] or 'none'})", flush=True)  # fmt: skip
+        return info
+
+    def run_stage(self, name: str, stage: StageSettings, train_path: str) -> None:
+        folder = self.stage_dir(name)
+        stale = {stage.init, stage.reward} & self.ran  # an upstream stage was re-run: this output is out of date
+        if self.is_done(folder) and name not in self.force and not stale:
+            print(f"rlft pipeline: stage {name} already DONE, skipped", flush=True)
+            return
+        if self.is_done(folder):  # forced or stale: start it afresh, not from its finished checkpoint
+            why = "--force" if name in self.force else f"{sorted(stale)} ran again"
+            print(f"rlft pipeline: stage {name} re-runs from scratch ({why})", flush=True)
+            shutil.rmtree(folder)
+        self.ran.add(name)
+        (folder / DONE).unlink(missing_ok=True)
+        if name == "online_dpo":
+            from rlft.pipeline.online import run_online_dpo
+
+            run_online_dpo(self, stage, train_path)
+            self.mark_done(folder, {"output": str(self.model_of(name))})
+            return
+        self.run_fit(name, self.fit_config(name, stage, folder, data_path=train_path), folder, self.model_of(name))
+
+    def evaluate(self) -> Path:
+        from rlft.pipeline.evaluate import evaluation_config
+
+        folder = self.run_dir / "evaluation"
+        results = folder / "results.json"
+        if self.is_done(folder) and "evaluation" not in self.force and not self.ran:
+            print("rlft pipeline: evaluation already DONE, skipped", flush=True)
+            return results
+        (folder / DONE).unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = folder / "config.yaml"
+        config_path.write_text(yaml.safe_dump(evaluation_config(self), sort_keys=False))
+        print(f"rlft pipeline: evaluation (log: {folder / 'stage.log'})", flush=True)
+        argv = [self.python, "-m", "rlft.pipeline.evaluate", "--config", str(config_path)]
+        self._run_process("evaluation", argv, folder / "stage.log")
+        if not results.exists():
+            raise StageFailed(f"stage 'evaluation' exited 0 but wrote no {results}; see {folder / 'stage.log'}")
+        self.mark_done(folder, {"output": str(results)})
+        return results
+
+    def run(self) -> Path | None:
+        """Run every stage not yet DONE; returns the report path (None without an evaluation section)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        split = self.split()
+        train_path = split["files"]["train"]
+        for name, stage in self.config.stages.items():
+            self.run_stage(name, stage, train_path)
+        if self.config.evaluation is None:
+            return None
+        results = self.evaluate()
+        from rlft.eval.report import build_pipeline_report
+
+        (self.run_dir / "timings.json").write_text(json.dumps(self.timings, indent=2))
+        report = build_pipeline_report(results, self.run_dir, out_dir=self.run_dir / "report", title=self.config.title)
+        print(f"rlft pipeline: report written to {report}", flush=True)
+        return report
