@@ -184,7 +184,7 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    variant = resolve(loss_type, DPO_LOSS_TYPES, "DPO loss_type")
+    variant = resolve(loss_type, DPO_LOSS_TYPES, "loss_type")
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing is a label-flip probability in [0, 0.5], got {label_smoothing}")
     if beta <= 0:

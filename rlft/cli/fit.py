@@ -51,13 +51,26 @@ def condense_parser_error(message: str) -> str:
     """Reduce jsonargparse's "Does not validate against any of the Union subtypes" dump to the real causes."""
     if "Does not validate against any of the Union subtypes" not in message:
         return message
-    causes = []
+    items: list[str] = []
+    in_errors = False
     for line in message.splitlines():
         text = line.strip()
-        if not text.startswith("- ") or "Expected a <class 'NoneType'>" in text:
-            continue
-        text = text[2:].strip()
-        if "Does not validate against" in text or text.startswith("Subtypes:"):
+        if text.startswith("Errors:"):
+            in_errors = True
+        elif text.startswith("- "):
+            items.append(text[2:].strip())
+        elif in_errors and items and line.startswith("    ") and text:
+            # an item's cause continues on indented lines ("Problem with given class_path ...:" then the reason)
+            items[-1] = f"{items[-1].rstrip(':')}: {text}" if items[-1].endswith(":") else f"{items[-1]} {text}"
+        elif not line.startswith(" "):
+            in_errors = False
+    causes = []
+    for text in items:
+        if (
+            "Expected a <class 'NoneType'>" in text
+            or "Does not validate against" in text
+            or text.startswith("Subtypes:")
+        ):
             continue
         if text not in causes:
             causes.append(text)

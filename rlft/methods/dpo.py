@@ -85,7 +85,7 @@ class DPO(RLFTModule):
         disable_dropout: bool = True,
         share_prompts: bool = True,
     ) -> None:
-        resolve(loss_type, DPO_LOSS_TYPES, "DPO loss_type")  # a typo fails here, not at the first step
+        resolve(loss_type, DPO_LOSS_TYPES, "loss_type")  # a typo fails here, not at the first step
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         super().__init__(
@@ -246,7 +246,7 @@ class DPO(RLFTModule):
         """Per-example losses and implicit rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
         hp = self.hparams
         chosen, rejected = policy.chosen, policy.rejected
-        if getattr(resolve(hp.loss_type, DPO_LOSS_TYPES, "DPO loss_type"), "length_averaged", False):
+        if getattr(resolve(hp.loss_type, DPO_LOSS_TYPES, "loss_type"), "length_averaged", False):
             chosen, rejected = policy.chosen_avg, policy.rejected_avg
             ref_chosen = ref_chosen / policy.chosen_tokens.clamp(min=1)
             ref_rejected = ref_rejected / policy.rejected_tokens.clamp(min=1)
