@@ -17,6 +17,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
     "label": ("rlft.cli.label:main", "human preference collection: serve the labeling UI, import, export, stats"),
     "bench": ("rlft.cli.bench:main", "throughput/memory benchmark against TRL on identical work"),
+    "export": ("rlft.cli.export:main", "ship a model: merged Hugging Face folder, GGUF (llama.cpp) or ONNX"),
+    "serve": ("rlft.cli.serve:main", "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
