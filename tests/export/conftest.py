@@ -11,7 +11,8 @@ SFT_DATA = str(Path(__file__).resolve().parents[2] / "rlft" / "assets" / "sample
 
 
 def train_adapter(model: str, folder: Path, *, steps: int = 4, lr: float = 5e-2, batch_size: int = 4,
-                  max_length: int = 128, data: str = SFT_DATA, limit: int | None = None) -> tuple[Path, Path]:  # fmt: skip
+                  max_length: int = 128, data: str = SFT_DATA,
+                  limit: int | None = None) -> tuple[Path, Path]:  # fmt: skip
     """LoRA-SFT ``model`` for ``steps`` steps; returns ``(adapter folder, .ckpt file)``."""
     import lightning as L
 

@@ -62,7 +62,8 @@ def test_every_family_exports_weights_tokenizer_and_template(family, tiny_adapte
     for gguf_name, tensor in written.items():
         want = _expected_weight(merged, expected[gguf_name], family)
         got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
-        assert tensor.tensor_type == (gguf.GGMLQuantizationType.F32 if want.ndim == 1 else gguf.GGMLQuantizationType.F16)
+        kind = gguf.GGMLQuantizationType.F32 if want.ndim == 1 else gguf.GGMLQuantizationType.F16
+        assert tensor.tensor_type == kind
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3, err_msg=gguf_name)
 
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from rlft.cli import main as rlft_main
-from rlft.export import export_merged, export_gguf
+from rlft.export import export_gguf, export_merged
 from tests.export.conftest import reference_logits
 
 IDS = [[5, 17, 42, 99, 100, 7, 3, 250]]

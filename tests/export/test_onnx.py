@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapter, tmp_path):
     adapter, _ = tiny_adapter(family)
     folder = export_onnx(str(adapter), tmp_path / "onnx")
-    assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    files = {p.name for p in folder.iterdir()}
+    assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
     runtime = OnnxCausalLM(folder)
     network = load_model(str(adapter), trainable_adapter=False).eval()
     tokenizer = load_tokenizer(str(folder))  # the tokenizer travelled with the graph
