@@ -55,4 +55,4 @@ def load_for_inference(model: str, *, device: str | None = None, dtype: str | No
     network = load_model(model, dtype=dtype, quantization=quantization, trainable_adapter=False)
     if not quantization:  # bitsandbytes already placed the weights on the GPU
         network = network.to(device)
-    return network.eval(), load_tokenizer(model)
+    return network.eval().requires_grad_(False), load_tokenizer(model)

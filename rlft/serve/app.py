@@ -45,7 +45,8 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 256
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        """Liveness plus how requests were batched (generate calls and the requests they served)."""
+        return {"status": "ok", "generate_calls": len(engine.batches), "requests_served": sum(engine.batches)}
 
     @app.get("/v1/models")
     async def models() -> dict:
