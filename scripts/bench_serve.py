@@ -16,8 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = ["Write a short story about a robot learning to paint.", "Explain how a bicycle works.",
-           "List five fruits and describe each in one sentence.", "What should I pack for a trip to the mountains?"]  # fmt: skip
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain how a bicycle works.",
+    "List five fruits and describe each in one sentence.",
+    "What should I pack for a trip to the mountains?",
+]
 
 
 def main() -> None:

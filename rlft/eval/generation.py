@@ -183,6 +183,7 @@ class VLLMBackend:
             max_tokens=settings.max_new_tokens,
             stop=list(settings.stop) or None,
             seed=settings.seed,
+            stop_token_ids=stop_token_ids(self.tokenizer),  # end where the HF backend and training end
         )
         inputs = [TokensPrompt(prompt_token_ids=encode_prompt_text(self.tokenizer, p)) for p in prompts]
         results = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
