@@ -4,7 +4,8 @@
 #   bash scripts/test.sh -m "not real"   # skip the real-model tests; any pytest arguments work
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh dev,eval,ui,deepspeed,wandb,tune
+# export: llama-cpp-python is built from source the first time (cmake; the wheel is cached in ~/.cache/pip)
+bash scripts/setup_env.sh dev,eval,ui,deepspeed,wandb,tune,export
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 echo "rlft: ruff"
 .venv/bin/ruff check rlft tests scripts

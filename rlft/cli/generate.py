@@ -6,6 +6,8 @@ import sys
 
 from jsonargparse import ArgumentParser
 
+from rlft.cli.inference import add_inference_arguments
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="rlft generate", description=__doc__, default_config_files=[])
@@ -16,7 +18,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", type=str, default="float32")
+    add_inference_arguments(parser)
     parser.add_argument("--no_stream", action="store_true", help="print each reply when complete")
     return parser
 
@@ -26,13 +28,15 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     """One chat-templated reply (no double BOS: the template already holds it)."""
     import torch
 
+    from rlft.models.tokens import stop_token_ids
+
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     with torch.no_grad():
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id,
-            **sampling,
+            eos_token_id=stop_token_ids(tokenizer, model), **sampling,
         )  # fmt: skip
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -42,11 +46,11 @@ def main(argv: list[str]) -> None:
     import torch
     from transformers import TextStreamer
 
-    from rlft.models import load_model, load_tokenizer
+    from rlft.cli.inference import load_for_inference
 
     torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype).eval()
+    model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype,
+                                          quantization=args.quantization)  # fmt: skip
     streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     prompts = args.prompt or _read_stdin_prompts()
     for prompt in prompts:

@@ -1,0 +1,107 @@
+"""``rlft serve MODEL``: an OpenAI-compatible server (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``).
+
+Any model string works (alias, hub id, folder, adapter folder, ``.ckpt``, ``.gguf``). Concurrent requests with the
+same sampling settings are collected for ``--batch_window_ms`` and generated as one batch. With vLLM installed and
+a GPU present (``--backend auto``/``vllm``), vLLM generates; an adapter folder is served through its LoRA support.
+
+    rlft serve runs/sft-smollm2/hf_model --port 8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "hf_model", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from jsonargparse import ArgumentParser
+
+from rlft.cli.inference import add_inference_arguments
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="rlft serve", description=__doc__, default_config_files=[])
+    parser.add_argument("model", help="hub id, local folder, adapter folder, .gguf, .ckpt or alias")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served_model_name", type=str | None, default=None,
+                        help="name clients pass as 'model' (default: the alias or folder name)")  # fmt: skip
+    parser.add_argument("--backend", type=Literal["auto", "hf", "vllm"], default="auto",
+                        help="auto = vLLM when installed with a GPU, else rlft's Hugging Face generator")  # fmt: skip
+    add_inference_arguments(parser)
+    parser.add_argument("--batch_window_ms", type=float, default=10.0,
+                        help="how long a request waits for others to share its batch")  # fmt: skip
+    parser.add_argument("--max_batch_size", type=int, default=32, help="most samples generated in one batch")
+    parser.add_argument("--default_max_tokens", type=int, default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--log_level", type=str, default="warning")
+    return parser
+
+
+def build_engine(model: str, *, backend: str = "auto", device: str | None = None, dtype: str | None = None,
+                 quantization: str | None = None, batch_window_ms: float = 10.0, max_batch_size: int = 32):  # fmt: skip
+    """Load ``model`` and wrap it in the batching engine (vLLM loads its own copy of the weights)."""
+    from rlft.cli.inference import load_for_inference, resolve_inference
+    from rlft.eval.generation import Generator, vllm_usable
+    from rlft.models import load_tokenizer, resolve_model
+    from rlft.models.checkpoint import is_checkpoint
+    from rlft.serve import Engine
+
+    use_vllm = backend == "vllm" or (backend == "auto" and vllm_usable() and not is_checkpoint(model))
+    if use_vllm:
+        if quantization:
+            raise ValueError("--quantization is for the Hugging Face backend; vLLM takes quantized checkpoints")
+        ref = resolve_model(model)
+        if ref.gguf_file:
+            raise ValueError("serve a .gguf with --backend hf (or export it to a merged folder for vLLM)")
+        _, dtype = resolve_inference(device, dtype, None)
+        tokenizer = load_tokenizer(model)
+        generator = Generator(None, tokenizer, backend="vllm", model_path=ref.path, adapter_path=ref.adapter,
+                              dtype=dtype)  # fmt: skip
+        config_source = ref.path
+    else:
+        network, tokenizer = load_for_inference(model, device=device, dtype=dtype, quantization=quantization)
+        generator = Generator(network, tokenizer, backend="hf")
+        config_source = network.config
+    return Engine(generator, tokenizer, max_context=_max_context(config_source, tokenizer),
+                  batch_window_ms=batch_window_ms, max_batch_size=max_batch_size)  # fmt: skip
+
+
+def _max_context(config, tokenizer) -> int:
+    if isinstance(config, str):
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(config)
+    text = config.get_text_config()
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        if isinstance(value := getattr(text, attr, None), int):
+            return value
+    return min(tokenizer.model_max_length, 1 << 20)
+
+
+def default_name(model: str) -> str:
+    """The alias or hub id as given; a path's folder or file name."""
+    path = Path(os.path.expanduser(model))
+    return path.name if model.startswith((".", "/", "~")) or path.exists() else model
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from rlft.serve import create_app
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    engine = build_engine(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                          quantization=args.quantization, batch_window_ms=args.batch_window_ms,
+                          max_batch_size=args.max_batch_size)  # fmt: skip
+    name = args.served_model_name or default_name(args.model)
+    app = create_app(engine, name, default_max_tokens=args.default_max_tokens)
+    print(f"rlft serve: {args.model} as '{name}' ({engine.generator.backend.name} backend) on "
+          f"http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()

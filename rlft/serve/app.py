@@ -1,0 +1,156 @@
+"""An OpenAI-compatible HTTP API over the serving engine: ``/v1/models``, ``/v1/chat/completions`` and
+``/v1/completions``, plain JSON or streamed as server-sent events, with OpenAI-style 4xx errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from rlft.eval.generation import SamplingSettings
+from rlft.serve.engine import Completion, Engine
+from rlft.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    envelope,
+    error_body,
+    new_id,
+    usage,
+)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 256) -> FastAPI:
+    """The FastAPI application serving ``engine`` under the model name ``model_name``."""
+    app = FastAPI(title="rlft serve", description=f"OpenAI-compatible API for {model_name}")
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error_body(error.message, param=error.param, code=error.code), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors())
+        return JSONResponse(error_body(f"invalid request: {problems}"), status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness plus how requests were batched (generate calls and the requests they served)."""
+        return {"status": "ok", "generate_calls": len(engine.batches), "requests_served": sum(engine.batches)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        _check_model(name, model_name)
+        return _model_card(model_name, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        _check_model(body.model, model_name)
+        try:
+            prompt = [m.as_dict() for m in body.messages]
+        except ValueError as error:
+            raise APIError(400, str(error), param="messages") from error
+        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+        return await _complete(engine, body, [prompt], max_tokens, model_name, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        _check_model(body.model, model_name)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "'prompt' must not be empty", param="prompt")
+        if body.echo:
+            raise APIError(400, "'echo' is not supported", param="echo")
+        return await _complete(engine, body, prompts, body.max_tokens or default_max_tokens, model_name, chat=False)
+
+    return app
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "rlft"}
+
+
+def _check_model(requested: str, served: str) -> None:
+    if requested != served:
+        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{served}'",
+                       param="model", code="model_not_found")  # fmt: skip
+
+
+async def _complete(engine: Engine, body, prompts: list, max_tokens: int, model_name: str, *, chat: bool):
+    try:
+        stop = body.stop_list()
+    except ValueError as error:
+        raise APIError(400, str(error), param="stop") from error
+    counts = [engine.count_tokens(p) for p in prompts]
+    if max(counts) + max_tokens > engine.max_context:
+        raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, you "
+                            f"requested {max(counts) + max_tokens} tokens ({max(counts)} in the prompt, {max_tokens} "
+                            f"in the completion). Please reduce the prompt or max_tokens.",
+                       param="max_tokens", code="context_length_exceeded")  # fmt: skip
+    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                num_samples=body.n, stop=stop)  # fmt: skip
+    request_id = new_id("chatcmpl" if chat else "cmpl")
+    kind = "chat.completion" if chat else "text_completion"
+    if not body.stream:
+        result: Completion = await asyncio.wrap_future(
+            engine.submit(prompts, settings, seed=body.seed, prompt_tokens=sum(counts))
+        )
+        choices = [
+            {"index": c.index, "finish_reason": c.finish_reason, "logprobs": None,
+             **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
+            for c in result.choices
+        ]  # fmt: skip
+        return envelope(kind, request_id, model_name, choices,
+                        usage=usage(result.prompt_tokens, result.completion_tokens))  # fmt: skip
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    future = engine.submit(
+        prompts, settings, seed=body.seed, prompt_tokens=sum(counts),
+        on_delta=lambda index, text: loop.call_soon_threadsafe(events.put_nowait, (index, text)),
+    )  # fmt: skip
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_events(events, future, request_id, model_name, len(prompts) * body.n, chat,
+                                     include_usage), media_type="text/event-stream")  # fmt: skip
+
+
+async def _events(events: asyncio.Queue, future, request_id: str, model_name: str, n_choices: int, chat: bool,
+                  include_usage: bool):  # fmt: skip
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps(envelope(kind, request_id, model_name, choices, **extra))}\n\n"
+
+    def choice(index: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+        if not chat:
+            return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+    if chat:
+        yield chunk([choice(i, None, role=True) for i in range(n_choices)])
+    while (event := await events.get()) is not None:
+        yield chunk([choice(event[0], event[1])])
+    error = future.exception()
+    if error is not None:
+        yield f"data: {json.dumps(error_body(f'generation failed: {error}', kind='server_error'))}\n\n"
+        return
+    result: Completion = future.result()
+    yield chunk([choice(c.index, None if chat else "", c.finish_reason) for c in result.choices])
+    if include_usage:
+        yield chunk([], usage=usage(result.prompt_tokens, result.completion_tokens))
+    yield "data: [DONE]\n\n"

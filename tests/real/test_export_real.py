@@ -1,0 +1,145 @@
+"""Real model: SmolLM2-135M-Instruct LoRA-SFT'd a few steps, exported to every format and run by clients rlft did
+not write - llama.cpp (llama-cpp-python), onnxruntime, and plain transformers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rlft.eval.data import load_records
+from rlft.export import OnnxCausalLM, export_gguf, export_merged, export_onnx
+from rlft.models import load_model, load_tokenizer
+from rlft.models.tokens import stop_token_ids
+from tests.export.conftest import train_adapter
+
+pytestmark = [pytest.mark.real, pytest.mark.timeout(2400)]
+PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.", "What is 17 + 25? Explain."]
+Q8_PERPLEXITY_DELTA = 0.02  # q8_0 perplexity within 2% of the fp32 model's
+
+
+@pytest.fixture(scope="module")
+def smollm2_sft(smollm2, shared_data, tmp_path_factory):
+    """``(adapter folder, tokenizer, fp32 PyTorch model with the adapter)`` after 4 LoRA SFT steps."""
+    data = str(shared_data / "alpaca_seed_tasks.jsonl")
+    adapter, _ = train_adapter(smollm2, tmp_path_factory.mktemp("smollm2-sft"), steps=4, lr=2e-3, batch_size=2,
+                               max_length=128, data=data, limit=16)  # fmt: skip
+    network = load_model(str(adapter), trainable_adapter=False).eval()
+    return adapter, load_tokenizer(str(adapter)), network
+
+
+def _prompt_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _perplexity(logits_of, sequences: list[list[int]]) -> float:
+    nll, count = 0.0, 0
+    for ids in sequences:
+        logits = torch.as_tensor(logits_of(ids), dtype=torch.float64)[:-1]
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+        count += len(ids) - 1
+    return float(np.exp(nll / count))
+
+
+def test_gguf_in_llama_cpp_generates_like_transformers_and_q8_0_keeps_perplexity(smollm2_sft, shared_data,
+                                                                                  tmp_path):  # fmt: skip
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (rlft[export])")
+    adapter, tokenizer, network = smollm2_sft
+    files = {q: export_gguf(str(adapter), tmp_path / f"smollm2-sft.{q}.gguf", quant=q) for q in ("f16", "q8_0")}
+    sizes = {q: f.stat().st_size / 2**20 for q, f in files.items()}
+    stops = stop_token_ids(tokenizer, network)
+    f16 = llama_cpp.Llama(model_path=str(files["f16"]), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
+    q8 = llama_cpp.Llama(model_path=str(files["q8_0"]), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
+    try:
+        assert f16.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+        equal = 0
+        for question in PROMPTS:
+            ids = _prompt_ids(tokenizer, question)
+            assert f16.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+            with torch.no_grad():
+                want = network.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                        eos_token_id=stops)[0, len(ids) :].tolist()  # fmt: skip
+            got = []
+            for token in f16.generate(ids, temp=0.0, top_k=1, reset=True):
+                got.append(token)
+                if token in stops or len(got) == 32:
+                    break
+            equal += got == want
+            print(f"{question!r}: transformers {tokenizer.decode(want)!r} | llama.cpp {tokenizer.decode(got)!r}")
+        assert equal == len(PROMPTS)
+
+        records = load_records(str(shared_data / "alpaca_seed_tasks.jsonl"), kind="sft", limit=24)
+        sequences = [tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
+                               add_special_tokens=False)["input_ids"][:512] for r in records]  # fmt: skip
+
+        def llama_logits(llm):
+            def run(ids):
+                llm.reset()
+                llm.eval(ids)
+                return np.asarray(llm.scores[: len(ids)])
+
+            return run
+
+        with torch.no_grad():
+            ppl_torch = _perplexity(lambda ids: network(torch.tensor([ids])).logits[0], sequences)
+        ppl_f16, ppl_q8 = _perplexity(llama_logits(f16), sequences), _perplexity(llama_logits(q8), sequences)
+        delta = ppl_q8 / ppl_torch - 1
+        start, n_tokens = time.perf_counter(), 0
+        for _ in q8.generate(_prompt_ids(tokenizer, PROMPTS[1]), temp=0.0, top_k=1, reset=True):
+            n_tokens += 1
+            if n_tokens == 64:
+                break
+        speed = n_tokens / (time.perf_counter() - start)
+        print(
+            f"perplexity on {len(sequences)} Alpaca seed tasks: torch fp32 {ppl_torch:.4f}, llama.cpp f16 "
+            f"{ppl_f16:.4f}, q8_0 {ppl_q8:.4f} (delta {delta:+.2%}); sizes MiB {sizes}; q8_0 {speed:.1f} tok/s"
+        )
+        assert abs(ppl_f16 / ppl_torch - 1) < 0.005
+        assert abs(delta) < Q8_PERPLEXITY_DELTA
+    finally:
+        f16.close()
+        q8.close()
+
+    # round trip: rlft's own GGUF import reads the export back with the same logits
+    ids = [_prompt_ids(tokenizer, PROMPTS[0])]
+    with torch.no_grad():
+        back = load_model(str(files["f16"])).eval()(torch.tensor(ids)).logits
+        want = network(torch.tensor(ids)).logits
+    diff = (back - want).abs().max().item()
+    print(f"rlft GGUF import of the f16 export: max logit diff {diff:.3e} (logits up to {want.abs().max():.1f})")
+    assert diff < 0.2  # measured 6e-2: f16 rounding of 135M weights, on logits ~20 in size
+    assert torch.equal(back.argmax(-1), want.argmax(-1))
+
+
+def test_onnx_and_merged_exports_match_pytorch(smollm2_sft, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (rlft[export])")
+    adapter, tokenizer, network = smollm2_sft
+    merged = export_merged(str(adapter), tmp_path / "merged")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()  # transformers alone
+    ids = _prompt_ids(tokenizer, PROMPTS[2])
+    with torch.no_grad():
+        unmerged = network(torch.tensor([ids])).logits[0].numpy()
+        want = plain(torch.tensor([ids])).logits[0].numpy()  # the PyTorch model the ONNX graph is exported from
+    assert np.abs(want - unmerged).max() < 1e-3  # merging LoRA only reorders float sums
+
+    start = time.perf_counter()
+    runtime = OnnxCausalLM(export_onnx(str(adapter), tmp_path / "onnx"))
+    exported_in = time.perf_counter() - start
+    logits, _ = runtime.step(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None],
+                             runtime.empty_cache(1))  # fmt: skip
+    diff = np.abs(logits[0] - want).max()
+    stops = stop_token_ids(tokenizer, network)
+    with torch.no_grad():
+        greedy = plain.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=stops)[0, len(ids) :].tolist()  # fmt: skip
+    onnx_greedy = runtime.generate(ids, 32, set(stops))
+    size = (tmp_path / "onnx" / "model.onnx").stat().st_size / 2**20
+    print(f"ONNX: exported in {exported_in:.0f} s, {size:.0f} MiB, max logit diff vs PyTorch {diff:.2e}, greedy "
+          f"tokens equal: {onnx_greedy == greedy}")  # fmt: skip
+    assert diff < 1e-4
+    assert onnx_greedy == greedy
