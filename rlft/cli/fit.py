@@ -91,9 +91,26 @@ class RLFTArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+def _sharded_checkpoint_header(folder: Path) -> dict:
+    """The Lightning state of a folder of shards: FSDP2's ``meta.pt``, or the model-states file DeepSpeed writes
+    the client state into (``<tag>/[zero_pp_rank_0_]mp_rank_00_model_states.pt``)."""
+    import torch
+
+    names = ("meta.pt", "*/mp_rank_00_model_states.pt", "*/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    for pattern in names:
+        for candidate in sorted(folder.glob(pattern)):
+            try:  # our own DeepSpeed/torch files (DeepSpeed stores its config objects: not weights-only)
+                return torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)
+            except Exception as error:  # noqa: BLE001 - a torn shard file raises any of several error types
+                raise CheckpointError(f"{folder}: unreadable checkpoint shard {candidate.name}: {error}") from error
+    raise CheckpointError(f"{folder}: not a sharded checkpoint folder (no meta.pt or DeepSpeed model states)")
+
+
 def _load_checkpoint_header(path: str) -> dict:
     import torch
 
+    if Path(path).is_dir():  # DeepSpeed ZeRO / FSDP2 checkpoints are folders of per-rank shards
+        return _sharded_checkpoint_header(Path(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - torch raises OSError/RuntimeError/pickle errors for a bad file
@@ -232,7 +249,7 @@ class RLFTCLI(LightningCLI):
             folder = Path(callback.dirpath)
             last = folder / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
             others = sorted(folder.glob(f"*{callback.FILE_EXTENSION}"), key=lambda p: p.stat().st_mtime, reverse=True)
-            candidates = [last] * last.is_file() + [p for p in others if p != last]
+            candidates = [last] * last.exists() + [p for p in others if p != last]
             for candidate in candidates:
                 try:
                     _load_checkpoint_header(str(candidate))
@@ -261,8 +278,8 @@ class RLFTCLI(LightningCLI):
             if found is None:
                 print("rlft: no checkpoint to resume; starting fresh (--ckpt_path last_or_fresh)", file=sys.stderr)
         if ckpt and ckpt not in ("best", "hpc", "registry"):
-            if not Path(ckpt).is_file():
-                raise CheckpointError(f"--ckpt_path {ckpt}: no such file")
+            if not Path(ckpt).exists():
+                raise CheckpointError(f"--ckpt_path {ckpt}: no such file or checkpoint folder")
             config = self.config[subcommand]
             saved_optim = check_checkpoint_matches(ckpt, config["model"], _class_path(self.model), config.get("data"))
             wanted_optim = _plain(config["model"].get("init_args", config["model"])).get("optim") or {}

@@ -64,7 +64,9 @@ def test_sharded_run_resumes_on_the_same_curve_and_exports_full_weights(overlay,
     result = _rlft("fit", "-c", str(_config(resumed)), *strategy, "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-4000:]
     full, rest = _losses(whole), _losses(resumed)
-    assert sorted(rest) == [3, 4, 5], rest
+    # steps 3-5 are trained after the resume (the step before the checkpoint may be logged again: see
+    # rlft.callbacks.ResumeLogContinuity); every logged step equals the uninterrupted run's
+    assert {3, 4, 5} <= set(rest) <= {2, 3, 4, 5}, rest
     for step in rest:
         assert rest[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
     a = load_file(whole / "hf_model" / "adapter_model.safetensors")
@@ -134,4 +136,4 @@ def test_fp16_on_cpu_is_refused_with_the_fix(overlay, precision, tmp_path):
             "--trainer.devices", "2", "--trainer.precision", precision, "--trainer.max_steps", "1"]  # fmt: skip
     result = _rlft("fit", "-c", str(_config(tmp_path / "run", "sft")), *args)
     assert result.returncode != 0
-    assert "fp16" in result.stderr and "32-true" in result.stderr, result.stderr[-3000:]
+    assert "on CPU" in result.stderr and "32-true" in result.stderr, result.stderr[-3000:]
