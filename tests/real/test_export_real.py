@@ -145,6 +145,5 @@ def test_onnx_and_merged_exports_match_pytorch(smollm2_sft, tmp_path):
     scale = np.abs(want).max()
     print(f"ONNX: exported in {exported_in:.0f} s, {size:.0f} MiB, max logit diff vs PyTorch {diff:.2e} (logits up "
           f"to {scale:.1f}: {diff / scale:.1e} relative), greedy tokens equal: {onnx_greedy == greedy}")  # fmt: skip
-    # fp32 to 1e-4 of the logits' size: 30 layers of sums in a different order (tiny models: < 1e-4 absolute)
-    assert diff < 1e-4 * max(1.0, scale)
+    assert diff < 1e-4  # measured 7.1e-5 on logits up to ~40 (against sdpa attention: 1.1e-4)
     assert onnx_greedy == greedy
