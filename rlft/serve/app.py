@@ -95,7 +95,10 @@ async def _complete(engine: Engine, body, prompts: list, max_tokens: int, model_
         stop = body.stop_list()
     except ValueError as error:
         raise APIError(400, str(error), param="stop") from error
-    counts = [engine.count_tokens(p) for p in prompts]
+    try:
+        counts = [engine.count_tokens(p) for p in prompts]
+    except Exception as error:  # noqa: BLE001 - e.g. a chat template that rejects the roles it was given
+        raise APIError(400, f"could not render the prompt: {error}", param="messages" if chat else "prompt") from error
     if max(counts) + max_tokens > engine.max_context:
         raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, you "
                             f"requested {max(counts) + max_tokens} tokens ({max(counts)} in the prompt, {max_tokens} "
