@@ -53,7 +53,8 @@ class RankingDataModule(PreferenceDataModule):
             except RecordError as err:
                 issues.append(Issue(row.source, row.line, err.field, err.message))
                 continue
-            records.append({"prompt": prompt, "responses": responses})
+            where = row.source if row.line is None else f"{row.source}:{row.line}"  # for messages after encoding
+            records.append({"prompt": prompt, "responses": responses, "row": where})
         if issues and not self.hparams.skip_invalid:
             raise DataError(f"{path}: {len(issues)} invalid ranked rows (set data.skip_invalid: true to drop them)",
                             issues)  # fmt: skip
