@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max_tokens", type=int, default=64)
     args = parser.parse_args()
+    import httpx
     import openai
     import torch
 
@@ -58,16 +59,19 @@ def main() -> None:
         ask(0)  # warm-up
         start = time.perf_counter()
         single = sum(ask(i) for i in range(len(PROMPTS))) / (time.perf_counter() - start)
+        health = server.base_url.removesuffix("/v1") + "/health"
+        before = httpx.get(health).json()
         start = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             total = sum(pool.map(ask, range(args.clients)))
         concurrent = total / (time.perf_counter() - start)
+        calls = httpx.get(health).json()["generate_calls"] - before["generate_calls"]
     finally:
         server.stop()
     print(f"{args.model}, {args.max_tokens} new tokens, CPU ({torch.get_num_threads()} threads):")
     print(f"  rlft generate (one prompt at a time): {generate_speed:.1f} tokens/s")
     print(f"  rlft serve, 1 client at a time:       {single:.1f} tokens/s")
-    print(f"  rlft serve, {args.clients} concurrent clients:     {concurrent:.1f} tokens/s (batched)")
+    print(f"  rlft serve, {args.clients} concurrent clients:     {concurrent:.1f} tokens/s ({calls} generate calls)")
 
 
 if __name__ == "__main__":
