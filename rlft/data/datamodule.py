@@ -151,6 +151,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set or self.val_set:
             return
         hp = self.hparams
+        if hp.packing and self.kind not in ("sft", "pairs"):  # before the cache: packing is not in its key
+            raise DataError(
+                f"data.packing: true is not possible for {self.kind} data (online RL generates from left-padded "
+                "prompt batches); set data.packing: false"
+            )
         key = data_cache.dataset_key(self.kind, self.tokenizer, dict(hp), type(self)) if hp.cache else None
         if key and (entry := data_cache.load(key)):
             self.train_set, self.val_set, self.stats, self.report = (
@@ -160,11 +165,6 @@ class PreferenceDataModule(L.LightningDataModule):
             for level, message in self.report:
                 log.log(level, message)
             return
-        if hp.packing and self.kind not in ("sft", "pairs"):
-            raise DataError(
-                f"data.packing: true is not possible for {self.kind} data (online RL generates from left-padded "
-                "prompt batches); set data.packing: false"
-            )
         records = self._records(hp.path, hp.split)
         if hp.val_path:
             train, val = records, self._records(hp.val_path, "validation" if hp.val_path == hp.path else hp.split)

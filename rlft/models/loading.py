@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import logging
 import os
@@ -90,9 +92,11 @@ def resolve_model(model: str) -> ModelRef:
 
 
 def _hub_hint(model: str, error: Exception) -> RuntimeError:
+    # the hub's own message runs to several sentences of links; its first one says what went wrong
+    reason = re.split(r"(?<=\.)\s", str(error).strip(), maxsplit=1)[0].rstrip(".")
     return RuntimeError(
-        f"could not load {model!r}: {error}\nIf this machine is offline, use a local folder, a .gguf file, or one "
-        f"of rlft's offline aliases ({', '.join(sorted(REGISTRY))}); `rlft models pull NAME` prepares one."
+        f"could not load {model!r}: {reason}. Offline? Use a local folder, a .gguf file or an alias "
+        f"({', '.join(sorted(REGISTRY))}); `rlft models pull NAME` prepares one"
     )
 
 

@@ -39,30 +39,34 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Non
 def test_killed_study_resumes_and_reruns_the_killed_trial(tmp_path, write_search, tiny, repo_root):
     out = tmp_path / "resume"
     search = write_search({"params": {LR: {"log_uniform": [1.0e-4, 1.0e-2]}}, "pruner": "none"})
-    cmd = _command(out, search, tiny, "--trials", "3", "--heartbeat", "1", "--grace-period", "2", "--seed", "0")
+    flags = ("--trials", "3", "--heartbeat", "1", "--grace-period", "2", "--seed", "0")
+    # the first process's trial cannot finish before the kill, however fast the machine (a race otherwise)
+    endless = _command(out, search, [*tiny, "--trainer.max_steps", "100000"], *flags)
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, cwd=repo_root, env=_env(repo_root), stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(endless, cwd=repo_root, env=_env(repo_root), stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_for(out / "trial_1" / "config.yaml", first)  # trial 0 finished, trial 1 just started
+            _wait_for(out / "trial_0" / "csv", first)  # the trial is training
             time.sleep(1.0)
         finally:
             first.kill()
             first.wait()
     storage = f"sqlite:///{out / 'study.db'}"
-    killed = optuna.load_study(study_name="resume", storage=storage).trials[1]
+    killed = optuna.load_study(study_name="resume", storage=storage).trials[0]
     assert killed.state == TrialState.RUNNING  # what a killed process leaves behind
+
+    cmd = _command(out, search, tiny, *flags)
 
     time.sleep(2.5)  # past the grace period, so the trial's missing heartbeat is noticed
     second = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     trials = optuna.load_study(study_name="resume", storage=storage).trials
-    assert trials[1].state == TrialState.FAIL
-    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 1]
+    assert trials[0].state == TrialState.FAIL
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params  # the killed trial's parameters ran again
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
-    assert (out / "best.yaml").is_file() and "trial 1 failed: process died" in second.stdout
+    assert (out / "best.yaml").is_file() and "trial 0 failed: process died" in second.stdout
 
 
 def test_two_processes_share_one_postgres_study(tmp_path, write_search, tiny, repo_root, postgres_url):
@@ -100,9 +104,9 @@ def test_two_processes_share_one_postgres_study(tmp_path, write_search, tiny, re
 def test_sigterm_stops_the_study_with_a_nonzero_exit_and_requeues_the_trial(tmp_path, write_search, tiny, repo_root):
     out = tmp_path / "term"
     search = write_search({"params": {LR: {"log_uniform": [1.0e-4, 1.0e-2]}}, "pruner": "none"})
-    cmd = _command(out, search, [*tiny, "--trainer.max_steps", "16"], "--trials", "1", "--seed", "0")
+    endless = _command(out, search, [*tiny, "--trainer.max_steps", "100000"], "--trials", "1", "--seed", "0")
     with open(tmp_path / "first.log", "w+") as log:
-        first = subprocess.Popen(cmd, cwd=repo_root, env=_env(repo_root), stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(endless, cwd=repo_root, env=_env(repo_root), stdout=log, stderr=subprocess.STDOUT)
         _wait_for(out / "trial_0" / "csv", first)  # the trainer is set up: Lightning's SIGTERM handler is in place
         time.sleep(2.0)
         first.terminate()
@@ -115,6 +119,7 @@ def test_sigterm_stops_the_study_with_a_nonzero_exit_and_requeues_the_trial(tmp_
     assert interrupted.state == TrialState.FAIL and "interrupted" in interrupted.user_attrs["error"]
     assert queued.state == TrialState.WAITING and queued.user_attrs["requeued_from"] == 0
 
+    cmd = _command(out, search, tiny, "--trials", "1", "--seed", "0")
     again = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     resumed = optuna.load_study(study_name="term", storage=storage).trials[1]
