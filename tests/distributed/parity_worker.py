@@ -7,7 +7,9 @@ shares one process group, so the 2-process start-up is paid once per strategy, n
     torchrun --nproc_per_node 2 tests/distributed/parity_worker.py OUT_DIR --strategy zero3 --methods sft ...
 
 For each method, rank 0 writes ``OUT_DIR/<method>.pt``: the global (all-rank mean) loss of every step and the full
-trainable weights after the last step, gathered from the shards.
+trainable weights after the last step, gathered from the shards. ``--make-assets DIR`` writes what two methods start
+from (an SFT adapter folder whose ``lora_B`` is not zero, so its frozen ``ref`` copy differs from the base, and a
+reward-model folder); ``--assets DIR`` points the runs at them.
 """
 
 from __future__ import annotations
@@ -42,7 +44,44 @@ METHODS = {
         {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None, "critic": "tiny-llama"},
     ),  # fmt: skip
     "grpo": ("grpo", {"sampling": {"max_new_tokens": 8, "temperature": 1.0}, "group_size": 2}),
+    # DPO from an SFT adapter folder: the reference is that adapter, loaded again as the frozen `ref` adapter
+    "dpo_sft_ref": ("dpo", {"model": "{assets}/sft", "reference": "adapter"}),
+    # PPO scored by a reward model (each rank scores its own rollouts with its own replica)
+    "ppo_rm": (
+        "ppo",
+        {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None,
+         "rewards": [{"source": "reward_model", "options": {"path": "{assets}/rm"}}]},
+    ),  # fmt: skip
 }
+
+
+def make_assets(folder: Path) -> None:
+    """An SFT adapter of tiny-llama with non-zero ``lora_B`` and an untrained reward model with a random head."""
+    from rlft.methods import RewardModel
+    from rlft.models import LoraSettings, load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    sft = load_model("tiny-llama", lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    sft.save_pretrained(folder / "sft")
+    load_tokenizer("tiny-llama").save_pretrained(folder / "sft")
+    rm = RewardModel(model="tiny-llama", lora=None)
+    with torch.no_grad():  # its head starts at zero (every reward 0); a random one makes rewards differ
+        rm.model.head.weight.normal_(0.0, 1.0)
+    rm.export(folder / "rm")
+
+
+def _with_assets(value, assets: str):
+    if isinstance(value, str):
+        return value.replace("{assets}", assets)
+    if isinstance(value, dict):
+        return {k: _with_assets(v, assets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_assets(v, assets) for v in value]
+    return value
 
 
 class RaggedGenerationProbe(L.Callback):
@@ -101,8 +140,11 @@ def strategy_for(name: str):
     }[name]()
 
 
-def build(method: str, out: Path):
+def build(method: str, out: Path, assets: Path | None = None):
     config_name, overrides = METHODS[method]
+    if "{assets}" in str(overrides):
+        assert assets is not None, f"{method} needs --assets (made by --make-assets)"
+        overrides = _with_assets(overrides, str(assets))
     config = yaml.safe_load((REPO / "configs" / config_name / "tiny.yaml").read_text())
     model_cfg, data_cfg = config["model"], config["data"]
     init = {**copy.deepcopy(model_cfg["init_args"]), **overrides, "output_dir": str(out / method / "hf_model")}
@@ -128,13 +170,18 @@ def main() -> None:
     parser.add_argument("--strategy", default="single")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--assets", type=Path)
+    parser.add_argument("--make-assets", action="store_true", help="write the assets into OUT_DIR and stop")
     args = parser.parse_args()
+    if args.make_assets:
+        make_assets(args.out)
+        return
     from rlft.strategies import full_state_dict
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for method in args.methods:
         L.seed_everything(0, verbose=False)
-        module, data = build(method, args.out)
+        module, data = build(method, args.out, args.assets)
         recorder, probe = LossRecorder(), RaggedGenerationProbe()
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=strategy_for(args.strategy), max_steps=args.steps,

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "distributed" / "parity_worker.py"
-EXACT = ["sft", "rm", "dpo", "dpo_full_ref", "dpo_precomputed", "orpo", "simpo", "ppo", "ppo_critic"]
+EXACT = ["sft", "rm", "dpo", "dpo_full_ref", "dpo_precomputed", "dpo_sft_ref", "orpo", "simpo", "ppo", "ppo_critic",
+         "ppo_rm"]  # fmt: skip
 SAMPLED = ["grpo"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -36,15 +37,24 @@ def _run(cmd: list[str], timeout: int = 900) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    _run([sys.executable, str(WORKER), str(out), "--strategy", "single", "--methods", *EXACT, *SAMPLED])
+def assets(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("assets")
+    _run([sys.executable, str(WORKER), str(out), "--make-assets"])
     return out
 
 
-def _torchrun(out: Path, strategy: str) -> None:
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, assets) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    _run([sys.executable, str(WORKER), str(out), "--strategy", "single", "--assets", str(assets),
+          "--methods", *EXACT, *SAMPLED])  # fmt: skip
+    return out
+
+
+def _torchrun(out: Path, strategy: str, assets: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run([*torchrun, str(WORKER), str(out), "--strategy", strategy, "--methods", *EXACT, *SAMPLED])
+    _run([*torchrun, str(WORKER), str(out), "--strategy", strategy, "--assets", str(assets),
+          "--methods", *EXACT, *SAMPLED])  # fmt: skip
 
 
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -58,8 +68,8 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
-def test_every_method_matches_one_process(strategy, single, tmp_path):
-    _torchrun(tmp_path, strategy)
+def test_every_method_matches_one_process(strategy, single, assets, tmp_path):
+    _torchrun(tmp_path, strategy, assets)
     for method in EXACT + SAMPLED:
         ref, run = torch.load(single / f"{method}.pt"), torch.load(tmp_path / f"{method}.pt")
         # decoding inside full_weights ran 2 and 16 steps on the two ranks and they still met afterwards
@@ -74,6 +84,8 @@ def test_every_method_matches_one_process(strategy, single, tmp_path):
             assert all(math.isfinite(x) for x in run["losses"]) and len(run["losses"]) == len(ref["losses"])
             assert any(v.abs().sum() > 0 for k, v in exported.items() if "lora_B" in k), "adapter never trained"
             continue
+        if method == "dpo_sft_ref":  # policy and reference both start as the SFT adapter: their log-ratio is 0
+            assert ref["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
         assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), method
         for key, value in run["weights"].items():
             torch.testing.assert_close(value, ref["weights"][key], atol=2e-5, rtol=1e-4, msg=f"{method} {key}")

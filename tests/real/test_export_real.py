@@ -118,7 +118,6 @@ def test_gguf_in_llama_cpp_generates_like_transformers_and_q8_0_keeps_perplexity
     assert agree >= 0.9  # only near-ties may flip
 
 
-@pytest.mark.skip(reason="failed in the last full run on merged main (not on its own branch); to fix next session")
 def test_onnx_and_merged_exports_match_pytorch(smollm2_sft, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (rlft[export])")
     adapter, tokenizer, network = smollm2_sft
@@ -146,5 +145,12 @@ def test_onnx_and_merged_exports_match_pytorch(smollm2_sft, tmp_path):
     scale = np.abs(want).max()
     print(f"ONNX: exported in {exported_in:.0f} s, {size:.0f} MiB, max logit diff vs PyTorch {diff:.2e} (logits up "
           f"to {scale:.1f}: {diff / scale:.1e} relative), greedy tokens equal: {onnx_greedy == greedy}")  # fmt: skip
-    assert diff < 1e-4  # measured 7.1e-5 on logits up to ~40 (against sdpa attention: 1.1e-4)
-    assert onnx_greedy == greedy
+    assert diff < 1e-5 * scale  # measured 1.8e-6 relative (7.1e-5 on logits up to ~40); a wrong graph is off by > 1
+    if onnx_greedy != greedy:  # thread counts reorder float sums: allowed to flip only where two tokens tie
+        same = [a == b for a, b in zip(onnx_greedy, greedy, strict=False)]
+        at = same.index(False) if False in same else len(same)
+        assert at < len(greedy) and at < len(onnx_greedy), (onnx_greedy, greedy)
+        with torch.no_grad():
+            last = plain(torch.tensor([ids + greedy[:at]])).logits[0, -1]
+        gap = (last[greedy[at]] - last[onnx_greedy[at]]).item()
+        assert gap < 1e-4 * scale, f"greedy decoding diverged at token {at} with a logit gap of {gap:.2e}"
