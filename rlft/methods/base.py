@@ -23,7 +23,8 @@ import transformers
 from rlft.data.collate import count_tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
-from rlft.strategies import full_state_dict, is_sharded
+from rlft.models.modes import disable_dropout
+from rlft.strategies import full_state_dict, full_weights, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,34 @@ class RLFTModule(L.LightningModule):
         optim = dataclasses.asdict(self.optim_settings)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model)
-        self.model = self.build_model()
-        # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, dropout and gradient
-        # checkpointing would silently stay off during training
-        self.model.train()
+        # the network is built by configure_model, inside the strategy's init context (ZeRO-3 loads each rank's
+        # partition only), or — used without a Trainer — on first access of `self.model`
+        self._network_built = False
         # checkpoints hold trainable weights only; the frozen base is reloaded from `model` on resume
         self.strict_loading = False
         self._step_started = 0.0
+
+    # ---------------------------------------------------------------- the network
+    def __getattr__(self, name: str):
+        if name == "model" and not self.__dict__.get("_network_built", True):
+            self.build_network()
+            return self._modules["model"]
+        return super().__getattr__(name)
+
+    def build_network(self) -> None:
+        """Build ``self.model`` (:meth:`build_model`), then what rests on it (:meth:`on_model_built`); runs once."""
+        self._network_built = True
+        self.model = self.build_model()
+        # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, dropout and gradient
+        # checkpointing would silently stay off during training (and a module put in eval() before the network
+        # existed stays in eval)
+        self.model.train(self.training)
+        self.on_model_built()
+
+    def on_model_built(self) -> None:
+        """Set up what needs the network (references, dropout, extra heads); override and call ``super()``."""
+        if self.hparams.get("disable_dropout", False):  # methods whose log-prob ratios dropout would make noisy
+            disable_dropout(self.model)
 
     def build_model(self) -> torch.nn.Module:
         """Load the network; override for extra heads (see ``RewardModel``)."""
@@ -108,17 +130,25 @@ class RLFTModule(L.LightningModule):
             gradient_checkpointing=hp.gradient_checkpointing, attn_implementation=hp.attn_implementation,
         )  # fmt: skip
 
-    def setup(self, stage: str) -> None:
+    def _packing(self) -> bool:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        packing = datamodule is not None and getattr(datamodule.hparams, "packing", False)
-        if packing and not self.supports_packed_batches:
+        return datamodule is not None and getattr(datamodule.hparams, "packing", False)
+
+    def setup(self, stage: str) -> None:
+        if self._packing() and not self.supports_packed_batches:
             raise ValueError(f"{type(self).__name__} does not take packed batches; set data.packing: false")
+
+    def _check_packing(self) -> None:
         lm = getattr(self.model, "backbone", self.model)  # a reward model's network wraps its causal LM
-        if packing and not (segmented_attention(lm) or supports_packing(lm)):
-            raise ValueError(
-                f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "
-                "attention mask), so padding-free packing would mix examples; set data.packing: false"
-            )
+        if segmented_attention(lm):
+            return
+        with full_weights(self):  # the probe runs a forward: under ZeRO-3 the layers are partitioned already
+            if supports_packing(lm):
+                return
+        raise ValueError(
+            f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "
+            "attention mask), so padding-free packing would mix examples; set data.packing: false"
+        )
 
     # ---------------------------------------------------------------- training loop
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -195,7 +225,12 @@ class RLFTModule(L.LightningModule):
             random.setstate(rng["python"])
 
     def configure_model(self) -> None:
-        """Let a sharding strategy (FSDP2) shard the networks; Lightning calls this before the optimiser exists."""
+        """Build the network and let a sharding strategy (FSDP2) shard it; Lightning calls this before the optimiser
+        exists, inside the strategy's init context."""
+        if not self._network_built:
+            self.build_network()
+        if self._packing():
+            self._check_packing()
         shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
         if shard is not None:
             shard(self)

@@ -25,10 +25,18 @@ import torch
 from rlft.data.collate import Collator
 from rlft.losses import DPO_LOSS_TYPES, dpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.models import LoraSettings, load_model
+from rlft.models import LoraSettings, is_adapter, load_model
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
-from rlft.models.scoring import PairLogps, batch_keys, causal_lm, pair_key, pair_logps, pair_metrics  # noqa: F401
+from rlft.models.scoring import (  # noqa: F401
+    PairLogps,
+    batch_keys,
+    causal_lm,
+    pair_key,
+    pair_logps,
+    pair_metrics,
+    vocabulary_size,
+)
 from rlft.registry import resolve
 from rlft.strategies import full_weights
 
@@ -92,20 +100,22 @@ class DPO(RLFTModule):
             model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
             merge_on_save,
         )  # fmt: skip
-        is_peft = hasattr(self.model, "disable_adapter")
+        is_peft = self.lora_settings is not None or is_adapter(model)  # known before the network is built
         self.reference_mode = reference or ("adapter" if is_peft else "model")
         if self.reference_mode not in ("adapter", "model", "precomputed"):
             raise ValueError(f"reference must be 'adapter', 'model' or 'precomputed', got {reference!r}")
         if self.reference_mode == "adapter" and not is_peft:
             raise ValueError("reference: adapter needs a LoRA policy (set `lora`), or use reference: model")
-        if disable_dropout:
-            zero_dropout(self.model)
         self.ref_model: torch.nn.Module | None = None
         self._ref_cache: dict[str, tuple[float, float]] | None = None
+
+    def on_model_built(self) -> None:
+        super().on_model_built()
+        hp = self.hparams
         if self.reference_mode == "model":
             self.ref_model = self._load_reference_model()
-        if is_peft and not (self.reference_mode == "precomputed" and ref_model):
-            load_reference_adapter(self.model, self.hparams.model)
+        if hasattr(self.model, "disable_adapter") and not (self.reference_mode == "precomputed" and hp.ref_model):
+            load_reference_adapter(self.model, hp.model)
 
     # ------------------------------------------------------------------------------------------ reference sources
     def _load_reference_model(self) -> torch.nn.Module:
@@ -113,8 +123,7 @@ class DPO(RLFTModule):
         ref = load_model(hp.ref_model or hp.model, dtype=hp.dtype, lora=None, trainable_adapter=False)
         ref.requires_grad_(False).eval()
         zero_dropout(ref)
-        policy_vocab = causal_lm(self.model).get_output_embeddings().weight.shape[0]
-        ref_vocab = causal_lm(ref).get_output_embeddings().weight.shape[0]
+        policy_vocab, ref_vocab = vocabulary_size(causal_lm(self.model)), vocabulary_size(causal_lm(ref))
         if ref_vocab != policy_vocab:
             raise ValueError(
                 f"ref_model {hp.ref_model!r} has a vocabulary of {ref_vocab} tokens but the policy has {policy_vocab}; "

@@ -46,13 +46,16 @@ class OnlineRL(RLFTModule):
         self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
         self.rewards = Rewards(rewards) if rewards else None
         self.last_reward_parts: dict[str, torch.Tensor] = {}
+        self._reference = (reference, use_reference)
+        self.reference_model = None
+
+    def on_model_built(self) -> None:
+        super().on_model_built()
         # log-prob ratios must compare the same network at rollout and update time
         disable_dropout(self.model)
-        self.reference_model = (
-            build_reference(self.model, self.hparams.model, reference, dtype=self.hparams.dtype)
-            if use_reference
-            else None
-        )
+        reference, use_reference = self._reference
+        if use_reference:
+            self.reference_model = build_reference(self.model, self.hparams.model, reference, dtype=self.hparams.dtype)
 
     # ------------------------------------------------------------------ hooks
     def rollout(self, batch: dict) -> Rollout:

@@ -13,7 +13,6 @@ import torch
 from rlft.losses import orpo_loss, simpo_loss
 from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.models import LoraSettings
-from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.scoring import PairLogps, pair_logps, pair_metrics
 
 
@@ -59,8 +58,6 @@ class ORPO(RLFTModule):
             model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
             merge_on_save,
         )  # fmt: skip
-        if disable_dropout:
-            zero_dropout(self.model)
 
     def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses ``[B]`` and the statistics of :func:`rlft.losses.orpo_loss` (override for a variant)."""
@@ -113,8 +110,6 @@ class SimPO(RLFTModule):
             model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
             merge_on_save,
         )  # fmt: skip
-        if disable_dropout:
-            zero_dropout(self.model)
 
     def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-example losses and rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""

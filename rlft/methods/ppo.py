@@ -146,8 +146,13 @@ class PPO(OnlineRL):
         self.kl_coef = self.kl_settings.coef
         self.init_online(rewards, sampling, reference=reference, use_reference=self.kl_coef > 0)
         self.critic = None
-        if critic is not None:
-            self.critic = load_model(critic, dtype=dtype, lora=self.lora_settings)
+        self.value_head = None
+
+    def on_model_built(self) -> None:
+        super().on_model_built()
+        hp = self.hparams
+        if hp.critic is not None:
+            self.critic = load_model(hp.critic, dtype=hp.dtype, lora=self.lora_settings)
             disable_dropout(self.critic)
         trunk = self.critic if self.critic is not None else self.model
         hidden = trunk.config.get_text_config().hidden_size

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -95,8 +94,8 @@ def _hub_hint(model: str, error: Exception) -> RuntimeError:
     # the hub's own message runs to several sentences of links; its first one says what went wrong
     reason = re.split(r"(?<=\.)\s", str(error).strip(), maxsplit=1)[0].rstrip(".")
     return RuntimeError(
-        f"could not load {model!r}: {reason}. Offline? Use a local folder, a .gguf file or an alias "
-        f"({', '.join(sorted(REGISTRY))}); `rlft models pull NAME` prepares one"
+        f"could not load {model!r}: {reason}. Offline? Use a local folder, a .gguf file or one of "
+        f"rlft's offline aliases ({', '.join(sorted(REGISTRY))}); `rlft models pull NAME` prepares one"
     )
 
 
@@ -159,6 +158,15 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> transformers.
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
     return transformers.BitsAndBytesConfig(load_in_8bit=True)
+
+
+def is_adapter(model: str) -> bool:
+    """Whether ``model`` is a LoRA adapter (an adapter folder, or an rlft checkpoint of a LoRA run), known without
+    loading it."""
+    if is_checkpoint(model):
+        hparams = checkpoint_hparams(model)
+        return bool(hparams.get("lora")) or is_adapter(str(hparams["model"]))
+    return (Path(model).expanduser() / "adapter_config.json").is_file()
 
 
 def load_model(

@@ -74,7 +74,9 @@ def build_reference(
         return None
     if reference is None:
         log.warning("no LoRA: keeping a frozen copy of the initial policy as the KL reference (twice the memory)")
-        ref = copy.deepcopy(policy)
+        # a ZeRO-3 partition cannot be deep-copied; loading the same weights again is the same initial policy
+        partitioned = any(hasattr(p, "ds_id") for p in policy.parameters())
+        ref = load_model(model, dtype=dtype, trainable_adapter=False) if partitioned else copy.deepcopy(policy)
     else:
         ref = load_model(reference, dtype=dtype, trainable_adapter=False)
     return ref.requires_grad_(False).eval()

@@ -45,6 +45,12 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def vocabulary_size(lm: torch.nn.Module) -> int:
+    """Rows of the output head; a ZeRO-3 partition's own shape is ``[0]``, its full one ``ds_shape``."""
+    weight = lm.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
     """The LM head when logits are exactly ``hidden @ W.T (+ b)``; None when the model rescales or caps them."""
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None

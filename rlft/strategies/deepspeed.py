@@ -11,6 +11,12 @@ Two things Lightning leaves to the user are filled in here:
 - **Gradient clipping for manual optimisation.** DeepSpeed clips inside ``engine.step()`` from its config, so the
   ``max_grad_norm`` of PPO/GRPO (which step the optimiser themselves) is written into the config, as the
   trainer's ``gradient_clip_val`` is for the other methods.
+- **Loading under ZeRO-3.** rlft methods build their network in ``configure_model``; there, transformers' own
+  ZeRO-3 loading is switched on (``HfDeepSpeedConfig``), so each rank allocates only its partition of the base
+  and fills it from the checkpoint — no rank holds the whole model first. Lightning's ``deepspeed.zero.Init``
+  around the whole hook is not used: it would also partition the LoRA layers the moment PEFT creates them, and
+  PEFT's initialisation (``lora_B = 0``) would then write into empty partitions. The small modules built after
+  the base (LoRA, reward and value heads) are partitioned by ``deepspeed.initialize``.
 - **The precision a CPU can run.** fp16 needs loss scaling and fp16 kernels that DeepSpeed's CPU accelerator does
   not have; it is refused up front with the fix, instead of failing deep inside the engine.
 """
@@ -18,7 +24,9 @@ Two things Lightning leaves to the user are filled in here:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
@@ -46,6 +54,22 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         rank (DeepSpeed's default 1e5); 0 shards every parameter."""
         super().__init__(*args, **kwargs)
         self.param_persistence_threshold = param_persistence_threshold
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        if not self.zero_stage_3:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        self._init_config_if_needed()
+        # transformers keeps only a weak reference: the object must live until the network is built
+        hf_config = HfDeepSpeedConfig(self.config)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()  # later loads (a reward model scoring rollouts) stay whole
+            del hf_config
 
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CPUAccelerator):

@@ -72,6 +72,13 @@ def full_weights(module: torch.nn.Module) -> Iterator[None]:
         with _zero3_unhooked(engine):
             yield
         return
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if partitioned:  # built under ZeRO-3 but not yet in an engine: no fetch hooks to switch off
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            yield
+        return
     sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not sharded:
         yield

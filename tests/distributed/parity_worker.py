@@ -49,8 +49,11 @@ METHODS = {
     # PPO scored by a reward model (each rank scores its own rollouts with its own replica)
     "ppo_rm": (
         "ppo",
-        {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None,
-         "rewards": [{"source": "reward_model", "options": {"path": "{assets}/rm"}}]},
+        {
+            "sampling": {"max_new_tokens": 8, "temperature": 0.0},
+            "minibatch_size": None,
+            "rewards": [{"source": "reward_model", "options": {"path": "{assets}/rm"}}],
+        },
     ),  # fmt: skip
 }
 
@@ -110,6 +113,22 @@ class RaggedGenerationProbe(L.Callback):
             self.lengths = [int(t) for t in gathered]
         else:
             self.lengths = [int(done)]
+
+
+def record_load(module) -> dict:
+    """Elements of the frozen base a rank holds right after the network is built, and their full count (a ZeRO-3
+    parameter keeps its partition in ``ds_tensor`` and an empty ``data``)."""
+    held: dict = {}
+    built = module.on_model_built
+
+    def probe() -> None:
+        frozen = [p for p in module.model.parameters() if not p.requires_grad]
+        held["held"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen)
+        held["full"] = sum(getattr(p, "ds_numel", p.numel()) for p in frozen)
+        built()
+
+    module.on_model_built = probe
+    return held
 
 
 class LossRecorder(L.Callback):
@@ -182,6 +201,7 @@ def main() -> None:
     for method in args.methods:
         L.seed_everything(0, verbose=False)
         module, data = build(method, args.out, args.assets)
+        load = record_load(module)
         recorder, probe = LossRecorder(), RaggedGenerationProbe()
         trainer = L.Trainer(
             accelerator="cpu", devices=world, strategy=strategy_for(args.strategy), max_steps=args.steps,
@@ -192,7 +212,7 @@ def main() -> None:
         trainer.fit(module, datamodule=data)
         weights = full_state_dict(module, trainable_only=True)
         if trainer.is_global_zero:
-            result = {"losses": recorder.losses, "weights": weights, "generated": probe.lengths}
+            result = {"losses": recorder.losses, "weights": weights, "generated": probe.lengths, "load": load}
             torch.save(result, args.out / f"{method}.pt")
         print(f"parity_worker: {method} {args.strategy} losses {recorder.losses}", file=sys.stderr, flush=True)
 

@@ -145,6 +145,7 @@ def test_gradient_checkpointing_with_lora_keeps_loss_and_gradients():
 def test_adapter_reference_is_the_base_without_a_second_copy():
     batch = pairs_batch("tiny-llama")
     dpo = DPO("tiny-llama", lora=LORA)
+    dpo.configure_model()  # what Trainer.fit calls: the network is built there (lazily on first `.model` otherwise)
     assert dpo.reference_mode == "adapter" and dpo.ref_model is None
     base_params = sum(p.numel() for p in load_model("tiny-llama").parameters())
     lora_params = sum(p.numel() for p in dpo.parameters() if p.requires_grad)
@@ -165,6 +166,7 @@ def test_adapter_reference_is_the_base_without_a_second_copy():
 def test_separate_reference_model_any_model_string():
     batch = pairs_batch("tiny-llama")
     dpo = DPO("tiny-llama", lora=None)  # no LoRA: a separate frozen copy is the default
+    dpo.configure_model()  # the network and its reference are built here (Trainer.fit calls it)
     assert dpo.reference_mode == "model" and dpo.ref_model is not None
     assert not any(p.requires_grad for p in dpo.ref_model.parameters())
     loss, metrics = dpo.compute_loss(batch)
