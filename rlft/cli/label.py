@@ -93,7 +93,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from rlft.label import store
+    from rlft.label import queries
     from rlft.label.export import export_pairs, format_win_rates, win_rates
 
     engine = _engine(args)
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     skipped = ", ".join(f"{k}={counts[k]}" for k in ("too_few_votes", "all_ties", "split", "low_agreement"))
     print(f"wrote {summary.written} pairs to {args.out}; skipped: {skipped}; never labeled: {summary.unlabeled}")
     if args.winrate:
-        results = win_rates(store.load_votes(engine))
+        results = win_rates(queries.load_votes(engine))
         with open(args.winrate, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
         print(format_win_rates(results))

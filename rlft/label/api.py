@@ -33,7 +33,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import Engine
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.db import SCHEMA_VERSION, open_database
 from rlft.label.export import build_pairs, win_rates
 from rlft.label.importing import ImportValidationError, join_generations, parse_pair_rows
@@ -111,8 +111,8 @@ def _task_json(task: store.Task | None) -> dict | None:
 
 def stats_payload(engine: Engine) -> dict:
     """Everything the stats endpoint, the UI's stats tab and ``rlft label stats`` show."""
-    votes = store.load_votes(engine)
-    return {"overview": store.overview(engine), "quality": quality_report(votes), "win_rates": win_rates(votes)}
+    votes = queries.load_votes(engine)
+    return {"overview": queries.overview(engine), "quality": quality_report(votes), "win_rates": win_rates(votes)}
 
 
 def create_app(
@@ -168,12 +168,12 @@ def create_app(
 
     @app.get("/api/me")
     def me(user: User) -> dict:
-        return {"name": user.name, "is_admin": user.is_admin, "progress": store.progress(engine, user.id)}
+        return {"name": user.name, "is_admin": user.is_admin, "progress": queries.progress(engine, user.id)}
 
     @app.post("/api/next")
     def next_task(user: User) -> dict:
         task = store.claim_next(engine, user.id, lease_seconds=lease_seconds)
-        return {"task": _task_json(task), "progress": store.progress(engine, user.id)}
+        return {"task": _task_json(task), "progress": queries.progress(engine, user.id)}
 
     @app.post("/api/preferences", status_code=201)
     def submit(body: Submission, user: User) -> dict:
@@ -226,8 +226,8 @@ def create_app(
         min_agreement: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
         with_metadata: bool = False,
     ) -> Response:
-        votes = store.load_votes(engine)
-        examples = store.load_examples(engine, {v.example_id for v in votes})
+        votes = queries.load_votes(engine)
+        examples = queries.load_examples(engine, {v.example_id for v in votes})
         pairs, summary = build_pairs(
             votes, examples, min_votes=min_votes, min_agreement=min_agreement, with_metadata=with_metadata
         )
@@ -237,7 +237,7 @@ def create_app(
 
     @app.get("/api/export/winrates")
     def export_winrates(_: Admin) -> list[dict]:
-        return win_rates(store.load_votes(engine))
+        return win_rates(queries.load_votes(engine))
 
     from rlft.label.ranking_api import add_ranking_routes
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from rlft.label.agreement import mean_interval, wilson_interval
-from rlft.label.store import Vote, load_examples, load_votes, overview
+from rlft.label.queries import Vote, load_examples, load_votes, overview
 
 SKIP_REASONS = ("too_few_votes", "all_ties", "split", "low_agreement")
 

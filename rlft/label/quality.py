@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from itertools import combinations
 
 from rlft.label.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha, plurality, wilson_interval
-from rlft.label.store import Vote
+from rlft.label.queries import Vote
 
 
 def _position(votes: Sequence[Vote]) -> dict:

@@ -15,7 +15,7 @@ import time
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.export import format_win_rates, win_rates
 from rlft.label.quality import format_report, quality_report
 
@@ -57,7 +57,7 @@ def render_prompt(messages: list[dict[str, str]]) -> str:
 
 
 def _progress_text(engine: Engine, identity: store.Identity, note: str = "") -> str:
-    prog = store.progress(engine, identity.id)
+    prog = queries.progress(engine, identity.id)
     text = f"**{identity.name}** — labeled **{prog['done']}**, remaining **{prog['remaining']}**"
     return f"{text}  \n{note}" if note else text
 
@@ -154,8 +154,8 @@ def build_blocks(engine: Engine, *, lease_seconds: float = 600.0) -> gr.Blocks:
                 store.authenticate(engine, (token or "").strip())
             except store.LabelError as exc:
                 return f"**Error:** {exc}"
-            votes = store.load_votes(engine)
-            report = format_report(quality_report(votes), store.overview(engine))
+            votes = queries.load_votes(engine)
+            report = format_report(quality_report(votes), queries.overview(engine))
             return f"{report}\n\n### Model win-rates\n\n{format_win_rates(win_rates(votes))}"
 
         def restore_token(saved: str):

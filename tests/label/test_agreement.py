@@ -15,7 +15,7 @@ from rlft.label.agreement import (
     wilson_interval,
 )
 from rlft.label.quality import format_report, quality_report
-from rlft.label.store import Vote
+from rlft.label.queries import Vote
 
 
 def test_cohen_kappa_two_by_two_table():

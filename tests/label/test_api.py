@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from fastapi.testclient import TestClient
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.api import create_app
 from rlft.label.db import SCHEMA_VERSION, open_database
 from rlft.label.importing import parse_pair_rows
@@ -133,7 +133,7 @@ def test_import_label_export_round_trip(ctx):
     assert sorted(seen["alice"]) == sorted(seen["bob"]) == [1, 2, 3]
     assert c.get("/api/me", headers=ctx.bob).json()["progress"] == {"done": 3, "remaining": 0}
 
-    votes = store.load_votes(ctx.engine)
+    votes = queries.load_votes(ctx.engine)
     assert len(votes) == 6
     alice_votes = {v.example_id: v.choice for v in votes if v.labeler == "alice"}
     assert alice_votes == {1: "a", 2: "b", 3: "b"}  # stored A/B, whatever side each was shown on
@@ -195,7 +195,7 @@ def test_malformed_input_gets_clear_4xx(ctx):
     )
     twice = c.post("/api/preferences", json={"assignment_id": aid, "choice": "a"}, headers=ctx.alice)
     assert twice.status_code == 409 and "already submitted" in twice.json()["detail"]
-    assert len(store.load_votes(ctx.engine)) == 1
+    assert len(queries.load_votes(ctx.engine)) == 1
 
     assert c.post("/api/labelers", json={"name": "alice"}, headers=ctx.admin).status_code == 409
     assert c.post("/api/labelers", json={"name": ""}, headers=ctx.admin).status_code == 422
@@ -220,7 +220,7 @@ def test_import_generations_reports_unmatched(ctx):
     body = r.json()
     assert (body["inserted"], body["unmatched_a"], body["unmatched_b"]) == (2, 1, 1)
     assert any("a[2]" in n for n in body["notes"]) and any("b[2]" in n for n in body["notes"])
-    models = {(v["model_a"], v["model_b"]) for v in store.load_examples(ctx.engine, [1, 2]).values()}
+    models = {(v["model_a"], v["model_b"]) for v in queries.load_examples(ctx.engine, [1, 2]).values()}
     assert models == {("small", "big"), ("small", "model_b")}
     bad = ctx.client.post("/api/import/generations", json={"a": [{"prompt": "x"}], "b": b}, headers=ctx.admin)
     assert bad.status_code == 422 and bad.json()["errors"] == [
@@ -245,5 +245,5 @@ def test_expired_lease_is_reassigned_and_late_submit_refused(db_url):
         ok = c.post("/api/preferences", json={"assignment_id": taken["assignment_id"], "choice": "b"}, headers=bob)
         assert ok.status_code == 201
         assert c.post("/api/next", headers=alice).json()["task"] is None
-    assert [(v.labeler, v.example_id) for v in store.load_votes(engine)] == [("bob", 1)]
+    assert [(v.labeler, v.example_id) for v in queries.load_votes(engine)] == [("bob", 1)]
     engine.dispose()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.db import open_database
 from rlft.label.importing import PairRecord
 
@@ -118,7 +118,7 @@ def test_label_two_examples_in_the_browser(tmp_path, serve, browser):
     _wait(lambda: "labeled 3" in status_text(), what="keyboard vote")
     _wait(lambda: "Nothing left" in status_text(), what="end of queue")
 
-    votes = {v.example_id: v for v in store.load_votes(engine)}
+    votes = {v.example_id: v for v in queries.load_votes(engine)}
     assert sorted(votes) == [1, 2, 3] and {v.labeler for v in votes.values()} == {"dana"}
     first, second, third = votes[1], votes[2], votes[3]
     assert first.shown_choice == "left" and first.confidence == 3

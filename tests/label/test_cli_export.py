@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from rlft.cli.label import main
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.db import SCHEMA_VERSION, SchemaVersionError, normalise_url, open_database
 from rlft.label.export import build_pairs, decide, win_rates
 from rlft.label.importing import ImportValidationError, load_generations, load_pairs
@@ -42,7 +42,7 @@ def test_export_rules_thresholds():
 
 
 def _vote(example_id, labeler, choice, model_a="x", model_b="y"):
-    return store.Vote(example_id, labeler, choice, "left", False, 3, 1.0, model_a, model_b)
+    return queries.Vote(example_id, labeler, choice, "left", False, 3, 1.0, model_a, model_b)
 
 
 def test_win_rates_hand_computed():

@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 
 import httpx
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.db import open_database
 from rlft.label.importing import PairRecord
 
@@ -86,7 +86,7 @@ def test_parallel_labelers_lose_nothing_and_respect_overlap(db_url, serve):
     assert max(len(h) for h in holders.values()) <= OVERLAP
     assert len(holders) == N_EXAMPLES and all(len(h) == OVERLAP for h in holders.values())
 
-    votes = store.load_votes(engine)
+    votes = queries.load_votes(engine)
     submitted = {
         (name, ex): (choice, shown_a) for name, log in logs.items() for ex, choice, shown_a in log["submitted"]
     }
@@ -97,7 +97,7 @@ def test_parallel_labelers_lose_nothing_and_respect_overlap(db_url, serve):
         expected = choice if choice == "tie" or left_is_a else {"a": "b", "b": "a"}[choice]
         assert vote.choice == expected and vote.swapped == (not left_is_a)
     assert Counter(v.example_id for v in votes) == Counter({i: OVERLAP for i in range(1, N_EXAMPLES + 1)})
-    assert store.overview(engine)["leased"] == 0
+    assert queries.overview(engine)["leased"] == 0
 
     latencies = [x for log in logs.values() for x in log["latency"]]
     backend = db_url.split(":")[0] if "://" in db_url else "sqlite"

@@ -15,7 +15,7 @@ from collections import Counter
 
 import httpx
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.db import open_database
 from rlft.label.importing import PairRecord
 
@@ -98,7 +98,7 @@ def test_fifty_labelers_lose_no_vote_and_stay_fast(db_url, serve):
         "max_ms": round(1000 * max(everything), 1), "transport_retries": log["transport_retries"],
     }  # fmt: skip
     print(f"label load test: {figures}")
-    votes = store.load_votes(engine)
+    votes = queries.load_votes(engine)
     assert log["accepted"] == LABELERS * VOTES and log["starved"] == 0
     assert len(votes) == log["accepted"], "votes were lost"
     assert not [code for code in log["status"] if code >= 500], log["status"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import inspect, text
 
-from rlft.label import store
+from rlft.label import queries, store
 from rlft.label.db import SCHEMA_VERSION, open_database
 from rlft.label.importing import PairRecord
 
@@ -23,5 +23,5 @@ def test_version_1_database_gains_the_free_slot_index(db_url):
         assert conn.execute(text("SELECT version FROM schema_info")).scalar_one() == SCHEMA_VERSION
     token = store.add_labeler(engine, "alice")
     task = store.claim_next(engine, store.authenticate(engine, token).id)
-    assert task is not None and store.progress(engine, store.authenticate(engine, token).id)["remaining"] == 1
+    assert task is not None and queries.progress(engine, store.authenticate(engine, token).id)["remaining"] == 1
     engine.dispose()
