@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,39 @@ def fit_losses(tmp_path):
         return recorder.losses
 
     return fit
+
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_service(available: bool, what: str) -> None:
+    """Skip outside CI, fail in CI, when a service the test needs is missing."""
+    if available:
+        return
+    message = f'{what} not available; run: eval "$(sudo bash scripts/services.sh)"'
+    if IN_CI:
+        pytest.fail(f"CI=true but {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    base = os.environ.get("RLFT_TEST_POSTGRES_URL")
+    require_service(bool(base), "PostgreSQL (RLFT_TEST_POSTGRES_URL)")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from rlft.label.db import normalise_url
+
+    url = make_url(normalise_url(base))
+    name = f"rlft_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

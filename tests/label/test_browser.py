@@ -16,8 +16,9 @@ import pytest
 from rlft.label import queries, store
 from rlft.label.db import open_database
 from rlft.label.importing import PairRecord
+from tests.conftest import require_service
 
-from .conftest import chromium_paths, require_service
+from .conftest import chromium_paths
 
 EXAMPLES = [
     PairRecord(

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 # a trial of the tiny configs in a few seconds: 8 steps, validation at 4 and 8, nothing printed per step
 TINY = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false"]  # fmt: skip
@@ -50,28 +46,3 @@ def last_logged():
 def tiny() -> list[str]:
     """Config overrides that make a tiny-config trial take seconds."""
     return list(TINY)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database (dropped afterwards); skipped without RLFT_TEST_POSTGRES_URL, failed under CI."""
-    base = os.environ.get("RLFT_TEST_POSTGRES_URL")
-    if not base:
-        message = 'PostgreSQL not available (RLFT_TEST_POSTGRES_URL); run: eval "$(sudo bash scripts/services.sh)"'
-        if IN_CI:
-            pytest.fail(f"CI=true but {message}")
-        pytest.skip(message)
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    url = make_url(base)
-    name = f"rlft_tune_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
