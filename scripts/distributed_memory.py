@@ -2,8 +2,9 @@
 
     python scripts/distributed_memory.py [--config configs/sft/smollm2_lora.yaml] [--steps 3]
 
-Each run is a fresh `rlft fit` with rlft.callbacks.MemoryReport; prints RSS after setup (model loaded and
-sharded), during training, and the peak, for each rank.
+Each run is a fresh `rlft fit` with rlft.callbacks.MemoryReport; prints, for each rank, RSS and its anonymous part
+(RssAnon: what the process holds itself, without the page cache of the mmap-ed checkpoint that all ranks share)
+after setup (model loaded and sharded) and during training, and the peak RSS.
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ def main() -> None:
             for rank in (0, 1):
                 numbers = json.loads((Path(root) / "memory" / f"rank{rank}.json").read_text())
                 rows.append((name, rank, numbers))
-    print(f"{'strategy':<18}{'rank':>5}{'RSS after setup MB':>20}{'RSS training MB':>17}{'peak RSS MB':>13}")
+    columns = {
+        "peak_rss_mb_at_fit_start": "peak at fit start",
+        "rss_mb_after_setup": "RSS after setup",
+        "anon_mb_after_setup": "anon after setup",
+        "rss_mb_training": "RSS training",
+        "anon_mb_training": "anon training",
+        "peak_rss_mb": "peak RSS",
+    }
+    print(f"{'strategy':<18}{'rank':>5}" + "".join(f"{title + ' MB':>20}" for title in columns.values()))
     for name, rank, n in rows:
-        print(
-            f"{name:<18}{rank:>5}{n.get('rss_mb_after_setup', 0):>20.0f}{n.get('rss_mb_training', 0):>17.0f}"
-            f"{n.get('peak_rss_mb', 0):>13.0f}"
-        )
+        print(f"{name:<18}{rank:>5}" + "".join(f"{n.get(key, 0):>20.0f}" for key in columns))
 
 
 if __name__ == "__main__":

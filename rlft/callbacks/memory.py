@@ -15,13 +15,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _anonymous_mb() -> float:
+    """Resident memory that is not a mapped file (RssAnon): the tensors this process holds itself, without the
+    page-cache pages of an mmap-ed checkpoint that every process on the machine shares."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class MemoryReport(L.Callback):
-    """Writes ``<default_root_dir>/memory/rank<R>.json`` at the end of fit: RSS after the model was loaded and
-    sharded (fit start), after the first optimisation steps, and the process's peak RSS; peak GPU memory too.
+    """Writes ``<default_root_dir>/memory/rank<R>.json`` at the end of fit: RSS and its anonymous part (without
+    mapped checkpoint files) after the model was loaded and sharded (train start) and after the first optimisation
+    steps, and the process's peak RSS; peak GPU memory too.
 
     Args:
         after_steps: Measure the training-time RSS after this many steps.
@@ -36,10 +47,12 @@ class MemoryReport(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.numbers["rss_mb_after_setup"] = _rss_mb()
+        self.numbers["anon_mb_after_setup"] = _anonymous_mb()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.after_steps and "rss_mb_training" not in self.numbers:
             self.numbers["rss_mb_training"] = _rss_mb()
+            self.numbers["anon_mb_training"] = _anonymous_mb()
 
     def on_fit_end(self, trainer, module) -> None:
         self.numbers["peak_rss_mb"] = _peak_rss_mb()

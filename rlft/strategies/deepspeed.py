@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import os
 from collections.abc import Iterator
 
@@ -38,6 +40,16 @@ if not torch.cuda.is_available():
     # what DeepSpeed would pick anyway; said up front, it does not print its "no GPU detected" warning on stdout
     # (which would end up in `rlft fit --print_config`)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _return_freed_memory() -> None:
+    """Give the heap freed by the load's one-parameter-at-a-time gathers back to the OS (glibc keeps it otherwise:
+    measured ~190 MB more resident memory per rank after setup for SmolLM2-135M on CPU)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
@@ -70,6 +82,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         finally:
             unset_hf_deepspeed_config()  # later loads (a reward model scoring rollouts) stay whole
             del hf_config
+            _return_freed_memory()
 
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CPUAccelerator):
