@@ -160,9 +160,11 @@ class GRPO(OnlineRL):
                 old = part.logps if part.logps is not None else logps.detach()
                 losses, loss_stats = self.policy_loss(logps, old, part.ref_logps, advantages[rows], mask[rows])
                 loss = losses.mean()
+                if hp.loss_aggregation == "token":  # a token mean over the global minibatch, not each rank's own
+                    loss = loss * self.token_share(mask[rows])
                 self.optimizer_update(loss)
                 step = {
-                    "loss": loss.detach(),
+                    "loss": self.mean_over_processes(loss.detach()),
                     "entropy": masked_mean(entropy, mask[rows]),
                     "approx_kl": masked_mean(0.5 * (logps.detach() - old) ** 2, mask[rows]),
                     **{k: v.mean() for k, v in loss_stats.items()},

@@ -95,6 +95,24 @@ class OnlineRL(RLFTModule):
         raw = raw.to(self.device)
         return raw, self.shape_scores(rollout, raw)
 
+    def token_share(self, mask: torch.Tensor) -> torch.Tensor:
+        """This rank's weight in a token mean over the *global* minibatch: ``local tokens * world / all tokens``.
+
+        A rank's token-mean loss divides by its own token count, and data parallelism averages the ranks'
+        gradients, so with ragged completions each rank's tokens would weigh ``1 / its count`` instead of
+        ``1 / the global count``. A loss multiplied by this gives, averaged over ranks, the gradient one process
+        computes on the whole minibatch (1 in one process; a collective otherwise: every rank calls it).
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return torch.ones((), device=mask.device)
+        local = mask.sum().float()
+        return local * self.trainer.world_size / self.sum_over_processes(local).clamp(min=1.0)
+
+    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over all training processes (itself in one process)."""
+        world = 1 if self._trainer is None else self.trainer.world_size
+        return self.sum_over_processes(value) / world
+
     def optimizer_update(self, loss: torch.Tensor) -> None:
         """One optimiser step on ``loss``: backward, clip to ``max_grad_norm``, step, schedule."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()

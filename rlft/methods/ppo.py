@@ -269,10 +269,11 @@ class PPO(OnlineRL):
                 value_losses, value_stats = ppo_value_loss(
                     values, part.values, returns[rows], mask[rows], clip_range_value=hp.clip_range_value
                 )
-                loss = policy_losses.mean() + hp.vf_coef * value_losses.mean()
+                # both are token means: weighted by this rank's share of the global minibatch's tokens
+                loss = (policy_losses.mean() + hp.vf_coef * value_losses.mean()) * self.token_share(mask[rows])
                 self.optimizer_update(loss)
                 step = {
-                    "loss": loss.detach(),
+                    "loss": self.mean_over_processes(loss.detach()),
                     "policy_loss": policy_losses.detach().mean(),
                     "value_loss": value_losses.detach().mean(),
                     "entropy": masked_mean(entropy, mask[rows]),

@@ -108,8 +108,10 @@ class ReinforcePP(OnlineRL):
                     with_entropy=True,
                 )  # fmt: skip
                 losses, stats = self.policy_loss(logps, part.logps, advantages[rows], mask[rows])
-                self.optimizer_update(losses.mean())
-                step = {"loss": losses.detach().mean(), "entropy": masked_mean(entropy, mask[rows]), **stats}
+                loss = losses.mean() * self.token_share(mask[rows])  # a token mean over the global minibatch
+                self.optimizer_update(loss)
+                step = {"loss": self.mean_over_processes(loss.detach()), **stats}
+                step["entropy"] = masked_mean(entropy, mask[rows])
                 for key, value in step.items():
                     totals.setdefault(key, []).append(value.mean())
         metrics = {**self.rollout_metrics(rollout, raw, shaped, started), "kl": kl.sum(-1).mean()}

@@ -44,6 +44,12 @@ METHODS = {
         {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None, "critic": "tiny-llama"},
     ),  # fmt: skip
     "grpo": ("grpo", {"sampling": {"max_new_tokens": 8, "temperature": 1.0}, "group_size": 2}),
+    # completions that stop at different lengths (the greedy continuations of the first prompts stop on this token at
+    # different positions): each rank holds a different number of response tokens, so PPO's token mean must be global
+    "ppo_ragged": (
+        "ppo",
+        {"sampling": {"max_new_tokens": 8, "temperature": 0.0, "stop_token_ids": [227]}, "minibatch_size": None},
+    ),  # fmt: skip
     # DPO from an SFT adapter folder: the reference is that adapter, loaded again as the frozen `ref` adapter
     "dpo_sft_ref": ("dpo", {"model": "{assets}/sft", "reference": "adapter"}),
     # PPO scored by a reward model (each rank scores its own rollouts with its own replica)
