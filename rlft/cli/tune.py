@@ -15,6 +15,7 @@ objective is the last value of ``--metric`` the trial logged (``trainer.callback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -52,11 +53,25 @@ class _ParseOnlyCLI(RLFTCLI):
         pass
 
 
+@contextlib.contextmanager
+def _explicit_args():
+    """The fit parser gets its arguments explicitly; Lightning warns when ``sys.argv`` (here ``tune ...``) holds
+    others too, once per trial, so it is hidden while the CLI is built."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
 def parse_fit_config(args: list[str]):
     """``rlft fit``'s resolved config of ``-c FILE ... --key value``, nothing built (raises ArgumentError)."""
-    cli = _ParseOnlyCLI(
-        RLFTModule, PreferenceDataModule, args=args, run=False, parser_kwargs={"exit_on_error": False}, **CLI_KWARGS
-    )
+    with _explicit_args():
+        cli = _ParseOnlyCLI(
+            RLFTModule, PreferenceDataModule, args=args, run=False, parser_kwargs={"exit_on_error": False},
+            **CLI_KWARGS,
+        )  # fmt: skip
     return cli.config
 
 
@@ -78,10 +93,11 @@ class Trials:
         self.base_args = [arg for config in configs for arg in ("-c", config)] + overrides
         self.out_dir, self.metric, self.study_name = out_dir, metric, study_name
         try:
-            cli = _ParseOnlyCLI(
-                RLFTModule, PreferenceDataModule, args=self.base_args, run=False,
-                parser_kwargs={"exit_on_error": False}, **CLI_KWARGS,
-            )  # fmt: skip
+            with _explicit_args():
+                cli = _ParseOnlyCLI(
+                    RLFTModule, PreferenceDataModule, args=self.base_args, run=False,
+                    parser_kwargs={"exit_on_error": False}, **CLI_KWARGS,
+                )  # fmt: skip
         except ArgumentError as error:
             raise SystemExit(f"rlft tune: the base config does not parse: {error}") from None
         self.parser = cli.parser
@@ -162,10 +178,11 @@ class Trials:
     def run(self, config: Path, trial: optuna.Trial | None) -> float:
         _finish_wandb_run()  # WandbLogger would otherwise log this trial into a run still open in this process
         callbacks = [StepPruningCallback(trial, self.metric)] if trial is not None else []
-        cli = RLFTCLI(
-            RLFTModule, PreferenceDataModule, args=["-c", str(config)], run=False,
-            trainer_defaults={"callbacks": callbacks}, **CLI_KWARGS,
-        )  # fmt: skip
+        with _explicit_args():
+            cli = RLFTCLI(
+                RLFTModule, PreferenceDataModule, args=["-c", str(config)], run=False,
+                trainer_defaults={"callbacks": callbacks}, **CLI_KWARGS,
+            )  # fmt: skip
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         finally:
