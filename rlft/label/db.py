@@ -131,6 +131,13 @@ class Preference(Base):
     __table_args__ = (UniqueConstraint("example_id", "labeler_id", name="uq_preference_labeler"),)
 
 
+# the Core tables of the ORM classes, under the short names the queries use
+A = Assignment.__table__
+E = Example.__table__
+L = Labeler.__table__
+P = Preference.__table__
+
+
 def _migrate_to_1(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 

@@ -10,12 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
-from rlft.label.db import Assignment, Example, Labeler, Preference, read_only, utcnow
-
-A = Assignment.__table__
-E = Example.__table__
-L = Labeler.__table__
-P = Preference.__table__
+from rlft.label.db import A, E, L, P, read_only, utcnow
 
 
 @dataclass(frozen=True)

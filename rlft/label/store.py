@@ -29,13 +29,8 @@ from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from rlft.label.db import Assignment, Example, Labeler, Preference, read_only, utcnow
+from rlft.label.db import A, E, L, P, read_only, utcnow
 from rlft.label.importing import PairRecord
-
-A = Assignment.__table__
-E = Example.__table__
-L = Labeler.__table__
-P = Preference.__table__
 
 CHOICES = ("a", "b", "tie")
 # displayed side -> stored response, for (swapped=False, swapped=True)

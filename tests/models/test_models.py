@@ -117,3 +117,20 @@ def test_methods_train_in_train_mode_so_checkpointing_is_active():
     module = SFT(model="tiny-llama", gradient_checkpointing=True)
     layers = [m for m in module.model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers and all(m.training for m in module.model.modules())
+
+
+def test_is_adapter_is_known_before_loading_and_picks_dpos_reference(tmp_path):
+    from rlft.methods import DPO
+    from rlft.models import is_adapter
+
+    model = load_model("tiny-llama", lora=LoraSettings(r=4, dropout=0.0))
+    model.save_pretrained(tmp_path / "adapter")
+    load_tokenizer("tiny-llama").save_pretrained(tmp_path / "adapter")
+    assert is_adapter(str(tmp_path / "adapter"))
+    assert not is_adapter("tiny-llama") and not is_adapter(str(tmp_path))
+    # continuing an adapter folder without new LoRA settings: the frozen copy of that adapter is the reference
+    dpo = DPO(str(tmp_path / "adapter"), lora=None)
+    assert dpo.reference_mode == "adapter"
+    assert "ref" in dpo.model.peft_config  # built on first access, with the `ref` adapter loaded
+    with pytest.raises(ValueError, match="reference: adapter needs a LoRA policy"):
+        DPO("tiny-llama", lora=None, reference="adapter")
