@@ -140,10 +140,8 @@ class RLFTModule(L.LightningModule):
 
     def _check_packing(self) -> None:
         lm = getattr(self.model, "backbone", self.model)  # a reward model's network wraps its causal LM
-        if segmented_attention(lm):
-            return
-        with full_weights(self):  # the probe runs a forward: under ZeRO-3 the layers are partitioned already
-            if supports_packing(lm):
+        with full_weights(self):  # both probes run forwards: under ZeRO-3 the layers are partitioned already
+            if segmented_attention(lm) or supports_packing(lm):
                 return
         raise ValueError(
             f"{type(self.model).__name__} does not keep packed sequences apart (its positions come from the "

@@ -32,6 +32,7 @@ GLOBAL_BATCH = 4
 # which differs between one process and two; lr is low enough that fp32 reduction order stays at rounding level
 METHODS = {
     "sft": ("sft", {}),
+    "sft_packed": ("sft", {}),  # padding-free batches: the packing probe runs on the sharded network first
     "rm": ("rm", {}),
     "dpo": ("dpo", {"reference": "adapter"}),
     "dpo_full_ref": ("dpo", {"reference": "model"}),
@@ -183,6 +184,7 @@ def build(method: str, out: Path, assets: Path | None = None):
     cls = getattr(importlib.import_module(module_path), cls_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_args = {**data_cfg["init_args"], "batch_size": GLOBAL_BATCH // world, "val_fraction": 0.0}
+    data_args["packing"] = method.endswith("_packed")
     data_args["path"] = str(REPO / data_args["path"])
     from rlft.data import PreferenceDataModule
 

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "distributed" / "parity_worker.py"
-EXACT = ["sft", "rm", "dpo", "dpo_full_ref", "dpo_precomputed", "dpo_sft_ref", "orpo", "simpo", "ppo", "ppo_critic",
-         "ppo_rm", "ppo_ragged"]  # fmt: skip
+EXACT = ["sft", "sft_packed", "rm", "dpo", "dpo_full_ref", "dpo_precomputed", "dpo_sft_ref", "orpo", "simpo", "ppo",
+         "ppo_critic", "ppo_rm", "ppo_ragged"]  # fmt: skip
 SAMPLED = ["grpo"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
