@@ -1,4 +1,5 @@
-"""Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory, non-finite guard)."""
+"""Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory, non-finite guard,
+online-RL run monitors)."""
 
 from rlft.callbacks.compile import TorchCompile
 from rlft.callbacks.evaluation import (
@@ -12,6 +13,7 @@ from rlft.callbacks.evaluation import (
 )
 from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard
 from rlft.callbacks.memory import MemoryReport
+from rlft.callbacks.monitors import RunMonitor
 from rlft.callbacks.resume import ResumeLogContinuity
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "PerplexityCallback",
     "ResumeLogContinuity",
     "RewardAccuracyCallback",
+    "RunMonitor",
     "SampleGenerationsCallback",
     "TorchCompile",
     "WinRateCallback",

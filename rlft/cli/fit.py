@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rlft.callbacks.guard import NonFiniteGuard, refuse_impossible_settings
+from rlft.callbacks.monitors import RunMonitor
 from rlft.callbacks.resume import ResumeLogContinuity
 from rlft.cli.config_logging import TrackedConfigCallback
 from rlft.data import PreferenceDataModule
@@ -235,8 +236,9 @@ class RLFTCLI(LightningCLI):
                     callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
                 if callback.save_last is None:
                     callback.save_last = True
-        # on by default in every run (a config can add its own NonFiniteGuard with other settings)
-        for kind in (NonFiniteGuard, ResumeLogContinuity):
+        # on by default in every run (a config can add its own with other settings); RunMonitor only acts on the
+        # online methods' metrics
+        for kind in (NonFiniteGuard, ResumeLogContinuity, RunMonitor):
             if not any(isinstance(c, kind) for c in trainer.callbacks):
                 trainer.callbacks.insert(0, kind())
         return trainer

@@ -4,17 +4,20 @@ One rollout is: the left-padded prompts (optionally each repeated ``group_size``
 right-padded after their stop token, the response mask (the stop token included, so the model learns to stop), the
 decoded completions, and the per-token log-probs of the rollout policy ("old" log-probs) and of the reference model.
 
-Generation runs ``model.generate`` once per batch with the KV cache on and the prompts left-padded, so prompts are
-encoded once and every step after the first feeds a single new token (the slow-rollout bug of peer frameworks).
+Generation (``backend: rlft``, :mod:`rlft.rl.decoding`) prefills each prompt once for its whole group, decodes with
+the KV cache one token per step, drops rows as they stop and runs LoRA merged into the weights; ``backend: hf`` runs
+``model.generate`` on the repeated prompts instead (same sampling rules, for models the decoder cannot serve).
 Log-probs come from one separate forward pass with the same position ids the training forward uses, so the first
 PPO/GRPO update sees a ratio of exactly 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Literal
 
 import torch
 
@@ -23,6 +26,7 @@ from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
+from rlft.rl.decoding import decode, merged_adapter
 
 
 @dataclass
@@ -36,6 +40,9 @@ class RolloutSettings:
         top_k: Sample among the k most likely tokens only; 0 disables.
         stop_token_ids: Extra token ids that end a response, besides EOS and the template's end-of-turn token.
         generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory); default all.
+        backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA) or ``hf`` (``model.generate``).
+        merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
+            weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
     """
 
     max_new_tokens: int = 64
@@ -44,6 +51,8 @@ class RolloutSettings:
     top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     generation_batch_size: int | None = None
+    backend: Literal["rlft", "hf"] = "rlft"
+    merge_adapter: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -52,6 +61,8 @@ class RolloutSettings:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.backend not in ("rlft", "hf"):
+            raise ValueError(f"backend must be 'rlft' or 'hf', got {self.backend!r}")
 
 
 @dataclass
@@ -190,27 +201,34 @@ def generate_responses(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     settings: RolloutSettings,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one response per row with the KV cache; returns ``(response_ids, response_mask, finished)``."""
+    """Sample ``group_size`` responses per (left-padded) prompt row with the KV cache, rows of one prompt
+    contiguous; returns ``(response_ids, response_mask, finished)`` with ``rows * group_size`` rows."""
     stops = stop_token_ids(tokenizer, model, settings.stop_token_ids)
     pad_id = pad_token_id(tokenizer)
     sampling = settings.temperature > 0
-    options = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) if sampling else {}
-    chunk = settings.generation_batch_size or prompt_ids.shape[0]
+    # a chunk holds whole groups, so each prompt is still prefilled once
+    chunk = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group_size) // group_size)
     pieces = []
-    with inference(model):
+    merge = settings.backend == "rlft" and settings.merge_adapter
+    merging = merged_adapter(model) if merge else contextlib.nullcontext()
+    with inference(model), merging:
         for start in range(0, prompt_ids.shape[0], chunk):
             ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
+            if settings.backend == "rlft":
+                pieces.append(decode(
+                    model, ids, mask, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id,
+                    group_size=group_size, temperature=settings.temperature, top_k=settings.top_k,
+                    top_p=settings.top_p,
+                ))  # fmt: skip
+                continue
+            options = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+            ids, mask = ids.repeat_interleave(group_size, dim=0), mask.repeat_interleave(group_size, dim=0)
             generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=sampling,
-                use_cache=True,
-                pad_token_id=pad_id,
-                eos_token_id=stops,
-                **options,
-            )
+                input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+                use_cache=True, pad_token_id=pad_id, eos_token_id=stops, **(options if sampling else {}),
+            )  # fmt: skip
             pieces.append(generated[:, ids.shape[1] :])
     width = max(p.shape[1] for p in pieces)
     padded = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces]
@@ -247,11 +265,14 @@ def collect_rollout(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     device = next(model.parameters()).device
-    prompt_ids = batch["prompt_input_ids"].to(device).repeat_interleave(group_size, dim=0)
-    prompt_mask = batch["prompt_attention_mask"].to(device).repeat_interleave(group_size, dim=0)
+    unique_ids, unique_mask = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
     started = time.perf_counter()
-    response_ids, response_mask, finished = generate_responses(model, tokenizer, prompt_ids, prompt_mask, settings)
+    response_ids, response_mask, finished = generate_responses(
+        model, tokenizer, unique_ids, unique_mask, settings, group_size
+    )
     elapsed = time.perf_counter() - started
+    prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
     # the text is everything before the stop token, other special tokens included: skipping them would let a policy
     # hide tokens from text-based rewards (e.g. a length reward) while still emitting them
     text_lengths = response_mask.sum(-1) - finished.long()

@@ -1,0 +1,154 @@
+"""rlft's rollout decoder: each prompt prefilled once for its whole group, finished rows dropped, LoRA merged.
+
+``model.generate`` spends a rollout's time on work a GRPO group does not need: it prefills every prompt
+``group_size`` times, keeps decoding rows that already stopped (their tokens are thrown away), and runs peft's two
+extra matmuls plus its Python dispatch in every adapted linear layer for every token. :func:`decode` instead
+
+- prefills the unique prompts, then repeats their KV cache ``group_size`` times (the samples of one prompt share
+  its prefix exactly, so this is the same computation done once);
+- removes a row from the batch and from the cache as soon as it samples a stop token;
+- runs the adapter merged into the base weights (:func:`merged_adapter`: a temporary ``W + s·BA`` per adapted
+  layer, the original tensors put back afterwards, so training sees bit-identical weights).
+
+Sampling follows ``generate``'s order (temperature, then top-k, then top-p) and draws from torch's global RNG, so
+``seed_everything`` makes a rollout reproducible. Positions are counted over real tokens, as the training forward
+counts them (:func:`rlft.models.scoring.position_ids_from_mask`), so the rollout's log-probs are the ones the
+update recomputes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from rlft.models.scoring import causal_lm, position_ids_from_mask
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: greedy for ``temperature == 0``, else a draw from the tempered,
+    top-k- then top-p-truncated distribution (the token that crosses the top-p mass is kept, as in ``generate``)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(scores, dim=-1)
+        # drop the low tail whose total mass is at most 1 - top_p; the most likely token always stays
+        tail = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        tail[:, -1] = False
+        scores = scores.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+
+
+def _lora_layers(model: torch.nn.Module) -> list | None:
+    """The LoRA layers whose adapters can be folded into a plain float weight, or None when something cannot be
+    (another tuner, DoRA, quantised or sharded base weights, a trained copy of a whole module)."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return None
+    if not isinstance(model, PeftModel):
+        return None
+    layers = []
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            return None
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        plain = isinstance(module.get_base_layer(), torch.nn.Linear) and type(weight) is torch.nn.Parameter
+        if not plain or not weight.is_floating_point() or module.merged or module.disable_adapters:
+            return None
+        if any(module.use_dora.get(name, False) for name in module.active_adapters):
+            return None
+        layers.append(module)
+    return layers or None
+
+
+@contextlib.contextmanager
+def merged_adapter(model: torch.nn.Module) -> Iterator[bool]:
+    """Inside, every adapted linear layer runs one matmul with ``W + s·BA`` (yields True) — or, when the model's
+    adapters cannot be merged exactly, nothing changes (yields False). The original weight tensors are restored, not
+    recomputed by subtraction, so merging never drifts the base model."""
+    layers = _lora_layers(model)
+    if layers is None:
+        yield False
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                active = [name for name in layer.active_adapters if name in layer.lora_A]
+                delta = sum(layer.get_delta_weight(name) for name in active)
+                saved.append((layer, weight, weight.data, list(layer.merged_adapters)))
+                weight.data = weight.data + delta.to(weight.dtype)
+                # peft's own "merged" state: its forward then calls only the base layer
+                layer.merged_adapters = active
+        yield True
+    finally:
+        for layer, weight, data, merged in saved:
+            weight.data = data
+            layer.merged_adapters = merged
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    group_size: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Sample ``group_size`` continuations of each left-padded prompt; returns ``[B * group_size, T]`` token ids
+    (rows of one prompt contiguous, padded with ``pad_id`` after each row's stop token, ``T <= max_new_tokens``)."""
+    from transformers import DynamicCache
+
+    step_options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    lm = causal_lm(model)  # peft's layers live inside it: its wrapper's forward adds only dispatch
+    cache = DynamicCache(config=lm.config)
+    # transformers 5.x renamed the argument; both are accepted for a while, the old name with a warning
+    cache_arg = {("cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"): cache}
+    logits = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1, **cache_arg).logits[:, -1]  # fmt: skip
+    mask = prompt_mask
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        logits, mask = logits.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    rows = mask.shape[0]
+    tokens_out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    active = torch.arange(rows, device=prompt_ids.device)
+    positions = mask.sum(-1, keepdim=True)
+    stops = torch.tensor(list(stop_ids), device=prompt_ids.device)
+    width = 0
+    for step in range(max_new_tokens):
+        tokens = sample_tokens(logits, **step_options)
+        tokens_out[active, step] = tokens
+        width = step + 1
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        stopped = torch.isin(tokens, stops)
+        if bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            active, tokens, mask, positions = active[keep], tokens[keep], mask[keep], positions[keep]
+            cache.batch_select_indices(keep)
+        logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    **cache_arg).logits[:, -1]  # fmt: skip
+        positions = positions + 1
+    return tokens_out[:, :width]

@@ -1,0 +1,120 @@
+"""rlft's rollout decoder against ``model.generate`` and against teacher-forced forwards of its own samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from rlft.models import LoraSettings, load_model, load_tokenizer
+from rlft.rl.decoding import decode, merged_adapter, sample_tokens
+from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses, token_logps
+from tests.rl.test_rollout import prompt_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("tiny-llama")
+    model = load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: zero B would make merging a no-op
+            torch.nn.init.normal_(param, std=0.05)
+    model.eval()
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.7), (5, 1.0), (7, 0.3), (0, 1.0)])
+def test_truncation_keeps_the_tokens_generate_keeps(top_k, top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50) * 3
+    expected = logits.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    allowed = torch.isfinite(expected)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        picked = sample_tokens(logits, temperature=1.0, top_k=top_k, top_p=top_p)
+        assert allowed.gather(1, picked[:, None]).all()
+    if top_p < 1 or top_k:  # the truncation must remove something, or the check above proves nothing
+        assert not allowed.all()
+    # every allowed token is reachable: its mass is not zeroed by the truncation
+    torch.manual_seed(0)
+    draws = torch.stack([sample_tokens(logits[:1], temperature=1.0, top_k=top_k, top_p=top_p) for _ in range(3000)])
+    assert set(draws.flatten().tolist()) <= set(allowed[0].nonzero().flatten().tolist())
+
+
+def test_greedy_decoding_equals_generate_on_ragged_prompts(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    common = dict(max_new_tokens=12, temperature=0.0)
+    ours = generate_responses(model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                              RolloutSettings(**common, backend="rlft"), group_size=2)  # fmt: skip
+    theirs = generate_responses(model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                RolloutSettings(**common, backend="hf", merge_adapter=False), group_size=2)  # fmt: skip
+    width = min(ours[0].shape[1], theirs[0].shape[1])
+    assert torch.equal(ours[1][:, :width], theirs[1][:, :width])
+    assert torch.equal(ours[0][:, :width] * ours[1][:, :width], theirs[0][:, :width] * theirs[1][:, :width])
+
+
+def test_shared_prefill_samples_what_separate_prefill_samples(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    stops, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    common = dict(max_new_tokens=16, stop_ids=stops, pad_id=pad, temperature=1.3, top_p=0.95)
+    torch.manual_seed(7)
+    shared = decode(model, ids, mask, group_size=4, **common)
+    torch.manual_seed(7)
+    separate = decode(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), **common)
+    assert torch.equal(shared, separate)
+    assert len({tuple(row.tolist()) for row in shared[:4]}) > 1  # the group's samples differ: it really sampled
+
+
+def test_merged_adapter_is_the_same_function_and_restores_the_weights_exactly(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        with merged_adapter(model) as merged:
+            inside = model(input_ids=ids, attention_mask=mask).logits
+            name = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+            changed = not torch.equal(dict(model.named_parameters())[name], before[name])
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert merged and changed
+    torch.testing.assert_close(inside, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, reference)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_merged_adapter_refuses_what_it_cannot_merge_exactly():
+    plain = load_model("tiny-llama")
+    with merged_adapter(plain) as merged:
+        assert not merged
+    saved = load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, modules_to_save=["lm_head"]))
+    with merged_adapter(saved) as merged:  # disabling the adapter would also swap the trained lm_head out
+        assert not merged
+
+
+def test_rollout_logps_are_the_decoding_distribution(tiny):
+    # greedy tokens are the argmax of the teacher-forced logits at every position: positions and cache agree with
+    # the training forward, so the first update's importance ratio is exactly 1
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    rollout = collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=10, temperature=0.0),
+                              group_size=2)  # fmt: skip
+    with torch.no_grad():
+        length = rollout.response_ids.shape[1]
+        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                    position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0))  # fmt: skip
+        argmax = out.logits[:, -length - 1 : -1].argmax(-1)
+        logps, _, _ = token_logps(model, rollout.input_ids, rollout.attention_mask, length)
+    real = rollout.response_mask.bool()
+    assert torch.equal(argmax[real], rollout.response_ids[real])
+    torch.testing.assert_close(logps[real], rollout.logps[real], rtol=0, atol=1e-6)
