@@ -7,6 +7,10 @@ losses must agree before the speeds mean anything.
 
     rlft bench --mode dpo --steps 4 --repeats 2
     rlft bench --mode sft --trl_variants [default,packing] --rlft_variants [default,packing]
+    rlft bench --mode grpo --steps 6 --rlft_variants [default,hfgen] --trl_variants [default,nogc]
+
+``--mode grpo`` compares online GRPO (rollout, update and whole-step time, reward curves; see
+:mod:`rlft.cli.bench_online`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from rlft.cli import bench_online
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -37,7 +43,8 @@ class BenchConfig:
     """What both frameworks run.
 
     Args:
-        mode: ``sft``, ``dpo`` or ``rm`` (reward model; rlft pads its pairs, so only the ``default`` variant).
+        mode: ``sft``, ``dpo``, ``rm`` (reward model; rlft pads its pairs, so only the ``default`` variant) or
+            ``grpo`` (prompts: default rlft's arithmetic prompts; ``batch_size`` prompts per step).
         model: Model string (rlft resolves it; TRL gets the resolved local folder).
         data: Data file; default: the real shared data when present, else rlft's sample data.
         batch_size: Examples (pairs for DPO) per step.
@@ -46,12 +53,18 @@ class BenchConfig:
         warmup: Steps excluded from timing.
         repeats: Runs per framework variant (interleaved A/B).
         lora_r: LoRA rank (alpha = 2r, dropout 0, all linear layers).
-        lr: Learning rate (small: the benchmark measures speed, not learning).
-        beta: DPO beta.
+        lr: Learning rate; default 1e-6 offline (the benchmark measures speed, not learning) and 2e-4 for GRPO
+            (the configs' rate: both reward curves must rise).
+        beta: DPO beta (default 0.1) or GRPO's KL coefficient (default 0.04).
+        group_size: GRPO samples per prompt.
+        max_new_tokens: GRPO response length limit.
         rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
-            checkpointing), ``noshare`` (DPO without prompt sharing), combined by ``+`` (e.g. ``precomputed+gc``).
+            checkpointing), ``noshare`` (DPO without prompt sharing), for GRPO ``hfgen`` (``model.generate``
+            rollouts), ``nomerge`` (peft's unmerged LoRA while decoding) and ``noshare`` (padded update forwards,
+            each row with its own copy of the prompt), combined by ``+`` (e.g.
+            ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (TRL turns gradient checkpointing on by default), ``packing`` (SFT
-            padding-free packing), ``precomputed``, ``nogc``.
+            padding-free packing), ``precomputed``, ``nogc`` (also for GRPO).
         threads: torch CPU threads per worker (0 = torch default).
     """
 
@@ -64,11 +77,22 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 2
     lora_r: int = 16
-    lr: float = 1e-6
-    beta: float = 0.1
-    rlft_variants: list[str] = field(default_factory=lambda: ["packing"])
+    lr: float | None = None
+    beta: float | None = None
+    group_size: int = 4
+    max_new_tokens: int = 48
+    rlft_variants: list[str] | None = None
     trl_variants: list[str] = field(default_factory=lambda: ["default"])
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in KIND and self.mode != "grpo":
+            raise ValueError(f"mode must be one of sft, dpo, rm, grpo; got {self.mode!r}")
+        online = self.mode == "grpo"
+        self.lr = self.lr if self.lr is not None else (2e-4 if online else 1e-6)
+        self.beta = self.beta if self.beta is not None else (0.04 if online else 0.1)
+        if self.rlft_variants is None:  # packing is rlft's fastest offline setting; prompts are never packed
+            self.rlft_variants = ["default"] if online else ["packing"]
 
 
 def _data_path(cfg: BenchConfig) -> str:
@@ -275,6 +299,7 @@ def _run_trl(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
 
 
 WORKERS = {"rlft": _run_rlft, "trl": _run_trl}
+ONLINE_WORKERS = {"rlft": bench_online.run_rlft, "trl": bench_online.run_trl}
 
 
 def _worker(argv: list[str]) -> None:
@@ -286,7 +311,8 @@ def _worker(argv: list[str]) -> None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as workdir:
-        result = WORKERS[framework](cfg, variant, Path(workdir))
+        workers = ONLINE_WORKERS if cfg.mode == "grpo" else WORKERS
+        result = workers[framework](cfg, variant, Path(workdir))
     print("RLFT_BENCH " + json.dumps({"framework": framework, "variant": variant, **result}), flush=True)
 
 
@@ -307,11 +333,14 @@ def run(cfg: BenchConfig) -> list[dict]:
     for repeat in range(cfg.repeats):
         for framework, variant in jobs if repeat % 2 == 0 else reversed(jobs):
             result = _launch(framework, variant, cfg)
-            print(f"  run {repeat + 1}: {framework:<4} {variant:<22} {result['tokens_per_sec']:8.1f} tok/s  "
-                  f"{result['peak_rss_mb'] / 1024:5.2f} GB RSS  step-0 loss {result['step0_loss']:.4f}",
-                  flush=True)  # fmt: skip
+            if cfg.mode == "grpo":
+                detail = f"step {result['step_time_s']:6.2f} s  rewards {result['rewards']}"
+            else:
+                detail = f"{result['tokens_per_sec']:8.1f} tok/s  step-0 loss {result['step0_loss']:.4f}"
+            print(f"  run {repeat + 1}: {framework:<4} {variant:<22} {result['peak_rss_mb'] / 1024:5.2f} GB RSS  "
+                  f"{detail}", flush=True)  # fmt: skip
             results.append(result)
-    _print_summary(cfg, results)
+    (bench_online.print_summary if cfg.mode == "grpo" else _print_summary)(cfg, results)
     return results
 
 

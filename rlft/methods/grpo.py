@@ -154,7 +154,7 @@ class GRPO(OnlineRL):
                 part = rollout.select(rows)
                 logps, entropy, _ = token_logps(
                     self.model, part.input_ids, part.attention_mask, length, temperature=self.sampling.temperature,
-                    with_entropy=True,
+                    with_entropy=True, share_prompts=self.sampling.share_prompts,
                 )  # fmt: skip
                 # one update per rollout: the rollout policy is the current one, so the ratio is exactly 1
                 old = part.logps if part.logps is not None else logps.detach()

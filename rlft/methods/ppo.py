@@ -177,6 +177,7 @@ class PPO(OnlineRL):
                     rollout.logps, _, hidden = token_logps(
                         self.model, rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1],
                         temperature=self.sampling.temperature, with_hidden=True,
+                        share_prompts=self.sampling.share_prompts,
                     )  # fmt: skip
                     rollout.values = self.values(rollout, hidden)
                 else:
@@ -189,7 +190,8 @@ class PPO(OnlineRL):
         if hidden is None:
             trunk = self.critic if self.critic is not None else self.model
             length = rollout.response_ids.shape[1]
-            _, _, hidden = token_logps(trunk, rollout.input_ids, rollout.attention_mask, length, with_hidden=True)
+            _, _, hidden = token_logps(trunk, rollout.input_ids, rollout.attention_mask, length, with_hidden=True,
+                                       share_prompts=self.sampling.share_prompts)  # fmt: skip
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def token_rewards(self, rollout: Rollout, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +264,7 @@ class PPO(OnlineRL):
                 shared_trunk = self.critic is None
                 logps, entropy, hidden = token_logps(
                     self.model, part.input_ids, part.attention_mask, length, temperature=self.sampling.temperature,
-                    with_entropy=True, with_hidden=shared_trunk,
+                    with_entropy=True, with_hidden=shared_trunk, share_prompts=self.sampling.share_prompts,
                 )  # fmt: skip
                 values = self.values(part, hidden if shared_trunk else None)
                 policy_losses, policy_stats = self.policy_loss(logps, part.logps, advantages[rows], mask[rows])

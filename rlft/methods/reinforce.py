@@ -105,7 +105,7 @@ class ReinforcePP(OnlineRL):
                 part = rollout.select(rows)
                 logps, entropy, _ = token_logps(
                     self.model, part.input_ids, part.attention_mask, length, temperature=self.sampling.temperature,
-                    with_entropy=True,
+                    with_entropy=True, share_prompts=self.sampling.share_prompts,
                 )  # fmt: skip
                 losses, stats = self.policy_loss(logps, part.logps, advantages[rows], mask[rows])
                 loss = losses.mean() * self.token_share(mask[rows])  # a token mean over the global minibatch

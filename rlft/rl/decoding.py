@@ -23,6 +23,8 @@ import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 
@@ -99,6 +101,57 @@ def merged_adapter(model: torch.nn.Module) -> Iterator[bool]:
             layer.merged_adapters = merged
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer that writes into a buffer of ``capacity`` positions: ``DynamicLayer``
+    concatenates a new tensor per token, copying the layer's whole cache once more at every step."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.length = key_states.device, 0
+        self.key_buffer = key_states.new_empty((*key_states.shape[:-2], self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:-2], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {self.capacity} allocated")
+        self.key_buffer[..., self.length : end, :] = key_states
+        self.value_buffer[..., self.length : end, :] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda t: t[indices])
+
+    def _rows(self, pick) -> None:
+        if self.get_seq_length() > 0:
+            self.key_buffer, self.value_buffer = pick(self.key_buffer), pick(self.value_buffer)
+            self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+
+
+def preallocated_cache(config, capacity: int) -> DynamicCache:
+    """The model's ``DynamicCache`` with its full-attention layers preallocated (sliding-window layers unchanged)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
@@ -115,11 +168,9 @@ def decode(
 ) -> torch.Tensor:
     """Sample ``group_size`` continuations of each left-padded prompt; returns ``[B * group_size, T]`` token ids
     (rows of one prompt contiguous, padded with ``pad_id`` after each row's stop token, ``T <= max_new_tokens``)."""
-    from transformers import DynamicCache
-
     step_options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     lm = causal_lm(model)  # peft's layers live inside it: its wrapper's forward adds only dispatch
-    cache = DynamicCache(config=lm.config)
+    cache = preallocated_cache(lm.config, prompt_ids.shape[1] + max_new_tokens)
     # transformers 5.x renamed the argument; both are accepted for a while, the old name with a warning
     cache_arg = {("cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"): cache}
     logits = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),

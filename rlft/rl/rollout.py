@@ -22,11 +22,13 @@ from typing import Literal
 import torch
 
 from rlft.logprobs import entropy_from_logits, gather_logps
+from rlft.models.attention import segmented_attention
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
 from rlft.rl.decoding import decode, merged_adapter
+from rlft.rl.layout import group_layout
 
 
 @dataclass
@@ -43,6 +45,9 @@ class RolloutSettings:
         backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA) or ``hf`` (``model.generate``).
         merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
             weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
+        share_prompts: Score rollouts and run the updates with each prompt once for all of its samples and no
+            padding (:mod:`rlft.rl.layout`; the same log-probs up to float rounding); needs segmented attention
+            (SDPA models), others use the padded layout.
     """
 
     max_new_tokens: int = 64
@@ -53,6 +58,7 @@ class RolloutSettings:
     generation_batch_size: int | None = None
     backend: Literal["rlft", "hf"] = "rlft"
     merge_adapter: bool = True
+    share_prompts: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -155,11 +161,14 @@ def token_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_hidden: bool = False,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-token log-probs of the last ``response_length`` tokens (differentiable when grad is on).
 
     Only the logits of the response positions are computed (``logits_to_keep``), which avoids a ``[N, L, V]``
-    tensor over the prompt.
+    tensor over the prompt. With ``share_prompts`` (and a model that takes segmented attention), rows with the same
+    prompt are run as one packed span, the prompt once (:func:`rlft.rl.layout.group_layout`); outputs at padding
+    positions are then 0.
 
     Args:
         model: Causal LM.
@@ -169,14 +178,19 @@ def token_logps(
         temperature: Sampling temperature the logits are divided by (0 counts as 1: greedy has no temperature).
         with_entropy: Also return the per-token entropy (detached) of the sampling distribution.
         with_hidden: Also return the last hidden state at the positions predicting each response token.
+        share_prompts: Run each prompt once for all of its rows.
 
     Returns:
         ``(logps [N, R], entropy [N, R] or None, hidden [N, R, H] or None)``.
     """
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}  # fmt: skip
     lm = causal_lm(model)
     head = plain_head(lm)
+    temperature = temperature if temperature > 0 else 1.0
+    if share_prompts and head is not None and segmented_attention(model):
+        return _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, temperature,
+                                    with_entropy, with_hidden)  # fmt: skip
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}  # fmt: skip
     if head is not None:
         # decoder stack, then the head on the response positions only: the same calls pair scoring makes, which a
         # sharded (FSDP2) network serves without the full model's forward
@@ -186,13 +200,33 @@ def token_logps(
         out = model(**inputs, logits_to_keep=response_length + 1, output_hidden_states=with_hidden)
         logits = out.logits[:, -response_length - 1 : -1]
         hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
-    temperature = temperature if temperature > 0 else 1.0
     logps = gather_logps(logits, input_ids[:, -response_length:], temperature=temperature)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach() / temperature)
     return logps, entropy, hidden if with_hidden else None
+
+
+def _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, temperature, with_entropy,
+                         with_hidden):  # fmt: skip
+    split = input_ids.shape[1] - response_length
+    layout = group_layout(input_ids[:, :split], attention_mask[:, :split], input_ids[:, split:],
+                          attention_mask[:, split:])  # fmt: skip
+    hidden = lm.base_model(**layout.inputs, use_cache=False).last_hidden_state[0, layout.source]
+    logits = head(hidden)
+    index = (layout.rows, layout.cols)
+    shape = (input_ids.shape[0], response_length)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros((*shape, *values.shape[1:])).index_put(index, values)
+
+    logps = scatter(gather_logps(logits, layout.targets, temperature=temperature))
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = scatter(entropy_from_logits(logits.detach() / temperature))
+    return logps, entropy, scatter(hidden) if with_hidden else None
 
 
 def generate_responses(
@@ -296,12 +330,22 @@ def collect_rollout(
     with inference(model):
         if score:
             rollout.logps = token_logps(
-                model, rollout.input_ids, rollout.attention_mask, length, temperature=settings.temperature
+                model,
+                rollout.input_ids,
+                rollout.attention_mask,
+                length,
+                temperature=settings.temperature,
+                share_prompts=settings.share_prompts,
             )[0]
         if with_reference:
             with reference_model(model, reference) as ref:
                 rollout.ref_logps = token_logps(
-                    ref, rollout.input_ids, rollout.attention_mask, length, temperature=settings.temperature
+                    ref,
+                    rollout.input_ids,
+                    rollout.attention_mask,
+                    length,
+                    temperature=settings.temperature,
+                    share_prompts=settings.share_prompts,
                 )[0]
     return rollout
 

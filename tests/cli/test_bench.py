@@ -31,3 +31,19 @@ def test_bench_runs_rlft_and_trl_on_identical_work(capsys, mode):
     for result in results:
         assert result["timed_steps"] == 2 and result["tokens_per_sec"] > 0 and result["peak_rss_mb"] > 100
     assert "speed x" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_grpo_bench_gives_both_frameworks_the_same_rollouts_to_make(capsys):
+    cfg = BenchConfig(mode="grpo", model="tiny-llama", steps=3, warmup=1, repeats=1, max_new_tokens=6,
+                      trl_variants=["nogc"])  # fmt: skip
+    assert cfg.rlft_variants == ["default"] and cfg.beta == 0.04 and cfg.lr == 2e-4  # the online defaults
+    results = run(cfg)
+    assert {r["framework"] for r in results} == {"rlft", "trl"}
+    for result in results:
+        # the same work: 4 prompts x group 4 per step, responses within the token limit, one reward per step
+        assert result["completions"] == [16, 16, 16] and len(result["rewards"]) == 3
+        assert all(0 < tokens <= 16 * 6 for tokens in result["response_tokens"])
+        assert 0 < result["generation_time_s"] <= result["rollout_time_s"] < result["step_time_s"]
+        assert result["update_time_s"] > 0 and result["peak_rss_mb"] > 100
+    assert "reward first -> last" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from rlft.models import LoraSettings, load_model, load_tokenizer
+from rlft.models.attention import segmented_attention
 from rlft.rl.decoding import decode, merged_adapter, sample_tokens
 from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses, token_logps
 from tests.rl.test_rollout import prompt_batch
@@ -118,3 +119,31 @@ def test_rollout_logps_are_the_decoding_distribution(tiny):
     real = rollout.response_mask.bool()
     assert torch.equal(argmax[real], rollout.response_ids[real])
     torch.testing.assert_close(logps[real], rollout.logps[real], rtol=0, atol=1e-6)
+
+
+def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    torch.manual_seed(3)
+    rollout = collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=9, temperature=1.5),
+                              group_size=3, score=False)  # fmt: skip
+    assert len(set(rollout.response_lengths.tolist())) > 1  # ragged responses: padding is really skipped
+    assert segmented_attention(model)  # else share_prompts falls back to the padded forward and proves nothing
+    # a shuffled minibatch: rows of one prompt are not contiguous
+    part = rollout.select(torch.tensor([4, 0, 8, 2, 5, 1]))
+    length, mask = part.response_ids.shape[1], part.response_mask.bool()
+    results = {}
+    for shared in (False, True):
+        model.zero_grad()
+        logps, entropy, hidden = token_logps(model, part.input_ids, part.attention_mask, length, temperature=1.5,
+                                             with_entropy=True, with_hidden=True, share_prompts=shared)  # fmt: skip
+        (logps * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = (logps.detach(), entropy, hidden.detach(), grads)
+    (lp, en, hid, grads), (lp_s, en_s, hid_s, grads_s) = results[False], results[True]
+    torch.testing.assert_close(lp_s[mask], lp[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(en_s[mask], en[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hid_s[mask], hid[mask], rtol=1e-4, atol=1e-5)
+    assert (lp_s[~mask] == 0).all() and grads.keys() == grads_s.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_s[name], grads[name], rtol=1e-4, atol=1e-6)
