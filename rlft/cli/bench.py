@@ -60,8 +60,8 @@ class BenchConfig:
         max_new_tokens: GRPO response length limit.
         rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
             checkpointing), ``noshare`` (DPO without prompt sharing), for GRPO ``hfgen`` (``model.generate``
-            rollouts), ``nomerge`` (peft's unmerged LoRA while decoding) and ``noshare`` (padded update forwards,
-            each row with its own copy of the prompt), combined by ``+`` (e.g.
+            rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``noshare`` (padded update forwards,
+            each row with its own copy of the prompt) and ``bf16decode`` (a bf16 decoding twin), combined by ``+`` (e.g.
             ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (TRL turns gradient checkpointing on by default), ``packing`` (SFT
             padding-free packing), ``precomputed``, ``nogc`` (also for GRPO).

@@ -107,7 +107,8 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
 
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
                 "backend": "hf" if "hfgen" in options else "rlft",
-                "merge_adapter": "nomerge" not in options, "share_prompts": "noshare" not in options}  # fmt: skip
+                "merge_adapter": "nomerge" not in options, "share_prompts": "noshare" not in options,
+                "decode_dtype": "bfloat16" if "bf16decode" in options else None}  # fmt: skip
     module = TimedGRPO(
         model=cfg.model, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
         optim=OptimizerSettings(lr=cfg.lr, scheduler="constant"), output_dir=str(workdir / "out"),

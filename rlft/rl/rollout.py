@@ -27,7 +27,7 @@ from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
-from rlft.rl.decoding import decode, merged_adapter
+from rlft.rl.decoding import decode, decoding_twin, merged_adapter
 from rlft.rl.layout import group_layout
 
 
@@ -45,6 +45,10 @@ class RolloutSettings:
         backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA) or ``hf`` (``model.generate``).
         merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
             weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
+        decode_dtype: With ``backend: rlft``, sample from a copy of the policy in this dtype (e.g. ``bfloat16`` for
+            a fp32 policy on a CPU with bf16 matmuls: about half the memory traffic per token), refreshed from the
+            policy before every rollout; samples are then very slightly off-policy (as with vLLM in bf16), the
+            log-probs of the update still come from the policy. Default: the policy itself.
         share_prompts: Score rollouts and run the updates with each prompt once for all of its samples and no
             padding (:mod:`rlft.rl.layout`; the same log-probs up to float rounding); needs segmented attention
             (SDPA models), others use the padded layout.
@@ -58,6 +62,7 @@ class RolloutSettings:
     generation_batch_size: int | None = None
     backend: Literal["rlft", "hf"] = "rlft"
     merge_adapter: bool = True
+    decode_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     share_prompts: bool = True
 
     def __post_init__(self) -> None:
@@ -245,14 +250,17 @@ def generate_responses(
     # a chunk holds whole groups, so each prompt is still prefilled once
     chunk = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group_size) // group_size)
     pieces = []
-    merge = settings.backend == "rlft" and settings.merge_adapter
+    decoder = model
+    if settings.backend == "rlft" and settings.decode_dtype is not None:
+        decoder = decoding_twin(model, getattr(torch, settings.decode_dtype))
+    merge = settings.backend == "rlft" and settings.merge_adapter and decoder is model
     merging = merged_adapter(model) if merge else contextlib.nullcontext()
     with inference(model), merging:
         for start in range(0, prompt_ids.shape[0], chunk):
             ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
             if settings.backend == "rlft":
                 pieces.append(decode(
-                    model, ids, mask, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id,
+                    decoder, ids, mask, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id,
                     group_size=group_size, temperature=settings.temperature, top_k=settings.top_k,
                     top_p=settings.top_p,
                 ))  # fmt: skip

@@ -147,3 +147,32 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
     assert (lp_s[~mask] == 0).all() and grads.keys() == grads_s.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads_s[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_decoding_twin_holds_the_current_merged_policy(tiny):
+    from rlft.rl.decoding import decoding_twin
+
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    logits = lambda network: network(input_ids=ids, attention_mask=mask).logits.float()  # noqa: E731
+    with torch.no_grad():
+        twin = decoding_twin(model, torch.float32)
+        torch.testing.assert_close(logits(twin), logits(model), rtol=1e-5, atol=1e-5)
+        lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        saved = lora_b.clone()
+        lora_b.add_(0.5)  # an optimiser step on the policy
+        try:
+            again = decoding_twin(model, torch.float32)
+            assert again is twin  # built once, refreshed in place
+            torch.testing.assert_close(logits(again), logits(model), rtol=1e-5, atol=1e-5)
+            half = decoding_twin(model, torch.bfloat16)
+            assert next(half.parameters()).dtype == torch.bfloat16
+            torch.testing.assert_close(logits(half), logits(model), rtol=0.05, atol=0.05)
+        finally:
+            lora_b.copy_(saved)
+    assert not any("twin" in n for n, _ in model.named_modules())  # never part of the trained module tree
+    settings = RolloutSettings(max_new_tokens=8, temperature=0.0, decode_dtype="float32")
+    twin_ids = generate_responses(model, tokenizer, ids, mask, settings)[0]
+    plain_ids = generate_responses(model, tokenizer, ids, mask, RolloutSettings(max_new_tokens=8, temperature=0.0))[0]
+    assert torch.equal(twin_ids, plain_ids)
