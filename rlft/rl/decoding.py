@@ -45,7 +45,12 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
         tail = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
         tail[:, -1] = False
         scores = scores.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+    # inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential per vocabulary entry, which
+    # took ~13 ms of a ~90 ms SmolLM2 decoding step on CPU. float64 keeps u strictly below the total mass, so the
+    # first entry whose cumulative mass exceeds u always has non-zero probability.
+    cdf = scores.softmax(-1).double().cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def _lora_layers(model: torch.nn.Module) -> list | None:

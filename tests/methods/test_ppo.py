@@ -88,10 +88,18 @@ def test_first_updates_have_unit_ratio_zero_kl_and_a_learning_critic(tmp_path):
         assert metrics[name].notna().all(), name
 
 
+class RandomScorePPO(PPO):
+    """Scores that differ between responses on every rollout, so every update moves the policy."""
+
+    def reward(self, prompts, completions, **fields):
+        return torch.rand(len(completions)).tolist()
+
+
 def test_inner_epochs_stop_early_past_the_approx_kl_target(tmp_path):
     L.seed_everything(0)
-    module = DigitPPO(model="tiny-llama", lora=None, optim={"lr": 5e-2}, ppo_epochs=4, target_approx_kl=1e-9,
-                      sampling={"max_new_tokens": 5}, kl={"coef": 0.0})  # fmt: skip
+    # (with the digit reward, a rollout without digits has zero advantages, no update and approx-KL 0 throughout)
+    module = RandomScorePPO(model="tiny-llama", lora=None, optim={"lr": 5e-2}, ppo_epochs=4, target_approx_kl=1e-9,
+                            sampling={"max_new_tokens": 5}, kl={"coef": 0.0})  # fmt: skip
     metrics = fit(module, tmp_path, steps=2)
     # epoch 1 starts at the rollout policy (approx-KL 0); after its update epoch 2 is past the target: stop
     assert metrics["train/ppo_epochs"].tolist() == [2.0]

@@ -47,12 +47,13 @@ def test_reinforce_pp_learns_a_verifiable_reward(tmp_path):
     )  # fmt: skip
     data = PreferenceDataModule(path="rlft/assets/sample_prompts.jsonl", batch_size=8, val_fraction=0.0, seed=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=25, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+        accelerator="cpu", max_steps=45, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(module, data)
     reward = pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv")["train/reward"].dropna().to_numpy()
     print("REINFORCE++ tiny reward curve:", [round(float(r), 3) for r in reward])
-    assert len(reward) == 25
+    # 45 steps: at 25 the reward had risen by 0.2-0.9 depending on the sampling seed; by 45 it is ~1 for seeds 0-2
+    assert len(reward) == 45
     assert reward[-3:].mean() > reward[:3].mean() + 0.3, f"{reward[:3].mean():.3f} -> {reward[-3:].mean():.3f}"
     assert (tmp_path / "hf" / "model.safetensors").exists()

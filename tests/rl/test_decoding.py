@@ -49,6 +49,17 @@ def test_truncation_keeps_the_tokens_generate_keeps(top_k, top_p):
     assert set(draws.flatten().tolist()) <= set(allowed[0].nonzero().flatten().tolist())
 
 
+def test_sampling_draws_from_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    draws = sample_tokens(logits, temperature=0.7)
+    frequencies = torch.bincount(draws, minlength=5).double() / len(draws)
+    expected = (logits[0] / 0.7).softmax(-1).double()
+    # 20,000 draws: the standard error of each frequency is below 0.004
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.012)
+    assert frequencies[4] == 0  # a masked token is never drawn
+
+
 def test_greedy_decoding_equals_generate_on_ragged_prompts(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
