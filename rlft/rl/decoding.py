@@ -19,14 +19,18 @@ update recomputes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from rlft.models.attention import SEGMENTED_SDPA
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 
 
@@ -108,6 +112,20 @@ def merged_adapter(model: torch.nn.Module) -> Iterator[bool]:
 
 
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+UPCAST_SDPA = "rlft_upcast_sdpa"
+
+
+def _upcast_sdpa(module, query, key, value, attention_mask, **kwargs):
+    # CPU SDPA in bf16 ran ~4x slower than in fp32 at decoding shapes (0.5 ms of a 49 ms step per layer); the
+    # matmuls stay in bf16, only the small attention over the cache runs in fp32
+    if query.device.type != "cpu" or query.dtype == torch.float32:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register(UPCAST_SDPA, _upcast_sdpa)
+AttentionMaskInterface.register(UPCAST_SDPA, sdpa_mask)
 
 
 def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -123,7 +141,12 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     lm = causal_lm(model)
     twin = _TWINS.get(model)
     if twin is None or next(twin.parameters()).dtype != dtype:
-        twin = transformers.AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(next(lm.parameters()).device)
+        # its own config: the policy's attention implementation must not change with the twin's
+        config = copy.deepcopy(lm.config)
+        sdpa = getattr(config, "_attn_implementation", None) in ("sdpa", SEGMENTED_SDPA)
+        attention = {"attn_implementation": UPCAST_SDPA} if sdpa else {}
+        twin = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
+        twin = twin.to(next(lm.parameters()).device)
         twin.eval().requires_grad_(False)
         _TWINS[model] = twin
     with torch.no_grad(), merged_adapter(model) as merged:

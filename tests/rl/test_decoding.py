@@ -183,6 +183,9 @@ def test_decoding_twin_holds_the_current_merged_policy(tiny):
         finally:
             lora_b.copy_(saved)
     assert not any("twin" in n for n, _ in model.named_modules())  # never part of the trained module tree
+    # the twin attends in fp32 on CPU (bf16 SDPA is slow there); the policy keeps its own attention
+    assert half.config._attn_implementation == "rlft_upcast_sdpa"
+    assert model.get_base_model().config._attn_implementation != "rlft_upcast_sdpa"
     settings = RolloutSettings(max_new_tokens=8, temperature=0.0, decode_dtype="float32")
     twin_ids = generate_responses(model, tokenizer, ids, mask, settings)[0]
     plain_ids = generate_responses(model, tokenizer, ids, mask, RolloutSettings(max_new_tokens=8, temperature=0.0))[0]
