@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from rlft.cli import bench_online
 
@@ -36,6 +37,13 @@ DEFAULT_DATA = {
 }
 DEFAULT_DATA["rm"] = DEFAULT_DATA["dpo"]
 KIND = {"sft": "sft", "dpo": "pairs", "rm": "pairs"}
+# the options a variant may combine with "+", per framework and offline/online (anything else is a typo, refused)
+VARIANT_OPTIONS = {
+    ("rlft", False): {"default", "packing", "precomputed", "gc", "noshare"},
+    ("rlft", True): {"default", "gc", "hfgen", "nomerge", "noshare", "bf16decode"},
+    ("trl", False): {"default", "packing", "precomputed", "nogc"},
+    ("trl", True): {"default", "nogc"},
+}
 
 
 @dataclass
@@ -68,7 +76,7 @@ class BenchConfig:
         threads: torch CPU threads per worker (0 = torch default).
     """
 
-    mode: str = "dpo"
+    mode: Literal["sft", "dpo", "rm", "grpo"] = "dpo"
     model: str = "smollm2-135m-instruct"
     data: str | None = None
     batch_size: int = 4
@@ -86,13 +94,18 @@ class BenchConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in KIND and self.mode != "grpo":
-            raise ValueError(f"mode must be one of sft, dpo, rm, grpo; got {self.mode!r}")
         online = self.mode == "grpo"
         self.lr = self.lr if self.lr is not None else (2e-4 if online else 1e-6)
         self.beta = self.beta if self.beta is not None else (0.04 if online else 0.1)
         if self.rlft_variants is None:  # packing is rlft's fastest offline setting; prompts are never packed
             self.rlft_variants = ["default"] if online else ["packing"]
+        for framework, variants in (("rlft", self.rlft_variants), ("trl", self.trl_variants)):
+            allowed = VARIANT_OPTIONS[framework, online]
+            for variant in variants:
+                unknown = set(variant.split("+")) - allowed
+                if unknown:
+                    raise ValueError(f"{framework} variant {variant!r}: unknown option(s) {sorted(unknown)} for "
+                                     f"--mode {self.mode}; known: {sorted(allowed)}")  # fmt: skip
 
 
 def _data_path(cfg: BenchConfig) -> str:
@@ -375,7 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="rlft bench", description=__doc__)
     parser.add_class_arguments(BenchConfig, nested_key=None)
     args = parser.parse_args(argv)
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
+    try:
+        cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
+    except ValueError as error:
+        parser.error(str(error))
     run(cfg)
 
 

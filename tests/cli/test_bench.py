@@ -47,3 +47,11 @@ def test_grpo_bench_gives_both_frameworks_the_same_rollouts_to_make(capsys):
         assert 0 < result["generation_time_s"] <= result["rollout_time_s"] < result["step_time_s"]
         assert result["update_time_s"] > 0 and result["peak_rss_mb"] > 100
     assert "reward first -> last" in capsys.readouterr().out
+
+
+def test_a_misspelt_variant_is_refused_not_run_as_the_default():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bf16dec'\].*bf16decode"):
+        BenchConfig(mode="grpo", rlft_variants=["gc+bf16dec"])
+    with pytest.raises(ValueError, match="unknown option"):
+        BenchConfig(mode="dpo", trl_variants=["hfgen"])  # an online-only option offline
+    assert BenchConfig(mode="dpo").rlft_variants == ["packing"] and BenchConfig(mode="dpo").beta == 0.1
