@@ -71,8 +71,6 @@ class _Steps:
             "rewards": [round(r, 4) for r in self.reward],
             "completions": self.completions,
             "response_tokens": self.tokens,
-            "tokens_per_sec": sum(self.tokens[timed]) / max(sum(self.step[timed]), 1e-9),
-            "step0_loss": float("nan"),
         }
 
 

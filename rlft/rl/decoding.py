@@ -59,7 +59,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
 
 def _lora_layers(model: torch.nn.Module) -> list | None:
     """The LoRA layers whose adapters can be folded into a plain float weight, or None when something cannot be
-    (another tuner, DoRA, quantised or sharded base weights, a trained copy of a whole module)."""
+    (another tuner, DoRA, quantised base weights, a trained copy of a whole module). Under ZeRO-3 and FSDP2 this
+    runs inside ``full_weights``, where every weight is whole on the rank (the parity tests decode merged there)."""
     try:
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
@@ -151,7 +152,7 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
         _TWINS[model] = twin
     with torch.no_grad(), merged_adapter(model) as merged:
         if not merged and any(isinstance(m, LoraLayer) for m in lm.modules()):
-            raise ValueError("this adapter cannot be merged exactly (DoRA, quantised or sharded weights, or "
+            raise ValueError("this adapter cannot be merged exactly (DoRA, quantised weights or "
                              "modules_to_save): set sampling.decode_dtype: null")  # fmt: skip
         for name, param in twin.named_parameters():
             owner, _, leaf = name.rpartition(".")

@@ -41,7 +41,8 @@ class RolloutSettings:
         top_p: Nucleus sampling mass.
         top_k: Sample among the k most likely tokens only; 0 disables.
         stop_token_ids: Extra token ids that end a response, besides EOS and the template's end-of-turn token.
-        generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory); default all.
+        generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory; rounded down to
+            whole groups of ``group_size``, at least one); default all.
         backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA) or ``hf`` (``model.generate``).
         merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
             weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
@@ -74,6 +75,10 @@ class RolloutSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.backend not in ("rlft", "hf"):
             raise ValueError(f"backend must be 'rlft' or 'hf', got {self.backend!r}")
+        if self.decode_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"decode_dtype must be null, bfloat16, float16 or float32, got {self.decode_dtype!r}")
+        if self.decode_dtype is not None and self.backend != "rlft":  # model.generate would sample the policy
+            raise ValueError(f"decode_dtype={self.decode_dtype!r} needs backend 'rlft', got {self.backend!r}")
 
 
 @dataclass
@@ -334,27 +339,17 @@ def collect_rollout(
         finished=finished,
         generation_seconds=elapsed,
     )
-    length = response_ids.shape[1]
+
+    def logps_under(network: torch.nn.Module) -> torch.Tensor:
+        return token_logps(network, rollout.input_ids, rollout.attention_mask, response_ids.shape[1],
+                           temperature=settings.temperature, share_prompts=settings.share_prompts)[0]  # fmt: skip
+
     with inference(model):
         if score:
-            rollout.logps = token_logps(
-                model,
-                rollout.input_ids,
-                rollout.attention_mask,
-                length,
-                temperature=settings.temperature,
-                share_prompts=settings.share_prompts,
-            )[0]
+            rollout.logps = logps_under(model)
         if with_reference:
             with reference_model(model, reference) as ref:
-                rollout.ref_logps = token_logps(
-                    ref,
-                    rollout.input_ids,
-                    rollout.attention_mask,
-                    length,
-                    temperature=settings.temperature,
-                    share_prompts=settings.share_prompts,
-                )[0]
+                rollout.ref_logps = logps_under(ref)
     return rollout
 
 

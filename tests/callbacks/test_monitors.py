@@ -272,3 +272,20 @@ def test_real_grpo_run_stops_before_max_steps(tmp_path, caplog):
     assert trainer.global_step < 100 * 6
     (error,) = messages(caplog, logging.ERROR)
     assert error == f"RunMonitor stopped training at step {trainer.global_step} (action='stop'): clip_saturation"
+
+
+def test_rlft_fit_monitors_every_run_and_a_configured_monitor_replaces_the_default(tmp_path, monkeypatch):
+    from rlft.cli.fit import run_lightning_cli
+
+    monkeypatch.setattr("sys.argv", ["rlft"])
+    common = ["fit", "-c", "configs/grpo/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches",
+              "0", "--trainer.max_steps", "1", "--model.output_dir", str(tmp_path / "hf")]  # fmt: skip
+    cli = run_lightning_cli(common)
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, RunMonitor)]
+    assert len(monitors) == 1 and monitors[0].action == "warn"
+    # the README's command line: the user's monitor is the only one, with the user's settings
+    cli = run_lightning_cli([*common, "--trainer.callbacks+=rlft.callbacks.RunMonitor",
+                             "--trainer.callbacks.action", "stop"])  # fmt: skip
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, RunMonitor)]
+    assert len(monitors) == 1 and monitors[0].action == "stop"

@@ -190,3 +190,16 @@ def test_decoding_twin_holds_the_current_merged_policy(tiny):
     twin_ids = generate_responses(model, tokenizer, ids, mask, settings)[0]
     plain_ids = generate_responses(model, tokenizer, ids, mask, RolloutSettings(max_new_tokens=8, temperature=0.0))[0]
     assert torch.equal(twin_ids, plain_ids)
+
+
+def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="decode_dtype='bfloat16' needs backend 'rlft'"):
+        RolloutSettings(decode_dtype="bfloat16", backend="hf")  # model.generate would sample the fp32 policy
+    with pytest.raises(ValueError, match="decode_dtype must be"):
+        RolloutSettings(decode_dtype="bf16")
+    saved = load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, modules_to_save=["lm_head"]))
+    tokenizer = load_tokenizer("tiny-llama")
+    batch = prompt_batch(tokenizer)
+    with pytest.raises(ValueError, match="cannot be merged exactly.*decode_dtype: null"):
+        generate_responses(saved, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                           RolloutSettings(max_new_tokens=2, decode_dtype="bfloat16"))  # fmt: skip
