@@ -1,6 +1,7 @@
 """Per-rank memory of the same SmolLM2 LoRA SFT run under DDP, ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes.
 
-    python scripts/distributed_memory.py [--config configs/sft/smollm2_lora.yaml] [--steps 3]
+    python scripts/distributed_memory.py [--config configs/sft/smollm2_lora.yaml] [--steps 3] [--model M]
+    python scripts/distributed_memory.py --bf16-checkpoint   # the same model saved in bf16, as hub models ship
 
 Each run is a fresh `rlft fit` with rlft.callbacks.MemoryReport; prints, for each rank, RSS and its anonymous part
 (RssAnon: what the process holds itself, without the page cache of the mmap-ed checkpoint that all ranks share)
@@ -29,7 +30,17 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "sft" / "smollm2_lora.yaml"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--model", help="model string instead of the config's")
+    parser.add_argument(
+        "--bf16-checkpoint",
+        action="store_true",
+        help="save the config's model as a bf16 checkpoint first and train from that (fp32 weights "
+        "are then converted copies on every rank that loads, not the shared page cache)",
+    )
     args = parser.parse_args()
+    scratch = tempfile.TemporaryDirectory()
+    if args.bf16_checkpoint:
+        args.model = _bf16_copy(args.model or _config_model(args.config), Path(scratch.name) / "bf16")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []
     for name in args.strategies:
@@ -41,6 +52,8 @@ def main() -> None:
                    "--trainer.default_root_dir", root, "--model.init_args.output_dir", f"{root}/hf_model",
                    "--trainer.callbacks+=rlft.callbacks.MemoryReport",
                    "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            if args.model:
+                cmd += ["--model.init_args.model", args.model]
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if result.returncode != 0:
                 print(f"{name}: failed\n{result.stderr[-3000:]}", file=sys.stderr)
@@ -59,6 +72,22 @@ def main() -> None:
     print(f"{'strategy':<18}{'rank':>5}" + "".join(f"{title + ' MB':>20}" for title in columns.values()))
     for name, rank, n in rows:
         print(f"{name:<18}{rank:>5}" + "".join(f"{n.get(key, 0):>20.0f}" for key in columns))
+
+
+def _config_model(config: str) -> str:
+    import yaml
+
+    return yaml.safe_load(Path(config).read_text())["model"]["init_args"]["model"]
+
+
+def _bf16_copy(model: str, folder: Path) -> str:
+    import torch
+
+    from rlft.models import load_model, load_tokenizer
+
+    load_model(model).to(torch.bfloat16).save_pretrained(folder)
+    load_tokenizer(model).save_pretrained(folder)
+    return str(folder)
 
 
 if __name__ == "__main__":

@@ -227,11 +227,11 @@ class RLFTModule(L.LightningModule):
         exists, inside the strategy's init context."""
         if not self._network_built:
             self.build_network()
-        if self._packing():
-            self._check_packing()
         shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
         if shard is not None:
             shard(self)
+        if self._packing():  # probes run forwards: after sharding, which is when FSDP2 ranks receive weights
+            self._check_packing()
 
     def on_fit_end(self) -> None:
         if self.trainer.sanity_checking:

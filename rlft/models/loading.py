@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +26,8 @@ CHATML_FALLBACK = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# set by a sharding strategy on ranks that receive their weights from rank 0 (see `structure_only`)
+_STRUCTURE_ONLY = contextvars.ContextVar("rlft_structure_only", default=False)
 # Tokens that are never real text and so make a safe pad when the tokenizer has none (checked in this order).
 _PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<unk>")
 
@@ -169,6 +174,30 @@ def is_adapter(model: str) -> bool:
     return (Path(model).expanduser() / "adapter_config.json").is_file()
 
 
+@contextlib.contextmanager
+def structure_only(active: bool = True) -> Iterator[None]:
+    """Inside, :func:`load_model` builds the network from its config on the meta device without reading weights.
+
+    For sharded training where rank 0 reads the checkpoint and sends each rank its shard (FSDP2): the other ranks
+    need the module structure only. Adapters are wrapped as usual (on meta as well); quantised loads and rlft
+    checkpoints still read their weights.
+    """
+    token = _STRUCTURE_ONLY.set(active)
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY.reset(token)
+
+
+def _empty_base(ref: ModelRef, auto_class: str, kwargs: dict) -> torch.nn.Module:
+    config_kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    config = transformers.AutoConfig.from_pretrained(ref.path, **config_kwargs)
+    dtype = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else getattr(config, "dtype", None)
+    extra = {"attn_implementation": kwargs["attn_implementation"]} if "attn_implementation" in kwargs else {}
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config, dtype=dtype or torch.float32, **extra)
+
+
 def load_model(
     model: str,
     *,
@@ -201,7 +230,10 @@ def load_model(
     if quantization:
         kwargs["quantization_config"] = _quantization_config(quantization, DTYPES.get(dtype, torch.bfloat16))
     try:
-        base = getattr(transformers, auto_class).from_pretrained(ref.path, **kwargs)
+        if _STRUCTURE_ONLY.get() and not quantization:
+            base = _empty_base(ref, auto_class, kwargs)
+        else:
+            base = getattr(transformers, auto_class).from_pretrained(ref.path, **kwargs)
     except OSError as error:
         raise _hub_hint(model, error) from error
     if quantization:

@@ -9,6 +9,9 @@ point for it is ``ModelParallelStrategy``; this subclass makes it pure data para
 - each decoder layer is its own FSDP unit (the layer classes come from the model's ``_no_split_modules``, the
   list transformers keeps for exactly this), then the decoder stack of every network (policy, critic, separate
   reference, reward backbone); the output head stays whole on every rank (see ``shard_module``);
+- loading: only rank 0 reads the checkpoint; the other ranks build each network from its config on the meta
+  device, and once the layers are sharded every rank receives its shard (and the replicated heads and buffers)
+  from rank 0, so no rank but rank 0 ever holds the whole model (``model_sharded_context``, ``shard_module``);
 - LoRA needs nothing special: FSDP2 shards frozen and trainable parameters of a unit together;
 - mixed precision: with ``bf16-mixed`` the parameters are all-gathered and computed in bf16 while gradients are
   reduced in fp32 (``MixedPrecisionPolicy``); fp32 otherwise.
@@ -18,10 +21,16 @@ Checkpoints are torch distributed checkpoints (a folder of shards) that ``--ckpt
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
+from collections.abc import Iterator
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from rlft.models.loading import structure_only
+from rlft.strategies.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # Lightning runs configure_model (where methods build their networks) inside this
+        with structure_only(self.world_size > 1 and self.global_rank != 0):
+            yield
+
     def _mixed_precision(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -99,27 +114,67 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         mesh = self.device_mesh["data_parallel"]
         policy = self._mixed_precision()
-        for root in network_roots(module):
+        roots = network_roots(module)
+        if any(isinstance(root.get_decoder() if hasattr(root, "get_decoder") else root, FSDPModule) for root in roots):
+            return  # configure_model runs again for validate/test after fit
+        received: dict[int, tuple] = {}
+        for root in roots:
             decoder = root.get_decoder() if hasattr(root, "get_decoder") else root
-            if isinstance(decoder, FSDPModule):
-                continue  # configure_model runs again for validate/test after fit
             layers = decoder_layer_classes(root)
             if not layers:
                 log.warning("%s declares no decoder layers (_no_split_modules); sharding it as one unit",
                             type(root).__name__)  # fmt: skip
             for sub in decoder.modules():
                 if isinstance(sub, layers):
+                    self._receive_from_rank0(sub, received)
                     fully_shard(sub, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
             # rlft scores from hidden states: it calls the decoder stack, then reads the output head's weight in
             # chunks (never the [B, T, V] logits). So the decoder stack is the outer unit, and the head — tied to
             # the input embeddings or not — stays whole on every rank: a vocabulary x hidden matrix
             head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+            self._receive_from_rank0(decoder, received)
+            if head is not None:  # after the decoder, so that a head tied to the input embeddings stays tied
+                self._receive_from_rank0(head, received)
             ignored = set(head.parameters()) if head is not None else set()
             fully_shard(decoder, mesh=mesh, mp_policy=policy, reshard_after_forward=False, ignored_params=ignored)
+        self._receive_from_rank0(module, received)  # output heads, value and reward heads: replicated
+        return_freed_memory()  # the full units each rank held until it sharded them
         # heads outside any transformers model (a reward head) stay replicated; their gradients are averaged
         for param in module.parameters():
             if param.requires_grad and not hasattr(param, "device_mesh"):
                 param.register_hook(self._average_replicated_gradient)
+
+    def _receive_from_rank0(self, module: torch.nn.Module, received: dict[int, tuple]) -> None:
+        """Make every not yet sharded tensor of ``module`` a real copy of rank 0's, in place in the module tree.
+
+        Called for each unit right before ``fully_shard``, so a rank that built on the meta device holds at most one
+        unit in full, and rank 0's originals are freed unit by unit as they are sharded. A tensor seen twice (tied
+        input and output embeddings, a unit's tensors seen again from its parent) is sent once and stays shared:
+        ``received`` maps it, weakly, to its replacement. Rank 0 sends even where every rank loaded for itself, so
+        randomly initialised heads are identical everywhere.
+        """
+        if self.world_size == 1:
+            return
+        device = self.root_device
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, tensor in list(table.items()):
+                    if tensor is None or hasattr(tensor, "device_mesh"):  # absent, or sharded already
+                        continue
+                    old, new = received.get(id(tensor), (lambda: None, lambda: None))
+                    if old() is tensor and new() is not None:
+                        table[name] = new()
+                        continue
+                    new = tensor
+                    if tensor.is_meta or tensor.device != device:
+                        data = torch.empty_like(tensor, device=device) if tensor.is_meta else tensor.to(device)
+                        is_param = isinstance(tensor, torch.nn.Parameter)
+                        new = torch.nn.Parameter(data, requires_grad=tensor.requires_grad) if is_param else data
+                    torch.distributed.broadcast(new.data, src=0)
+                    table[name] = new
+                    # weak, so rank 0's originals are freed as soon as fully_shard replaces them
+                    received[id(tensor)] = (weakref.ref(tensor), weakref.ref(new))
+                    received[id(new)] = (weakref.ref(new), weakref.ref(new))
 
     def _average_replicated_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()

@@ -33,6 +33,8 @@ GLOBAL_BATCH = 4
 METHODS = {
     "sft": ("sft", {}),
     "sft_packed": ("sft", {}),  # padding-free batches: the packing probe runs on the sharded network first
+    # tied input/output embeddings (Gemma): under FSDP2 rank 1 builds on meta and the tie must survive receiving
+    "sft_tied": ("sft", {"model": "tiny-gemma"}),
     "rm": ("rm", {}),
     "dpo": ("dpo", {"reference": "adapter"}),
     "dpo_full_ref": ("dpo", {"reference": "model"}),
@@ -124,13 +126,15 @@ class RaggedGenerationProbe(L.Callback):
 
 def record_load(module) -> dict:
     """Elements of the frozen base a rank holds right after the network is built, and their full count (a ZeRO-3
-    parameter keeps its partition in ``ds_tensor`` and an empty ``data``)."""
+    parameter keeps its partition in ``ds_tensor`` and an empty ``data``; a meta tensor holds nothing)."""
     held: dict = {}
     built = module.on_model_built
 
     def probe() -> None:
         frozen = [p for p in module.model.parameters() if not p.requires_grad]
-        held["held"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen)
+        held["held"] = sum(
+            p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel() for p in frozen
+        )
         held["full"] = sum(getattr(p, "ds_numel", p.numel()) for p in frozen)
         built()
 
@@ -219,8 +223,22 @@ def main() -> None:
         )  # fmt: skip
         trainer.fit(module, datamodule=data)
         weights = full_state_dict(module, trainable_only=True)
+        network = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model
+        tied = getattr(network, "get_output_embeddings", lambda: None)()
+        tied = tied is not None and tied.weight is network.get_input_embeddings().weight
+        loads, ties = [load], [tied]
+        if torch.distributed.is_initialized():
+            loads, ties = [None] * world, [None] * world
+            torch.distributed.all_gather_object(loads, load)
+            torch.distributed.all_gather_object(ties, tied)
         if trainer.is_global_zero:
-            result = {"losses": recorder.losses, "weights": weights, "generated": probe.lengths, "load": load}
+            result = {
+                "losses": recorder.losses,
+                "weights": weights,
+                "generated": probe.lengths,
+                "load": loads,
+                "tied": ties,
+            }
             torch.save(result, args.out / f"{method}.pt")
         print(f"parity_worker: {method} {args.strategy} losses {recorder.losses}", file=sys.stderr, flush=True)
 
