@@ -23,6 +23,7 @@ import transformers
 from rlft.data.collate import count_tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
+from rlft.models.loading import structure_only
 from rlft.models.modes import disable_dropout
 from rlft.strategies import full_state_dict, full_weights, is_sharded
 
@@ -247,13 +248,23 @@ class RLFTModule(L.LightningModule):
         self.trainer.strategy.barrier("rlft-export")
 
     def unsharded_copy(self, trained: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """A fresh, unsharded network (``build_model``) holding the ``trained`` weights."""
-        twin = self.build_model()
+        """A fresh, unsharded network (``build_model``) holding the ``trained`` weights.
+
+        When what is exported is an adapter (LoRA, no ``merge_on_save``), the copy is built on the meta device and
+        the trained tensors are put in place: the frozen base is never read again, so exporting costs rank 0 the
+        adapter only. Otherwise (a merged or fully fine-tuned export) the base is loaded in full.
+        """
+        lean = not self.hparams.merge_on_save
+        with structure_only(lean):
+            twin = self.build_model()
+        lean = lean and any(hasattr(m, "peft_config") for m in twin.modules())
+        if not lean and any(t.is_meta for t in twin.state_dict().values()):
+            twin = self.build_model()
         expected = {n for n, p in twin.named_parameters() if p.requires_grad}
         missing = expected - trained.keys()
         if missing:
             raise RuntimeError(f"gathered weights lack {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
-        twin.load_state_dict({k: v for k, v in trained.items() if k in expected}, strict=False)
+        twin.load_state_dict({k: v for k, v in trained.items() if k in expected}, strict=False, assign=True)
         return twin
 
     def export_dir(self) -> Path:
