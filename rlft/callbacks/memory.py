@@ -26,7 +26,8 @@ def _anonymous_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # the kernel updates its high-water mark lazily, so it can trail the current RSS by a few pages
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb())  # KiB on Linux
 
 
 class MemoryReport(L.Callback):
@@ -55,7 +56,8 @@ class MemoryReport(L.Callback):
             self.numbers["anon_mb_training"] = _anonymous_mb()
 
     def on_fit_end(self, trainer, module) -> None:
-        self.numbers["peak_rss_mb"] = _peak_rss_mb()
+        sampled = [v for k, v in self.numbers.items() if k.startswith("rss_mb")]
+        self.numbers["peak_rss_mb"] = max(_peak_rss_mb(), *sampled)
         if torch.cuda.is_available():
             self.numbers["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         folder = Path(trainer.default_root_dir) / "memory"
