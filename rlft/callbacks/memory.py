@@ -26,8 +26,8 @@ def _anonymous_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    # the kernel updates its high-water mark lazily, so it can trail the current RSS by a few pages
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb())  # KiB on Linux
+    # ru_maxrss is in KiB on Linux; the kernel updates this high-water mark lazily, so it can trail the current RSS
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb())
 
 
 class MemoryReport(L.Callback):

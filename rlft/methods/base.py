@@ -254,12 +254,11 @@ class RLFTModule(L.LightningModule):
         the trained tensors are put in place: the frozen base is never read again, so exporting costs rank 0 the
         adapter only. Otherwise (a merged or fully fine-tuned export) the base is loaded in full.
         """
-        lean = not self.hparams.merge_on_save
-        with structure_only(lean):
+        with structure_only(not self.hparams.merge_on_save):
             twin = self.build_model()
-        lean = lean and any(hasattr(m, "peft_config") for m in twin.modules())
-        if not lean and any(t.is_meta for t in twin.state_dict().values()):
-            twin = self.build_model()
+        adapter_only = any(hasattr(m, "peft_config") for m in twin.modules())
+        if not adapter_only and any(t.is_meta for t in twin.state_dict().values()):
+            twin = self.build_model()  # a full model is exported: its frozen tensors must be real
         expected = {n for n, p in twin.named_parameters() if p.requires_grad}
         missing = expected - trained.keys()
         if missing:

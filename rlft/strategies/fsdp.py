@@ -10,8 +10,9 @@ point for it is ``ModelParallelStrategy``; this subclass makes it pure data para
   list transformers keeps for exactly this), then the decoder stack of every network (policy, critic, separate
   reference, reward backbone); the output head stays whole on every rank (see ``shard_module``);
 - loading: only rank 0 reads the checkpoint; the other ranks build each network from its config on the meta
-  device, and once the layers are sharded every rank receives its shard (and the replicated heads and buffers)
-  from rank 0, so no rank but rank 0 ever holds the whole model (``model_sharded_context``, ``shard_module``);
+  device and receive each unit (decoder layer, then the rest, then replicated heads and buffers) from rank 0 right
+  before it is sharded, so no rank but rank 0 ever holds the whole model (``model_sharded_context``,
+  ``shard_module``);
 - LoRA needs nothing special: FSDP2 shards frozen and trainable parameters of a unit together;
 - mixed precision: with ``bf16-mixed`` the parameters are all-gathered and computed in bf16 while gradients are
   reduced in fp32 (``MixedPrecisionPolicy``); fp32 otherwise.
