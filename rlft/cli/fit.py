@@ -14,13 +14,15 @@ another run exported to.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rlft.callbacks.guard import NonFiniteGuard, refuse_impossible_settings
@@ -38,6 +40,8 @@ FIXED_OPTIM_ON_RESUME = ("scheduler", "warmup_steps", "warmup_ratio", "min_lr_ra
 # data settings that define the order a resume continues: change them and it would skip the wrong batches
 FIXED_DATA_ON_RESUME = ("path", "format", "batch_size", "seed", "shuffle", "val_fraction", "limit", "packing")
 RUN_MARKER = "rlft_run.json"
+# the trainer settings every run starts from: configs/trainer/default.yaml (linked into the package)
+TRAINER_DEFAULTS = Path(__file__).resolve().parents[1] / "assets" / "trainer_default.yaml"
 
 
 class CheckpointError(ValueError):
@@ -143,6 +147,8 @@ def check_checkpoint_matches(path: str, model_config, model_class: str, data_con
     pairs += [
         (f"model.optim.{k}", saved_optim.get(k), wanted_optim.get(k)) for k in FIXED_OPTIM_ON_RESUME if k in saved_optim
     ]
+    if "optimizer" in saved:  # the optimiser's state is restored as is: it cannot become another optimiser's
+        pairs.append(("model.optimizer", _optimizer_name(saved["optimizer"]), _optimizer_name(wanted.get("optimizer"))))
     saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
     if data_config is not None and saved_data:
         wanted_data = _plain(data_config.get("init_args", data_config))
@@ -154,6 +160,11 @@ def check_checkpoint_matches(path: str, model_config, model_class: str, data_con
                 "use the checkpoint's value or start fresh"
             )
     return _plain(saved_optim)
+
+
+def _optimizer_name(spec) -> str:
+    """``SGD`` of ``{class_path: torch.optim.SGD}`` or ``torch.optim.sgd.SGD``; ``AdamW`` (the default) for none."""
+    return (_plain(spec) or {}).get("class_path", "AdamW").rsplit(".", 1)[-1]
 
 
 class ResumeOptimizerOverride(Callback):
@@ -173,9 +184,9 @@ class ResumeOptimizerOverride(Callback):
                 if old_lr and new_lr and old_lr != new_lr:
                     group["lr"] *= new_lr / old_lr
                     group["initial_lr"] = group.get("initial_lr", old_lr) * new_lr / old_lr
-                if "betas" in self.wanted:
+                if "betas" in self.wanted and "betas" in group:  # an injected optimiser may have neither
                     group["betas"] = tuple(self.wanted["betas"])
-                if "eps" in self.wanted:
+                if "eps" in self.wanted and "eps" in group:
                     group["eps"] = self.wanted["eps"]
                 if group.get("weight_decay") and "weight_decay" in self.wanted:
                     group["weight_decay"] = self.wanted["weight_decay"]
@@ -220,7 +231,29 @@ def claim_output_dir(output_dir: Path, root_dir: Path, method: str) -> None:
 
 
 class RLFTCLI(LightningCLI):
-    """LightningCLI whose checkpoints live in ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` resumes."""
+    """LightningCLI whose checkpoints live in ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` resumes.
+
+    Every run starts from :data:`TRAINER_DEFAULTS` (``configs/trainer/default.yaml``), logs CSV and TensorBoard
+    under ``default_root_dir`` unless the config names its loggers, and gets rlft's default callbacks.
+    """
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        defaults = {"default_config_files": [str(TRAINER_DEFAULTS)]}
+        if add_subcommands:
+            subparser_kwargs = {name: {**defaults, **subparser_kwargs.get(name, {})} for name in self.subcommands()}
+        else:
+            main_kwargs = {**defaults, **main_kwargs}
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("logger") is None:  # Lightning's default would be one TensorBoard logger in lightning_logs/
+            root = trainer.get("default_root_dir") or os.getcwd()
+            trainer["logger"] = [
+                Namespace(class_path=f"lightning.pytorch.loggers.{kind}", init_args=Namespace(save_dir=root, name=name))
+                for kind, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
+            ]
 
     def _parse_ckpt_path(self) -> None:
         # deliberately not Lightning's: it overwrites the user's settings with the checkpoint's; the match is
@@ -238,9 +271,13 @@ class RLFTCLI(LightningCLI):
                     callback.save_last = True
         # on by default in every run (a config can add its own with other settings); RunMonitor only acts on the
         # online methods' metrics
-        for kind in (NonFiniteGuard, ResumeLogContinuity, RunMonitor):
+        defaults = [NonFiniteGuard, ResumeLogContinuity, RunMonitor]
+        if trainer.loggers:  # it refuses to run without one
+            defaults.append(functools.partial(LearningRateMonitor, logging_interval="step"))
+        for make in defaults:
+            kind = getattr(make, "func", make)
             if not any(isinstance(c, kind) for c in trainer.callbacks):
-                trainer.callbacks.insert(0, kind())
+                trainer.callbacks.insert(0, make())
         return trainer
 
     def _last_checkpoint(self) -> Path | None:

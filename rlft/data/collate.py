@@ -79,7 +79,7 @@ class Collator:
         labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_labels"] for side in sides for e in examples]
         batch = pack(seqs, labels)
         batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
-        return batch
+        return _with_pair_fields(batch, examples)
 
     def _right(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         return pad(seqs, value, multiple_of=self.multiple_of)
@@ -108,7 +108,7 @@ class Collator:
             batch[f"{side}_attention_mask"] = _fit(self._right([[1] * len(s) for s in seqs[side]], 0), width, 0)
             batch[f"{side}_labels"] = _fit(self._right(labels[side], IGNORE_INDEX), width, IGNORE_INDEX)
         batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
-        return batch
+        return _with_pair_fields(batch, examples)
 
     def _prompts(self, examples: list[dict]) -> dict:
         # left padding: generation appends to the right of every prompt at once
@@ -122,6 +122,20 @@ class Collator:
         for key in keys:
             batch[key] = [e.get(key) for e in examples]
         return batch
+
+
+_PAIR_KEYS = {"prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "truncated", "row"}
+
+
+def _with_pair_fields(batch: dict, examples: list[dict]) -> dict:
+    """The pairs' own fields (a margin, a weight, a score): ``[B]`` float tensors when every pair has a number,
+    else lists (``None`` where a pair lacks the field)."""
+    keys = dict.fromkeys(k for e in examples for k in e if k not in _PAIR_KEYS and k not in batch)
+    for key in keys:
+        values = [e.get(key) for e in examples]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        batch[key] = torch.tensor(values, dtype=torch.float32) if numeric else values
+    return batch
 
 
 def _fit(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -225,7 +225,9 @@ class PreferenceDataModule(L.LightningDataModule):
             enc = encode_sft(tok, record["messages"], max_length=hp.max_length)
             return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
         if self.kind == "pairs":
-            return encode_pair(tok, record["prompt"], record["chosen"], record["rejected"], max_length=hp.max_length)
+            extras = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
+            encoded = encode_pair(tok, record["prompt"], record["chosen"], record["rejected"], max_length=hp.max_length)
+            return {**extras, **encoded}
         enc = encode_prompt(tok, record["prompt"], max_length=hp.max_prompt_length or hp.max_length // 2)
         return {**record, "prompt_ids": enc.input_ids, "truncated": enc.truncated}
 

@@ -81,6 +81,8 @@ class Format:
         parse: ``parse(data, kind) -> list[Example]``; raises :class:`RecordError` for invalid rows.
         kinds: Record kinds this format can provide.
         prompt_fields: Fields that become the prompt; for ``prompts`` every other field of the row is kept.
+        pair_fields: Fields besides the prompt and the response keys that a pair is built from; for ``pairs``
+            every other field (a margin, a weight) is kept.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Format:
     parse: Callable[[dict, str], list[Example]]
     kinds: tuple[str, ...]
     prompt_fields: tuple[str, ...]
+    pair_fields: tuple[str, ...] = ()
 
     def to_records(self, row: Row, kind: str) -> list[dict]:
         """Convert one row to 0..n records of ``kind``; raises :class:`RecordError` when the row is invalid."""
@@ -99,6 +102,9 @@ class Format:
             if kind == "prompts":
                 kept = {k: v for k, v in row.data.items() if k not in self.prompt_fields and k != "prompt"}
                 record = {**kept, **example.extras, **record}
+            elif kind == "pairs":  # a per-pair margin, weight or score reaches the batch (Collator)
+                consumed = {*self.prompt_fields, *self.pair_fields, *_RESPONSE_KEYS, "prompt"}
+                record = {**{k: v for k, v in row.data.items() if k not in consumed}, **record}
             records.append(record)
         return records
 
@@ -140,7 +146,7 @@ FORMATS: dict[str, Format] = {
                _all(_has("chosen", "rejected"), lambda d: _has("prompt")(d) or isinstance(d["chosen"], list)),
                parsers.from_preference, _PAIR_KINDS, ("prompt",)),
         Format("piqa", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2"),
-               parsers.from_piqa, _PAIR_KINDS, ("goal",)),
+               parsers.from_piqa, _PAIR_KINDS, ("goal",), ("sol1", "sol2", "label")),
         Format("alpaca_seed", "instruction, instances: [{input, output}]", _has("instruction", "instances"),
                parsers.from_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
         Format("ranked", "prompt, responses (best first) [, scores]", _has("prompt", "responses"),

@@ -12,15 +12,16 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning as L
 import torch
 import transformers
+from lightning.pytorch.cli import OptimizerCallable
 
 from rlft.data.collate import count_tokens
+from rlft.methods.optim import OptimizerSettings, optimizer_factory, resolve_optimizer
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
 from rlft.models.loading import structure_only
@@ -30,69 +31,67 @@ from rlft.strategies import full_state_dict, full_weights, is_sharded
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class OptimizerSettings:
-    """AdamW with a warmup + decay schedule.
+DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
 
-    Args:
-        lr: Peak learning rate.
-        weight_decay: Decoupled weight decay (not applied to biases and norm weights).
-        betas: Adam betas.
-        eps: Adam epsilon.
-        warmup_steps: Linear warmup steps (overrides ``warmup_ratio`` when > 0).
-        warmup_ratio: Warmup as a share of all optimisation steps.
-        scheduler: ``cosine``, ``linear``, ``constant_with_warmup``, ``cosine_with_min_lr`` ... (transformers names).
-        min_lr_ratio: Floor of the cosine schedule relative to ``lr`` (for ``cosine_with_min_lr``).
-    """
 
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    scheduler: str = "cosine"
-    min_lr_ratio: float = 0.0
+def _plain(value):
+    """Dataclass settings as dicts (recursively), so checkpoints load with torch's ``weights_only=True``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 class RLFTModule(L.LightningModule):
     """Base of every rlft method.
 
+    A method declares its own arguments and passes the rest on with ``**kwargs`` (the CLI lists these for every
+    method); per-method defaults are class attributes (``default_lr``).
+
     Args:
         model: Model string: hub id, local folder, adapter folder (e.g. an SFT output), ``.gguf`` file or an alias
             such as ``smollm2-135m-instruct`` (pulled on first use).
         lora: LoRA settings; ``null`` trains all weights.
-        dtype: Weight dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+        dtype: Weight dtype.
         quantization: ``4bit`` or ``8bit`` loads the base through bitsandbytes (QLoRA; needs a CUDA GPU).
         gradient_checkpointing: Recompute activations in backward to save memory (works with LoRA).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; default lets transformers choose.
-        optim: Optimiser and learning-rate schedule.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or a hub kernel; default lets transformers
+            choose.
+        optim: Learning-rate schedule, and the settings of the default optimiser (AdamW).
         output_dir: Where the final Hugging Face folder goes; default ``<log dir>/hf_model``.
         merge_on_save: Also save LoRA merged into the base weights (``<output_dir>/merged``).
+        optimizer: Another optimiser, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}``;
+            it takes its own lr and weight decay (``optim`` then sets the schedule only). Default: AdamW.
     """
 
     data_kind: ClassVar[str] = "sft"
     supports_packed_batches: ClassVar[bool] = True  # False where the loss needs padded rows
+    default_lr: ClassVar[float] = 2e-4
 
     def __init__(
         self,
         model: str,
         lora: LoraSettings | None = LoraSettings(),
-        dtype: str = "float32",
+        dtype: DtypeName = "float32",
         quantization: Literal["4bit", "8bit"] | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         optim: OptimizerSettings = OptimizerSettings(),
         output_dir: str | None = None,
         merge_on_save: bool = False,
+        optimizer: OptimizerCallable | None = None,
     ) -> None:
         super().__init__()
-        # typed settings for the code; plain dicts in hparams so checkpoints load with torch's weights_only=True
         self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
-        self.optim_settings = OptimizerSettings(**optim) if isinstance(optim, dict) else optim
-        lora = dataclasses.asdict(self.lora_settings) if self.lora_settings else None
-        optim = dataclasses.asdict(self.optim_settings)
-        self.save_hyperparameters()
+        optim, spec = resolve_optimizer(optim, optimizer, self.default_lr)
+        self.optim_settings = optim
+        self.optimizer_factory = optimizer_factory(spec) if spec is not None else None
+        self.save_hyperparameters(ignore=["optimizer"])
+        # plain data in hparams (and the resolved lr, so a checkpoint says what ran)
+        self.hparams.update({k: _plain(v) for k, v in self.hparams.items()})
+        self.hparams.update(optim=dataclasses.asdict(optim), optimizer=spec)
+        self._hparams_initial = copy.deepcopy(self.hparams)
         self.tokenizer = load_tokenizer(model)
         # the network is built by configure_model, inside the strategy's init context (ZeRO-3 loads each rank's
         # partition only), or — used without a Trainer — on first access of `self.model`
@@ -197,11 +196,9 @@ class RLFTModule(L.LightningModule):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         # no empty groups: ZeRO drops them from the optimizer, and a schedule built on both would then mismatch
-        optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps
-        )
+        optimizer = self.build_optimizer([g for g in groups if g["params"]])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * total)
         extra = {"min_lr_rate": settings.min_lr_ratio} if settings.scheduler == "cosine_with_min_lr" else None
@@ -210,6 +207,14 @@ class RLFTModule(L.LightningModule):
             scheduler_specific_kwargs=extra,
         )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The optimiser over ``groups`` (decayed weights, then biases and norms with ``weight_decay: 0``): the
+        injected ``optimizer``, else AdamW from ``optim``."""
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(groups)
+        s = self.optim_settings
+        return torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay)
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,14 +9,11 @@ a loss term. ``baseline: leave_one_out`` with ``scale: none`` is RLOO (https://a
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
 
 from rlft.losses import grpo_loss
-from rlft.methods.base import OptimizerSettings
 from rlft.methods.online import OnlineRL
-from rlft.models import LoraSettings
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
 from rlft.rl.rewards import RewardSpec
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
@@ -57,17 +54,11 @@ class GRPO(OnlineRL):
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
+    default_lr = 1e-5
+
     def __init__(
         self,
         model: str,
-        lora: LoraSettings | None = LoraSettings(dropout=0.0),
-        dtype: str = "float32",
-        quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-        optim: OptimizerSettings = OptimizerSettings(lr=1e-5),
-        output_dir: str | None = None,
-        merge_on_save: bool = False,
         rewards: list[RewardSpec] | None = None,
         sampling: RolloutSettings = RolloutSettings(),
         group_size: int = 4,
@@ -82,6 +73,7 @@ class GRPO(OnlineRL):
         missing_eos_penalty: float | None = None,
         reference: str | None = None,
         max_grad_norm: float | None = 1.0,
+        **kwargs,
     ) -> None:
         checks = {"baseline": (baseline, ADVANTAGE_BASELINES), "scale": (scale, ADVANTAGE_SCALES)}
         checks["loss_aggregation"] = (loss_aggregation, LOSS_AGGREGATIONS)
@@ -94,10 +86,7 @@ class GRPO(OnlineRL):
             )
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-        super().__init__(
-            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
-            merge_on_save,
-        )  # fmt: skip
+        super().__init__(model, **kwargs)
         self.init_online(rewards, sampling, reference=reference, use_reference=beta != 0)
 
     # ------------------------------------------------------------------ hooks a subclass overrides

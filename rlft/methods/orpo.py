@@ -6,13 +6,10 @@ Both score chosen and rejected in one concatenated forward (:func:`rlft.methods.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from rlft.losses import orpo_loss, simpo_loss
-from rlft.methods.base import OptimizerSettings, RLFTModule
-from rlft.models import LoraSettings
+from rlft.methods.base import RLFTModule
 from rlft.models.scoring import PairLogps, pair_logps, pair_metrics
 
 
@@ -37,27 +34,18 @@ class ORPO(RLFTModule):
             third fewer tokens through the network on HH-RLHF). Needs an SDPA model; others ignore it.
     """
 
+    default_lr = 8e-6
     data_kind = "pairs"
 
     def __init__(
         self,
         model: str,
-        lora: LoraSettings | None = LoraSettings(),
-        dtype: str = "float32",
-        quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-        optim: OptimizerSettings = OptimizerSettings(lr=8e-6),
-        output_dir: str | None = None,
-        merge_on_save: bool = False,
         beta: float = 0.1,
         disable_dropout: bool = True,
         share_prompts: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
-            merge_on_save,
-        )  # fmt: skip
+        super().__init__(model, **kwargs)
 
     def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses ``[B]`` and the statistics of :func:`rlft.losses.orpo_loss` (override for a variant)."""
@@ -84,32 +72,23 @@ class SimPO(RLFTModule):
             third fewer tokens through the network on HH-RLHF). Needs an SDPA model; others ignore it.
     """
 
+    default_lr = 1e-6
     data_kind = "pairs"
 
     def __init__(
         self,
         model: str,
-        lora: LoraSettings | None = LoraSettings(),
-        dtype: str = "float32",
-        quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-        optim: OptimizerSettings = OptimizerSettings(lr=1e-6),
-        output_dir: str | None = None,
-        merge_on_save: bool = False,
         beta: float = 2.0,
         gamma: float = 1.0,
         label_smoothing: float = 0.0,
         nll_weight: float = 0.0,
         disable_dropout: bool = True,
         share_prompts: bool = True,
+        **kwargs,
     ) -> None:
         if nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
-        super().__init__(
-            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
-            merge_on_save,
-        )  # fmt: skip
+        super().__init__(model, **kwargs)
 
     def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-example losses and rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""

@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from rlft.losses import ppo_policy_loss, ppo_value_loss
-from rlft.methods.base import OptimizerSettings
 from rlft.methods.online import OnlineRL
-from rlft.models import LoraSettings, load_model
+from rlft.models import load_model
 from rlft.models.modes import disable_dropout, inference
 from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
 from rlft.rl.rewards import RewardSpec
@@ -28,7 +26,7 @@ from rlft.strategies import full_weights
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
 class KLSettings:
     """KL penalty in the reward: ``r_t -= coef * KL_t`` per response token.
 
@@ -107,17 +105,11 @@ class PPO(OnlineRL):
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
+    default_lr = 1e-5
+
     def __init__(
         self,
         model: str,
-        lora: LoraSettings | None = LoraSettings(dropout=0.0),
-        dtype: str = "float32",
-        quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-        optim: OptimizerSettings = OptimizerSettings(lr=1e-5),
-        output_dir: str | None = None,
-        merge_on_save: bool = False,
         rewards: list[RewardSpec] | None = None,
         sampling: RolloutSettings = RolloutSettings(),
         kl: KLSettings = KLSettings(),
@@ -135,11 +127,9 @@ class PPO(OnlineRL):
         critic: str | None = None,
         reference: str | None = None,
         max_grad_norm: float | None = 1.0,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
-            merge_on_save,
-        )  # fmt: skip
+        super().__init__(model, **kwargs)
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
         self.kl_settings = KLSettings(**kl) if isinstance(kl, dict) else kl

@@ -15,10 +15,8 @@ from typing import Literal
 import torch
 
 from rlft.losses import ppo_policy_loss
-from rlft.methods.base import OptimizerSettings
 from rlft.methods.online import OnlineRL
 from rlft.methods.ppo import last_token_scores
-from rlft.models import LoraSettings
 from rlft.ops import gae, kl_estimate, masked_mean, masked_whiten
 from rlft.rl.rewards import RewardSpec
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
@@ -41,17 +39,11 @@ class ReinforcePP(OnlineRL):
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
+    default_lr = 1e-5
+
     def __init__(
         self,
         model: str,
-        lora: LoraSettings | None = LoraSettings(dropout=0.0),
-        dtype: str = "float32",
-        quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-        optim: OptimizerSettings = OptimizerSettings(lr=1e-5),
-        output_dir: str | None = None,
-        merge_on_save: bool = False,
         rewards: list[RewardSpec] | None = None,
         sampling: RolloutSettings = RolloutSettings(),
         kl_coef: float = 0.01,
@@ -62,11 +54,9 @@ class ReinforcePP(OnlineRL):
         missing_eos_penalty: float | None = None,
         reference: str | None = None,
         max_grad_norm: float | None = 1.0,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
-            merge_on_save,
-        )  # fmt: skip
+        super().__init__(model, **kwargs)
         self.init_online(rewards, sampling, reference=reference, use_reference=kl_coef > 0)
 
     def rollout(self, batch: dict) -> Rollout:

@@ -13,9 +13,8 @@ from typing import Literal
 import torch
 
 from rlft.losses import RANKING_LOSSES, bradley_terry_loss
-from rlft.methods.base import OptimizerSettings, RLFTModule
+from rlft.methods.base import RLFTModule
 from rlft.metrics import pairwise_auroc
-from rlft.models import LoraSettings
 from rlft.models.reward import REWARD_HEADS, RewardNetwork, RewardScorer, write_reward_folder  # noqa: F401
 from rlft.models.scoring import pair_layout
 
@@ -40,34 +39,25 @@ class RewardModel(RLFTModule):
             Bradley-Terry.
     """
 
+    default_lr = 1e-4
     data_kind = "pairs"
 
     def __init__(
         self,
         model: str,
-        lora: LoraSettings | None = LoraSettings(),
-        dtype: str = "float32",
-        quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-        optim: OptimizerSettings = OptimizerSettings(lr=1e-4),
-        output_dir: str | None = None,
-        merge_on_save: bool = False,
         head: str = "linear",
         margin: float | None = None,
         center_coef: float = 0.0,
-        head_dtype: str = "float32",
+        head_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         share_prompts: bool = True,
         ranking_loss: str = "plackett_luce",
+        **kwargs,
     ) -> None:
         if ranking_loss not in RANKING_LOSSES:
             raise ValueError(f"unknown ranking_loss {ranking_loss!r}; choose one of {sorted(RANKING_LOSSES)}")
         if head not in REWARD_HEADS:
             raise ValueError(f"unknown reward head {head!r}; choose one of {sorted(REWARD_HEADS)}")
-        super().__init__(
-            model, lora, dtype, quantization, gradient_checkpointing, attn_implementation, optim, output_dir,
-            merge_on_save,
-        )  # fmt: skip
+        super().__init__(model, **kwargs)
 
     def build_model(self) -> RewardNetwork:
         backbone = super().build_model()

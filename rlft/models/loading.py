@@ -32,7 +32,7 @@ _STRUCTURE_ONLY = contextvars.ContextVar("rlft_structure_only", default=False)
 _PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<unk>")
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
 class LoraSettings:
     """LoRA through peft.
 

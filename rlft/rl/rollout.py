@@ -31,7 +31,7 @@ from rlft.rl.decoding import decode, decoding_twin, merged_adapter
 from rlft.rl.layout import group_layout
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
 class RolloutSettings:
     """How responses are sampled.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
     p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("trainer", "logger", "tune", "pipelines")
 )
-OVERLAYS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
+OVERLAYS = sorted(p for p in (REPO / "configs" / "trainer").glob("*.yaml") if p.name != "default.yaml")
 
 
 def _rlft(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -50,6 +51,20 @@ def test_trainer_overlays_parse_on_top_of_a_method_config(overlay, capsys):
             assert value["init_args"].items() <= printed["trainer"][key]["init_args"].items()
         else:
             assert printed["trainer"][key] == value
+
+
+def test_every_run_starts_from_the_trainer_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--print_config", "-c", "configs/sft/tiny.yaml"])
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    defaults = yaml.safe_load((REPO / "configs" / "trainer" / "default.yaml").read_text())["trainer"]
+    assert printed["log_every_n_steps"] == defaults["log_every_n_steps"] == 1
+    assert printed["check_val_every_n_epoch"] is None
+    [checkpoint] = printed["callbacks"]
+    assert checkpoint["class_path"].endswith("ModelCheckpoint")
+    assert defaults["callbacks"][0]["init_args"].items() <= checkpoint["init_args"].items()
+    # the package reads the same file (linked), so an installed rlft starts from it too
+    assert (REPO / "rlft" / "assets" / "trainer_default.yaml").resolve() == (REPO / "configs/trainer/default.yaml")
 
 
 def test_overrides_reach_the_instantiated_objects(tmp_path):
@@ -94,7 +109,8 @@ def test_user_subclass_runs_through_the_cli_and_resumes_with_last(tmp_path):
 
     resumed = _rlft("fit", *common, "--trainer.max_steps", "6", "--ckpt_path", "last", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    steps = [line.split(",")[1] for line in (root / "csv" / "version_1" / "metrics.csv").read_text().splitlines()[1:]]
+    with open(root / "csv" / "version_1" / "metrics.csv") as f:
+        steps = [row["step"] for row in csv.DictReader(f)]
     assert steps and min(int(s) for s in steps) >= 4  # continued at step 4, did not start over
 
 

@@ -118,3 +118,23 @@ def test_collated_pair_labels_cover_only_replies(tokenizer):
         assert (labels[:prompt_len] == IGNORE_INDEX).all()
         assert (labels[prompt_len:] != IGNORE_INDEX).any()
         assert torch.equal(batch["chosen_input_ids"][i, :prompt_len], batch["rejected_input_ids"][i, :prompt_len])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_pair_records_keep_their_own_fields_into_the_batch(tokenizer, tmp_path, packing):
+    rows = [
+        {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No.", "margin": 2.0, "weight": 1, "source": "a"},
+        {"prompt": "Say bye", "chosen": "Bye!", "rejected": "Hi.", "margin": 0.5, "weight": 3},
+        {"prompt": "Count", "chosen": "1 2 3", "rejected": "3 2 1", "margin": 1.5, "weight": 2, "source": "b"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = _module(tokenizer, "pairs", str(path), val_fraction=0.0, shuffle=False, packing=packing, cache=False)
+    batch = next(iter(dm.train_dataloader()))
+    # numbers become [B] float tensors (in the batch's pair order); anything else a list, None where a pair lacks it
+    torch.testing.assert_close(batch["margin"], torch.tensor([2.0, 0.5, 1.5]))
+    torch.testing.assert_close(batch["weight"], torch.tensor([1.0, 3.0, 2.0]))
+    assert batch["source"] == ["a", None, "b"]
+    assert not {"prompt", "chosen", "rejected", "row"} & set(batch)
+    # the data's own fields never displace what the model reads
+    assert batch["prompt_lengths"].shape == (3,)

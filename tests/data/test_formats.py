@@ -88,7 +88,7 @@ CASES = {
         {"prompt": "Is water wet?", "chosen": "Yes, in the everyday sense.", "rejected": "Bananas.", "score": 3},
         {"sft": {"messages": [user("Is water wet?"), assistant("Yes, in the everyday sense.")]},
          "pairs": {"prompt": [user("Is water wet?")], "chosen": "Yes, in the everyday sense.",
-                   "rejected": "Bananas."},
+                   "rejected": "Bananas.", "score": 3},  # a pair's own fields are kept, as a prompt's are
          "prompts": {"prompt": [user("Is water wet?")], "chosen": "Yes, in the everyday sense.",
                      "rejected": "Bananas.", "score": 3}},
     ),
@@ -104,7 +104,7 @@ CASES = {
     "ranked": (  # K = 2 here (one pair); K-wise expansion is tested in tests/methods/test_reward_ranking.py
         {"prompt": "Best color?", "responses": ["grey", "blue"], "scores": [0.1, 0.9], "id": 3},
         {"sft": {"messages": [user("Best color?"), assistant("blue")]},
-         "pairs": {"prompt": [user("Best color?")], "chosen": "blue", "rejected": "grey"},
+         "pairs": {"prompt": [user("Best color?")], "chosen": "blue", "rejected": "grey", "id": 3},
          "prompts": {"prompt": [user("Best color?")], "id": 3}},
     ),
     "prompt_only": (

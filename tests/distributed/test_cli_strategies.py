@@ -28,8 +28,9 @@ def _config(root: Path, method: str = "dpo") -> Path:
     text = (REPO / "configs" / method / "tiny.yaml").read_text().replace(f"runs/{method}-tiny", str(root))
     text = text.replace("rlft/assets/", f"{REPO}/rlft/assets/")
     # a checkpoint every 3 steps, all kept, so a run can be resumed from the middle
-    text = text.replace("{save_last: true, every_n_train_steps: 10}", "{save_last: true, every_n_train_steps: 3, "
-                        "save_top_k: -1}")  # fmt: skip
+    checkpoints = ("  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                   "      init_args: {save_last: true, every_n_train_steps: 3, save_top_k: -1}\n")  # fmt: skip
+    text = text.replace("trainer:\n", f"trainer:\n{checkpoints}", 1)
     path = root.parent / f"{root.name}.yaml"
     path.write_text(text)
     return path

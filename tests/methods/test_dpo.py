@@ -155,7 +155,9 @@ def test_adapter_reference_is_the_base_without_a_second_copy():
         for name, p in dpo.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    ref_chosen, ref_rejected = dpo.reference_logps(batch)
+    reference = dpo.reference_logps(batch)  # the policy's type: sums and token counts
+    ref_chosen, ref_rejected = reference.chosen, reference.rejected
+    torch.testing.assert_close(reference.chosen_tokens, dpo.policy_logps(batch).chosen_tokens)
     expected = reference_logps_by_hand(load_model("tiny-llama"), batch)
     torch.testing.assert_close(ref_chosen, expected[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(ref_rejected, expected[1], atol=1e-4, rtol=0)
@@ -181,7 +183,7 @@ def test_separate_reference_model_any_model_string():
     # any model string: a LoRA policy on tiny-llama with a tiny-mistral reference (same tokenizer)
     other = DPO("tiny-llama", lora=LORA, reference="model", ref_model="tiny-mistral")
     expected = reference_logps_by_hand(load_model("tiny-mistral"), batch)
-    torch.testing.assert_close(other.reference_logps(batch)[0], expected[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(other.reference_logps(batch).chosen, expected[0], atol=1e-4, rtol=0)
 
 
 def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(tmp_path, monkeypatch):
@@ -199,7 +201,7 @@ def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(
     # the cached values are the adapter-disabled base's log-probs
     batch = pairs_batch("tiny-llama", n=16)
     keys = __import__("rlft.methods.dpo", fromlist=["batch_keys"]).batch_keys(batch)
-    cached = torch.tensor([stored["logps"][k] for k in keys if k in stored["logps"]])
+    cached = torch.tensor([stored["logps"][k][:2] for k in keys if k in stored["logps"]])  # (sums, token counts)
     expected = torch.stack(reference_logps_by_hand(load_model("tiny-llama"), batch), -1)
     known = [i for i, k in enumerate(keys) if k in stored["logps"]]
     assert len(known) >= 10
@@ -233,7 +235,7 @@ def test_precomputed_full_finetune_refuses_to_use_trained_policy_on_resume(tmp_p
 
     dpo._trainer = FakeTrainer()  # what Lightning sets while fitting
     with pytest.raises(RuntimeError, match="no longer the reference"):
-        dpo._check_can_compute(tmp_path / "ref.pt", 3)
+        dpo.precomputed._check_can_compute(tmp_path / "ref.pt", 3)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -249,7 +251,7 @@ def test_sft_adapter_then_dpo_from_its_folder(tmp_path):
     batch = pairs_batch("tiny-llama")
     sft_model = load_model(str(sft_folder), trainable_adapter=False).eval()
     expected = reference_logps_by_hand(sft_model, batch)
-    ref_chosen, _ = dpo.reference_logps(batch)
+    ref_chosen = dpo.reference_logps(batch).chosen
     torch.testing.assert_close(ref_chosen, expected[0], atol=1e-4, rtol=0)
     loss, _ = dpo.compute_loss(batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # policy starts as the SFT model
@@ -258,7 +260,7 @@ def test_sft_adapter_then_dpo_from_its_folder(tmp_path):
 
     trainer(tmp_path, 4).fit(dpo, PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0))
     assert {n for n, p in dpo.model.named_parameters() if p.requires_grad} == trained  # ref stayed frozen
-    ref_after, _ = dpo.reference_logps(batch)
+    ref_after = dpo.reference_logps(batch).chosen
     torch.testing.assert_close(ref_after, expected[0], atol=1e-4, rtol=0)
     out = tmp_path / "dpo"
     assert (out / "adapter_config.json").exists() and not (out / REF_ADAPTER).exists()
@@ -312,9 +314,9 @@ def test_unknown_loss_type_is_rejected_with_the_choices():
 class ScaledMarginDPO(DPO):
     """A user's subclass: only the loss changes (here: DPO with a fixed target margin of 0.5 in reward units)."""
 
-    def preference_loss(self, policy, ref_chosen, ref_rejected):
-        chosen_rewards = self.hparams.beta * (policy.chosen - ref_chosen)
-        rejected_rewards = self.hparams.beta * (policy.rejected - ref_rejected)
+    def preference_loss(self, policy, reference):
+        chosen_rewards = self.hparams.beta * (policy.chosen - reference.chosen)
+        rejected_rewards = self.hparams.beta * (policy.rejected - reference.rejected)
         losses = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards - 0.5)
         return losses, chosen_rewards.detach(), rejected_rewards.detach()
 

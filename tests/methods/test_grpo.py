@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pandas as pd
 import pytest
@@ -98,7 +100,7 @@ class ShortRollout(GRPO):
     """Overriding ``rollout``: e.g. a curriculum that caps the response length."""
 
     def rollout(self, batch):
-        self.sampling.max_new_tokens = 3
+        self.sampling = dataclasses.replace(self.sampling, max_new_tokens=3)  # settings are frozen
         return super().rollout(batch)
 
 

@@ -69,7 +69,9 @@ def test_dpo_positive_subclass_through_the_cli_and_by_hand(tmp_path):
                        rejected_tokens=torch.ones(1))  # fmt: skip
     module = DPOPositive.__new__(DPOPositive)
     module._hparams = AttributeDict(beta=0.1)
-    losses, _, _ = DPOPositive.preference_loss(module, policy, torch.tensor([-4.0]), torch.tensor([-6.0]))
+    reference = PairLogps(chosen=torch.tensor([-4.0]), rejected=torch.tensor([-6.0]), chosen_tokens=torch.ones(1),
+                          rejected_tokens=torch.ones(1))  # fmt: skip
+    losses, _, _ = DPOPositive.preference_loss(module, policy, reference)
     # margin (-1) - 0 - 50 * max(0, -4 - -5) = -51; loss = -log sigmoid(0.1 * -51)
     assert float(losses) == pytest.approx(-float(torch.nn.functional.logsigmoid(torch.tensor(-5.1))), rel=1e-6)
 

@@ -25,10 +25,10 @@ class DPOPositive(DPO):
 
     lam = 50.0
 
-    def preference_loss(self, policy, ref_chosen, ref_rejected):
+    def preference_loss(self, policy, reference):
         beta = self.hparams.beta
-        chosen, rejected = policy.chosen - ref_chosen, policy.rejected - ref_rejected
-        penalty = (ref_chosen - policy.chosen).clamp(min=0)
+        chosen, rejected = policy.chosen - reference.chosen, policy.rejected - reference.rejected
+        penalty = (reference.chosen - policy.chosen).clamp(min=0)
         losses = -F.logsigmoid(beta * (chosen - rejected - self.lam * penalty))
         return losses, beta * chosen.detach(), beta * rejected.detach()
 
