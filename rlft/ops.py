@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from rlft.logprobs import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps
+from rlft.registry import resolve
 
 __all__ = [
     "ADVANTAGE_BASELINES",
@@ -164,15 +165,15 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     Args:
         logp: ``[...]`` log-probs of the sampled tokens under the policy.
         ref_logp: same shape, under the reference model.
-        kind: ``"k1"``, ``"k2"`` or ``"k3"`` (see ``KL_ESTIMATORS``).
+        kind: ``"k1"``, ``"k2"``, ``"k3"`` (see ``KL_ESTIMATORS``) or ``module:function`` of ``log_ratio`` (the
+            same shape, ``ref_logp - logp``).
 
     Returns:
         Per-token estimates, shaped like ``logp``.
     """
-    if kind not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {sorted(KL_ESTIMATORS)}")
+    estimator = resolve(kind, KL_ESTIMATORS, "KL estimator")
     _check_same_shape(logp=logp, ref_logp=ref_logp)
-    return KL_ESTIMATORS[kind](ref_logp - logp)
+    return estimator(ref_logp - logp)
 
 
 def gae(
@@ -209,11 +210,11 @@ def gae(
     if (mask[:, 1:] > mask[:, :-1]).any():
         raise ValueError("gae needs right-padded responses: every mask row must be ones followed by zeros")
     rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    next_values = torch.zeros_like(running)
+    advantages = torch.zeros_like(rewards)  # [B, T]
+    running = torch.zeros_like(rewards[:, 0])  # [B] A_{t+1}; 0 past the end
+    next_values = torch.zeros_like(running)  # [B] V_{t+1}; padding has V = 0, so a row's last token bootstraps 0
     for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        delta = rewards[:, t] + gamma * next_values - values[:, t]  # [B]
         running = delta + gamma * lam * running
         advantages[:, t] = running
         next_values = values[:, t]
@@ -279,8 +280,8 @@ def group_advantages(
     Args:
         rewards: ``[N]`` scalar rewards, ``N = num_prompts * group_size``, completions of one prompt contiguous.
         group_size: completions per prompt.
-        baseline: key of ``ADVANTAGE_BASELINES``.
-        scale: key of ``ADVANTAGE_SCALES``.
+        baseline: key of ``ADVANTAGE_BASELINES`` or ``module:function`` (``[P, G]`` rewards -> ``[P, G]``).
+        scale: key of ``ADVANTAGE_SCALES`` or ``module:function`` (``[P, G]`` -> ``[P, G]`` divisor, or ``None``).
         eps: added to the std.
 
     Returns:
@@ -290,13 +291,11 @@ def group_advantages(
         raise ValueError(f"rewards must be 1-D [num_prompts * group_size], got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
-    if baseline not in ADVANTAGE_BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; choose one of {sorted(ADVANTAGE_BASELINES)}")
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(ADVANTAGE_SCALES)}")
-    grouped = rewards.view(-1, group_size)
-    advantages = grouped - ADVANTAGE_BASELINES[baseline](grouped)
-    std = ADVANTAGE_SCALES[scale](grouped)
+    baseline_of = resolve(baseline, ADVANTAGE_BASELINES, "baseline")
+    scale_of = resolve(scale, ADVANTAGE_SCALES, "scale")
+    grouped = rewards.view(-1, group_size)  # [P, G]: the completions of one prompt in a row
+    advantages = grouped - baseline_of(grouped)
+    std = scale_of(grouped)
     if std is not None:
         advantages = advantages / (std + eps)
     return advantages.reshape(-1)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from rlft.ops import kl_estimate, masked_mean
+from rlft.registry import resolve
 
 
 def _sequence_mean(token_losses: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
@@ -44,9 +45,7 @@ LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], 
 
 
 def _aggregate(token_losses: torch.Tensor, mask: torch.Tensor, how: str, max_length: int | None) -> torch.Tensor:
-    if how not in LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation {how!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
-    return LOSS_AGGREGATIONS[how](token_losses, mask, max_length)
+    return resolve(how, LOSS_AGGREGATIONS, "loss aggregation")(token_losses, mask, max_length)
 
 
 def _check_token_inputs(**tensors: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ import torch
 from rlft.losses import grpo_loss
 from rlft.methods.online import OnlineRL
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
+from rlft.registry import resolve
 from rlft.rl.rewards import RewardSpec
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
 from rlft.rl_losses import LOSS_AGGREGATIONS
@@ -75,11 +76,10 @@ class GRPO(OnlineRL):
         max_grad_norm: float | None = 1.0,
         **kwargs,
     ) -> None:
-        checks = {"baseline": (baseline, ADVANTAGE_BASELINES), "scale": (scale, ADVANTAGE_SCALES)}
-        checks["loss_aggregation"] = (loss_aggregation, LOSS_AGGREGATIONS)
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
+        # a typo (or a module:function that does not import) fails here, not at the first step
+        resolve(baseline, ADVANTAGE_BASELINES, "baseline")
+        resolve(scale, ADVANTAGE_SCALES, "scale")
+        resolve(loss_aggregation, LOSS_AGGREGATIONS, "loss_aggregation")
         if group_size < 2:  # every baseline is a per-prompt group statistic: one sample gives advantage 0
             raise ValueError(
                 f"group_size={group_size} is too small: must be >= 2 (advantages compare the samples of one prompt)"

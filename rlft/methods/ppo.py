@@ -18,7 +18,8 @@ from rlft.losses import ppo_policy_loss, ppo_value_loss
 from rlft.methods.online import OnlineRL
 from rlft.models import load_model
 from rlft.models.modes import disable_dropout, inference
-from rlft.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten
+from rlft.ops import KL_ESTIMATORS, gae, kl_estimate, masked_mean, masked_var, masked_whiten
+from rlft.registry import resolve
 from rlft.rl.rewards import RewardSpec
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
 from rlft.strategies import full_weights
@@ -32,8 +33,8 @@ class KLSettings:
 
     Args:
         coef: Initial (or fixed) coefficient; 0 switches the penalty and the reference forward off.
-        estimator: Per-token estimator of ``KL(pi || ref)``: ``k1`` (``log pi - log ref``, as TRL/Ziegler), ``k2``
-            or ``k3``.
+        estimator: Per-token estimator of ``KL(pi || ref)``: ``k1`` (``log pi - log ref``, as TRL/Ziegler), ``k2``,
+            ``k3`` or ``module:function`` (see :func:`rlft.ops.kl_estimate`).
         target: Adaptive controller (Ziegler et al.): steer the coefficient so the mean per-sequence KL approaches
             this value; ``null`` keeps ``coef`` fixed.
         horizon: Adaptive controller horizon in sequences (larger = slower adaptation).
@@ -43,6 +44,9 @@ class KLSettings:
     estimator: str = "k1"
     target: float | None = None
     horizon: int = 10_000
+
+    def __post_init__(self) -> None:
+        resolve(self.estimator, KL_ESTIMATORS, "KL estimator")  # a typo fails here, not at the first step
 
     def update(self, coef: float, observed_kl: float, sequences: int) -> float:
         """Next coefficient of the adaptive controller (unchanged when ``target`` is null)."""

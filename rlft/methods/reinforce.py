@@ -10,14 +10,14 @@ the update is PPO's clipped surrogate.
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
 
 from rlft.losses import ppo_policy_loss
 from rlft.methods.online import OnlineRL
 from rlft.methods.ppo import last_token_scores
-from rlft.ops import gae, kl_estimate, masked_mean, masked_whiten
+from rlft.ops import KL_ESTIMATORS, gae, kl_estimate, masked_mean, masked_whiten
+from rlft.registry import resolve
 from rlft.rl.rewards import RewardSpec
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
 from rlft.strategies import full_weights
@@ -30,7 +30,7 @@ class ReinforcePP(OnlineRL):
         rewards: Reward sources summed with their weights (see :mod:`rlft.rl.rewards`).
         sampling: How responses are sampled.
         kl_coef: Weight of the per-token KL penalty in the reward (0 skips the reference).
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (see :func:`rlft.ops.kl_estimate`).
+        kl_estimator: ``k1``, ``k2``, ``k3`` (see :func:`rlft.ops.kl_estimate`) or ``module:function``.
         clip_range: PPO ratio clip epsilon.
         ppo_epochs: Passes over each rollout.
         minibatch_size: Sequences per optimiser step; default the whole rollout.
@@ -47,7 +47,7 @@ class ReinforcePP(OnlineRL):
         rewards: list[RewardSpec] | None = None,
         sampling: RolloutSettings = RolloutSettings(),
         kl_coef: float = 0.01,
-        kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        kl_estimator: str = "k1",
         clip_range: float = 0.2,
         ppo_epochs: int = 1,
         minibatch_size: int | None = None,
@@ -56,6 +56,7 @@ class ReinforcePP(OnlineRL):
         max_grad_norm: float | None = 1.0,
         **kwargs,
     ) -> None:
+        resolve(kl_estimator, KL_ESTIMATORS, "KL estimator")  # a typo fails here, not at the first step
         super().__init__(model, **kwargs)
         self.init_online(rewards, sampling, reference=reference, use_reference=kl_coef > 0)
 

@@ -17,6 +17,7 @@ from rlft.methods.base import RLFTModule
 from rlft.metrics import pairwise_auroc
 from rlft.models.reward import REWARD_HEADS, RewardNetwork, RewardScorer, write_reward_folder  # noqa: F401
 from rlft.models.scoring import pair_layout
+from rlft.registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,17 @@ class RewardModel(RLFTModule):
         ranking_loss: str = "plackett_luce",
         **kwargs,
     ) -> None:
-        if ranking_loss not in RANKING_LOSSES:
-            raise ValueError(f"unknown ranking_loss {ranking_loss!r}; choose one of {sorted(RANKING_LOSSES)}")
-        if head not in REWARD_HEADS:
-            raise ValueError(f"unknown reward head {head!r}; choose one of {sorted(REWARD_HEADS)}")
+        resolve(ranking_loss, RANKING_LOSSES, "ranking_loss")  # a typo fails here, not at the first step
+        resolve(head, REWARD_HEADS, "reward head")
         super().__init__(model, **kwargs)
 
     def build_model(self) -> RewardNetwork:
         backbone = super().build_model()
         lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         hidden = lm.config.get_text_config().hidden_size
-        head = REWARD_HEADS[self.hparams.head](hidden).to(getattr(torch, self.hparams.head_dtype))
+        head = resolve(self.hparams.head, REWARD_HEADS, "reward head")(hidden).to(
+            getattr(torch, self.hparams.head_dtype)
+        )
         return RewardNetwork(backbone, head)
 
     # ------------------------------------------------------------------------------------------ loss
@@ -85,7 +86,7 @@ class RewardModel(RLFTModule):
     def ranking_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-prompt ranking losses and every (better, worse) pair's rewards of a ranking batch."""
         rewards, mask = self.ranking_rewards(batch)
-        losses = RANKING_LOSSES[self.hparams.ranking_loss](rewards, mask)
+        losses = resolve(self.hparams.ranking_loss, RANKING_LOSSES, "ranking_loss")(rewards, mask)
         k = rewards.shape[1]
         upper = torch.ones(k, k, dtype=torch.bool, device=rewards.device).triu(1)
         pairs = (upper & mask[:, :, None] & mask[:, None, :]).nonzero()

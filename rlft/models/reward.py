@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from rlft.data.encoding import encode_conversation
 from rlft.models.loading import checkpoint_backbone, load_model, load_tokenizer, load_trained
 from rlft.models.scoring import flat_last_positions, position_ids_from_mask
+from rlft.registry import resolve
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -116,7 +117,7 @@ class RewardScorer:
         config = json.loads(config_file.read_text())
         backbone = load_model(str(path), dtype=config.get("dtype", "float32"), trainable_adapter=False)
         hidden = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).config
-        head = REWARD_HEADS[config["head"]](hidden.get_text_config().hidden_size)
+        head = resolve(config["head"], REWARD_HEADS, "reward head")(hidden.get_text_config().hidden_size)
         head.load_state_dict(load_file(str(path / HEAD_FILE)))
         head = head.to(getattr(torch, config.get("head_dtype", "float32")))
         network = RewardNetwork(backbone, head).requires_grad_(False)
@@ -167,6 +168,6 @@ def _network_from_checkpoint(path: str) -> RewardNetwork:
     """Rebuild a ``RewardModel`` checkpoint's network from its hyperparameters and trained weights."""
     backbone, hparams = checkpoint_backbone(path)
     lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-    head = REWARD_HEADS[hparams.get("head", "linear")](lm.config.get_text_config().hidden_size)
+    head = resolve(hparams.get("head", "linear"), REWARD_HEADS, "reward head")(lm.config.get_text_config().hidden_size)
     network = RewardNetwork(backbone, head.to(getattr(torch, hparams.get("head_dtype", "float32"))))
     return load_trained(network, path).requires_grad_(False)

@@ -162,9 +162,10 @@ def shared_prompt_layout(batch: dict) -> PairLayout:
     prompts are compared token by token; pairs whose sequences start differently (e.g. truncated differently) are
     laid out as two ordinary causal spans.
     """
-    sequences = _pair_sequences(batch)
+    sequences = _pair_sequences(batch)  # 2n unpadded (ids [L_k], labels [L_k]): chosen 0..n-1, rejected n..2n-1
     n = len(sequences) // 2
     device = sequences[0][0].device
+    # maps[k]: [L_k] index of each token of sequence k in the one flat row (shared prompt tokens map twice)
     ids, positions, segments, maps = [], [], [], [None] * (2 * n)
     offset = 0
     for i in range(n):
@@ -179,7 +180,10 @@ def shared_prompt_layout(batch: dict) -> PairLayout:
             maps[n + i] = torch.arange(offset + lc, offset + lc + lr, device=device)
             offset += lc + lr
             continue
+        # span [S = lc + lr - shared]: positions of p, c (continuing p), then r (also continuing p)
         span = torch.cat([torch.arange(lc, device=device), torch.arange(shared, lr, device=device)])
+        # part [S]: 0 = prompt, 1 = chosen response, 2 = rejected response; mask [S, S]: causal within the span's
+        # positions, and a response token sees the prompt and its own response only
         part = torch.cat([torch.zeros(shared, device=device), torch.ones(lc - shared, device=device),
                           torch.full((lr - shared,), 2.0, device=device)])  # fmt: skip
         mask = (span[None, :] <= span[:, None]) & ((part[None, :] == 0) | (part[None, :] == part[:, None]))
@@ -191,14 +195,14 @@ def shared_prompt_layout(batch: dict) -> PairLayout:
             [torch.arange(shared, device=device), torch.arange(lc, lr + lc - shared, device=device)]
         )
         offset += len(span)
-    source, targets, owner = [], [], []
+    source, targets, owner = [], [], []  # per scored token: flat row index predicting it, its id, its sequence
     for k, (_, labels) in enumerate(sequences):
-        t = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0] + 1
+        t = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0] + 1  # [K_k] positions in sequence k that are scored
         source.append(maps[k][t - 1])
         targets.append(labels[t])
         owner.append(torch.full_like(t, k))
     inputs = segmented_inputs(torch.cat(ids), torch.cat(positions), tuple(segments))
-    last = torch.stack([m[-1] for m in maps])
+    last = torch.stack([m[-1] for m in maps])  # [2n] flat index of each sequence's last token
     return PairLayout(inputs, torch.cat(source), torch.cat(targets), torch.cat(owner), 2 * n, last)
 
 

@@ -90,3 +90,21 @@ def test_dpo_loss_type_from_yaml_as_module_function(tmp_path):
                           "--model.init_args.loss_type", "my_pkg.losses:cubed", "--trainer.max_steps", "1"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "has no attribute 'cubed'" in bad.stderr
+
+
+def test_every_named_choice_takes_module_function():
+    from rlft.methods import GRPO, ReinforcePP
+    from rlft.ops import group_advantages, kl_estimate
+
+    rewards = torch.tensor([1.0, 2.0, 7.0, 0.0, 0.0, 3.0])
+    advantages = group_advantages(rewards, 3, baseline="my_pkg.variants:median_baseline", scale="none")
+    torch.testing.assert_close(advantages, torch.tensor([-1.0, 0.0, 5.0, 0.0, 0.0, 3.0]))
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    torch.testing.assert_close(kl_estimate(logp, ref, "my_pkg.variants:squared_log_ratio"), torch.tensor([0.25, 1.0]))
+    rewards = [{"source": "length", "options": {"target": 4}}]
+    GRPO(model="tiny-llama", rewards=rewards, baseline="my_pkg.variants:median_baseline", scale="none")
+    ReinforcePP(model="tiny-llama", rewards=rewards, kl_estimator="my_pkg.variants:squared_log_ratio")
+    with pytest.raises(ValueError, match=r"unknown baseline 'medain'; choose one of \['leave_one_out', 'mean'\]"):
+        GRPO(model="tiny-llama", rewards=rewards, baseline="medain")
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        ReinforcePP(model="tiny-llama", rewards=rewards, kl_estimator="my_pkg.variants:nope")

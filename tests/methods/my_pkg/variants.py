@@ -47,3 +47,13 @@ def completion_tokens(prompts, completions, completion_ids, completion_lengths, 
     """A reward that reads the token ids, lengths and the global step rlft passes to every reward function."""
     assert [len(ids) for ids in completion_ids] == completion_lengths and isinstance(step, int)
     return [-abs(n - 8) / 8 for n in completion_lengths]
+
+
+def median_baseline(grouped):
+    """A GRPO baseline from YAML (``baseline: my_pkg.variants:median_baseline``): each group's median reward."""
+    return grouped.median(dim=1, keepdim=True).values.expand_as(grouped)
+
+
+def squared_log_ratio(log_ratio):
+    """A KL estimator from YAML (``kl_estimator: my_pkg.variants:squared_log_ratio``): k2 without the 1/2."""
+    return log_ratio**2
