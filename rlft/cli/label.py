@@ -13,6 +13,7 @@ Typical session::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 
@@ -43,9 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not admins:
         token = store.add_labeler(engine, "admin", admin=True)
         print(f"created admin 'admin' with token {token} (shown once; needed for import/export via the API)")
-    app = create_app(engine, lease_seconds=args.lease_minutes * 60, default_overlap=args.overlap, ui=not args.no_ui)
+    app = create_app(engine, lease_seconds=args.lease_minutes * 60, default_overlap=args.overlap, ui=not args.no_ui,
+                     concurrency=args.concurrency)  # fmt: skip
     where = f"http://{args.host}:{args.port}"
     print(f"labeling UI: {where}/ui/   API docs: {where}/docs   database: {args.db}", flush=True)
+    # what exists now (app, ORM metadata, the UI) lives as long as the server: keep it out of every later full
+    # garbage collection, whose pauses stall all requests in flight at once
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -138,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overlap", type=int, default=1, help="labelers per example for imports made through the API")
     p.add_argument("--no-ui", action="store_true", help="serve only the HTTP API")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="API requests served at once; the rest wait in arrival order, which keeps the slowest answers "
+        "close to the typical one under load (default: %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -23,6 +23,7 @@ Endpoints:
 
 # No `from __future__ import annotations` here: FastAPI must resolve the dependency aliases defined inside
 # create_app at runtime, and string annotations of local names cannot be resolved.
+import asyncio
 import json
 from typing import Annotated, Any, Literal
 
@@ -115,12 +116,37 @@ def stats_payload(engine: Engine) -> dict:
     return {"overview": queries.overview(engine), "quality": quality_report(votes), "win_rates": win_rates(votes)}
 
 
+class FairAdmission:
+    """ASGI middleware: at most ``limit`` API requests run at once; the others wait in arrival order.
+
+    Without it every request gets a worker thread at once, and dozens of threads contend for the GIL and the
+    database's write lock (SQLite's busy handler polls with sleeps up to 100 ms), so a few requests wait seconds
+    while most are fast. Admitted in FIFO order, each request's latency is its queue position times the service
+    time, and fewer threads at a time also serve more requests per second.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"concurrency must be >= 1, got {limit}")
+        self.app, self.limit = app, limit
+        self._gate: asyncio.Semaphore | None = None  # made in the server's event loop
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            return await self.app(scope, receive, send)
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self.limit)
+        async with self._gate:  # asyncio's semaphore wakes waiters first come, first served
+            await self.app(scope, receive, send)
+
+
 def create_app(
     db: str | Engine,
     *,
     lease_seconds: float = 600.0,
     default_overlap: int = 1,
     ui: bool = True,
+    concurrency: int = 2,
 ) -> FastAPI:
     """Build the app for a database URL/path (or an existing engine).
 
@@ -129,9 +155,11 @@ def create_app(
         lease_seconds: how long a fetched example stays reserved for its labeler.
         default_overlap: labelers per example for API imports that do not say.
         ui: mount the Gradio labeling UI at ``/ui`` (off for API-only deployments and tests).
+        concurrency: API requests served at once; more wait in arrival order (see :class:`FairAdmission`).
     """
     engine = db if isinstance(db, Engine) else open_database(db)
     app = FastAPI(title="rlft preference labeling", version=str(SCHEMA_VERSION))
+    app.add_middleware(FairAdmission, limit=concurrency)
     app.state.engine = engine
 
     @app.exception_handler(store.LabelError)

@@ -190,9 +190,16 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY_OPTION) else "BEGIN IMMEDIATE")
 
 
-def read_only(engine: Engine) -> Connection:
-    """A connection for queries that write nothing (on SQLite it does not queue behind writers)."""
-    return engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+def read_only(engine: Engine, *, one_statement: bool = False) -> Connection:
+    """A connection for queries that write nothing (on SQLite it does not queue behind writers).
+
+    ``one_statement``: the work is a single statement, which is atomic by itself, so on a database server it runs
+    without BEGIN/ROLLBACK (two round trips fewer per call).
+    """
+    conn = engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+    if one_statement and engine.dialect.name != "sqlite":
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+    return conn
 
 
 def make_engine(url: str) -> Engine:

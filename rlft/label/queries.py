@@ -32,24 +32,23 @@ def progress(engine: Engine, labeler_id: int) -> dict:
     """How many items the labeler has done and how many are still open to them."""
     now = utcnow()
     touched = select(A.c.example_id).where(A.c.labeler_id == labeler_id)
-    with read_only(engine) as conn:
-        done = conn.execute(select(func.count()).select_from(P).where(P.c.labeler_id == labeler_id)).scalar_one()
-        # |F ∪ X| - |(F ∪ X) ∩ T| with F = examples with a free slot, X = with an expired lease, T = touched by this
-        # labeler: the large term F is an index-only count, everything that filters by the labeler stays small
-        free = A.c.labeler_id.is_(None)
-        expired = and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now)
-        n_free = conn.execute(select(func.count(func.distinct(A.c.example_id))).where(free)).scalar_one()
-        free_ids = select(A.c.example_id).where(free)
-        n_expired_only = conn.execute(
-            select(func.count(func.distinct(A.c.example_id))).where(expired, A.c.example_id.not_in(free_ids))
-        ).scalar_one()
-        n_touched_open = conn.execute(
-            select(func.count(func.distinct(A.c.example_id))).where(A.c.example_id.in_(touched), or_(free, expired))
-        ).scalar_one()
-        open_ = int(n_free) + int(n_expired_only) - int(n_touched_open)
-        pending = conn.execute(
-            select(func.count()).where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
-        ).scalar_one()
+    # |F ∪ X| - |(F ∪ X) ∩ T| with F = examples with a free slot, X = with an expired lease, T = touched by this
+    # labeler: the large term F is an index-only count, everything that filters by the labeler stays small
+    free = A.c.labeler_id.is_(None)
+    expired = and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now)
+    free_ids = select(A.c.example_id).where(free)
+    counts = [
+        select(func.count()).select_from(P).where(P.c.labeler_id == labeler_id),  # done
+        select(func.count(func.distinct(A.c.example_id))).where(free),
+        select(func.count(func.distinct(A.c.example_id))).where(expired, A.c.example_id.not_in(free_ids)),
+        select(func.count(func.distinct(A.c.example_id))).where(A.c.example_id.in_(touched), or_(free, expired)),
+        select(func.count()).where(A.c.labeler_id == labeler_id, A.c.completed_at.is_(None)),  # leased to them
+    ]
+    with read_only(engine, one_statement=True) as conn:  # one round trip to a database server instead of seven
+        done, n_free, n_expired_only, n_touched_open, pending = conn.execute(
+            select(*(c.scalar_subquery() for c in counts))
+        ).one()
+    open_ = int(n_free) + int(n_expired_only) - int(n_touched_open)
     return {"done": int(done), "remaining": int(open_) + int(pending)}
 
 

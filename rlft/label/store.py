@@ -22,6 +22,7 @@ import json
 import random
 import secrets
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -110,19 +111,29 @@ def add_labeler(engine: Engine, name: str, *, admin: bool = False, token: str | 
     return token
 
 
+_identities: weakref.WeakKeyDictionary[Engine, dict[str, Identity]] = weakref.WeakKeyDictionary()
+
+
 def authenticate(engine: Engine, token: str | None, *, admin: bool = False) -> Identity:
     """The labeler owning ``token``; :class:`Unauthorized` if unknown, :class:`Forbidden` if ``admin`` is needed."""
     if not token:
         raise Unauthorized(
             "missing token: send 'Authorization: Bearer <token>' (create one with rlft label add-labeler)"
         )
-    with read_only(engine) as conn:
-        row = conn.execute(select(L.c.id, L.c.name, L.c.is_admin).where(L.c.token_hash == hash_token(token))).first()
-    if row is None:
-        raise Unauthorized("unknown token")
-    if admin and not row.is_admin:
-        raise Forbidden(f"{row.name!r} is not an admin; this endpoint needs an admin token (add-labeler --admin)")
-    return Identity(row.id, row.name, bool(row.is_admin))
+    digest = hash_token(token)
+    known = _identities.setdefault(engine, {})
+    identity = known.get(digest)
+    if identity is None:
+        with read_only(engine, one_statement=True) as conn:
+            row = conn.execute(select(L.c.id, L.c.name, L.c.is_admin).where(L.c.token_hash == digest)).first()
+        if row is None:
+            raise Unauthorized("unknown token")
+        # labelers are never changed or removed, so a known token stays valid: every API call after the first
+        # saves a database round trip (unknown tokens are not cached, so a new labeler works at once)
+        identity = known[digest] = Identity(row.id, row.name, bool(row.is_admin))
+    if admin and not identity.is_admin:
+        raise Forbidden(f"{identity.name!r} is not an admin; this endpoint needs an admin token (add-labeler --admin)")
+    return identity
 
 
 def content_hash(record: PairRecord) -> str:
