@@ -193,8 +193,15 @@ def _insert_examples(engine: Engine, records: list[PairRecord], hashes: list[str
     return ImportSummary(inserted=inserted, duplicates=len(records) - inserted, slots=slots)
 
 
+_SHOWN = (E.c.prompt_json, E.c.response_a, E.c.response_b, E.c.category)  # what a task shows of its example
+
+
 def _task(conn, assignment_id: int, example_id: int, swapped: bool, expires: dt.datetime) -> Task:
-    ex = conn.execute(select(E).where(E.c.id == example_id)).one()
+    return _task_of(conn.execute(select(*_SHOWN).where(E.c.id == example_id)).one(), assignment_id, example_id,
+                    swapped, expires)  # fmt: skip
+
+
+def _task_of(ex, assignment_id: int, example_id: int, swapped: bool, expires: dt.datetime) -> Task:
     left, right = (ex.response_b, ex.response_a) if swapped else (ex.response_a, ex.response_b)
     return Task(assignment_id, example_id, json.loads(ex.prompt_json), left, right, ex.category, expires)
 
@@ -248,12 +255,14 @@ def claim_next(
                     A.c.labeler_id.is_(None),
                     and_(A.c.completed_at.is_(None), A.c.lease_expires_at < now),
                 ):
+                    # the example's texts come along: one round trip fewer than fetching them after the claim
                     cand = conn.execute(
-                        select(A.c.id, A.c.example_id)
+                        select(A.c.id, A.c.example_id, *_SHOWN)
+                        .join(E, E.c.id == A.c.example_id)
                         .where(condition, A.c.example_id.not_in(touched), A.c.example_id.not_in(tried or [-1]))
                         .order_by(A.c.example_id, A.c.slot)
                         .limit(1)
-                        .with_for_update(skip_locked=True)
+                        .with_for_update(skip_locked=True, of=A)
                     ).first()
                     if cand is not None:
                         break
@@ -271,7 +280,7 @@ def claim_next(
                 except IntegrityError:  # this labeler claimed another slot of the example in a parallel request
                     continue
                 if result.rowcount == 1:
-                    return _task(conn, cand.id, cand.example_id, swapped, expires)
+                    return _task_of(cand, cand.id, cand.example_id, swapped, expires)
             # Slots locked by in-flight requests were skipped; if any exist, wait for those requests and look again
             # rather than telling the labeler that nothing is left.
             locked_elsewhere = conn.execute(
@@ -283,6 +292,17 @@ def claim_next(
             return None
         time.sleep(0.01 * (round_ + 1))
     return None
+
+
+def _refuse_submission(conn, labeler_id: int, assignment_id: int) -> None:
+    slot = conn.execute(select(A.c.labeler_id, A.c.completed_at).where(A.c.id == assignment_id)).first()
+    if slot is None:
+        raise NotFound(f"assignment {assignment_id} does not exist")
+    if slot.labeler_id != labeler_id:
+        raise Conflict(f"assignment {assignment_id} is not leased to you (the lease may have expired and moved on)")
+    if slot.completed_at is not None:
+        raise Conflict(f"assignment {assignment_id} was already submitted")
+    raise Conflict(f"assignment {assignment_id} changed while submitting; fetch the next example again")
 
 
 def submit_preference(
@@ -306,20 +326,15 @@ def submit_preference(
         raise Invalid(f"time_spent_s must be between 0 and one week, got {time_spent_s}")
     now = utcnow()
     with engine.begin() as conn:
-        slot = conn.execute(select(A).where(A.c.id == assignment_id)).first()
-        if slot is None:
-            raise NotFound(f"assignment {assignment_id} does not exist")
-        if slot.labeler_id != labeler_id:
-            raise Conflict(f"assignment {assignment_id} is not leased to you (the lease may have expired and moved on)")
-        if slot.completed_at is not None:
-            raise Conflict(f"assignment {assignment_id} was already submitted")
-        done = conn.execute(
+        # the common case in one statement; only a refused submission reads the slot again to say why
+        slot = conn.execute(
             update(A)
             .where(A.c.id == assignment_id, A.c.labeler_id == labeler_id, A.c.completed_at.is_(None))
             .values(completed_at=now)
-        )
-        if done.rowcount != 1:
-            raise Conflict(f"assignment {assignment_id} changed while submitting; fetch the next example again")
+            .returning(A.c.example_id, A.c.swapped, A.c.leased_at)
+        ).first()
+        if slot is None:
+            _refuse_submission(conn, labeler_id, assignment_id)
         stored = _SHOWN_TO_STORED[choice][int(slot.swapped)]
         if time_spent_s is None and slot.leased_at is not None:
             time_spent_s = (now - slot.leased_at).total_seconds()
