@@ -104,7 +104,11 @@ class Format:
                 record = {**kept, **example.extras, **record}
             elif kind == "pairs":  # a per-pair margin, weight or score reaches the batch (Collator)
                 consumed = {*self.prompt_fields, *self.pair_fields, *_RESPONSE_KEYS, "prompt"}
-                record = {**{k: v for k, v in row.data.items() if k not in consumed}, **record}
+                kept = {k: v for k, v in row.data.items() if k not in consumed}
+                for key in sorted(kept.keys() & RESERVED_PAIR_KEYS):  # it would be overwritten, silently
+                    raise RecordError(key, "is a name rlft uses for the tokenised pair; rename this field",
+                                      "reserved field name")  # fmt: skip
+                record = {**kept, **record}
             records.append(record)
         return records
 
@@ -124,6 +128,13 @@ def _all(*tests: Callable[[dict], bool]) -> Callable[[dict], bool]:
 
 _SFT_KINDS = ("sft", "prompts")
 _PAIR_KINDS = ("sft", "pairs", "prompts")
+# what an encoded pair and its batch hold (rlft.data.encoding.encode_pair, rlft.data.collate): a pair's own field
+# cannot take one of these names
+RESERVED_PAIR_KEYS = frozenset(
+    {"prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "truncated", "row",
+     "input_ids", "attention_mask", "labels", "position_ids", "seq_lengths", "prompt_lengths"}
+    | {f"{side}_{key}" for side in ("chosen", "rejected") for key in ("input_ids", "attention_mask", "labels")}
+)  # fmt: skip
 _RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "messages", "conversations", "responses")
 
 FORMATS: dict[str, Format] = {

@@ -285,3 +285,10 @@ def test_null_columns_count_as_absent() -> None:
     assert detect_format(rows_of(row)) == "prompt_completion"
     row = {"prompt": None, "chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
     assert detect_format(rows_of(row)) == "hh_rlhf"
+
+
+def test_a_pair_field_named_like_a_batch_key_is_refused_with_its_line() -> None:
+    rows = rows_of({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0},
+                   {"prompt": "q", "chosen": "c", "rejected": "d", "prompt_lengths": 3})  # fmt: skip
+    with pytest.raises(DataError, match=r":2: field 'prompt_lengths': is a name rlft uses for the tokenised pair"):
+        convert(rows, kind="pairs")
