@@ -1,5 +1,5 @@
 """Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory, non-finite guard,
-online-RL run monitors)."""
+online-RL run monitors) and a crash-safe CSV logger."""
 
 from rlft.callbacks.compile import TorchCompile
 from rlft.callbacks.evaluation import (
@@ -12,11 +12,13 @@ from rlft.callbacks.evaluation import (
     WinRateCallback,
 )
 from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard
+from rlft.callbacks.logger import CSVLogger
 from rlft.callbacks.memory import MemoryReport
 from rlft.callbacks.monitors import RunMonitor
 from rlft.callbacks.resume import ResumeLogContinuity
 
 __all__ = [
+    "CSVLogger",
     "EvaluationCallback",
     "LMEvalCallback",
     "MemoryReport",

@@ -251,8 +251,11 @@ class RLFTCLI(LightningCLI):
         if trainer.get("logger") is None:  # Lightning's default would be one TensorBoard logger in lightning_logs/
             root = trainer.get("default_root_dir") or os.getcwd()
             trainer["logger"] = [
-                Namespace(class_path=f"lightning.pytorch.loggers.{kind}", init_args=Namespace(save_dir=root, name=name))
-                for kind, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
+                Namespace(class_path=kind, init_args=Namespace(save_dir=root, name=name))
+                for kind, name in (
+                    ("rlft.callbacks.CSVLogger", "csv"),
+                    ("lightning.pytorch.loggers.TensorBoardLogger", "tensorboard"),
+                )
             ]
 
     def _parse_ckpt_path(self) -> None:

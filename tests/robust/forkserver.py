@@ -33,7 +33,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 import lightning.fabric.plugins.io.torch_io as torch_plugin  # noqa: E402
+import peft.peft_model  # noqa: E402
 import safetensors.torch  # noqa: E402
+import transformers.modeling_utils  # noqa: E402
 
 import rlft.cli  # noqa: E402
 import rlft.cli.fit  # noqa: E402, F401
@@ -108,7 +110,11 @@ def install_fault(fault: str | None) -> None:
                 handle.truncate(size // 2)
             _die()
 
-        safetensors.torch.save_file = save_file
+        # transformers and peft bind ``save_file`` by name at import (which happened above): patch every binding
+        for module in (safetensors.torch, transformers.modeling_utils, peft.peft_model):
+            module_original = getattr(module, "safe_save_file", None) or module.save_file
+            assert module_original is original_save_file, f"{module.__name__} saves through another function"
+            setattr(module, "safe_save_file" if hasattr(module, "safe_save_file") else "save_file", save_file)
     else:
         raise ValueError(f"unknown fault {fault!r}")
 

@@ -2,8 +2,9 @@
 resume with ``--ckpt_path last``; the final weights and the whole logged curve equal an uninterrupted run's, bit
 for bit (CPU).
 
-Default run: the five tiny configs, >= 20 kills, about 3 minutes on a quiet 2-core machine. ``RLFT_FAULT_ROUNDS=N``
-(marked slow) repeats the plan N times with fresh random kill points. ``RLFT_FAULT_SEED`` replays a failure.
+Default run: the five tiny configs, 25 planned kills (>= 20 must land), about 2 minutes on a quiet 2-core machine.
+``RLFT_FAULT_ROUNDS=N`` (marked slow) repeats the plan N times with fresh random kill points.
+``RLFT_FAULT_SEED`` replays a failure.
 """
 
 from __future__ import annotations
