@@ -111,10 +111,11 @@ def install_fault(fault: str | None) -> None:
             _die()
 
         # transformers and peft bind ``save_file`` by name at import (which happened above): patch every binding
-        for module in (safetensors.torch, transformers.modeling_utils, peft.peft_model):
-            module_original = getattr(module, "safe_save_file", None) or module.save_file
-            assert module_original is original_save_file, f"{module.__name__} saves through another function"
-            setattr(module, "safe_save_file" if hasattr(module, "safe_save_file") else "save_file", save_file)
+        bindings = [(safetensors.torch, "save_file")]
+        bindings += [(transformers.modeling_utils, "safe_save_file"), (peft.peft_model, "safe_save_file")]
+        for module, name in bindings:
+            assert getattr(module, name) is original_save_file, f"{module.__name__}.{name} is another function"
+            setattr(module, name, save_file)
     else:
         raise ValueError(f"unknown fault {fault!r}")
 
