@@ -1,8 +1,11 @@
 """``rlft serve MODEL``: an OpenAI-compatible server (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``).
 
-Any model string works (alias, hub id, folder, adapter folder, ``.ckpt``, ``.gguf``). Concurrent requests with the
-same sampling settings are collected for ``--batch_window_ms`` and generated as one batch. With vLLM installed and
-a GPU present (``--backend auto``/``vllm``), vLLM generates; an adapter folder is served through its LoRA support.
+Any model string works (alias, hub id, folder, adapter folder, ``.ckpt``, ``.gguf``). With rlft's own decoder,
+requests are batched continuously: a new request joins the running batch at the next token and a finished one
+leaves it (``--batching continuous``, the default where the model's layers are all full attention). ``--batching
+window`` instead collects requests with the same settings for ``--batch_window_ms`` and runs them as one batch to
+its end. With vLLM installed and a GPU present (``--backend auto``/``vllm``), vLLM generates; an adapter folder is
+served through its LoRA support.
 
     rlft serve runs/sft-smollm2/hf_model --port 8000
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
 
 from rlft.cli.inference import add_inference_arguments
 
@@ -31,22 +35,25 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--backend", type=Literal["auto", "hf", "vllm"], default="auto",
                         help="auto = vLLM when installed with a GPU, else rlft's Hugging Face generator")  # fmt: skip
     add_inference_arguments(parser)
+    parser.add_argument("--batching", type=Literal["auto", "continuous", "window"], default="auto",
+                        help="auto = continuous with rlft's decoder when the model allows it, else window")  # fmt: skip
     parser.add_argument("--batch_window_ms", type=float, default=10.0,
-                        help="how long a request waits for others to share its batch")  # fmt: skip
-    parser.add_argument("--max_batch_size", type=int, default=32, help="most samples generated in one batch")
+                        help="window batching: how long a request waits for others to share its batch")  # fmt: skip
+    parser.add_argument("--max_batch_size", type=PositiveInt, default=32, help="most samples generated in one batch")
     parser.add_argument("--default_max_tokens", type=int, default=256, help="max_tokens when a request gives none")
     parser.add_argument("--log_level", type=str, default="warning")
     return parser
 
 
 def build_engine(model: str, *, backend: str = "auto", device: str | None = None, dtype: str | None = None,
-                 quantization: str | None = None, batch_window_ms: float = 10.0, max_batch_size: int = 32):  # fmt: skip
-    """Load ``model`` and wrap it in the batching engine (vLLM loads its own copy of the weights)."""
+                 quantization: str | None = None, batching: str = "auto", batch_window_ms: float = 10.0,
+                 max_batch_size: int = 32):  # fmt: skip
+    """Load ``model`` and wrap it in a batching engine (vLLM loads its own copy of the weights)."""
     from rlft.cli.inference import load_for_inference, resolve_inference
     from rlft.eval.generation import Generator, vllm_usable
     from rlft.models import load_tokenizer, resolve_model
     from rlft.models.checkpoint import is_checkpoint
-    from rlft.serve import Engine
+    from rlft.serve import ContinuousEngine, Engine, supports_continuous
 
     use_vllm = backend == "vllm" or (backend == "auto" and vllm_usable() and not is_checkpoint(model))
     if use_vllm:
@@ -60,8 +67,16 @@ def build_engine(model: str, *, backend: str = "auto", device: str | None = None
         generator = Generator(None, tokenizer, backend="vllm", model_path=ref.path, adapter_path=ref.adapter,
                               dtype=dtype)  # fmt: skip
         config_source = ref.path
+        if batching == "continuous":
+            raise ValueError("--batching continuous is rlft's decoder; vLLM batches on its own (use --backend hf)")
     else:
         network, tokenizer = load_for_inference(model, device=device, dtype=dtype, quantization=quantization)
+        if batching == "continuous" and not supports_continuous(network):
+            raise ValueError("--batching continuous needs full attention in every layer; this model has "
+                             "sliding-window layers: use --batching window")  # fmt: skip
+        max_context = _max_context(network.config, tokenizer)
+        if batching != "window" and supports_continuous(network):
+            return ContinuousEngine(network, tokenizer, max_context=max_context, max_batch_size=max_batch_size)
         generator = Generator(network, tokenizer, backend="hf")
         config_source = network.config
     return Engine(generator, tokenizer, max_context=_max_context(config_source, tokenizer),
@@ -95,11 +110,11 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine = build_engine(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                          quantization=args.quantization, batch_window_ms=args.batch_window_ms,
+                          quantization=args.quantization, batching=args.batching, batch_window_ms=args.batch_window_ms,
                           max_batch_size=args.max_batch_size)  # fmt: skip
     name = args.served_model_name or default_name(args.model)
     app = create_app(engine, name, default_max_tokens=args.default_max_tokens)
-    print(f"rlft serve: {args.model} as '{name}' ({engine.generator.backend.name} backend) on "
+    print(f"rlft serve: {args.model} as '{name}' ({engine.backend_name}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

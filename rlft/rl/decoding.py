@@ -34,9 +34,13 @@ from rlft.models.attention import SEGMENTED_SDPA
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 
 
-def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One token per row of ``logits [B, V]``: greedy for ``temperature == 0``, else a draw from the tempered,
-    top-k- then top-p-truncated distribution (the token that crosses the top-p mass is kept, as in ``generate``)."""
+    top-k- then top-p-truncated distribution (the token that crosses the top-p mass is kept, as in ``generate``).
+
+    ``uniforms [B]`` in [0, 1), when given, are the draws (a server gives each request its own seeded stream);
+    otherwise they come from torch's global RNG."""
     if temperature == 0:
         return logits.argmax(-1)
     scores = logits.float() / temperature
@@ -53,7 +57,9 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
     # took ~13 ms of a ~90 ms SmolLM2 decoding step on CPU. float64 keeps u strictly below the total mass, so the
     # first entry whose cumulative mass exceeds u always has non-zero probability.
     cdf = scores.softmax(-1).double().cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(cdf.shape[0], dtype=cdf.dtype, device=cdf.device)
+    u = uniforms.to(cdf).reshape(-1, 1) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
@@ -188,6 +194,15 @@ class PreallocatedLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
+    @classmethod
+    def from_buffers(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> PreallocatedLayer:
+        """A layer over existing ``[B, H, capacity, D]`` buffers whose first ``length`` positions are filled."""
+        layer = cls(key_buffer.shape[-2])
+        layer.lazy_initialization(key_buffer[..., :0, :], value_buffer[..., :0, :])
+        layer.key_buffer, layer.value_buffer, layer.length = key_buffer, value_buffer, length
+        layer._views()
+        return layer
+
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
@@ -213,6 +228,12 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
     return cache
 
 
+def cache_argument(lm: torch.nn.Module, cache: DynamicCache) -> dict:
+    """``{name: cache}`` for ``lm.forward``: transformers 5.x renamed ``past_key_values`` to ``cache`` (both are
+    accepted for a while, the old name with a warning)."""
+    return {("cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"): cache}
+
+
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
@@ -232,8 +253,7 @@ def decode(
     step_options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     lm = causal_lm(model)  # peft's layers live inside it: its wrapper's forward adds only dispatch
     cache = preallocated_cache(lm.config, prompt_ids.shape[1] + max_new_tokens)
-    # transformers 5.x renamed the argument; both are accepted for a while, the old name with a warning
-    cache_arg = {("cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"): cache}
+    cache_arg = cache_argument(lm, cache)
     logits = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1, **cache_arg).logits[:, -1]  # fmt: skip
     mask = prompt_mask

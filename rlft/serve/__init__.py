@@ -1,6 +1,8 @@
-"""``rlft serve``: an OpenAI-compatible HTTP server over rlft's batched generator (HF or vLLM backend)."""
+"""``rlft serve``: an OpenAI-compatible HTTP server with continuous batching over rlft's decoder, or
+windowed batches over the HF or vLLM generator."""
 
 from rlft.serve.app import create_app
+from rlft.serve.continuous import ContinuousEngine, supports_continuous
 from rlft.serve.engine import Choice, Completion, Engine
 
-__all__ = ["Choice", "Completion", "Engine", "create_app"]
+__all__ = ["Choice", "Completion", "ContinuousEngine", "Engine", "create_app", "supports_continuous"]

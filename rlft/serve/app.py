@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rlft.eval.generation import SamplingSettings
+from rlft.serve.continuous import ContinuousEngine
 from rlft.serve.engine import Completion, Engine
 from rlft.serve.protocol import (
     ChatCompletionRequest,
@@ -29,7 +30,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 256) -> FastAPI:
+def create_app(engine: Engine | ContinuousEngine, model_name: str, *, default_max_tokens: int = 256) -> FastAPI:
     """The FastAPI application serving ``engine`` under the model name ``model_name``."""
     app = FastAPI(title="rlft serve", description=f"OpenAI-compatible API for {model_name}")
     created = int(time.time())
@@ -45,8 +46,8 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 256
 
     @app.get("/health")
     async def health() -> dict:
-        """Liveness plus how requests were batched (generate calls and the requests they served)."""
-        return {"status": "ok", "generate_calls": len(engine.batches), "requests_served": sum(engine.batches)}
+        """Liveness plus the engine's batching counters (requests served, and how they shared forwards)."""
+        return {"status": "ok", "engine": engine.backend_name, **engine.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -90,7 +91,8 @@ def _check_model(requested: str, served: str) -> None:
                        param="model", code="model_not_found")  # fmt: skip
 
 
-async def _complete(engine: Engine, body, prompts: list, max_tokens: int, model_name: str, *, chat: bool):
+async def _complete(engine: Engine | ContinuousEngine, body, prompts: list, max_tokens: int, model_name: str, *,
+                    chat: bool):  # fmt: skip
     try:
         stop = body.stop_list()
     except ValueError as error:
@@ -99,6 +101,8 @@ async def _complete(engine: Engine, body, prompts: list, max_tokens: int, model_
         counts = [engine.count_tokens(p) for p in prompts]
     except Exception as error:  # noqa: BLE001 - e.g. a chat template that rejects the roles it was given
         raise APIError(400, f"could not render the prompt: {error}", param="messages" if chat else "prompt") from error
+    if min(counts) == 0:
+        raise APIError(400, "a prompt encodes to no tokens: give at least one", param="messages" if chat else "prompt")
     if max(counts) + max_tokens > engine.max_context:
         raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, you "
                             f"requested {max(counts) + max_tokens} tokens ({max(counts)} in the prompt, {max_tokens} "

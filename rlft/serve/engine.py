@@ -89,6 +89,14 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="rlft-serve-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def backend_name(self) -> str:
+        return f"{self.generator.backend.name}, windowed batching"
+
+    def stats(self) -> dict:
+        """Counters for ``/health``: generate calls and the requests they served."""
+        return {"generate_calls": len(self.batches), "requests_served": sum(self.batches)}
+
     def count_tokens(self, prompt: Prompt) -> int:
         """Prompt length in tokens, encoded exactly as generation encodes it."""
         return len(encode_prompt_text(self.tokenizer, prompt))

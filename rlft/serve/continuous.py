@@ -1,0 +1,350 @@
+"""Continuous batching: requests join and leave one running decode batch between tokens.
+
+The windowed :class:`~rlft.serve.engine.Engine` runs a batch to its end, so a request that arrives one token
+after a batch started waits for the whole batch, and a batch runs as long as its longest reply. Here one thread
+owns a single batch of rows (one row per sample being generated) and, between two decode steps:
+
+- **admits** every waiting request (up to ``max_batch_size`` rows): their prompts are prefilled together in one
+  forward, then their KV cache is merged into the running one (:func:`merge_rows`);
+- **samples** one token per row, each request with its own settings and its own seeded random stream;
+- **retires** rows that hit a stop token, a stop string or their ``max_tokens``, answering a request as soon as
+  its last row retires, and drops them from the batch and the cache.
+
+Rows are left-padded to one common cache length; positions are counted over real tokens (as in training and the
+rollout decoder), so padding never shifts a row's positions. A LoRA adapter is merged into the weights once for the
+engine's lifetime (:func:`rlft.rl.decoding.merged_adapter`: exact up to float rounding). Models whose cache has
+layers other than full attention (sliding windows) are served by the windowed engine instead
+(:func:`supports_continuous`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from rlft.eval.generation import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
+from rlft.models.scoring import causal_lm, position_ids_from_mask
+from rlft.models.tokens import pad_token_id, stop_token_ids
+from rlft.rl.decoding import PreallocatedLayer, cache_argument, merged_adapter, preallocated_cache, sample_tokens
+from rlft.serve.engine import Choice, Completion, DeltaCallback
+
+log = logging.getLogger(__name__)
+
+
+def supports_continuous(model: torch.nn.Module) -> bool:
+    """Every cache layer of the model is plain full attention, which rows can join and leave."""
+    cache = preallocated_cache(causal_lm(model).config, 1)
+    return bool(cache.layers) and all(type(layer) is PreallocatedLayer for layer in cache.layers)
+
+
+@dataclass
+class _Request:
+    prompts: list[Prompt]
+    settings: SamplingSettings
+    on_delta: DeltaCallback | None
+    future: Future
+    prompt_tokens: int
+    rng: torch.Generator
+    rows: list[_Row] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.temperature == 0
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Rows generated per prompt: greedy decoding is deterministic, so its ``n`` choices share one row."""
+        return 1 if self.greedy else self.settings.num_samples
+
+
+@dataclass
+class _Row:
+    """One sample being generated: its tokens so far, what has been streamed of it, and how it ended."""
+
+    request: _Request
+    prompt: int
+    sample: int
+    tokens: list[int] = field(default_factory=list)
+    emitted: str = ""
+    finish_reason: str | None = None
+    text: str = ""
+
+    @property
+    def budget(self) -> int:
+        return self.request.settings.max_new_tokens - len(self.tokens)
+
+
+@dataclass
+class _Batch:
+    """The running rows and their state: cache (left-padded to one length), mask, next positions, next logits."""
+
+    rows: list[_Row]
+    cache: object
+    mask: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [B, 1]
+    logits: torch.Tensor  # [B, V], the distribution each row samples its next token from
+
+
+def merge_rows(first: _Batch, second: _Batch) -> _Batch:
+    """One batch holding both batches' rows, right-aligned on a common cache length.
+
+    Leading columns that no row of ``first`` attends to any more are dropped; the padding added to align the two is
+    zero (masked positions must hold finite numbers: a masked NaN still poisons attention's weighted sum). The new
+    buffers have room for the longest remaining budget of any row, so no row outgrows them before the next merge.
+    """
+    keep_from = int(first.mask.any(0).long().argmax())
+    first_len, second_len = first.mask.shape[1] - keep_from, second.mask.shape[1]
+    length = max(first_len, second_len)
+    rows = first.rows + second.rows
+    capacity = length + max(row.budget for row in rows)
+    b1 = len(first.rows)
+    layers = []
+    for old, new in zip(first.cache.layers, second.cache.layers, strict=True):
+        buffers = []
+        for a, b in ((old.keys, new.keys), (old.values, new.values)):
+            merged = a.new_zeros((b1 + b.shape[0], *a.shape[1:-2], capacity, a.shape[-1]))
+            merged[:b1, ..., length - first_len : length, :] = a[..., keep_from:, :]
+            merged[b1:, ..., length - second_len : length, :] = b
+            buffers.append(merged)
+        layers.append(PreallocatedLayer.from_buffers(*buffers, length))
+    first.cache.layers = layers
+    mask = first.mask.new_zeros((len(rows), length))
+    mask[:b1, length - first_len :] = first.mask[:, keep_from:]
+    mask[b1:, length - second_len :] = second.mask
+    return _Batch(rows, first.cache, mask, torch.cat([first.positions, second.positions]),
+                  torch.cat([first.logits, second.logits]))  # fmt: skip
+
+
+class ContinuousEngine:
+    """Continuous-batching generation behind the HTTP server (rlft's own decoder; CPU or GPU).
+
+    Args:
+        model: A loaded causal LM (``PreTrainedModel`` or ``PeftModel``) in eval mode.
+        tokenizer: Its tokenizer.
+        max_context: Longest prompt + completion the model takes, in tokens.
+        max_batch_size: Most rows (samples) decoded together; more requests wait for rows to retire.
+    """
+
+    backend_name = "rlft continuous batching"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_context: int, max_batch_size: int = 32) -> None:
+        if not supports_continuous(model):
+            raise ValueError("continuous batching needs a model whose every layer is full attention; "
+                             "use the windowed Engine (rlft serve --batching window)")  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.max_context, self.max_batch_size = max_context, max_batch_size
+        self.lm = causal_lm(model)
+        self.device = next(model.parameters()).device
+        self.stop_ids = set(stop_token_ids(tokenizer, model)) | {pad_token_id(tokenizer)}
+        self.pad_id = pad_token_id(tokenizer)
+        self.counts = {"requests_served": 0, "decode_steps": 0, "row_steps": 0, "prefills": 0, "peak_rows": 0}
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._waiting: deque[_Request] = deque()
+        self._batch: _Batch | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="rlft-serve-continuous", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> dict:
+        """Counters for ``/health``: requests answered, decode steps, rows decoded (mean rows per step =
+        ``row_steps / decode_steps``), prefill forwards and the most rows decoded together."""
+        return dict(self.counts)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Prompt length in tokens, encoded exactly as generation encodes it."""
+        return len(encode_prompt_text(self.tokenizer, prompt))
+
+    def submit(self, prompts: Sequence[Prompt], settings: SamplingSettings, *, seed: int | None = None,
+               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None) -> Future:  # fmt: skip
+        """Queue a request; the future resolves to a :class:`Completion` with ``len(prompts) * n`` choices (choice
+        ``p * n + j`` is sample ``j`` of prompt ``p``)."""
+        future: Future = Future()
+        tokens = prompt_tokens if prompt_tokens is not None else sum(self.count_tokens(p) for p in prompts)
+        rng = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
+        self._queue.put(_Request(list(prompts), settings, on_delta, future, tokens, rng))
+        return future
+
+    def close(self) -> None:
+        """Answer what is running, refuse what waits, stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    # -- the decode thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(merged_adapter(self.model))
+            while not (self._closing and self._batch is None):
+                self._receive(block=self._batch is None and not self._waiting)
+                try:
+                    self._admit()
+                    if self._batch is not None:
+                        self._step()
+                except Exception as error:  # noqa: BLE001 - every request in flight gets the error, the server goes on
+                    log.exception("generation failed")
+                    self._fail(error)
+        for request in self._waiting:
+            request.future.set_exception(RuntimeError("the server is shutting down"))
+
+    def _receive(self, *, block: bool) -> None:
+        while not self._closing:
+            try:
+                request = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            if request is None:
+                self._closing = True
+            else:
+                self._waiting.append(request)
+            block = False
+
+    def _admit(self) -> None:
+        """Prefill the waiting requests that fit (FIFO; one too large for any batch runs alone) and merge them in."""
+        room = self.max_batch_size - (len(self._batch.rows) if self._batch is not None else 0)
+        admitted: list[_Request] = []
+        while self._waiting and not self._closing:
+            request = self._waiting[0]
+            size = len(request.prompts) * request.samples_per_prompt
+            if size > room and (admitted or self._batch is not None):
+                break
+            admitted.append(self._waiting.popleft())
+            room -= size
+        if not admitted:
+            return
+        try:
+            incoming = self._prefill(admitted)
+        except Exception as error:  # noqa: BLE001 - a bad request fails alone, the running rows go on
+            log.exception("prefill failed")
+            for request in admitted:
+                request.future.set_exception(error)
+            return
+        self._batch = incoming if self._batch is None else merge_rows(self._batch, incoming)
+        self.counts["peak_rows"] = max(self.counts["peak_rows"], len(self._batch.rows))
+
+    def _prefill(self, requests: list[_Request]) -> _Batch:
+        encoded, rows, repeats = [], [], []
+        for request in requests:
+            for p, prompt in enumerate(request.prompts):
+                encoded.append(encode_prompt_text(self.tokenizer, prompt))
+                per_prompt = request.samples_per_prompt
+                request.rows.extend(_Row(request, p, j) for j in range(per_prompt))
+                repeats.append(per_prompt)
+            rows.extend(request.rows)
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, tokens in enumerate(encoded):
+            ids[i, width - len(tokens) :] = torch.tensor(tokens)
+            mask[i, width - len(tokens) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = preallocated_cache(self.lm.config, width + max(r.settings.max_new_tokens for r in requests))
+        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                         logits_to_keep=1, **cache_argument(self.lm, cache)).logits[:, -1]  # fmt: skip
+        self.counts["prefills"] += 1
+        positions = mask.sum(-1, keepdim=True)
+        if any(r > 1 for r in repeats):
+            index = torch.repeat_interleave(torch.arange(len(encoded), device=self.device),
+                                            torch.tensor(repeats, device=self.device))  # fmt: skip
+            cache.batch_select_indices(index)
+            mask, positions, logits = mask[index], positions[index], logits[index]
+        return _Batch(rows, cache, mask, positions, logits)
+
+    def _step(self) -> None:
+        """Sample a token for every row, retire finished rows, and run the forward that gives the next logits."""
+        batch = self._batch
+        tokens = self._sample(batch)
+        self.counts["decode_steps"] += 1
+        self.counts["row_steps"] += len(batch.rows)
+        alive = [i for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True))
+                 if not self._advance(row, token)]  # fmt: skip
+        if not alive:
+            self._batch = None
+            return
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        if len(alive) < len(batch.rows):
+            keep = torch.tensor(alive, device=self.device)
+            batch.cache.batch_select_indices(keep)
+            tokens, mask, batch.positions = tokens[keep], mask[keep], batch.positions[keep]
+            batch.rows = [batch.rows[i] for i in alive]
+        batch.mask = mask
+        batch.logits = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=batch.positions,
+                               use_cache=True, **cache_argument(self.lm, batch.cache)).logits[:, -1]  # fmt: skip
+        batch.positions = batch.positions + 1
+
+    def _sample(self, batch: _Batch) -> torch.Tensor:
+        tokens = torch.empty(len(batch.rows), dtype=torch.long, device=self.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, row in enumerate(batch.rows):
+            s = row.request.settings
+            groups.setdefault((s.temperature, s.top_p if s.temperature > 0 else 1.0), []).append(i)
+        for (temperature, top_p), index in groups.items():
+            uniforms = None
+            if temperature > 0:  # each request's rows draw, in row order, from that request's own stream
+                uniforms = torch.cat([torch.rand(1, generator=batch.rows[i].request.rng, dtype=torch.float64)
+                                      for i in index])  # fmt: skip
+            picked = torch.tensor(index, device=self.device)
+            tokens[picked] = sample_tokens(batch.logits[picked], temperature=temperature, top_p=top_p,
+                                           uniforms=uniforms)  # fmt: skip
+        return tokens
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Add ``token`` to ``row`` and stream what became final; True when the row has finished."""
+        settings = row.request.settings
+        row.tokens.append(token)
+        if token in self.stop_ids:
+            row.finish_reason = "stop"
+            return self._retire(row, self.tokenizer.decode(row.tokens[:-1], skip_special_tokens=True))
+        needs_text = settings.stop or row.request.on_delta is not None or row.budget == 0
+        if not needs_text:
+            return False
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if (cut := cut_at_stop(text, settings.stop)) != text:
+            row.finish_reason = "stop"
+            return self._retire(row, text)
+        if row.budget == 0:
+            row.finish_reason = "length"
+            return self._retire(row, text)
+        hold_back = max((len(s) for s in settings.stop), default=1) - 1  # a stop string may be starting
+        safe = (cut[: len(cut) - hold_back] if hold_back else cut).rstrip("\ufffd")  # wait for whole characters
+        self._emit(row, safe)
+        return False
+
+    def _emit(self, row: _Row, text: str) -> None:
+        request = row.request
+        if request.on_delta is None or len(text) <= len(row.emitted) or not text.startswith(row.emitted):
+            return
+        delta, row.emitted = text[len(row.emitted) :], text
+        n = request.settings.num_samples
+        for j in range(n) if request.greedy else (row.sample,):
+            request.on_delta(row.prompt * n + j, delta)
+
+    def _retire(self, row: _Row, text: str) -> bool:
+        row.text = cut_at_stop(text, row.request.settings.stop)
+        self._emit(row, row.text)
+        request = row.request
+        if all(r.finish_reason is not None for r in request.rows):
+            n = request.settings.num_samples
+            choices = [Choice(p * n + j, r.text, r.finish_reason, len(r.tokens))
+                       for r in request.rows for p in (r.prompt,)
+                       for j in (range(n) if request.greedy else (r.sample,))]  # fmt: skip
+            choices.sort(key=lambda c: c.index)
+            self.counts["requests_served"] += 1
+            request.future.set_result(Completion(choices, request.prompt_tokens))
+        return True
+
+    def _fail(self, error: Exception) -> None:
+        if self._batch is not None:
+            for request in {id(row.request): row.request for row in self._batch.rows}.values():
+                if not request.future.done():
+                    request.future.set_exception(error)
+        self._batch = None
