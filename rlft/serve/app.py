@@ -150,8 +150,11 @@ async def _events(events: asyncio.Queue, future, request_id: str, model_name: st
 
     if chat:
         yield chunk([choice(i, None, role=True) for i in range(n_choices)])
-    while (event := await events.get()) is not None:
-        yield chunk([choice(event[0], event[1])])
+    try:
+        while (event := await events.get()) is not None:
+            yield chunk([choice(event[0], event[1])])
+    finally:  # the client went away mid-stream: stop generating for it
+        future.cancel()
     error = future.exception()
     if error is not None:
         yield f"data: {json.dumps(error_body(f'generation failed: {error}', kind='server_error'))}\n\n"

@@ -55,6 +55,7 @@ class _Request:
     prompt_tokens: int
     rng: torch.Generator
     rows: list[_Row] = field(default_factory=list)
+    dropped: bool = False  # its rows were dropped because the client went away
 
     @property
     def greedy(self) -> bool:
@@ -146,7 +147,8 @@ class ContinuousEngine:
         self.device = next(model.parameters()).device
         self.stop_ids = set(stop_token_ids(tokenizer, model)) | {pad_token_id(tokenizer)}
         self.pad_id = pad_token_id(tokenizer)
-        self.counts = {"requests_served": 0, "decode_steps": 0, "row_steps": 0, "prefills": 0, "peak_rows": 0}
+        self.counts = {"requests_served": 0, "requests_cancelled": 0, "decode_steps": 0, "row_steps": 0, "prefills": 0,
+                       "peak_rows": 0}  # fmt: skip
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._batch: _Batch | None = None
@@ -166,7 +168,8 @@ class ContinuousEngine:
     def submit(self, prompts: Sequence[Prompt], settings: SamplingSettings, *, seed: int | None = None,
                on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None) -> Future:  # fmt: skip
         """Queue a request; the future resolves to a :class:`Completion` with ``len(prompts) * n`` choices (choice
-        ``p * n + j`` is sample ``j`` of prompt ``p``)."""
+        ``p * n + j`` is sample ``j`` of prompt ``p``). Cancelling the future (a client that went away) drops the
+        request's rows from the batch at the next token."""
         future: Future = Future()
         tokens = prompt_tokens if prompt_tokens is not None else sum(self.count_tokens(p) for p in prompts)
         rng = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
@@ -194,7 +197,8 @@ class ContinuousEngine:
                     log.exception("generation failed")
                     self._fail(error)
         for request in self._waiting:
-            request.future.set_exception(RuntimeError("the server is shutting down"))
+            if not request.future.done():
+                request.future.set_exception(RuntimeError("the server is shutting down"))
 
     def _receive(self, *, block: bool) -> None:
         while not self._closing:
@@ -214,6 +218,10 @@ class ContinuousEngine:
         admitted: list[_Request] = []
         while self._waiting and not self._closing:
             request = self._waiting[0]
+            if request.future.cancelled():
+                self._waiting.popleft()
+                self.counts["requests_cancelled"] += 1
+                continue
             size = len(request.prompts) * request.samples_per_prompt
             if size > room and (admitted or self._batch is not None):
                 break
@@ -300,6 +308,8 @@ class ContinuousEngine:
     def _advance(self, row: _Row, token: int) -> bool:
         """Add ``token`` to ``row`` and stream what became final; True when the row has finished."""
         settings = row.request.settings
+        if row.request.future.done():  # cancelled by its client, or failed
+            return self._retire(row, "")
         row.tokens.append(token)
         if token in self.stop_ids:
             row.finish_reason = "stop"
@@ -329,9 +339,14 @@ class ContinuousEngine:
             request.on_delta(row.prompt * n + j, delta)
 
     def _retire(self, row: _Row, text: str) -> bool:
-        row.text = cut_at_stop(text, row.request.settings.stop)
-        self._emit(row, row.text)
         request = row.request
+        if request.future.done():
+            if request.future.cancelled() and not request.dropped:
+                request.dropped = True
+                self.counts["requests_cancelled"] += 1
+            return True
+        row.text = cut_at_stop(text, request.settings.stop)
+        self._emit(row, row.text)
         if all(r.finish_reason is not None for r in request.rows):
             n = request.settings.num_samples
             choices = [Choice(p * n + j, r.text, r.finish_reason, len(r.tokens))

@@ -169,7 +169,8 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - every waiting client gets the error, the server goes on
             log.exception("generation failed")
             for request in group:
-                request.future.set_exception(error)
+                if not request.future.done():  # a cancelled future (the client went away) takes no result
+                    request.future.set_exception(error)
             return
         self.batches.append(len(group))
         i = 0  # index of the request's first prompt in the batch
@@ -186,4 +187,5 @@ class Engine:
                     reason = "stop" if ended_early or cut_by_stop else "length"
                     choices.append(Choice(p * n + j, text, reason, len(row.tokens)))
             i += len(request.prompts)
-            request.future.set_result(Completion(choices, request.prompt_tokens))
+            if not request.future.done():
+                request.future.set_result(Completion(choices, request.prompt_tokens))

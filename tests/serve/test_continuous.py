@@ -162,3 +162,24 @@ def test_sliding_window_models_are_refused_with_the_alternative_named():
     assert not supports_continuous(model)
     with pytest.raises(ValueError, match="--batching window"):
         ContinuousEngine(model, load_tokenizer("tiny-mistral"), max_context=1024)
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_token(engine):
+    before = engine.stats()
+    futures: list = []
+    cancelled = threading.Event()
+
+    def on_delta(_: int, __: str) -> None:
+        on_delta.count += 1
+        if on_delta.count == 3:
+            futures[0].cancel()  # what the server does when a streaming client disconnects
+            cancelled.set()
+
+    on_delta.count = 0
+    futures.append(engine.submit([QUESTION], SamplingSettings(max_new_tokens=200), on_delta=on_delta))
+    assert cancelled.wait(timeout=120)
+    # the next request is answered, and the cancelled one stopped after a few of its 200 tokens
+    assert engine.submit(["ok"], SamplingSettings(max_new_tokens=2)).result(timeout=120).choices
+    after = engine.stats()
+    assert futures[0].cancelled() and after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after["decode_steps"] - before["decode_steps"] < 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -133,3 +134,20 @@ def test_rlft_eval_judge_uses_the_server_as_its_judge(served_adapter, tmp_path):
     assert metrics["mean_score"] == 4.0  # the served model's verdict, parsed from its HTTP replies
     cached = [json.loads(line) for line in (tmp_path / "judge_cache.jsonl").read_text().splitlines()]
     assert [c["reply"] for c in cached] == ["Score: 4", "Score: 4"]
+
+
+def test_a_streaming_client_that_disconnects_stops_its_generation(served_adapter):
+    server, _ = served_adapter
+    health = server.base_url.removesuffix("/v1") + "/health"
+    before = httpx.get(health).json()
+    body = {"model": "tiny-sft", "prompt": "The quick brown", "max_tokens": 1500, "temperature": 1.0, "stream": True,
+            "seed": 3}  # fmt: skip
+    with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # first token seen: hang up
+    deadline = time.monotonic() + 60
+    while (after := httpx.get(health).json())["requests_cancelled"] == before["requests_cancelled"]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.2)
+    assert after["requests_served"] == before["requests_served"]  # it was dropped, not run to 1,500 tokens
