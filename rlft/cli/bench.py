@@ -29,8 +29,9 @@ from typing import Literal
 
 from rlft.cli import bench_online
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-ASSETS = Path(__file__).resolve().parent / "assets"
+# the real data sits beside the checkout (../shared/data); rlft's own sample data ships in the package
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_DATA = {
     "sft": [SHARED / "alpaca_seed_tasks.jsonl", ASSETS / "sample_sft.jsonl"],
     "dpo": [SHARED / "hh_rlhf_harmless_sample.jsonl", ASSETS / "sample_pairs.jsonl"],
@@ -39,9 +40,9 @@ DEFAULT_DATA["rm"] = DEFAULT_DATA["dpo"]
 KIND = {"sft": "sft", "dpo": "pairs", "rm": "pairs"}
 # the options a variant may combine with "+", per framework and offline/online (anything else is a typo, refused)
 VARIANT_OPTIONS = {
-    ("rlft", False): {"default", "packing", "precomputed", "gc", "noshare"},
+    ("rlft", False): {"default", "packing", "precomputed", "gc", "noshare", "bf16"},
     ("rlft", True): {"default", "gc", "hfgen", "nomerge", "noshare", "bf16decode"},
-    ("trl", False): {"default", "packing", "precomputed", "nogc"},
+    ("trl", False): {"default", "packing", "precomputed", "nogc", "bf16"},
     ("trl", True): {"default", "nogc"},
 }
 
@@ -67,12 +68,13 @@ class BenchConfig:
         group_size: GRPO samples per prompt.
         max_new_tokens: GRPO response length limit.
         rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
-            checkpointing), ``noshare`` (DPO without prompt sharing), for GRPO ``hfgen`` (``model.generate``
-            rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``noshare`` (padded update forwards,
-            each row with its own copy of the prompt) and ``bf16decode`` (a bf16 decoding twin), combined by ``+`` (e.g.
-            ``precomputed+gc``).
+            checkpointing), ``noshare`` (DPO without prompt sharing), ``bf16`` (bf16 autocast, ``precision:
+            bf16-mixed``: fp32 weights and optimizer, bf16 matmuls; on a GPU every run is bf16-mixed), for GRPO
+            ``hfgen`` (``model.generate`` rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``noshare``
+            (padded update forwards, each row with its own copy of the prompt) and ``bf16decode`` (a bf16 decoding
+            twin), combined by ``+`` (e.g. ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (TRL turns gradient checkpointing on by default), ``packing`` (SFT
-            padding-free packing), ``precomputed``, ``nogc`` (also for GRPO).
+            padding-free packing), ``precomputed``, ``nogc`` (also for GRPO), ``bf16`` (``bf16=True``: autocast).
         threads: torch CPU threads per worker (0 = torch default).
     """
 
@@ -111,7 +113,11 @@ class BenchConfig:
 def _data_path(cfg: BenchConfig) -> str:
     if cfg.data:
         return cfg.data
-    return str(next(p for p in DEFAULT_DATA[cfg.mode] if p.exists()))
+    found = next((p for p in DEFAULT_DATA[cfg.mode] if p.exists()), None)
+    if found is None:
+        tried = ", ".join(map(str, DEFAULT_DATA[cfg.mode]))
+        raise FileNotFoundError(f"none of the default data files exists ({tried}); pass --data FILE")
+    return str(found)
 
 
 def _records(cfg: BenchConfig) -> list[dict]:
@@ -228,7 +234,8 @@ def _run_rlft(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     accelerator = "gpu" if _cuda() else "cpu"
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        precision="bf16-mixed" if _cuda() else "32-true", default_root_dir=str(workdir),
+                        precision="bf16-mixed" if _cuda() or "bf16" in options else "32-true",
+                        default_root_dir=str(workdir),
                         callbacks=[Timing()])  # fmt: skip
     trainer.fit(module, data)
     return timer.result(cfg.warmup)
@@ -264,7 +271,7 @@ def _run_trl(cfg: BenchConfig, variant: str, workdir: Path) -> dict:
     records = _records(cfg)
     common = dict(output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                  report_to=[], max_length=cfg.max_length, bf16=_cuda(), use_cpu=not _cuda(),
+                  report_to=[], max_length=cfg.max_length, bf16=_cuda() or "bf16" in options, use_cpu=not _cuda(),
                   dataloader_drop_last=False, seed=0, data_seed=0,
                   gradient_checkpointing="nogc" not in options)  # TRL's default is on  # fmt: skip
     if cfg.mode == "sft":
