@@ -3,7 +3,8 @@ for every check whether it ran, was skipped (and why) or failed (with the end of
 
 Checks: bf16 SFT and DPO tokens/s and peak GPU memory vs TRL on the same work (``rlft bench``); MFU of an SFT and a
 DPO step on a 1B-class Llama-shaped random-init model; a QLoRA 4-bit step; ZeRO-2, ZeRO-3 and FSDP2 single-GPU runs
-with the export round trip (the adapter reloads with plain peft); GRPO rollout tokens/s. ``--dry-run`` runs the
+with the export round trip (the adapter reloads with plain peft); GRPO rollout tokens/s; GRPO with vLLM
+colocated rollouts (when vLLM is installed). ``--dry-run`` runs the
 parts that need no GPU on tiny models on the CPU.
 """
 
@@ -169,6 +170,19 @@ def main() -> None:
         else:
             result["rollout_tokens_per_sec_median"] = statistics.median(rates)
     checks["grpo_rollouts"] = result
+
+    # 6. GRPO with rollouts through vLLM colocated on the training GPU (weights pushed every step)
+    import importlib.util
+
+    if not cuda:
+        checks["grpo_vllm_colocate"] = no_gpu
+    elif importlib.util.find_spec("vllm") is None:
+        checks["grpo_vllm_colocate"] = {"status": "skipped", "error": "vLLM is not installed"}
+    else:
+        extra = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                 "--model.init_args.sampling.backend", "vllm"]  # fmt: skip
+        grpo_vllm = fit(str(REPO / "configs/grpo/tiny.yaml"), None, args.out / "grpo_vllm", device, extra)
+        checks["grpo_vllm_colocate"] = run(grpo_vllm, 300)
 
     (args.out / "gpu_report.json").write_text(json.dumps(report, indent=2))
     lines = [f"# rlft GPU check — {report['device']} (torch {report['torch']}{', dry run' if args.dry_run else ''})",

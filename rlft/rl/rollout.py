@@ -29,6 +29,7 @@ from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
 from rlft.rl.decoding import decode, decoding_twin, merged_adapter
 from rlft.rl.layout import group_layout
+from rlft.rl.vllm_rollout import vllm_generate
 
 
 @dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
@@ -43,7 +44,9 @@ class RolloutSettings:
         stop_token_ids: Extra token ids that end a response, besides EOS and the template's end-of-turn token.
         generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory; rounded down to
             whole groups of ``group_size``, at least one); default all.
-        backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA) or ``hf`` (``model.generate``).
+        backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA), ``hf`` (``model.generate``) or
+            ``vllm`` (a vLLM engine colocated on the training GPU, the current weights pushed before every rollout:
+            :mod:`rlft.rl.vllm_rollout`; needs vLLM and a CUDA GPU, one process or DDP).
         merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
             weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
         decode_dtype: With ``backend: rlft``, sample from a copy of the policy in this dtype (e.g. ``bfloat16`` for
@@ -53,6 +56,9 @@ class RolloutSettings:
         share_prompts: Score rollouts and run the updates with each prompt once for all of its samples and no
             padding (:mod:`rlft.rl.layout`; the same log-probs up to float rounding); needs segmented attention
             (SDPA models), others use the padded layout.
+        vllm_gpu_memory_utilization: With ``backend: vllm``, the share of the GPU vLLM takes (weights + KV cache).
+        vllm_max_model_len: With ``backend: vllm``, longest prompt + response vLLM plans for (default: the
+            model's context).
     """
 
     max_new_tokens: int = 64
@@ -61,10 +67,12 @@ class RolloutSettings:
     top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     generation_batch_size: int | None = None
-    backend: Literal["rlft", "hf"] = "rlft"
+    backend: Literal["rlft", "hf", "vllm"] = "rlft"
     merge_adapter: bool = True
     decode_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     share_prompts: bool = True
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -73,8 +81,10 @@ class RolloutSettings:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.backend not in ("rlft", "hf"):
-            raise ValueError(f"backend must be 'rlft' or 'hf', got {self.backend!r}")
+        if self.backend not in ("rlft", "hf", "vllm"):
+            raise ValueError(f"backend must be 'rlft', 'hf' or 'vllm', got {self.backend!r}")
+        if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
         if self.decode_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"decode_dtype must be null, bfloat16, float16 or float32, got {self.decode_dtype!r}")
         if self.decode_dtype is not None and self.backend != "rlft":  # model.generate would sample the policy
@@ -263,6 +273,14 @@ def generate_responses(
     with inference(model), merging:
         for start in range(0, prompt_ids.shape[0], chunk):
             ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
+            if settings.backend == "vllm":
+                pieces.append(vllm_generate(
+                    model, ids, mask, group_size=group_size, max_new_tokens=settings.max_new_tokens,
+                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop_ids=stops,
+                    pad_id=pad_id, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                    max_model_len=settings.vllm_max_model_len,
+                ))  # fmt: skip
+                continue
             if settings.backend == "rlft":
                 pieces.append(decode(
                     decoder, ids, mask, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id,

@@ -21,8 +21,8 @@ def test_gpu_check_dry_run_writes_a_report_of_every_check(tmp_path):
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     checks = report["checks"]
     assert set(checks) == {"bench_sft", "bench_dpo", "mfu_sft", "mfu_dpo", "qlora_4bit", "zero2", "zero3", "fsdp",
-                           "grpo_rollouts"}  # fmt: skip
-    for name in ("bench_sft", "bench_dpo", "qlora_4bit"):
+                           "grpo_rollouts", "grpo_vllm_colocate"}  # fmt: skip
+    for name in ("bench_sft", "bench_dpo", "qlora_4bit", "grpo_vllm_colocate"):
         assert checks[name]["status"] == "skipped"
     for name in ("zero2", "zero3", "fsdp"):
         assert checks[name]["status"] == "ok" and checks[name]["round_trip"]["status"] == "ok", checks[name]
