@@ -6,8 +6,9 @@ the report, all under one run folder::
     <run_dir>/<stage>/stage.log                 its stdout and stderr
     <run_dir>/<stage>/checkpoints/last.ckpt     Lightning checkpoints (a killed stage resumes from here)
     <run_dir>/<stage>/hf_model                  its export, what the next stages load
-    <run_dir>/<stage>/DONE                      written after the export; a re-run skips the stage (unless a
-                                                stage it starts from or is scored by ran again)
+    <run_dir>/<stage>/DONE                      written after the export, with a fingerprint of the stage's
+                                                settings; a re-run skips the stage unless its settings changed or
+                                                a stage it starts from or is scored by ran again
     <run_dir>/evaluation/results.json, <run_dir>/report/report.md
 
 A stage runs in a subprocess so that a crash (or an out-of-memory kill) stays in it: a non-zero exit stops the
@@ -17,6 +18,8 @@ pipeline with the stage's name, exit code, log path and the end of its log.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +83,29 @@ class PipelineRunner:
     def is_done(self, folder: Path) -> bool:
         return (folder / DONE).exists()
 
+    def fingerprint(self, *parts) -> str:
+        """A short hash of settings (dataclasses, dicts, the text of the YAML files they name, the overlays): what
+        a DONE stage was run with, so that a stage whose settings changed is not skipped."""
+
+        def plain(value):
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            if isinstance(value, dict) and isinstance(value.get("config"), str) and Path(value["config"]).is_file():
+                value = {**value, "config_text": Path(value["config"]).read_text()}
+            return value
+
+        overlays = [Path(o).read_text() if Path(o).is_file() else o for o in self.config.overlays]
+        text = json.dumps([plain(p) for p in parts] + [overlays], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def done_settings(folder: Path) -> str | None:
+        """The fingerprint a DONE stage recorded (None for a run folder written before fingerprints existed)."""
+        try:
+            return json.loads((folder / DONE).read_text()).get("settings")
+        except (OSError, ValueError):
+            return None
+
     # ----------------------------------------------------------------------------------------------- configs
     def fit_config(self, name: str, stage: StageSettings, folder: Path, *, data_path: str,
                    model: str | None = None) -> dict:  # fmt: skip
@@ -119,7 +145,7 @@ class PipelineRunner:
             raise StageFailed(f"stage {name!r} failed with exit code {code}; full log: {log_path}\n--- last lines ---\n"
                               f"{tail}")  # fmt: skip
 
-    def run_fit(self, name: str, config: dict, folder: Path, expected: Path) -> None:
+    def run_fit(self, name: str, config: dict, folder: Path, expected: Path, *, settings: str | None = None) -> None:
         """Write ``folder/config.yaml`` and run ``rlft fit`` on it (resuming from ``last.ckpt`` when there is one)."""
         folder.mkdir(parents=True, exist_ok=True)
         config_path = folder / "config.yaml"
@@ -135,7 +161,7 @@ class PipelineRunner:
         self._run_process(name, argv, folder / "stage.log")
         if not expected.exists():
             raise StageFailed(f"stage {name!r} exited 0 but wrote no {expected}; see {folder / 'stage.log'}")
-        self.mark_done(folder, {"output": str(expected), "config": str(config_path)})
+        self.mark_done(folder, {"output": str(expected), "config": str(config_path), "settings": settings})
 
     def mark_done(self, folder: Path, info: dict) -> None:
         (folder / DONE).write_text(json.dumps({**info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
@@ -145,42 +171,62 @@ class PipelineRunner:
         from rlft.pipeline.split import split_pairs
 
         folder = self.run_dir / "data"
+        settings = self.fingerprint(self.config.data)
         if self.is_done(folder):
+            recorded = self.done_settings(folder)
+            if recorded is not None and recorded != settings:
+                raise ValueError(f"{self.config.source}: the data settings changed since {folder} was split, and "
+                                 "every stage of this run trained on that split; use another run_dir for the new "
+                                 "data")  # fmt: skip
             return json.loads((folder / "split.json").read_text())
         d = self.config.data
         info = split_pairs(d.paths, folder, heldout_fraction=d.heldout_fraction, seed=d.seed, format=d.format)
         (folder / "split.json").write_text(json.dumps(info, indent=2))
-        self.mark_done(folder, {"output": str(folder)})
+        self.mark_done(folder, {"output": str(folder), "settings": settings})
         print(f"rlft pipeline: data split {info['train']} train / {info['heldout']} held-out pairs "
               f"(dropped: {info['dropped'] or 'none'})", flush=True)  # fmt: skip
         return info
 
     def run_stage(self, name: str, stage: StageSettings, train_path: str) -> None:
         folder = self.stage_dir(name)
+        settings = self.fingerprint(name, stage)
         stale = {stage.init, stage.reward} & self.ran  # an upstream stage was re-run: this output is out of date
-        if self.is_done(folder) and name not in self.force and not stale:
+        recorded = self.done_settings(folder) if self.is_done(folder) else None
+        changed = recorded is not None and recorded != settings
+        if self.is_done(folder) and name not in self.force and not stale and not changed:
             print(f"rlft pipeline: stage {name} already DONE, skipped", flush=True)
             return
-        if self.is_done(folder):  # forced or stale: start it afresh, not from its finished checkpoint
-            why = "--force" if name in self.force else f"{sorted(stale)} ran again"
+        started = folder / "settings"  # what a killed, unfinished stage was started with
+        if not self.is_done(folder) and started.exists() and started.read_text().strip() != settings:
+            print(f"rlft pipeline: stage {name} re-runs from scratch (its settings changed since it was killed)",
+                  flush=True)  # fmt: skip
+            shutil.rmtree(folder)
+        if self.is_done(folder):  # forced, stale or changed: start it afresh, not from its finished checkpoint
+            why = ("--force" if name in self.force else f"{sorted(stale)} ran again" if stale
+                   else "its settings changed")  # fmt: skip
             print(f"rlft pipeline: stage {name} re-runs from scratch ({why})", flush=True)
             shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        started.write_text(settings + "\n")
         self.ran.add(name)
         (folder / DONE).unlink(missing_ok=True)
         if name == "online_dpo":
             from rlft.pipeline.online import run_online_dpo
 
             run_online_dpo(self, stage, train_path)
-            self.mark_done(folder, {"output": str(self.model_of(name))})
+            self.mark_done(folder, {"output": str(self.model_of(name)), "settings": settings})
             return
-        self.run_fit(name, self.fit_config(name, stage, folder, data_path=train_path), folder, self.model_of(name))
+        self.run_fit(name, self.fit_config(name, stage, folder, data_path=train_path), folder, self.model_of(name),
+                     settings=settings)  # fmt: skip
 
     def evaluate(self) -> Path:
         from rlft.pipeline.evaluate import evaluation_config
 
         folder = self.run_dir / "evaluation"
         results = folder / "results.json"
-        if self.is_done(folder) and "evaluation" not in self.force and not self.ran:
+        settings = self.fingerprint(self.config.evaluation)
+        unchanged = self.done_settings(folder) in (None, settings)
+        if self.is_done(folder) and "evaluation" not in self.force and not self.ran and unchanged:
             print("rlft pipeline: evaluation already DONE, skipped", flush=True)
             return results
         (folder / DONE).unlink(missing_ok=True)
@@ -192,7 +238,7 @@ class PipelineRunner:
         self._run_process("evaluation", argv, folder / "stage.log")
         if not results.exists():
             raise StageFailed(f"stage 'evaluation' exited 0 but wrote no {results}; see {folder / 'stage.log'}")
-        self.mark_done(folder, {"output": str(results)})
+        self.mark_done(folder, {"output": str(results), "settings": settings})
         return results
 
     def run(self) -> Path | None:

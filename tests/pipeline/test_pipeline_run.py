@@ -99,3 +99,23 @@ def test_a_failing_stage_stops_the_pipeline_naming_the_stage_and_its_log(repo_ro
     assert "stage 'dpo' failed with exit code" in result.stderr
     assert str(tmp_path / "run" / "dpo" / "stage.log") in result.stderr and "beta must be > 0" in result.stderr
     assert not (tmp_path / "run" / "dpo" / "DONE").exists()
+
+
+def test_a_stage_whose_settings_changed_runs_again_and_changed_data_is_refused(tiny_run, repo_root, tmp_path):
+    run_dir, _ = tiny_run
+    config = yaml.safe_load((repo_root / "configs/pipelines/tiny.yaml").read_text())
+    config["stages"]["dpo"]["args"]["model.beta"] = 0.3  # a user changes one stage and runs the pipeline again
+    changed = tmp_path / "tiny_beta.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    again = _pipeline(repo_root, "-c", str(changed), "--run_dir", str(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert "stage dpo re-runs from scratch (its settings changed)" in again.stdout
+    for stage in ("sft", "rm", "grpo", "online_dpo"):
+        assert f"stage {stage} already DONE, skipped" in again.stdout
+    assert yaml.safe_load((run_dir / "dpo" / "config.yaml").read_text())["model"]["init_args"]["beta"] == 0.3
+    assert "rlft pipeline: evaluation (log:" in again.stdout  # the report shows the new DPO policy
+
+    config["data"]["heldout_fraction"] = 0.5
+    changed.write_text(yaml.safe_dump(config))
+    refused = _pipeline(repo_root, "-c", str(changed), "--run_dir", str(run_dir))
+    assert refused.returncode != 0 and "the data settings changed" in refused.stderr
