@@ -9,7 +9,6 @@ its base). Both can report every generated token to a callback, which is how ``r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import torch
 
 from rlft.models.modes import inference as eval_mode  # noqa: F401 - no grad, eval mode, restored after
 from rlft.models.tokens import stop_token_ids
+from rlft.rl.vllm_rollout import vllm_usable  # one check for serving, evaluation and rollouts
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,6 @@ class VLLMBackend:
                     for token in sample.token_ids:
                         on_token(i, j, token)
         return [[cut_at_stop(o.text, settings.stop) for o in r.outputs] for r in results]
-
-
-def vllm_usable() -> bool:
-    """vLLM is installed and a CUDA GPU is present."""
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
 class Generator:

@@ -11,6 +11,7 @@ a CUDA GPU, asking for it fails with a message that names the fallback (``backen
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,11 @@ from rlft.models.scoring import causal_lm
 from rlft.rl.decoding import merged_adapter
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vllm_usable() -> bool:
+    """vLLM is installed and a CUDA GPU is present."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
 def vllm_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -54,8 +60,6 @@ class ColocatedVLLM:
 
     def __init__(self, model_path: str, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
                  dtype: str = "auto", seed: int = 0) -> None:  # fmt: skip
-        from rlft.eval.generation import vllm_usable
-
         if not vllm_usable():
             raise RuntimeError("sampling.backend vllm needs vLLM installed and a CUDA GPU; use sampling.backend rlft")
         # an in-process engine: its model object is reachable, so weights are pushed by reference, not serialised

@@ -89,7 +89,7 @@ def fake_vllm(monkeypatch):
     inputs.TokensPrompt = dict
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    monkeypatch.setattr("rlft.eval.generation.vllm_usable", lambda: True)
+    monkeypatch.setattr("rlft.rl.vllm_rollout.vllm_usable", lambda: True)
     return module
 
 
