@@ -55,7 +55,9 @@ def build_engine(model: str, *, backend: str = "auto", device: str | None = None
     from rlft.models.checkpoint import is_checkpoint
     from rlft.serve import ContinuousEngine, Engine, supports_continuous
 
-    use_vllm = backend == "vllm" or (backend == "auto" and vllm_usable() and not is_checkpoint(model))
+    # continuous batching is rlft's own decoder: asking for it keeps `--backend auto` off vLLM
+    auto_vllm = backend == "auto" and batching != "continuous" and vllm_usable() and not is_checkpoint(model)
+    use_vllm = backend == "vllm" or auto_vllm
     if use_vllm:
         if quantization:
             raise ValueError("--quantization is for the Hugging Face backend; vLLM takes quantized checkpoints")

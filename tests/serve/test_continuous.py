@@ -183,3 +183,19 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_token(engine):
     after = engine.stats()
     assert futures[0].cancelled() and after["requests_cancelled"] == before["requests_cancelled"] + 1
     assert after["decode_steps"] - before["decode_steps"] < 10
+
+
+def test_rlft_serve_picks_continuous_batching_unless_told_otherwise():
+    from rlft.cli.serve import build_engine
+    from rlft.serve import Engine
+
+    auto = build_engine("tiny-llama", device="cpu")
+    window = build_engine("tiny-llama", device="cpu", batching="window")
+    try:
+        assert isinstance(auto, ContinuousEngine) and isinstance(window, Engine)
+        assert window.stats() == {"generate_calls": 0, "requests_served": 0}
+        assert window.submit(["ok"], SamplingSettings(max_new_tokens=2)).result(timeout=120).choices
+        assert window.stats() == {"generate_calls": 1, "requests_served": 1}
+    finally:
+        auto.close()
+        window.close()
