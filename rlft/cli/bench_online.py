@@ -1,4 +1,4 @@
-"""``rlft bench --mode grpo``: rlft's GRPO against TRL's ``GRPOTrainer`` on the same work, one fresh process each.
+"""``rlft bench --mode grpo|ppo``: rlft's GRPO/PPO against TRL's on the same work, one fresh process each.
 
 Both sides get the same model, LoRA (all linear layers), prompts in the same order, group size, sampling settings
 (temperature 1, no truncation), ``max_new_tokens``, beta, clip range, learning rate, per-sequence loss
@@ -6,6 +6,7 @@ aggregation (TRL ``loss_type="grpo"``) and reward: the GRPO config's arithmetic 
 rlft reward code, so the reward curves are comparable. Each worker reports the whole step time, the rollout time
 (sampling + reference/old log-probs + rewards), generation alone and its tokens/s (real response tokens), the
 update time (the rest of the step: forward, backward, optimiser), peak RSS and the reward of every step.
+TRL's PPO worker is in :mod:`rlft.cli.bench_ppo`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class _Steps:
         self.completions.append(0)
 
     def end(self) -> None:
-        self.step.append(time.perf_counter() - self._started)
+        self.step.append(self.elapsed())
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
 
     def result(self, warmup: int) -> dict:
         def median(values: list[float]) -> float:
@@ -78,7 +82,7 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     import lightning as L
 
     from rlft.data import PreferenceDataModule
-    from rlft.methods import GRPO, OptimizerSettings
+    from rlft.methods import GRPO, PPO, OptimizerSettings
     from rlft.models import LoraSettings
 
     options = set(variant.split("+"))
@@ -86,7 +90,7 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     data_file = workdir / "prompts.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in _prompts(cfg)))
 
-    class TimedGRPO(GRPO):
+    class Timed(GRPO if cfg.mode == "grpo" else PPO):
         def rollout(self, batch):
             started = time.perf_counter()
             rollout = super().rollout(batch)
@@ -107,11 +111,16 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
                 "backend": "hf" if "hfgen" in options else "rlft",
                 "merge_adapter": "nomerge" not in options, "share_prompts": "noshare" not in options,
                 "decode_dtype": "bfloat16" if "bf16decode" in options else None}  # fmt: skip
-    module = TimedGRPO(
+    if cfg.mode == "grpo":
+        method = dict(group_size=cfg.group_size, beta=cfg.beta, loss_aggregation="sequence")
+    else:  # one minibatch per rollout, so one optimiser step per PPO epoch (as TRL's num_mini_batches=1)
+        method = dict(kl={"coef": cfg.beta, "estimator": "k1"}, ppo_epochs=cfg.ppo_epochs, clip_range_value=0.2,
+                      vf_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0, max_grad_norm=None,
+                      critic=cfg.model if "critic" in options else None)  # fmt: skip
+    module = Timed(
         model=cfg.model, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
         optim=OptimizerSettings(lr=cfg.lr, scheduler="constant"), output_dir=str(workdir / "out"),
-        rewards=REWARDS, sampling=sampling, group_size=cfg.group_size, beta=cfg.beta, clip_range=0.2,
-        loss_aggregation="sequence", gradient_checkpointing="gc" in options,
+        rewards=REWARDS, sampling=sampling, clip_range=0.2, gradient_checkpointing="gc" in options, **method,
     )  # fmt: skip
     data = PreferenceDataModule(path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length,
                                 val_fraction=0.0, shuffle=False)  # fmt: skip
@@ -123,7 +132,8 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.end()
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.steps, logger=False, enable_checkpointing=False,
+    updates = cfg.steps * (cfg.ppo_epochs if cfg.mode == "ppo" else 1)  # PPO's max_steps counts optimiser steps
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=updates, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir),
                         callbacks=[Timing()])  # fmt: skip
     trainer.fit(module, data)
@@ -202,8 +212,9 @@ def print_summary(cfg, results: list[dict]) -> None:
         return statistics.median(r[field] for r in results if (r["framework"], r["variant"]) == key)
 
     base = ("trl", cfg.trl_variants[0])
-    print(f"\n{cfg.mode.upper()} {cfg.model}, {cfg.batch_size} prompts x group {cfg.group_size}, {cfg.max_new_tokens}"
-          f" new tokens, LoRA r={cfg.lora_r} (medians of {cfg.repeats}; ratios vs trl/{base[1]})")  # fmt: skip
+    work = f"x group {cfg.group_size}" if cfg.mode == "grpo" else f"x {cfg.ppo_epochs} PPO epochs"
+    print(f"\n{cfg.mode.upper()} {cfg.model}, {cfg.batch_size} prompts {work}, {cfg.max_new_tokens} new tokens, LoRA "
+          f"r={cfg.lora_r} (medians of {cfg.repeats}; ratios vs trl/{base[1]})")  # fmt: skip
     print(f"{'framework/variant':<24}{'step s':>8}{'rollout s':>10}{'gen tok/s':>10}{'update s':>9}{'RSS GB':>8}"
           f"{'step x':>8}{'memory x':>9}  reward first -> last")  # fmt: skip
     seen: list[tuple[str, str]] = []

@@ -31,9 +31,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_
 pytestmark = pytest.mark.slow
 
 
+MARKERS = ("Error", "error:", "Traceback", "terminate called", "Check failed", "Signal", "parity_worker:")
+
+
+def _diagnosis(result: subprocess.CompletedProcess) -> str:
+    """The lines that say what failed (errors, aborts, the last method each rank finished), not a truncated tail."""
+    lines = [line for line in result.stderr.splitlines() if any(m in line for m in MARKERS)]
+    return "\n".join(lines[-40:]) + "\n--- stderr tail ---\n" + result.stderr[-3000:]
+
+
 def _run(cmd: list[str], timeout: int = 900) -> None:
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-6000:])
+    assert result.returncode == 0, _diagnosis(result)
 
 
 @pytest.fixture(scope="module")

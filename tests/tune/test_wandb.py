@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -33,6 +34,8 @@ def _chunks(data: bytes):
             pos += BLOCK - pos % BLOCK
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):  # the service is still writing this chunk
+            return
         chunk, pos = data[pos + HEADER : pos + HEADER + length], pos + HEADER + length
         if kind == FULL:
             yield chunk
@@ -50,10 +53,13 @@ def _records(folder: Path, timeout: float = 60.0) -> list:
     deadline = time.monotonic() + timeout
     while True:
         records = []
-        for raw in _chunks(path.read_bytes()):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
-            records.append(record)
+        try:
+            for raw in _chunks(path.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(raw)
+                records.append(record)
+        except DecodeError:  # a record caught mid-write; the next read sees it whole
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             return records
         assert time.monotonic() < deadline, f"{path}: no exit record after {timeout}s (run not finished)"
