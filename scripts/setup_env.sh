@@ -25,4 +25,9 @@ target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "rlft: installing rlft$( [ -n "$extras" ] && echo "[$extras]" ) (editable)"
 "${pip[@]}" install -e "$target" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+if [[ ",$extras," == *",dev,"* ]] && [ ! -d .bench/trl-1.12/trl ]; then
+  # rlft bench --mode ppo runs TRL's PPO, which TRL removed in 1.13: the last release with it, beside the venv's TRL
+  echo "rlft: installing TRL 1.12 (PPO) into .bench/trl-1.12 for rlft bench --mode ppo"
+  "${pip[@]}" install --no-deps --target .bench/trl-1.12 trl==1.12.0 2>&1 | grep -v "is ignored: it is neither" || true
+fi
 .venv/bin/python -c "import rlft, torch; print(f'rlft {rlft.__version__} ready (torch {torch.__version__})')"

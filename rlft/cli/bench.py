@@ -8,12 +8,12 @@ losses must agree before the speeds mean anything.
     rlft bench --mode dpo --steps 4 --repeats 2
     rlft bench --mode sft --trl_variants [default,packing] --rlft_variants [default,packing]
     rlft bench --mode grpo --steps 6 --rlft_variants [default,hfgen] --trl_variants [default,nogc]
-    rlft bench --mode ppo --batch_size 8 --steps 6 --trl_path .bench/trl-1.12 --rlft_variants [default,critic]
+    rlft bench --mode ppo --batch_size 8 --steps 6 --rlft_variants [default,critic]
 
 ``--mode grpo`` and ``--mode ppo`` compare online RL (rollout, update and whole-step time, reward curves; see
 :mod:`rlft.cli.bench_online`). TRL removed its PPO trainer in 1.13: ``--mode ppo`` runs TRL 1.12's
-``trl.experimental.ppo`` from ``--trl_path``, a folder made by
-``pip install --no-deps --target .bench/trl-1.12 trl==1.12.0`` (the rest of TRL's dependencies are shared).
+``trl.experimental.ppo`` from ``--trl_path`` (default ``.bench/trl-1.12``, which ``scripts/setup_env.sh`` installs
+with the dev extra: ``pip install --no-deps --target .bench/trl-1.12 trl==1.12.0``; other dependencies are shared).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from rlft.cli import bench_offline, bench_online, bench_ppo
 # the options a variant may combine with "+", per framework and offline/online (anything else is a typo, refused)
 VARIANT_OPTIONS = {
     ("rlft", False): {"default", "packing", "precomputed", "gc", "noshare", "bf16"},
-    ("rlft", True): {"default", "gc", "hfgen", "nomerge", "noshare", "bf16decode", "critic"},
+    ("rlft", True): {"default", "gc", "hfgen", "nomerge", "noshare", "bf16decode", "bf16", "critic"},
     ("trl", False): {"default", "packing", "precomputed", "nogc", "bf16"},
-    ("trl", True): {"default", "nogc", "loracritic"},
+    ("trl", True): {"default", "nogc", "bf16", "loracritic"},
 }
 ONLINE = {"grpo", "ppo"}
+# where scripts/setup_env.sh (the dev extra) puts TRL 1.12, the last TRL with a PPO trainer
+TRL_PPO = Path(__file__).resolve().parents[2] / ".bench" / "trl-1.12"
 
 
 @dataclass
@@ -61,17 +63,19 @@ class BenchConfig:
         group_size: GRPO samples per prompt.
         max_new_tokens: Online response length limit.
         rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
-            checkpointing), ``noshare`` (DPO without prompt sharing), ``bf16`` (bf16 autocast, ``precision:
-            bf16-mixed``: fp32 weights and optimizer, bf16 matmuls; on a GPU every run is bf16-mixed), for GRPO
+            checkpointing), ``noshare`` (DPO without prompt sharing), ``bf16`` (``precision: bf16-mixed``: fp32
+            weights and optimizer, bf16 matmuls under autocast; on a GPU every run is bf16-mixed); online also
             ``hfgen`` (``model.generate`` rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``noshare``
-            (padded update forwards, each row with its own copy of the prompt) and ``bf16decode`` (a bf16 decoding
-            twin), for PPO ``critic`` (a separate LoRA critic instead of a value head on the policy's trunk),
+            (padded update forwards, each row with its own copy of the prompt), ``bf16decode`` (a bf16 decoding
+            twin) and for PPO ``critic`` (a separate LoRA critic instead of a value head on the policy's trunk);
             combined by ``+`` (e.g. ``precomputed+gc``).
-        trl_variants: TRL variants: ``default`` (TRL turns gradient checkpointing on by default), ``packing`` (SFT
-            padding-free packing), ``precomputed``, ``nogc`` (also online), ``bf16`` (``bf16=True``: autocast), for
-            PPO ``loracritic`` (the value model gets the same LoRA; TRL's default trains all its weights).
+        trl_variants: TRL variants: ``default`` (fp32, gradient checkpointing on as TRL's default), ``packing`` (SFT
+            padding-free packing), ``precomputed``, ``nogc``, ``bf16`` (``bf16=True``, autocast: TRL 1.16's default
+            precision, which the bench's ``default`` turns off so that both sides' defaults are fp32) and for PPO
+            ``loracritic`` (the value model gets the policy's LoRA; TRL's default trains all its weights).
         threads: torch CPU threads per worker (0 = torch default).
-        trl_path: Folder put first on TRL workers' ``sys.path`` (``--mode ppo`` needs TRL <= 1.12, see above).
+        trl_path: Folder put first on TRL workers' ``sys.path`` (``--mode ppo`` needs TRL <= 1.12, see above);
+            default for ``--mode ppo``: ``.bench/trl-1.12`` beside the checkout when it exists.
         ppo_epochs: PPO passes over each rollout (one optimiser step per pass: the whole rollout is one minibatch).
     """
 
@@ -98,6 +102,8 @@ class BenchConfig:
         online = self.mode in ONLINE
         self.lr = self.lr if self.lr is not None else (2e-4 if online else 1e-6)
         self.beta = self.beta if self.beta is not None else {"grpo": 0.04, "ppo": 0.05}.get(self.mode, 0.1)
+        if self.mode == "ppo" and self.trl_path is None and TRL_PPO.is_dir():
+            self.trl_path = str(TRL_PPO)
         if self.rlft_variants is None:  # packing is rlft's fastest offline setting; prompts are never packed
             self.rlft_variants = ["default"] if online else ["packing"]
         for framework, variants in (("rlft", self.rlft_variants), ("trl", self.trl_variants)):

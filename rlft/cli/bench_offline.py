@@ -23,6 +23,7 @@ DEFAULT_DATA = {
 DEFAULT_DATA["rm"] = DEFAULT_DATA["dpo"]
 KIND = {"sft": "sft", "dpo": "pairs", "rm": "pairs"}
 
+
 def _data_path(cfg) -> str:
     if cfg.data:
         return cfg.data

@@ -135,6 +135,7 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     updates = cfg.steps * (cfg.ppo_epochs if cfg.mode == "ppo" else 1)  # PPO's max_steps counts optimiser steps
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=updates, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir),
+                        precision="bf16-mixed" if "bf16" in options else "32-true",
                         callbacks=[Timing()])  # fmt: skip
     trainer.fit(module, data)
     return steps.result(cfg.warmup)
@@ -172,6 +173,7 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
         beta=cfg.beta, epsilon=0.2, loss_type="grpo", learning_rate=cfg.lr, lr_scheduler_type="constant",
         max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
         shuffle_dataset=False, gradient_checkpointing="nogc" not in options, disable_dropout=True,
+        bf16="bf16" in options,  # TRL defaults to True; the bench's default is fp32 on both sides
     )  # fmt: skip
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
                               train_dataset=datasets.Dataset.from_list(rows), peft_config=lora)  # fmt: skip

@@ -185,7 +185,7 @@ class PPO(OnlineRL):
             trunk = self.critic if self.critic is not None else self.model
             length = rollout.response_ids.shape[1]
             _, _, hidden = token_logps(trunk, rollout.input_ids, rollout.attention_mask, length, with_hidden=True,
-                                       share_prompts=self.sampling.share_prompts)  # fmt: skip
+                                       with_logps=False, share_prompts=self.sampling.share_prompts)  # fmt: skip
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def token_rewards(self, rollout: Rollout, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -182,7 +182,8 @@ def token_logps(
     with_entropy: bool = False,
     with_hidden: bool = False,
     share_prompts: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    with_logps: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-token log-probs of the last ``response_length`` tokens (differentiable when grad is on).
 
     Only the logits of the response positions are computed (``logits_to_keep``), which avoids a ``[N, L, V]``
@@ -199,6 +200,8 @@ def token_logps(
         with_entropy: Also return the per-token entropy (detached) of the sampling distribution.
         with_hidden: Also return the last hidden state at the positions predicting each response token.
         share_prompts: Run each prompt once for all of its rows.
+        with_logps: ``False`` returns ``(None, None, hidden)`` without running the LM head (a critic's trunk: its
+            vocabulary logits would be computed for nothing).
 
     Returns:
         ``(logps [N, R], entropy [N, R] or None, hidden [N, R, H] or None)``.
@@ -208,13 +211,15 @@ def token_logps(
     temperature = temperature if temperature > 0 else 1.0
     if share_prompts and head is not None and segmented_attention(model):
         return _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, temperature,
-                                    with_entropy, with_hidden)  # fmt: skip
+                                    with_entropy, with_hidden, with_logps)  # fmt: skip
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}  # fmt: skip
     if head is not None:
         # decoder stack, then the head on the response positions only: the same calls pair scoring makes, which a
         # sharded (FSDP2) network serves without the full model's forward
         hidden = lm.base_model(**inputs).last_hidden_state[:, -response_length - 1 : -1]
+        if not with_logps:
+            return None, None, hidden
         logits = head(hidden)
     else:  # rescaled or capped logits: the model's own forward
         out = model(**inputs, logits_to_keep=response_length + 1, output_hidden_states=with_hidden)
@@ -229,17 +234,20 @@ def token_logps(
 
 
 def _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, temperature, with_entropy,
-                         with_hidden):  # fmt: skip
+                         with_hidden, with_logps):  # fmt: skip
     split = input_ids.shape[1] - response_length
     layout = group_layout(input_ids[:, :split], attention_mask[:, :split], input_ids[:, split:],
                           attention_mask[:, split:])  # fmt: skip
     hidden = lm.base_model(**layout.inputs, use_cache=False).last_hidden_state[0, layout.source]
-    logits = head(hidden)
     index = (layout.rows, layout.cols)
     shape = (input_ids.shape[0], response_length)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros((*shape, *values.shape[1:])).index_put(index, values)
+
+    if not with_logps:
+        return None, None, scatter(hidden)
+    logits = head(hidden)
 
     logps = scatter(gather_logps(logits, layout.targets, temperature=temperature))
     entropy = None

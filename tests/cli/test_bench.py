@@ -6,6 +6,9 @@ makes the ratios meaningful: identical step-0 losses and sane token counts.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from rlft.cli.bench import BenchConfig, run
@@ -55,3 +58,72 @@ def test_a_misspelt_variant_is_refused_not_run_as_the_default():
     with pytest.raises(ValueError, match="unknown option"):
         BenchConfig(mode="dpo", trl_variants=["hfgen"])  # an online-only option offline
     assert BenchConfig(mode="dpo").rlft_variants == ["packing"] and BenchConfig(mode="dpo").beta == 0.1
+
+
+TRL_PPO = Path(__file__).resolve().parents[2] / ".bench" / "trl-1.12"
+needs_trl_ppo = pytest.mark.skipif(not TRL_PPO.is_dir(), reason="scripts/setup_env.sh dev installs TRL 1.12 there")
+
+
+@needs_trl_ppo
+def test_rule_reward_is_what_trl_ppo_reads_for_each_response():
+    """TRL's own get_reward on the wrapped rule reward gives, per row, what rlft's reward code gives the same text."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, transformers
+from trl.experimental.utils import get_reward
+from rlft.cli.bench_online import REWARDS
+from rlft.cli.bench_ppo import RuleRewardModel
+from rlft.models import resolve_model
+from rlft.rl.rewards import Rewards
+tok = transformers.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path, padding_side="left")
+rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 10 + 7?", "answer": "17"}]
+prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False) for r in rows]
+pad = 0
+replies = ["The answer is 5", "It is 16, I think, though I am not completely sure about it"]
+responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in replies]
+width = max(map(len, prompts))
+length = max(map(len, responses)) + 3
+rows_ids = [[pad] * (width - len(p)) + p + r + [pad] * (length - len(r)) for p, r in zip(prompts, responses)]
+model = RuleRewardModel(tok, prompts, rows, Rewards(REWARDS))
+_, scores, _ = get_reward(model, torch.tensor(rows_ids), pad, width)
+expected, _ = Rewards(REWARDS)([[{"role": "user", "content": r["prompt"]}] for r in rows], replies,
+                               {"answer": [r["answer"] for r in rows]})
+print(scores.tolist(), [float(v) for v in expected])
+assert scores.tolist() == [float(v) for v in expected] == [1.5, 0.0], scores
+"""
+    env = {**os.environ, "PYTHONPATH": str(TRL_PPO), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@needs_trl_ppo
+def test_ppo_bench_runs_trl_ppo_and_rlft_on_the_same_rollouts(capsys):
+    cfg = BenchConfig(mode="ppo", model="tiny-llama", steps=3, warmup=1, repeats=1, max_new_tokens=6, ppo_epochs=2,
+                      trl_variants=["nogc", "loracritic+nogc"], rlft_variants=["default", "critic"])  # fmt: skip
+    assert cfg.beta == 0.05 and cfg.trl_path == str(TRL_PPO)
+    results = run(cfg)
+    assert {(r["framework"], r["variant"]) for r in results} == {
+        ("trl", "nogc"),
+        ("trl", "loracritic+nogc"),
+        ("rlft", "default"),
+        ("rlft", "critic"),
+    }
+    for result in results:
+        # 4 prompts per rollout, one reward per rollout, responses within the token limit
+        assert result["completions"] == [4, 4, 4] and len(result["rewards"]) == 3, result
+        assert all(0 < tokens <= 4 * 6 for tokens in result["response_tokens"])
+        assert 0 < result["generation_time_s"] <= result["rollout_time_s"] < result["step_time_s"]
+        assert result["update_time_s"] > 0
+    assert "2 PPO epochs" in capsys.readouterr().out
+
+
+def test_ppo_without_trl_ppo_names_the_install(tmp_path):
+    from rlft.cli.bench import _launch
+
+    cfg = BenchConfig(mode="ppo", model="tiny-llama", trl_path=str(tmp_path), steps=1, warmup=0)
+    with pytest.raises(RuntimeError, match=r"trl.experimental.ppo.*trl==1.12.0"):
+        _launch("trl", "default", cfg)

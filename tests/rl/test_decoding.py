@@ -158,6 +158,21 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
     assert (lp_s[~mask] == 0).all() and grads.keys() == grads_s.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads_s[name], grads[name], rtol=1e-4, atol=1e-6)
+    # a critic's trunk: the same hidden states without the vocabulary head ever running
+    head = model.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for shared, expected in ((False, hid), (True, hid_s)):
+            with torch.no_grad():
+                none, no_entropy, hidden = token_logps(
+                    model, part.input_ids, part.attention_mask, length, with_hidden=True, with_logps=False,
+                    share_prompts=shared,
+                )  # fmt: skip
+            assert none is None and no_entropy is None and not calls
+            torch.testing.assert_close(hidden[mask], expected[mask], rtol=1e-5, atol=1e-6)
+    finally:
+        hook.remove()
 
 
 def test_decoding_twin_holds_the_current_merged_policy(tiny):
