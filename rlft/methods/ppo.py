@@ -102,7 +102,7 @@ class PPO(OnlineRL):
         missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens``.
         target_approx_kl: Stop a rollout's epochs early once the mean approx-KL of an epoch passes this.
         critic: ``null`` puts the value head on the policy trunk; a model string trains a separate critic (with
-            the same LoRA settings) instead.
+            the policy's LoRA, quantization, gradient checkpointing and attention settings) instead.
         reference: Model string of a frozen reference; default the initial policy without a second copy of the
             base: the LoRA base with the adapter disabled, or, when ``model`` continues an adapter folder (e.g. an
             SFT result), a frozen copy of that adapter; a frozen copy of the policy when training all weights.
@@ -146,7 +146,12 @@ class PPO(OnlineRL):
         super().on_model_built()
         hp = self.hparams
         if hp.critic is not None:
-            self.critic = load_model(hp.critic, dtype=hp.dtype, lora=self.lora_settings)
+            # loaded as the policy is: a critic without the run's checkpointing or quantization would silently
+            # hold its activations or full-precision weights
+            self.critic = load_model(
+                hp.critic, dtype=hp.dtype, lora=self.lora_settings, quantization=hp.quantization,
+                gradient_checkpointing=hp.gradient_checkpointing, attn_implementation=hp.attn_implementation,
+            )  # fmt: skip
             disable_dropout(self.critic)
         trunk = self.critic if self.critic is not None else self.model
         hidden = trunk.config.get_text_config().hidden_size

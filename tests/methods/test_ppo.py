@@ -127,10 +127,12 @@ def test_separate_critic_adaptive_kl_and_cli_resume(tmp_path, monkeypatch):
               "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
               "--model.output_dir", str(out / "hf"), "--model.critic", "tiny-llama", "--model.kl.target", "1.0",
               "--model.ppo_epochs", "1", "--model.minibatch_size", "4", "--trainer.callbacks+=ModelCheckpoint",
+              "--model.gradient_checkpointing", "true",
               "--trainer.callbacks.every_n_train_steps", "1"]  # fmt: skip
     cli = run_lightning_cli(["fit", *common, "--trainer.max_steps", "2"])
     module = cli.model
     assert module.critic is not None and module.kl_coef != 0.05  # the controller moved the coefficient
+    assert module.critic.get_base_model().is_gradient_checkpointing  # the critic follows the run's settings
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["rlft_kl_coef"] == pytest.approx(module.kl_coef)
     assert any(k.startswith("value_head.") for k in saved["state_dict"]) and any(
