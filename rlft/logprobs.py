@@ -22,7 +22,11 @@ from torch.autograd.function import once_differentiable
 IGNORE_INDEX = -100
 """Label value that marks a position as "not scored" (prompt, padding); its log-prob is reported as 0."""
 
-DEFAULT_CHUNK_SIZE = 1024
+CHUNK_BYTES = 256 * 2**20
+"""Default chunk: as many rows as fit in this many bytes of fp32 logits (at most ``MAX_CHUNK_ROWS``): 1,024 rows of
+a 49k vocabulary, 256 of Gemma's 262k. A fixed row count made each chunk of a 262k vocabulary 1 GiB, and the
+forward holds about three chunk-sized buffers at once (logits, their fp32 copy, the exp inside logsumexp)."""
+MAX_CHUNK_ROWS = 1024
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,9 +34,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
+    """``chunk_size`` checked, or the default for this vocabulary (see ``CHUNK_BYTES``)."""
+    if chunk_size is None:
+        return max(16, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab)))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    return chunk_size
 
 
 def _check_temperature(temperature: float) -> None:
@@ -111,7 +119,7 @@ def gather_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Log-probability of each label under ``logits``, without a full fp32 log-softmax.
@@ -123,7 +131,7 @@ def gather_logps(
     Args:
         logits: ``[..., V]`` logits in any float dtype (bf16/fp16 are upcast one chunk at a time).
         labels: ``[...]`` integer token ids; positions equal to ``IGNORE_INDEX`` (-100) give 0.
-        chunk_size: rows (positions) processed at once.
+        chunk_size: rows (positions) processed at once; default: those whose fp32 logits fit ``CHUNK_BYTES``.
         temperature: divide logits by this before the softmax (sampling temperature of the rollout).
 
     Returns:
@@ -132,7 +140,7 @@ def gather_logps(
     Raises:
         ValueError: if the shapes do not line up or a label is out of the vocabulary.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = _chunk_rows(chunk_size, logits.shape[-1])
     _check_temperature(temperature)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
@@ -234,7 +242,7 @@ def hidden_logps(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
@@ -250,7 +258,7 @@ def hidden_logps(
         hidden_states: ``[..., H]`` final hidden states (after the model's last norm), aligned with ``labels``.
         lm_head_weight: ``[V, H]`` output embedding (``model.get_output_embeddings().weight``).
         labels: ``[...]`` token ids, ``IGNORE_INDEX`` (-100) for positions that give 0.
-        chunk_size: tokens processed at once.
+        chunk_size: tokens processed at once; default: those whose fp32 logits fit ``CHUNK_BYTES``.
         bias: optional ``[V]`` LM-head bias.
         temperature: divide logits by this before the softmax.
 
@@ -260,7 +268,7 @@ def hidden_logps(
     Raises:
         ValueError: on mismatched shapes or out-of-vocabulary labels.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = _chunk_rows(chunk_size, lm_head_weight.shape[0])
     _check_temperature(temperature)
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(
@@ -318,18 +326,18 @@ class _Entropy(torch.autograd.Function):
 
 
 def entropy_from_logits(
-    logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0
+    logits: torch.Tensor, chunk_size: int | None = None, *, temperature: float = 1.0
 ) -> torch.Tensor:
     """Per-position entropy (nats) of ``softmax(logits / temperature)``, chunked so no full fp32 copy is made.
 
     Args:
         logits: ``[..., V]`` logits in any float dtype.
-        chunk_size: rows processed at once.
+        chunk_size: rows processed at once; default: those whose fp32 logits fit ``CHUNK_BYTES``.
         temperature: sampling temperature (divides the logits chunk by chunk, without a full-size copy).
 
     Returns:
         ``[...]`` entropies in fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = _chunk_rows(chunk_size, logits.shape[-1])
     _check_temperature(temperature)
     return _Entropy.apply(_as_row_blocks(logits), chunk_size, temperature).reshape(logits.shape[:-1])

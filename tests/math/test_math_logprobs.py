@@ -294,3 +294,18 @@ def test_chunked_paths_use_measurably_less_peak_memory():
     assert naive_excess > 100, f"naive path should peak > 100 MiB beyond the gradients, measured {peak}"
     assert chunked_excess < 0.25 * naive_excess, f"chunked gather_logps peaks too high: {peak}"
     assert peak["hidden_chunked"] < 0.3 * peak["hidden_naive"], f"hidden_logps peaks too high: {peak}"
+
+
+def test_default_chunk_holds_a_bounded_number_of_logit_bytes_whatever_the_vocabulary():
+    from rlft.logprobs import CHUNK_BYTES, MAX_CHUNK_ROWS, _chunk_rows
+
+    # 49k (SmolLM2) keeps 1,024-row chunks; Gemma's 262k gets 256 rows: 256 MiB of fp32 logits, not 1 GiB
+    assert _chunk_rows(None, 49152) == MAX_CHUNK_ROWS == 1024
+    assert _chunk_rows(None, 262144) == 256 and 256 * 262144 * 4 == CHUNK_BYTES
+    assert _chunk_rows(None, 10**8) == 16 and _chunk_rows(7, 262144) == 7
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        _chunk_rows(0, 100)
+    hidden, weight = torch.randn(2, 300, 8), torch.randn(262144, 8) / 8
+    labels = torch.randint(0, 262144, (2, 300))
+    expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(hidden_logps(hidden, weight, labels), expected, rtol=1e-5, atol=1e-5)
