@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
+        if cfg.mode in ONLINE:  # too few prompts: say so before any worker starts
+            bench_online._prompts(cfg)
     except ValueError as error:
         parser.error(str(error))
     run(cfg)
