@@ -102,7 +102,7 @@ class BenchConfig:
         online = self.mode in ONLINE
         self.lr = self.lr if self.lr is not None else (2e-4 if online else 1e-6)
         self.beta = self.beta if self.beta is not None else {"grpo": 0.04, "ppo": 0.05}.get(self.mode, 0.1)
-        if self.mode == "ppo" and self.trl_path is None and TRL_PPO.is_dir():
+        if self.mode == "ppo" and self.trl_path is None and (TRL_PPO / "trl").is_dir():
             self.trl_path = str(TRL_PPO)
         if self.rlft_variants is None:  # packing is rlft's fastest offline setting; prompts are never packed
             self.rlft_variants = ["default"] if online else ["packing"]

@@ -225,6 +225,8 @@ def token_logps(
         out = model(**inputs, logits_to_keep=response_length + 1, output_hidden_states=with_hidden)
         logits = out.logits[:, -response_length - 1 : -1]
         hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
+        if not with_logps:
+            return None, None, hidden
     logps = gather_logps(logits, input_ids[:, -response_length:], temperature=temperature)
     entropy = None
     if with_entropy:

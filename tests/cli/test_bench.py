@@ -61,7 +61,9 @@ def test_a_misspelt_variant_is_refused_not_run_as_the_default():
 
 
 TRL_PPO = Path(__file__).resolve().parents[2] / ".bench" / "trl-1.12"
-needs_trl_ppo = pytest.mark.skipif(not TRL_PPO.is_dir(), reason="scripts/setup_env.sh dev installs TRL 1.12 there")
+needs_trl_ppo = pytest.mark.skipif(
+    not (TRL_PPO / "trl").is_dir(), reason="scripts/setup_env.sh dev installs TRL 1.12 there"
+)
 
 
 @needs_trl_ppo

@@ -173,6 +173,17 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
             torch.testing.assert_close(hidden[mask], expected[mask], rtol=1e-5, atol=1e-6)
     finally:
         hook.remove()
+    # a model whose logits are rescaled runs its own forward; asked for hidden states only, it still returns only them
+    config = model.get_base_model().config
+    config.logit_scale = 2.0  # marks the head as not plain (tiny Llama's forward ignores it)
+    try:
+        with torch.no_grad():
+            none, no_entropy, hidden = token_logps(model, part.input_ids, part.attention_mask, length,
+                                                   with_hidden=True, with_logps=False)  # fmt: skip
+    finally:
+        del config.logit_scale
+    assert none is None and no_entropy is None
+    torch.testing.assert_close(hidden[mask], hid[mask], rtol=1e-5, atol=1e-6)
 
 
 def test_decoding_twin_holds_the_current_merged_policy(tiny):
