@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlft.models.attention import SEGMENTED_SDPA
 from rlft.models.scoring import causal_lm, position_ids_from_mask
+from rlft.rl.decode_step import join_projections, lean_step
+from rlft.rl.kv_cache import UPCAST_SDPA, cache_argument, preallocated_cache
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -43,7 +40,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
     otherwise they come from torch's global RNG."""
     if temperature == 0:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    scores = logits.float() if temperature == 1 else logits.float() / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -54,12 +51,14 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
         tail[:, -1] = False
         scores = scores.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
     # inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential per vocabulary entry, which
-    # took ~13 ms of a ~90 ms SmolLM2 decoding step on CPU. float64 keeps u strictly below the total mass, so the
-    # first entry whose cumulative mass exceeds u always has non-zero probability.
-    cdf = scores.softmax(-1).double().cumsum(-1)
+    # took ~13 ms of a ~90 ms SmolLM2 decoding step on CPU. A float32 running sum of non-negative terms never
+    # decreases, and u is kept strictly below the total, so the first entry whose cumulative mass exceeds u exists
+    # and raised the sum, i.e. has non-zero probability (a float64 sum took 0.6 ms more per step at batch 16).
+    cdf = scores.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
     if uniforms is None:
         uniforms = torch.rand(cdf.shape[0], dtype=cdf.dtype, device=cdf.device)
-    u = uniforms.to(cdf).reshape(-1, 1) * cdf[:, -1:]
+    u = torch.minimum(uniforms.to(cdf).reshape(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
@@ -119,20 +118,6 @@ def merged_adapter(model: torch.nn.Module) -> Iterator[bool]:
 
 
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-UPCAST_SDPA = "rlft_upcast_sdpa"
-
-
-def _upcast_sdpa(module, query, key, value, attention_mask, **kwargs):
-    # CPU SDPA in bf16 ran ~4x slower than in fp32 at decoding shapes (0.5 ms of a 49 ms step per layer); the
-    # matmuls stay in bf16, only the small attention over the cache runs in fp32
-    if query.device.type != "cpu" or query.dtype == torch.float32:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
-
-
-AttentionInterface.register(UPCAST_SDPA, _upcast_sdpa)
-AttentionMaskInterface.register(UPCAST_SDPA, sdpa_mask)
 
 
 def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -155,6 +140,7 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
         twin = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
         twin = twin.to(next(lm.parameters()).device)
         twin.eval().requires_grad_(False)
+        join_projections(twin)
         _TWINS[model] = twin
     with torch.no_grad(), merged_adapter(model) as merged:
         if not merged and any(isinstance(m, LoraLayer) for m in lm.modules()):
@@ -166,72 +152,6 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
             source = module.get_base_layer() if isinstance(module, LoraLayer) else module
             param.copy_(getattr(source, leaf))
     return twin
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A full-attention cache layer that writes into a buffer of ``capacity`` positions: ``DynamicLayer``
-    concatenates a new tensor per token, copying the layer's whole cache once more at every step."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.length = key_states.device, 0
-        self.key_buffer = key_states.new_empty((*key_states.shape[:-2], self.capacity, key_states.shape[-1]))
-        self.value_buffer = value_states.new_empty((*value_states.shape[:-2], self.capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache full: {end} positions needed, {self.capacity} allocated")
-        self.key_buffer[..., self.length : end, :] = key_states
-        self.value_buffer[..., self.length : end, :] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    @classmethod
-    def from_buffers(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> PreallocatedLayer:
-        """A layer over existing ``[B, H, capacity, D]`` buffers whose first ``length`` positions are filled."""
-        layer = cls(key_buffer.shape[-2])
-        layer.lazy_initialization(key_buffer[..., :0, :], value_buffer[..., :0, :])
-        layer.key_buffer, layer.value_buffer, layer.length = key_buffer, value_buffer, length
-        layer._views()
-        return layer
-
-    def get_seq_length(self) -> int:
-        return self.length if self.is_initialized else 0
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rows(lambda t: t[indices])
-
-    def _rows(self, pick) -> None:
-        if self.get_seq_length() > 0:
-            self.key_buffer, self.value_buffer = pick(self.key_buffer), pick(self.value_buffer)
-            self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
-
-
-def preallocated_cache(config, capacity: int) -> DynamicCache:
-    """The model's ``DynamicCache`` with its full-attention layers preallocated (sliding-window layers unchanged)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-def cache_argument(lm: torch.nn.Module, cache: DynamicCache) -> dict:
-    """``{name: cache}`` for ``lm.forward``: transformers 5.x renamed ``past_key_values`` to ``cache`` (both are
-    accepted for a while, the old name with a warning)."""
-    return {("cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"): cache}
 
 
 @torch.no_grad()
@@ -247,13 +167,27 @@ def decode(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    lean: bool = True,
 ) -> torch.Tensor:
     """Sample ``group_size`` continuations of each left-padded prompt; returns ``[B * group_size, T]`` token ids
-    (rows of one prompt contiguous, padded with ``pad_id`` after each row's stop token, ``T <= max_new_tokens``)."""
+    (rows of one prompt contiguous, padded with ``pad_id`` after each row's stop token, ``T <= max_new_tokens``).
+
+    ``lean`` decodes Llama-family models with :func:`rlft.rl.decode_step.lean_step` (the same arithmetic without
+    the modeling code's per-token overhead); other models, or ``lean=False``, step through the model's forward."""
     step_options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     lm = causal_lm(model)  # peft's layers live inside it: its wrapper's forward adds only dispatch
-    cache = preallocated_cache(lm.config, prompt_ids.shape[1] + max_new_tokens)
+    # a model that attends in fp32 keeps its cache in fp32: the new position is converted once, not the whole
+    # cache at every layer of every step (CPU attention at batch 16: 93 instead of 176 us per layer)
+    upcast = getattr(lm.config, "_attn_implementation", None) == UPCAST_SDPA
+    cache = preallocated_cache(lm.config, prompt_ids.shape[1] + max_new_tokens, torch.float32 if upcast else None)
     cache_arg = cache_argument(lm, cache)
+    step_forward = lean_step(lm, cache) if lean else None
+    if step_forward is None:
+
+        def step_forward(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                      **cache_arg).logits[:, -1]  # fmt: skip
+
     logits = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1, **cache_arg).logits[:, -1]  # fmt: skip
     mask = prompt_mask
@@ -280,7 +214,6 @@ def decode(
                 break
             active, tokens, mask, positions = active[keep], tokens[keep], mask[keep], positions[keep]
             cache.batch_select_indices(keep)
-        logits = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    **cache_arg).logits[:, -1]  # fmt: skip
+        logits = step_forward(tokens, mask, positions)
         positions = positions + 1
     return tokens_out[:, :width]

@@ -53,6 +53,9 @@ class RolloutSettings:
             a fp32 policy on a CPU with bf16 matmuls: about half the memory traffic per token), refreshed from the
             policy before every rollout; samples are then very slightly off-policy (as with vLLM in bf16), the
             log-probs of the update still come from the policy. Default: the policy itself.
+        lean_step: With ``backend: rlft``, decode Llama, Mistral, Qwen2 and Qwen3 models token by token without the
+            modeling code (:func:`rlft.rl.decode_step.lean_step`: the same arithmetic, q/k/v and gate/up each one
+            matmul); other models always step through their forward.
         share_prompts: Score rollouts and run the updates with each prompt once for all of its samples and no
             padding (:mod:`rlft.rl.layout`; the same log-probs up to float rounding); needs segmented attention
             (SDPA models), others use the padded layout.
@@ -70,6 +73,7 @@ class RolloutSettings:
     backend: Literal["rlft", "hf", "vllm"] = "rlft"
     merge_adapter: bool = True
     decode_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    lean_step: bool = True
     share_prompts: bool = True
     vllm_gpu_memory_utilization: float = 0.3
     vllm_max_model_len: int | None = None
@@ -295,7 +299,7 @@ def generate_responses(
                 pieces.append(decode(
                     decoder, ids, mask, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id,
                     group_size=group_size, temperature=settings.temperature, top_k=settings.top_k,
-                    top_p=settings.top_p,
+                    top_p=settings.top_p, lean=settings.lean_step,
                 ))  # fmt: skip
                 continue
             options = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)

@@ -34,7 +34,8 @@ import torch
 from rlft.eval.generation import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
-from rlft.rl.decoding import PreallocatedLayer, cache_argument, merged_adapter, preallocated_cache, sample_tokens
+from rlft.rl.decoding import merged_adapter, sample_tokens
+from rlft.rl.kv_cache import PreallocatedLayer, cache_argument, preallocated_cache
 from rlft.serve.engine import Choice, Completion, DeltaCallback
 
 log = logging.getLogger(__name__)

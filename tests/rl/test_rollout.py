@@ -100,16 +100,16 @@ def test_rollout_logps_match_unpadded_forward_and_greedy_matches_per_row_generat
         assert rollout.completions[row] == tokenizer.decode(text_tokens, skip_special_tokens=False)
 
 
-def test_generation_uses_the_kv_cache(tiny):
+@pytest.mark.parametrize("lean", [True, False])
+def test_generation_uses_the_kv_cache(tiny, lean):
     model, tokenizer = tiny
     widths = []
-    base = model.get_base_model()
-    hook = base.model.register_forward_pre_hook(
-        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
-    )
+    embeddings = model.get_base_model().model.embed_tokens  # the lean step feeds it [B] ids, the forward [B, T]
+    hook = embeddings.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1:].numel()))
     try:
         batch = prompt_batch(tokenizer)
-        collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=5), score=False)
+        settings = RolloutSettings(max_new_tokens=5, lean_step=lean)
+        collect_rollout(model, tokenizer, batch, settings, score=False)
     finally:
         hook.remove()
     prompt_width = batch["prompt_input_ids"].shape[1]
