@@ -7,7 +7,7 @@ import torch
 
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.scoring import position_ids_from_mask
-from rlft.rl.decode_step import _joined, join_projections, lean_step
+from rlft.rl.decode_step import _Projection, join_projections, lean_step
 from rlft.rl.decoding import decode, decoding_twin, merged_adapter
 from rlft.rl.kv_cache import cache_argument, preallocated_cache
 
@@ -53,10 +53,11 @@ def test_lean_step_computes_the_models_own_logits(name):
     lean = _step_logits(model, ids, mask, tokens, lean=True)
     torch.testing.assert_close(lean, reference, rtol=1e-5, atol=1e-5)
     # with q/k/v and gate/up laid back to back the step multiplies by views of the same weights
-    join_projections(model)
     attention = model.model.layers[0].self_attn
-    joined = _joined([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
-    assert joined.data_ptr() == attention.q_proj.weight.data_ptr()
+    assert _Projection([attention.q_proj, attention.k_proj, attention.v_proj]).weight is None  # apart: 3 matmuls
+    join_projections(model)
+    joined = _Projection([attention.q_proj, attention.k_proj, attention.v_proj]).weight
+    assert joined.data_ptr() == attention.q_proj.weight.data_ptr()  # a view: one matmul, no copy
     torch.testing.assert_close(_step_logits(model, ids, mask, tokens, lean=False), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_step_logits(model, ids, mask, tokens, lean=True), reference, rtol=1e-5, atol=1e-5)
 
