@@ -142,15 +142,26 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
         twin.eval().requires_grad_(False)
         join_projections(twin)
         _TWINS[model] = twin
-    with torch.no_grad(), merged_adapter(model) as merged:
-        if not merged and any(isinstance(m, LoraLayer) for m in lm.modules()):
-            raise ValueError("this adapter cannot be merged exactly (DoRA, quantised weights or "
-                             "modules_to_save): set sampling.decode_dtype: null")  # fmt: skip
+    if _lora_layers(model) is None and any(isinstance(m, LoraLayer) for m in lm.modules()):
+        raise ValueError("this adapter cannot be merged exactly (DoRA, quantised weights or "
+                         "modules_to_save): set sampling.decode_dtype: null")  # fmt: skip
+    with torch.no_grad():
         for name, param in twin.named_parameters():
             owner, _, leaf = name.rpartition(".")
             module = lm.get_submodule(owner)
-            source = module.get_base_layer() if isinstance(module, LoraLayer) else module
-            param.copy_(getattr(source, leaf))
+            if not isinstance(module, LoraLayer):
+                param.copy_(getattr(module, leaf))
+                continue
+            value = getattr(module.get_base_layer(), leaf)
+            active = [name for name in module.active_adapters if name in module.lora_A]
+            if leaf == "weight" and active:
+                # W + s·BA, one layer at a time: the same sum merged_adapter forms, without holding a merged copy
+                # of every adapted weight at once
+                delta = module.get_delta_weight(active[0])
+                for other in active[1:]:
+                    delta = delta + module.get_delta_weight(other)
+                value = delta.to(value.dtype).add_(value)
+            param.copy_(value)
     return twin
 
 

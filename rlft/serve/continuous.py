@@ -12,7 +12,8 @@ owns a single batch of rows (one row per sample being generated) and, between tw
 
 Rows are left-padded to one common cache length; positions are counted over real tokens (as in training and the
 rollout decoder), so padding never shifts a row's positions. A LoRA adapter is merged into the weights once for the
-engine's lifetime (:func:`rlft.rl.decoding.merged_adapter`: exact up to float rounding). Models whose cache has
+engine's lifetime (:func:`rlft.rl.decoding.merged_adapter`: exact up to float rounding), and Llama-family models
+decode through the rollout decoder's lean step (:func:`rlft.rl.decode_step.lean_step`). Models whose cache has
 layers other than full attention (sliding windows) are served by the windowed engine instead
 (:func:`supports_continuous`).
 """
@@ -34,6 +35,7 @@ import torch
 from rlft.eval.generation import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
+from rlft.rl.decode_step import lean_step
 from rlft.rl.decoding import merged_adapter, sample_tokens
 from rlft.rl.kv_cache import PreallocatedLayer, cache_argument, preallocated_cache
 from rlft.serve.engine import Choice, Completion, DeltaCallback
@@ -94,6 +96,7 @@ class _Batch:
     mask: torch.Tensor  # [B, L]
     positions: torch.Tensor  # [B, 1]
     logits: torch.Tensor  # [B, V], the distribution each row samples its next token from
+    step: object = None  # the lean decoding step over this cache, False where the model needs its forward
 
 
 def merge_rows(first: _Batch, second: _Batch) -> _Batch:
@@ -286,8 +289,13 @@ class ContinuousEngine:
             tokens, mask, batch.positions = tokens[keep], mask[keep], batch.positions[keep]
             batch.rows = [batch.rows[i] for i in alive]
         batch.mask = mask
-        batch.logits = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=batch.positions,
-                               use_cache=True, **cache_argument(self.lm, batch.cache)).logits[:, -1]  # fmt: skip
+        if batch.step is None:  # it reads the cache's layers at each call, so it survives merges and row drops
+            batch.step = lean_step(self.lm, batch.cache) or False
+        if batch.step:
+            batch.logits = batch.step(tokens, mask, batch.positions)
+        else:
+            batch.logits = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=batch.positions,
+                                   use_cache=True, **cache_argument(self.lm, batch.cache)).logits[:, -1]  # fmt: skip
         batch.positions = batch.positions + 1
 
     def _sample(self, batch: _Batch) -> torch.Tensor:
