@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -29,6 +30,9 @@ from rlft.models.attention import SEGMENTED_SDPA
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 from rlft.rl.decode_step import join_projections, lean_step
 from rlft.rl.kv_cache import UPCAST_SDPA, cache_argument, preallocated_cache
+
+log = logging.getLogger(__name__)
+_FORWARD_NOTED: set = set()
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -194,6 +198,10 @@ def decode(
     cache_arg = cache_argument(lm, cache)
     step_forward = lean_step(lm, cache) if lean else None
     if step_forward is None:
+        if lean and lm.config.model_type not in _FORWARD_NOTED:
+            _FORWARD_NOTED.add(lm.config.model_type)
+            log.info("rlft decoder: no lean step for this %s model (architecture, sliding-window cache or weights it "
+                     "cannot read as plain tensors); decoding through its forward", lm.config.model_type)  # fmt: skip
 
         def step_forward(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,

@@ -106,3 +106,18 @@ def test_decode_samples_the_same_tokens_either_way():
     with torch.no_grad():
         cache = preallocated_cache(twin.config, ids.shape[1] + 1, torch.float32)
         assert lean_step(twin, cache) is not None
+
+
+def test_decoding_through_the_forward_is_said_once_per_architecture(caplog, monkeypatch):
+    from rlft.rl import decoding
+
+    monkeypatch.setattr(decoding, "_FORWARD_NOTED", set())  # other tests in this process may have decoded Gemma
+    tokenizer = load_tokenizer("tiny-gemma")
+    model = load_model("tiny-gemma").eval()
+    ids, mask = _prompts(model.config.vocab_size)
+    common = dict(max_new_tokens=3, stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
+    with caplog.at_level("INFO", logger="rlft.rl.decoding"):
+        for _ in range(2):
+            decode(model, ids, mask, temperature=0.0, **common)
+    notes = [r.getMessage() for r in caplog.records if "no lean step" in r.getMessage()]
+    assert len(notes) == 1 and "gemma" in notes[0]

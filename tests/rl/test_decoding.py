@@ -60,6 +60,14 @@ def test_sampling_draws_from_the_tempered_distribution():
     assert frequencies[4] == 0  # a masked token is never drawn
 
 
+def test_a_draw_at_the_top_of_the_cdf_picks_the_last_possible_token():
+    # a uniform that rounds up to the total mass in float32 must still land on a token with probability > 0: the
+    # last entries here are masked, and without the guard searchsorted would return an index past them
+    logits = torch.tensor([[0.5, 1.0, 2.0, float("-inf"), float("-inf")]]).repeat(3, 1)
+    uniforms = torch.tensor([1 - 1e-12, 1 - 1e-9, 0.0], dtype=torch.float64)  # the first two become 1.0 in float32
+    assert torch.equal(sample_tokens(logits, temperature=1.0, uniforms=uniforms), torch.tensor([2, 2, 0]))
+
+
 def test_greedy_decoding_equals_generate_on_ragged_prompts(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)

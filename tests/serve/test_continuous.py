@@ -56,7 +56,12 @@ def join_while_running(engine: ContinuousEngine, first, second, *, after_tokens:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "gpt2", "opt"])
-def test_a_request_joining_mid_generation_gets_exactly_its_solo_greedy_answer(family):
+def test_a_request_joining_mid_generation_gets_exactly_its_solo_greedy_answer(family, monkeypatch):
+    from rlft.serve import continuous
+
+    steps = []  # which path the engine decoded through: the lean step (Llama family) or the model's forward
+    real = continuous.lean_step
+    monkeypatch.setattr(continuous, "lean_step", lambda *a: steps.append(real(*a)) or steps[-1])
     engine = build(family)
     try:
         assert supports_continuous(engine.model)
@@ -65,6 +70,7 @@ def test_a_request_joining_mid_generation_gets_exactly_its_solo_greedy_answer(fa
             assert one.choices[0].text == reference(engine, first, 24)
             assert two.choices[0].text == reference(engine, second, 10)
         assert engine.stats()["peak_rows"] == 2  # they did share the batch
+        assert steps and all((step is not None) == (family in ("llama", "qwen3")) for step in steps)
     finally:
         engine.close()
 
