@@ -121,7 +121,8 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     module = Timed(
         model=cfg.model, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
         optim=OptimizerSettings(lr=cfg.lr, scheduler="constant"), output_dir=str(workdir / "out"),
-        rewards=REWARDS, sampling=sampling, clip_range=0.2, gradient_checkpointing="gc" in options, **method,
+        rewards=REWARDS, sampling=sampling, clip_range=0.2, **method,
+        gradient_checkpointing="selective" if "sgc" in options else "gc" in options,
     )  # fmt: skip
     data = PreferenceDataModule(path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length,
                                 val_fraction=0.0, shuffle=False)  # fmt: skip

@@ -26,6 +26,7 @@ from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packi
 from rlft.models.attention import segmented_attention
 from rlft.models.loading import structure_only
 from rlft.models.modes import disable_dropout
+from rlft.models.recompute import CheckpointMode
 from rlft.strategies import full_state_dict, full_weights, is_sharded
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class RLFTModule(L.LightningModule):
         lora: LoRA settings; ``null`` trains all weights.
         dtype: Weight dtype.
         quantization: ``4bit`` or ``8bit`` loads the base through bitsandbytes (QLoRA; needs a CUDA GPU).
-        gradient_checkpointing: Recompute activations in backward to save memory (works with LoRA).
+        gradient_checkpointing: Recompute activations in backward to save memory (works with LoRA): ``true``
+            recomputes whole layers; ``selective`` keeps the matmul and attention outputs and recomputes only the
+            cheap elementwise ops (most of the memory saving for a few per cent of step time).
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or a hub kernel; default lets transformers
             choose.
         optim: Learning-rate schedule, and the settings of the default optimiser (AdamW).
@@ -75,7 +78,7 @@ class RLFTModule(L.LightningModule):
         lora: LoraSettings | None = LoraSettings(),
         dtype: DtypeName = "float32",
         quantization: Literal["4bit", "8bit"] | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: CheckpointMode = False,
         attn_implementation: str | None = None,
         optim: OptimizerSettings = OptimizerSettings(),
         output_dir: str | None = None,

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from rlft.models.checkpoint import checkpoint_hparams, is_checkpoint, trained_weights
+from rlft.models.recompute import CheckpointMode, checkpoint_kwargs
 from rlft.models.registry import REGISTRY, pull
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def load_model(
     dtype: str = "float32",
     lora: LoraSettings | None = None,
     quantization: Literal["4bit", "8bit"] | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: CheckpointMode = False,
     auto_class: str = "AutoModelForCausalLM",
     attn_implementation: str | None = None,
     trainable_adapter: bool = True,
@@ -239,11 +240,9 @@ def load_model(
     if quantization:
         import peft
 
-        base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=bool(gradient_checkpointing))
     if gradient_checkpointing:
-        # non-reentrant checkpointing keeps gradients flowing into LoRA weights even though the frozen embeddings
-        # produce inputs without requires_grad (the "element 0 of tensors does not require grad" bug)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(gradient_checkpointing))
         base.enable_input_require_grads()
         base.config.use_cache = False
     if ref.adapter:

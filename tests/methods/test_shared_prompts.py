@@ -61,7 +61,7 @@ def _grads(model) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma", "tiny-gpt2"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "selective"])
 def test_shared_prompts_give_the_padded_logps_and_gradients(name, checkpointing):
     model = load_model(name, lora=LoraSettings(r=4, dropout=0.0), gradient_checkpointing=checkpointing).train()
     zero_dropout(model)  # as the preference methods do: GPT-2 has dropout in its config
