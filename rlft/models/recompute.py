@@ -4,7 +4,9 @@ Selective checkpointing (``torch.utils.checkpoint``'s policy contexts) saves the
 of attention, the work that dominates a layer, and recomputes the cheap rest in backward: norms, activations,
 rotary, residual adds, and products over a short inner dimension such as a LoRA adapter's up-projection (rank ``r``
 multiply-adds per output, about as cheap as the elementwise ops, yet as large an output as the base layer's). Those
-are where most of a layer's saved bytes come from.
+are where most of a layer's saved bytes come from. The policy runs in Python for every op, so it pays on wide
+layers and long rows (a Gemma-3-270M-shaped DPO run: 5.3 → 4.5 GB for ~3 % of step time) and not on small
+models with short batches, where that dispatch costs as much as full recomputation (README, Performance).
 """
 
 from __future__ import annotations
