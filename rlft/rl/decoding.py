@@ -141,8 +141,14 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
         config = copy.deepcopy(lm.config)
         sdpa = getattr(config, "_attn_implementation", None) in ("sdpa", SEGMENTED_SDPA)
         attention = {"attn_implementation": UPCAST_SDPA} if sdpa else {}
-        twin = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
-        twin = twin.to(next(lm.parameters()).device)
+        # built empty: every weight is copied in below, so a random init would only cost time (~1.4 s for
+        # SmolLM2) and shift the random stream, making a seeded first rollout differ from later ones
+        with torch.device("meta"):
+            twin = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
+        twin = twin.to_empty(device=next(lm.parameters()).device)
+        with torch.no_grad():
+            for name, buffer in twin.named_buffers():  # rotary frequencies: computed at init, not copied below
+                buffer.copy_(lm.get_buffer(name))
         twin.eval().requires_grad_(False)
         join_projections(twin)
         _TWINS[model] = twin

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.scoring import position_ids_from_mask as position_ids_for
@@ -115,6 +117,43 @@ def test_generation_uses_the_kv_cache(tiny, lean):
     prompt_width = batch["prompt_input_ids"].shape[1]
     # the prompt is encoded once; every later step feeds only the newly sampled token
     assert widths[0] == prompt_width and all(w == 1 for w in widths[1:]) and len(widths) >= 2
+
+
+class DtypesMade(TorchDispatchMode):
+    """Records the dtypes of every tensor the ops running under it produce (autocast's casts included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.dtypes |= {t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+@pytest.mark.parametrize("decode_dtype", [None, "bfloat16"])
+def test_sampling_ignores_the_training_steps_autocast_and_scoring_keeps_it(tiny, decode_dtype):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    settings = RolloutSettings(max_new_tokens=12, decode_dtype=decode_dtype)
+    torch.manual_seed(3)
+    plain = collect_rollout(model, tokenizer, batch, settings, group_size=4)
+    seen = DtypesMade()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a bf16-mixed training step
+        with seen:
+            sampled = collect_rollout(model, tokenizer, batch, settings, group_size=4, score=False)
+        torch.manual_seed(3)
+        mixed = collect_rollout(model, tokenizer, batch, settings, group_size=4)
+    # sampled in the weights' own dtype (no weight cast to bf16 at every step): the same tokens as outside autocast
+    assert decode_dtype is not None or torch.bfloat16 not in seen.dtypes
+    assert torch.equal(sampled.response_ids, plain.response_ids)
+    assert torch.equal(mixed.response_ids, plain.response_ids)
+    # scored under the caller's precision, as the update's forward will score them
+    assert mixed.logps.dtype == torch.float32
+    assert not torch.allclose(mixed.logps, plain.logps, atol=1e-4)
+    torch.testing.assert_close(mixed.logps, plain.logps, atol=0.1, rtol=0.05)
 
 
 def test_group_samples_are_contiguous_and_temperature_scales_logps(tiny):
