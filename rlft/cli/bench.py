@@ -79,6 +79,7 @@ class BenchConfig:
         trl_path: Folder put first on TRL workers' ``sys.path`` (``--mode ppo`` needs TRL <= 1.12, see above);
             default for ``--mode ppo``: ``.bench/trl-1.12`` beside the checkout when it exists.
         ppo_epochs: PPO passes over each rollout (one optimiser step per pass: the whole rollout is one minibatch).
+        seed: Random seed of every run (initialisation, sampling); online learning curves differ between seeds.
     """
 
     mode: Literal["sft", "dpo", "rm", "grpo", "ppo"] = "dpo"
@@ -98,6 +99,7 @@ class BenchConfig:
     trl_variants: list[str] = field(default_factory=lambda: ["default"])
     threads: int = 0
     trl_path: str | None = None
+    seed: int = 0
     ppo_epochs: int = 4
 
     def __post_init__(self) -> None:
@@ -132,7 +134,7 @@ def _worker(argv: list[str]) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as workdir:
         result = WORKERS[cfg.mode][framework](cfg, variant, Path(workdir))
     print("RLFT_BENCH " + json.dumps({"framework": framework, "variant": variant, **result}), flush=True)
@@ -173,10 +175,10 @@ def _print_summary(cfg: BenchConfig, results: list[dict]) -> None:
     def median(framework: str, variant: str, key: str) -> float:
         return statistics.median(r[key] for r in results if (r["framework"], r["variant"]) == (framework, variant))
 
-    base = ("trl", cfg.trl_variants[0])
+    base = (results[0]["framework"], results[0]["variant"])  # ratios vs the first run (TRL's first)
     base_tps, base_rss = median(*base, "tokens_per_sec"), median(*base, "peak_rss_mb")
     print(f"\n{cfg.mode.upper()} {cfg.model}, batch {cfg.batch_size}, max_length {cfg.max_length}, LoRA r={cfg.lora_r}"
-          f" (medians of {cfg.repeats}; ratios vs trl/{base[1]})")  # fmt: skip
+          f" (medians of {cfg.repeats}; ratios vs {base[0]}/{base[1]})")  # fmt: skip
     print(f"{'framework/variant':<30}{'tokens/s':>10}{'peak RSS GB':>13}{'peak GPU GB':>13}{'step-0 loss':>13}"
           f"{'speed x':>9}{'memory x':>10}")  # fmt: skip
     seen = []

@@ -186,7 +186,7 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
     common = dict(output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                   report_to=[], max_length=cfg.max_length, bf16=_cuda() or "bf16" in options, use_cpu=not _cuda(),
-                  dataloader_drop_last=False, seed=0, data_seed=0,
+                  dataloader_drop_last=False, seed=cfg.seed, data_seed=cfg.seed,
                   gradient_checkpointing="nogc" not in options)  # TRL's default is on  # fmt: skip
     if cfg.mode == "sft":
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]

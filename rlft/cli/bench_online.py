@@ -173,7 +173,8 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
         output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size * cfg.group_size,
         num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, temperature=1.0, top_p=1.0,
         beta=cfg.beta, epsilon=0.2, loss_type="grpo", learning_rate=cfg.lr, lr_scheduler_type="constant",
-        max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+        max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=cfg.seed,
+        data_seed=cfg.seed,
         shuffle_dataset=False, gradient_checkpointing="nogc" not in options, disable_dropout=True,
         bf16="bf16" in options,  # TRL defaults to True; the bench's default is fp32 on both sides
     )  # fmt: skip
@@ -215,10 +216,10 @@ def print_summary(cfg, results: list[dict]) -> None:
     def median(key: tuple[str, str], field: str) -> float:
         return statistics.median(r[field] for r in results if (r["framework"], r["variant"]) == key)
 
-    base = ("trl", cfg.trl_variants[0])
+    base = (results[0]["framework"], results[0]["variant"])  # ratios vs the first run (TRL's first)
     work = f"x group {cfg.group_size}" if cfg.mode == "grpo" else f"x {cfg.ppo_epochs} PPO epochs"
     print(f"\n{cfg.mode.upper()} {cfg.model}, {cfg.batch_size} prompts {work}, {cfg.max_new_tokens} new tokens, LoRA "
-          f"r={cfg.lora_r} (medians of {cfg.repeats}; ratios vs trl/{base[1]})")  # fmt: skip
+          f"r={cfg.lora_r} (medians of {cfg.repeats}; ratios vs {base[0]}/{base[1]})")  # fmt: skip
     print(f"{'framework/variant':<24}{'step s':>8}{'rollout s':>10}{'gen tok/s':>10}{'update s':>9}{'RSS GB':>8}"
           f"{'step x':>8}{'memory x':>9}  reward first -> last")  # fmt: skip
     seen: list[tuple[str, str]] = []

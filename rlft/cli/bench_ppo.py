@@ -118,7 +118,7 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
         temperature=1.0, missing_eos_penalty=1.0, kl_coef=cfg.beta, kl_estimator="k1", cliprange=0.2, vf_coef=0.1,
         cliprange_value=0.2, gamma=1.0, lam=0.95, whiten_rewards=False, learning_rate=cfg.lr,
         lr_scheduler_type="constant", num_sample_generations=0, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16="bf16" in options, seed=0, gradient_checkpointing="nogc" not in options,
+        use_cpu=True, bf16="bf16" in options, seed=cfg.seed, gradient_checkpointing="nogc" not in options,
     )  # fmt: skip
     dataset = datasets.Dataset.from_list([{"input_ids": ids} for ids in encoded])
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
