@@ -16,8 +16,9 @@ from rlft.losses import grpo_loss
 from rlft.methods.online import OnlineRL
 from rlft.ops import ADVANTAGE_BASELINES, ADVANTAGE_SCALES, group_advantages, masked_mean
 from rlft.registry import resolve
+from rlft.rl.logps import token_logps
 from rlft.rl.rewards import RewardSpec
-from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
+from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
 from rlft.rl_losses import LOSS_AGGREGATIONS
 from rlft.strategies import full_weights
 

@@ -20,8 +20,9 @@ from rlft.models import load_model
 from rlft.models.modes import disable_dropout, inference
 from rlft.ops import KL_ESTIMATORS, gae, kl_estimate, masked_mean, masked_var, masked_whiten
 from rlft.registry import resolve
+from rlft.rl.logps import token_logps
 from rlft.rl.rewards import RewardSpec
-from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
+from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
 from rlft.strategies import full_weights
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from rlft.methods.online import OnlineRL
 from rlft.methods.ppo import last_token_scores
 from rlft.ops import KL_ESTIMATORS, gae, kl_estimate, masked_mean, masked_whiten
 from rlft.registry import resolve
+from rlft.rl.logps import token_logps
 from rlft.rl.rewards import RewardSpec
-from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches, token_logps
+from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
 from rlft.strategies import full_weights
 
 

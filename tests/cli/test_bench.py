@@ -52,6 +52,20 @@ def test_grpo_bench_gives_both_frameworks_the_same_rollouts_to_make(capsys):
     assert "reward first -> last" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_rlft_alone_is_summarised_against_its_first_run_and_the_seed_picks_the_samples(capsys):
+    def rollouts(seed: int) -> list[tuple[list, list]]:
+        cfg = BenchConfig(mode="grpo", model="tiny-llama", steps=2, warmup=1, repeats=2, max_new_tokens=6,
+                          trl_variants=[], rlft_variants=["sgc"], seed=seed)  # fmt: skip
+        return [(r["response_tokens"], r["rewards"]) for r in run(cfg)]
+
+    first, again = rollouts(1)
+    assert first == again  # a seed repeats its samples
+    assert "ratios vs rlft/sgc" in capsys.readouterr().out  # no TRL run: ratios against the first run
+    other, _ = rollouts(2)
+    assert other != first
+
+
 def test_a_misspelt_variant_is_refused_not_run_as_the_default():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bf16dec'\].*bf16decode"):
         BenchConfig(mode="grpo", rlft_variants=["gc+bf16dec"])

@@ -11,7 +11,7 @@ from rlft.data import PreferenceDataModule
 from rlft.methods import GRPO, PPO, SFT
 from rlft.models import LoraSettings
 from rlft.models.reference import REF_ADAPTER, reference_model
-from rlft.rl.rollout import token_logps
+from rlft.rl.logps import token_logps
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 

@@ -9,7 +9,8 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.attention import segmented_attention
 from rlft.rl.decoding import decode, merged_adapter, sample_tokens
-from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses, token_logps
+from rlft.rl.logps import token_logps
+from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses
 from tests.rl.test_rollout import prompt_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
