@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 
 from rlft.eval.generation import Generator, SamplingSettings, eval_mode
+from rlft.models.lowp import full_precision_linears
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class EvaluationCallback(L.Callback):
             return
         self._last_step = step
         model, tokenizer = pl_module.model, pl_module.tokenizer
-        with eval_mode(model):
+        # in fp32 as the run's evaluations always did, also where bf16-mixed stores frozen weights in bf16
+        with eval_mode(model), full_precision_linears(pl_module):
             metrics = self.evaluate(model, tokenizer, pl_module)
         named = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
         self.history.append((step, named))

@@ -32,8 +32,20 @@ from rlft.cli import bench_offline, bench_online, bench_ppo
 
 # the options a variant may combine with "+", per framework and offline/online (anything else is a typo, refused)
 VARIANT_OPTIONS = {
-    ("rlft", False): {"default", "packing", "precomputed", "gc", "sgc", "noshare", "bf16"},
-    ("rlft", True): {"default", "gc", "sgc", "hfgen", "nomerge", "nolean", "noshare", "bf16decode", "bf16", "critic"},
+    ("rlft", False): {"default", "packing", "precomputed", "gc", "sgc", "noshare", "bf16", "fp32base"},
+    ("rlft", True): {
+        "default",
+        "gc",
+        "sgc",
+        "hfgen",
+        "nomerge",
+        "nolean",
+        "noshare",
+        "bf16decode",
+        "bf16",
+        "fp32base",
+        "critic",
+    },
     ("trl", False): {"default", "packing", "precomputed", "nogc", "bf16"},
     ("trl", True): {"default", "nogc", "bf16", "loracritic"},
 }
@@ -64,13 +76,14 @@ class BenchConfig:
         max_new_tokens: Online response length limit.
         rlft_variants: rlft variants to run: ``default``, ``packing``, ``precomputed`` (reference), ``gc`` (gradient
             checkpointing), ``sgc`` (selective checkpointing: products kept, the rest recomputed), ``noshare`` (DPO
-            without prompt sharing), ``bf16`` (``precision: bf16-mixed``: fp32 weights and optimizer, bf16 matmuls
-            under autocast; on a GPU every run is bf16-mixed); online also ``hfgen`` (``model.generate``
-            rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``nolean`` (rlft's decoder stepping
-            through the model's forward instead of its lean step), ``noshare`` (padded update forwards, each row
-            with its own copy of the prompt), ``bf16decode`` (a bf16 decoding twin) and for PPO ``critic`` (a
-            separate LoRA critic instead of a value head on the policy's trunk); combined by ``+`` (e.g.
-            ``precomputed+gc``).
+            without prompt sharing), ``bf16`` (``precision: bf16-mixed``: fp32 trained weights and optimizer, bf16
+            matmuls under autocast, frozen weights stored in bf16 where exact; on a GPU every run is bf16-mixed),
+            ``fp32base`` (with ``bf16``: frozen weights kept in fp32, cast by autocast at every call); online also
+            ``hfgen`` (``model.generate`` rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``nolean``
+            (rlft's decoder stepping through the model's forward instead of its lean step), ``noshare`` (padded
+            update forwards, each row with its own copy of the prompt), ``bf16decode`` (a bf16 decoding twin) and
+            for PPO ``critic`` (a separate LoRA critic instead of a value head on the policy's trunk); combined by
+            ``+`` (e.g. ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (fp32, gradient checkpointing on as TRL's default), ``packing`` (SFT
             padding-free packing), ``precomputed``, ``nogc``, ``bf16`` (``bf16=True``, autocast: TRL 1.16's default
             precision, which the bench's ``default`` turns off so that both sides' defaults are fp32) and for PPO

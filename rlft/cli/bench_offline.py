@@ -118,7 +118,8 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
     optim = OptimizerSettings(lr=cfg.lr, scheduler="constant")
     common = dict(model=cfg.model, lora=lora, optim=optim, output_dir=str(workdir / "out"),
-                  gradient_checkpointing="selective" if "sgc" in options else "gc" in options)  # fmt: skip
+                  gradient_checkpointing="selective" if "sgc" in options else "gc" in options,
+                  frozen_weights_bf16="fp32base" not in options)  # fmt: skip
     if cfg.mode == "sft":
         from rlft.methods import SFT
 

@@ -123,6 +123,7 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
         optim=OptimizerSettings(lr=cfg.lr, scheduler="constant"), output_dir=str(workdir / "out"),
         rewards=REWARDS, sampling=sampling, clip_range=0.2, **method,
         gradient_checkpointing="selective" if "sgc" in options else "gc" in options,
+        frozen_weights_bf16="fp32base" not in options,
     )  # fmt: skip
     data = PreferenceDataModule(path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length,
                                 val_fraction=0.0, shuffle=False)  # fmt: skip

@@ -25,6 +25,7 @@ from rlft.methods.optim import OptimizerSettings, optimizer_factory, resolve_opt
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
 from rlft.models.loading import structure_only
+from rlft.models.lowp import restore_linears, store_linears
 from rlft.models.modes import disable_dropout
 from rlft.models.recompute import CheckpointMode
 from rlft.strategies import full_state_dict, full_weights, is_sharded
@@ -66,6 +67,10 @@ class RLFTModule(L.LightningModule):
         merge_on_save: Also save LoRA merged into the base weights (``<output_dir>/merged``).
         optimizer: Another optimiser, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}``;
             it takes its own lr and weight decay (``optim`` then sets the schedule only). Default: AdamW.
+        frozen_weights_bf16: Under ``precision: bf16-mixed`` (one process or DDP), store each frozen linear weight
+            that bf16 represents exactly (a checkpoint published in bf16) in bf16 while fitting: autocast would cast
+            it to bf16 at every call, so no computed number changes, and the per-call casts and half the frozen
+            base's memory go (:mod:`rlft.models.lowp`). Restored before the export.
     """
 
     data_kind: ClassVar[str] = "sft"
@@ -84,6 +89,7 @@ class RLFTModule(L.LightningModule):
         output_dir: str | None = None,
         merge_on_save: bool = False,
         optimizer: OptimizerCallable | None = None,
+        frozen_weights_bf16: bool = True,
     ) -> None:
         super().__init__()
         self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
@@ -241,8 +247,26 @@ class RLFTModule(L.LightningModule):
             shard(self)
         if self._packing():  # probes run forwards: after sharding, which is when FSDP2 ranks receive weights
             self._check_packing()
+        self._store_frozen_weights()
+
+    def _store_frozen_weights(self) -> None:
+        # before the strategy moves the model to its device, so the fp32 base never lands there; sharding strategies
+        # (DeepSpeed, FSDP2) keep their own precision handling
+        if self._trainer is None:
+            return
+        trainer = self.trainer
+        plain = type(trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")
+        if not (self.hparams.get("frozen_weights_bf16", True) and plain and trainer.precision == "bf16-mixed"):
+            return
+        if trainer.state.fn != "fit":  # restored at the end of fit only
+            return
+        converted, skipped = store_linears(self, torch.bfloat16)
+        if converted or skipped:
+            log.info("bf16-mixed: %d frozen linear layers stored in bf16 (their values are exact in bf16), %d kept "
+                     "(bf16 would round them)", converted, skipped)  # fmt: skip
 
     def on_fit_end(self) -> None:
+        restore_linears(self)  # the export and anything after fit see the weights as loaded
         if self.trainer.sanity_checking:
             return
         network = None

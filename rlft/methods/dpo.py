@@ -24,6 +24,7 @@ from rlft.losses import DPO_LOSS_TYPES, dpo_loss
 from rlft.methods.base import RLFTModule
 from rlft.methods.precomputed import CACHE_FILE, PrecomputedReference  # noqa: F401
 from rlft.models import is_adapter, load_model
+from rlft.models.lowp import full_precision_linears
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
 from rlft.models.scoring import (  # noqa: F401
@@ -140,7 +141,8 @@ class DPO(RLFTModule):
 
     def on_fit_start(self) -> None:
         if self.reference_mode == "precomputed":
-            self.precomputed.prepare()
+            with full_precision_linears(self):  # outside autocast: as the reference always was, in fp32
+                self.precomputed.prepare()
 
     # ------------------------------------------------------------------------------------------ loss
     def policy_logps(self, batch: dict) -> PairLogps:

@@ -129,6 +129,9 @@ def lean_step(model: torch.nn.Module, cache) -> Callable | None:
     head = _plain(lm.lm_head)
     if head is None or type(base.embed_tokens) is not torch.nn.Embedding:
         return None
+    dtype = base.embed_tokens.weight.dtype  # weights stored narrower (rlft.models.lowp) need the hooked forward
+    if any(m.weight.dtype != dtype for m in base.modules() if isinstance(m, torch.nn.Linear)):
+        return None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     groups = q_heads // kv_heads

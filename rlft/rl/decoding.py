@@ -111,7 +111,7 @@ def merged_adapter(model: torch.nn.Module) -> Iterator[bool]:
                 active = [name for name in layer.active_adapters if name in layer.lora_A]
                 delta = sum(layer.get_delta_weight(name) for name in active)
                 saved.append((layer, weight, weight.data, list(layer.merged_adapters)))
-                weight.data = weight.data + delta.to(weight.dtype)
+                weight.data = (delta + weight.data).to(weight.dtype)  # one rounding for a bf16-stored base
                 # peft's own "merged" state: its forward then calls only the base layer
                 layer.merged_adapters = active
         yield True
@@ -170,7 +170,7 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
                 delta = module.get_delta_weight(active[0])
                 for other in active[1:]:
                     delta = delta + module.get_delta_weight(other)
-                value = delta.to(value.dtype).add_(value)
+                value = delta.to(torch.promote_types(delta.dtype, value.dtype)).add_(value)
             param.copy_(value)
     return twin
 
