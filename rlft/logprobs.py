@@ -169,12 +169,15 @@ class _HiddenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, temperature: float, matmul_dtype: torch.dtype):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, temperature: float, matmul_dtype: torch.dtype,
+                with_entropy: bool = False):  # fmt: skip
         out_dtype = _compute_dtype(matmul_dtype)
         valid = labels != IGNORE_INDEX
         safe_labels = labels.masked_fill(~valid, 0)
         out = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(labels.shape, dtype=out_dtype, device=hidden.device)
+        # the entropy of each position's distribution (a statistic: not differentiated) from the same chunk
+        entropy = torch.empty(labels.shape if with_entropy else (0,), dtype=out_dtype, device=hidden.device)
         # Cast the head once, not once per chunk.
         head, head_bias = _cast(weight, matmul_dtype), _cast(bias, matmul_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -184,13 +187,16 @@ class _HiddenLogps(torch.autograd.Function):
                 lse[block, rows] = torch.logsumexp(chunk, dim=-1)
                 picked = chunk.gather(-1, safe_labels[block, rows].unsqueeze(-1)).squeeze(-1)
                 out[block, rows] = picked - lse[block, rows]
+                if with_entropy:
+                    entropy[block, rows] = _chunk_entropy(chunk, lse[block, rows])
         ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
         ctx.chunk_size, ctx.temperature, ctx.matmul_dtype = chunk_size, temperature, matmul_dtype
-        return out.masked_fill(~valid, 0.0)
+        ctx.mark_non_differentiable(entropy)
+        return out.masked_fill(~valid, 0.0), entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_entropy: torch.Tensor):
         hidden, weight, bias, safe_labels, valid, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         mm = ctx.matmul_dtype
@@ -221,7 +227,13 @@ class _HiddenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _chunk_entropy(chunk: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # -sum p log p rather than logsumexp(x) - sum p x: the latter cancels badly for peaked rows in fp32
+    logp = chunk - lse.unsqueeze(-1)
+    return -(torch.exp(logp) * logp).sum(-1)
 
 
 def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -268,6 +280,24 @@ def hidden_logps(
     Raises:
         ValueError: on mismatched shapes or out-of-vocabulary labels.
     """
+    return _hidden_logps(hidden_states, lm_head_weight, labels, chunk_size, bias, temperature, False)[0]
+
+
+def hidden_logps_and_entropy(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hidden_logps` and, from the same chunks, each position's entropy (nats, detached) of
+    ``softmax(logits / temperature)`` — what an RL update logs, without a second pass over the vocabulary."""
+    return _hidden_logps(hidden_states, lm_head_weight, labels, chunk_size, bias, temperature, True)
+
+
+def _hidden_logps(hidden_states, lm_head_weight, labels, chunk_size, bias, temperature, with_entropy):
     chunk_size = _chunk_rows(chunk_size, lm_head_weight.shape[0])
     _check_temperature(temperature)
     if hidden_states.shape[:-1] != labels.shape:
@@ -289,8 +319,9 @@ def hidden_logps(
     blocks = _as_row_blocks(hidden_states)  # hidden[:, :-1] is used in place, not copied
     matmul_dtype = _matmul_dtype(blocks, lm_head_weight)
     block_labels = flat_labels.view(blocks.shape[:-1])
-    out = _HiddenLogps.apply(blocks, lm_head_weight, bias, block_labels, chunk_size, temperature, matmul_dtype)
-    return out.reshape(labels.shape)
+    out, entropy = _HiddenLogps.apply(blocks, lm_head_weight, bias, block_labels, chunk_size, temperature,
+                                      matmul_dtype, with_entropy)  # fmt: skip
+    return out.reshape(labels.shape), entropy.reshape(labels.shape) if with_entropy else None
 
 
 class _Entropy(torch.autograd.Function):
@@ -304,9 +335,7 @@ class _Entropy(torch.autograd.Function):
         for block, rows in _row_chunks(logits, chunk_size):
             chunk = _scaled(logits[block, rows].to(out_dtype), temperature)
             lse[block, rows] = torch.logsumexp(chunk, dim=-1)
-            # -sum p log p rather than logsumexp(x) - sum p x: the latter cancels badly for peaked rows in fp32
-            logp = chunk - lse[block, rows].unsqueeze(-1)
-            entropy[block, rows] = -(torch.exp(logp) * logp).sum(-1)
+            entropy[block, rows] = _chunk_entropy(chunk, lse[block, rows])
         ctx.save_for_backward(logits, lse, entropy)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return entropy

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlft.logprobs import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps
+from rlft.logprobs import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps, hidden_logps_and_entropy
 from rlft.registry import resolve
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "gather_logps",
     "group_advantages",
     "hidden_logps",
+    "hidden_logps_and_entropy",
     "kl_estimate",
     "masked_mean",
     "masked_var",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rlft.logprobs import entropy_from_logits, gather_logps
+from rlft.logprobs import entropy_from_logits, gather_logps, hidden_logps, hidden_logps_and_entropy
 from rlft.models.attention import segmented_attention
 from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.rl.layout import group_layout
@@ -63,18 +63,18 @@ def token_logps(
         hidden = lm.base_model(**inputs).last_hidden_state[:, -response_length - 1 : -1]
         if not with_logps:
             return None, None, hidden
-        logits = head(hidden)
-    else:  # rescaled or capped logits: the model's own forward
-        out = model(**inputs, logits_to_keep=response_length + 1, output_hidden_states=with_hidden)
-        logits = out.logits[:, -response_length - 1 : -1]
-        hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
-        if not with_logps:
-            return None, None, hidden
+        logps, entropy = _head_logps(head, hidden, input_ids[:, -response_length:], temperature, with_entropy)
+        return logps, entropy, hidden if with_hidden else None
+    # rescaled or capped logits: the model's own forward
+    out = model(**inputs, logits_to_keep=response_length + 1, output_hidden_states=with_hidden)
+    logits = out.logits[:, -response_length - 1 : -1]
+    hidden = out.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
+    if not with_logps:
+        return None, None, hidden
     logps = gather_logps(logits, input_ids[:, -response_length:], temperature=temperature)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach() / temperature)
+        entropy = entropy_from_logits(logits.detach(), temperature=temperature)
     return logps, entropy, hidden if with_hidden else None
 
 
@@ -92,11 +92,14 @@ def _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, t
 
     if not with_logps:
         return None, None, scatter(hidden)
-    logits = head(hidden)
+    logps, entropy = _head_logps(head, hidden, layout.targets, temperature, with_entropy)
+    return scatter(logps), None if entropy is None else scatter(entropy), scatter(hidden) if with_hidden else None
 
-    logps = scatter(gather_logps(logits, layout.targets, temperature=temperature))
-    entropy = None
+
+def _head_logps(head, hidden, targets, temperature, with_entropy):
+    """The LM head over ``hidden`` chunk by chunk (:func:`rlft.logprobs.hidden_logps`): the ``[tokens, V]`` logits and
+    their gradient never exist at once (0.15 GB each in bf16 for a 16 x 48-token rollout of a 49k vocabulary,
+    0.8 GB for Gemma's 262k)."""
     if with_entropy:
-        with torch.no_grad():
-            entropy = scatter(entropy_from_logits(logits.detach() / temperature))
-    return logps, entropy, scatter(hidden) if with_hidden else None
+        return hidden_logps_and_entropy(hidden, head.weight, targets, bias=head.bias, temperature=temperature)
+    return hidden_logps(hidden, head.weight, targets, bias=head.bias, temperature=temperature), None

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlft.logprobs import _as_row_blocks
-from rlft.ops import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps
+from rlft.ops import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps, hidden_logps_and_entropy
 
 
 def naive_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -185,6 +185,27 @@ def test_hidden_logps_mixed_precision_matches_naive(mode):
     for g_ours, g_ref, param in zip(grads_ours, grads_ref, (hidden, weight)):
         assert g_ours.dtype == param.dtype
         torch.testing.assert_close(g_ours.float(), g_ref.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_hidden_logps_and_entropy_from_the_same_chunks(autocast):
+    """The RL update's log-probs and logged entropy in one pass over the vocabulary: the log-probs (and their
+    gradients) are hidden_logps', the entropy equals the naive one of the same logits, and is not differentiated."""
+    torch.manual_seed(7)
+    hidden = torch.randn(2, 9, 24, requires_grad=True)
+    weight = 0.3 * torch.randn(70, 24)  # a frozen head
+    labels = torch.randint(0, 70, (2, 9))
+    labels[0, 6:] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logps, entropy = hidden_logps_and_entropy(hidden, weight, labels, chunk_size=4, temperature=0.7)
+        alone = hidden_logps(hidden, weight, labels, chunk_size=4, temperature=0.7)
+        logits = torch.nn.functional.linear(hidden, weight)
+    assert torch.equal(logps, alone)
+    assert not entropy.requires_grad and entropy.shape == labels.shape and entropy.dtype == torch.float32
+    torch.testing.assert_close(entropy, naive_entropy(logits.float().detach() / 0.7), atol=1e-5, rtol=0)
+    (grad,) = torch.autograd.grad(logps.sum(), hidden)
+    (grad_alone,) = torch.autograd.grad(alone.sum(), hidden)
+    assert torch.equal(grad, grad_alone)
 
 
 def test_entropy_hand_computed_and_matches_naive():
