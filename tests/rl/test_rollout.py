@@ -194,3 +194,47 @@ def test_select_and_minibatches():
     assert part.response_ids.tolist() == [[9, 10, 11], [3, 4, 5]] and part.input_ids.shape == (2, 5)
     chunks = minibatches(10, 4, torch.Generator().manual_seed(0))
     assert [len(c) for c in chunks] == [4, 4, 2] and sorted(torch.cat(chunks).tolist()) == list(range(10))
+
+
+class LargestVocabularyOutput(TorchDispatchMode):
+    """The most rows of any tensor an op produces whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in inputs:  # views (the head's .t())
+                continue
+            if t.dim() and t.shape[-1] == self.vocab and t.is_floating_point():
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_update_scoring_never_builds_the_whole_logits(tiny, monkeypatch, share_prompts):
+    """The update's log-probs and entropy come from the LM head chunk by chunk, forward and backward: no tensor of
+    more than one chunk of vocabulary rows (the old path built ``[tokens, V]`` logits and their gradient)."""
+    import rlft.logprobs
+    from rlft.rl.logps import token_logps
+
+    model, tokenizer = tiny
+    rollout = collect_rollout(model, tokenizer, prompt_batch(tokenizer), RolloutSettings(max_new_tokens=8),
+                              group_size=2, score=False)  # fmt: skip
+    length = rollout.response_ids.shape[1]
+    assert int(rollout.response_mask.sum()) > 24
+    expected = token_logps(model, rollout.input_ids, rollout.attention_mask, length, with_entropy=True,
+                           share_prompts=share_prompts)  # fmt: skip
+    monkeypatch.setattr(rlft.logprobs, "CHUNK_BYTES", 4 * 4 * model.config.vocab_size)  # 4 rows of fp32 logits
+    seen = LargestVocabularyOutput(model.config.vocab_size)
+    with seen:
+        logps, entropy, _ = token_logps(model, rollout.input_ids, rollout.attention_mask, length, with_entropy=True,
+                                        share_prompts=share_prompts)  # fmt: skip
+        (logps * rollout.response_mask).sum().backward()
+    assert 0 < seen.rows <= 16  # the smallest chunk (rlft.logprobs._chunk_rows), below the rollout's tokens
+    torch.testing.assert_close(logps, expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected[1], atol=1e-5, rtol=0)
+    model.zero_grad()
