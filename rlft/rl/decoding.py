@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from rlft.models.attention import SEGMENTED_SDPA
-from rlft.models.scoring import causal_lm, position_ids_from_mask
+from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
 from rlft.rl.decode_step import join_projections, lean_step
 from rlft.rl.kv_cache import UPCAST_SDPA, cache_argument, preallocated_cache
 
@@ -175,6 +175,20 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     return twin
 
 
+def _prefill(lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """Fill ``cache`` with the prompts; returns the logits ``[B, V]`` of each row's last position.
+
+    The decoder stack, then the head on the last positions as one ``[B, H]`` matrix: the model's own
+    ``logits_to_keep=1`` hands its head a strided ``[B, 1, H]`` slice, which ``torch.matmul`` multiplies by a
+    batch-expanded copy of the head (``[B, H, V]``: 0.23 GB for SmolLM2 at 4 prompts, 0.13 s of a 0.23 s prefill).
+    """
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
+    head = plain_head(lm)
+    if head is None:  # rescaled or capped logits: the model's forward
+        return lm(**inputs, logits_to_keep=1, **cache_argument(lm, cache)).logits[:, -1]
+    return head(lm.base_model(**inputs, **cache_argument(lm.base_model, cache)).last_hidden_state[:, -1])
+
+
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
@@ -213,8 +227,7 @@ def decode(
             return lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                       **cache_arg).logits[:, -1]  # fmt: skip
 
-    logits = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                use_cache=True, logits_to_keep=1, **cache_arg).logits[:, -1]  # fmt: skip
+    logits = _prefill(lm, prompt_ids, prompt_mask, cache)
     mask = prompt_mask
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)

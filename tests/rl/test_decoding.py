@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.attention import segmented_attention
+from rlft.models.scoring import position_ids_from_mask
 from rlft.rl.decoding import decode, merged_adapter, sample_tokens
 from rlft.rl.logps import token_logps
 from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses
@@ -94,6 +97,38 @@ def test_shared_prefill_samples_what_separate_prefill_samples(tiny):
     separate = decode(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), **common)
     assert torch.equal(shared, separate)
     assert len({tuple(row.tolist()) for row in shared[:4]}) > 1  # the group's samples differ: it really sampled
+
+
+@pytest.mark.parametrize("decode_dtype", [None, torch.bfloat16])
+def test_prefill_multiplies_the_head_without_a_batch_expanded_copy(tiny, decode_dtype):
+    """The prefill's last-position logits come from a [B, H] matrix times the head: the model's logits_to_keep=1
+    slice made torch.matmul expand the head over the batch ([B, H, V], larger than the head itself)."""
+    from rlft.rl.decoding import decoding_twin
+
+    model, tokenizer = tiny
+    decoder = model if decode_dtype is None else decoding_twin(model, decode_dtype)
+    batch = prompt_batch(tokenizer)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    head = model.get_base_model().lm_head.weight
+    largest = LargestOutput()
+    with largest, merged_adapter(model):
+        sampled = decode(decoder, ids, mask, max_new_tokens=1, stop_ids=[tokenizer.eos_token_id],
+                         pad_id=tokenizer.pad_token_id, temperature=0.0)  # fmt: skip
+    assert 0 < largest.numel <= head.numel()  # the head's own transpose is the largest
+    with torch.no_grad(), merged_adapter(model):  # the first token: greedy over the full forward's last logits
+        expected = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    assert torch.equal(sampled[:, 0], expected[:, -1].argmax(-1))
+
+
+class LargestOutput(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))  # views too: bf16's bmm copies the expanded head inside its kernel
+        self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
 
 
 def test_merged_adapter_is_the_same_function_and_restores_the_weights_exactly(tiny):
