@@ -12,7 +12,12 @@ from safetensors.torch import load_file
 from rlft.data import PreferenceDataModule
 from rlft.methods import DPO, GRPO
 from rlft.models import LoraSettings, load_model, load_tokenizer
-from rlft.models.lowp import full_precision_linears, restore_linears, store_linears, stored_linears
+from rlft.models.lowp import (
+    full_precision_linears,
+    restore_linears,
+    store_linears,
+    stored_linears,
+)
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 PAIRS = "rlft/assets/sample_pairs.jsonl"
