@@ -22,10 +22,15 @@ from torch.autograd.function import once_differentiable
 IGNORE_INDEX = -100
 """Label value that marks a position as "not scored" (prompt, padding); its log-prob is reported as 0."""
 
-CHUNK_BYTES = 256 * 2**20
-"""Default chunk: as many rows as fit in this many bytes of fp32 logits (at most ``MAX_CHUNK_ROWS``): 1,024 rows of
-a 49k vocabulary, 256 of Gemma's 262k. A fixed row count made each chunk of a 262k vocabulary 1 GiB, and the
-forward holds about three chunk-sized buffers at once (logits, their fp32 copy, the exp inside logsumexp)."""
+CHUNK_BYTES = 32 * 2**20
+"""Default chunk: as many rows as fit in this many bytes of fp32 logits (a CPU's last-level cache; at least
+``MIN_CHUNK_ROWS``, at most ``MAX_CHUNK_ROWS``): 170 rows of a 49k vocabulary, 128 of a 128k or Gemma's 262k. The
+forward holds about three chunk-sized buffers at once (logits, their fp32 copy, the exp inside logsumexp), and a
+chunk that stays in cache is also faster: forward + backward through SmolLM2's head for 700 tokens took 0.30 s at
+170 rows against 0.41 s at 341 and 0.54 s at 1,024 (bf16, 2-core CPU with a 32 MiB L3)."""
+MIN_CHUNK_ROWS = 128
+"""Fewer rows per chunk stream the whole head once more per chunk for too little work: 32 rows of a 262k vocabulary
+took 2.9 s where 128 rows took 2.4 s (700 tokens)."""
 MAX_CHUNK_ROWS = 1024
 
 
@@ -37,7 +42,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
     """``chunk_size`` checked, or the default for this vocabulary (see ``CHUNK_BYTES``)."""
     if chunk_size is None:
-        return max(16, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab)))
+        return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab)))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
     return chunk_size

@@ -318,12 +318,13 @@ def test_chunked_paths_use_measurably_less_peak_memory():
 
 
 def test_default_chunk_holds_a_bounded_number_of_logit_bytes_whatever_the_vocabulary():
-    from rlft.logprobs import CHUNK_BYTES, MAX_CHUNK_ROWS, _chunk_rows
+    from rlft.logprobs import CHUNK_BYTES, MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, _chunk_rows
 
-    # 49k (SmolLM2) keeps 1,024-row chunks; Gemma's 262k gets 256 rows: 256 MiB of fp32 logits, not 1 GiB
-    assert _chunk_rows(None, 49152) == MAX_CHUNK_ROWS == 1024
-    assert _chunk_rows(None, 262144) == 256 and 256 * 262144 * 4 == CHUNK_BYTES
-    assert _chunk_rows(None, 10**8) == 16 and _chunk_rows(7, 262144) == 7
+    # SmolLM2's 49k: 170 rows, 32 MiB of fp32 logits (a 1,024-row chunk was 192 MiB); 128k and Gemma's 262k: the
+    # 128-row floor (128 MiB for 262k, where a fixed 1,024 rows were 1 GiB); small vocabularies: the row cap
+    assert _chunk_rows(None, 49152) == 170 and 170 * 49152 * 4 <= CHUNK_BYTES < 171 * 49152 * 4
+    assert _chunk_rows(None, 128256) == _chunk_rows(None, 262144) == _chunk_rows(None, 10**8) == MIN_CHUNK_ROWS == 128
+    assert _chunk_rows(None, 512) == MAX_CHUNK_ROWS == 1024 and _chunk_rows(7, 262144) == 7
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         _chunk_rows(0, 100)
     hidden, weight = torch.randn(2, 300, 8), torch.randn(262144, 8) / 8
