@@ -45,6 +45,14 @@ def _plain(value):
     return value
 
 
+class _RestoreWeightsOnCrash(L.Callback):
+    """A fit that raises never reaches ``on_fit_end``: give the weights stored in bf16 back here, so the module a
+    notebook keeps after a crash computes as loaded (outside autocast, a stored layer would multiply in bf16)."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        restore_linears(pl_module)
+
+
 class RLFTModule(L.LightningModule):
     """Base of every rlft method.
 
@@ -264,6 +272,11 @@ class RLFTModule(L.LightningModule):
         if converted or skipped:
             log.info("bf16-mixed: %d frozen linear layers stored in bf16 (their values are exact in bf16), %d kept "
                      "(bf16 would round them)", converted, skipped)  # fmt: skip
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks every run of this module needs (Lightning merges them into the trainer's); call super() when
+        overriding."""
+        return [_RestoreWeightsOnCrash()]
 
     def on_fit_end(self) -> None:
         restore_linears(self)  # the export and anything after fit see the weights as loaded

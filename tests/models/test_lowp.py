@@ -164,3 +164,20 @@ def test_bf16_mixed_grpo_samples_the_same_through_the_twin_and_runs_without_it(b
     # the twin is refreshed from the same values: the same samples, step after step
     assert samples[True, "bfloat16"] == samples[False, "bfloat16"]
     assert len(samples[True, None]) == 2  # sampling from the policy itself, products in bf16 via the hooks
+
+
+class CrashingDPO(DPO):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 1:
+            assert stored_linears(self), "the weights were not stored in bf16 while fitting"
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_crashed_fit_gives_the_loaded_weights_back(bf16_checkpoint, tmp_path):
+    module = CrashingDPO(model=bf16_checkpoint("tiny-llama"), lora=LORA, optim={"lr": 1e-2})
+    data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, limit=12)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(module, data, tmp_path, steps=3)
+    assert not stored_linears(module)
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
