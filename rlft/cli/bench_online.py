@@ -91,6 +91,8 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in _prompts(cfg)))
 
     class Timed(GRPO if cfg.mode == "grpo" else PPO):
+        trim_heap_each_step = "notrim" not in options
+
         def rollout(self, batch):
             started = time.perf_counter()
             rollout = super().rollout(batch)

@@ -18,6 +18,7 @@ Hooks a research subclass overrides (each is one method)::
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 
@@ -26,12 +27,16 @@ from rlft.models.modes import disable_dropout
 from rlft.models.reference import build_reference
 from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
 from rlft.rl.rollout import Rollout, RolloutSettings
+from rlft.strategies.memory import return_freed_memory
 
 
 class OnlineRL(RLFTModule):
     """Base of the online methods: call :meth:`init_online` from ``__init__`` after ``super().__init__``."""
 
     data_kind = "prompts"
+    #: return the heap the last step freed to the OS before each step (measured on SmolLM2 GRPO, 2-core CPU: peak
+    #: RSS 2.41 -> 2.22 GB for ~4 % longer steps, as the next step faults its pages back in)
+    trim_heap_each_step: ClassVar[bool] = True
     supports_packed_batches = False  # prompts are sampled from, never packed
 
     def init_online(
@@ -154,6 +159,13 @@ class OnlineRL(RLFTModule):
         # from_pretrained returns eval-mode models and Lightning keeps module modes: train mode is what turns
         # gradient checkpointing on in transformers (dropout is zeroed either way)
         self.model.train()
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # the last update's freed activations would otherwise stay resident, fragmented, under the rollout's
+        # allocations and the next update's, raising the peak
+        super().on_train_batch_start(batch, batch_idx)
+        if self.trim_heap_each_step:
+            return_freed_memory(collect_garbage=False)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # prompt and response tokens of the whole rollout, not only the prompt tokens the base class would count

@@ -17,10 +17,11 @@ embedding lookup would otherwise return bf16 rows and put the residual stream in
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Iterator
 
 import torch
+
+from rlft.strategies.memory import return_freed_memory
 
 _STORED = "_rlft_stored_dtype"  # on each converted layer: the dtype it had (its outputs are cast back to it)
 
@@ -75,17 +76,8 @@ def store_linears(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) 
         else:
             skipped += 1
     if converted:
-        _release_freed_memory()
+        return_freed_memory(collect_garbage=False)  # the wide fp32 weights just freed
     return converted, skipped
-
-
-def _release_freed_memory() -> None:
-    """Hand the freed wide weights back to the OS: glibc keeps freed megabyte-sized blocks in its heap, where the
-    larger (mmap'd) activation tensors never reuse them, so they would stay in the process's resident set."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def stored_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:

@@ -127,3 +127,16 @@ def test_cli_run_from_the_tiny_config(tmp_path, monkeypatch):
                  "train/tokens_per_sec", "train/rollout_tokens_per_sec", "val/reward"):  # fmt: skip
         assert name in metrics.columns and metrics[name].notna().any(), name
     assert (out / "hf" / "adapter_model.safetensors").exists() and (out / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_each_step_starts_by_returning_the_freed_heap(tmp_path, monkeypatch, trim):
+    calls = []
+    monkeypatch.setattr("rlft.methods.online.return_freed_memory", lambda **kw: calls.append(kw))
+
+    class Module(DigitGRPO):
+        trim_heap_each_step = trim
+
+    module = Module(model="tiny-llama", lora=None, sampling={"max_new_tokens": 4}, group_size=2, beta=0.0)
+    fit(module, tmp_path, steps=3)
+    assert calls == ([{"collect_garbage": False}] * 3 if trim else [])
