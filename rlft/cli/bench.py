@@ -46,6 +46,7 @@ VARIANT_OPTIONS = {
         "fp32base",
         "critic",
         "notrim",
+        "freetwin",
     },
     ("trl", False): {"default", "packing", "precomputed", "nogc", "bf16"},
     ("trl", True): {"default", "nogc", "bf16", "loracritic"},
@@ -83,9 +84,9 @@ class BenchConfig:
             ``hfgen`` (``model.generate`` rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``nolean``
             (rlft's decoder stepping through the model's forward instead of its lean step), ``noshare`` (padded
             update forwards, each row with its own copy of the prompt), ``bf16decode`` (a bf16 decoding twin),
-            ``notrim`` (freed heap kept between steps: ``OnlineRL.trim_heap_each_step = False``) and for PPO
-            ``critic`` (a separate LoRA critic instead of a value head on the policy's trunk); combined by ``+``
-            (e.g. ``precomputed+gc``).
+            ``freetwin`` (its weights freed through the update: ``sampling.free_twin``), ``notrim`` (freed heap
+            kept between steps: ``OnlineRL.trim_heap_each_step = False``) and for PPO ``critic`` (a separate LoRA
+            critic instead of a value head on the policy's trunk); combined by ``+`` (e.g. ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (fp32, gradient checkpointing on as TRL's default), ``packing`` (SFT
             padding-free packing), ``precomputed``, ``nogc``, ``bf16`` (``bf16=True``, autocast: TRL 1.16's default
             precision, which the bench's ``default`` turns off so that both sides' defaults are fp32) and for PPO

@@ -112,7 +112,7 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
                 "backend": "hf" if "hfgen" in options else "rlft",
                 "merge_adapter": "nomerge" not in options, "share_prompts": "noshare" not in options,
-                "lean_step": "nolean" not in options,
+                "lean_step": "nolean" not in options, "free_twin": True if "freetwin" in options else None,
                 "decode_dtype": "bfloat16" if "bf16decode" in options else None}  # fmt: skip
     if cfg.mode == "grpo":
         method = dict(group_size=cfg.group_size, beta=cfg.beta, loss_aggregation="sequence")

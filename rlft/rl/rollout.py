@@ -24,7 +24,7 @@ import torch
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.tokens import pad_token_id, stop_token_ids
-from rlft.rl.decoding import decode, decoding_twin, merged_adapter
+from rlft.rl.decoding import decode, decoding_twin, merged_adapter, release_decoding_twin
 from rlft.rl.logps import token_logps
 from rlft.rl.vllm_rollout import vllm_generate
 
@@ -50,6 +50,10 @@ class RolloutSettings:
             a fp32 policy on a CPU with bf16 matmuls: about half the memory traffic per token), refreshed from the
             policy before every rollout; samples are then very slightly off-policy (as with vLLM in bf16), the
             log-probs of the update still come from the policy. Default: the policy itself.
+        free_twin: With ``decode_dtype``, free the twin's weights after each rollout (the refresh before the next one
+            rewrites them whole), so they are not held through the update. Default: on an accelerator, where freeing
+            and reallocating is a cache hit; not on a CPU, where the pages fault back in (SmolLM2 GRPO here: peak RSS
+            2.20 -> 2.02 GB but steps 3.98 -> 4.44 s).
         lean_step: With ``backend: rlft``, decode Llama, Mistral, Qwen2 and Qwen3 models token by token without the
             modeling code (:func:`rlft.rl.decode_step.lean_step`: the same arithmetic, q/k/v and gate/up each one
             matmul); other models always step through their forward.
@@ -70,6 +74,7 @@ class RolloutSettings:
     backend: Literal["rlft", "hf", "vllm"] = "rlft"
     merge_adapter: bool = True
     decode_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    free_twin: bool | None = None
     lean_step: bool = True
     share_prompts: bool = True
     vllm_gpu_memory_utilization: float = 0.3
@@ -229,6 +234,9 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
                 use_cache=True, pad_token_id=pad_id, eos_token_id=stops, **(options if sampling else {}),
             )  # fmt: skip
             pieces.append(generated[:, ids.shape[1] :])
+    free = settings.free_twin if settings.free_twin is not None else prompt_ids.device.type != "cpu"
+    if decoder is not model and free:
+        release_decoding_twin(model)
     width = max(p.shape[1] for p in pieces)
     padded = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces]
     return mask_after_stop(torch.cat(padded), stops, pad_id)

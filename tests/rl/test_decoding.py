@@ -273,3 +273,27 @@ def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
     with pytest.raises(ValueError, match="cannot be merged exactly.*decode_dtype: null"):
         generate_responses(saved, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
                            RolloutSettings(max_new_tokens=2, decode_dtype="bfloat16"))  # fmt: skip
+
+
+@pytest.mark.parametrize("free", [True, None])
+def test_the_decoding_twin_frees_its_weights_between_rollouts(tiny, free):
+    """With ``free_twin`` the twin holds no weights between rollouts (i.e. through the update); the next rollout's
+    refresh restores them whole, so a seeded rollout samples what it sampled before. On a CPU it keeps them by
+    default."""
+    from rlft.rl.decoding import _TWINS, decoding_twin
+
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    settings = RolloutSettings(max_new_tokens=8, temperature=1.0, decode_dtype="bfloat16", free_twin=free)
+    with torch.no_grad():
+        before = decoding_twin(model, torch.bfloat16)(input_ids=ids, attention_mask=mask).logits
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        samples.append(generate_responses(model, tokenizer, ids, mask, settings, group_size=2)[0])
+        assert all((p.untyped_storage().nbytes() == 0) == bool(free) for p in _TWINS[model].parameters())
+    assert torch.equal(samples[0], samples[1])
+    with torch.no_grad():
+        after = decoding_twin(model, torch.bfloat16)(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
