@@ -23,11 +23,11 @@ from typing import ClassVar
 import torch
 
 from rlft.methods.base import RLFTModule
+from rlft.models.memory import return_freed_memory
 from rlft.models.modes import disable_dropout
 from rlft.models.reference import build_reference
 from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
 from rlft.rl.rollout import Rollout, RolloutSettings
-from rlft.strategies.memory import return_freed_memory
 
 
 class OnlineRL(RLFTModule):

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlft.strategies.memory import return_freed_memory
+from rlft.models.memory import return_freed_memory
 
 _STORED = "_rlft_stored_dtype"  # on each converted layer: the dtype it had (its outputs are cast back to it)
 

@@ -34,7 +34,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
-from rlft.strategies.memory import return_freed_memory
+from rlft.models.memory import return_freed_memory
 
 if not torch.cuda.is_available():
     # what DeepSpeed would pick anyway; said up front, it does not print its "no GPU detected" warning on stdout

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rlft.models.loading import structure_only
-from rlft.strategies.memory import return_freed_memory
+from rlft.models.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
