@@ -95,6 +95,9 @@ class RolloutSettings:
             raise ValueError(f"decode_dtype must be null, bfloat16, float16 or float32, got {self.decode_dtype!r}")
         if self.decode_dtype is not None and self.backend != "rlft":  # model.generate would sample the policy
             raise ValueError(f"decode_dtype={self.decode_dtype!r} needs backend 'rlft', got {self.backend!r}")
+        if self.free_twin is not None and self.decode_dtype is None:  # no twin to free or keep
+            raise ValueError(f"free_twin={self.free_twin} needs a decode_dtype (a decoding twin); set it or drop "
+                             "free_twin")  # fmt: skip
 
 
 @dataclass

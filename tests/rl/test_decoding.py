@@ -267,6 +267,9 @@ def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
         RolloutSettings(decode_dtype="bfloat16", backend="hf")  # model.generate would sample the fp32 policy
     with pytest.raises(ValueError, match="decode_dtype must be"):
         RolloutSettings(decode_dtype="bf16")
+    for free in (True, False):  # there is no twin to free or keep
+        with pytest.raises(ValueError, match=f"free_twin={free} needs a decode_dtype"):
+            RolloutSettings(free_twin=free)
     saved = load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, modules_to_save=["lm_head"]))
     tokenizer = load_tokenizer("tiny-llama")
     batch = prompt_batch(tokenizer)
