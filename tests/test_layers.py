@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlft"
 
 # lowest first; a module may import its own layer and the ones before it
 LAYERS = [
-    {"rlft.losses", "rlft.rl_losses", "rlft.ops", "rlft.logprobs", "rlft.metrics", "rlft.registry"},
+    {"rlft.losses", "rlft.rl_losses", "rlft.ops", "rlft.logprobs", "rlft.metrics", "rlft.registry", "rlft.outputs"},
     {"rlft.data"},
     {"rlft.models"},
     {"rlft.rl", "rlft.strategies"},
