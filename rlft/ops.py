@@ -300,3 +300,11 @@ def group_advantages(
     if std is not None:
         advantages = advantages / (std + eps)
     return advantages.reshape(-1)
+
+
+def last_token_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N, R]`` tensor with each row's score on its last response token (right-padded mask), zeros elsewhere."""
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    placed = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device)
+    placed[torch.arange(mask.shape[0], device=mask.device), last] = scores
+    return placed

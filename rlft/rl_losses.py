@@ -1,8 +1,8 @@
 """Policy-gradient losses for online RL: PPO (policy and value) and GRPO.
 
-Each function returns ``(losses, stats)``: ``losses`` is ``[B]`` (one value per sequence, to be averaged by the
-caller) and ``stats`` a dict of detached ``[B]`` tensors to log. All functions are public through
-:mod:`rlft.losses`, where they are registered in ``LOSSES``.
+Each function returns a :class:`rlft.outputs.LossOutput` (it unpacks as ``losses, stats``): ``losses`` is ``[B]``
+(one value per sequence, to be averaged by the caller) and ``stats`` a dict of detached ``[B]`` tensors to log. All
+functions are public through :mod:`rlft.losses`, where they are registered in ``LOSSES``.
 
 How token losses become one value per sequence is chosen by name from ``LOSS_AGGREGATIONS``; in every case the
 plain mean of the returned ``[B]`` vector is the batch loss of the corresponding reference implementation:
@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from rlft.ops import kl_estimate, masked_mean
+from rlft.outputs import LossOutput
 from rlft.registry import resolve
 
 
@@ -44,7 +45,9 @@ LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], 
 }
 
 
-def _aggregate(token_losses: torch.Tensor, mask: torch.Tensor, how: str, max_length: int | None) -> torch.Tensor:
+def aggregate_tokens(token_losses: torch.Tensor, mask: torch.Tensor, how: str, max_length: int | None) -> torch.Tensor:
+    """``[B, T]`` token losses as ``[B]`` per-sequence losses, aggregated by ``how`` (a ``LOSS_AGGREGATIONS`` key or
+    ``module:function``); linear in the token losses, so terms can be aggregated apart and added."""
     return resolve(how, LOSS_AGGREGATIONS, "loss aggregation")(token_losses, mask, max_length)
 
 
@@ -62,7 +65,7 @@ def ppo_policy_loss(
     *,
     clip_range: float = 0.2,
     aggregation: str = "token",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossOutput:
     r"""PPO clipped surrogate objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), per token.
 
     .. math:: L = \max\big(-A_t\, \rho_t,\; -A_t\, \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\big),
@@ -89,14 +92,14 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    losses = _aggregate(torch.maximum(unclipped, clipped), mask, aggregation, None)
+    losses = aggregate_tokens(torch.maximum(unclipped, clipped), mask, aggregation, None)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask, dim=-1),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask, dim=-1),
             "ratio": masked_mean(ratio, mask, dim=-1),
         }
-    return losses, stats
+    return LossOutput(losses, stats)
 
 
 def ppo_value_loss(
@@ -107,7 +110,7 @@ def ppo_value_loss(
     *,
     clip_range_value: float = 0.2,
     aggregation: str = "token",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossOutput:
     r"""Clipped value-function loss of PPO as used for RLHF (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593).
 
     .. math:: L = \tfrac12 \max\big((V - R)^2,\; (\mathrm{clip}(V, V_{old}-\epsilon, V_{old}+\epsilon) - R)^2\big)
@@ -130,10 +133,10 @@ def ppo_value_loss(
     clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    losses = 0.5 * _aggregate(torch.maximum(unclipped_error, clipped_error), mask, aggregation, None)
+    losses = 0.5 * aggregate_tokens(torch.maximum(unclipped_error, clipped_error), mask, aggregation, None)
     with torch.no_grad():
         stats = {"value_clipfrac": masked_mean((clipped_error > unclipped_error).to(mask.dtype), mask, dim=-1)}
-    return losses, stats
+    return LossOutput(losses, stats)
 
 
 def grpo_loss(
@@ -148,7 +151,7 @@ def grpo_loss(
     beta: float = 0.04,
     loss_aggregation: str = "sequence",
     max_length: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossOutput:
     r"""GRPO objective (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300, eq. 3), per token.
 
     .. math:: l_t = -\min\big(\rho_t A,\; \mathrm{clip}(\rho_t, 1-\epsilon_{low}, 1+\epsilon_{high}) A\big)
@@ -192,11 +195,11 @@ def grpo_loss(
         per_token_kl = kl_estimate(logprobs, ref_logprobs, kind="k3")
         token_losses = token_losses + beta * per_token_kl
         stats["kl"] = masked_mean(per_token_kl.detach(), mask, dim=-1)
-    losses = _aggregate(token_losses, mask, loss_aggregation, max_length)
+    losses = aggregate_tokens(token_losses, mask, loss_aggregation, max_length)
     with torch.no_grad():
         low = ((ratio < 1.0 - clip_range) & (advantages < 0)).to(mask.dtype)
         high = ((ratio > 1.0 + eps_high) & (advantages > 0)).to(mask.dtype)
         stats["clipfrac_low"] = masked_mean(low, mask, dim=-1)
         stats["clipfrac_high"] = masked_mean(high, mask, dim=-1)
         stats["clipfrac"] = stats["clipfrac_low"] + stats["clipfrac_high"]
-    return losses, stats
+    return LossOutput(losses, stats)

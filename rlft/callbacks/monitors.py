@@ -175,7 +175,7 @@ class RunMonitor(L.Callback):
                 f"{trend(kl)[0] * (n - 1):.3g} over the last {n} rollouts to {kl[-1]:.3g} (more than "
                 f"kl_max_growth={self.kl_max_growth} x (window mean {statistics.fmean(kl):.3g} + "
                 f"kl_floor={self.kl_floor})). The policy is leaving the reference faster than the KL term holds "
-                "it; try a lower optim.lr, a larger KL weight (GRPO beta, PPO kl.coef, REINFORCE++ kl_coef) or a "
+                "it; try a lower optim.lr, a larger KL weight (kl.coef) or a "
                 "smaller clip_range."
             ))  # fmt: skip
         if ENTROPY in seen:
@@ -211,7 +211,7 @@ class RunMonitor(L.Callback):
                 f"clip fraction saturated at step {step}: train/clipfrac stayed above clip_threshold="
                 f"{self.clip_threshold} for {self.clip_steps} consecutive rollouts (last {clip[-1]:.3g}). Updates "
                 "push the probability ratio past the clip range, so most tokens give no gradient; try a lower "
-                "optim.lr, fewer num_iterations / ppo_epochs, a larger minibatch_size or PPO's target_approx_kl."
+                "optim.lr, fewer epochs, a larger minibatch_size or PPO's target_approx_kl."
             ))  # fmt: skip
         return checks
 

@@ -115,9 +115,9 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
                 "lean_step": "nolean" not in options, "free_twin": True if "freetwin" in options else None,
                 "decode_dtype": "bfloat16" if "bf16decode" in options else None}  # fmt: skip
     if cfg.mode == "grpo":
-        method = dict(group_size=cfg.group_size, beta=cfg.beta, loss_aggregation="sequence")
+        method = dict(group_size=cfg.group_size, kl={"coef": cfg.beta}, loss_aggregation="sequence")
     else:  # one minibatch per rollout, so one optimiser step per PPO epoch (as TRL's num_mini_batches=1)
-        method = dict(kl={"coef": cfg.beta, "estimator": "k1"}, ppo_epochs=cfg.ppo_epochs, clip_range_value=0.2,
+        method = dict(kl={"coef": cfg.beta, "estimator": "k1"}, epochs=cfg.ppo_epochs, clip_range_value=0.2,
                       vf_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0, max_grad_norm=None,
                       critic=cfg.model if "critic" in options else None)  # fmt: skip
     module = Timed(

@@ -1,23 +1,38 @@
-"""The online-RL core that PPO, GRPO and REINFORCE++ share: sample, score, shape, update, validate.
+"""The online-RL core that PPO, GRPO and REINFORCE++ share: sample, score, shape, estimate, update, validate.
 
-A method on this core implements only its own math — :meth:`rollout` (what to sample and which log-probs to
-keep), :meth:`advantages` and :meth:`policy_loss` — and inherits everything else: the reward sum and its extra
-inputs, score shaping, the optimiser step (manual optimisation: several updates per rollout), validation through
-the same ``rollout``/``reward`` hooks as training, stats and throughput. This is the one sanctioned second level
-of inheritance (see DESIGN.md): ``LightningModule -> RLFTModule -> OnlineRL -> PPO/GRPO/ReinforcePP``.
+The core owns the loop; a method implements only its own math. One training step::
 
-Hooks a research subclass overrides (each is one method)::
+    rollout = self.rollout(batch)                         # sample (+ old / reference log-probs, values)
+    rollout.rewards = self.reward(prompts, completions, **fields)     # [N], optionally with named metrics
+    rollout.scores = self.shape_scores(rollout, rollout.rewards)      # e.g. DAPO's overlong penalty
+    rollout.advantages = self.advantages(rollout, rollout.scores)     # [N] or [N, R] -> stored as [N, R]
+    for epoch, minibatch (and micro-batch) of the rollout:            # `epochs`, `minibatch_size`, `micro_batch_size`
+        out = self.policy_loss(minibatch, logps, minibatch.advantages)   # LossOutput: per-sequence losses + stats
+        out += kl.coef * KL term (kl.placement: loss) + self.auxiliary_loss(minibatch, scored)  # PPO's value loss
+        backward; after the last micro-batch: clip, step, schedule
+    stop the epochs early once the approx-KL to the rollout policy passes `target_approx_kl`
 
-    rollout(batch) -> Rollout                      # what is sampled (e.g. a different group layout)
-    reward(prompts, completions, **fields) -> [N]  # what is optimised; fields carry completion_ids, lengths, step
-    shape_scores(rollout, scores) -> [N]           # e.g. DAPO's soft overlong punishment
-    advantages(rollout, scores) -> ...             # the estimator
-    policy_loss(logps, old_logps, advantages, mask, **extra) -> (per-sequence losses, stats)   # GSPO, CISPO ...
+Hooks a research subclass overrides (each one method, one signature for every online method)::
+
+    rollout(batch) -> Rollout
+    reward(prompts, completions, **fields) -> [N] | ([N], {name: metric})   # fields: record fields, completion_ids,
+                                                                            # completion_lengths, step, stage
+    shape_scores(rollout, scores) -> [N]
+    advantages(rollout, scores) -> [N] | [N, R]
+    policy_loss(batch, logps, advantages) -> LossOutput    # batch: a minibatch Rollout with row_ids, group_ids,
+                                                           # logps (old), ref_logps, response_mask, fields ...
+    auxiliary_loss(batch, scored) -> LossOutput | None
+
+The KL to the reference is one settings block, ``kl``, for every method: in the reward (PPO, REINFORCE++: a
+per-token penalty) or in the loss (GRPO: a per-token term). Validation runs the same hooks and the same loss on
+held-out prompts. ``training_step`` returns ``{"rollout": rollout}``, which Lightning hands to every callback's
+``on_train_batch_end`` as ``outputs``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -26,57 +41,145 @@ from rlft.methods.base import RLFTModule
 from rlft.models.memory import return_freed_memory
 from rlft.models.modes import disable_dropout
 from rlft.models.reference import build_reference
+from rlft.ops import kl_estimate, last_token_scores, masked_mean
+from rlft.outputs import LossOutput
+from rlft.registry import resolve
+from rlft.rl.kl import KLSettings
+from rlft.rl.logps import token_logps
 from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
-from rlft.rl.rollout import Rollout, RolloutSettings
+from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
+from rlft.rl_losses import LOSS_AGGREGATIONS, aggregate_tokens, ppo_policy_loss
+from rlft.strategies import full_weights
+
+
+@dataclass
+class ScoredTokens:
+    """What the update's forward over a minibatch gives: log-probs (with grad), entropy, trunk states."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 class OnlineRL(RLFTModule):
-    """Base of the online methods: call :meth:`init_online` from ``__init__`` after ``super().__init__``."""
+    """Base of the online methods (see the module docs for the loop and its hooks).
+
+    Args:
+        rewards: Reward sources summed with their weights (see :mod:`rlft.rl.rewards`).
+        sampling: How responses are sampled.
+        kl: The KL to the reference (:class:`KLSettings`); unset fields take the method's defaults.
+        epochs: Passes over each rollout (PPO's epochs, GRPO's mu); > 1 makes the ratio and clipping matter.
+        minibatch_size: Sequences per optimiser step; default the whole rollout.
+        micro_batch_size: Sequences per forward/backward inside a minibatch (gradient accumulation: the same
+            update as the whole minibatch, in bounded memory); default the whole minibatch.
+        clip_range: Ratio clip epsilon of the surrogate.
+        loss_aggregation: How token losses become one value per sequence: ``token`` (a token mean over the global
+            minibatch), ``sequence`` or ``dr_grpo`` (see ``rlft.rl_losses.LOSS_AGGREGATIONS``).
+        target_approx_kl: Stop a rollout's epochs early once an epoch's mean approx-KL to the rollout policy passes
+            this.
+        missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens`` (so a length reward
+            cannot be met by a response that never ends).
+        reference: Model string of a frozen reference; default the initial policy without a second copy of the
+            base: the LoRA base with the adapter disabled, or, when ``model`` continues an adapter folder (e.g. an
+            SFT result), a frozen copy of that adapter; a frozen copy of the policy when training all weights.
+        max_grad_norm: Gradient clipping norm (``null`` disables).
+    """
 
     data_kind = "prompts"
+    default_lr = 1e-5
+    #: the method's KL defaults (``kl`` fields left unset take these)
+    default_kl: ClassVar[KLSettings] = KLSettings(coef=0.05, estimator="k1", placement="reward")
     #: return the heap the last step freed to the OS before each step (measured on SmolLM2 GRPO, 2-core CPU: peak
     #: RSS 2.41 -> 2.22 GB for ~4 % longer steps, as the next step faults its pages back in)
     trim_heap_each_step: ClassVar[bool] = True
     supports_packed_batches = False  # prompts are sampled from, never packed
 
-    def init_online(
+    def __init__(
         self,
-        rewards: list[RewardSpec] | None,
-        sampling: RolloutSettings | dict,
-        *,
-        reference: str | None,
-        use_reference: bool,
+        model: str,
+        rewards: list[RewardSpec] | None = None,
+        sampling: RolloutSettings = RolloutSettings(),
+        kl: KLSettings = KLSettings(),
+        epochs: int = 1,
+        minibatch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        clip_range: float = 0.2,
+        loss_aggregation: str = "token",
+        target_approx_kl: float | None = None,
+        missing_eos_penalty: float | None = None,
+        reference: str | None = None,
+        max_grad_norm: float | None = 1.0,
+        **kwargs,
     ) -> None:
+        resolve(loss_aggregation, LOSS_AGGREGATIONS, "loss_aggregation")  # a typo fails here, not at step 1
+        for name, value in (("epochs", epochs), ("minibatch_size", minibatch_size),
+                            ("micro_batch_size", micro_batch_size)):  # fmt: skip
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        super().__init__(model, **kwargs)
         self.automatic_optimization = False
         self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
+        kl = KLSettings(**kl) if isinstance(kl, dict) else kl
+        self.kl_settings = kl.with_defaults(self.default_kl)
+        self.hparams["kl"] = asdict(self.kl_settings)  # what ran, the method's defaults resolved
+        self.kl_coef = self.kl_settings.coef
         self.rewards = Rewards(rewards) if rewards else None
-        self.last_reward_parts: dict[str, torch.Tensor] = {}
-        self._reference = (reference, use_reference)
         self.reference_model = None
 
     def on_model_built(self) -> None:
         super().on_model_built()
         # log-prob ratios must compare the same network at rollout and update time
         disable_dropout(self.model)
-        reference, use_reference = self._reference
-        if use_reference:
-            self.reference_model = build_reference(self.model, self.hparams.model, reference, dtype=self.hparams.dtype)
+        if self.needs_reference:
+            self.reference_model = build_reference(
+                self.model, self.hparams.model, self.hparams.reference, dtype=self.hparams.dtype
+            )
 
     # ------------------------------------------------------------------ hooks
+    @property
+    def samples_per_prompt(self) -> int:
+        """Responses sampled per prompt (rows of one prompt share a ``group_id``)."""
+        return 1
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether rollouts carry reference log-probs (``ref_logps``): when the KL is on; a subclass whose loss
+        reads the reference itself (e.g. DPO on pairs of a group) returns True."""
+        return self.kl_settings.coef != 0
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether the update's forward must also return the trunk states (a value head on the policy)."""
+        return False
+
+    def sample(self, batch: dict, *, score: bool | None = None) -> Rollout:
+        """Sample ``samples_per_prompt`` responses per prompt with the log-probs the update needs: old ones when the
+        policy moves before the rollout's last update or the KL is in the reward, reference ones when ``kl.coef``
+        is not 0."""
+        if score is None:
+            rows = batch["prompt_input_ids"].shape[0] * self.samples_per_prompt
+            several_updates = self.hparams.epochs > 1 or (self.hparams.minibatch_size or rows) < rows
+            score = several_updates or (self.kl_coef != 0 and self.kl_settings.placement == "reward")
+        with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
+            return collect_rollout(
+                self.model, self.tokenizer, batch, self.sampling, group_size=self.samples_per_prompt, score=score,
+                reference=self.reference_model, with_reference=self.needs_reference,
+            )  # fmt: skip
+
     def rollout(self, batch: dict) -> Rollout:
-        raise NotImplementedError
+        """What is sampled for a prompts batch (override for another layout or extra per-row tensors)."""
+        return self.sample(batch)
 
-    def reward(self, prompts: list, completions: list[str], **fields) -> torch.Tensor:
-        """Score of each completion (``[N]``); the default sums the configured ``rewards``.
+    def reward(self, prompts: list, completions: list[str], **fields):
+        """Score of each completion (``[N]``), optionally with named metrics to log: ``([N], {name: value})``.
 
-        ``fields`` holds the prompt records' extra fields plus ``completion_ids`` (token ids of each completion,
-        stop token included), ``completion_lengths`` and ``step`` (the global step), as TRL passes
-        ``completion_ids`` and the trainer state.
+        The default sums the configured ``rewards``. ``fields`` holds the prompt records' extra fields plus
+        ``completion_ids`` (token ids of each completion, stop token included), ``completion_lengths``, ``step``
+        (the global step) and ``stage`` (``"train"`` or ``"validate"``).
         """
         if self.rewards is None:
             raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
-        total, self.last_reward_parts = self.rewards(prompts, completions, fields)
-        return total
+        return self.rewards(prompts, completions, fields)
 
     def shape_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """Scores the advantages are computed from; the default subtracts ``missing_eos_penalty`` from responses
@@ -86,74 +189,204 @@ class OnlineRL(RLFTModule):
             scores = scores - penalty * (~rollout.finished).to(scores.dtype)
         return scores
 
+    def advantages(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """The estimator: ``[N]`` sequence or ``[N, R]`` token advantages of the (shaped) scores."""
+        raise NotImplementedError
+
+    def policy_loss(self, batch: Rollout, logps: torch.Tensor, advantages: torch.Tensor) -> LossOutput:
+        """Per-sequence losses of one minibatch (``batch``: the rollout's rows, old log-probs in ``batch.logps``;
+        ``logps``: ``[n, R]`` current log-probs with grad; ``advantages``: ``[n, R]``). The default is PPO's
+        clipped surrogate (:func:`rlft.rl_losses.ppo_policy_loss`)."""
+        return ppo_policy_loss(
+            logps, batch.logps, advantages, batch.response_mask, clip_range=self.hparams.clip_range,
+            aggregation=self.hparams.loss_aggregation,
+        )  # fmt: skip
+
+    def auxiliary_loss(self, batch: Rollout, scored: ScoredTokens) -> LossOutput | None:
+        """A loss added to the policy loss of each minibatch (PPO's value loss); none by default."""
+        return None
+
     # ------------------------------------------------------------------ shared pieces
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(raw rewards, shaped scores)`` of a rollout, both ``[N]`` on the module's device."""
+    def score(self, rollout: Rollout, stage: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Raw rewards ``[N]`` on the module's device and the reward's named metrics."""
         lengths = rollout.response_lengths.tolist()
         fields = {
             **rollout.fields,
             "completion_ids": [ids[:n].tolist() for ids, n in zip(rollout.response_ids, lengths)],
             "completion_lengths": lengths,
             "step": self.global_step,
+            "stage": stage,
         }
-        raw = as_reward_tensor(self.reward(rollout.prompts, rollout.completions, **fields), len(rollout))
-        raw = raw.to(self.device)
-        return raw, self.shape_scores(rollout, raw)
+        result = self.reward(rollout.prompts, rollout.completions, **fields)
+        values, metrics = result if isinstance(result, tuple) else (result, {})
+        return as_reward_tensor(values, len(rollout)).to(self.device), metrics
 
-    def token_share(self, mask: torch.Tensor) -> torch.Tensor:
-        """This rank's weight in a token mean over the *global* minibatch: ``local tokens * world / all tokens``.
+    def rollout_kl(self, rollout: Rollout) -> torch.Tensor | None:
+        """Per-token KL estimate ``[N, R]`` of the rollout policy to the reference (None without a reference)."""
+        if rollout.kl is None and rollout.ref_logps is not None and rollout.logps is not None:
+            mask = rollout.response_mask.to(rollout.logps.dtype)
+            rollout.kl = kl_estimate(rollout.logps, rollout.ref_logps, kind=self.kl_settings.estimator) * mask
+        return rollout.kl
 
-        A rank's token-mean loss divides by its own token count, and data parallelism averages the ranks'
-        gradients, so with ragged completions each rank's tokens would weigh ``1 / its count`` instead of
-        ``1 / the global count``. A loss multiplied by this gives, averaged over ranks, the gradient one process
-        computes on the whole minibatch (1 in one process; a collective otherwise: every rank calls it).
-        """
-        if self._trainer is None or self.trainer.world_size == 1:
-            return torch.ones((), device=mask.device)
-        local = mask.sum().float()
-        return local * self.trainer.world_size / self.sum_over_processes(local).clamp(min=1.0)
+    def token_rewards(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """``[N, R]`` per-token rewards: the score on the last response token, minus ``kl.coef * KL_t`` on every
+        token when the KL is in the reward."""
+        mask = rollout.response_mask.to(scores.dtype)
+        rewards = last_token_scores(scores, mask)
+        kl = self.rollout_kl(rollout) if self.kl_settings.placement == "reward" else None
+        if kl is not None:
+            rewards = rewards - self.kl_coef * kl
+        return rewards
 
-    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of ``value`` over all training processes (itself in one process)."""
+    def prepare(self, batch: dict, stage: str) -> Rollout:
+        """Sample, score, shape and estimate: the rollout with ``rewards``, ``scores`` and ``advantages`` set."""
+        rollout = self.rollout(batch)
+        rollout.rewards, rollout.metrics = self.score(rollout, stage)
+        rollout.scores = self.shape_scores(rollout, rollout.rewards)
+        advantages = self.advantages(rollout, rollout.scores)
+        mask = rollout.response_mask.to(advantages.dtype)
+        rollout.advantages = advantages[:, None] * mask if advantages.dim() == 1 else advantages
+        return rollout
+
+    def score_tokens(self, batch: Rollout) -> ScoredTokens:
+        """The update's forward over a minibatch: log-probs with grad, entropy and (``needs_hidden``) states."""
+        logps, entropy, hidden = token_logps(
+            self.model, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1],
+            temperature=self.sampling.temperature, with_entropy=True, with_hidden=self.needs_hidden,
+            share_prompts=self.sampling.share_prompts,
+        )  # fmt: skip
+        return ScoredTokens(logps, entropy, hidden)
+
+    def minibatch_loss(self, batch: Rollout) -> LossOutput:
+        """The loss of one minibatch: policy loss, the KL term (``kl.placement: loss``) and the auxiliary loss."""
+        scored = self.score_tokens(batch)
+        if batch.logps is None:  # one update per rollout: the rollout policy is the current one, the ratio is 1
+            batch = replace(batch, logps=scored.logps.detach())
+        out = self.policy_loss(batch, scored.logps, batch.advantages)
+        out = out if isinstance(out, LossOutput) else LossOutput(*out)  # a `(losses, stats)` pair reads the same
+        mask = batch.response_mask.to(scored.logps.dtype)
+        out.stats["policy_loss"] = out.losses.detach()
+        if self.kl_settings.placement == "loss" and self.kl_coef != 0:
+            token_kl = kl_estimate(scored.logps, batch.ref_logps, kind=self.kl_settings.estimator)
+            kl = aggregate_tokens(token_kl, mask, self.hparams.loss_aggregation, self.sampling.max_new_tokens)
+            out = out.plus(LossOutput(kl, {"kl": masked_mean(token_kl.detach(), mask, dim=-1)}), self.kl_coef)
+        auxiliary = self.auxiliary_loss(batch, scored)
+        if auxiliary is not None:
+            out = out.plus(auxiliary)
+        out.stats["entropy"] = masked_mean(scored.entropy, mask, dim=-1)
+        out.stats["approx_kl"] = masked_mean(0.5 * (scored.logps.detach() - batch.logps) ** 2, mask, dim=-1)
+        return out
+
+    def update_minibatch(self, batch: Rollout) -> dict[str, torch.Tensor]:
+        """One optimiser step on a minibatch, accumulated over micro-batches; returns its mean statistics."""
+        token_mean = self.hparams.loss_aggregation == "token"
+        mask = batch.response_mask.float()
+        # a token mean over the *global* minibatch: each rank's share of its tokens (data parallelism then averages)
         world = 1 if self._trainer is None else self.trainer.world_size
-        return self.sum_over_processes(value) / world
-
-    def optimizer_update(self, loss: torch.Tensor) -> None:
-        """One optimiser step on ``loss``: backward, clip to ``max_grad_norm``, step, schedule."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        tokens = self.sum_over_processes(mask.sum()).clamp(min=1.0) if token_mean else None
+        optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        total, rows = torch.zeros((), device=mask.device), {}
+        for part in batch.split(self.hparams.micro_batch_size or len(batch)):
+            out = self.minibatch_loss(part)
+            share = part.response_mask.sum() * world / tokens if token_mean else len(part) / len(batch)
+            loss = out.loss * share
+            self.manual_backward(loss)
+            total += loss.detach()
+            for name, value in out.stats.items():
+                value = value.detach().float()
+                rows.setdefault(name, []).append(value.expand(len(part)) if value.dim() == 0 else value)
+        self.apply_gradients()
+        stats = {name: torch.cat(values).mean() for name, values in rows.items()}
+        stats["loss"] = self.sum_over_processes(total) / world
+        return stats
+
+    def apply_gradients(self) -> None:
+        """Clip to ``max_grad_norm``, step the optimiser and the schedule (per optimiser step, as Lightning counts
+        ``max_steps`` here)."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         if self.hparams.get("max_grad_norm") is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
-        if scheduler is not None:  # per optimiser step, as Lightning counts `max_steps` here
+        if scheduler is not None:
             scheduler.step()
 
-    def rollout_metrics(self, rollout: Rollout, raw: torch.Tensor, shaped: torch.Tensor, started: float) -> dict:
-        """The statistics every online method logs for a step."""
+    def update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """``epochs`` passes over shuffled minibatches of one rollout; returns the means of the statistics."""
+        hp = self.hparams
+        totals: dict[str, list[torch.Tensor]] = {}
+        epochs_done = 0
+        for _ in range(hp.epochs):
+            epoch_kl = []
+            for rows in minibatches(len(rollout), hp.minibatch_size):
+                stats = self.update_minibatch(rollout.select(rows.to(self.device)))
+                for name, value in stats.items():
+                    totals.setdefault(name, []).append(value)
+                epoch_kl.append(stats["approx_kl"])
+            epochs_done += 1
+            # the stop decision is taken on the mean over ranks: a rank stopping alone would hang the others
+            if hp.target_approx_kl is not None:
+                world = 1 if self._trainer is None else self.trainer.world_size
+                if self.sum_over_processes(torch.stack(epoch_kl).mean()) / world > hp.target_approx_kl:
+                    break
+        means = {name: torch.stack(values).mean() for name, values in totals.items()}
+        means["epochs"] = torch.tensor(float(epochs_done))
+        return means
+
+    def rollout_metrics(self, rollout: Rollout, started: float) -> dict[str, torch.Tensor]:
+        """What every online method logs for a rollout (the update's statistics come on top)."""
         mask = rollout.response_mask
-        return {
-            "score": shaped.mean(),
+        metrics = {
+            "score": rollout.scores.mean(),
             "response_length": rollout.response_lengths.float().mean(),
             "stop_rate": rollout.finished.float().mean(),
             "rollout_tokens_per_sec": torch.tensor(mask.sum().item() / max(rollout.generation_seconds, 1e-9)),
             "step_seconds": torch.tensor(time.perf_counter() - started),
-            **{f"reward/{k}": v.mean() for k, v in self.last_reward_parts.items()},
+            **{f"reward/{name}": torch.as_tensor(value).float().mean() for name, value in rollout.metrics.items()},
         }
+        if self.samples_per_prompt > 1:
+            metrics["reward_std"] = rollout.rewards.view(-1, self.samples_per_prompt).std(-1).mean()
+        if rollout.kl is not None:  # the KL in the reward: measured at rollout time, the controller's input
+            metrics["kl"] = masked_mean(rollout.kl, mask.to(rollout.kl.dtype))
+            metrics["kl_sequence"] = rollout.kl.sum(-1).mean()
+        return metrics
 
-    def log_step(self, rollout: Rollout, raw: torch.Tensor, metrics: dict) -> None:
-        self._step_tokens = int(rollout.attention_mask.sum())
-        self.log("train/reward", raw.mean(), prog_bar=True)
-        self.log_dict({f"train/{k}": torch.as_tensor(v).float() for k, v in metrics.items()})
+    def adapt_kl(self, rollout: Rollout, stats: dict[str, torch.Tensor]) -> None:
+        """Adaptive KL controller: every rank moves ``kl_coef`` by the same, global, per-sequence KL."""
+        if self.kl_settings.target is None or self.kl_coef == 0:
+            return
+        sequences = self.sum_over_processes(torch.tensor(float(len(rollout)), device=self.device))
+        if rollout.kl is not None:
+            observed = self.sum_over_processes(rollout.kl.sum()) / sequences
+        else:  # KL in the loss: the update's per-token KL times the mean response length
+            world = 1 if self._trainer is None else self.trainer.world_size
+            observed = self.sum_over_processes(stats["kl"] * rollout.response_lengths.float().mean()) / world
+        self.kl_coef = self.kl_settings.update(self.kl_coef, float(observed), int(sequences))
 
     # ------------------------------------------------------------------ Lightning hooks
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # the same hooks as training, so a subclass's rollout or reward is what validation measures too
-        rollout = self.rollout(batch)
-        raw, _ = self.score(rollout)
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        started = time.perf_counter()
+        rollout = self.prepare(batch, "train")
+        stats = self.update(rollout)
+        self.adapt_kl(rollout, stats)
+        metrics = {**self.rollout_metrics(rollout, started), **stats, "kl_coef": torch.tensor(float(self.kl_coef))}
+        self.log("train/reward", rollout.rewards.mean(), prog_bar=True)
+        self.log_dict({f"train/{name}": torch.as_tensor(value).float() for name, value in metrics.items()})
+        return {"rollout": rollout}  # to every callback's on_train_batch_end as `outputs`
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        # the same hooks and the same loss as training, on held-out prompts
+        rollout = self.prepare(batch, "validate")
+        out = self.minibatch_loss(rollout)
+        metrics = {"loss": out.loss, "reward": rollout.rewards.mean(), **out.metrics(),
+                   **self.rollout_metrics(rollout, time.perf_counter())}  # fmt: skip
+        for name in ("step_seconds", "rollout_tokens_per_sec"):  # timings of a no-grad pass mean nothing here
+            metrics.pop(name, None)
         size = len(rollout)
-        self.log("val/reward", raw.mean(), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
+        self.log("val/reward", metrics.pop("reward"), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_dict({f"val/{k}": torch.as_tensor(v).float() for k, v in metrics.items()}, batch_size=size,
+                      sync_dist=True)  # fmt: skip
+        return {"rollout": rollout}
 
     def on_train_start(self) -> None:
         # from_pretrained returns eval-mode models and Lightning keeps module modes: train mode is what turns
@@ -170,5 +403,14 @@ class OnlineRL(RLFTModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # prompt and response tokens of the whole rollout, not only the prompt tokens the base class would count
         elapsed = time.perf_counter() - self._step_started
-        if elapsed > 0:
-            self.log("train/tokens_per_sec", getattr(self, "_step_tokens", 0) / elapsed, prog_bar=True)
+        if elapsed > 0 and outputs and "rollout" in outputs:
+            tokens = int(outputs["rollout"].attention_mask.sum())
+            self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rlft_kl_coef"] = self.kl_coef
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # restores the sampling RNG: without it a resume samples anew
+        self.kl_coef = checkpoint.get("rlft_kl_coef", self.kl_coef)

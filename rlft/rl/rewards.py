@@ -1,8 +1,10 @@
 """Reward sources for online RL, named in YAML and combined as a weighted sum.
 
-Every source is a callable ``f(prompts, completions, **fields) -> list[float]``: ``prompts`` are the chat messages
-(or strings) of each row, ``completions`` the decoded responses and ``fields`` every other record field (``answer``,
-``test``, ``entry_point`` ...) as lists aligned with the rows. Sources are built from a :class:`RewardSpec`::
+Every source is a callable ``f(prompts, completions, **fields) -> list[float]`` (or ``(list[float], {name: value})``
+to log named metrics as ``train/reward/<source>/<name>``): ``prompts`` are the chat messages (or strings) of each row,
+``completions`` the decoded responses and ``fields`` every other record field (``answer``, ``test``, ``entry_point``
+...) as lists aligned with the rows, plus ``stage`` (``train`` or ``validate``), ``step`` and the completions' ids.
+Sources are built from a :class:`RewardSpec`::
 
     rewards:
       - {source: exact_match, options: {field: answer, extract: last_number}}
@@ -262,14 +264,25 @@ class Rewards:
     def __call__(
         self, prompts: Sequence, completions: Sequence[str], fields: dict[str, list] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return the total reward ``[N]`` and each source's raw reward ``[N]`` by name."""
+        """Return the total reward ``[N]`` and, by name, each source's raw reward ``[N]`` plus the named metrics a
+        source reported (``name/metric``: a function may return ``(rewards, {metric: value})``)."""
         fields = fields or {}
-        parts = {}
-        for name, function in zip(self.names, self.functions):
+        parts, total = {}, torch.zeros(len(completions))
+        for name, weight, function in zip(self.names, self.weights, self.functions):
             values = function(list(prompts), list(completions), **fields)
+            if isinstance(values, tuple) and len(values) == 2 and isinstance(values[1], dict):
+                values, metrics = values
+                parts.update({f"{name}/{key}": _metric(value, name, key) for key, value in metrics.items()})
             parts[name] = as_reward_tensor(values, len(completions), name)
-        total = sum(w * parts[n] for n, w in zip(self.names, self.weights))
+            total = total + weight * parts[name]
         return total, parts
+
+
+def _metric(value, source: str, key: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"reward {source!r} reported a non-finite metric {key!r}: {value}")
+    return tensor.mean()
 
 
 def as_reward_tensor(values, rows: int, name: str = "reward") -> torch.Tensor:

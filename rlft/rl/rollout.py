@@ -24,9 +24,9 @@ import torch
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.tokens import pad_token_id, stop_token_ids
-from rlft.rl.decoding import decode, decoding_twin, merged_adapter, release_decoding_twin
+from rlft.generation.decoder import decode, decoding_twin, merged_adapter, release_decoding_twin
 from rlft.rl.logps import token_logps
-from rlft.rl.vllm_rollout import vllm_generate
+from rlft.generation.vllm import vllm_generate
 
 
 @dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
@@ -117,6 +117,13 @@ class Rollout:
         ref_logps: ``[N, R]`` the same under the reference model (None when not needed).
         values: ``[N, R]`` value estimates (PPO).
         generation_seconds: Wall time spent in ``generate``.
+        row_ids: ``[N]`` each row's index in the whole rollout (a minibatch keeps them).
+        group_ids: ``[N]`` the prompt each row was sampled for (rows of one prompt share it).
+        rewards: ``[N]`` raw rewards, ``scores``: ``[N]`` after shaping (set by the online core).
+        advantages: ``[N, R]`` per-token advantages (a sequence advantage on each of its tokens).
+        returns: ``[N, R]`` value targets (PPO).
+        kl: ``[N, R]`` per-token KL estimate to the reference at rollout time (when the KL is in the reward).
+        metrics: Named scalars of the reward (per-source means and what reward functions report).
     """
 
     prompt_ids: torch.Tensor
@@ -131,6 +138,21 @@ class Rollout:
     ref_logps: torch.Tensor | None = None
     values: torch.Tensor | None = None
     generation_seconds: float = 0.0
+    row_ids: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rows = self.response_ids.shape[0]
+        if self.row_ids is None:
+            self.row_ids = torch.arange(rows, device=self.response_ids.device)
+        if self.group_ids is None:  # one sample per prompt unless the sampler says otherwise
+            self.group_ids = torch.arange(rows, device=self.response_ids.device)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -160,6 +182,12 @@ class Rollout:
                 changes[f.name] = [value[i] for i in picked]
         changes["fields"] = {k: [v[i] for i in picked] for k, v in self.fields.items()}
         return replace(self, **changes)
+
+    def split(self, size: int) -> list[Rollout]:
+        """Consecutive pieces of at most ``size`` rows (micro-batches); the rollout itself when it fits."""
+        if size >= len(self):
+            return [self]
+        return [self.select(list(range(start, min(start + size, len(self))))) for start in range(0, len(self), size)]
 
 
 def mask_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -301,6 +329,7 @@ def collect_rollout(
         fields=extra,
         finished=finished,
         generation_seconds=elapsed,
+        group_ids=torch.arange(unique_ids.shape[0], device=device).repeat_interleave(group_size),
     )
 
     def logps_under(network: torch.nn.Module) -> torch.Tensor:

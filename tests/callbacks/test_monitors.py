@@ -160,7 +160,7 @@ def test_messages_carry_the_numbers(caplog):
     rows += [{**broken("length_hacking", rng, 40 + k, k), "train/clipfrac": 0.5} for k in range(30)]
     feed(RunMonitor(clip_steps=4), rows)
     clip, length = messages(caplog)  # clip saturates after 4 rollouts, truncation needs most of a window
-    assert "above clip_threshold=0.3 for 4 consecutive rollouts (last 0.5)" in clip and "num_iterations" in clip
+    assert "above clip_threshold=0.3 for 4 consecutive rollouts (last 0.5)" in clip and "epochs" in clip
     assert "at step 132:" in clip  # rollout 44
     assert "% of responses were cut at sampling.max_new_tokens" in length and "missing_eos_penalty" in length
     assert "mean length" in length and "reward_min_t=3.0" in length
@@ -241,7 +241,7 @@ def reckless_grpo_fit(tmp_path, monitor: RunMonitor, rollouts: int) -> tuple[L.T
     L.seed_everything(0)
     module = LengthGRPO(
         model="tiny-llama", lora=None, optim={"lr": 0.1}, sampling={"max_new_tokens": 4, "temperature": 1.0},
-        group_size=4, beta=0.1, num_iterations=3, minibatch_size=4,
+        group_size=4, kl={"coef": 0.1}, epochs=3, minibatch_size=4,
     )  # fmt: skip
     data = PreferenceDataModule(path=PROMPTS, batch_size=2, val_fraction=0.0, seed=0)
     trainer = L.Trainer(

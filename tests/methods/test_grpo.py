@@ -47,7 +47,8 @@ def test_grpo_learns_a_verifiable_reward(tmp_path):
     L.seed_everything(0)
     module = DigitGRPO(
         model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
-        sampling={"max_new_tokens": 8, "temperature": 1.0}, group_size=8, beta=0.0, output_dir=str(tmp_path / "hf"),
+        sampling={"max_new_tokens": 8, "temperature": 1.0}, group_size=8, kl={"coef": 0.0},
+        output_dir=str(tmp_path / "hf"),
     )  # fmt: skip
     metrics = fit(module, tmp_path, steps=30)
     reward = metrics["train/reward"].dropna().to_numpy()
@@ -66,7 +67,7 @@ def test_first_updates_have_unit_ratio_and_zero_kl(tmp_path):
     L.seed_everything(0)
     module = DigitGRPO(
         model="tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.1), optim={"lr": 0.0},
-        sampling={"max_new_tokens": 6}, group_size=3, beta=0.1, num_iterations=2, minibatch_size=3,
+        sampling={"max_new_tokens": 6}, group_size=3, kl={"coef": 0.1}, epochs=2, minibatch_size=3,
         gradient_checkpointing=True,  # LoRA + checkpointing must still get gradients (trl#731)
     )  # fmt: skip
     metrics = fit(module, tmp_path, steps=2).dropna(subset=["train/reward"])
@@ -77,11 +78,11 @@ def test_first_updates_have_unit_ratio_and_zero_kl(tmp_path):
 
 
 def test_rloo_and_dr_grpo_advantages():
-    module = GRPO(model="tiny-llama", group_size=3, baseline="leave_one_out", scale="none", beta=0.0)
+    module = GRPO(model="tiny-llama", group_size=3, baseline="leave_one_out", scale="none", kl={"coef": 0.0})
     rewards = torch.tensor([1.0, 0.0, 2.0, 5.0, 5.0, 8.0])
     expected = torch.tensor([1 - 1.0, 0 - 1.5, 2 - 0.5, 5 - 6.5, 5 - 6.5, 8 - 5.0])
     torch.testing.assert_close(module.advantages(None, rewards), expected)
-    grpo = GRPO(model="tiny-llama", group_size=3, beta=0.0)
+    grpo = GRPO(model="tiny-llama", group_size=3, kl={"coef": 0.0})
     group = torch.tensor([1.0, 0.0, 2.0])
     torch.testing.assert_close(grpo.advantages(None, group), (group - 1.0) / (group.std() + 1e-4))
     with pytest.raises(ValueError, match="unknown baseline 'median'"):
@@ -91,7 +92,7 @@ def test_rloo_and_dr_grpo_advantages():
 
 
 def test_no_reward_configured_is_an_actionable_error():
-    module = GRPO(model="tiny-llama", beta=0.0)
+    module = GRPO(model="tiny-llama", kl={"coef": 0.0})
     with pytest.raises(ValueError, match="set `rewards` in the config or override reward"):
         module.reward(["p"], ["c"])
 
@@ -106,7 +107,7 @@ class ShortRollout(GRPO):
 
 def test_rollout_hook_override(tmp_path):
     L.seed_everything(0)
-    module = ShortRollout(model="tiny-llama", sampling={"max_new_tokens": 30}, group_size=2, beta=0.0,
+    module = ShortRollout(model="tiny-llama", sampling={"max_new_tokens": 30}, group_size=2, kl={"coef": 0.0},
                           rewards=[{"source": "length", "options": {"target": 5, "unit": "chars"}}])  # fmt: skip
     metrics = fit(module, tmp_path, steps=1)
     assert metrics["train/response_length"].dropna().max() <= 3
@@ -137,6 +138,6 @@ def test_each_step_starts_by_returning_the_freed_heap(tmp_path, monkeypatch, tri
     class Module(DigitGRPO):
         trim_heap_each_step = trim
 
-    module = Module(model="tiny-llama", lora=None, sampling={"max_new_tokens": 4}, group_size=2, beta=0.0)
+    module = Module(model="tiny-llama", lora=None, sampling={"max_new_tokens": 4}, group_size=2, kl={"coef": 0.0})
     fit(module, tmp_path, steps=3)
     assert calls == ([{"collect_garbage": False}] * 3 if trim else [])

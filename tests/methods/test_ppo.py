@@ -10,8 +10,10 @@ import torch
 from rlft.cli.fit import run_lightning_cli
 from rlft.data import PreferenceDataModule
 from rlft.methods import PPO
-from rlft.methods.ppo import KLSettings, explained_variance, last_token_scores
+from rlft.methods.ppo import explained_variance
 from rlft.models import LoraSettings
+from rlft.ops import last_token_scores
+from rlft.rl.kl import KLSettings
 from rlft.rl.rollout import Rollout
 
 PROMPTS = "rlft/assets/sample_prompts.jsonl"
@@ -51,7 +53,8 @@ def test_kl_shaped_token_rewards_by_hand():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     rollout = Rollout(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), mask, ["", ""], ["", ""],
                       logps=logps, ref_logps=ref)  # fmt: skip
-    rewards, kl = module.token_rewards(rollout, torch.tensor([1.0, 2.0]))
+    rewards = module.token_rewards(rollout, torch.tensor([1.0, 2.0]))
+    kl = rollout.kl  # the per-token KL of the rollout, kept on it for the statistics
     # k1 = logp - ref_logp per token; reward = score on the last token - coef * k1
     assert kl.tolist() == [[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]
     assert rewards.tolist() == [[-0.25, 0.5, 1.0], [-0.5, 2.0, 0.0]]
@@ -77,7 +80,7 @@ def test_explained_variance():
 def test_first_updates_have_unit_ratio_zero_kl_and_a_learning_critic(tmp_path):
     L.seed_everything(0)
     module = DigitPPO(
-        model="tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.1), optim={"lr": 0.0}, ppo_epochs=2,
+        model="tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.1), optim={"lr": 0.0}, epochs=2,
         minibatch_size=2, sampling={"max_new_tokens": 5}, kl={"coef": 0.1},
     )  # fmt: skip
     metrics = fit(module, tmp_path, steps=4)
@@ -98,17 +101,17 @@ class RandomScorePPO(PPO):
 def test_inner_epochs_stop_early_past_the_approx_kl_target(tmp_path):
     L.seed_everything(0)
     # (with the digit reward, a rollout without digits has zero advantages, no update and approx-KL 0 throughout)
-    module = RandomScorePPO(model="tiny-llama", lora=None, optim={"lr": 5e-2}, ppo_epochs=4, target_approx_kl=1e-9,
+    module = RandomScorePPO(model="tiny-llama", lora=None, optim={"lr": 5e-2}, epochs=4, target_approx_kl=1e-9,
                             sampling={"max_new_tokens": 5}, kl={"coef": 0.0})  # fmt: skip
     metrics = fit(module, tmp_path, steps=2)
     # epoch 1 starts at the rollout policy (approx-KL 0); after its update epoch 2 is past the target: stop
-    assert metrics["train/ppo_epochs"].tolist() == [2.0]
+    assert metrics["train/epochs"].tolist() == [2.0]
 
 
 def test_ppo_learns_a_verifiable_reward(tmp_path):
     L.seed_everything(0)
     module = DigitPPO(
-        model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"}, ppo_epochs=2,
+        model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"}, epochs=2,
         vf_coef=0.5, sampling={"max_new_tokens": 8}, kl={"coef": 0.0}, output_dir=str(tmp_path / "hf"),
     )  # fmt: skip
     # 70 steps: at 40 the reward had reached 0.36-0.97 depending on the sampling seed; by 70 it is ~1 for each
@@ -126,7 +129,7 @@ def test_separate_critic_adaptive_kl_and_cli_resume(tmp_path, monkeypatch):
               "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
               "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
               "--model.output_dir", str(out / "hf"), "--model.critic", "tiny-llama", "--model.kl.target", "1.0",
-              "--model.ppo_epochs", "1", "--model.minibatch_size", "4", "--trainer.callbacks+=ModelCheckpoint",
+              "--model.epochs", "1", "--model.minibatch_size", "4", "--trainer.callbacks+=ModelCheckpoint",
               "--model.gradient_checkpointing", "true",
               "--trainer.callbacks.every_n_train_steps", "1"]  # fmt: skip
     cli = run_lightning_cli(["fit", *common, "--trainer.max_steps", "2"])

@@ -20,13 +20,14 @@ class DigitReinforce(ReinforcePP):
 
 
 def test_advantages_are_kl_penalised_returns_whitened_over_the_batch():
-    module = ReinforcePP(model="tiny-llama", kl_coef=0.5, kl_estimator="k1")
+    module = ReinforcePP(model="tiny-llama", kl={"coef": 0.5, "estimator": "k1"})
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     logps = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]])
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]])
     rollout = Rollout.__new__(Rollout)
-    rollout.response_mask, rollout.logps, rollout.ref_logps = mask, logps, ref
-    advantages, kl = module.advantages(rollout, torch.tensor([1.0, 0.0]))
+    rollout.response_mask, rollout.logps, rollout.ref_logps, rollout.kl = mask, logps, ref, None
+    advantages = module.advantages(rollout, torch.tensor([1.0, 0.0]))
+    kl = rollout.kl
     # k1 KL per token = logp - ref; rewards = -0.5 * KL, plus the score on each sequence's last token
     expected_kl = (logps - ref) * mask
     rewards = -0.5 * expected_kl
@@ -43,7 +44,7 @@ def test_reinforce_pp_learns_a_verifiable_reward(tmp_path):
     L.seed_everything(0)
     module = DigitReinforce(
         model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
-        sampling={"max_new_tokens": 8, "temperature": 1.0}, kl_coef=0.0, output_dir=str(tmp_path / "hf"),
+        sampling={"max_new_tokens": 8, "temperature": 1.0}, kl={"coef": 0.0}, output_dir=str(tmp_path / "hf"),
     )  # fmt: skip
     data = PreferenceDataModule(path="rlft/assets/sample_prompts.jsonl", batch_size=8, val_fraction=0.0, seed=0)
     trainer = L.Trainer(

@@ -71,13 +71,15 @@ def test_dpo_positive_subclass_through_the_cli_and_by_hand(tmp_path):
     module._hparams = AttributeDict(beta=0.1)
     reference = PairLogps(chosen=torch.tensor([-4.0]), rejected=torch.tensor([-6.0]), chosen_tokens=torch.ones(1),
                           rejected_tokens=torch.ones(1))  # fmt: skip
-    losses, _, _ = DPOPositive.preference_loss(module, policy, reference)
+    output = DPOPositive.preference_loss(module, policy, reference, {})
+    losses = output.losses
+    assert output.stats["chosen_rewards"].item() == pytest.approx(0.1 * -1.0)
     # margin (-1) - 0 - 50 * max(0, -4 - -5) = -51; loss = -log sigmoid(0.1 * -51)
     assert float(losses) == pytest.approx(-float(torch.nn.functional.logsigmoid(torch.tensor(-5.1))), rel=1e-6)
 
 
 def test_gspo_policy_loss_subclass_through_the_cli(tmp_path):
-    rows = _fit(tmp_path, "grpo", "--model", "my_pkg.variants.GSPO")
+    rows = _fit(tmp_path, "grpo", "--model", "my_pkg.online_variants.GSPOGRPO")
     assert len(_column(rows, "train/loss")) == 3 and _column(rows, "val/reward")
     assert all(c == 0.0 for c in _column(rows, "train/clipfrac"))  # one update per rollout: the ratio is 1
 
@@ -103,8 +105,8 @@ def test_every_named_choice_takes_module_function():
     torch.testing.assert_close(kl_estimate(logp, ref, "my_pkg.variants:squared_log_ratio"), torch.tensor([0.25, 1.0]))
     rewards = [{"source": "length", "options": {"target": 4}}]
     GRPO(model="tiny-llama", rewards=rewards, baseline="my_pkg.variants:median_baseline", scale="none")
-    ReinforcePP(model="tiny-llama", rewards=rewards, kl_estimator="my_pkg.variants:squared_log_ratio")
+    ReinforcePP(model="tiny-llama", rewards=rewards, kl={"estimator": "my_pkg.variants:squared_log_ratio"})
     with pytest.raises(ValueError, match=r"unknown baseline 'medain'; choose one of \['leave_one_out', 'mean'\]"):
         GRPO(model="tiny-llama", rewards=rewards, baseline="medain")
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        ReinforcePP(model="tiny-llama", rewards=rewards, kl_estimator="my_pkg.variants:nope")
+        ReinforcePP(model="tiny-llama", rewards=rewards, kl={"estimator": "my_pkg.variants:nope"})

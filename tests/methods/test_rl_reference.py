@@ -36,7 +36,7 @@ def sft_folder(tmp_path_factory):
 @pytest.mark.parametrize("method", [GRPO, PPO])
 def test_reference_is_the_frozen_sft_adapter(tmp_path, sft_folder, method):
     L.seed_everything(0)
-    extra = {"group_size": 2, "beta": 0.1} if method is GRPO else {"kl": {"coef": 0.1}}
+    extra = {"group_size": 2, "kl": {"coef": 0.1}} if method is GRPO else {"kl": {"coef": 0.1}}
     module = method(model=sft_folder, lora=LORA, optim={"lr": 0.0}, sampling={"max_new_tokens": 6},
                     rewards=[{"source": "length", "options": {"target": 24, "unit": "chars"}}],
                     output_dir=str(tmp_path / "out"), **extra)  # fmt: skip
