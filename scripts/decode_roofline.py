@@ -7,8 +7,8 @@ most tokens per second any decoder can reach here at that batch size and dtype. 
 (peak FLOP/s) and a copy (memory bandwidth) for context.
 
 With ``--model``, also times rlft's decoder on that model at the same batch sizes (one decoding step, sampling
-included, prefill excluded: the difference of two runs of :func:`rlft.rl.decoding.decode` that never stop) through
-the lean step and through the model's forward, and prints each as a share of the roofline.
+included, prefill excluded: the difference of two runs of :func:`rlft.generation.decoder.decode` that never stop)
+through the lean step and through the model's forward, and prints each as a share of the roofline.
 
     python scripts/decode_roofline.py                      # SmolLM2-135M shapes, fp32, torch's default threads
     python scripts/decode_roofline.py --dtype bfloat16 --threads 1
@@ -89,7 +89,7 @@ def time_decoder(path: str, dtype: torch.dtype, roofline: dict, repeats: int) ->
 
     from transformers import AutoModelForCausalLM
 
-    from rlft.rl.decoding import decode, decoding_twin
+    from rlft.generation.decoder import decode, decoding_twin
 
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     # a bf16 run decodes the way a rollout does: the fp32 policy's bf16 twin

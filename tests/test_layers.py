@@ -1,6 +1,6 @@
-"""The package's layering, checked from the source: every import points down the layers and no modules import
-each other in a circle (function-level imports included, since hiding an upward import inside a function is still
-an upward import)."""
+"""The package's layering, checked from the source: every import points down the layers, no app imports another
+app, and no modules import each other in a circle (function-level imports included, since hiding an upward import
+inside a function is still an upward import)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ LAYERS = [
     {"rlft.losses", "rlft.rl_losses", "rlft.ops", "rlft.logprobs", "rlft.metrics", "rlft.registry", "rlft.outputs"},
     {"rlft.data"},
     {"rlft.models"},
+    {"rlft.generation"},
     {"rlft.rl", "rlft.strategies"},
     {"rlft.methods"},
     {"rlft.eval", "rlft.callbacks", "rlft.label", "rlft.export", "rlft.serve", "rlft.tune"},
     {"rlft.cli", "rlft.pipeline"},
 ]
+
+# apps sit side by side: each builds on the layers below, none on another (callbacks run evaluations)
+APPS = {"rlft.eval", "rlft.serve", "rlft.callbacks", "rlft.export", "rlft.tune", "rlft.label"}
+APP_IMPORTS_ALLOWED = {("rlft.callbacks", "rlft.eval")}
 
 
 def _module_name(path: Path) -> str:
@@ -66,6 +71,21 @@ def test_every_import_points_down_the_layers():
         if _layer(target) > _layer(module)
     ]
     assert not upward, "\n".join(upward)
+
+
+def _app(module: str) -> str | None:
+    return next((app for app in APPS if module == app or module.startswith(app + ".")), None)
+
+
+def test_apps_import_no_other_app():
+    crossing = [
+        f"{module} imports {target} (app {_app(target)} from app {_app(module)})"
+        for module, targets in _graph().items()
+        for target in targets
+        if _app(module) and _app(target) and _app(target) != _app(module)
+        and (_app(module), _app(target)) not in APP_IMPORTS_ALLOWED
+    ]  # fmt: skip
+    assert not crossing, "\n".join(crossing)
 
 
 def test_root_modules_are_tensor_math_only():

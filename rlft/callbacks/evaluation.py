@@ -22,8 +22,9 @@ from pathlib import Path
 
 import lightning as L
 
-from rlft.eval.generation import Generator, SamplingSettings, eval_mode
+from rlft.generation.generator import Generator, SamplingSettings
 from rlft.models.lowp import full_precision_linears
+from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
 
 log = logging.getLogger(__name__)
 

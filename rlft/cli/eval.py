@@ -28,7 +28,8 @@ def _load(model: str, device: str | None = None, dtype: str | None = None, quant
 def _generator(lm, tok, model: str):
     """The batched generator; with vLLM installed and a GPU, vLLM serves model folders/hub ids, and adapter folders
     through its LoRA support on top of their base."""
-    from rlft.eval.generation import Generator, vllm_usable
+    from rlft.generation.generator import Generator
+    from rlft.generation.vllm import vllm_usable
 
     model_path = adapter_path = None
     if vllm_usable() and not model.endswith(".ckpt"):
@@ -102,7 +103,7 @@ def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "cho
     """
     from rlft.eval.accuracy import generative_accuracy, multiple_choice_accuracy
     from rlft.eval.data import load_raw_rows
-    from rlft.eval.generation import SamplingSettings
+    from rlft.generation.generator import SamplingSettings
 
     rows = load_raw_rows(data, limit=limit)
     lm, tok = _load(model, device, dtype, quantization)
@@ -221,8 +222,8 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
         quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
     """
     from rlft.eval.data import load_records
-    from rlft.eval.generation import Generator, SamplingSettings
     from rlft.eval.reward_bench import load_reward_scorer, load_toxicity_classifier, policy_report, preference_accuracy
+    from rlft.generation.generator import Generator, SamplingSettings
 
     scorer = load_reward_scorer(reward_model)
     metrics: dict = {"pairs": preference_accuracy(scorer, load_records(pairs, kind="pairs", limit=limit))}
@@ -263,8 +264,8 @@ def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model:
     """
     from rlft.eval.compare import generate_for_policies, summarize_policies
     from rlft.eval.data import load_records
-    from rlft.eval.generation import SamplingSettings
     from rlft.eval.reward_bench import load_reward_scorer
+    from rlft.generation.generator import SamplingSettings
 
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} must be one of the policies {sorted(policies)}")
@@ -307,8 +308,8 @@ def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] =
     """
     from rlft.eval.compare import generate_for_policies, prompt_text
     from rlft.eval.data import load_records
-    from rlft.eval.generation import Generator, SamplingSettings
     from rlft.eval.judge import Judge, LocalJudge, OpenAIJudge
+    from rlft.generation.generator import Generator, SamplingSettings
 
     if mode == "pairwise" and not baseline:
         raise ValueError("pairwise judging needs --baseline MODEL")

@@ -50,7 +50,8 @@ def build_engine(model: str, *, backend: str = "auto", device: str | None = None
                  max_batch_size: int = 32):  # fmt: skip
     """Load ``model`` and wrap it in a batching engine (vLLM loads its own copy of the weights)."""
     from rlft.cli.inference import load_for_inference, resolve_inference
-    from rlft.eval.generation import Generator, vllm_usable
+    from rlft.generation.generator import Generator
+    from rlft.generation.vllm import vllm_usable
     from rlft.models import load_tokenizer, resolve_model
     from rlft.models.checkpoint import is_checkpoint
     from rlft.serve import ContinuousEngine, Engine, supports_continuous

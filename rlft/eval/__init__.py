@@ -1,6 +1,7 @@
 """rlft's evaluation suite: the Python API behind ``rlft eval``.
 
-    from rlft.eval import Generator, SamplingSettings, perplexity, evaluate_humaneval, load_problems
+    from rlft.eval import perplexity, evaluate_humaneval, load_problems
+    from rlft.generation.generator import Generator, SamplingSettings  # sampling is its own layer
     ppl = perplexity(model, tokenizer, records, mode="assistant").perplexity
 
 Names are imported lazily so ``import rlft.eval`` stays cheap.
@@ -12,7 +13,6 @@ import importlib
 
 # public name -> module that defines it (a bare name is a module of rlft.eval)
 _EXPORTS = {
-    "Generator": "generation", "SamplingSettings": "generation",
     "perplexity": "perplexity", "PerplexityResult": "perplexity",
     "multiple_choice_accuracy": "accuracy", "generative_accuracy": "accuracy", "extract_answer": "accuracy",
     "evaluate_humaneval": "humaneval", "load_problems": "humaneval",

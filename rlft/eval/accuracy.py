@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlft.eval.generation import Generator, SamplingSettings
 from rlft.eval.scoring import continuation_logprob
+from rlft.generation.generator import Generator, SamplingSettings
 from rlft.rl import answers
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from rlft.eval.generation import Generator, SamplingSettings
 from rlft.eval.reward_bench import Scorer, refusal_rate, score_exchanges
+from rlft.generation.generator import Generator, SamplingSettings
 from rlft.metrics import diversity, length_stats, outcomes_from_scores, win_rate
 
 Prompt = str | list[dict]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rlft.eval.generation import Generator, SamplingSettings
+from rlft.generation.generator import Generator, SamplingSettings
 from rlft.metrics import mean_pass_at_k
 from rlft.rl.answers import extract_code
 from rlft.rl.sandbox import run_programs

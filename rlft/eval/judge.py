@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from rlft.eval.generation import Generator, SamplingSettings
+from rlft.generation.generator import Generator, SamplingSettings
 from rlft.metrics import win_rate
 
 POINTWISE_TEMPLATE = """You are a strict, fair judge of AI assistant answers.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlft.eval.generation import eval_mode
+from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ def _bootstrap(values: np.ndarray, statistic, n: int, seed: int) -> list[float]:
 
 def response_logps(model, tokenizer, prompts: list, responses: list[str], batch_size: int = 8) -> list[float]:
     """Summed log-probability of each response's tokens after its chat-rendered prompt."""
-    from rlft.eval.generation import encode_prompt_text
     from rlft.eval.scoring import ScoringWindow, score_windows
+    from rlft.generation.generator import encode_prompt_text
 
     windows, kept = [], []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -70,7 +70,6 @@ def response_logps(model, tokenizer, prompts: list, responses: list[str], batch_
 
 def evaluate(cfg: dict) -> dict:
     from rlft.eval.data import load_records
-    from rlft.eval.generation import Generator, SamplingSettings
     from rlft.eval.refusal import load_refusal_classifier
     from rlft.eval.reward_bench import (
         load_reward_scorer,
@@ -78,6 +77,7 @@ def evaluate(cfg: dict) -> dict:
         preference_accuracy,
         score_exchanges,
     )
+    from rlft.generation.generator import Generator, SamplingSettings
     from rlft.metrics import outcomes_from_scores, win_rate
     from rlft.models import load_model, load_tokenizer
 

@@ -29,8 +29,8 @@ def sample_pairs(policy: str, reward_model: str, prompts_path: str, out: str, *,
     rounds see new prompts while there are any.
     """
     from rlft.eval.data import load_records
-    from rlft.eval.generation import Generator, SamplingSettings
     from rlft.eval.reward_bench import load_reward_scorer, score_exchanges
+    from rlft.generation.generator import Generator, SamplingSettings
     from rlft.models import load_model, load_tokenizer
 
     seen, prompts = set(), []

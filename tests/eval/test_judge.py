@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rlft.eval.generation import Generator
 from rlft.eval.judge import Judge, LocalJudge, OpenAIJudge, parse_score, parse_winner
+from rlft.generation.generator import Generator
 
 pytest.importorskip("httpx")
 

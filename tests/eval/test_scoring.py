@@ -9,9 +9,9 @@ import torch
 
 from rlft.data.encoding import IGNORE_INDEX, encode_conversation
 from rlft.eval.accuracy import extract_answer, generative_accuracy, multiple_choice_accuracy
-from rlft.eval.generation import Generator, SamplingSettings, cut_at_stop
 from rlft.eval.perplexity import perplexity
 from rlft.eval.scoring import continuation_logprob, sliding_windows
+from rlft.generation.generator import Generator, SamplingSettings, cut_at_stop
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "What is the capital of France?"},

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from rlft.eval.generation import Generator, SamplingSettings
+from rlft.generation.generator import Generator, SamplingSettings
 from rlft.models import load_model, load_tokenizer
 from rlft.serve import ContinuousEngine, supports_continuous
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from rlft.eval.generation import Generator, SamplingSettings, encode_prompt_text
+from rlft.generation.generator import Generator, SamplingSettings, encode_prompt_text
 from rlft.models import load_model, load_tokenizer
 from rlft.serve import Engine
 

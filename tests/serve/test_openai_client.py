@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from rlft.eval.generation import Generator, SamplingSettings, encode_prompt_text
+from rlft.generation.generator import Generator, SamplingSettings, encode_prompt_text
 from rlft.models import load_model, load_tokenizer
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install 'rlft[dev]')")

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from rlft.generation.kv_cache import UPCAST_SDPA, PreallocatedLayer
 from rlft.models.scoring import causal_lm
-from rlft.rl.kv_cache import UPCAST_SDPA, PreallocatedLayer
 
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -102,8 +102,8 @@ def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def lean_step(model: torch.nn.Module, cache) -> Callable | None:
     """``step(tokens [B], mask [B, L], positions [B, 1]) -> logits [B, V]`` for one new token per row, writing into
-    ``cache`` (a :func:`rlft.rl.kv_cache.preallocated_cache` the model's prefill filled), or None where this model
-    must decode through its own forward."""
+    ``cache`` (a :func:`rlft.generation.kv_cache.preallocated_cache` the model's prefill filled), or None where this
+    model must decode through its own forward."""
     lm = causal_lm(model)
     config = lm.config
     base = getattr(lm, "model", None)
@@ -135,7 +135,7 @@ def lean_step(model: torch.nn.Module, cache) -> Callable | None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     groups = q_heads // kv_heads
-    # the bf16 decoding twin attends in fp32 (rlft.rl.kv_cache._upcast_sdpa)
+    # the bf16 decoding twin attends in fp32 (rlft.generation.kv_cache._upcast_sdpa)
     upcast = getattr(config, "_attn_implementation", None) == UPCAST_SDPA
 
     def step(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

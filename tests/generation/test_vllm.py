@@ -18,9 +18,9 @@ import pytest
 import torch
 import transformers
 
+from rlft.generation.decoder import decode, merged_adapter
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.scoring import causal_lm
-from rlft.rl.decoding import decode, merged_adapter
 from rlft.rl.rollout import RolloutSettings, collect_rollout
 from tests.rl.test_rollout import prompt_batch
 
@@ -89,7 +89,7 @@ def fake_vllm(monkeypatch):
     inputs.TokensPrompt = dict
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    monkeypatch.setattr("rlft.rl.vllm_rollout.vllm_usable", lambda: True)
+    monkeypatch.setattr("rlft.generation.vllm.vllm_usable", lambda: True)
     return module
 
 
@@ -104,7 +104,7 @@ def policy():
 
 
 def test_the_engine_receives_the_merged_policy_under_its_checkpoint_names(fake_vllm, policy):
-    from rlft.rl.vllm_rollout import colocated_engine
+    from rlft.generation.vllm import colocated_engine
 
     model, tokenizer = policy
     before = {n: p.clone() for n, p in model.named_parameters()}

@@ -1,4 +1,5 @@
-"""rlft's rollout decoder: each prompt prefilled once for its whole group, finished rows dropped, LoRA merged.
+"""rlft's own decoder (``backend: rlft``): each prompt prefilled once for its whole group, finished rows dropped,
+LoRA merged.
 
 ``model.generate`` spends a rollout's time on work a GRPO group does not need: it prefills every prompt
 ``group_size`` times, keeps decoding rows that already stopped (their tokens are thrown away), and runs peft's two
@@ -22,14 +23,15 @@ import contextlib
 import copy
 import logging
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from rlft.generation.kv_cache import UPCAST_SDPA, cache_argument, preallocated_cache
+from rlft.generation.lean_step import join_projections, lean_step
+from rlft.generation.request import SampleRequest
 from rlft.models.attention import SEGMENTED_SDPA
 from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
-from rlft.rl.decode_step import join_projections, lean_step
-from rlft.rl.kv_cache import UPCAST_SDPA, cache_argument, preallocated_cache
 
 log = logging.getLogger(__name__)
 _FORWARD_NOTED: set = set()
@@ -222,12 +224,14 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     lean: bool = True,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample ``group_size`` continuations of each left-padded prompt; returns ``[B * group_size, T]`` token ids
     (rows of one prompt contiguous, padded with ``pad_id`` after each row's stop token, ``T <= max_new_tokens``).
 
-    ``lean`` decodes Llama-family models with :func:`rlft.rl.decode_step.lean_step` (the same arithmetic without
-    the modeling code's per-token overhead); other models, or ``lean=False``, step through the model's forward."""
+    ``lean`` decodes Llama-family models with :func:`rlft.generation.lean_step.lean_step` (the same arithmetic without
+    the modeling code's per-token overhead); other models, or ``lean=False``, step through the model's forward.
+    ``on_step`` sees each step's ``[B * group_size]`` tokens (``pad_id`` on rows that already stopped)."""
     step_options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     lm = causal_lm(model)  # peft's layers live inside it: its wrapper's forward adds only dispatch
     # a model that attends in fp32 keeps its cache in fp32: the new position is converted once, not the whole
@@ -261,6 +265,8 @@ def decode(
         tokens = sample_tokens(logits, **step_options)
         tokens_out[active, step] = tokens
         width = step + 1
+        if on_step is not None:
+            on_step(tokens_out[:, step])
         if step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -274,3 +280,23 @@ def decode(
         logits = step_forward(tokens, mask, positions)
         positions = positions + 1
     return tokens_out[:, :width]
+
+
+def decoder_sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   request: SampleRequest) -> torch.Tensor:  # fmt: skip
+    """The ``rlft`` sampling backend: :func:`decode` under the one backend signature (``options["lean"]``, default
+    True; ``top_k`` None takes the model's generation config, as ``model.generate`` would; stop strings do not end
+    a row early here, the caller's cut removes what follows them)."""
+    top_k = request.top_k
+    if top_k is None:
+        top_k = getattr(getattr(causal_lm(model), "generation_config", None), "top_k", None) or 0
+    on_step = None
+    if request.on_token is not None:
+
+        def on_step(column: torch.Tensor) -> None:
+            for row, token in enumerate(column.tolist()):
+                request.on_token(row, token)
+
+    return decode(model, prompt_ids, prompt_mask, max_new_tokens=request.max_new_tokens, stop_ids=request.stop_ids,
+                  pad_id=request.pad_id, group_size=request.group_size, temperature=request.temperature, top_k=top_k,
+                  top_p=request.top_p, lean=request.options.get("lean", True), on_step=on_step)  # fmt: skip

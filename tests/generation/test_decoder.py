@@ -8,10 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from rlft.generation.decoder import decode, merged_adapter, sample_tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.attention import segmented_attention
 from rlft.models.scoring import position_ids_from_mask
-from rlft.rl.decoding import decode, merged_adapter, sample_tokens
 from rlft.rl.logps import token_logps
 from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses
 from tests.rl.test_rollout import prompt_batch
@@ -103,7 +103,7 @@ def test_shared_prefill_samples_what_separate_prefill_samples(tiny):
 def test_prefill_multiplies_the_head_without_a_batch_expanded_copy(tiny, decode_dtype):
     """The prefill's last-position logits come from a [B, H] matrix times the head: the model's logits_to_keep=1
     slice made torch.matmul expand the head over the batch ([B, H, V], larger than the head itself)."""
-    from rlft.rl.decoding import decoding_twin
+    from rlft.generation.decoder import decoding_twin
 
     model, tokenizer = tiny
     decoder = model if decode_dtype is None else decoding_twin(model, decode_dtype)
@@ -231,7 +231,7 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
 
 
 def test_decoding_twin_holds_the_current_merged_policy(tiny):
-    from rlft.rl.decoding import decoding_twin
+    from rlft.generation.decoder import decoding_twin
 
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
@@ -283,7 +283,7 @@ def test_the_decoding_twin_frees_its_weights_between_rollouts(tiny, free):
     """With ``free_twin`` the twin holds no weights between rollouts (i.e. through the update); the next rollout's
     refresh restores them whole, so a seeded rollout samples what it sampled before. On a CPU it keeps them by
     default."""
-    from rlft.rl.decoding import _TWINS, decoding_twin
+    from rlft.generation.decoder import _TWINS, decoding_twin
 
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)

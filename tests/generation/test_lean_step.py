@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlft.generation.decoder import decode, decoding_twin, merged_adapter
+from rlft.generation.kv_cache import cache_argument, preallocated_cache
+from rlft.generation.lean_step import _Projection, join_projections, lean_step
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.scoring import position_ids_from_mask
-from rlft.rl.decode_step import _Projection, join_projections, lean_step
-from rlft.rl.decoding import decode, decoding_twin, merged_adapter
-from rlft.rl.kv_cache import cache_argument, preallocated_cache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -116,14 +116,14 @@ def test_decode_samples_the_same_tokens_either_way():
 
 
 def test_decoding_through_the_forward_is_said_once_per_architecture(caplog, monkeypatch):
-    from rlft.rl import decoding
+    from rlft.generation import decoder as decoding
 
     monkeypatch.setattr(decoding, "_FORWARD_NOTED", set())  # other tests in this process may have decoded Gemma
     tokenizer = load_tokenizer("tiny-gemma")
     model = load_model("tiny-gemma").eval()
     ids, mask = _prompts(model.config.vocab_size)
     common = dict(max_new_tokens=3, stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
-    with caplog.at_level("INFO", logger="rlft.rl.decoding"):
+    with caplog.at_level("INFO", logger="rlft.generation.decoder"):
         for _ in range(2):
             decode(model, ids, mask, temperature=0.0, **common)
     notes = [r.getMessage() for r in caplog.records if "no lean step" in r.getMessage()]

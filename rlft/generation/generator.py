@@ -1,0 +1,149 @@
+"""The batched text generator evaluation and serving share, and its sampling settings.
+
+Prompts are either plain strings (completion mode, e.g. HumanEval for base models) or message lists (rendered with
+the tokenizer's chat template plus the generation header). The generator encodes them, left-pads batches of similar
+length and hands each batch to a sampling backend of :mod:`rlft.generation.backends` (``hf``: ``model.generate``
+with the KV cache; ``vllm``, used when vLLM is installed, a GPU is present and the model is on disk: it loads the
+model again from its folder, an adapter folder served through vLLM's LoRA support on top of its base; ``rlft``:
+rlft's decoder), then decodes and cuts the text at the stop strings. Every backend can report each generated token
+to a callback, which is how ``rlft serve`` streams and counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rlft.generation.backends import batches_itself, get_sampler
+from rlft.generation.request import SampleFn, SampleRequest
+from rlft.generation.vllm import VLLMEngine, vllm_sample, vllm_usable
+from rlft.models.modes import inference
+from rlft.models.tokens import pad_token_id, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict]
+# called as on_token(prompt index, sample index, token id) for every token a backend generates, in order; a
+# finished row keeps receiving pad/stop ids until its batch ends. Greedy decoding reports sample 0 only.
+TokenCallback = Callable[[int, int, int], None]
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample.
+
+    Args:
+        max_new_tokens: Tokens generated at most per sample.
+        temperature: 0 means greedy decoding.
+        top_p: Nucleus sampling mass (sampling only).
+        num_samples: Samples per prompt (``n`` of pass@k).
+        stop: Strings that end a sample; the text is cut before the first one.
+        batch_size: Prompts per forward batch (the torch backends; vLLM batches on its own).
+        seed: Seed for sampling, so evaluations are reproducible.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 8
+    seed: int = 0
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Text before the earliest stop string (unchanged if none occurs)."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+def encode_prompt_text(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat template + generation header for messages, plain encoding for strings."""
+    if isinstance(prompt, str):
+        # a string already rendered through the chat template carries its BOS: do not add a second one
+        rendered = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+        return tokenizer(prompt, add_special_tokens=not rendered)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    # the template already holds BOS where the model wants one: adding it again would double it
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class Generator:
+    """The batched generator all evaluations and the windowed server share.
+
+    Args:
+        model: A loaded causal LM (``PreTrainedModel`` or ``PeftModel``); None only for a vLLM backend.
+        tokenizer: Its tokenizer (with a chat template for message prompts).
+        backend: ``"auto"`` (vLLM when usable and ``model_path`` is given, else ``"hf"``), or a backend of
+            :mod:`rlft.generation.backends`: ``"hf"``, ``"vllm"``, ``"rlft"`` or ``module:function``.
+        model_path: Folder of the model on disk (the base, when ``adapter_path`` is given); only vLLM needs it.
+        adapter_path: LoRA adapter folder vLLM applies on top of ``model_path``.
+        dtype: vLLM's dtype.
+    """
+
+    def __init__(self, model, tokenizer, *, backend: str | SampleFn = "auto", model_path: str | None = None,
+                 adapter_path: str | None = None, dtype: str = "auto") -> None:  # fmt: skip
+        if backend == "auto":
+            backend = "vllm" if model_path is not None and vllm_usable() else "hf"
+        self.sample = get_sampler(backend)
+        self.model, self.tokenizer = model, tokenizer
+        self.backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+        self.options: dict = {}
+        if self.sample is vllm_sample:  # evaluation's vLLM loads the weights itself, from the folder
+            if not (vllm_usable() and model_path):
+                raise ValueError("backend='vllm' needs vLLM installed, a CUDA GPU and the model as a folder on disk")
+            self.options["engine"] = VLLMEngine.from_folder(model_path, adapter_path=adapter_path, dtype=dtype)
+        elif model is None:
+            raise ValueError(f"the {self.backend_name!r} backend needs a loaded model (vLLM is not usable here)")
+        log.info("generation backend: %s", self.backend_name)
+
+    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings | None = None,
+                 on_token: TokenCallback | None = None) -> list[list[str]]:  # fmt: skip
+        """``settings.num_samples`` completions per prompt, in prompt order; ``on_token`` sees every new token
+        (what serving streams and counts)."""
+        if not prompts:
+            return []
+        settings = settings or SamplingSettings()
+        tok = self.tokenizer
+        encoded = [encode_prompt_text(tok, p) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        outputs: list[list[str]] = [[] for _ in prompts]
+        sampling = settings.temperature > 0
+        per_prompt = settings.num_samples if sampling else 1  # greedy: one sample, repeated below
+        size = len(order) if batches_itself(self.sample) else settings.batch_size
+        device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
+        options = dict(max_new_tokens=settings.max_new_tokens, stop_ids=stop_token_ids(tok, self.model),
+                       pad_id=pad_token_id(tok), group_size=per_prompt, temperature=settings.temperature,
+                       top_p=settings.top_p if sampling else 1.0, top_k=None, seed=settings.seed,
+                       stop_strings=tuple(settings.stop), tokenizer=tok, options=self.options)  # fmt: skip
+        # a private RNG stream: seeded sampling must not reset the generator a training run is using
+        devices = [device.index or 0] if device.type == "cuda" else []
+        modes = inference(self.model) if self.model is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), modes:
+            torch.manual_seed(settings.seed)
+            for start in range(0, len(order), size):
+                batch = order[start : start + size]
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.full((len(batch), width), options["pad_id"], dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                    mask[row, width - len(encoded[i]) :] = 1
+                report = None
+                if on_token is not None:
+
+                    def report(row: int, token: int, batch: list[int] = batch) -> None:
+                        on_token(batch[row // per_prompt], row % per_prompt, token)
+
+                request = SampleRequest(**options, on_token=report)
+                tokens = self.sample(self.model, ids.to(device), mask.to(device), request)
+                texts = tok.batch_decode(tokens, skip_special_tokens=True)
+                for row, i in enumerate(batch):
+                    samples = [cut_at_stop(t, settings.stop) for t in texts[row * per_prompt : (row + 1) * per_prompt]]
+                    # greedy decoding is deterministic: n identical samples without n forward passes
+                    outputs[i] = samples if sampling else samples * settings.num_samples
+        return outputs
