@@ -1,9 +1,10 @@
 """Training objectives of rlft as pure functions on tensors.
 
-Every loss returns **per-example** (unreduced) values, so methods choose the reduction, plus detached statistics
-for logging. Log-prob arguments follow the TRL/torchtune convention: ``*_logps`` are per-sequence log-probs
-(``[B]``, summed over completion tokens unless a docstring says "length-averaged"), computed with
-:func:`rlft.ops.gather_logps` and :func:`rlft.ops.sequence_logps`.
+Every loss returns **per-example** (unreduced) values, so methods choose the reduction and a per-row weight can reach
+it; the pairwise losses return a :class:`rlft.outputs.LossOutput` (their chosen/rejected rewards in ``stats``).
+Log-prob arguments follow the TRL/torchtune convention: ``*_logps`` are per-sequence log-probs (``[B]``, summed over
+completion tokens unless a docstring says "length-averaged"), from :func:`rlft.ops.gather_logps` and
+:func:`rlft.ops.sequence_logps`.
 
 Losses are looked up by name in ``LOSSES``; DPO variants in ``DPO_LOSS_TYPES``. Online-RL losses (PPO, GRPO) live
 in :mod:`rlft.rl_losses` and are re-exported here.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rlft.ops import masked_mean
+from rlft.outputs import LossOutput
 from rlft.registry import resolve
 from rlft.rl_losses import LOSS_AGGREGATIONS, grpo_loss, ppo_policy_loss, ppo_value_loss
 
@@ -69,14 +71,14 @@ def bradley_terry_loss(
     *,
     margin: torch.Tensor | float | None = None,
     center_coef: float = 0.0,
-) -> torch.Tensor:
+) -> LossOutput:
     r"""Pairwise reward-model loss under the Bradley-Terry model (InstructGPT, https://arxiv.org/abs/2203.02155).
 
     .. math:: L = -\log\sigma(r_c - r_r - m) + \lambda (r_c + r_r)^2
 
     ``m`` is Llama 2's preference-strength margin (https://arxiv.org/abs/2307.09288, eq. 2); the centring term
     (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244) keeps rewards near zero and is TRL's
-    ``center_rewards_coefficient``. ``losses.mean()`` equals TRL ``RewardTrainer``'s loss.
+    ``center_rewards_coefficient``. ``.loss`` (the mean) equals TRL ``RewardTrainer``'s loss.
 
     Args:
         chosen_rewards: ``[B]`` scalar rewards of the preferred responses.
@@ -85,7 +87,7 @@ def bradley_terry_loss(
         center_coef: ``lambda``; 0 disables the term.
 
     Returns:
-        ``[B]`` losses.
+        ``[B]`` losses; stats ``chosen_rewards`` / ``rejected_rewards`` (the inputs, detached).
     """
     _check_batch(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     diff = chosen_rewards - rejected_rewards
@@ -94,7 +96,11 @@ def bradley_terry_loss(
     losses = -F.logsigmoid(diff)
     if center_coef:
         losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
-    return losses
+    return _with_rewards(losses, chosen_rewards, rejected_rewards)
+
+
+def _with_rewards(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, **stats) -> LossOutput:
+    return LossOutput(losses, {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(), **stats})
 
 
 def _dpo_sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -146,7 +152,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_nll: torch.Tensor | None = None,
     rpo_alpha: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> LossOutput:
     r"""Direct Preference Optimization (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) and variants.
 
     With :math:`h = \log\frac{\pi_\theta(y_c)}{\pi_{ref}(y_c)} - \log\frac{\pi_\theta(y_r)}{\pi_{ref}(y_r)}`:
@@ -175,8 +181,7 @@ def dpo_loss(
         rpo_alpha: RPO weight.
 
     Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are
-        ``beta * (policy - ref)``, detached.
+        ``[B]`` losses; stats ``chosen_rewards`` / ``rejected_rewards``: ``beta * (policy - ref)``, detached.
     """
     _check_batch(
         policy_chosen_logps=policy_chosen_logps,
@@ -196,7 +201,7 @@ def dpo_loss(
     losses = variant(chosen_logratios - rejected_logratios, beta, label_smoothing)
     if chosen_nll is not None:
         losses = losses + rpo_nll_term(chosen_nll, rpo_alpha)
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    return _with_rewards(losses, beta * chosen_logratios, beta * rejected_logratios)
 
 
 def rpo_nll_term(chosen_nll: torch.Tensor, rpo_alpha: float) -> torch.Tensor:
@@ -238,7 +243,7 @@ def orpo_loss(
     chosen_nll: torch.Tensor,
     *,
     beta: float = 0.1,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossOutput:
     r"""Odds-Ratio Preference Optimization (Hong et al. 2024, https://arxiv.org/abs/2403.07691, eqs. 4-7).
 
     .. math:: L = \mathrm{NLL}(y_c) - \lambda \log\sigma\Big(\log\frac{\mathrm{odds}(y_c)}{\mathrm{odds}(y_r)}\Big),
@@ -255,7 +260,7 @@ def orpo_loss(
         beta: weight :math:`\lambda` of the odds-ratio term.
 
     Returns:
-        ``(losses [B], stats)`` with detached ``chosen_rewards`` / ``rejected_rewards`` (``beta * logps``),
+        ``[B]`` losses; stats (detached) ``chosen_rewards`` / ``rejected_rewards`` (``beta * logps``),
         ``log_odds_ratio`` (``log sigma(log OR)``), ``log_odds_chosen`` (``log OR``) and ``nll``.
     """
     _check_batch(
@@ -268,14 +273,10 @@ def orpo_loss(
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     log_sigmoid_odds = F.logsigmoid(log_odds)
     losses = chosen_nll - beta * log_sigmoid_odds
-    stats = {
-        "chosen_rewards": beta * policy_chosen_logps.detach(),
-        "rejected_rewards": beta * policy_rejected_logps.detach(),
-        "log_odds_ratio": log_sigmoid_odds.detach(),
-        "log_odds_chosen": log_odds.detach(),
-        "nll": chosen_nll.detach(),
-    }
-    return losses, stats
+    return _with_rewards(
+        losses, beta * policy_chosen_logps, beta * policy_rejected_logps,
+        log_odds_ratio=log_sigmoid_odds.detach(), log_odds_chosen=log_odds.detach(), nll=chosen_nll.detach(),
+    )  # fmt: skip
 
 
 def simpo_loss(
@@ -285,7 +286,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> LossOutput:
     r"""Simple Preference Optimization (Meng et al. 2024, https://arxiv.org/abs/2405.14734, eq. 6), reference-free.
 
     .. math:: L = -\log\sigma\Big(\frac{\beta}{|y_c|}\log\pi_\theta(y_c) - \frac{\beta}{|y_r|}\log\pi_\theta(y_r)
@@ -303,14 +304,14 @@ def simpo_loss(
         label_smoothing: label-flip probability.
 
     Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * logps``, detached.
+        ``[B]`` losses; stats ``chosen_rewards`` / ``rejected_rewards``: ``beta * logps``, detached.
     """
     _check_batch(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing is a label-flip probability in [0, 0.5], got {label_smoothing}")
     margin = beta * (policy_chosen_logps - policy_rejected_logps) - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
-    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+    return _with_rewards(losses, beta * policy_chosen_logps, beta * policy_rejected_logps)
 
 
 LOSSES: dict[str, Callable[..., object]] = {

@@ -1,7 +1,8 @@
 """``RLFTModule``: what every rlft method shares — model loading, LoRA, optimiser/schedule, checkpoints, export.
 
-Subclasses set ``data_kind`` (what the data module must serve) and implement ``compute_loss(batch)``. Everything a
-researcher typically changes is a method of its own so a subclass overrides one thing.
+Subclasses set ``data_kind`` (what the data module must serve) and ``uses_fields`` (the per-row fields they read), and
+implement ``compute_loss(batch)``, which training and validation both run. Everything a researcher typically changes
+is a method of its own so a subclass overrides one thing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import transformers
 from lightning.pytorch.cli import OptimizerCallable
 
 from rlft.data.collate import count_tokens
+from rlft.methods.fields import check_fields, row_field, weighted_mean
 from rlft.methods.optim import OptimizerSettings, optimizer_factory, resolve_optimizer
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
@@ -43,6 +45,12 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
     return value
+
+
+def _mean(value: torch.Tensor) -> torch.Tensor:
+    """A metric as logged: a per-example ``[B]`` tensor as its mean, a scalar as it is."""
+    value = torch.as_tensor(value).detach()
+    return value.float().mean() if value.dim() else value
 
 
 class _RestoreWeightsOnCrash(L.Callback):
@@ -82,6 +90,8 @@ class RLFTModule(L.LightningModule):
     """
 
     data_kind: ClassVar[str] = "sft"
+    # per-row numeric fields of the data this method reads (e.g. a pair's `weight`); any other draws a warning at fit
+    uses_fields: ClassVar[frozenset[str]] = frozenset()
     supports_packed_batches: ClassVar[bool] = True  # False where the loss needs padded rows
     default_lr: ClassVar[float] = 2e-4
 
@@ -154,6 +164,8 @@ class RLFTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._packing() and not self.supports_packed_batches:
             raise ValueError(f"{type(self).__name__} does not take packed batches; set data.packing: false")
+        if stage == "fit":
+            check_fields(self)  # before any step: a field it ignores is said once, up front
 
     def _check_packing(self) -> None:
         lm = getattr(self.model, "backbone", self.model)  # a reward model's network wraps its causal LM
@@ -167,20 +179,68 @@ class RLFTModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training loop
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return the scalar loss and a dict of detached metrics (names without the ``train/`` prefix)."""
+        """The scalar loss and detached metrics (names without the ``train/``/``val/`` prefix) of a batch.
+
+        Training and validation both run it. A metric is a scalar or a per-example ``[B]`` tensor (logged as its
+        mean; :meth:`validation_epoch_metrics` receives it whole).
+        """
         raise NotImplementedError
+
+    def reduce_losses(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The loss to optimise from per-example ``losses``: their mean, or ``sum(w * l) / sum(w)`` when the batch has
+        a per-row ``weight`` (over this process's batch)."""
+        return weighted_mean(losses, row_field(batch, "weight"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute_loss(batch)
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+        self.log_dict({f"train/{k}": _mean(v) for k, v in metrics.items()})
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)
         batch_size = self.batch_size_of(batch)
+        if type(self).validation_epoch_metrics is not RLFTModule.validation_epoch_metrics:  # overridden: pool
+            for name, value in {"loss": loss, **metrics}.items():
+                self._val_pool.setdefault(name, []).append(value.detach().reshape(-1))
+            self._val_batch_sizes.append(batch_size)  # a Python int: no device copy per step
+            return
         self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
+        self.log_dict({f"val/{k}": _mean(v) for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
+
+    def validation_epoch_metrics(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Metrics of the whole validation set from what :meth:`compute_loss` returned for each batch.
+
+        By default validation logs each batch's loss and metrics as a mean over examples. Override this where a
+        number is not such a mean (a token-weighted loss, perplexity, AUROC): validation then keeps, for every batch
+        of every process, the ``loss``, the ``batch_size`` (examples) and each metric (a scalar once per batch, a
+        ``[B]`` tensor whole), and passes them here as 1-D float64 tensors in order.
+
+        Returns:
+            Metric names without the ``val/`` prefix (``loss`` among them) and scalar values.
+        """
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_pool: dict[str, list[torch.Tensor]] = {}
+        self._val_batch_sizes: list[int] = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not getattr(self, "_val_pool", None):
+            return
+        pooled = {name: torch.cat(values).double() for name, values in self._val_pool.items()}
+        pooled["batch_size"] = torch.tensor(self._val_batch_sizes, dtype=torch.float64, device=self.device)
+        metrics = self.validation_epoch_metrics({name: self._gather(v) for name, v in pooled.items()})
+        self.log("val/loss", metrics.pop("loss").float(), prog_bar=True)
+        self.log_dict({f"val/{k}": torch.as_tensor(v).float() for k, v in metrics.items()})
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of every process, concatenated (processes may hold different numbers)."""
+        sizes = self.all_gather(torch.tensor([len(values)], device=values.device)).reshape(-1).tolist()
+        padded = values.new_zeros(max(sizes))
+        padded[: len(values)] = values
+        gathered = self.all_gather(padded).reshape(len(sizes), -1)
+        return torch.cat([row[:n] for row, n in zip(gathered, sizes)])
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over all training processes (itself in one process): for statistics and decisions
@@ -191,7 +251,7 @@ class RLFTModule(L.LightningModule):
 
     def batch_size_of(self, batch: dict) -> int:
         """Examples in a padded or packed batch (pairs count once)."""
-        for key in ("prompt_lengths", "seq_lengths"):
+        for key in ("prompt_lengths", "seq_lengths", "ranking_sizes"):
             if key in batch:
                 return len(batch[key])
         first = next(v for v in batch.values() if torch.is_tensor(v))

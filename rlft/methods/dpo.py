@@ -36,9 +36,18 @@ from rlft.models.scoring import (  # noqa: F401
     pair_metrics,
     vocabulary_size,
 )
+from rlft.outputs import LossOutput
 from rlft.registry import resolve
 
 log = logging.getLogger(__name__)
+
+
+def preference_metrics(logps: PairLogps, output: LossOutput) -> dict[str, torch.Tensor]:
+    """The shared preference metrics (:func:`pair_metrics`) from a preference hook's output, plus every other
+    statistic it returned (as its mean)."""
+    stats = dict(output.stats)
+    metrics = pair_metrics(logps, stats.pop("chosen_rewards"), stats.pop("rejected_rewards"))
+    return metrics | LossOutput(output.losses, stats).metrics()
 
 
 # ------------------------------------------------------------------------------------------------------ method
@@ -47,7 +56,8 @@ class DPO(RLFTModule):
 
     Logs ``{train,val}/rewards/{chosen,rejected,accuracy,margin}`` and ``{train,val}/logps/{chosen,rejected}``.
     To try a new objective, override :meth:`preference_loss` or register a function in
-    ``rlft.losses.DPO_LOSS_TYPES`` and select it with ``loss_type``.
+    ``rlft.losses.DPO_LOSS_TYPES`` and select it with ``loss_type``. A per-row ``weight`` of the pairs weights each
+    pair's loss in the batch mean.
 
     Args:
         beta: Inverse temperature of the implicit reward (IPO's tau for ``loss_type: ipo``).
@@ -67,6 +77,7 @@ class DPO(RLFTModule):
 
     default_lr = 5e-6
     data_kind = "pairs"
+    uses_fields = frozenset({"weight"})
 
     def __init__(
         self,
@@ -148,10 +159,13 @@ class DPO(RLFTModule):
     def policy_logps(self, batch: dict) -> PairLogps:
         return pair_logps(self.model, batch, self.hparams.share_prompts)
 
-    def preference_loss(
-        self, policy: PairLogps, reference: PairLogps
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example losses and implicit rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
+    def preference_loss(self, policy: PairLogps, reference: PairLogps, batch: dict) -> LossOutput:
+        """Per-pair losses ``[B]``, with the implicit rewards in ``stats["chosen_rewards"]`` and
+        ``stats["rejected_rewards"]`` (``[B]``, detached); any other statistic is logged as its mean.
+
+        ``batch`` carries every per-row field of the data (a ``margin``, a ``score``) for a variant that reads one;
+        the per-row ``weight`` is applied after this hook, by :meth:`compute_loss`.
+        """
         hp = self.hparams
         averaged = getattr(resolve(hp.loss_type, DPO_LOSS_TYPES, "loss_type"), "length_averaged", False)
         chosen, rejected = (policy.chosen_avg, policy.rejected_avg) if averaged else (policy.chosen, policy.rejected)
@@ -166,8 +180,8 @@ class DPO(RLFTModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = self.policy_logps(batch)
-        losses, chosen_rewards, rejected_rewards = self.preference_loss(policy, self.reference_logps(batch))
-        metrics = pair_metrics(policy, chosen_rewards, rejected_rewards)
+        output = self.preference_loss(policy, self.reference_logps(batch), batch)
+        metrics = preference_metrics(policy, output)
         if self.hparams.rpo_alpha is not None:
             metrics["nll"] = policy.chosen_nll.detach().mean()
-        return losses.mean(), metrics
+        return self.reduce_losses(output.losses, batch), metrics

@@ -1,7 +1,8 @@
 """Reference-free preference optimisation: ORPO and SimPO.
 
 Both score chosen and rejected in one concatenated forward (:func:`rlft.methods.dpo.pair_logps`) and compare
-**length-averaged** log-probs, so no reference model is loaded or run.
+**length-averaged** log-probs, so no reference model is loaded or run. A per-row ``weight`` of the pairs weights each
+pair's loss in the batch mean; ``preference_loss(policy, batch)`` is the hook to override.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import torch
 
 from rlft.losses import orpo_loss, simpo_loss
 from rlft.methods.base import RLFTModule
-from rlft.models.scoring import PairLogps, pair_logps, pair_metrics
+from rlft.methods.dpo import preference_metrics
+from rlft.models.scoring import PairLogps, pair_logps
+from rlft.outputs import LossOutput
 
 
-def _average_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
-    metrics = pair_metrics(logps, chosen_rewards, rejected_rewards)
+def _average_metrics(logps: PairLogps, output: LossOutput) -> dict:
+    metrics = preference_metrics(logps, output)
     # these methods optimise length-averaged log-probs, so report those (as TRL's ORPO/CPO trainers do)
     metrics["logps/chosen"] = logps.chosen_avg.detach().mean()
     metrics["logps/rejected"] = logps.rejected_avg.detach().mean()
@@ -36,6 +39,7 @@ class ORPO(RLFTModule):
 
     default_lr = 8e-6
     data_kind = "pairs"
+    uses_fields = frozenset({"weight"})
 
     def __init__(
         self,
@@ -47,16 +51,15 @@ class ORPO(RLFTModule):
     ) -> None:
         super().__init__(model, **kwargs)
 
-    def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-example losses ``[B]`` and the statistics of :func:`rlft.losses.orpo_loss` (override for a variant)."""
+    def preference_loss(self, policy: PairLogps, batch: dict) -> LossOutput:
+        """Per-pair losses ``[B]`` and the statistics of :func:`rlft.losses.orpo_loss` (``chosen_rewards`` and
+        ``rejected_rewards`` among them); ``batch`` carries the data's per-row fields. Override for a variant."""
         return orpo_loss(policy.chosen_avg, policy.rejected_avg, policy.chosen_nll, beta=self.hparams.beta)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = pair_logps(self.model, batch, self.hparams.share_prompts)
-        losses, stats = self.preference_loss(logps)
-        metrics = _average_metrics(logps, stats["chosen_rewards"], stats["rejected_rewards"])
-        metrics.update({name: stats[name].mean() for name in ("nll", "log_odds_ratio", "log_odds_chosen")})
-        return losses.mean(), metrics
+        output = self.preference_loss(logps, batch)
+        return self.reduce_losses(output.losses, batch), _average_metrics(logps, output)
 
 
 class SimPO(RLFTModule):
@@ -74,6 +77,7 @@ class SimPO(RLFTModule):
 
     default_lr = 1e-6
     data_kind = "pairs"
+    uses_fields = frozenset({"weight"})
 
     def __init__(
         self,
@@ -90,8 +94,9 @@ class SimPO(RLFTModule):
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
         super().__init__(model, **kwargs)
 
-    def preference_loss(self, policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example losses and rewards ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
+    def preference_loss(self, policy: PairLogps, batch: dict) -> LossOutput:
+        """Per-pair losses ``[B]`` with the rewards in ``stats["chosen_rewards"]`` / ``stats["rejected_rewards"]``;
+        ``batch`` carries the data's per-row fields. The CPO-SimPO NLL term is added after this hook."""
         hp = self.hparams
         return simpo_loss(
             policy.chosen_avg, policy.rejected_avg, beta=hp.beta, gamma=hp.gamma, label_smoothing=hp.label_smoothing
@@ -100,9 +105,10 @@ class SimPO(RLFTModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         logps = pair_logps(self.model, batch, self.hparams.share_prompts)
-        losses, chosen_rewards, rejected_rewards = self.preference_loss(logps)
-        metrics = _average_metrics(logps, chosen_rewards, rejected_rewards)
+        output = self.preference_loss(logps, batch)
+        metrics = _average_metrics(logps, output)
+        losses = output.losses
         if hp.nll_weight:
             losses = losses + hp.nll_weight * logps.chosen_nll
             metrics["nll"] = logps.chosen_nll.detach().mean()
-        return losses.mean(), metrics
+        return self.reduce_losses(losses, batch), metrics

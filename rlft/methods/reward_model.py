@@ -14,9 +14,11 @@ import torch
 
 from rlft.losses import RANKING_LOSSES, bradley_terry_loss
 from rlft.methods.base import RLFTModule
+from rlft.methods.fields import row_field
 from rlft.metrics import pairwise_auroc
 from rlft.models.reward import REWARD_HEADS, RewardNetwork, RewardScorer, write_reward_folder  # noqa: F401
 from rlft.models.scoring import pair_layout
+from rlft.outputs import LossOutput
 from rlft.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -27,11 +29,16 @@ class RewardModel(RLFTModule):
 
     Logs ``train/loss``, ``{train,val}/rewards/{chosen,rejected,margin}``, ``train/accuracy``, and over the whole
     validation set ``val/loss``, ``val/accuracy`` (share of pairs ranked right) and ``val/auroc`` (chosen vs
-    rejected rewards pooled).
+    rejected rewards pooled), all from :meth:`compute_loss`.
+
+    Per-row fields of pair data: a ``margin`` (a number on every pair) is Llama 2's preference-strength margin
+    ``m_i`` in ``-log sigmoid(r_c - r_r - m_i)`` and takes precedence over the constant ``margin`` below; a
+    ``weight`` weights each pair's loss in the batch mean. To change the pair loss, override :meth:`reward_loss`.
 
     Args:
         head: ``linear`` or ``mlp`` (2 layers) — see ``REWARD_HEADS``.
-        margin: Constant margin ``m`` in ``-log sigmoid(r_c - r_r - m)``; null for none.
+        margin: Constant margin ``m`` in ``-log sigmoid(r_c - r_r - m)`` for data without a per-row ``margin`` (a
+            per-row margin wins where both are given); null for none.
         center_coef: Weight of ``(r_c + r_r)^2`` that keeps rewards centred on 0 (0 disables it).
         head_dtype: Keep the head in this dtype (``float32`` is stable even with a bf16 backbone).
         share_prompts: Run each pair's common prompt once for both responses (exact; see ``rlft.methods.DPO``).
@@ -42,6 +49,7 @@ class RewardModel(RLFTModule):
 
     default_lr = 1e-4
     data_kind = "pairs"
+    uses_fields = frozenset({"margin", "weight"})
 
     def __init__(
         self,
@@ -92,52 +100,48 @@ class RewardModel(RLFTModule):
         pairs = (upper & mask[:, :, None] & mask[:, None, :]).nonzero()
         return losses, rewards[pairs[:, 0], pairs[:, 1]], rewards[pairs[:, 0], pairs[:, 2]]
 
+    def reward_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict) -> LossOutput:
+        """Per-pair losses ``[B]`` from the rewards (with grad) of chosen and rejected, ``[B]`` each.
+
+        Bradley-Terry with the batch's per-row ``margin`` if it has one, else the constant ``margin``. ``batch``
+        carries every per-row field of the data, for a variant that reads one; the per-row ``weight`` is applied
+        after this hook, by :meth:`compute_loss`. Override to change the loss of training and validation alike.
+        """
+        margin = row_field(batch, "margin")
+        margin = self.hparams.margin if margin is None else margin.to(chosen)
+        return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=self.hparams.center_coef)
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if "ranking_sizes" in batch:
+        """The (``weight``-ed) mean loss of a pair or ranking batch; its metrics carry every pair's rewards, ``[B]``,
+        from which validation computes accuracy and AUROC over the whole set."""
+        if "ranking_sizes" in batch:  # per-prompt losses; every (better, worse) pair of a ranking counts as a pair
             losses, chosen, rejected = self.ranking_pairs(batch)
-            chosen, rejected = chosen.detach(), rejected.detach()
-            return losses.mean(), {"accuracy": (chosen > rejected).float().mean(),
-                                   "rewards/margin": (chosen - rejected).mean()}  # fmt: skip
-        chosen, rejected = self.pair_rewards(batch)
-        losses = bradley_terry_loss(chosen, rejected, margin=self.hparams.margin, center_coef=self.hparams.center_coef)
+            output = LossOutput(losses)
+        else:
+            chosen, rejected = self.pair_rewards(batch)
+            output = self.reward_loss(chosen, rejected, batch)
         chosen, rejected = chosen.detach(), rejected.detach()
-        metrics = {
+        metrics = {k: v for k, v in output.stats.items() if k not in ("chosen_rewards", "rejected_rewards")}
+        metrics.update({
             "accuracy": (chosen > rejected).float().mean(),
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margin": (chosen - rejected).mean(),
+        })  # fmt: skip
+        return self.reduce_losses(output.losses, batch), metrics
+
+    def validation_epoch_metrics(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accuracy, AUROC and reward means over every pair of the set; ``loss``: the batches' losses weighted by
+        their numbers of examples."""
+        chosen, rejected, sizes = pooled["rewards/chosen"], pooled["rewards/rejected"], pooled["batch_size"]
+        return {
+            "loss": (pooled["loss"] * sizes).sum() / sizes.sum(),
+            "accuracy": (chosen > rejected).double().mean(),
+            "auroc": torch.tensor(pairwise_auroc(chosen.tolist(), rejected.tolist())),
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
             "rewards/margin": (chosen - rejected).mean(),
         }
-        return losses.mean(), metrics
-
-    # ------------------------------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self) -> None:
-        self._val_rewards: list[torch.Tensor] = []
-        self._val_losses: list[torch.Tensor] = []
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if "ranking_sizes" in batch:  # accuracy / AUROC over every (better, worse) pair of the rankings
-            losses, chosen, rejected = self.ranking_pairs(batch)
-        else:
-            chosen, rejected = self.pair_rewards(batch)
-            losses = bradley_terry_loss(chosen, rejected, margin=self.hparams.margin,
-                                        center_coef=self.hparams.center_coef)  # fmt: skip
-        self._val_rewards.append(torch.stack([chosen, rejected], dim=-1))
-        self._val_losses.append(losses)
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_rewards:
-            return
-        rewards = self.all_gather(torch.cat(self._val_rewards)).reshape(-1, 2).float()
-        losses = self.all_gather(torch.cat(self._val_losses)).reshape(-1)
-        chosen, rejected = rewards[:, 0], rewards[:, 1]
-        self.log("val/loss", losses.mean(), prog_bar=True)
-        self.log_dict({
-            "val/accuracy": (chosen > rejected).float().mean(),
-            "val/auroc": torch.tensor(pairwise_auroc(chosen.tolist(), rejected.tolist())),
-            "val/rewards/chosen": chosen.mean(),
-            "val/rewards/rejected": rejected.mean(),
-            "val/rewards/margin": (chosen - rejected).mean(),
-        })  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ export
     def reward_config(self) -> dict:

@@ -13,7 +13,8 @@ from rlft.models.scoring import scored_logps
 class SFT(RLFTModule):
     """Supervised fine-tuning: next-token NLL on assistant tokens only, token-weighted over the batch.
 
-    Logs ``train/loss``, ``val/loss`` (token-weighted over the whole validation set) and ``val/perplexity``.
+    Logs ``train/loss``, ``val/loss`` (token-weighted over the whole validation set) and ``val/perplexity``; both
+    come from :meth:`compute_loss`, so an override of it changes validation too.
     """
 
     data_kind = "sft"
@@ -47,18 +48,10 @@ class SFT(RLFTModule):
         loss = nll / tokens.clamp(min=1)
         return loss, {"trained_tokens": tokens.float(), "global_loss": loss.detach()}
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logps = self.token_logps(batch)
-        self._val_nll += -logps.double().sum()
-        self._val_tokens += logps.numel()
-
-    def on_validation_epoch_end(self) -> None:
-        nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
-        loss = (nll / tokens.clamp(min=1)).float()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/perplexity", loss.exp())
+    def validation_epoch_metrics(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss``: each batch's :meth:`compute_loss` weighted by its trained tokens, which is the NLL per token of
+        the whole set (not a mean of batch means); ``perplexity``: its exponential."""
+        # a compute_loss override that reports no token count is weighted by examples
+        weights = pooled.get("trained_tokens", pooled["batch_size"])
+        loss = (pooled["loss"] * weights).sum() / weights.sum().clamp(min=1)
+        return {"loss": loss, "perplexity": loss.exp()}

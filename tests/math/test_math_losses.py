@@ -23,6 +23,7 @@ from rlft.losses import (
     sft_loss,
     simpo_loss,
 )
+from rlft.outputs import LossOutput
 
 
 def softplus(x: float) -> float:
@@ -56,10 +57,13 @@ def test_sft_loss_is_per_example_mean_nll():
 
 def test_bradley_terry_hand_computed():
     chosen, rejected = t(2.0, 0.0), t(1.0, 0.5)
-    assert bradley_terry_loss(chosen, rejected).tolist() == pytest.approx([softplus(-1.0), softplus(0.5)])
-    with_margin = bradley_terry_loss(chosen, rejected, margin=t(0.5, 1.0))
+    plain = bradley_terry_loss(chosen, rejected)
+    assert isinstance(plain, LossOutput) and plain.losses.tolist() == pytest.approx([softplus(-1.0), softplus(0.5)])
+    assert plain.stats["chosen_rewards"].tolist() == [2.0, 0.0]
+    assert plain.stats["rejected_rewards"].tolist() == [1.0, 0.5]
+    with_margin = bradley_terry_loss(chosen, rejected, margin=t(0.5, 1.0)).losses
     assert with_margin.tolist() == pytest.approx([softplus(-0.5), softplus(1.5)])
-    centred = bradley_terry_loss(chosen, rejected, center_coef=0.01)
+    centred = bradley_terry_loss(chosen, rejected, center_coef=0.01).losses
     assert centred.tolist() == pytest.approx([softplus(-1.0) + 0.01 * 9, softplus(0.5) + 0.01 * 0.25])
     with pytest.raises(ValueError, match="batch"):
         bradley_terry_loss(t(1.0, 2.0), t(1.0))
@@ -80,16 +84,18 @@ DPO_INPUTS = (t(-1.0), t(-3.0), t(-2.0), t(-2.0))
     ],
 )
 def test_dpo_variants_hand_computed(loss_type, label_smoothing, expected):
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        *DPO_INPUTS, beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing
-    )
+    output = dpo_loss(*DPO_INPUTS, beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing)
+    assert isinstance(output, LossOutput)
+    losses, stats = output
+    chosen_rewards, rejected_rewards = stats["chosen_rewards"], stats["rejected_rewards"]
     assert losses.item() == pytest.approx(expected, rel=1e-12)
     assert chosen_rewards.item() == pytest.approx(0.1 * 1.0) and rejected_rewards.item() == pytest.approx(-0.1)
 
 
 def test_dpo_gradient_and_detached_rewards():
     policy_chosen = t(-1.0).requires_grad_(True)
-    losses, chosen_rewards, _ = dpo_loss(policy_chosen, t(-3.0), t(-2.0), t(-2.0), beta=0.1)
+    losses, stats = dpo_loss(policy_chosen, t(-3.0), t(-2.0), t(-2.0), beta=0.1)
+    chosen_rewards = stats["chosen_rewards"]
     losses.sum().backward()
     # d/dpc -log sigma(beta h) = -beta * sigma(-beta h)
     assert policy_chosen.grad.item() == pytest.approx(-0.1 / (1 + math.exp(0.2)))
@@ -97,7 +103,7 @@ def test_dpo_gradient_and_detached_rewards():
 
 
 def test_rpo_adds_weighted_chosen_nll():
-    losses, _, _ = dpo_loss(*DPO_INPUTS, beta=0.1, chosen_nll=t(1.5), rpo_alpha=0.5)
+    losses, _ = dpo_loss(*DPO_INPUTS, beta=0.1, chosen_nll=t(1.5), rpo_alpha=0.5)
     assert losses.item() == pytest.approx(softplus(-0.2) + 0.75)
     assert rpo_nll_term(t(2.0, 4.0), 0.25).tolist() == [0.5, 1.0]
     with pytest.raises(ValueError, match="both chosen_nll and rpo_alpha"):
@@ -143,10 +149,10 @@ def test_orpo_is_finite_at_probability_one_and_rejects_positive_logps():
 
 def test_simpo_hand_computed():
     # beta * (avg_c - avg_r) - gamma = 2 * 0.5 - 0.5 = 0.5
-    losses, chosen_rewards, rejected_rewards = simpo_loss(t(-1.0), t(-1.5), beta=2.0, gamma=0.5)
+    losses, stats = simpo_loss(t(-1.0), t(-1.5), beta=2.0, gamma=0.5)
     assert losses.item() == pytest.approx(softplus(-0.5))
-    assert (chosen_rewards.item(), rejected_rewards.item()) == (-2.0, -3.0)
-    smoothed, _, _ = simpo_loss(t(-1.0), t(-1.5), beta=2.0, gamma=0.5, label_smoothing=0.2)
+    assert (stats["chosen_rewards"].item(), stats["rejected_rewards"].item()) == (-2.0, -3.0)
+    smoothed, _ = simpo_loss(t(-1.0), t(-1.5), beta=2.0, gamma=0.5, label_smoothing=0.2)
     assert smoothed.item() == pytest.approx(0.8 * softplus(-0.5) + 0.2 * softplus(0.5))
 
 

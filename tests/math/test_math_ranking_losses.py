@@ -31,7 +31,7 @@ def test_kwise_bradley_terry_averages_all_pairs_by_hand():
 
 def test_both_reduce_to_bradley_terry_for_pairs_and_prefer_the_right_order():
     chosen, rejected = torch.tensor([0.3, -1.0]), torch.tensor([0.1, 2.0])
-    bt = bradley_terry_loss(chosen, rejected)
+    bt = bradley_terry_loss(chosen, rejected).losses
     stacked = torch.stack([chosen, rejected], dim=1)
     torch.testing.assert_close(plackett_luce_loss(stacked), bt)
     torch.testing.assert_close(kwise_bradley_terry_loss(stacked), bt)

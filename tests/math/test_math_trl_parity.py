@@ -117,9 +117,8 @@ def test_dpo_matches_trl_dpo_trainer(loss_type, label_smoothing):
         policy, ref = policy / lengths, ref / lengths
     pc, pr = policy.chunk(2)
     rc, rr = ref.chunk(2)
-    ours, chosen_rewards, rejected_rewards = L.dpo_loss(
-        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
-    )
+    ours, stats = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    chosen_rewards, rejected_rewards = stats["chosen_rewards"], stats["rejected_rewards"]
     trl_loss, metrics = _trl_dpo(
         completion_mask,
         token_logps,
@@ -162,7 +161,7 @@ def test_conservative_dpo_matches_trl_label_smoothed_sigmoid(label_smoothing):
     cDPO formula on ``logits = chosen - rejected``. Feeding it the policy/reference log-ratios gives cDPO."""
     gen = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-20 * torch.rand(6, generator=gen, dtype=torch.float64) for _ in range(4))
-    ours, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=label_smoothing)
+    ours = L.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=label_smoothing).losses
     theirs, _, _ = CPOTrainer.cpo_loss(_cpo_stub("sigmoid", 0.1, label_smoothing), pc - rc, pr - rr)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
@@ -171,9 +170,8 @@ def test_conservative_dpo_matches_trl_label_smoothed_sigmoid(label_smoothing):
 def test_simpo_matches_trl_cpo_simpo(beta, gamma, label_smoothing):
     gen = torch.Generator().manual_seed(2)
     pc, pr = (-3 * torch.rand(8, generator=gen, dtype=torch.float64) for _ in range(2))
-    ours, chosen_rewards, rejected_rewards = L.simpo_loss(
-        pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing
-    )
+    ours, stats = L.simpo_loss(pc, pr, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    chosen_rewards, rejected_rewards = stats["chosen_rewards"], stats["rejected_rewards"]
     stub = _cpo_stub("simpo", beta, label_smoothing, simpo_gamma=gamma)
     theirs, their_chosen, their_rejected = CPOTrainer.cpo_loss(stub, pc, pr)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
@@ -205,7 +203,7 @@ def test_bradley_terry_matches_trl_reward_trainer(use_margin, center):
     gen = torch.Generator().manual_seed(4)
     chosen, rejected = (3 * torch.randn(7, generator=gen, dtype=torch.float64) for _ in range(2))
     margin = torch.rand(7, generator=gen, dtype=torch.float64) if use_margin else None
-    ours = L.bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center or 0.0)
+    ours = L.bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center or 0.0).losses
     stub = _trainer_stub(args=SimpleNamespace(center_rewards_coefficient=center))
     inputs = {"input_ids": torch.ones(14, 3, dtype=torch.long), "attention_mask": torch.ones(14, 3)}
     if use_margin:

@@ -20,6 +20,7 @@ from rlft.methods import DPO, SFT  # noqa: E402
 from rlft.methods.dpo import CACHE_FILE, pair_logps  # noqa: E402
 from rlft.models import load_model, load_tokenizer  # noqa: E402
 from rlft.models.reference import REF_ADAPTER  # noqa: E402
+from rlft.outputs import LossOutput  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = str(REPO / "rlft" / "assets" / "sample_pairs.jsonl")
@@ -297,13 +298,13 @@ def test_options_reach_the_loss(options):
         policy = (policy[0] / tokens[0], policy[1] / tokens[1])
         ref = (ref[0] / tokens[0], ref[1] / tokens[1])
     rpo = options.get("rpo_alpha")
-    expected, chosen_rewards, _ = dpo_loss(
+    expected, stats = dpo_loss(
         *policy, *ref, beta=options.get("beta", 0.1), loss_type=options["loss_type"],
         label_smoothing=options.get("label_smoothing", 0.0), rpo_alpha=rpo,
         chosen_nll=-policy[0] / tokens[0] if rpo is not None else None,
     )  # fmt: skip
     assert loss.item() == pytest.approx(expected.mean().item(), abs=1e-4)
-    assert metrics["rewards/chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-4)
+    assert metrics["rewards/chosen"].item() == pytest.approx(stats["chosen_rewards"].mean().item(), abs=1e-4)
     assert ("nll" in metrics) == (rpo is not None)
 
 
@@ -315,11 +316,12 @@ def test_unknown_loss_type_is_rejected_with_the_choices():
 class ScaledMarginDPO(DPO):
     """A user's subclass: only the loss changes (here: DPO with a fixed target margin of 0.5 in reward units)."""
 
-    def preference_loss(self, policy, reference):
+    def preference_loss(self, policy, reference, batch):
         chosen_rewards = self.hparams.beta * (policy.chosen - reference.chosen)
         rejected_rewards = self.hparams.beta * (policy.rejected - reference.rejected)
         losses = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards - 0.5)
-        return losses, chosen_rewards.detach(), rejected_rewards.detach()
+        rewards = {"chosen_rewards": chosen_rewards.detach(), "rejected_rewards": rejected_rewards.detach()}
+        return LossOutput(losses, rewards)
 
 
 def test_user_subclass_overrides_one_method_and_trains(tmp_path):
@@ -370,3 +372,65 @@ def test_bad_pairs_stop_with_actionable_errors_or_counted_filters(tmp_path, capl
     trainer(tmp_path, 1).fit(dpo, data)
     assert len(data.train_set) == 2
     assert "identical" in caplog.text and "empty" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- per-row fields
+def pairs_file(tmp_path: Path, n: int = 8, **fields) -> str:
+    """The first ``n`` sample pairs with extra per-row fields: ``name=[values]`` (``None`` leaves a row without)."""
+    import json
+
+    rows = [json.loads(line) for line in Path(PAIRS).read_text().splitlines()[:n]]
+    for name, values in fields.items():
+        for row, value in zip(rows, values):
+            if value is not None:
+                row[name] = value
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+class MarginDPO(DPO):
+    """Reads a per-row field in the hook (here: simply adds each pair's ``margin`` to its loss)."""
+
+    uses_fields = DPO.uses_fields | {"margin"}
+
+    def preference_loss(self, policy, reference, batch):
+        output = super().preference_loss(policy, reference, batch)
+        output.losses = output.losses + batch["margin"].to(output.losses)
+        return output
+
+
+def test_weight_gives_the_weighted_mean_and_the_hook_sees_the_batch():
+    batch = pairs_batch("tiny-llama", n=4)
+    dpo = DPO("tiny-llama", lora=LORA)
+    with torch.no_grad():
+        for name, p in dpo.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        policy, reference = dpo.policy_logps(batch), dpo.reference_logps(batch)
+        losses = dpo.preference_loss(policy, reference, batch).losses
+        plain, _ = dpo.compute_loss(batch)
+        weight = torch.tensor([1.0, 0.0, 3.0, 0.5])
+        weighted, metrics = dpo.compute_loss({**batch, "weight": weight})
+        shifted, _ = MarginDPO("tiny-llama", lora=LORA).compute_loss({**batch, "margin": torch.tensor([1.0, 2, 3, 4])})
+    assert plain.item() == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert weighted.item() == pytest.approx(((weight * losses).sum() / weight.sum()).item(), abs=1e-6)
+    assert "rewards/chosen" in metrics and "chosen_rewards" not in metrics
+    assert shifted.item() == pytest.approx(math.log(2) + 2.5, abs=1e-5)  # a fresh adapter: every DPO loss is log 2
+
+
+def test_an_unused_numeric_field_is_named_once_and_a_used_one_must_be_on_every_row(tmp_path, caplog):
+    path = pairs_file(tmp_path, margin=[1.0] * 8, weight=[1.0] * 8, source=["a"] * 8)
+    caplog.set_level("WARNING")
+    trainer(tmp_path, 1).fit(DPO("tiny-llama", lora=LORA), PreferenceDataModule(path=path, val_fraction=0.0))
+    warnings = [r.getMessage() for r in caplog.records if "per-row field" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # weight is used and source is no number: only margin is reported
+    assert "DPO ignores the per-row field 'margin'" in warnings[0] and "RewardModel" in warnings[0]
+
+    caplog.clear()  # a method that reads the field says nothing
+    trainer(tmp_path, 1).fit(MarginDPO("tiny-llama", lora=LORA), PreferenceDataModule(path=path, val_fraction=0.0))
+    assert not [r for r in caplog.records if "per-row field" in r.getMessage()]
+
+    gappy = pairs_file(tmp_path, weight=[1.0, None, 2.0, -1.0, 1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"'weight' must be a number >= 0 on every row; it is not on 2 rows"):
+        trainer(tmp_path, 1).fit(DPO("tiny-llama", lora=LORA), PreferenceDataModule(path=gappy, val_fraction=0.0))

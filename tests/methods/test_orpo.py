@@ -16,6 +16,7 @@ from rlft.data import PreferenceDataModule  # noqa: E402
 from rlft.data.collate import Collator  # noqa: E402
 from rlft.losses import orpo_loss, simpo_loss  # noqa: E402
 from rlft.methods import ORPO, SimPO  # noqa: E402
+from rlft.models.scoring import pair_logps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = str(REPO / "rlft" / "assets" / "sample_pairs.jsonl")
@@ -79,7 +80,8 @@ def test_simpo_loss_equals_independent_computation(nll_weight):
     with torch.no_grad():
         loss, metrics = simpo.compute_loss(batch)
         chosen, rejected = mean_logps_by_hand(simpo.model, batch)
-    expected, chosen_rewards, _ = simpo_loss(chosen, rejected, beta=2.5, gamma=0.7, label_smoothing=0.1)
+    expected, stats = simpo_loss(chosen, rejected, beta=2.5, gamma=0.7, label_smoothing=0.1)
+    chosen_rewards = stats["chosen_rewards"]
     expected = expected + nll_weight * -chosen
     assert loss.item() == pytest.approx(expected.mean().item(), abs=1e-4)
     assert metrics["rewards/chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-4)
@@ -141,3 +143,20 @@ def test_smollm2_configs_parse():
         assert config["model"]["init_args"]["model"] == "smollm2-135m-instruct"
         assert config["data"]["init_args"]["path"] == "rlft/assets/sample_pairs.jsonl"
         assert "shared" not in str(config)
+
+
+@pytest.mark.parametrize("method", [ORPO, SimPO])
+def test_per_row_weight_and_the_batch_reach_the_reference_free_methods(method):
+    module = method("tiny-llama", lora=LORA, **({"nll_weight": 0.5} if method is SimPO else {}))
+    perturb_adapter(module)
+    batch = batch_for(module)
+    weight = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 3.0])
+    seen = []
+    hook = module.preference_loss
+    module.preference_loss = lambda policy, batch: seen.append(batch) or hook(policy, batch)
+    with torch.no_grad():
+        logps = pair_logps(module.model, batch)
+        losses = hook(logps, batch).losses + (0.5 * logps.chosen_nll if method is SimPO else 0.0)
+        weighted, metrics = module.compute_loss({**batch, "weight": weight})
+    assert weighted.item() == pytest.approx(((weight * losses).sum() / weight.sum()).item(), abs=1e-5)
+    assert torch.equal(seen[0]["weight"], weight) and "rewards/accuracy" in metrics

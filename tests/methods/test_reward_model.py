@@ -95,7 +95,7 @@ def test_bradley_terry_loss_and_metrics_from_independent_rewards(options):
     rejected = torch.tensor([reward_by_hand(rm, e["prompt_ids"] + e["rejected_ids"]) for e in examples])
     expected = bradley_terry_loss(
         chosen, rejected, margin=options.get("margin"), center_coef=options.get("center_coef", 0.0)
-    ).mean()
+    ).loss
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
     assert metrics["accuracy"].item() == pytest.approx((chosen > rejected).float().mean().item())
     assert metrics["rewards/margin"].item() == pytest.approx((chosen - rejected).mean().item(), abs=1e-4)
@@ -193,3 +193,67 @@ def test_hh_transcripts_with_mismatched_prompts_are_reported(tmp_path, caplog):
     data = PreferenceDataModule(path=str(path), val_fraction=0.0, skip_invalid=True, dedupe=False)
     trainer.fit(rm, data)
     assert len(data.train_set) == 1
+
+
+# ---------------------------------------------------------------------------------------------- per-row fields, hooks
+def test_per_row_margin_wins_over_the_constant_and_weight_weights_the_mean():
+    rm = randomize_head(RewardModel("tiny-llama", lora=LORA, margin=0.5).eval())
+    data = PreferenceDataModule(path=PAIRS, max_length=96, val_fraction=0.0)
+    data.attach("pairs", rm.tokenizer).setup()
+    margins, weights = [0.0, 1.0, -2.0, 0.25, 3.0], [1.0, 2.0, 0.0, 1.0, 0.5]
+    examples = [dict(e, margin=m, weight=w) for e, m, w in zip(data.train_set[:5], margins, weights)]
+    batch = Collator("pairs", rm.tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        loss, metrics = rm.compute_loss(batch)
+    chosen = torch.tensor([reward_by_hand(rm, e["prompt_ids"] + e["chosen_ids"]) for e in examples])
+    rejected = torch.tensor([reward_by_hand(rm, e["prompt_ids"] + e["rejected_ids"]) for e in examples])
+    # Llama 2's margin loss by hand, -log sigmoid(r_c - r_r - m_i), and the weighted mean sum(w l) / sum(w)
+    losses = [-torch.nn.functional.logsigmoid(c - r - m).item() for c, r, m in zip(chosen, rejected, margins)]
+    expected = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    torch.testing.assert_close(metrics["rewards/chosen"], chosen, atol=1e-4, rtol=0)  # per pair, for validation
+    without = Collator("pairs", rm.tokenizer.pad_token_id)(data.train_set[:5])
+    with torch.no_grad():  # no per-row margin: the constant one
+        constant, _ = rm.compute_loss(without)
+    expected = torch.nn.functional.logsigmoid(chosen - rejected - 0.5).neg().mean()
+    assert constant.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+class DoubleMarginRM(RewardModel):
+    """A margin-aware variant as a user writes it: only the pair loss changes (twice each pair's margin)."""
+
+    def reward_loss(self, chosen, rejected, batch):
+        return bradley_terry_loss(chosen, rejected, margin=2 * batch["margin"].to(chosen))
+
+
+class DoubledLossRM(RewardModel):
+    def compute_loss(self, batch):
+        loss, metrics = super().compute_loss(batch)
+        return 2 * loss, metrics
+
+
+def test_reward_loss_and_compute_loss_overrides_reach_training_and_validation(tmp_path):
+    import math
+
+    rows = [json.loads(line) for line in Path(PAIRS).read_text().splitlines()[:8]]
+    path = tmp_path / "margins.jsonl"
+    path.write_text("".join(json.dumps(row | {"margin": 1.0}) + "\n" for row in rows))
+
+    def run(module) -> tuple[float, dict]:
+        # the head starts at 0, so every reward is 0 and each loss is exact: -log sigmoid(-m) = softplus(m)
+        options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+        data = PreferenceDataModule(path=str(path), val_path=str(path), batch_size=4, max_length=96)
+        validated = L.Trainer(**options).validate(module, data, verbose=False)[0]
+        trainer = L.Trainer(max_steps=1, limit_val_batches=0, **options)
+        trainer.fit(module, data)
+        return float(trainer.callback_metrics["train/loss"]), validated
+
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    for module, expected in ((RewardModel("tiny-llama", lora=LORA, margin=5.0), softplus(1.0)),
+                             (DoubleMarginRM("tiny-llama", lora=LORA), softplus(2.0)),
+                             (DoubledLossRM("tiny-llama", lora=LORA), 2 * softplus(1.0))):  # fmt: skip
+        train_loss, validated = run(module)
+        assert train_loss == pytest.approx(expected, abs=1e-5), type(module).__name__
+        assert validated["val/loss"] == pytest.approx(expected, abs=1e-5), type(module).__name__
+        assert validated["val/accuracy"] == 0.0 and validated["val/auroc"] == pytest.approx(0.5)  # all ties

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import peft
 import pytest
@@ -115,3 +117,23 @@ def test_validation_logs_token_weighted_loss_and_perplexity(tmp_path):
             tokens += float((labels != -100).sum())
     assert float(metrics["val/loss"]) == pytest.approx(nll / tokens, rel=1e-4)
     assert float(trainer.callback_metrics["train/tokens_per_sec"]) > 0
+
+
+class DoubledSFT(SFT):
+    """Overrides compute_loss only: validation must report what it returns."""
+
+    def compute_loss(self, batch):
+        loss, metrics = super().compute_loss(batch)
+        return 2 * loss, metrics
+
+
+def test_validation_runs_through_compute_loss(tmp_path):
+    data = PreferenceDataModule(path=SFT_DATA, batch_size=4, max_length=96, val_fraction=0.25)
+    # LoRA's B starts at 0: both modules compute the base model, whatever the adapter's random A
+    plain, doubled = (
+        _trainer(tmp_path, 1, enable_checkpointing=False).validate(cls(model="tiny-llama", lora={"r": 4}), data,
+                                                                   verbose=False)[0]
+        for cls in (SFT, DoubledSFT)
+    )  # fmt: skip
+    assert doubled["val/loss"] == pytest.approx(2 * plain["val/loss"], rel=1e-6)
+    assert doubled["val/perplexity"] == pytest.approx(math.exp(doubled["val/loss"]), rel=1e-5)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from rlft.methods import DPO, GRPO
 from rlft.ops import masked_mean
+from rlft.outputs import LossOutput
 
 
 class OverlongGRPO(GRPO):
@@ -25,12 +26,13 @@ class DPOPositive(DPO):
 
     lam = 50.0
 
-    def preference_loss(self, policy, reference):
+    def preference_loss(self, policy, reference, batch):
         beta = self.hparams.beta
         chosen, rejected = policy.chosen - reference.chosen, policy.rejected - reference.rejected
         penalty = (reference.chosen - policy.chosen).clamp(min=0)
         losses = -F.logsigmoid(beta * (chosen - rejected - self.lam * penalty))
-        return losses, beta * chosen.detach(), beta * rejected.detach()
+        rewards = {"chosen_rewards": beta * chosen.detach(), "rejected_rewards": beta * rejected.detach()}
+        return LossOutput(losses, rewards)
 
 
 class GSPO(GRPO):
