@@ -10,7 +10,7 @@ plain mean of the returned ``[B]`` vector is the batch loss of the corresponding
 * ``"sequence"`` — mean over each sequence's tokens (GRPO paper, TRL ``loss_type="grpo"``);
 * ``"token"`` — mean over all tokens of the batch (PPO in TRL, TRL ``loss_type="bnpo"``, DAPO); row ``i`` gets
   ``sum_t l_it * B / num_tokens`` so that ``losses.mean()`` is the token mean (rows then depend on the batch);
-* ``"dr_grpo"`` — sum over tokens divided by a constant ``max_length`` (Dr. GRPO, TRL ``loss_type="dr_grpo"``).
+* ``"dr_grpo"`` — sum over tokens divided by a constant ``max_new_tokens`` (Dr. GRPO, TRL ``loss_type="dr_grpo"``).
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from rlft.outputs import LossOutput
 from rlft.registry import resolve
 
 
-def _sequence_mean(token_losses: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
+def _sequence_mean(token_losses: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> torch.Tensor:
     return masked_mean(token_losses, mask, dim=-1)
 
 
-def _token_mean(token_losses: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
+def _token_mean(token_losses: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> torch.Tensor:
     num_tokens = mask.sum().clamp(min=1.0)
     return (token_losses * mask).sum(-1) * (mask.shape[0] / num_tokens)
 
 
-def _constant_normaliser(token_losses: torch.Tensor, mask: torch.Tensor, max_length: int | None) -> torch.Tensor:
-    length = mask.shape[-1] if max_length is None else max_length
+def _constant_normaliser(token_losses: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> torch.Tensor:
+    length = mask.shape[-1] if max_new_tokens is None else max_new_tokens
     return (token_losses * mask).sum(-1) / length
 
 
@@ -45,10 +45,12 @@ LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], 
 }
 
 
-def aggregate_tokens(token_losses: torch.Tensor, mask: torch.Tensor, how: str, max_length: int | None) -> torch.Tensor:
+def aggregate_tokens(
+    token_losses: torch.Tensor, mask: torch.Tensor, how: str, max_new_tokens: int | None = None
+) -> torch.Tensor:
     """``[B, T]`` token losses as ``[B]`` per-sequence losses, aggregated by ``how`` (a ``LOSS_AGGREGATIONS`` key or
     ``module:function``); linear in the token losses, so terms can be aggregated apart and added."""
-    return resolve(how, LOSS_AGGREGATIONS, "loss aggregation")(token_losses, mask, max_length)
+    return resolve(how, LOSS_AGGREGATIONS, "loss aggregation")(token_losses, mask, max_new_tokens)
 
 
 def _check_token_inputs(**tensors: torch.Tensor) -> None:
@@ -64,14 +66,15 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     clip_range: float = 0.2,
-    aggregation: str = "token",
+    loss_aggregation: str = "token",
+    max_new_tokens: int | None = None,
 ) -> LossOutput:
     r"""PPO clipped surrogate objective (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), per token.
 
     .. math:: L = \max\big(-A_t\, \rho_t,\; -A_t\, \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\big),
               \quad \rho_t = \exp(\log\pi_\theta(a_t) - \log\pi_{old}(a_t))
 
-    With ``aggregation="token"`` (default) ``losses.mean()`` equals TRL's PPO ``pg_loss`` (masked mean over all
+    With ``loss_aggregation="token"`` (default) ``losses.mean()`` equals TRL's PPO ``pg_loss`` (masked mean over all
     response tokens of the batch).
 
     Args:
@@ -80,7 +83,8 @@ def ppo_policy_loss(
         advantages: ``[B, T]`` advantages (e.g. whitened GAE).
         mask: ``[B, T]`` response mask.
         clip_range: ``epsilon``.
-        aggregation: key of ``LOSS_AGGREGATIONS``.
+        loss_aggregation: key of ``LOSS_AGGREGATIONS``.
+        max_new_tokens: normaliser for ``"dr_grpo"``; defaults to ``T``.
 
     Returns:
         ``(losses [B], stats)`` with per-sequence ``clipfrac`` (fraction of tokens where the clipped branch is
@@ -92,7 +96,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    losses = aggregate_tokens(torch.maximum(unclipped, clipped), mask, aggregation, None)
+    losses = aggregate_tokens(torch.maximum(unclipped, clipped), mask, loss_aggregation, max_new_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask, dim=-1),
@@ -109,13 +113,14 @@ def ppo_value_loss(
     mask: torch.Tensor,
     *,
     clip_range_value: float = 0.2,
-    aggregation: str = "token",
+    loss_aggregation: str = "token",
+    max_new_tokens: int | None = None,
 ) -> LossOutput:
     r"""Clipped value-function loss of PPO as used for RLHF (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593).
 
     .. math:: L = \tfrac12 \max\big((V - R)^2,\; (\mathrm{clip}(V, V_{old}-\epsilon, V_{old}+\epsilon) - R)^2\big)
 
-    With the default ``aggregation="token"``, ``losses.mean()`` equals TRL's ``vf_loss``.
+    With the default ``loss_aggregation="token"``, ``losses.mean()`` equals TRL's ``vf_loss``.
 
     Args:
         values: ``[B, T]`` current value predictions (with grad).
@@ -123,7 +128,8 @@ def ppo_value_loss(
         returns: ``[B, T]`` GAE returns.
         mask: ``[B, T]`` response mask.
         clip_range_value: ``epsilon`` for the value clip.
-        aggregation: key of ``LOSS_AGGREGATIONS``.
+        loss_aggregation: key of ``LOSS_AGGREGATIONS``.
+        max_new_tokens: normaliser for ``"dr_grpo"``; defaults to ``T``.
 
     Returns:
         ``(losses [B], stats)`` with per-sequence ``value_clipfrac``.
@@ -133,7 +139,8 @@ def ppo_value_loss(
     clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    losses = 0.5 * aggregate_tokens(torch.maximum(unclipped_error, clipped_error), mask, aggregation, None)
+    worst = torch.maximum(unclipped_error, clipped_error)
+    losses = 0.5 * aggregate_tokens(worst, mask, loss_aggregation, max_new_tokens)
     with torch.no_grad():
         stats = {"value_clipfrac": masked_mean((clipped_error > unclipped_error).to(mask.dtype), mask, dim=-1)}
     return LossOutput(losses, stats)
@@ -150,7 +157,7 @@ def grpo_loss(
     clip_range_high: float | None = None,
     beta: float = 0.04,
     loss_aggregation: str = "sequence",
-    max_length: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> LossOutput:
     r"""GRPO objective (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300, eq. 3), per token.
 
@@ -159,7 +166,7 @@ def grpo_loss(
 
     The KL term is Schulman's ``k3`` estimator. ``clip_range_high`` gives DAPO's asymmetric "clip-higher"
     (https://arxiv.org/abs/2503.14476). Token losses are aggregated by ``loss_aggregation``: ``"sequence"`` is
-    TRL's ``grpo``, ``"token"`` TRL's ``bnpo``, ``"dr_grpo"`` TRL's ``dr_grpo`` (divide by ``max_length``, default
+    TRL's ``grpo``, ``"token"`` TRL's ``bnpo``, ``"dr_grpo"`` TRL's ``dr_grpo`` (divide by ``max_new_tokens``, default
     ``T``). With matching settings ``losses.mean()`` equals TRL ``GRPOTrainer``'s loss.
 
     Args:
@@ -172,7 +179,7 @@ def grpo_loss(
         clip_range_high: ``epsilon_high``.
         beta: KL coefficient.
         loss_aggregation: key of ``LOSS_AGGREGATIONS``.
-        max_length: normaliser for ``"dr_grpo"`` (the generation budget); defaults to ``T``.
+        max_new_tokens: normaliser for ``"dr_grpo"`` (the generation budget); defaults to ``T``.
 
     Returns:
         ``(losses [B], stats)`` with per-sequence ``kl`` (when ``beta != 0``), ``clipfrac`` (tokens whose ratio is
@@ -195,7 +202,7 @@ def grpo_loss(
         per_token_kl = kl_estimate(logprobs, ref_logprobs, kind="k3")
         token_losses = token_losses + beta * per_token_kl
         stats["kl"] = masked_mean(per_token_kl.detach(), mask, dim=-1)
-    losses = aggregate_tokens(token_losses, mask, loss_aggregation, max_length)
+    losses = aggregate_tokens(token_losses, mask, loss_aggregation, max_new_tokens)
     with torch.no_grad():
         low = ((ratio < 1.0 - clip_range) & (advantages < 0)).to(mask.dtype)
         high = ((ratio > 1.0 + eps_high) & (advantages > 0)).to(mask.dtype)

@@ -16,10 +16,12 @@ from rlft.callbacks.logger import CSVLogger
 from rlft.callbacks.memory import MemoryReport
 from rlft.callbacks.monitors import RunMonitor
 from rlft.callbacks.resume import ResumeLogContinuity
+from rlft.callbacks.shutdown import GracefulShutdown
 
 __all__ = [
     "CSVLogger",
     "EvaluationCallback",
+    "GracefulShutdown",
     "LMEvalCallback",
     "MemoryReport",
     "NonFiniteError",

@@ -11,7 +11,10 @@ active logger (CSV, TensorBoard, W&B) at the current global step. Add them in a 
         - class_path: rlft.callbacks.SampleGenerationsCallback
           init_args: {prompts: ["Write a haiku about autumn."], every_n_steps: 200}
 
-Evaluations run on global rank 0 only (other ranks continue), so keep them small.
+Under several processes every rank evaluates, on the full weights (gathered for the moment under ZeRO-3 / FSDP2,
+where a forward on one rank alone would wait forever for the others' shards), and global rank 0 logs: no rank
+waits on another, the memory is the rollout's (one full copy of the weights per rank for the evaluation), and the
+numbers equal the one-process run on the same weights. Keep evaluations small: every rank spends their time.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import lightning as L
 from rlft.generation.generator import Generator, SamplingSettings
 from rlft.models.lowp import full_precision_linears
 from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
+from rlft.strategies import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +54,20 @@ class EvaluationCallback(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_step:
+        if step == self._last_step:
             return
         self._last_step = step
         model, tokenizer = pl_module.model, pl_module.tokenizer
-        # in fp32 as the run's evaluations always did, also where bf16-mixed stores frozen weights in bf16
-        with eval_mode(model), full_precision_linears(pl_module):
+        # in fp32 as the run's evaluations always did, also where bf16-mixed stores frozen weights in bf16; every
+        # rank on the full weights (see the module docs)
+        with full_weights(pl_module), eval_mode(model), full_precision_linears(pl_module):
             metrics = self.evaluate(model, tokenizer, pl_module)
         named = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
         self.history.append((step, named))
-        for logger in trainer.loggers:
-            logger.log_metrics(named, step=step)
-        log.info("step %d: %s", step, named)
+        if trainer.is_global_zero:  # computed everywhere, logged once
+            for logger in trainer.loggers:
+                logger.log_metrics(named, step=step)
+            log.info("step %d: %s", step, named)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -203,6 +209,8 @@ class SampleGenerationsCallback(EvaluationCallback):
         return {"sample_length": sum(len(a.split()) for a in answers) / len(answers)}
 
     def _publish(self, trainer, rows: list[dict], step: int) -> None:
+        if not trainer.is_global_zero:  # every rank generated the same answers; one writes them
+            return
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(logger, "log_table"):  # W&B
@@ -297,8 +305,8 @@ class WinRateCallback(EvaluationCallback):
         return [s[0] for s in Generator(model, tokenizer).generate(self.prompts, settings)]
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero and self.start_answers is None:
-            with eval_mode(pl_module.model):
+        if self.start_answers is None:  # on every rank, as evaluate runs (see the module docs)
+            with full_weights(pl_module), eval_mode(pl_module.model):
                 self.start_answers = self._answers(pl_module.model, pl_module.tokenizer)
 
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 # subcommand -> "module:function" taking argv (list[str]); imported lazily so `rlft label` does not pay for torch.
@@ -68,10 +69,14 @@ def main(argv: list[str] | None = None) -> None:
         getattr(importlib.import_module(module), func)(rest)
         return
     if command in LIGHTNING_COMMANDS:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         from rlft.cli.fit import run_lightning_cli
 
         try:
             run_lightning_cli(argv)
+        except SIGTERMException:  # Lightning's stop on SIGTERM is a SystemExit(None): a stopped run is no success
+            raise SystemExit(128 + signal.SIGTERM) from None
         except _user_error_types() as error:
             if os.environ.get("RLFT_DEBUG"):
                 raise

@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rlft.callbacks.guard import NonFiniteGuard, refuse_impossible_settings
 from rlft.callbacks.monitors import RunMonitor
 from rlft.callbacks.resume import ResumeLogContinuity
+from rlft.callbacks.shutdown import GracefulShutdown, bound_collectives
 from rlft.cli.config_logging import TrackedConfigCallback
 from rlft.data import PreferenceDataModule
 from rlft.methods.base import RLFTModule
@@ -248,6 +249,13 @@ class RLFTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
+        if trainer.get("enable_checkpointing") is False and trainer.get("callbacks"):
+            # an overlay that turns checkpointing off (debug.yaml) meets the checkpoint callback of the defaults:
+            # Lightning refuses the pair, so the off switch wins, as the user asked
+            kept = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ModelCheckpoint")]
+            if len(kept) < len(trainer["callbacks"]):
+                print("rlft: enable_checkpointing is false: the ModelCheckpoint callback is dropped", file=sys.stderr)
+            trainer["callbacks"] = kept
         if trainer.get("logger") is None:  # Lightning's default would be one TensorBoard logger in lightning_logs/
             root = trainer.get("default_root_dir") or os.getcwd()
             trainer["logger"] = [
@@ -274,7 +282,8 @@ class RLFTCLI(LightningCLI):
                     callback.save_last = True
         # on by default in every run (a config can add its own with other settings); RunMonitor only acts on the
         # online methods' metrics
-        defaults = [NonFiniteGuard, ResumeLogContinuity, RunMonitor]
+        bound_collectives(trainer.strategy)  # before the process group exists (created when fit starts)
+        defaults = [NonFiniteGuard, ResumeLogContinuity, RunMonitor, GracefulShutdown]
         if trainer.loggers:  # it refuses to run without one
             defaults.append(functools.partial(LearningRateMonitor, logging_interval="step"))
         for make in defaults:

@@ -82,5 +82,5 @@ class GRPO(OnlineRL):
         return grpo_loss(
             logps, batch.logps, None, advantages, batch.response_mask, clip_range=hp.clip_range,
             clip_range_high=hp.clip_range_high, beta=0.0, loss_aggregation=hp.loss_aggregation,
-            max_length=self.sampling.max_new_tokens,
+            max_new_tokens=self.sampling.max_new_tokens,
         )  # fmt: skip

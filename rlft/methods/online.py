@@ -12,16 +12,10 @@ The core owns the loop; a method implements only its own math. One training step
         backward; after the last micro-batch: clip, step, schedule
     stop the epochs early once the approx-KL to the rollout policy passes `target_approx_kl`
 
-Hooks a research subclass overrides (each one method, one signature for every online method)::
-
-    rollout(batch) -> Rollout
-    reward(prompts, completions, **fields) -> [N] | ([N], {name: metric})   # fields: record fields, completion_ids,
-                                                                            # completion_lengths, step, stage
-    shape_scores(rollout, scores) -> [N]
-    advantages(rollout, scores) -> [N] | [N, R]
-    policy_loss(batch, logps, advantages) -> LossOutput    # batch: a minibatch Rollout with row_ids, group_ids,
-                                                           # logps (old), ref_logps, response_mask, fields ...
-    auxiliary_loss(batch, scored) -> LossOutput | None
+Every hook has one signature for every online method (see each method's docstring): ``rollout``, ``reward``
+(``fields`` carry the record fields, ``completion_ids``, ``completion_lengths``, ``step`` and ``stage``),
+``shape_scores``, ``advantages``, ``policy_loss`` (its ``batch`` is a minibatch :class:`Rollout` with ``row_ids``,
+``group_ids``, old and reference log-probs, masks, rewards and every per-prompt field) and ``auxiliary_loss``.
 
 The KL to the reference is one settings block, ``kl``, for every method: in the reward (PPO, REINFORCE++: a
 per-token penalty) or in the loss (GRPO: a per-token term). Validation runs the same hooks and the same loss on
@@ -79,9 +73,10 @@ class OnlineRL(RLFTModule):
             this.
         missing_eos_penalty: Subtract this from the score of responses cut at ``max_new_tokens`` (so a length reward
             cannot be met by a response that never ends).
-        reference: Model string of a frozen reference; default the initial policy without a second copy of the
-            base: the LoRA base with the adapter disabled, or, when ``model`` continues an adapter folder (e.g. an
-            SFT result), a frozen copy of that adapter; a frozen copy of the policy when training all weights.
+        ref_model: Model string of a frozen reference (as DPO's ``ref_model``); default the initial policy without a
+            second copy of the base: the LoRA base with the adapter disabled, or, when ``model`` continues an adapter
+            folder (e.g. an SFT result), a frozen copy of that adapter; a frozen copy of the policy when training
+            all weights.
         max_grad_norm: Gradient clipping norm (``null`` disables).
     """
 
@@ -107,7 +102,7 @@ class OnlineRL(RLFTModule):
         loss_aggregation: str = "token",
         target_approx_kl: float | None = None,
         missing_eos_penalty: float | None = None,
-        reference: str | None = None,
+        ref_model: str | None = None,
         max_grad_norm: float | None = 1.0,
         **kwargs,
     ) -> None:
@@ -132,7 +127,7 @@ class OnlineRL(RLFTModule):
         disable_dropout(self.model)
         if self.needs_reference:
             self.reference_model = build_reference(
-                self.model, self.hparams.model, self.hparams.reference, dtype=self.hparams.dtype
+                self.model, self.hparams.model, self.hparams.ref_model, dtype=self.hparams.dtype
             )
 
     # ------------------------------------------------------------------ hooks
@@ -199,7 +194,7 @@ class OnlineRL(RLFTModule):
         clipped surrogate (:func:`rlft.rl_losses.ppo_policy_loss`)."""
         return ppo_policy_loss(
             logps, batch.logps, advantages, batch.response_mask, clip_range=self.hparams.clip_range,
-            aggregation=self.hparams.loss_aggregation,
+            loss_aggregation=self.hparams.loss_aggregation, max_new_tokens=self.sampling.max_new_tokens,
         )  # fmt: skip
 
     def auxiliary_loss(self, batch: Rollout, scored: ScoredTokens) -> LossOutput | None:

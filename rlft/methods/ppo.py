@@ -159,7 +159,8 @@ class PPO(OnlineRL):
         hp = self.hparams
         values = self.values(batch, scored.hidden)
         out = ppo_value_loss(values, batch.values, batch.returns, batch.response_mask,
-                             clip_range_value=hp.clip_range_value, aggregation=hp.loss_aggregation)  # fmt: skip
+                             clip_range_value=hp.clip_range_value, loss_aggregation=hp.loss_aggregation,
+                             max_new_tokens=self.sampling.max_new_tokens)  # fmt: skip
         return LossOutput(hp.vf_coef * out.losses, {"value_loss": out.losses.detach(), **out.stats})
 
     def rollout_metrics(self, rollout: Rollout, started: float) -> dict[str, torch.Tensor]:

@@ -167,7 +167,7 @@ def test_ppo_policy_loss_hand_computed():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     # tokens: max(-1.5, -1.2) = -1.2 (clipped); max(-0.5, -0.8) = -0.5; max(0.5, 0.8) = 0.8 (clipped);
     # row 1: max(-2.2, -2.2) = -2.2
-    seq, stats = ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2, aggregation="sequence")
+    seq, stats = ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2, loss_aggregation="sequence")
     assert seq.tolist() == pytest.approx([(-1.2 - 0.5 + 0.8) / 3, -2.2])
     token, _ = ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
     assert token.mean().item() == pytest.approx((-1.2 - 0.5 + 0.8 - 2.2) / 4)
@@ -201,7 +201,7 @@ def test_grpo_loss_hand_computed_with_k3_and_aggregations():
     assert seq.tolist() == pytest.approx([(tok[0][0] + tok[0][1]) / 2, tok[1][0]])
     token, _ = grpo_loss(logprobs, old, ref, advantages, mask, beta=beta, loss_aggregation="token")
     assert token.mean().item() == pytest.approx((tok[0][0] + tok[0][1] + tok[1][0]) / 3)
-    dr, _ = grpo_loss(logprobs, old, ref, advantages, mask, beta=beta, loss_aggregation="dr_grpo", max_length=4)
+    dr, _ = grpo_loss(logprobs, old, ref, advantages, mask, beta=beta, loss_aggregation="dr_grpo", max_new_tokens=4)
     assert dr.tolist() == pytest.approx([(tok[0][0] + tok[0][1]) / 4, tok[1][0] / 4])
     assert stats["kl"].tolist() == pytest.approx([(k3(1.5) + k3(1.0)) / 2, k3(0.5)])
     assert stats["clipfrac_high"].tolist() == [0.5, 0.0] and stats["clipfrac_low"].tolist() == [0.0, 1.0]

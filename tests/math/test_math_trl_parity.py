@@ -235,7 +235,7 @@ def test_grpo_matches_trl_grpo_trainer(loss_type, aggregation, beta, eps_high):
         clip_range_high=eps_high,
         beta=beta,
         loss_aggregation=aggregation,
-        max_length=max_completion_length,
+        max_new_tokens=max_completion_length,
     )
     stub = _trainer_stub(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logprobs, torch.zeros_like(logprobs), None),

@@ -76,9 +76,10 @@ class Recorder(L.Callback):
 
 
 def _one_update(method, tmp_path: Path, micro_batch_size: int | None, **settings):
+    # eps 1: an update linear in the gradient (Adam's first step is lr * sign(g) where g ~ 0, which rounding flips)
     L.seed_everything(0)
     extra = {"group_size": 4} if method is GRPO else {}
-    module = method(model="tiny-llama", lora=None, optim={"lr": 1e-2}, sampling={"max_new_tokens": 6},
+    module = method(model="tiny-llama", lora=None, optim={"lr": 1e-2, "eps": 1.0}, sampling={"max_new_tokens": 6},
                     rewards=[{"source": "length", "options": {"target": 12, "unit": "chars"}}],
                     micro_batch_size=micro_batch_size, output_dir=str(tmp_path / f"out{micro_batch_size}"), **extra,
                     **settings)  # fmt: skip

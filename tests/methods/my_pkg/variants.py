@@ -1,10 +1,8 @@
 """Paper variants as a researcher writes them on rlft's hooks; each class is under 20 lines."""
 
-import torch
 import torch.nn.functional as F
 
 from rlft.methods import DPO, GRPO
-from rlft.ops import masked_mean
 from rlft.outputs import LossOutput
 
 
@@ -33,16 +31,6 @@ class DPOPositive(DPO):
         losses = -F.logsigmoid(beta * (chosen - rejected - self.lam * penalty))
         rewards = {"chosen_rewards": beta * chosen.detach(), "rejected_rewards": beta * rejected.detach()}
         return LossOutput(losses, rewards)
-
-
-class GSPO(GRPO):
-    """GSPO (Zheng et al. 2025, arXiv 2507.18071): one length-normalised importance ratio per sequence, clipped."""
-
-    def policy_loss(self, logps, old_logps, ref_logps, advantages, mask):
-        ratio = masked_mean(logps - old_logps, mask, dim=-1).exp()
-        eps = self.hparams.clip_range
-        losses = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
-        return losses, {"clipfrac": ((ratio - 1).abs() > eps).float()}
 
 
 def completion_tokens(prompts, completions, completion_ids, completion_lengths, step, **fields):
