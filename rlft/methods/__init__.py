@@ -9,8 +9,9 @@ from rlft.methods.ppo import PPO
 from rlft.methods.reinforce import ReinforcePP
 from rlft.methods.reward_model import RewardModel
 from rlft.methods.sft import SFT
+from rlft.methods.trpo import TRPO
 
 __all__ = [
-    "SFT", "DPO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "ReinforcePP", "OnlineRL", "OptimizerSettings",
-    "RLFTModule",
+    "SFT", "DPO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "ReinforcePP", "TRPO", "OnlineRL",
+    "OptimizerSettings", "RLFTModule",
 ]  # fmt: skip
