@@ -49,8 +49,23 @@ class EvaluationCallback(L.Callback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self._last_step = -1
 
+    #: what the evaluated network must be: ``causal_lm`` (a policy) or ``reward_model`` (a RewardModel's scorer)
+    evaluates: str = "causal_lm"
+
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
         raise NotImplementedError
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # refused at the start with the reason, not at the first evaluation steps later
+        from rlft.methods import RewardModel
+
+        trains = "reward_model" if isinstance(pl_module, RewardModel) else "causal_lm"
+        if trains != self.evaluates:
+            other = "RewardAccuracyCallback" if trains == "reward_model" else "PerplexityCallback or WinRateCallback"
+            raise ValueError(
+                f"{type(self).__name__} evaluates a {self.evaluates.replace('_', ' ')} but "
+                f"{type(pl_module).__name__} trains a {trains.replace('_', ' ')}; use {other}"
+            )
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -69,9 +84,13 @@ class EvaluationCallback(L.Callback):
                 logger.log_metrics(named, step=step)
             log.info("step %d: %s", step, named)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+        # online methods take several optimiser steps per batch: evaluate when the batch crossed a multiple of N
+        step, before = trainer.global_step, getattr(self, "_step_before", trainer.global_step - 1)
+        if self.every_n_steps and step > 0 and step // self.every_n_steps > before // self.every_n_steps:
             self._run(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -136,6 +155,8 @@ class RewardAccuracyCallback(EvaluationCallback):
         at_fit_end: See :class:`EvaluationCallback`.
         prefix: See :class:`EvaluationCallback`.
     """
+
+    evaluates = "reward_model"
 
     def __init__(self, pairs: str, limit: int | None = 128, every_n_steps: int = 0, at_fit_end: bool = True,
                  prefix: str = "eval") -> None:  # fmt: skip

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from rlft.eval.refusal import REFUSAL_PATTERNS, RubricRefusalClassifier, matches_refusal_phrase  # noqa: F401
+from rlft.eval.refusal import RubricRefusalClassifier
 from rlft.metrics import pairwise_auroc
 from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
 

@@ -22,20 +22,12 @@ import torch
 
 from rlft.losses import DPO_LOSS_TYPES, dpo_loss
 from rlft.methods.base import RLFTModule
-from rlft.methods.precomputed import CACHE_FILE, PrecomputedReference  # noqa: F401
+from rlft.methods.precomputed import PrecomputedReference
 from rlft.models import is_adapter, load_model
 from rlft.models.lowp import full_precision_linears
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
-from rlft.models.scoring import (  # noqa: F401
-    PairLogps,
-    batch_keys,
-    causal_lm,
-    pair_key,
-    pair_logps,
-    pair_metrics,
-    vocabulary_size,
-)
+from rlft.models.scoring import PairLogps, causal_lm, pair_logps, pair_metrics, vocabulary_size
 from rlft.outputs import LossOutput
 from rlft.registry import resolve
 

@@ -16,7 +16,7 @@ from rlft.losses import RANKING_LOSSES, bradley_terry_loss
 from rlft.methods.base import RLFTModule
 from rlft.methods.fields import row_field
 from rlft.metrics import pairwise_auroc
-from rlft.models.reward import REWARD_HEADS, RewardNetwork, RewardScorer, write_reward_folder  # noqa: F401
+from rlft.models.reward import REWARD_HEADS, RewardNetwork, write_reward_folder
 from rlft.models.scoring import pair_layout
 from rlft.outputs import LossOutput
 from rlft.registry import resolve

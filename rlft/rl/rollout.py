@@ -4,9 +4,10 @@ One rollout is: the left-padded prompts (optionally each repeated ``group_size``
 right-padded after their stop token, the response mask (the stop token included, so the model learns to stop), the
 decoded completions, and the per-token log-probs of the rollout policy ("old" log-probs) and of the reference model.
 
-Generation (``backend: rlft``, :mod:`rlft.rl.decoding`) prefills each prompt once for its whole group, decodes with
-the KV cache one token per step, drops rows as they stop and runs LoRA merged into the weights; ``backend: hf`` runs
-``model.generate`` on the repeated prompts instead (same sampling rules, for models the decoder cannot serve).
+Generation (``backend: rlft``, :mod:`rlft.generation.decoder`) prefills each prompt once for its whole group,
+decodes with the KV cache one token per step, drops rows as they stop and runs LoRA merged into the weights;
+``backend: hf`` runs ``model.generate`` on the repeated prompts instead (same sampling rules, for models the decoder
+cannot serve).
 Log-probs come from one separate forward pass (:func:`rlft.rl.logps.token_logps`) with the same position ids the
 training forward uses, so the first PPO/GRPO update sees a ratio of exactly 1.
 """
@@ -44,7 +45,7 @@ class RolloutSettings:
             whole groups of ``group_size``, at least one); default all.
         backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA), ``hf`` (``model.generate``) or
             ``vllm`` (a vLLM engine colocated on the training GPU, the current weights pushed before every rollout:
-            :mod:`rlft.rl.vllm_rollout`; needs vLLM and a CUDA GPU, one process or DDP).
+            :mod:`rlft.generation.vllm`; needs vLLM and a CUDA GPU, one process or DDP).
         merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
             weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
         decode_dtype: With ``backend: rlft``, sample from a copy of the policy in this dtype (e.g. ``bfloat16`` for
@@ -56,7 +57,7 @@ class RolloutSettings:
             and reallocating is a cache hit; not on a CPU, where the pages fault back in (SmolLM2 GRPO here: peak RSS
             2.20 -> 2.02 GB but steps 3.98 -> 4.44 s).
         lean_step: With ``backend: rlft``, decode Llama, Mistral, Qwen2 and Qwen3 models token by token without the
-            modeling code (:func:`rlft.rl.decode_step.lean_step`: the same arithmetic, q/k/v and gate/up each one
+            modeling code (:func:`rlft.generation.lean_step.lean_step`: the same arithmetic, q/k/v and gate/up each one
             matmul); other models always step through their forward.
         share_prompts: Score rollouts and run the updates with each prompt once for all of its samples and no
             padding (:mod:`rlft.rl.layout`; the same log-probs up to float rounding); needs segmented attention

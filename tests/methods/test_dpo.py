@@ -17,9 +17,10 @@ from rlft.data import PreferenceDataModule  # noqa: E402
 from rlft.data.collate import Collator  # noqa: E402
 from rlft.losses import DPO_LOSS_TYPES, dpo_loss  # noqa: E402
 from rlft.methods import DPO, SFT  # noqa: E402
-from rlft.methods.dpo import CACHE_FILE, pair_logps  # noqa: E402
+from rlft.methods.precomputed import CACHE_FILE  # noqa: E402
 from rlft.models import load_model, load_tokenizer  # noqa: E402
 from rlft.models.reference import REF_ADAPTER  # noqa: E402
+from rlft.models.scoring import pair_logps  # noqa: E402
 from rlft.outputs import LossOutput  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import lightning as L  # noqa: E402
 
 from rlft.data import PreferenceDataModule  # noqa: E402
 from rlft.methods import DPO, RewardModel  # noqa: E402
-from rlft.methods.reward_model import RewardScorer  # noqa: E402
+from rlft.models.reward import RewardScorer  # noqa: E402
 
 pytestmark = pytest.mark.real
 

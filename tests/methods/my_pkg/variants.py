@@ -45,5 +45,5 @@ def median_baseline(grouped):
 
 
 def squared_log_ratio(log_ratio):
-    """A KL estimator from YAML (``kl_estimator: my_pkg.variants:squared_log_ratio``): k2 without the 1/2."""
+    """A KL estimator from YAML (``kl: {estimator: my_pkg.variants:squared_log_ratio}``): k2 without the 1/2."""
     return log_ratio**2
