@@ -65,7 +65,8 @@ class OnlineRL(RLFTModule):
         epochs: Passes over each rollout (PPO's epochs, GRPO's mu); > 1 makes the ratio and clipping matter.
         minibatch_size: Sequences per optimiser step; default the whole rollout.
         micro_batch_size: Sequences per forward/backward inside a minibatch (gradient accumulation: the same
-            update as the whole minibatch, in bounded memory); default the whole minibatch.
+            update as the whole minibatch, in bounded memory), and per scoring forward of the rollout; with
+            ``sampling.generation_batch_size`` the memory stays flat as the rollout grows. Default: all at once.
         clip_range: Ratio clip epsilon of the surrogate.
         loss_aggregation: How token losses become one value per sequence: ``token`` (a token mean over the global
             minibatch), ``sequence`` or ``dr_grpo`` (see ``rlft.rl_losses.LOSS_AGGREGATIONS``).
@@ -159,6 +160,7 @@ class OnlineRL(RLFTModule):
             return collect_rollout(
                 self.model, self.tokenizer, batch, self.sampling, group_size=self.samples_per_prompt, score=score,
                 reference=self.reference_model, with_reference=self.needs_reference,
+                score_batch_size=self.hparams.micro_batch_size,
             )  # fmt: skip
 
     def rollout(self, batch: dict) -> Rollout:

@@ -111,17 +111,23 @@ class PPO(OnlineRL):
         # sharded weights gathered once for the whole rollout (sampling, old log-probs, values), not per step
         with full_weights(self):
             rollout = self.sample(batch, score=not shared_trunk)
+            logps, values = [], []
             with inference(self):
-                if shared_trunk:
-                    # one forward gives the old log-probs and the trunk states the value head reads
-                    rollout.logps, _, hidden = token_logps(
-                        self.model, rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1],
-                        temperature=self.sampling.temperature, with_hidden=True,
-                        share_prompts=self.sampling.share_prompts,
-                    )  # fmt: skip
-                    rollout.values = self.values(rollout, hidden)
-                else:
-                    rollout.values = self.values(rollout)
+                for part in rollout.split(self.hparams.micro_batch_size or len(rollout)):
+                    if shared_trunk:
+                        # one forward gives the old log-probs and the trunk states the value head reads
+                        part_logps, _, hidden = token_logps(
+                            self.model, part.input_ids, part.attention_mask, part.response_ids.shape[1],
+                            temperature=self.sampling.temperature, with_hidden=True,
+                            share_prompts=self.sampling.share_prompts,
+                        )  # fmt: skip
+                        logps.append(part_logps)
+                        values.append(self.values(part, hidden))
+                    else:
+                        values.append(self.values(part))
+            if shared_trunk:
+                rollout.logps = torch.cat(logps)
+            rollout.values = torch.cat(values)
         return rollout
 
     def values(self, rollout: Rollout, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -271,6 +271,7 @@ def collect_rollout(
     score: bool = True,
     reference: torch.nn.Module | None = None,
     with_reference: bool = False,
+    score_batch_size: int | None = None,
 ) -> Rollout:
     """Sample ``group_size`` responses per prompt of a ``prompts`` batch and score them.
 
@@ -284,6 +285,8 @@ def collect_rollout(
         score: Compute the rollout policy's log-probs (``Rollout.logps``).
         reference: Separate frozen reference model; default is the adapter-disabled policy.
         with_reference: Compute ``Rollout.ref_logps``.
+        score_batch_size: Rows per scoring forward (rounded up to whole groups), so the scoring memory does not grow
+            with the rollout; default all rows at once.
 
     Returns:
         The :class:`Rollout`.
@@ -321,8 +324,10 @@ def collect_rollout(
     )
 
     def logps_under(network: torch.nn.Module) -> torch.Tensor:
-        return token_logps(network, rollout.input_ids, rollout.attention_mask, response_ids.shape[1],
-                           temperature=settings.temperature, share_prompts=settings.share_prompts)[0]  # fmt: skip
+        pieces = [token_logps(network, part.input_ids, part.attention_mask, response_ids.shape[1],
+                              temperature=settings.temperature, share_prompts=settings.share_prompts)[0]
+                  for part in rollout.split(scoring_chunk(score_batch_size, group_size))]  # fmt: skip
+        return torch.cat(pieces)
 
     with inference(model):
         if score:
@@ -331,6 +336,14 @@ def collect_rollout(
             with reference_model(model, reference) as ref:
                 rollout.ref_logps = logps_under(ref)
     return rollout
+
+
+def scoring_chunk(rows: int | None, group_size: int) -> int:
+    """Rows per scoring forward: ``rows`` rounded up to whole groups (a prompt's samples share one forward), or
+    every row when ``rows`` is None."""
+    if rows is None:
+        return 1 << 62
+    return -(-rows // group_size) * group_size
 
 
 def minibatches(size: int, minibatch_size: int | None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
