@@ -20,6 +20,7 @@ The loop, the reference KL, validation and the statistics are the online core's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -77,6 +78,9 @@ class TRPO(GRPO):
         cg_iterations: Conjugate-gradient iterations (Fisher-vector products) per step.
         max_backtracks: Step fractions (1, 1/2, 1/4, ...) the line search tries before giving up on the step.
         accept_ratio: Least ratio of the true to the first-order improvement the line search accepts.
+        fisher_fraction: Share of the minibatch's rows (spread evenly over it) the Fisher-vector products use; the
+            paper uses 0.1 to make conjugate gradient cost about as much as the gradient. The line search's KL is
+            always measured on every row.
         group_size: Responses per prompt (the advantages are GRPO's group-relative ones).
         kl: The KL-to-reference block; TRPO's default is off (``coef: 0``; the trust region bounds the step).
         loss_aggregation: How the surrogate's token terms become one value per sequence; ``token`` (default) is the
@@ -93,6 +97,7 @@ class TRPO(GRPO):
         cg_iterations: int = 10,
         max_backtracks: int = 10,
         accept_ratio: float = 0.1,
+        fisher_fraction: float = 1.0,
         group_size: int = 4,
         kl: KLSettings = KLSettings(),
         loss_aggregation: str = "token",
@@ -100,6 +105,8 @@ class TRPO(GRPO):
     ) -> None:
         if max_kl <= 0:
             raise ValueError(f"max_kl must be > 0, got {max_kl}")
+        if not 0 < fisher_fraction <= 1:
+            raise ValueError(f"fisher_fraction must be in (0, 1], got {fisher_fraction}")
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
         for name, value in (("cg_iterations", cg_iterations), ("max_backtracks", max_backtracks)):
@@ -186,7 +193,6 @@ class TRPO(GRPO):
         parts = batch.split(hp.micro_batch_size or len(batch))
         # each part's weight in this rank's share of the global mean: token means over the global minibatch's tokens
         loss_shares = [p.response_mask.sum() * world / tokens if token_mean else len(p) / len(batch) for p in parts]
-        kl_shares = [p.response_mask.float().sum() * world / tokens for p in parts]  # (sum / count) * share
 
         # the policy at theta_k: its full distributions (the KL's reference) and, where the rollout did not score
         # them, its token log-probs (the surrogate's pi_old)
@@ -212,22 +218,30 @@ class TRPO(GRPO):
         g = self._reduce(g)
         loss0 = self._reduce(loss0)
 
-        # 2. Fisher-vector products: Hessian of the mean KL(pi_k || pi_theta) at theta_k, plus damping
-        def mean_kl(i: int) -> torch.Tensor:  # part i's term of this rank's share of the global token mean
-            token_kl = self.token_kl(olds[i], self.response_log_probs(parts[i]))
-            mask = parts[i].response_mask.to(token_kl.dtype)
-            return (token_kl * mask).sum() * kl_shares[i] / mask.sum().clamp(min=1.0)
+        # 2. Fisher-vector products: the Hessian of the mean KL(pi_k || pi_theta) at theta_k (optionally on a spread
+        # subset of the rows, as the paper does), plus damping
+        def mean_kl(part: Rollout, old: torch.Tensor, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+            # this rank's share of the global token mean over `count` tokens
+            mask = part.response_mask.to(new.dtype)
+            return (self.token_kl(old, new) * mask).sum() * world / count
 
-        def kl_gradient(i: int) -> torch.Tensor:
-            kl = mean_kl(i)
+        fisher = batch if hp.fisher_fraction >= 1 else batch.select(_spread_rows(len(batch), hp.fisher_fraction,
+                                                                                 self.device))  # fmt: skip
+        fisher_tokens = self.sum_over_processes(fisher.response_mask.float().sum()).clamp(min=1.0)
+        fisher_parts = fisher.split(hp.micro_batch_size or len(fisher))
+
+        def kl_gradient(part: Rollout) -> torch.Tensor:
+            new = self.response_log_probs(part)  # at theta_k: the KL's reference is the same distribution, detached
+            kl = mean_kl(part, new.detach(), new, fisher_tokens)
             return _flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params)
 
-        cached = [kl_gradient(0)] if len(parts) == 1 else None  # one part: one forward serves every product
+        # one part: one forward serves every product
+        cached = [kl_gradient(fisher_parts[0])] if len(fisher_parts) == 1 else None
 
         def fvp(v: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(v)
-            for i in range(len(parts)):
-                grad_kl = cached[0] if cached is not None else kl_gradient(i)
+            for part in fisher_parts:
+                grad_kl = cached[0] if cached is not None else kl_gradient(part)
                 total += _flat(torch.autograd.grad(grad_kl @ v, params, retain_graph=cached is not None,
                                                    allow_unused=True), params)  # fmt: skip
             return self._reduce(total) + hp.damping * v
@@ -248,7 +262,7 @@ class TRPO(GRPO):
                 loss, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
                 for i, part in enumerate(parts):
                     loss += self.minibatch_loss(part).loss * loss_shares[i]
-                    kl += mean_kl(i)
+                    kl += mean_kl(part, olds[i], self.response_log_probs(part), tokens)
                 return float(loss0 - self._reduce(loss)), float(self._reduce(kl))
 
         fraction, info = backtracking_line_search(
@@ -279,6 +293,12 @@ class TRPO(GRPO):
             "trpo/grad_norm": g.norm(),
         })  # fmt: skip
         return {name: torch.as_tensor(value, device=self.device).float() for name, value in stats.items()}
+
+
+def _spread_rows(size: int, fraction: float, device: torch.device) -> torch.Tensor:
+    """``ceil(fraction * size)`` row indices spread evenly over ``0 .. size - 1`` (so every prompt group is seen)."""
+    count = max(1, math.ceil(fraction * size))
+    return torch.linspace(0, size - 1, count).round().long().unique().to(device)
 
 
 def _with_logps(part: Rollout, log_probs: torch.Tensor) -> Rollout:

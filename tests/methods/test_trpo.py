@@ -97,12 +97,13 @@ class StepKL(L.Callback):
         self.kls.append(float((TRPO.token_kl(old, new) * mask).sum() / mask.sum()))
 
 
-def test_every_step_is_within_max_kl_measured_independently_with_lora_and_micro_batches(tmp_path):
+def test_every_step_is_within_max_kl_measured_independently_with_lora_micro_batches_and_a_fisher_subset(tmp_path):
     L.seed_everything(1)
     max_kl = 0.02
     module = DigitTRPO(
         model="tiny-llama", lora={"r": 4, "alpha": 8, "dropout": 0.0}, sampling={"max_new_tokens": 6},
-        group_size=4, max_kl=max_kl, micro_batch_size=3, kl={"coef": 0.05}, output_dir=str(tmp_path / "hf"),
+        group_size=4, max_kl=max_kl, micro_batch_size=3, kl={"coef": 0.05}, fisher_fraction=0.5,
+        output_dir=str(tmp_path / "hf"),
     )  # fmt: skip
     recorder = StepKL()
     metrics, trainer = fit(module, tmp_path, steps=4, callbacks=[recorder])
@@ -198,6 +199,8 @@ def test_sharded_strategies_are_refused(tmp_path):
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="max_kl must be > 0"):
         TRPO(model="tiny-llama", max_kl=0.0)
+    with pytest.raises(ValueError, match="fisher_fraction must be in"):
+        TRPO(model="tiny-llama", fisher_fraction=0.0)
     with pytest.raises(ValueError, match="cg_iterations must be >= 1"):
         TRPO(model="tiny-llama", cg_iterations=0)
     with pytest.raises(ValueError, match="too small"):

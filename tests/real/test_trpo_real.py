@@ -23,6 +23,9 @@ pytestmark = pytest.mark.real
 
 STEPS = int(os.environ.get("RLFT_TRPO_REAL_STEPS", "2"))
 MAX_KL = 0.01
+# each conjugate-gradient iteration is one Fisher-vector product, a double backward through the model (~5 s for this
+# rollout on one CPU thread, measured): 5 instead of the default 10 keeps the test near its 3-minute budget
+CG_ITERATIONS = int(os.environ.get("RLFT_TRPO_REAL_CG_ITERATIONS", "5"))
 
 
 def _run(cls, smollm2: str, tmp_path, **settings) -> tuple[pd.DataFrame, float, L.Trainer]:
@@ -52,7 +55,7 @@ def test_smollm2_trpo_and_grpo_on_one_rule_reward(smollm2, tmp_path):
     # one thread: on a shared 2-core machine more threads spin against each other and run several times slower
     torch.set_num_threads(int(os.environ.get("RLFT_RL_REAL_THREADS", "1")))
     try:
-        trpo, trpo_seconds, trainer = _run(TRPO, smollm2, tmp_path, max_kl=MAX_KL)
+        trpo, trpo_seconds, trainer = _run(TRPO, smollm2, tmp_path, max_kl=MAX_KL, cg_iterations=CG_ITERATIONS)
         grpo, grpo_seconds, _ = _run(GRPO, smollm2, tmp_path, optim={"lr": 5e-4, "scheduler": "constant_with_warmup"},
                                      kl={"coef": 0.1})  # fmt: skip
     finally:
@@ -62,7 +65,7 @@ def test_smollm2_trpo_and_grpo_on_one_rule_reward(smollm2, tmp_path):
                     "train/step_seconds"]  # fmt: skip
     grpo_columns = ["train/score", "train/reward", "train/kl", "train/approx_kl", "train/response_length",
                     "train/step_seconds"]  # fmt: skip
-    print(f"\nSmolLM2 TRPO (max_kl {MAX_KL}), {STEPS} steps in {trpo_seconds:.0f} s\n"
+    print(f"\nSmolLM2 TRPO (max_kl {MAX_KL}, {CG_ITERATIONS} CG iterations), {STEPS} steps in {trpo_seconds:.0f} s\n"
           f"{trpo[trpo_columns].round(4).to_string(index=False)}")  # fmt: skip
     print(f"SmolLM2 GRPO, {STEPS} steps in {grpo_seconds:.0f} s\n{grpo[grpo_columns].round(4).to_string(index=False)}")
     per_step = {name: frame["train/step_seconds"].mean() for name, frame in (("TRPO", trpo), ("GRPO", grpo))}
