@@ -18,6 +18,7 @@ from pathlib import Path
 
 UID_ENV = "RLFT_SANDBOX_UID"
 INSIDE = "/sandbox"
+PROGRAM = "program.py"
 
 
 def interpreter() -> str:
@@ -130,12 +131,20 @@ def _launcher(uid: int | None, staged: list[tuple[str, str]]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *mounts, "--", *drop]
 
 
-def _bwrap_command(argv: list[str], workdir: Path, staged: list[tuple[str, str]] = ()) -> list[str]:
+def _bwrap_command(
+    argv: list[str], workdir: Path, staged: list[tuple[str, str]] = (), disk_mb: int | None = None, private=False
+) -> list[str]:
     command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     sources = dict(staged)
     for host, inside in _read_only_binds():
         command += ["--ro-bind", sources.get(host, host), inside]
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(workdir), INSIDE]
+    # RLIMIT_FSIZE bounds each file only; a size-capped tmpfs bounds what many files add up to (memory, not disk)
+    size = [] if disk_mb is None else ["--size", str(disk_mb * 1024 * 1024)]
+    command += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp"]
+    if private:  # a folder of rlft's own: only the program comes from the host, everything written stays in memory
+        command += [*size, "--tmpfs", INSIDE, "--ro-bind", str(workdir / PROGRAM), f"{INSIDE}/{PROGRAM}"]
+    else:  # the caller's folder, used as is (its files visible, what the program writes left for the caller)
+        command += ["--bind", str(workdir), INSIDE]
     command += ["--chdir", INSIDE, "--hostname", "sandbox", "--clearenv"]
     for name, value in environment(INSIDE).items():
         command += ["--setenv", name, value]
@@ -146,10 +155,21 @@ def environment(home: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
 
 
-def start_command(argv: list[str], workdir: Path, uid: int | None) -> tuple[list[str], dict]:
-    """The full command and the Popen arguments that switch user (directly, or through the launcher)."""
+def start_command(
+    argv: list[str], workdir: Path, uid: int | None, *, disk_mb: int | None = None, private: bool = False
+) -> tuple[list[str], dict]:
+    """The full command and the Popen arguments that switch user (directly, or through the launcher).
+
+    Args:
+        argv: The program's command line inside the sandbox.
+        workdir: The host folder behind ``/sandbox``.
+        uid: The unprivileged host uid (``None``: the caller's own).
+        disk_mb: Size cap of each writable tmpfs (``/tmp``, and ``/sandbox`` when ``private``); ``None``: uncapped.
+        private: ``/sandbox`` is a fresh tmpfs holding only ``workdir/program.py`` (read-only), instead of a bind
+            of ``workdir`` itself.
+    """
     staged = _staging(uid)
-    command = [*_launcher(uid, staged), *_bwrap_command(argv, workdir, staged)]
+    command = [*_launcher(uid, staged), *_bwrap_command(argv, workdir, staged, disk_mb, private)]
     if uid is None or staged:
         return command, {}
     return command, {"user": uid, "group": uid, "extra_groups": []}

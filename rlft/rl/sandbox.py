@@ -13,6 +13,10 @@ Used by pass@k evaluation (HumanEval) and by code-execution rewards in RL. Every
   ``RLIMIT_NPROC`` for root) and one program's fork bomb cannot starve another;
 * resource limits set before ``exec`` that it cannot raise: address space, CPU seconds, file size, open files,
   processes, no core dumps;
+* writable space of bounded total size: ``/tmp`` and (unless the caller hands in its own folder) ``/sandbox`` are
+  tmpfs mounts of at most ``disk_mb`` each, so many files under the per-file limit cannot fill memory or disk;
+* bounded output: stdout and stderr are read incrementally, only their heads kept (see
+  :mod:`rlft.rl.bounded_output`), and the program is killed once it has written ``max_output_bytes``;
 * ``--die-with-parent`` and ``--new-session``; the PID namespace's init ends with the program, and the kernel then
   kills every process left in the namespace (daemonised children included); at the timeout the whole tree is
   killed.
@@ -41,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlft.rl.bwrap import INSIDE, environment, hand_over, interpreter, sandbox_uid, start_command, uid_slot
+from rlft.rl.bounded_output import kill_group, read_bounded
+from rlft.rl.bwrap import INSIDE, PROGRAM, environment, hand_over, interpreter, sandbox_uid, start_command, uid_slot
 
 Status = Literal["passed", "failed", "timeout", "error"]
 MODE_ENV = "RLFT_SANDBOX"  # unset/"bwrap": require the OS boundary; "unsafe": run without it (explicit opt-in)
@@ -59,10 +64,11 @@ class SandboxResult:
         status: ``passed`` (exit code 0), ``failed`` (non-zero exit, e.g. an assertion or exception), ``timeout``
             (killed at the wall-clock or CPU limit) or ``error`` (the sandbox itself could not run the program).
         returncode: The child's exit code (negative for a signal), ``None`` if it never ran.
-        stdout: Captured standard output (truncated to ``max_output_chars``).
+        stdout: Captured standard output (truncated to ``max_output_chars``, with a note saying how much was cut).
         stderr: Captured standard error (truncated likewise).
         duration_s: Wall-clock seconds from start to end (or kill).
         protections: The containment layers that applied, e.g. ``("bwrap", "userns", "pidns", "netns", ...)``.
+        output_truncated: Whether some output was cut or dropped (or the program killed for writing too much).
     """
 
     status: Status
@@ -71,6 +77,7 @@ class SandboxResult:
     stderr: str
     duration_s: float
     protections: tuple[str, ...] = field(default=())
+    output_truncated: bool = False
 
     @property
     def passed(self) -> bool:
@@ -124,18 +131,6 @@ def _limit_resources(memory_mb: int, cpu_s: int, file_mb: int, max_processes: in
             pass  # e.g. a hard limit already lower than ours: keep the stricter one
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _decode(data: bytes | None, limit: int) -> str:
-    text = (data or b"").decode("utf-8", errors="replace")
-    return text if len(text) <= limit else text[:limit] + f"\n... [{len(text) - limit} characters truncated]"
-
-
 def sandbox_mode() -> str:
     mode = os.environ.get(MODE_ENV, "bwrap") or "bwrap"
     if mode not in ("bwrap", "unsafe"):
@@ -154,6 +149,8 @@ def run_program(
     file_mb: int = 16,
     max_processes: int = 64,
     max_output_chars: int = 20_000,
+    max_output_bytes: int = 16 * 1024 * 1024,
+    disk_mb: int = 64,
 ) -> SandboxResult:
     """Run ``source`` as a Python program inside the sandbox.
 
@@ -169,7 +166,12 @@ def run_program(
         guard: Kept for compatibility (the Python-level guard was replaced by the OS boundary); ignored.
         file_mb: Largest file the program may write (``RLIMIT_FSIZE``).
         max_processes: Processes the program may have at once (``RLIMIT_NPROC`` of the sandbox uid).
-        max_output_chars: Truncate captured stdout/stderr beyond this many characters.
+        max_output_chars: Truncate captured stdout/stderr beyond this many characters (only their heads are ever
+            held in memory, whatever the program writes).
+        max_output_bytes: Kill the program once stdout and stderr together pass this many bytes (status
+            ``failed``, with a note in ``stderr``).
+        disk_mb: Size cap of each writable tmpfs of the sandbox (``/tmp``, and ``/sandbox`` unless ``cwd`` is
+            given: a caller's folder is bounded per file only). Not applied under ``RLFT_SANDBOX=unsafe``.
 
     Returns:
         The :class:`SandboxResult`.
@@ -179,10 +181,11 @@ def run_program(
         SandboxUnavailable: If the isolation cannot be set up and ``RLFT_SANDBOX=unsafe`` is not set.
     """
     del guard
-    if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0:
+    limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "max_processes": max_processes, "disk_mb": disk_mb,
+              "max_output_chars": max_output_chars, "max_output_bytes": max_output_bytes}  # fmt: skip
+    if bad := {name: value for name, value in limits.items() if value <= 0}:
         raise ValueError(
-            f"timeout_s, memory_mb and max_processes must be positive, got timeout_s={timeout_s}, "
-            f"memory_mb={memory_mb}, max_processes={max_processes}"
+            f"timeout_s, memory_mb, max_processes, disk_mb and the output limits must be positive, got {bad}"
         )
     isolated = sandbox_mode() == "bwrap"
     if isolated and (problem := isolation_problem()):
@@ -191,26 +194,29 @@ def run_program(
             f"without isolation anyway (trusted code only), set {MODE_ENV}=unsafe"
         )
     with uid_slot() if isolated else contextlib.nullcontext() as uid:
+        output = (max_output_chars, max_output_bytes)
         return _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes,
-                    max_output_chars)  # fmt: skip
+                    output, disk_mb)  # fmt: skip
 
 
-def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes, max_chars):
+def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes, output, disk_mb):
+    max_chars, max_bytes = output
     owned = cwd is None
     workdir = Path(tempfile.mkdtemp(prefix="rlft-sandbox-")) if owned else Path(cwd)
     try:
-        (workdir / "program.py").write_text(source, encoding="utf-8")
-        argv = [interpreter(), "-I", "-S", "-B", "program.py"]
+        (workdir / PROGRAM).write_text(source, encoding="utf-8")
+        argv = [interpreter(), "-I", "-S", "-B", PROGRAM]
         if isolated:
             hand_over(workdir, uid)
-            command, switch = start_command(argv, workdir, uid)
+            command, switch = start_command(argv, workdir, uid, disk_mb=disk_mb, private=owned)
             env = environment(INSIDE)
             protections = ["bwrap", "userns", "mountns", "pidns", "ipcns", "netns", "readonly-fs", "empty-env"]
             protections += [f"uid:{uid if uid is not None else os.geteuid()}", "rlimits", "process-tree-kill"]
+            protections += ["bounded-tmpfs", "bounded-output"]
             processes = max_processes + 2 + (0 if uid is not None else _own_processes(os.geteuid()))
         else:
             command, env, switch = argv, environment(str(workdir)), {}
-            protections = ["unsafe-no-isolation", "rlimits", "process-group", "own-folder"]
+            protections = ["unsafe-no-isolation", "rlimits", "process-group", "own-folder", "bounded-output"]
             if network_namespace and shutil.which("unshare"):
                 command, protections = ["unshare", "-n", "--", *command], [*protections, "netns"]
             processes = max_processes + (_own_processes(os.geteuid()) if os.geteuid() else 0)
@@ -224,23 +230,23 @@ def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, fi
         except OSError as exc:
             return SandboxResult("error", None, "", f"sandbox could not start the program: {exc}",
                                  time.monotonic() - start, tuple(protections))  # fmt: skip
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            # bwrap is the group leader; --die-with-parent takes the namespace's init with it, and the kernel then
-            # kills everything in the PID namespace
-            _kill_group(proc)
-            out, err = proc.communicate()
-            timed_out = True
-        _kill_group(proc)
+        # bwrap is the group leader; --die-with-parent takes the namespace's init with it, and the kernel then kills
+        # everything in the PID namespace, so killing the group (at the deadline or the byte limit) ends it all
+        seen = read_bounded(proc, deadline=start + timeout_s, keep_bytes=4 * max_chars, max_total_bytes=max_bytes)
+        kill_group(proc)
         duration = time.monotonic() - start
         cpu_killed = proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and duration >= timeout_s * 0.5
-        status: Status = "timeout" if timed_out or cpu_killed else ("passed" if proc.returncode == 0 else "failed")
-        if isolated and status == "failed" and (err or b"").startswith(b"bwrap:"):
+        timed_out = seen.timed_out or (cpu_killed and not seen.over_limit)
+        status: Status = "timeout" if timed_out else ("passed" if proc.returncode == 0 else "failed")
+        if seen.over_limit:
+            status = "failed"
+        if isolated and status == "failed" and seen.stderr.head.startswith(b"bwrap:"):
             status = "error"
-        return SandboxResult(status, proc.returncode, _decode(out, max_chars),
-                             _decode(err, max_chars), duration, tuple(protections))  # fmt: skip
+        stderr = seen.stderr.text(max_chars)
+        if seen.over_limit:
+            stderr += f"\n[killed: stdout and stderr passed the {max_bytes}-byte output limit]"
+        return SandboxResult(status, proc.returncode, seen.stdout.text(max_chars), stderr, duration,
+                             tuple(protections), seen.truncated)  # fmt: skip
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)
