@@ -27,8 +27,9 @@ from rlft.models.tokens import pad_token_id, stop_token_ids
 log = logging.getLogger(__name__)
 
 Prompt = str | list[dict]
-# called as on_token(prompt index, sample index, token id) for every token a backend generates, in order; a
-# finished row keeps receiving pad/stop ids until its batch ends. Greedy decoding reports sample 0 only.
+# called as on_token(prompt index, sample index, token id) for every token a backend generates, in order (the torch
+# backends step by step, a finished row receiving pad ids until its batch ends; vLLM each row's tokens after
+# generation). Greedy decoding reports sample 0 only.
 TokenCallback = Callable[[int, int, int], None]
 
 
