@@ -105,6 +105,11 @@ class TRPO(GRPO):
     ) -> None:
         if max_kl <= 0:
             raise ValueError(f"max_kl must be > 0, got {max_kl}")
+        if kwargs.get("gradient_checkpointing") == "selective":
+            raise ValueError(
+                "TRPO differentiates the KL twice (Fisher-vector products), which selective activation checkpointing "
+                "cannot do; use gradient_checkpointing: true (whole layers) or false"
+            )
         if not 0 < fisher_fraction <= 1:
             raise ValueError(f"fisher_fraction must be in (0, 1], got {fisher_fraction}")
         if damping < 0:
@@ -159,13 +164,13 @@ class TRPO(GRPO):
     def response_log_probs(self, batch: Rollout) -> torch.Tensor:
         """``[n, R, V]`` log-probs of the whole vocabulary at each response position (at the sampling temperature).
 
-        Attention runs through SDPA's math kernel so the result can be differentiated twice.
+        Differentiating the result twice (the Fisher) needs SDPA's math kernel: call it, and take the gradients,
+        inside ``sdpa_kernel([SDPBackend.MATH])`` (recomputation under gradient checkpointing then uses it too).
         """
-        with sdpa_kernel([SDPBackend.MATH]):
-            _, _, hidden = token_logps(
-                self.model, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1], with_logps=False,
-                with_hidden=True, share_prompts=self.sampling.share_prompts,
-            )  # fmt: skip
+        _, _, hidden = token_logps(
+            self.model, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1], with_logps=False,
+            with_hidden=True, share_prompts=self.sampling.share_prompts,
+        )  # fmt: skip
         head = plain_head(causal_lm(self.model))
         temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
         logits = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float() / temperature
@@ -235,8 +240,7 @@ class TRPO(GRPO):
             kl = mean_kl(part, new.detach(), new, fisher_tokens)
             return _flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params)
 
-        # one part: one forward serves every product
-        cached = [kl_gradient(fisher_parts[0])] if len(fisher_parts) == 1 else None
+        cached: list[torch.Tensor] | None = None  # one part: one forward serves every product (set below)
 
         def fvp(v: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(v)
@@ -246,11 +250,13 @@ class TRPO(GRPO):
                                                    allow_unused=True), params)  # fmt: skip
             return self._reduce(total) + hp.damping * v
 
-        # 3. natural-gradient direction, scaled to the trust region, then the line search on the true KL
-        direction = conjugate_gradient(fvp, -g, iterations=hp.cg_iterations)
-        step = trust_region_step(direction, fvp, hp.max_kl)
-        if cached is not None:
-            cached.clear()  # frees the Fisher's graph before the line search
+        # 3. natural-gradient direction, scaled to the trust region, then the line search on the true KL; the fused
+        # attention kernels have no double backward (nor may a checkpointed layer recompute with another kernel)
+        with sdpa_kernel([SDPBackend.MATH]):
+            cached = [kl_gradient(fisher_parts[0])] if len(fisher_parts) == 1 else None
+            direction = conjugate_gradient(fvp, -g, iterations=hp.cg_iterations)
+            step = trust_region_step(direction, fvp, hp.max_kl)
+        cached = None  # frees the Fisher's graph before the line search
         expected = float(-g @ step)
         start = [p.detach().clone() for p in params]
         deltas = _unflat(step, params)

@@ -60,9 +60,9 @@ def test_trpo_learns_a_verifiable_reward_within_the_trust_region(tmp_path):
     print("step fractions:", metrics["train/trpo/step_fraction"].tolist())
     print(f"seconds per step: {metrics['train/step_seconds'].mean():.2f}")
     assert len(reward) == 50 and trainer.global_step == 50  # every trust-region step counts as an optimiser step
-    # measured on this seed: 0.03 over the first 5 steps -> 0.68 over the last 10 (one prompt pair is noisy)
+    # measured on this seed: 0.04 over the first 5 steps -> 0.82 over the last 10 (0.67 s a step on one thread)
     start, end = reward[:5].mean(), reward[-10:].mean()
-    assert start < 0.1 and end > start + 0.3, f"reward did not rise: {start:.3f} -> {end:.3f}"
+    assert start < 0.1 and end > 0.5 and end > start + 0.3, f"reward did not rise: {start:.3f} -> {end:.3f}"
     fraction, kl = metrics["train/trpo/step_fraction"], metrics["train/trpo/kl"]
     assert (fraction > 0).mean() > 0.9  # the line search accepts nearly every step
     assert (kl[fraction > 0] <= max_kl).all() and (kl[fraction > 0] > 0).all()
@@ -120,11 +120,11 @@ def test_every_step_is_within_max_kl_measured_independently_with_lora_micro_batc
     assert metrics["train/kl"].notna().all()  # the reference KL term of the surrogate is on and logged
 
 
-def _one_step(tmp_path: Path, micro_batch_size: int | None) -> dict[str, torch.Tensor]:
+def _one_step(tmp_path: Path, micro_batch_size: int | None, **settings) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
     module = TRPO(model="tiny-llama", lora=None, sampling={"max_new_tokens": 6}, group_size=4, max_kl=0.05,
                   rewards=[{"source": "length", "options": {"target": 12, "unit": "chars"}}],
-                  micro_batch_size=micro_batch_size)  # fmt: skip
+                  micro_batch_size=micro_batch_size, **settings)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     module.build_network()
@@ -135,11 +135,14 @@ def _one_step(tmp_path: Path, micro_batch_size: int | None) -> dict[str, torch.T
     return {n: w - initial[n] for n, w in weights.items()}
 
 
-def test_micro_batches_give_the_whole_minibatch_step(tmp_path):
+def test_micro_batches_and_checkpointing_give_the_whole_minibatch_step(tmp_path):
     whole = _one_step(tmp_path, None)
     parts = _one_step(tmp_path, 3)  # 8 rows in parts of 3, 3, 2: each Fisher product recomputes every part
+    # layers recomputed in the double backward of the Fisher products (with the same attention kernel)
+    checkpointed = _one_step(tmp_path, None, gradient_checkpointing=True)
     for name, step in whole.items():
         torch.testing.assert_close(parts[name], step, rtol=1e-3, atol=1e-6, msg=name)
+        torch.testing.assert_close(checkpointed[name], step, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def _cli_fit(tmp_path: Path, *args: str, steps: int = 3, env: dict | None = None) -> list[dict]:
@@ -205,5 +208,7 @@ def test_arguments_are_checked():
         TRPO(model="tiny-llama", cg_iterations=0)
     with pytest.raises(ValueError, match="too small"):
         TRPO(model="tiny-llama", group_size=1)
+    with pytest.raises(ValueError, match="selective activation checkpointing"):
+        TRPO(model="tiny-llama", gradient_checkpointing="selective")
     module = TRPO(model="tiny-llama")
     assert module.kl_settings.coef == 0.0 and module.hparams.loss_aggregation == "token"
