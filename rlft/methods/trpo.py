@@ -69,7 +69,8 @@ class TRPO(GRPO):
 
     The KL and the Fisher use the full next-token distribution: the model's logits must be ``hidden @ W.T`` (models
     that cap or rescale logits are refused), and the response positions' ``[n, R, V]`` log-probs of a
-    (micro-)batch are held in memory. Attention runs through SDPA's math kernel in the Fisher's forward (the fused
+    (micro-)batch are held in memory: set ``micro_batch_size`` to bound them (the line search then recomputes the
+    pre-step distributions part by part). Attention runs through SDPA's math kernel in the Fisher's forward (the fused
     kernels have no double backward); ``attn_implementation: flash_attention_2`` cannot be used.
 
     Args:
@@ -199,15 +200,16 @@ class TRPO(GRPO):
         # each part's weight in this rank's share of the global mean: token means over the global minibatch's tokens
         loss_shares = [p.response_mask.sum() * world / tokens if token_mean else len(p) / len(batch) for p in parts]
 
-        # the policy at theta_k: its full distributions (the KL's reference) and, where the rollout did not score
-        # them, its token log-probs (the surrogate's pi_old)
-        olds = []
+        # the policy at theta_k: its full distributions (the line search's KL reference; kept for one part, else
+        # recomputed part by part so micro-batches bound the memory) and, where the rollout did not score them, its
+        # token log-probs (the surrogate's pi_old)
+        olds: list[torch.Tensor | None] = []
         with torch.no_grad():
             for i, part in enumerate(parts):
                 old = self.response_log_probs(part)
                 if part.logps is None:
-                    part = parts[i] = _with_logps(part, old)
-                olds.append(old)
+                    parts[i] = _with_logps(part, old)
+                olds.append(old if len(parts) == 1 else None)
 
         # 1. the loss and its gradient g at theta_k
         g = torch.zeros(sum(p.numel() for p in params), device=self.device)
@@ -261,23 +263,29 @@ class TRPO(GRPO):
         start = [p.detach().clone() for p in params]
         deltas = _unflat(step, params)
 
+        @torch.no_grad()
+        def move(fraction: float) -> None:  # the trainable parameters to theta_k + fraction * step, in place
+            for p, p0, d in zip(params, start, deltas):
+                p.copy_(p0 + fraction * d if fraction else p0)
+
+        @torch.no_grad()
         def evaluate(fraction: float) -> tuple[float, float]:
-            with torch.no_grad():
-                for p, p0, d in zip(params, start, deltas):
-                    p.copy_(p0 + fraction * d)
-                loss, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-                for i, part in enumerate(parts):
-                    loss += self.minibatch_loss(part).loss * loss_shares[i]
-                    kl += mean_kl(part, olds[i], self.response_log_probs(part), tokens)
-                return float(loss0 - self._reduce(loss)), float(self._reduce(kl))
+            loss, kl = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+            for i, part in enumerate(parts):
+                old = olds[i]
+                if old is None:
+                    move(0.0)
+                    old = self.response_log_probs(part)
+                move(fraction)
+                loss += self.minibatch_loss(part).loss * loss_shares[i]
+                kl += mean_kl(part, old, self.response_log_probs(part), tokens)
+            return float(loss0 - self._reduce(loss)), float(self._reduce(kl))
 
         fraction, info = backtracking_line_search(
             evaluate, step, expected, max_backtracks=hp.max_backtracks, accept_ratio=hp.accept_ratio,
             max_kl=hp.max_kl,
         )  # fmt: skip
-        with torch.no_grad():  # back to theta_k: the optimiser writes the step
-            for p, p0 in zip(params, start):
-                p.copy_(p0)
+        move(0.0)  # back to theta_k: the optimiser writes the step
 
         # 4. the accepted step through the Lightning optimiser (SGD, lr 1): theta_k - (-fraction * step)
         optimizer = self.optimizers()
