@@ -18,7 +18,6 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rlft.cli.generate:main", "chat with a model, adapter folder or checkpoint (streams to the terminal)"),
     "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
     "label": ("rlft.cli.label:main", "human preference collection: serve the labeling UI, import, export, stats"),
-    "bench": ("rlft.cli.bench:main", "throughput/memory benchmark against TRL on identical work"),
     "data": ("rlft.cli.data:main", "tokenise a data set once into the cache runs reuse (rlft data prepare -c CONFIG)"),
     "tune": ("rlft.cli.tune:main", "hyperparameter search with Optuna (rlft tune -c CONFIG --search S.yaml --out DIR)"),
     "pipeline": ("rlft.cli.pipeline:main", "SFT -> reward model -> DPO/GRPO/online DPO -> held-out eval -> report"),

@@ -1,4 +1,4 @@
-"""Offline workers of ``rlft bench`` (``sft``, ``dpo``, ``rm``): one framework, one variant, in this process.
+"""Offline workers of ``scripts/bench/run.py`` (``sft``, ``dpo``, ``rm``): one framework, one variant, in this process.
 
 Both sides get the same model, the same examples (in the same order: no shuffling), the same LoRA (all linear
 layers), batch size and maximum length; each reports real (non-pad) tokens per second over the timed steps, peak
@@ -13,9 +13,11 @@ import statistics
 import time
 from pathlib import Path
 
+import rlft
+
 # the real data sits beside the checkout (../shared/data); rlft's own sample data ships in the package
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(rlft.__file__).resolve().parent / "assets"
 DEFAULT_DATA = {
     "sft": [SHARED / "alpaca_seed_tasks.jsonl", ASSETS / "sample_sft.jsonl"],
     "dpo": [SHARED / "hh_rlhf_harmless_sample.jsonl", ASSETS / "sample_pairs.jsonl"],

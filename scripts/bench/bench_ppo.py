@@ -1,8 +1,8 @@
-"""TRL's PPO worker for ``rlft bench --mode ppo``: ``trl.experimental.ppo`` (TRL <= 1.12) on rlft's PPO bench work.
+"""TRL's PPO worker for ``run.py --mode ppo``: ``trl.experimental.ppo`` (TRL <= 1.12) on rlft's PPO bench work.
 
 The same model, LoRA, prompts in the same order, response length, sampling (temperature 1, no truncation), KL
 coefficient (k1), clip ranges, value coefficient, GAE (gamma 1, lambda 0.95), missing-EOS penalty 1, PPO epochs
-(the whole rollout is one minibatch) and learning rate as rlft's worker in :mod:`rlft.cli.bench_online`; neither side
+(the whole rollout is one minibatch) and learning rate as rlft's worker in ``bench_online.py``; neither side
 clips gradients (TRL's PPO never does). TRL's PPO only takes a reward *model* (a sequence classifier it runs on the
 token ids), so rlft's rule reward is wrapped as one: :class:`RuleRewardModel` decodes each response and scores it
 with the same reward code rlft's worker uses, which makes the two reward curves comparable.
@@ -85,7 +85,8 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
         import trl
 
         raise SystemExit(f"TRL {trl.__version__} has no trl.experimental.ppo (removed in 1.13): {INSTALL}") from error
-    from rlft.cli.bench_online import REWARDS, _prompts, _Steps
+    from bench_online import REWARDS, _prompts, _Steps
+
     from rlft.models import resolve_model
     from rlft.rl.rewards import Rewards
 

@@ -1,17 +1,20 @@
-"""``rlft bench``: rlft against TRL on identical work, each run in a fresh process, A/B interleaved.
+"""The benchmark: rlft against TRL on identical work, each run in a fresh process, A/B interleaved.
+
+Run from a checkout, with rlft's environment (``scripts/setup_env.sh dev``: TRL is a test-only dependency, so the
+harness lives beside the package, not in it): ``python scripts/bench/run.py --mode dpo ...``.
 
 Both sides get the same model, the same examples (in the same order: no shuffling), the same LoRA (all linear
 layers), batch size and maximum length. Each worker prints one JSON line: real (non-pad) tokens per second over the
 timed steps (the first ``warmup`` steps are excluded), peak RSS, peak GPU memory, and its step-0 loss — the
 losses must agree before the speeds mean anything.
 
-    rlft bench --mode dpo --steps 4 --repeats 2
-    rlft bench --mode sft --trl_variants [default,packing] --rlft_variants [default,packing]
-    rlft bench --mode grpo --steps 6 --rlft_variants [default,hfgen] --trl_variants [default,nogc]
-    rlft bench --mode ppo --batch_size 8 --steps 6 --rlft_variants [default,critic]
+    python scripts/bench/run.py --mode dpo --steps 4 --repeats 2
+    python scripts/bench/run.py --mode sft --trl_variants [default,packing] --rlft_variants [default,packing]
+    python scripts/bench/run.py --mode grpo --steps 6 --rlft_variants [default,hfgen] --trl_variants [default,nogc]
+    python scripts/bench/run.py --mode ppo --batch_size 8 --steps 6 --rlft_variants [default,critic]
 
 ``--mode grpo`` and ``--mode ppo`` compare online RL (rollout, update and whole-step time, reward curves; see
-:mod:`rlft.cli.bench_online`). TRL removed its PPO trainer in 1.13: ``--mode ppo`` runs TRL 1.12's
+``scripts/bench/bench_online.py``). TRL removed its PPO trainer in 1.13: ``--mode ppo`` runs TRL 1.12's
 ``trl.experimental.ppo`` from ``--trl_path`` (default ``.bench/trl-1.12``, which ``scripts/setup_env.sh`` installs
 with the dev extra: ``pip install --no-deps --target .bench/trl-1.12 trl==1.12.0``; other dependencies are shared).
 """
@@ -28,7 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlft.cli import bench_offline, bench_online, bench_ppo
+# siblings: this folder is sys.path[0] when the file runs as a script (tests put it there)
+import bench_offline
+import bench_online
+import bench_ppo
 
 # the options a variant may combine with "+", per framework and offline/online (anything else is a typo, refused)
 VARIANT_OPTIONS = {
@@ -161,7 +167,7 @@ def _launch(framework: str, variant: str, cfg: BenchConfig) -> dict:
            "TRL_EXPERIMENTAL_SILENCE": "1"}  # fmt: skip
     if framework == "trl" and cfg.trl_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(cfg.trl_path).resolve()), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "rlft.cli.bench", "--worker", framework, variant, json.dumps(asdict(cfg))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", framework, variant, json.dumps(asdict(cfg))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RLFT_BENCH ")]
     if proc.returncode != 0 or not lines:
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="rlft bench", description=__doc__)
+    parser = ArgumentParser(prog="scripts/bench/run.py", description=__doc__)
     parser.add_class_arguments(BenchConfig, nested_key=None)
     args = parser.parse_args(argv)
     try:

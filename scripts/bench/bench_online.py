@@ -1,4 +1,4 @@
-"""``rlft bench --mode grpo|ppo``: rlft's GRPO/PPO against TRL's on the same work, one fresh process each.
+"""``scripts/bench/run.py --mode grpo|ppo``: rlft's GRPO/PPO against TRL's on the same work, one fresh process each.
 
 Both sides get the same model, LoRA (all linear layers), prompts in the same order, group size, sampling settings
 (temperature 1, no truncation), ``max_new_tokens``, beta, clip range, learning rate, per-sequence loss
@@ -6,7 +6,7 @@ aggregation (TRL ``loss_type="grpo"``) and reward: the GRPO config's arithmetic 
 rlft reward code, so the reward curves are comparable. Each worker reports the whole step time, the rollout time
 (sampling + reference/old log-probs + rewards), generation alone and its tokens/s (real response tokens), the
 update time (the rest of the step: forward, backward, optimiser), peak RSS and the reward of every step.
-TRL's PPO worker is in :mod:`rlft.cli.bench_ppo`.
+TRL's PPO worker is in ``bench_ppo.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import statistics
 import time
 from pathlib import Path
 
+import rlft
+
 # the reward of configs/grpo/smollm2_lora.yaml: the right final number, plus a bonus for a short answer
 REWARDS = [
     {"source": "exact_match", "options": {"field": "answer", "extract": "last_number"}},
     {"source": "regex", "name": "short_answer", "weight": 0.5,
      "options": {"pattern": r"^\S+( \S+){0,7}$", "fullmatch": True}},
 ]  # fmt: skip
-PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "sample_prompts.jsonl"
+PROMPTS = Path(rlft.__file__).resolve().parent / "assets" / "sample_prompts.jsonl"
 
 
 def _prompts(cfg) -> list[dict]:

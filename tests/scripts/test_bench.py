@@ -6,14 +6,22 @@ makes the ratios meaningful: identical step-0 losses and sane token counts.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from rlft.cli.bench import BenchConfig, run
-
 pytest.importorskip("trl")
+
+# the harness runs from the checkout (python scripts/bench/run.py), its modules found beside it
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+_spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+bench = sys.modules["bench_run"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(bench)
+BenchConfig, run = bench.BenchConfig, bench.run
 
 
 DATA = {
@@ -66,6 +74,16 @@ def test_rlft_alone_is_summarised_against_its_first_run_and_the_seed_picks_the_s
     assert other != first
 
 
+def test_the_script_runs_from_the_checkout_and_rlft_no_longer_ships_it(repo_root):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "scripts/bench/run.py", "--help"], cwd=repo_root, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--rlft_variants" in result.stdout and "python scripts/bench/run.py --mode" in result.stdout
+    assert importlib.util.find_spec("rlft.cli.bench") is None
+
+
 def test_a_misspelt_variant_is_refused_not_run_as_the_default():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bf16dec'\].*bf16decode"):
         BenchConfig(mode="grpo", rlft_variants=["gc+bf16dec"])
@@ -74,7 +92,7 @@ def test_a_misspelt_variant_is_refused_not_run_as_the_default():
     assert BenchConfig(mode="dpo").rlft_variants == ["packing"] and BenchConfig(mode="dpo").beta == 0.1
 
 
-TRL_PPO = Path(__file__).resolve().parents[2] / ".bench" / "trl-1.12"
+TRL_PPO = BENCH.parents[1] / ".bench" / "trl-1.12"
 needs_trl_ppo = pytest.mark.skipif(
     not (TRL_PPO / "trl").is_dir(), reason="scripts/setup_env.sh dev installs TRL 1.12 there"
 )
@@ -89,8 +107,8 @@ def test_rule_reward_is_what_trl_ppo_reads_for_each_response():
     script = """
 import torch, transformers
 from trl.experimental.utils import get_reward
-from rlft.cli.bench_online import REWARDS
-from rlft.cli.bench_ppo import RuleRewardModel
+from bench_online import REWARDS
+from bench_ppo import RuleRewardModel
 from rlft.models import resolve_model
 from rlft.rl.rewards import Rewards
 tok = transformers.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path, padding_side="left")
@@ -110,7 +128,8 @@ expected, _ = Rewards(REWARDS)([[{"role": "user", "content": r["prompt"]}] for r
 print(scores.tolist(), [float(v) for v in expected])
 assert scores.tolist() == [float(v) for v in expected] == [1.5, 0.0], scores
 """
-    env = {**os.environ, "PYTHONPATH": str(TRL_PPO), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TRL_PPO), str(BENCH)]), "HF_HUB_OFFLINE": "1",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -138,8 +157,6 @@ def test_ppo_bench_runs_trl_ppo_and_rlft_on_the_same_rollouts(capsys):
 
 
 def test_ppo_without_trl_ppo_names_the_install(tmp_path):
-    from rlft.cli.bench import _launch
-
     cfg = BenchConfig(mode="ppo", model="tiny-llama", trl_path=str(tmp_path), steps=1, warmup=0)
     with pytest.raises(RuntimeError, match=r"trl.experimental.ppo.*trl==1.12.0"):
-        _launch("trl", "default", cfg)
+        bench._launch("trl", "default", cfg)
