@@ -1,9 +1,9 @@
 """``PreferenceDataModule``: the one data module every rlft method trains on.
 
-The method, not the user, decides what the data must provide: SFT asks for conversations, DPO/ORPO/reward models
-for preference pairs, PPO/GRPO for prompts. The module reads any supported file or hub dataset, converts it to that
-kind of canonical record, validates it, tokenizes with the model's own chat template and serves dynamically padded
-batches whose order survives a resume.
+The method, not the user, decides what the data must provide (its data kind, :mod:`rlft.data.kinds`): SFT asks for
+conversations, DPO/ORPO/reward models for preference pairs, PPO/GRPO for prompts, KTO for unpaired feedback. The
+module reads any supported file or hub dataset, converts it to that kind of canonical record, validates it, tokenizes
+with the model's own chat template and serves dynamically padded batches whose order survives a resume.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from rlft.data import cache as data_cache
 from rlft.data.collate import Collator, batch_fingerprint
-from rlft.data.encoding import IGNORE_INDEX, encode_pair, encode_prompt, encode_sft
 from rlft.data.errors import DataError
 from rlft.data.formats import convert
+from rlft.data.kinds import data_kind
 from rlft.data.sources import read_rows
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,12 @@ class ResumableSampler(DistributedSampler):
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Reads, validates, tokenizes and batches SFT conversations, preference pairs or RL prompts.
+    """Reads, validates, tokenizes and batches SFT conversations, preference pairs, RL prompts or unpaired feedback.
 
     Args:
         path: A local JSONL/JSON/Parquet/CSV file, a folder of them, or a Hugging Face dataset name.
         format: Input format name, or ``"auto"`` to detect it (messages, sharegpt, prompt_completion, alpaca, dolly,
-            hh_rlhf, preference, piqa, alpaca_seed).
+            hh_rlhf, preference, piqa, alpaca_seed, ranked, prompt_only, unpaired).
         val_path: Separate validation data; when unset, ``val_fraction`` of ``path`` is held out.
         val_fraction: Share of the training data held out for validation (deterministic given ``seed``).
         batch_size: Examples (pairs, prompts) per training batch and per device.
@@ -122,7 +122,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self._collators: list[Collator] = []
 
     def attach(self, kind: str, tokenizer) -> PreferenceDataModule:
-        """Tell the module what the method needs (``sft``, ``pairs``, ``prompts``) and which tokenizer to use."""
+        """Tell the module what the method needs (``sft``, ``pairs``, ``prompts``, ``unpaired``) and which tokenizer
+        to use."""
+        data_kind(kind)  # an unknown kind fails here, naming the known ones
         self.kind, self.tokenizer = kind, tokenizer
         return self
 
@@ -151,10 +153,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set or self.val_set:
             return
         hp = self.hparams
-        if hp.packing and self.kind not in ("sft", "pairs"):  # before the cache: packing is not in its key
+        kind = data_kind(self.kind)
+        if hp.packing and kind.pack is None:  # before the cache: packing is not in its key
             raise DataError(
-                f"data.packing: true is not possible for {self.kind} data (online RL generates from left-padded "
-                "prompt batches); set data.packing: false"
+                f"data.packing: true is not possible for {self.kind} data ({kind.unpacked_because}); "
+                "set data.packing: false"
             )
         key = data_cache.dataset_key(self.kind, self.tokenizer, dict(hp), type(self)) if hp.cache else None
         if key and (entry := data_cache.load(key)):
@@ -220,16 +223,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.report.append((level, message))
 
     def _encode_one(self, record: dict) -> dict:
-        hp, tok = self.hparams, self.tokenizer
-        if self.kind == "sft":
-            enc = encode_sft(tok, record["messages"], max_length=hp.max_length)
-            return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
-        if self.kind == "pairs":
-            extras = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
-            encoded = encode_pair(tok, record["prompt"], record["chosen"], record["rejected"], max_length=hp.max_length)
-            return {**extras, **encoded}
-        enc = encode_prompt(tok, record["prompt"], max_length=hp.max_prompt_length or hp.max_length // 2)
-        return {**record, "prompt_ids": enc.input_ids, "truncated": enc.truncated}
+        hp = self.hparams
+        prompt_length = hp.max_prompt_length or hp.max_length // 2
+        return data_kind(self.kind).encode(self.tokenizer, record, max_length=hp.max_length,
+                                           max_prompt_length=prompt_length)  # fmt: skip
 
     def _collator(self) -> Collator:
         hp = self.hparams
@@ -301,15 +298,6 @@ def _check_ranges(**checks: tuple) -> None:
 
 
 def _unusable(kind: str, example: dict) -> str | None:
-    """Why an encoded example cannot train (usually: truncation to max_length removed what mattered)."""
-    if kind == "sft":
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            return "with no trained tokens left after truncation"
-    elif kind == "pairs":
-        if example["chosen_ids"] == example["rejected_ids"]:
-            return "with chosen == rejected after truncation"
-        if not any(t != IGNORE_INDEX for side in ("chosen", "rejected") for t in example[f"{side}_labels"]):
-            return "with no reply tokens left after truncation"
-    elif not example["prompt_ids"]:
-        return "with an empty prompt after truncation"
-    return None
+    """Why an encoded example cannot train (usually: truncation to max_length removed what mattered); each kind's
+    own check (:mod:`rlft.data.kinds`)."""
+    return data_kind(kind).unusable(example)

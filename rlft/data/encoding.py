@@ -165,3 +165,17 @@ def encode_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, *, ma
         "rejected_labels": response_labels[1],
         "truncated": truncated,
     }
+
+
+def encode_completion(tokenizer, prompt: list[dict], completion: str, *, max_length: int) -> dict:
+    """Prompt and completion ids of one unpaired example (KTO); labels cover the completion only."""
+    encoded = encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": completion}], train_on="last")
+    start = _last_trained_start(encoded.labels)
+    prompt_ids, (completion_ids,), truncated = truncate(encoded.input_ids[:start], [encoded.input_ids[start:]],
+                                                        max_length)  # fmt: skip
+    return {
+        "prompt_ids": prompt_ids,
+        "completion_ids": completion_ids,
+        "completion_labels": encoded.labels[start:][: len(completion_ids)],
+        "truncated": truncated,
+    }

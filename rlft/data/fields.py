@@ -18,6 +18,7 @@ __all__ = [
     "ROLES",
     "SHAREGPT_ROLES",
     "optional_text",
+    "parse_desirable",
     "parse_label",
     "parse_messages",
     "parse_prompt",
@@ -204,3 +205,18 @@ def parse_label(data: dict, key: str) -> int:
     if label in (0, 1, "0", "1") and not isinstance(label, bool | float):
         return int(label)
     raise RecordError(key, f"expected 0 or 1, found {describe_value(value)}", "invalid label")
+
+
+def parse_desirable(data: dict, key: str) -> bool:
+    """A JSON boolean: ``true`` marks a desirable completion, ``false`` an undesirable one (unpaired feedback).
+
+    Nothing else is read as a boolean: ``0``/``1`` or ``"false"`` could be a score or a class index, and reading
+    one the wrong way round would train on the undesirable completions.
+    """
+    value = data.get(key)
+    if value is None:
+        raise RecordError(key, "missing; expected true (desirable completion) or false (undesirable)", "missing field")
+    if not isinstance(value, bool):
+        raise RecordError(key, f"expected a JSON boolean true or false, found {describe_value(value)}; write the "
+                          "label as true/false (not 0/1 or a string)", "invalid label")  # fmt: skip
+    return value

@@ -5,10 +5,11 @@ Canonical records (one per training example):
 * ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
 * ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str}`` (the final assistant replies)
 * ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions)
+* ``unpaired``: ``{"prompt": [messages...], "completion": str, "label": bool}`` (KTO's desirable/undesirable feedback)
 
 Each input format parses a row (parsers in :mod:`rlft.data.parsers`) into :class:`Example` objects (a conversation
-ending in the reply, plus an optional rejected reply); the kind projections in :data:`_PROJECTIONS` turn examples
-into records. Field parsing and validation live in :mod:`rlft.data.fields`.
+ending in the reply, plus an optional rejected reply); each data kind's projection (:mod:`rlft.data.kinds`) turns
+examples into records. Field parsing and validation live in :mod:`rlft.data.fields`.
 """
 
 from __future__ import annotations
@@ -22,51 +23,18 @@ from pathlib import Path
 from rlft.data import parsers
 from rlft.data.errors import DataError, Issue, RecordError
 from rlft.data.fields import Example
+from rlft.data.kinds import DATA_KINDS, RESERVED_PAIR_KEYS, RESERVED_UNPAIRED_KEYS, data_kind  # noqa: F401
 from rlft.data.ranked_rows import from_ranked
 from rlft.data.sources import Row
+from rlft.data.unpaired_rows import from_unpaired
 
 __all__ = ["KINDS", "FORMATS", "Format", "ConversionReport", "convert", "detect_format"]
 
-KINDS = ("sft", "pairs", "prompts")
+# the record kinds input formats convert to (rankings are read by RankingDataModule itself)
+KINDS = tuple(name for name, kind in DATA_KINDS.items() if kind.project is not None)
 _DETECT_ROWS = 50
 _MAX_LISTED = 10
 _EXAMPLES_PER_REASON = 5
-
-
-# ----------------------------------------------------------------------------------------------------- projections
-def _to_sft(example: Example) -> dict:
-    if not any(message["role"] == "assistant" for message in example.messages):
-        raise RecordError(example.field, "conversation has no assistant turn; SFT trains on assistant replies",
-                          "no assistant turn")  # fmt: skip
-    return {"messages": example.messages}
-
-
-def _to_pair(example: Example) -> dict:
-    chosen = example.messages[-1]["content"]
-    if chosen == example.rejected:
-        raise RecordError("rejected", "identical to 'chosen' (after stripping whitespace); a pair needs two "
-                          "different responses", "identical chosen/rejected")  # fmt: skip
-    return {"prompt": example.messages[:-1], "chosen": chosen, "rejected": example.rejected}
-
-
-def _to_prompt(example: Example) -> dict:
-    messages = example.messages
-    prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-    if not any(message["role"] == "user" for message in prompt):
-        raise RecordError(example.field, "no user turn before the final assistant reply; nothing to prompt with",
-                          "empty field")  # fmt: skip
-    return {"prompt": prompt}
-
-
-_PROJECTIONS: dict[str, Callable[[Example], dict]] = {"sft": _to_sft, "pairs": _to_pair, "prompts": _to_prompt}
-
-_KIND_ADVICE = {
-    "pairs": "it has no rejected responses, and pairs (DPO, ORPO, SimPO, reward models) need them; use a preference "
-    "format (prompt/chosen/rejected, HH-RLHF, PIQA) or train SFT on this data",
-    "sft": "it has prompts but no responses to train on; add a 'completion' field or use it for online RL "
-    "(PPO/GRPO, kind 'prompts')",
-    "prompts": "it has no prompts",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------- registry
@@ -81,8 +49,9 @@ class Format:
         parse: ``parse(data, kind) -> list[Example]``; raises :class:`RecordError` for invalid rows.
         kinds: Record kinds this format can provide.
         prompt_fields: Fields that become the prompt; for ``prompts`` every other field of the row is kept.
-        pair_fields: Fields besides the prompt and the response keys that a pair is built from; for ``pairs``
-            every other field (a margin, a weight) is kept.
+        pair_fields: Fields besides the prompt and the response keys that a record is built from; for ``pairs``
+            and ``unpaired`` every other field (a margin, a weight) is kept.
+        refusals: Kind -> why this format cannot provide it, where that needs saying more than the kind's advice.
     """
 
     name: str
@@ -92,25 +61,15 @@ class Format:
     kinds: tuple[str, ...]
     prompt_fields: tuple[str, ...]
     pair_fields: tuple[str, ...] = ()
+    refusals: dict[str, str] = field(default_factory=dict)
 
     def to_records(self, row: Row, kind: str) -> list[dict]:
         """Convert one row to 0..n records of ``kind``; raises :class:`RecordError` when the row is invalid."""
         _check_kind(self, kind)
-        records = []
-        for example in self.parse(row.data, kind):
-            record = _PROJECTIONS[kind](example)
-            if kind == "prompts":
-                kept = {k: v for k, v in row.data.items() if k not in self.prompt_fields and k != "prompt"}
-                record = {**kept, **example.extras, **record}
-            elif kind == "pairs":  # a per-pair margin, weight or score reaches the batch (Collator)
-                consumed = {*self.prompt_fields, *self.pair_fields, *_RESPONSE_KEYS, "prompt"}
-                kept = {k: v for k, v in row.data.items() if k not in consumed}
-                for key in sorted(kept.keys() & RESERVED_PAIR_KEYS):  # it would be overwritten, silently
-                    raise RecordError(key, "is a name rlft uses for the tokenised pair; rename this field",
-                                      "reserved field name")  # fmt: skip
-                record = {**kept, **record}
-            records.append(record)
-        return records
+        project = DATA_KINDS[kind].project
+        consumed = frozenset({*self.prompt_fields, *self.pair_fields, *_RESPONSE_KEYS, "prompt"})
+        return [project(example, row.data, prompt_fields=self.prompt_fields, consumed=consumed)
+                for example in self.parse(row.data, kind)]  # fmt: skip
 
 
 # A null value counts as absent: Parquet and hub datasets give every row every column, null where unset.
@@ -128,13 +87,14 @@ def _all(*tests: Callable[[dict], bool]) -> Callable[[dict], bool]:
 
 _SFT_KINDS = ("sft", "prompts")
 _PAIR_KINDS = ("sft", "pairs", "prompts")
-# what an encoded pair and its batch hold (rlft.data.encoding.encode_pair, rlft.data.collate): a pair's own field
-# cannot take one of these names
-RESERVED_PAIR_KEYS = frozenset(
-    {"prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "truncated", "row",
-     "input_ids", "attention_mask", "labels", "position_ids", "seq_lengths", "prompt_lengths"}
-    | {f"{side}_{key}" for side in ("chosen", "rejected") for key in ("input_ids", "attention_mask", "labels")}
-)  # fmt: skip
+_UNPAIRED_KINDS = ("unpaired", "prompts")
+# rows of unpaired feedback: the label decides what they are, whatever else they look like
+_is_feedback = _has("prompt", "completion", "label")
+_FEEDBACK_ADVICE = (
+    "rows with prompt, completion and a 'label' field are unpaired feedback (KTO's format): label false marks a "
+    "completion NOT to imitate, and {kind} would train on it as a target. Train on them with rlft.methods.KTO (--model "
+    "rlft.methods.KTO, e.g. configs/kto/), or remove 'label' from rows whose completions should be imitated"
+)
 _RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "messages", "conversations", "responses")
 
 FORMATS: dict[str, Format] = {
@@ -144,8 +104,11 @@ FORMATS: dict[str, Format] = {
                parsers.from_messages, _SFT_KINDS, ("messages",)),
         Format("sharegpt", "conversations: [{from, value}]", lambda d: isinstance(d.get("conversations"), list),
                parsers.from_sharegpt, _SFT_KINDS, ("conversations", "system")),
-        Format("prompt_completion", "prompt, completion", _has("prompt", "completion"),
+        Format("prompt_completion", "prompt, completion", _all(_has("prompt", "completion"), _lacks("label")),
                parsers.from_prompt_completion, _SFT_KINDS, ("prompt",)),
+        Format("unpaired", "prompt, completion, label (true/false)", _is_feedback, from_unpaired, _UNPAIRED_KINDS,
+               ("prompt",), ("label",), refusals={"sft": _FEEDBACK_ADVICE.format(kind="SFT"),
+                                                  "pairs": "each row has one completion, not a chosen/rejected pair"}),
         Format("alpaca", "instruction, input, output", _all(_has("instruction", "output"), _lacks("instances")),
                parsers.from_instruction("input", "output"), _SFT_KINDS, ("instruction", "input")),
         Format("dolly", "instruction, context, response", _has("instruction", "response"),
@@ -169,14 +132,26 @@ FORMATS: dict[str, Format] = {
 }  # fmt: skip
 
 
-def _check_kind(fmt: Format, kind: str) -> None:
-    if kind not in KINDS:
-        raise DataError(f"unknown record kind '{kind}'; expected one of {', '.join(KINDS)}")
+def _check_kind(fmt: Format, kind: str, where: str = "") -> None:
+    advice = data_kind(kind).advice
     if kind not in fmt.kinds:
         raise DataError(
-            f"format '{fmt.name}' cannot provide '{kind}' records: {_KIND_ADVICE[kind]}. "
-            f"It provides: {', '.join(fmt.kinds)}."
+            f"{where + ': ' if where else ''}format '{fmt.name}' cannot provide '{kind}' records: "
+            f"{fmt.refusals.get(kind, advice)}. It provides: {', '.join(fmt.kinds)}."
         )
+
+
+def _refuse_feedback(rows: list[Row], kind: str) -> None:
+    """Unpaired feedback rows given to a kind that imitates every completion: refused whatever the format, so an
+    undesirable completion is never trained as a target."""
+    if not data_kind(kind).imitates_completions:
+        return
+    feedback = [row for row in rows if isinstance(row.data, dict) and _is_feedback(row.data)]
+    if feedback:
+        first = feedback[0]
+        where = first.source if first.line is None else f"{first.source}:{first.line}"
+        raise DataError(f"{where}: field 'label': {len(feedback)} of {len(rows)} rows ({_sources(rows)}) have "
+                        f"prompt, completion and label; {_FEEDBACK_ADVICE.format(kind=kind)}.")  # fmt: skip
 
 
 def _format_list() -> str:
@@ -286,7 +261,7 @@ def convert(
 
     Args:
         rows: Rows from :func:`rlft.data.sources.read_rows`.
-        kind: ``"sft"``, ``"pairs"`` or ``"prompts"``.
+        kind: A record kind of :data:`KINDS`: ``"sft"``, ``"pairs"``, ``"prompts"`` or ``"unpaired"``.
         format: A name from :data:`FORMATS`, or ``"auto"`` to detect it from the first rows.
         on_invalid: ``"error"`` raises one :class:`DataError` listing the invalid rows; ``"skip"`` drops them and
             counts them by reason in the report.
@@ -301,8 +276,10 @@ def convert(
     """
     if on_invalid not in ("error", "skip"):
         raise DataError(f"on_invalid must be 'error' or 'skip', not '{on_invalid}'")
+    data_kind(kind)  # an unknown kind fails before the format is detected
     fmt = _resolve_format(rows, format)
-    _check_kind(fmt, kind)
+    _check_kind(fmt, kind, _sources(rows))
+    _refuse_feedback(rows, kind)  # labelled rows read by another format (prompt_completion, or a mixed file)
     invalid: dict[str, list[Issue]] = {}
     records: list[dict] = []
     locations: list[str] = []

@@ -3,6 +3,7 @@
 from rlft.methods.base import OptimizerSettings, RLFTModule
 from rlft.methods.dpo import DPO
 from rlft.methods.grpo import GRPO
+from rlft.methods.kto import KTO
 from rlft.methods.online import OnlineRL
 from rlft.methods.orpo import ORPO, SimPO
 from rlft.methods.ppo import PPO
@@ -12,6 +13,6 @@ from rlft.methods.sft import SFT
 from rlft.methods.trpo import TRPO
 
 __all__ = [
-    "SFT", "DPO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "ReinforcePP", "TRPO", "OnlineRL",
+    "SFT", "DPO", "KTO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "ReinforcePP", "TRPO", "OnlineRL",
     "OptimizerSettings", "RLFTModule",
 ]  # fmt: skip

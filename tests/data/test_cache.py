@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import rlft.data.datamodule as datamodule_module
+import rlft.data.kinds as kinds_module  # each data kind's encoder is called from its registry entry
 from rlft.data import PreferenceDataModule
 from rlft.models import load_tokenizer
 
@@ -30,13 +30,13 @@ def encoder_calls(monkeypatch) -> dict:
     """Counts calls of the encoders the data module uses."""
     calls = {"n": 0}
     for name in ("encode_sft", "encode_pair", "encode_prompt"):
-        real = getattr(datamodule_module, name)
+        real = getattr(kinds_module, name)
 
         def counted(*args, _real=real, **kwargs):
             calls["n"] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(datamodule_module, name, counted)
+        monkeypatch.setattr(kinds_module, name, counted)
     return calls
 
 

@@ -107,6 +107,12 @@ CASES = {
          "pairs": {"prompt": [user("Best color?")], "chosen": "blue", "rejected": "grey", "id": 3},
          "prompts": {"prompt": [user("Best color?")], "id": 3}},
     ),
+    "unpaired": (  # KTO feedback: SFT refuses it (tests/data/test_unpaired.py)
+        {"prompt": "Capital of France?", "completion": " Lyon.", "label": False, "weight": 2},
+        {"sft": None, "pairs": None,
+         "prompts": {"prompt": [user("Capital of France?")], "completion": " Lyon.", "label": False, "weight": 2},
+         "unpaired": {"prompt": [user("Capital of France?")], "completion": "Lyon.", "label": False, "weight": 2}},
+    ),
     "prompt_only": (
         {"prompt": "def add(a, b):", "test": "assert add(1, 2) == 3", "entry_point": "add"},
         {"sft": None, "pairs": None,
@@ -119,7 +125,7 @@ CASES = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_format_converts_to_each_kind(name: str, kind: str) -> None:
     row, expected = CASES[name]
-    if expected[kind] is None:
+    if expected.get(kind) is None:  # a kind a case does not list is one its format cannot provide
         with pytest.raises(DataError, match=rf"format '{name}' cannot provide '{kind}'"):
             convert(rows_of(row), kind=kind, format=name)
         return
