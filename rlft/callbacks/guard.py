@@ -31,7 +31,8 @@ def _first_non_finite(named: list[tuple[str, torch.Tensor | None]]) -> str | Non
     tensors = [(n, t) for n, t in named if t is not None]
     if not tensors:
         return None
-    flags = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    # a DTensor (FSDP2's sharded gradients) is checked on this rank's shard; the caller agrees across ranks
+    flags = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for _, t in tensors])
     if bool(flags.all()):
         return None
     return tensors[int((~flags).nonzero()[0])][0]
@@ -135,6 +136,12 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         named = _trainable(pl_module)
         bad = _first_non_finite([(n, p.grad) for n, p in named])
+        if trainer.world_size > 1 and any(hasattr(p.grad, "to_local") for _, p in named):
+            # sharded gradients: a rank sees only its shard, and every rank must take the same decision (one
+            # stopping or skipping alone would leave the others waiting in the next collective)
+            local = bad is not None or self._bad_loss
+            if trainer.strategy.reduce_boolean_decision(local, all=False) and not local:
+                bad = "a gradient shard on another rank"
         if bad is None and not self._bad_loss:
             return
         if self.action == "stop":
