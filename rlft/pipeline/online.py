@@ -3,7 +3,7 @@ them, the best and the worst become a pair, and a DPO stage trains on those pair
 start policy (Xiong et al. 2024, https://arxiv.org/abs/2312.11456; Xu et al. 2023, "Some things are more CRINGE
 than others", https://arxiv.org/abs/2312.16682)::
 
-    <run>/online_dpo/round_<r>/pairs.jsonl   sampled pairs (+ sampling.json: rewards of the round's samples)
+    <run>/online_dpo/round_<r>/pairs.jsonl   sampled pairs (+ sampling.json: rewards, pairs dropped and why)
     <run>/online_dpo/round_<r>/              an ordinary rlft fit run (config.yaml, checkpoints, hf_model, DONE)
 
 Sampling runs as its own process (``python -m rlft.pipeline.online``) like every training round, so a finished
@@ -51,21 +51,11 @@ def sample_pairs(policy: str, reward_model: str, prompts_path: str, out: str, *,
     scorer = load_reward_scorer(reward_model)
     flat_prompts = [p for p, group in zip(chosen, samples) for _ in group]
     rewards = score_exchanges(scorer, flat_prompts, [s for group in samples for s in group])
-    pairs, skipped, cursor = [], {"identical": 0, "small_margin": 0}, 0
-    for prompt, group in zip(chosen, samples):
-        scores = np.asarray(rewards[cursor : cursor + len(group)])
-        cursor += len(group)
-        best, worst = int(scores.argmax()), int(scores.argmin())
-        if group[best].strip() == group[worst].strip():
-            skipped["identical"] += 1
-        elif scores[best] - scores[worst] <= min_margin:
-            skipped["small_margin"] += 1
-        else:
-            pairs.append({"prompt": prompt, "chosen": group[best], "rejected": group[worst],
-                          "chosen_reward": float(scores[best]), "rejected_reward": float(scores[worst])})  # fmt: skip
+    pairs, skipped = pair_samples(chosen, samples, rewards, min_margin=min_margin)
     if not pairs:
-        raise ValueError(f"no usable pairs from {len(chosen)} prompts ({skipped}); raise temperature or "
-                         "samples_per_prompt, or lower min_margin")  # fmt: skip
+        raise ValueError(f"online_dpo: no usable pair left from {len(chosen)} prompts (dropped: "
+                         f"{describe_skipped(skipped)}); raise temperature, samples_per_prompt or max_new_tokens, "
+                         "or lower min_margin")  # fmt: skip
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
@@ -74,6 +64,44 @@ def sample_pairs(policy: str, reward_model: str, prompts_path: str, out: str, *,
              "mean_sample_reward": float(np.mean(rewards)), "mean_pair_margin": float(np.mean(margins))}  # fmt: skip
     Path(out).with_name("sampling.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+SKIP_REASONS = {
+    "empty": "empty reply",
+    "identical": "chosen == rejected",
+    "small_margin": "reward margin <= min_margin",
+}
+
+
+def pair_samples(prompts: list, samples: list[list[str]], rewards, *, min_margin: float = 0.0) -> tuple[list, dict]:
+    """The best- and worst-scored sample of each prompt as a pair, and how many prompts gave no usable pair.
+
+    ``rewards`` is flat, in the order of ``samples``. A pair is dropped (and counted under its reason) when its
+    chosen or rejected reply is empty once stripped (a policy can sample EOS first, and a reward model may well
+    rank that reply worst; DPO's data checks refuse an empty reply, so one such pair would fail the whole round's
+    fit), when chosen == rejected, or when the reward margin is at most ``min_margin``.
+    """
+    pairs, skipped, cursor = [], dict.fromkeys(SKIP_REASONS, 0), 0
+    for prompt, group in zip(prompts, samples):
+        scores = np.asarray(rewards[cursor : cursor + len(group)], dtype=float)
+        cursor += len(group)
+        best, worst = int(scores.argmax()), int(scores.argmin())
+        chosen, rejected = group[best], group[worst]
+        if not chosen.strip() or not rejected.strip():
+            skipped["empty"] += 1
+        elif chosen.strip() == rejected.strip():
+            skipped["identical"] += 1
+        elif scores[best] - scores[worst] <= min_margin:
+            skipped["small_margin"] += 1
+        else:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                          "chosen_reward": float(scores[best]), "rejected_reward": float(scores[worst])})  # fmt: skip
+    return pairs, skipped
+
+
+def describe_skipped(skipped: dict) -> str:
+    """``"2 empty reply, 1 chosen == rejected"`` (or ``"none"``) for logs and errors."""
+    return ", ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in skipped.items() if n) or "none"
 
 
 def run_online_dpo(runner, stage, train_path: str) -> None:
@@ -98,6 +126,9 @@ def run_online_dpo(runner, stage, train_path: str) -> None:
                     "--max_new_tokens", str(stage.max_new_tokens), "--temperature", str(stage.temperature),
                     "--min_margin", str(stage.min_margin), "--seed", str(r)]  # fmt: skip
             runner._run_process(f"online_dpo round {r} sampling", argv, round_dir / "stage.log")
+        stats = json.loads((round_dir / "sampling.json").read_text())
+        print(f"rlft pipeline: online_dpo round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts "
+              f"(dropped: {describe_skipped(stats['skipped'])})", flush=True)  # fmt: skip
         config = runner.fit_config("online_dpo", stage, round_dir, data_path=str(pairs), model=policy)
         # the reference stays the start policy in every round (computed once per round from it)
         from rlft.pipeline.config import set_dotted

@@ -10,9 +10,12 @@ the report, all under one run folder::
                                                 settings; a re-run skips the stage unless its settings changed or
                                                 a stage it starts from or is scored by ran again
     <run_dir>/evaluation/results.json, <run_dir>/report/report.md
+    <run_dir>/pipeline.lock                     held (flock) by the running pipeline: one pipeline per run folder
 
 A stage runs in a subprocess so that a crash (or an out-of-memory kill) stays in it: a non-zero exit stops the
-pipeline with the stage's name, exit code, log path and the end of its log.
+pipeline with the stage's name, exit code, log path and the end of its log. The subprocess and everything it starts
+die with the pipeline (:mod:`rlft.pipeline.stage_process`). A stage's fingerprint covers the content (sha256) of
+the data it trains on, so an edited data file re-runs the stages it reaches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,8 @@ from pathlib import Path
 import yaml
 
 from rlft.pipeline.config import PipelineConfig, StageSettings, set_dotted
+from rlft.pipeline.lock import RunFolderLock, RunFolderLocked
+from rlft.pipeline.stage_process import run_stage_process
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,15 @@ DONE = "DONE"
 
 
 class StageFailed(RuntimeError):
-    """A stage's process exited non-zero (or produced no output)."""
+    """A stage's process exited non-zero (or produced no output), or another pipeline holds the run folder."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class PipelineRunner:
@@ -138,7 +150,7 @@ class PipelineRunner:
         with open(log_path, "a", encoding="utf-8") as out:
             out.write(f"\n===== rlft pipeline: {' '.join(argv)} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
             out.flush()
-            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+            code = run_stage_process(argv, stdout=out, env=env)
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - started
         if code != 0:
             tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
@@ -172,24 +184,41 @@ class PipelineRunner:
 
         folder = self.run_dir / "data"
         settings = self.fingerprint(self.config.data)
+        d = self.config.data
+        contents = {str(p): file_sha256(p) for p in d.paths if Path(p).is_file()}
         if self.is_done(folder):
             recorded = self.done_settings(folder)
             if recorded is not None and recorded != settings:
                 raise ValueError(f"{self.config.source}: the data settings changed since {folder} was split, and "
                                  "every stage of this run trained on that split; use another run_dir for the new "
                                  "data")  # fmt: skip
-            return json.loads((folder / "split.json").read_text())
-        d = self.config.data
+            done = json.loads((folder / DONE).read_text())
+            if done.get("data_sha256", contents) == contents:  # (a folder split before hashes existed: as it was)
+                return json.loads((folder / "split.json").read_text())
+            # split again: the stages' fingerprints hash the new split files, so exactly the stages whose training
+            # data changed re-run, and the evaluation follows any held-out change
+            edited = sorted(p for p in contents if done["data_sha256"].get(p) != contents[p])
+            print(f"rlft pipeline: data file(s) {edited} changed since the split: splitting again", flush=True)
         info = split_pairs(d.paths, folder, heldout_fraction=d.heldout_fraction, seed=d.seed, format=d.format)
         (folder / "split.json").write_text(json.dumps(info, indent=2))
-        self.mark_done(folder, {"output": str(folder), "settings": settings})
+        self.mark_done(folder, {"output": str(folder), "settings": settings, "data_sha256": contents})
         print(f"rlft pipeline: data split {info['train']} train / {info['heldout']} held-out pairs "
               f"(dropped: {info['dropped'] or 'none'})", flush=True)  # fmt: skip
         return info
 
+    @staticmethod
+    def stage_data(stage: StageSettings, train_path: str) -> dict[str, str]:
+        """sha256 of every data file a stage reads: the split's train file and any file its ``data.*`` args name
+        (keyed by role, not path, so that ``--run_dir`` elsewhere with the same data fingerprints the same)."""
+        files = {"train": train_path}
+        for key, value in stage.args.items():
+            if key.startswith("data.") and isinstance(value, str) and Path(value).is_file():
+                files[key] = value
+        return {role: file_sha256(path) for role, path in files.items()}
+
     def run_stage(self, name: str, stage: StageSettings, train_path: str) -> None:
         folder = self.stage_dir(name)
-        settings = self.fingerprint(name, stage)
+        settings = self.fingerprint(name, stage, self.stage_data(stage, train_path))
         stale = {stage.init, stage.reward} & self.ran  # an upstream stage was re-run: this output is out of date
         recorded = self.done_settings(folder) if self.is_done(folder) else None
         changed = recorded is not None and recorded != settings
@@ -224,7 +253,8 @@ class PipelineRunner:
 
         folder = self.run_dir / "evaluation"
         results = folder / "results.json"
-        settings = self.fingerprint(self.config.evaluation)
+        heldout = self.run_dir / "data" / "heldout_pairs.jsonl"
+        settings = self.fingerprint(self.config.evaluation, {"heldout": file_sha256(heldout)})
         unchanged = self.done_settings(folder) in (None, settings)
         if self.is_done(folder) and "evaluation" not in self.force and not self.ran and unchanged:
             print("rlft pipeline: evaluation already DONE, skipped", flush=True)
@@ -243,6 +273,17 @@ class PipelineRunner:
 
     def run(self) -> Path | None:
         """Run every stage not yet DONE; returns the report path (None without an evaluation section)."""
+        lock = RunFolderLock(self.run_dir)
+        try:
+            lock.acquire()
+        except RunFolderLocked as error:  # the CLI reports a StageFailed as one line
+            raise StageFailed(str(error)) from None
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> Path | None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         split = self.split()
         train_path = split["files"]["train"]
