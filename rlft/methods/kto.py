@@ -118,6 +118,15 @@ class KTO(RLFTModule):
         elif hasattr(self.model, "disable_adapter"):
             load_reference_adapter(self.model, self.hparams.model)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
+        if stage == "fit" and batch_size is not None and batch_size < 2:
+            # one row has no other row's completion to pair its prompt with: the KL point would be its own reward
+            raise ValueError(f"KTO needs data.batch_size >= 2 (got {batch_size}): the KL reference point pairs each "
+                             "prompt with another row's completion of the same batch")  # fmt: skip
+
     # ------------------------------------------------------------------------------------------ reference
     def load_reference_model(self) -> torch.nn.Module:
         """The frozen separate reference (``reference: model``); it must share the policy's vocabulary."""

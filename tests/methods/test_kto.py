@@ -108,6 +108,32 @@ def test_unpaired_loss_hook_is_what_a_subclass_overrides():
     assert float(loss) == pytest.approx(0.5 * float(batch["label"].float().mean()), abs=1e-6)
 
 
+def test_kl_point_is_averaged_over_processes_before_the_clamp():
+    from types import SimpleNamespace
+
+    from rlft.methods.kto import UnpairedLogps
+
+    kto = KTO("tiny-llama", lora=LORA)  # the network is not built: the KL point needs log-probs only
+    policy = UnpairedLogps(torch.zeros(2), torch.tensor([-1.0, -2.0]), torch.ones(2))
+    reference = UnpairedLogps(torch.zeros(2), torch.tensor([-1.5, -2.5]), torch.ones(2))
+    assert float(kto.kl_reference_point(policy, reference)) == pytest.approx(0.5)  # one process
+    kto._trainer = SimpleNamespace(world_size=2)
+    kto.sum_over_processes = lambda kl: kl + 0.3  # the other process's batch mean is 0.3
+    assert float(kto.kl_reference_point(policy, reference)) == pytest.approx(0.4)
+    kto.sum_over_processes = lambda kl: kl - 1.5  # a negative mean over both processes clamps to 0
+    assert float(kto.kl_reference_point(policy, reference)) == 0.0
+
+
+def test_batch_of_one_is_refused(tmp_path):
+    import lightning as L
+
+    data = PreferenceDataModule(path=DATA, batch_size=1, val_fraction=0.0, limit=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="KTO needs data.batch_size >= 2"):
+        trainer.fit(KTO("tiny-llama", lora=LORA), data)
+
+
 def test_packed_batches_are_refused():
     assert KTO.supports_packed_batches is False and KTO.data_kind == "unpaired"
 
