@@ -27,6 +27,9 @@ def build_parser() -> ArgumentParser:
                         help="GGUF tensor type (2-D weights; norms stay f32)")  # fmt: skip
     parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"], default="float32",
                         help="weights dtype of merged and onnx exports")  # fmt: skip
+    parser.add_argument("--push_to_hub", type=str | None, default=None,
+                        help="also upload the result to hub repo owner/name (HF_HUB_OFFLINE=0, logged in)")  # fmt: skip
+    parser.add_argument("--private", type=bool, default=False, help="create the --push_to_hub repo as private")
     return parser
 
 
@@ -35,12 +38,23 @@ def main(argv: list[str]) -> None:
     from rlft.export import export_gguf, export_merged, export_onnx
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.push_to_hub:  # before the export: an offline push fails in a second, not after minutes of converting
+        from rlft.export.hub import HubOffline, check_can_push
+
+        try:
+            check_can_push(args.push_to_hub)
+        except (HubOffline, ValueError) as error:
+            raise SystemExit(f"rlft export: {error}") from None
     if args.to == "gguf":
         path = export_gguf(args.model, args.out, quant=args.quant)
     elif args.quant != "f16":
-        raise SystemExit(f"rlft export: --quant is for --to gguf; use --dtype for --to {args.to}")
+        raise ValueError(f"--quant is for --to gguf; use --dtype for --to {args.to}")
     elif args.to == "merged":
         path = export_merged(args.model, args.out, dtype=args.dtype)
     else:
         path = export_onnx(args.model, args.out, dtype=args.dtype)
     print(f"rlft export: {args.model} -> {path} ({args.to})")
+    if args.push_to_hub:
+        from rlft.export.hub import push_to_hub
+
+        print(f"rlft export: pushed to {push_to_hub(path, args.push_to_hub, private=args.private)}")

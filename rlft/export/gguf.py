@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rlft.export.gguf_vocab import add_vocab
-from rlft.export.merged import export_merged
+from rlft.export.merged import export_merged, refuse_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def export_gguf(model: str, out: str | Path, *, quant: str = "f16", name: str | 
         raise ValueError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
     if out.suffix != ".gguf":
         raise ValueError(f"--out for GGUF must be a .gguf file path, got {out}")
+    refuse_reward_model(model)
     with tempfile.TemporaryDirectory(prefix="rlft-gguf-") as folder:
         merged = export_merged(model, Path(folder) / "merged")
         write_gguf(merged, out, quant=quant, name=name or out.stem)

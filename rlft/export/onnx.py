@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlft.export.card import write_export_card
 from rlft.export.merged import merged_model
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def export_onnx(model: str, out: str | Path, *, dtype: str = "float32") -> Path:
     network.config.save_pretrained(out)
     network.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_export_card(out, model, usage="onnx")
     log.info("ONNX decoder written to %s", out)
     return out
 

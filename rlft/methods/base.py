@@ -28,6 +28,7 @@ from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packi
 from rlft.models.attention import segmented_attention
 from rlft.models.loading import structure_only
 from rlft.models.lowp import restore_linears, store_linears
+from rlft.models.model_card import CardFacts, trainer_card_facts, write_model_card
 from rlft.models.modes import disable_dropout
 from rlft.models.recompute import CheckpointMode
 from rlft.strategies import full_state_dict, full_weights, is_sharded
@@ -376,8 +377,14 @@ class RLFTModule(L.LightningModule):
             return Path(self.hparams.output_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf_model"
 
+    def model_card_facts(self, usage: str) -> CardFacts:
+        """What an exported folder's README.md says (``usage``: the folder kind, see ``rlft.models.model_card``);
+        override to add ``notes`` or settings, calling ``super()``."""
+        return trainer_card_facts(self, usage)
+
     def export(self, path: str | Path, network: torch.nn.Module | None = None) -> Path:
-        """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template) loadable without rlft.
+        """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template + README.md model card)
+        loadable without rlft.
 
         Args:
             path: The folder.
@@ -391,10 +398,12 @@ class RLFTModule(L.LightningModule):
         else:
             network.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        write_model_card(path, self.model_card_facts("peft" if hasattr(network, "peft_config") else "transformers"))
         if self.hparams.merge_on_save and hasattr(network, "merge_and_unload"):
             merged = copy.deepcopy(network).merge_and_unload()
             merged.save_pretrained(path / "merged")
             self.tokenizer.save_pretrained(path / "merged")
+            write_model_card(path / "merged", self.model_card_facts("transformers"))
         log.info("saved Hugging Face model to %s", path)
         print(f"rlft: final model saved to {path}")
         return path

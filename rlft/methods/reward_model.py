@@ -16,7 +16,14 @@ from rlft.losses import RANKING_LOSSES, bradley_terry_loss
 from rlft.methods.base import RLFTModule
 from rlft.methods.fields import row_field
 from rlft.metrics import pairwise_auroc
-from rlft.models.reward import REWARD_HEADS, RewardNetwork, write_reward_folder
+from rlft.models.model_card import write_model_card
+from rlft.models.reward import (
+    REWARD_HEADS,
+    HeadNotRepresentable,
+    RewardNetwork,
+    write_reward_folder,
+    write_sequence_classification_folder,
+)
 from rlft.models.scoring import pair_layout
 from rlft.outputs import LossOutput
 from rlft.registry import resolve
@@ -152,18 +159,54 @@ class RewardModel(RLFTModule):
             "dtype": hp.dtype,
             "trained_from": hp.model,
             "backbone": "adapter" if hasattr(self.model.backbone, "peft_config") else "full",
+            "format": "rlft",
         }
 
     def export(self, path: str | Path, network: RewardNetwork | None = None) -> Path:
-        """Write the folder that :meth:`RewardScorer.from_pretrained` loads (backbone, tokenizer, head, config)."""
+        """Write the reward folder, with a README.md model card.
+
+        With a ``linear`` head (the default) the folder is an ``<Arch>ForSequenceClassification`` checkpoint (LoRA
+        merged into the weights) whose ``score`` is the trained head, so transformers, TRL, OpenRLHF and vLLM load
+        the rewards rlft trained; :meth:`RewardScorer.from_pretrained` loads it too. A head transformers cannot
+        represent (``mlp``, or a bias the architecture has no norm bias to fold into) gets rlft's own folder
+        (backbone, ``reward_head.safetensors``, ``reward_config.json``) and a card that says to load it with
+        ``RewardScorer``: a sequence-classification folder would load it with a freshly initialised ``score``.
+        """
         network = self.model if network is None else network
         path = Path(path)
-        write_reward_folder(path, network.backbone, network.head, self.tokenizer, self.reward_config())
-        if self.hparams.merge_on_save and hasattr(network.backbone, "merge_and_unload"):
+        backbone = network.backbone
+        if any(p.is_meta for p in backbone.parameters()):
+            # a sharded run's adapter-only twin (base on the meta device): merging needs the real base weights
+            full = self.build_model()
+            full.load_state_dict({k: v for k, v in network.state_dict().items() if not v.is_meta}, strict=False)
+            network, backbone = full, full.backbone
+        notes = []
+        try:
+            config = {**self.reward_config(), "backbone": "merged" if hasattr(backbone, "peft_config") else "full"}
+            write_sequence_classification_folder(path, backbone, network.head, self.tokenizer, config)
+            usage = "sequence_classification"
+            if self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
+                notes.append(f"the pad token (id {self.tokenizer.pad_token_id}) is also the end-of-sequence token: "
+                             "transformers reads the reward at the rightmost token that is not the pad token, so a "
+                             "sequence that ends with it is read one token early; rlft's RewardScorer reads the "
+                             "last token of the attention mask")  # fmt: skip
+        except HeadNotRepresentable as error:
+            write_reward_folder(path, backbone, network.head, self.tokenizer, self.reward_config())
+            usage = "rlft_reward"
+            notes.append(f"{error}. This is rlft's reward folder: load it with `RewardScorer` (below). Loaded with "
+                         "`AutoModelForSequenceClassification` it would get a freshly initialised `score` and give "
+                         "unrelated rewards.")  # fmt: skip
+            log.warning("reward head not exportable as sequence classification (%s); wrote rlft's folder", error)
+        facts = self.model_card_facts(usage)
+        facts.notes += notes
+        write_model_card(path, facts)
+        if self.hparams.merge_on_save and usage == "rlft_reward" and hasattr(backbone, "merge_and_unload"):
             import copy
 
-            merged = copy.deepcopy(network.backbone).merge_and_unload()
+            merged = copy.deepcopy(backbone).merge_and_unload()
             write_reward_folder(path / "merged", merged, network.head, self.tokenizer,
-                                 {**self.reward_config(), "backbone": "full"})  # fmt: skip
-        print(f"rlft: reward model saved to {path}")
+                                {**self.reward_config(), "backbone": "full"})  # fmt: skip
+            write_model_card(path / "merged", facts)
+        print(f"rlft: reward model saved to {path}" + (" (transformers sequence classification)"
+                                                        if usage == "sequence_classification" else ""))  # fmt: skip
         return path

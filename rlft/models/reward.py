@@ -10,11 +10,13 @@ from the attention mask, so left and right padding give the same reward. Score t
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from rlft.data.encoding import encode_conversation
@@ -24,6 +26,11 @@ from rlft.registry import resolve
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
+SEQUENCE_CLASSIFICATION = "sequence_classification"  # reward_config's "format" of a folder transformers loads whole
+
+
+class HeadNotRepresentable(ValueError):
+    """The trained head has no exact ``<Arch>ForSequenceClassification`` equivalent (a bias-free linear ``score``)."""
 
 
 def _zero_linear(hidden: int) -> torch.nn.Linear:
@@ -83,6 +90,92 @@ def write_reward_folder(path: Path, backbone, head, tokenizer, config: dict) -> 
     backbone.save_pretrained(path)
     tokenizer.save_pretrained(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps({"format": "rlft", **config}, indent=2))
+
+
+def sequence_classification_model(lm: torch.nn.Module, head: torch.nn.Module, pad_token_id: int):
+    """``(model, head)``: an ``<Arch>ForSequenceClassification`` whose ``score`` gives exactly the rewards of ``lm``
+    (a plain causal LM, LoRA already merged) plus ``head``, and the equivalent rlft head (bias 0) for that model.
+
+    transformers' ``score`` is a bias-free ``Linear(hidden, 1)``. A zero bias drops out; a non-zero one is folded
+    into the final norm's bias where the architecture has one (GPT-2, OPT: ``w.(h + b w/|w|^2) = w.h + b``).
+    Anything else (the mlp head, a bias under a bias-free RMSNorm) raises :class:`HeadNotRepresentable`: a folder
+    that loads with a freshly initialised ``score`` would give different rewards without a warning anyone reads.
+    """
+    weight, bias = _linear_parts(head)
+    base = lm.base_model
+    state = dict(base.state_dict())
+    if bias != 0.0:
+        key = _final_norm_bias(base)
+        if key is None or not weight.any():
+            raise HeadNotRepresentable(
+                f"the reward head has a bias ({bias:.4g}) that {type(lm).__name__} cannot carry (transformers' score "
+                "has no bias and its final norm none either)"
+            )  # fmt: skip
+        shift = bias * weight.double() / weight.double().dot(weight.double())
+        state[key] = (state[key].double() + shift).to(state[key].dtype)
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    # transformers reads the reward at the rightmost token that is not pad_token_id, and refuses batches without one
+    config.pad_token_id = pad_token_id
+    config.get_text_config().pad_token_id = pad_token_id
+    dtype = next(lm.parameters()).dtype
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    config.architectures = [type(model).__name__]
+    score = getattr(model, "score", None)
+    if not isinstance(score, torch.nn.Linear) or score.bias is not None:
+        raise HeadNotRepresentable(f"{type(model).__name__} has no bias-free linear `score` to carry the reward head")
+    model.base_model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        score.weight.copy_(weight[None].to(dtype))
+    folded = _zero_linear(weight.numel())
+    with torch.no_grad():
+        folded.weight.copy_(weight[None])
+    return model.eval(), folded.to(next(head.parameters()).dtype)
+
+
+def _linear_parts(head: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    state = head.state_dict()
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise HeadNotRepresentable(
+            f"a {type(head).__name__} reward head (e.g. `head: mlp`) has no transformers sequence-classification "
+            "equivalent; only the `linear` head exports"
+        )  # fmt: skip
+    bias = float(state["bias"].item()) if "bias" in state else 0.0
+    return state["weight"].detach().float().reshape(-1).cpu(), bias
+
+
+def _final_norm_bias(base: torch.nn.Module) -> str | None:
+    """State-dict key of the bias of the norm that produces ``last_hidden_state``, if it has one."""
+    decoder = getattr(base, "decoder", None)
+    if decoder is not None and getattr(decoder, "project_out", None) is not None:  # OPT-350m projects after it
+        return None
+    for name in ("ln_f", "decoder.final_layer_norm", "final_layer_norm"):
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(getattr(module, "bias", None), torch.Tensor):
+            return f"{name}.bias"
+    return None
+
+
+def write_sequence_classification_folder(path: Path, lm, head, tokenizer, config: dict) -> None:
+    """A folder that is both an ``<Arch>ForSequenceClassification`` checkpoint with the trained head as ``score``
+    and an rlft reward folder (:meth:`RewardScorer.from_pretrained`); raises :class:`HeadNotRepresentable` before
+    writing anything when the head has no exact transformers equivalent."""
+    import peft
+
+    if isinstance(lm, peft.PeftModel):
+        lm = copy.deepcopy(lm).merge_and_unload()
+    model, folded = sequence_classification_model(lm, head, tokenizer.pad_token_id)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        (path / stale).unlink(missing_ok=True)  # an adapter would make transformers load its base instead
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}, str(path / HEAD_FILE))
+    config = {**config, "format": SEQUENCE_CLASSIFICATION, "sequence_classification_class": type(model).__name__}
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
@@ -115,7 +208,13 @@ class RewardScorer:
                 "end of training (`output_dir`, default <log dir>/hf_model) or a RewardModel .ckpt"
             )
         config = json.loads(config_file.read_text())
-        backbone = load_model(str(path), dtype=config.get("dtype", "float32"), trainable_adapter=False)
+        if config.get("format") == SEQUENCE_CLASSIFICATION:
+            # the folder is a transformers sequence-classification checkpoint: its inner model is the backbone
+            # (RewardNetwork only runs `.base_model`), and loading it as a causal LM would report a missing lm_head
+            dtype = getattr(torch, config.get("dtype", "float32"))
+            backbone = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+        else:
+            backbone = load_model(str(path), dtype=config.get("dtype", "float32"), trainable_adapter=False)
         hidden = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).config
         head = resolve(config["head"], REWARD_HEADS, "reward head")(hidden.get_text_config().hidden_size)
         head.load_state_dict(load_file(str(path / HEAD_FILE)))

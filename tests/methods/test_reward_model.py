@@ -136,7 +136,7 @@ def test_train_validate_export_and_score_two_lines(tmp_path, lora):
     torch.testing.assert_close(chosen, module_chosen, atol=1e-4, rtol=0)
 
     config = json.loads((tmp_path / "rm" / CONFIG_FILE).read_text())
-    assert config["backbone"] == ("adapter" if lora else "full") and (tmp_path / "rm" / HEAD_FILE).exists()
+    assert config["backbone"] == ("merged" if lora else "full") and (tmp_path / "rm" / HEAD_FILE).exists()
     from_ckpt = RewardScorer.from_pretrained(tmp_path / "ckpt" / "last.ckpt")
     torch.testing.assert_close(from_ckpt.score(prompts, [e["chosen"] for e in _records(data.val_set, data)]),
                                chosen, atol=1e-4, rtol=0)  # fmt: skip
