@@ -59,3 +59,27 @@ def test_export_merged_of_an_mlp_reward_model_fails_and_writes_nothing(tmp_path)
     errors = [line for line in result.stderr.splitlines() if "cannot export" in line]
     assert len(errors) == 1 and errors[0].startswith("rlft export: ") and "mlp" in errors[0], result.stderr
     assert not out.exists()
+
+
+def test_a_reward_model_checkpoint_exports_with_its_trained_head(tmp_path):
+    import lightning as L
+
+    from rlft.data import PreferenceDataModule
+
+    L.seed_everything(0)
+    rm = reward_model_like("llama", lora=LORA)
+    rm.hparams.output_dir = str(tmp_path / "hf")
+    data = PreferenceDataModule(path=str(REPO / "rlft" / "assets" / "sample_pairs.jsonl"), batch_size=4, max_length=96,
+                                val_fraction=0.25, seed=0)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(rm.train(), data)
+    trainer.save_checkpoint(tmp_path / "rm.ckpt")
+    out = tmp_path / "exported"
+    rlft_main(["export", str(tmp_path / "rm.ckpt"), "--to", "merged", "--out", str(out)])
+    scorer = RewardScorer.from_pretrained(tmp_path / "hf")  # the end-of-fit folder of the same weights
+    ids, mask = right_padded(scorer)
+    with torch.no_grad():
+        exported = load_sequence_classification(out)(input_ids=ids, attention_mask=mask).logits[:, 0]
+        torch.testing.assert_close(exported, scorer.network(ids, mask), atol=1e-5, rtol=0)
