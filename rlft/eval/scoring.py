@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
+from rlft.models.scoring import scored_logps
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,15 @@ def score_windows(
             for row, w in enumerate(batch):
                 ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids)
                 mask[row, : len(w.input_ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            # log p(token) = logit[token] - logsumexp(logits): avoids a second [B, T, V] log-softmax tensor
-            normaliser = logits.logsumexp(dim=-1)
-            for row, w in enumerate(batch):
-                pos = torch.tensor(w.targets, dtype=torch.long, device=logits.device)
-                tokens = ids[row, pos.cpu()].to(logits.device)
-                logps = logits[row, pos - 1].gather(-1, tokens[:, None]).squeeze(-1) - normaliser[row, pos - 1]
-                results[order[start + row]] = logps.tolist()
+            # the LM head runs only where a target is predicted, chunk by chunk (the scorer training uses): no
+            # [B, T, V] fp32 logits, whatever the vocabulary
+            rows = torch.cat([torch.full((len(w.targets),), row) for row, w in enumerate(batch)])
+            positions = torch.cat([torch.tensor(w.targets, dtype=torch.long) for w in batch])
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            source, targets = (rows * width + positions - 1).to(device), ids[rows, positions].to(device)
+            logps = scored_logps(model, inputs, source, targets)
+            for row, piece in enumerate(logps.float().split([len(w.targets) for w in batch])):
+                results[order[start + row]] = piece.tolist()
     return results
 
 
