@@ -225,8 +225,10 @@ def trainer_card_facts(module, usage: str) -> CardFacts:
     for key, split, rows_of in (("path", "train", "train_set"), ("val_path", "validation", "val_set")):
         if data_hparams.get(key):
             rows = getattr(datamodule, rows_of, None)
-            facts.data.append(DataFile.of(str(data_hparams[key]), split, len(rows) if rows is not None else None))
-    if data_hparams.get("path") and not data_hparams.get("val_path") and getattr(datamodule, "val_set", None):
+            count = len(rows) if hasattr(rows, "__len__") else None  # a streamed split has no length: unknown
+            facts.data.append(DataFile.of(str(data_hparams[key]), split, count))
+    val_set = getattr(datamodule, "val_set", None)
+    if data_hparams.get("path") and not data_hparams.get("val_path") and hasattr(val_set, "__len__") and len(val_set):
         # validation split off the training file (val_fraction): same file, its own row count
-        facts.data.append(DataFile.of(str(data_hparams["path"]), "validation", len(datamodule.val_set)))
+        facts.data.append(DataFile.of(str(data_hparams["path"]), "validation", len(val_set)))
     return facts
