@@ -22,6 +22,7 @@ from rlft.ops import masked_mean
 from rlft.outputs import LossOutput
 from rlft.registry import resolve
 from rlft.rl_losses import LOSS_AGGREGATIONS, grpo_loss, ppo_policy_loss, ppo_value_loss
+from rlft.unpaired_losses import kto_loss
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -30,6 +31,7 @@ __all__ = [
     "bradley_terry_loss",
     "dpo_loss",
     "grpo_loss",
+    "kto_loss",
     "log1mexp",
     "orpo_loss",
     "ppo_policy_loss",
@@ -323,6 +325,7 @@ LOSSES: dict[str, Callable[..., object]] = {
     "ppo_policy": ppo_policy_loss,
     "ppo_value": ppo_value_loss,
     "grpo": grpo_loss,
+    "kto": kto_loss,
 }
 """Every rlft loss by name; methods and configs select losses through this registry."""
 

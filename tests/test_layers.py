@@ -11,8 +11,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlft"
 
 # lowest first; a module may import its own layer and the ones before it
 LAYERS = [
-    {"rlft.losses", "rlft.rl_losses", "rlft.ops", "rlft.logprobs", "rlft.metrics", "rlft.registry", "rlft.outputs",
-     "rlft.unpaired_losses", "rlft.trust_region"},
+    {
+        "rlft.losses",
+        "rlft.rl_losses",
+        "rlft.ops",
+        "rlft.logprobs",
+        "rlft.metrics",
+        "rlft.registry",
+        "rlft.outputs",
+        "rlft.unpaired_losses",
+        "rlft.trust_region",
+    },
     {"rlft.data"},
     {"rlft.models"},
     {"rlft.generation"},

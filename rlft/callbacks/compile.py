@@ -6,6 +6,8 @@ import logging
 
 import lightning as L
 
+from rlft.models.unwrap import causal_lm
+
 log = logging.getLogger(__name__)
 
 
@@ -27,8 +29,7 @@ class TorchCompile(L.Callback):
         self.mode = mode
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm = causal_lm(pl_module.model)
         body = getattr(lm, "base_model", lm)
         body.compile(dynamic=self.dynamic, mode=self.mode)
         log.info("rlft: compiling %s with torch.compile (mode=%s); the first steps include compilation",

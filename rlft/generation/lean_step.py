@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rlft.generation.kv_cache import UPCAST_SDPA, PreallocatedLayer
-from rlft.models.scoring import causal_lm
+from rlft.models.unwrap import causal_lm
 
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 

@@ -24,7 +24,7 @@ import torch
 
 from rlft.generation.decoder import merged_adapter
 from rlft.generation.request import SampleRequest
-from rlft.models.scoring import causal_lm
+from rlft.models.unwrap import causal_lm
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -27,7 +27,8 @@ from rlft.models import is_adapter, load_model
 from rlft.models.lowp import full_precision_linears
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import load_reference_adapter, reference_model
-from rlft.models.scoring import PairLogps, causal_lm, pair_logps, pair_metrics, vocabulary_size
+from rlft.models.scoring import PairLogps, pair_logps, pair_metrics, vocabulary_size
+from rlft.models.unwrap import causal_lm
 from rlft.outputs import LossOutput
 from rlft.registry import resolve
 

@@ -25,7 +25,8 @@ from rlft.methods.base import RLFTModule
 from rlft.models import is_adapter
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import build_reference, load_reference_adapter, reference_model
-from rlft.models.scoring import causal_lm, position_ids_from_mask, scored_logps, vocabulary_size
+from rlft.models.scoring import position_ids_from_mask, scored_logps, vocabulary_size
+from rlft.models.unwrap import causal_lm
 from rlft.ops import IGNORE_INDEX
 from rlft.outputs import LossOutput
 from rlft.unpaired_losses import kto_kl, kto_loss

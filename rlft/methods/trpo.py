@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlft.methods.grpo import GRPO
-from rlft.models.scoring import causal_lm, plain_head
+from rlft.models.scoring import plain_head
+from rlft.models.unwrap import causal_lm
 from rlft.outputs import LossOutput
 from rlft.rl.kl import KLSettings
 from rlft.rl.logps import token_logps

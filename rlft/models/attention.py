@@ -16,6 +16,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from rlft.models.unwrap import causal_lm
+
 SEGMENTED_SDPA = "rlft_sdpa"
 
 # ``(start, end, mask)``: a span of the packed row; ``mask`` is None for plain causal attention, else a boolean
@@ -61,8 +63,7 @@ def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:
 
 
 def _config(model: torch.nn.Module):
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(lm, "config", None)
+    return getattr(causal_lm(model), "config", None)
 
 
 def segmented_attention(model: torch.nn.Module) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from rlft.models.attention import forward_inputs, segmented_attention, segmented_inputs
+from rlft.models.unwrap import causal_lm
 from rlft.ops import IGNORE_INDEX, gather_logps, hidden_logps
 
 
@@ -39,10 +40,6 @@ class PairLogps:
     def chosen_nll(self) -> torch.Tensor:
         """Mean token NLL of each chosen response (the SFT loss term of RPO, ORPO, CPO)."""
         return -self.chosen_avg
-
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def vocabulary_size(lm: torch.nn.Module) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from rlft.logprobs import entropy_from_logits, gather_logps, hidden_logps, hidden_logps_and_entropy
 from rlft.models.attention import segmented_attention
-from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
+from rlft.models.scoring import plain_head, position_ids_from_mask
+from rlft.models.unwrap import causal_lm
 from rlft.rl.layout import group_layout
 
 

@@ -20,7 +20,7 @@ import transformers
 
 from rlft.generation.decoder import decode, merged_adapter
 from rlft.models import LoraSettings, load_model, load_tokenizer
-from rlft.models.scoring import causal_lm
+from rlft.models.unwrap import causal_lm
 from rlft.rl.rollout import RolloutSettings, collect_rollout
 from tests.rl.test_rollout import prompt_batch
 

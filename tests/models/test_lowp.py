@@ -157,7 +157,8 @@ def test_bf16_mixed_grpo_samples_the_same_through_the_twin_and_runs_without_it(b
         data = PreferenceDataModule(path=str(prompts), batch_size=2, val_fraction=0.0, shuffle=False)
         seen: list = []
         score = module.score
-        module.score = lambda rollout, stage, score=score, seen=seen: (seen.append(rollout.completions), score(rollout, stage))[1]
+        module.score = lambda rollout, stage, score=score, seen=seen: (
+            seen.append(rollout.completions), score(rollout, stage))[1]  # fmt: skip
         recorder = fit(module, data, tmp_path / f"grpo{stored}{decode_dtype}", steps=2)
         assert recorder.stored == ([15, 15] if stored else [0, 0])
         samples[stored, decode_dtype] = seen

@@ -31,7 +31,8 @@ def test_smollm2_grpo_raises_a_rule_based_reward_with_bounded_kl(smollm2, tmp_pa
             # brevity (a rule, no model): full reward up to 20 characters, 20 / characters above, and -1 for a reply
             # that has not ended after 16 tokens; the policy must learn to answer briefly and end its turn
             rewards=[{"source": "length", "options": {"target": 20, "unit": "chars", "mode": "at_most"}}],
-            missing_eos_penalty=1.0, sampling={"max_new_tokens": 16, "temperature": 0.8}, group_size=4, kl={"coef": 0.1},
+            missing_eos_penalty=1.0, sampling={"max_new_tokens": 16, "temperature": 0.8}, group_size=4,
+            kl={"coef": 0.1},
             output_dir=str(tmp_path / "hf"),
         )  # fmt: skip
         data = PreferenceDataModule(path="rlft/assets/sample_prompts.jsonl", batch_size=2, val_fraction=0.0, seed=0)
