@@ -31,21 +31,42 @@ from rlft.generation.kv_cache import UPCAST_SDPA, cache_argument, preallocated_c
 from rlft.generation.lean_step import join_projections, lean_step
 from rlft.generation.request import SampleRequest
 from rlft.models.attention import SEGMENTED_SDPA
-from rlft.models.scoring import causal_lm, plain_head, position_ids_from_mask
+from rlft.models.scoring import plain_head, position_ids_from_mask
+from rlft.models.unwrap import causal_lm
 
 log = logging.getLogger(__name__)
 _FORWARD_NOTED: set = set()
 
 
-def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  uniforms: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """One token per row of ``logits [B, V]``: greedy for ``temperature == 0``, else a draw from the tempered,
-    top-k- then top-p-truncated distribution (the token that crosses the top-p mass is kept, as in ``generate``).
+class NonFiniteLogitsError(ValueError, FloatingPointError):
+    """The model produced logits no token can be drawn from (NaN or infinite): its weights diverged.
 
-    ``uniforms [B]`` in [0, 1), when given, are the draws (a server gives each request its own seeded stream);
-    otherwise they come from torch's global RNG."""
+    A ``ValueError`` so that the CLI reports it as one line, like the training guard's ``NonFiniteError`` (which
+    lives in the callbacks layer, above this one); a ``FloatingPointError`` for what it is. Weights can diverge to
+    huge but finite values (learning rate 1e30), so the training guard's finiteness checks never fire; the logits
+    they produce are where it shows."""
+
+
+def _non_finite_message(rows: int) -> str:
+    return (
+        f"non-finite logits while sampling ({rows} row(s) of NaN/inf logits; the weights diverged: lower the "
+        "learning rate, clip gradients, or check the model's weights)"
+    )
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor | None):
+    """Tokens ``[B]``, with ``V`` (one past the vocabulary) on rows whose logits give no distribution; no host sync.
+
+    The marker lets :func:`decode` find such rows with the stop-token check it reads back anyway, instead of a
+    second device sync per step (``torch.isfinite(logits).all()`` would be one, and would also flag the ``-inf``
+    entries some models give tokens they never emit)."""
+    vocabulary = logits.shape[-1]
     if temperature == 0:
-        return logits.argmax(-1)
+        # argmax picks a NaN when the row has one; the picked logit is then NaN, +inf when the head overflowed, or
+        # -inf when nothing is left: checking that one value per row costs O(B), not another pass over the vocabulary
+        tokens = logits.argmax(-1)
+        picked = logits.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens.masked_fill_(torch.isfinite(picked).logical_not_(), vocabulary)
     scores = logits.float() if temperature == 1 else logits.float() / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
@@ -65,7 +86,34 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
     if uniforms is None:
         uniforms = torch.rand(cdf.shape[0], dtype=cdf.dtype, device=cdf.device)
     u = torch.minimum(uniforms.to(cdf).reshape(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    # a NaN or +inf logit, or a row of -inf, makes the whole softmax row NaN (top-k/top-p mask nothing in it, as NaN
+    # compares false), so u is NaN too; searchsorted's binary search (shared by its CPU and CUDA kernels) then moves
+    # right at every comparison and returns V, the marker, at no extra cost per step (this was the bare
+    # IndexError of a diverged run). Pinned by tests/generation/test_decoder_finite.py in every sampling mode.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One token per row of ``logits [B, V]``: greedy for ``temperature == 0``, else a draw from the tempered,
+    top-k- then top-p-truncated distribution (the token that crosses the top-p mass is kept, as in ``generate``).
+
+    ``uniforms [B]`` in [0, 1), when given, are the draws (a server gives each request its own seeded stream);
+    otherwise they come from torch's global RNG.
+
+    Raises:
+        NonFiniteLogitsError: If a row's logits give no distribution (NaN or infinite: diverged weights). The
+            check reads one flag per row back from the device; :func:`decode` folds it into the sync it makes
+            anyway."""
+    tokens = _draw(logits, temperature, top_k, top_p, uniforms)
+    _raise_if_undefined(tokens, logits.shape[-1])
+    return tokens
+
+
+def _raise_if_undefined(tokens: torch.Tensor, vocabulary: int) -> None:
+    undefined = int((tokens >= vocabulary).sum())
+    if undefined:
+        raise NonFiniteLogitsError(_non_finite_message(undefined))
 
 
 def _lora_layers(model: torch.nn.Module) -> list | None:
@@ -259,19 +307,26 @@ def decode(
     tokens_out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     active = torch.arange(rows, device=prompt_ids.device)
     positions = mask.sum(-1, keepdim=True)
-    stops = torch.tensor(list(stop_ids), device=prompt_ids.device)
+    # the vocabulary size is _draw's marker of a row without a distribution: it "stops" the row, so the stop check's
+    # read-back (the one device sync of a step) also notices diverged logits
+    vocabulary = logits.shape[-1]
+    stops = torch.tensor([*stop_ids, vocabulary], device=prompt_ids.device)
     width = 0
     for step in range(max_new_tokens):
-        tokens = sample_tokens(logits, **step_options)
+        tokens = _draw(logits, uniforms=None, **step_options)
+        last = step == max_new_tokens - 1
+        stopped = None if last else torch.isin(tokens, stops)
+        any_stopped = not last and bool(stopped.any())
+        if last or any_stopped:  # before on_step or the output sees the marker
+            _raise_if_undefined(tokens, vocabulary)
         tokens_out[active, step] = tokens
         width = step + 1
         if on_step is not None:
             on_step(tokens_out[:, step])
-        if step == max_new_tokens - 1:
+        if last:
             break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        stopped = torch.isin(tokens, stops)
-        if bool(stopped.any()):
+        if any_stopped:
             keep = (~stopped).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
