@@ -19,6 +19,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_checkout():
+    """A run without an output folder exports to ``<cwd>/hf_model`` (the repo root under pytest): the test that does
+    so fails by name instead of leaving a folder that the next run's checks trip over."""
+    stray = [REPO_ROOT / name for name in ("hf_model", "lightning_logs", "checkpoints")]
+    before = {path for path in stray if path.exists()}
+    yield
+    written = [str(path) for path in stray if path.exists() and path not in before]
+    assert not written, f"this test wrote into the checkout: {written}; give its run an output_dir / tmp_path"
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
