@@ -16,8 +16,10 @@ import torch
 from rlft.methods.online import OnlineRL, ScoredTokens
 from rlft.models import load_model
 from rlft.models.modes import disable_dropout, inference
+from rlft.models.reward import REWARD_HEADS
 from rlft.ops import gae, masked_var, masked_whiten
 from rlft.outputs import LossOutput
+from rlft.registry import resolve
 from rlft.rl.kl import KLSettings
 from rlft.rl.logps import token_logps
 from rlft.rl.rollout import Rollout
@@ -61,6 +63,8 @@ class PPO(OnlineRL):
         reward_clip: Clip scores to ``[-reward_clip, reward_clip]`` before the KL penalty.
         critic: ``null`` puts the value head on the policy trunk; a model string trains a separate critic (with
             the policy's LoRA, quantization, gradient checkpointing and attention settings) instead.
+        value_head: ``linear`` or ``mlp`` (hidden -> hidden -> 1, GELU): the scalar heads of the reward model
+            (``rlft.models.reward.REWARD_HEADS``; a ``module:function`` of ``hidden_size`` works too), starting at 0.
     """
 
     default_kl = KLSettings(coef=0.05, estimator="k1", placement="reward")
@@ -76,8 +80,10 @@ class PPO(OnlineRL):
         whiten_rewards: bool = False,
         reward_clip: float | None = None,
         critic: str | None = None,
+        value_head: str = "linear",
         **kwargs,
     ) -> None:
+        resolve(value_head, REWARD_HEADS, "value head")  # a typo fails here, not when the network is built
         super().__init__(model, epochs=epochs, **kwargs)
         self.critic = None
         self.value_head = None
@@ -95,10 +101,8 @@ class PPO(OnlineRL):
             disable_dropout(self.critic)
         trunk = self.critic if self.critic is not None else self.model
         hidden = trunk.config.get_text_config().hidden_size
-        self.value_head = torch.nn.Linear(hidden, 1)
-        # a zero head predicts 0 at first, so early advantages are the plain rewards rather than noise
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
+        # a head that predicts 0 at first, so early advantages are the plain rewards rather than noise
+        self.value_head = resolve(hp.value_head, REWARD_HEADS, "value head")(hidden)
 
     @property
     def needs_hidden(self) -> bool:
@@ -137,7 +141,7 @@ class PPO(OnlineRL):
             length = rollout.response_ids.shape[1]
             _, _, hidden = token_logps(trunk, rollout.input_ids, rollout.attention_mask, length, with_hidden=True,
                                        with_logps=False, share_prompts=self.sampling.share_prompts)  # fmt: skip
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return self.value_head(hidden.to(next(self.value_head.parameters()).dtype)).squeeze(-1)
 
     def shape_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """The missing-EOS penalty (see :class:`OnlineRL`), then clipping to ``[-reward_clip, reward_clip]``."""

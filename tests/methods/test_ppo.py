@@ -144,3 +144,15 @@ def test_separate_critic_adaptive_kl_and_cli_resume(tmp_path, monkeypatch):
     resumed = run_lightning_cli(["fit", *common, "--trainer.max_steps", "3", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 3
     assert (out / "hf" / "adapter_model.safetensors").exists()
+
+
+def test_mlp_value_head_learns_like_the_linear_one(tmp_path):
+    L.seed_everything(0)
+    module = DigitPPO(model="tiny-llama", lora=None, optim={"lr": 1e-2}, epochs=2, vf_coef=0.5, value_head="mlp",
+                      sampling={"max_new_tokens": 6}, kl={"coef": 0.0})  # fmt: skip
+    metrics = fit(module, tmp_path, steps=6)
+    head = module.value_head
+    assert isinstance(head, torch.nn.Sequential) and len(head) == 3  # hidden -> hidden -> 1
+    assert metrics["train/value_loss"].notna().all() and (metrics["train/explained_variance"] != 0).any()
+    with pytest.raises(ValueError, match="unknown value head 'deep'"):
+        PPO(model="tiny-llama", value_head="deep")
