@@ -21,6 +21,7 @@ def generative_accuracy(
     extractor: str = "last_number",
     settings: SamplingSettings | None = None,
     chat: bool = True,
+    missing: str = "error",
 ) -> dict:
     """Accuracy of generated answers.
 
@@ -30,36 +31,54 @@ def generative_accuracy(
         extractor: Name in :data:`rlft.rl.answers.EXTRACTORS` or a regex.
         settings: Sampling settings (default greedy, 128 new tokens).
         chat: Send questions as a user message through the chat template (else as plain text).
+        missing: An item whose ``answer`` is absent (``None``, NaN from an empty CSV/Parquet cell): ``error``
+            (default) stops before generating, naming the item; ``skip`` leaves it out and counts it.
 
     Returns:
-        ``accuracy``, ``n``, ``no_answer`` (generations where nothing could be extracted) and per-item rows.
+        ``accuracy``, ``n`` (items scored), ``no_answer`` (generations where nothing could be extracted),
+        ``skipped_missing_reference`` and per-item rows.
+
+    Raises:
+        rlft.rl.answers.MissingReferenceError: An item has no answer and ``missing`` is ``error``.
     """
+    if missing not in answers.MISSING_REFERENCE:
+        raise ValueError(f"missing must be one of {answers.MISSING_REFERENCE}, got {missing!r}")
     find = answers.extractor(extractor)
-    questions = []
+    questions, kept, skipped = [], [], 0
     for i, item in enumerate(items):
         question = item.get("question", item.get("prompt"))
         if question is None or "answer" not in item:
             raise ValueError(f"item {i} needs 'question' (or 'prompt') and 'answer' fields, got {sorted(item)}")
+        if missing == "skip" and answers.is_missing(item["answer"]):
+            skipped += 1
+            continue
+        # checked before any generation: str(None) would be scored as the answer "None"
+        kept.append((item, answers.reference(item["answer"], row=i, field="answer", where="rlft eval accuracy")))
         questions.append([{"role": "user", "content": question}] if chat else question)
-    outputs = generator.generate(questions, settings or SamplingSettings(max_new_tokens=128))
-    rows, correct, missing = [], 0, 0
-    for item, samples in zip(items, outputs):
-        hit, predicted = answers.is_correct(samples[0], str(item["answer"]), extractor)
-        gold = answers.normalise_answer(answers.gold_answer(str(item["answer"]), find))
+    outputs = generator.generate(questions, settings or SamplingSettings(max_new_tokens=128)) if questions else []
+    rows, correct, no_answer = [], 0, 0
+    for (item, gold_text), samples in zip(kept, outputs):
+        hit, predicted = answers.is_correct(samples[0], gold_text, extractor)
+        golds = [gold_text] if isinstance(gold_text, str) else gold_text
+        gold = " | ".join(answers.normalise_answer(answers.gold_answer(g, find)) for g in golds)
         correct += hit
-        missing += predicted is None
+        no_answer += predicted is None
         rows.append({"question": item.get("question", item.get("prompt")), "generation": samples[0],
                      "predicted": predicted, "gold": gold, "correct": hit})  # fmt: skip
-    return {"accuracy": correct / len(items) if items else 0.0, "n": len(items), "no_answer": missing, "rows": rows}
+    n = len(kept)
+    return {"accuracy": correct / n if n else 0.0, "n": n, "no_answer": no_answer,
+            "skipped_missing_reference": skipped, "rows": rows}  # fmt: skip
 
 
 def choice_item(row: dict, index: int = 0) -> dict:
     """Normalise a multiple-choice row: PIQA (goal/sol1/sol2/label) or question/choices/label (or answer index)."""
     if {"goal", "sol1", "sol2", "label"} <= row.keys():
+        _known_label(row["label"], index, "label")
         return {"context": f"Question: {row['goal']}\nAnswer:", "choices": [row["sol1"], row["sol2"]],
                 "label": int(row["label"])}  # fmt: skip
     if "choices" in row and ("label" in row or "answer" in row):
         label = row.get("label", row.get("answer"))
+        _known_label(label, index, "label" if "label" in row else "answer")
         choices = list(row["choices"])
         label = choices.index(label) if isinstance(label, str) and label in choices else int(label)
         context = row.get("context") or f"Question: {row.get('question', '')}\nAnswer:"
@@ -68,6 +87,12 @@ def choice_item(row: dict, index: int = 0) -> dict:
         f"row {index}: multiple-choice rows need PIQA fields (goal, sol1, sol2, label) or question/choices/label, "
         f"got {sorted(row)}"
     )
+
+
+def _known_label(label, index: int, field: str) -> None:
+    # int(None) is a TypeError and int(nan) a message without the row; say which row and field instead
+    if answers.is_missing(label):
+        answers.reference(label, row=index, field=field, where="rlft eval accuracy (multiple choice)")
 
 
 def multiple_choice_accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 8) -> dict:

@@ -4,6 +4,7 @@ evaluation score the same text the same way."""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Callable, Iterable
@@ -84,18 +85,73 @@ def gold_answer(gold: str, extract: Callable[[str], str | None]) -> str:
     return gold if found is None else found
 
 
+MISSING_REFERENCE = ("error", "skip")
+"""What scoring does with a row that has no reference: refuse it (default) or skip it and count it."""
+
+
+class MissingReferenceError(ValueError):
+    """A row has no reference answer (absent, ``None``, NaN, empty list): scoring it would compare against the
+    text ``"None"`` or ``"nan"``, so it is refused with the row and field named."""
+
+
+def is_missing(value) -> bool:
+    """Whether a reference value is absent: ``None`` or NaN (what Parquet/pandas give an empty cell), a blank string
+    (what a CSV reader gives one: no answer matches it meaningfully), or a list of accepted answers that is empty or
+    holds only such values."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (list, tuple)):
+        return all(is_missing(v) for v in value)
+    try:  # pandas.NA / numpy NaN scalars: equal to nothing, not even themselves
+        return bool(value != value)
+    except (TypeError, ValueError):
+        return False
+
+
+def reference(value, *, row: int, field: str, where: str) -> str | list[str]:
+    """The reference answer(s) of one row as text, refusing a missing one (see :func:`is_missing`).
+
+    Args:
+        value: The row's reference field (a string, a number, or a list of accepted answers).
+        row: Index of the row, for the message.
+        field: Name of the field, for the message.
+        where: Who is scoring (``"exact_match reward"``, ``"rlft eval accuracy"``), for the message.
+
+    Raises:
+        MissingReferenceError: If the value is missing.
+    """
+    if is_missing(value):
+        raise MissingReferenceError(
+            f"{where}: row {row} has no reference in field {field!r} (got {value!r}); fill it in, drop the row, "
+            "or ask to skip such rows (missing: skip), which scores nothing for them and counts them"
+        )
+    if isinstance(value, (list, tuple)):  # an accepted answer that is missing is dropped, never the text "None"
+        return [str(v) for v in value if not is_missing(v)]
+    return str(value)
+
+
 def is_correct(completion: str, gold: str | Iterable[str], extract: str = "full", *, case_sensitive: bool = False):
     """Whether ``completion`` gives (one of) the reference answer(s) ``gold`` under extractor ``extract``.
 
     Returns:
         ``(correct, predicted)``: the verdict and the normalised extracted answer (``None`` when there is none).
+
+    Raises:
+        MissingReferenceError: If ``gold`` is missing (``None``, NaN, empty): callers name the row with
+            :func:`reference` first; this is the last line against scoring a row against the text ``"None"``.
     """
+    if is_missing(gold):
+        raise MissingReferenceError(f"no reference answer to score against (got {gold!r})")
     find = extractor(extract)
     found = find(completion)
     if found is None:
         return False, None
     predicted = normalise_answer(found, case_sensitive=case_sensitive)
-    accepted = [gold] if isinstance(gold, str) else list(gold)
+    accepted = [gold] if isinstance(gold, str) else [g for g in gold if not is_missing(g)]
     golds = {normalise_answer(gold_answer(str(g), find), case_sensitive=case_sensitive) for g in accepted}
     return predicted in golds, predicted
 

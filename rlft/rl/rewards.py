@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlft.registry import import_object
-from rlft.rl.answers import extract_code, extractor, is_correct
+from rlft.rl.answers import MISSING_REFERENCE, extract_code, extractor, is_correct, is_missing, reference
 
 RewardFunction = Callable[..., Sequence[float]]
 
@@ -62,7 +62,12 @@ def _field(fields: dict, name: str, source: str, rows: int) -> list:
     return values
 
 
-def exact_match(field: str = "answer", extract: str = "full", case_sensitive: bool = False) -> RewardFunction:  # noqa: A002 - `field` is the YAML option's name
+def exact_match(
+    field: str = "answer",  # noqa: A002 - `field` is the YAML option's name
+    extract: str = "full",
+    case_sensitive: bool = False,
+    missing: str = "error",
+) -> RewardFunction:
     """1.0 when the extracted answer equals the record's reference field after normalisation, else 0.0.
 
     Args:
@@ -70,19 +75,36 @@ def exact_match(field: str = "answer", extract: str = "full", case_sensitive: bo
         extract: ``full`` (whole completion), ``last_number``, ``boxed`` (``\\boxed{..}``), ``answer_tag``
             (``<answer>..</answer>``) or a regex (its first group is the answer).
         case_sensitive: Compare non-numeric answers with case.
+        missing: A row whose reference is absent (``None``, NaN from an empty CSV/Parquet cell, an empty list):
+            ``error`` (default) stops with the row and field named; ``skip`` gives it 0.0 and counts such rows
+            as the metric ``train/reward/<name>/missing_reference``. Never scored against the text ``"None"``.
     """
     extractor(extract)  # a bad extractor name fails when the reward is built, not at the first rollout
+    if missing not in MISSING_REFERENCE:
+        raise ValueError(f"exact_match: missing must be one of {MISSING_REFERENCE}, got {missing!r}")
 
-    def reward(prompts, completions, **fields) -> list[float]:
+    def reward(prompts, completions, **fields):
         references = _field(fields, field, "exact_match", len(completions))
-        return [
-            float(
-                is_correct(c, r if isinstance(r, (list, tuple)) else str(r), extract, case_sensitive=case_sensitive)[0]
-            )
-            for c, r in zip(completions, references)
-        ]
+        scores, skipped = [], 0
+        for row, (completion, value) in enumerate(zip(completions, references)):
+            if missing == "skip" and is_missing(value):
+                scores.append(0.0)
+                skipped += 1
+                continue
+            gold = reference(value, row=row, field=field, where=f"exact_match reward ({_prompt_hint(prompts, row)})")
+            scores.append(float(is_correct(completion, gold, extract, case_sensitive=case_sensitive)[0]))
+        return (scores, {"missing_reference": skipped}) if missing == "skip" else scores
 
     return reward
+
+
+def _prompt_hint(prompts: Sequence, row: int) -> str:
+    """The start of a row's prompt, so a user can find the record behind a rollout row."""
+    prompt = prompts[row] if row < len(prompts) else ""
+    if isinstance(prompt, (list, tuple)) and prompt:
+        prompt = prompt[-1].get("content", "") if isinstance(prompt[-1], dict) else prompt[-1]
+    text = " ".join(str(prompt).split())
+    return f"prompt {text[:60]!r}" + ("..." if len(text) > 60 else "")
 
 
 def regex_match(pattern: str, field: str | None = None, fullmatch: bool = False) -> RewardFunction:  # noqa: A002
@@ -101,7 +123,9 @@ def regex_match(pattern: str, field: str | None = None, fullmatch: bool = False)
     def reward(prompts, completions, **fields) -> list[float]:
         values = _field(fields, field, "regex", len(completions)) if field else [None] * len(completions)
         scores = []
-        for completion, value in zip(completions, values):
+        for row, (completion, value) in enumerate(zip(completions, values)):
+            if field is not None and is_missing(value):  # would otherwise match the text "None"
+                reference(value, row=row, field=field, where=f"regex reward ({_prompt_hint(prompts, row)})")
             rx = compiled if field is None else re.compile(pattern.replace("{field}", re.escape(str(value))), re.DOTALL)
             matcher = rx.fullmatch if fullmatch else rx.search
             scores.append(float(matcher(completion.strip()) is not None))
@@ -178,6 +202,9 @@ def code_tests(
     def reward(prompts, completions, **fields) -> list[float]:
         rows = len(completions)
         tests = _field(fields, test_field, "code_tests", rows)
+        for row, test in enumerate(tests):  # a missing test would run as the program `None` and pass
+            if is_missing(test):
+                reference(test, row=row, field=test_field, where=f"code_tests reward ({_prompt_hint(prompts, row)})")
         entries = _field(fields, entry_point_field, "code_tests", rows) if entry_point_field else [None] * rows
         prefixes = _field(fields, prefix_field, "code_tests", rows) if prefix_field else [""] * rows
         code = [c if prefix_field else extract_code(c) for c in completions]
