@@ -8,6 +8,7 @@ from rlft.callbacks.evaluation import (
     PassAtKCallback,
     PerplexityCallback,
     RewardAccuracyCallback,
+    RougeCallback,
     SampleGenerationsCallback,
     WinRateCallback,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "PerplexityCallback",
     "ResumeLogContinuity",
     "RewardAccuracyCallback",
+    "RougeCallback",
     "RunMonitor",
     "SampleGenerationsCallback",
     "TorchCompile",

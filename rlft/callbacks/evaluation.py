@@ -145,6 +145,35 @@ class _ModuleRewardScorer:
         return [float(x) for x in self.scorer.score(prompts, responses).tolist()]
 
 
+class RougeCallback(EvaluationCallback):
+    """ROUGE-1/2/L F1 of greedy answers against the reference answers of an SFT file (``<prefix>/rouge1`` ...).
+
+    Args:
+        data: Data file in any rlft SFT format; the last assistant turn of each record is the reference.
+        limit: First N records only.
+        max_new_tokens: Answer budget.
+        every_n_steps: See :class:`EvaluationCallback`.
+        at_fit_end: See :class:`EvaluationCallback`.
+        prefix: See :class:`EvaluationCallback`.
+    """
+
+    def __init__(self, data: str, limit: int | None = 32, max_new_tokens: int = 64, every_n_steps: int = 0,
+                 at_fit_end: bool = True, prefix: str = "eval") -> None:  # fmt: skip
+        super().__init__(every_n_steps, at_fit_end, prefix)
+        from rlft.eval.data import load_records
+        from rlft.eval.rouge import prompts_and_references
+
+        self.prompts, self.references = prompts_and_references(load_records(data, kind="sft", limit=limit))
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
+        from rlft.eval.rouge import rouge
+
+        settings = SamplingSettings(max_new_tokens=self.max_new_tokens)  # greedy: reproducible
+        answers = [s[0] for s in Generator(model, tokenizer).generate(self.prompts, settings)]
+        return rouge(answers, self.references)
+
+
 class RewardAccuracyCallback(EvaluationCallback):
     """Reward-model accuracy and AUROC on held-out pairs (for :class:`rlft.methods.RewardModel` training).
 
