@@ -104,12 +104,12 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
             steps.rollout[-1] += time.perf_counter() - started
             return rollout
 
-        def score(self, rollout):
+        def score(self, rollout, stage="train"):
             started = time.perf_counter()
-            raw, shaped = super().score(rollout)
+            raw, metrics = super().score(rollout, stage)  # the raw rewards [N] and the reward's named metrics
             steps.rollout[-1] += time.perf_counter() - started
             steps.reward.append(float(raw.mean()))
-            return raw, shaped
+            return raw, metrics
 
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
                 "backend": "hf" if "hfgen" in options else "rlft",
