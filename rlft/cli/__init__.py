@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 
 # subcommand -> "module:function" taking argv (list[str]); imported lazily so `rlft label` does not pay for torch.
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("rlft.cli.models:main", "download/convert registry models (rlft models pull smollm2-135m-instruct)"),
     "generate": ("rlft.cli.generate:main", "chat with a model, adapter folder or checkpoint (streams to the terminal)"),
     "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
-    "label": ("rlft.cli.label:main", "human preference collection: serve the labeling UI, import, export, stats"),
+    "label": ("rlft.cli.label:run", "human preference collection: serve the labeling UI, import, export, stats"),
     "data": ("rlft.cli.data:main", "tokenise a data set once into the cache runs reuse (rlft data prepare -c CONFIG)"),
     "tune": ("rlft.cli.tune:main", "hyperparameter search with Optuna (rlft tune -c CONFIG --search S.yaml --out DIR)"),
     "pipeline": ("rlft.cli.pipeline:main", "SFT -> reward model -> DPO/GRPO/online DPO -> held-out eval -> report"),
@@ -44,6 +47,53 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+# the tool commands' own refusals, on top of _user_error_types (a hub that cannot be reached offline is a setting
+# to change, not a crash); named as "module:class" so the router imports nothing of what it routes to
+_TOOL_USER_ERRORS = ("builtins:ConnectionError", "rlft.label.store:LabelError", "rlft.label.db:SchemaVersionError",
+                     "rlft.export.hub:HubOffline")  # fmt: skip
+
+
+def _tool_user_error_types() -> tuple[type[BaseException], ...]:
+    extra: list[type[BaseException]] = []
+    for name in _TOOL_USER_ERRORS:
+        module, attr = name.split(":")
+        if module in sys.modules and hasattr(sys.modules[module], attr):
+            extra.append(getattr(sys.modules[module], attr))
+    return _user_error_types() + tuple(extra)
+
+
+_COMMAND_PREFIX = re.compile(r"^rlft [\w -]+?: (error: )?")  # "rlft tune: ..." of a command's own SystemExit text
+
+
+def run_tool_command(command: str, run: Callable[[list[str]], object], argv: list[str]) -> None:
+    """Run ``rlft <command>``: the one error path of every tool command.
+
+    A user error (:func:`_user_error_types`, or a ``SystemExit`` carrying a message) prints
+    ``rlft <command>: error: <one line>`` and a hint to ``--debug``, and exits 1; with ``--debug`` or
+    ``RLFT_DEBUG=1`` the traceback is shown instead. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        run(argv)
+    except _tool_user_error_types() as error:
+        if os.environ.get("RLFT_DEBUG"):
+            raise
+        _exit_with(command, _one_line(error))
+    except SystemExit as exit_:
+        if not isinstance(exit_.code, str):  # --help (0), a parser's usage error (2, already printed): as they are
+            raise
+        if os.environ.get("RLFT_DEBUG"):  # the refusal was raised `from None`: show what led to it
+            exit_.__suppress_context__ = False
+            traceback.print_exception(exit_)
+            raise SystemExit(1) from None
+        _exit_with(command, _COMMAND_PREFIX.sub("", exit_.code, count=1))
+
+
+def _exit_with(command: str, message: str) -> None:
+    print(f"rlft {command}: error: {' '.join(message.split()) or 'failed'}", file=sys.stderr)
+    print("(run with --debug or RLFT_DEBUG=1 for the traceback)", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
 def _one_line(error: BaseException) -> str:
     from rlft.cli.fit import condense_parser_error
 
@@ -65,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command in TOOL_COMMANDS:
         module, func = TOOL_COMMANDS[command][0].split(":")
-        getattr(importlib.import_module(module), func)(rest)
+        run_tool_command(command, getattr(importlib.import_module(module), func), rest)
         return
     if command in LIGHTNING_COMMANDS:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
@@ -60,6 +61,10 @@ def prepare(argv: list[str]) -> None:
     data, kind, model = (_from_fit_config if from_config else _from_arguments)(argv)
     if not data.hparams.cache:
         raise SystemExit("rlft data prepare: --data.cache false leaves nothing to prepare")
+    path = str(data.hparams.path)
+    if path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet")):
+        if not Path(path).expanduser().exists():  # a local file by its look: "not a local file" would mislead
+            raise FileNotFoundError(f"--data.path {path}: no such file or folder")
     tokenizer = load_tokenizer(model)
     key = data_cache.dataset_key(kind, tokenizer, dict(data.hparams), type(data))
     if key is None:

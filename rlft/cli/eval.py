@@ -193,9 +193,14 @@ def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmet
     from rlft.eval.harness import run_lm_eval
 
     lm, tok = _load(model, device, dtype, quantization)
-    result = run_lm_eval(lm, tok, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                         merge_adapter=merge_adapter, apply_chat_template=apply_chat_template,
-                         include_path=include_path)  # fmt: skip
+    try:
+        result = run_lm_eval(lm, tok, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                             merge_adapter=merge_adapter, apply_chat_template=apply_chat_template,
+                             include_path=include_path)  # fmt: skip
+    except ConnectionError as error:  # lm-eval's own tasks fetch their data sets from the hub on first use
+        raise ConnectionError(f"--tasks {','.join(tasks)}: {error}; these tasks download their data from the "
+                              "Hugging Face hub: run once online (unset HF_HUB_OFFLINE) to cache it, or use rlft's "
+                              "offline tasks rlft_mc_basics, rlft_gen_arithmetic") from error  # fmt: skip
     config = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "merge_adapter": merge_adapter}
     _finish(make_result("harness", model, result["results"], config=config, details=result), out)
 

@@ -201,14 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``rlft label`` (``argv`` excludes the ``label`` word)."""
+def run(argv: list[str] | None = None) -> None:
+    """``rlft label`` as the ``rlft`` router runs it: user errors propagate to its one error path
+    (:func:`rlft.cli.run_tool_command`)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.func(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for direct callers (``argv`` excludes the ``label`` word): user errors exit 2 with one line."""
     from rlft.label.importing import ImportValidationError
     from rlft.label.store import LabelError
 
     try:
-        args.func(args)
+        run(argv)
     except (ImportValidationError, LabelError, FileNotFoundError, ValueError) as exc:
-        print(f"rlft label {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rlft label: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -28,11 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rlft.pipeline import PipelineRunner, StageFailed, load_pipeline
 
-    try:
-        config = load_pipeline(args.config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"rlft pipeline: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_pipeline(args.config)  # a missing or invalid file: the `rlft` router's one error path reports it
     if args.run_dir:
         config.run_dir = args.run_dir
     runner = PipelineRunner(config, force=tuple(args.force))

@@ -7,6 +7,11 @@ window`` instead collects requests with the same settings for ``--batch_window_m
 its end. With vLLM installed and a GPU present (``--backend auto``/``vllm``), vLLM generates; an adapter folder is
 served through its LoRA support.
 
+One request cannot take the server: at most ``--max_prompts_per_request`` prompts, ``n`` up to ``--max_n``, prompt
+text up to ``--max_prompt_bytes`` (400/413 with an OpenAI error body past them), and prompts x ``n`` rows decoded in
+chunks of ``--max_batch_size``. Prompts are tokenised off the event loop, and a client that hangs up (streaming or
+not) stops its generation at the next token.
+
     rlft serve runs/sft-smollm2/hf_model --port 8000
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "hf_model", "messages": [{"role": "user", "content": "Hi"}]}'
@@ -39,8 +44,15 @@ def build_parser() -> ArgumentParser:
                         help="auto = continuous with rlft's decoder when the model allows it, else window")  # fmt: skip
     parser.add_argument("--batch_window_ms", type=float, default=10.0,
                         help="window batching: how long a request waits for others to share its batch")  # fmt: skip
-    parser.add_argument("--max_batch_size", type=PositiveInt, default=32, help="most samples generated in one batch")
-    parser.add_argument("--default_max_tokens", type=int, default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--max_batch_size", type=PositiveInt, default=32,
+                        help="most rows (samples) decoded together; more prompts x n run in chunks")  # fmt: skip
+    parser.add_argument("--default_max_tokens", type=PositiveInt, default=256,
+                        help="max_tokens when a request gives none (shortened to what the context leaves)")  # fmt: skip
+    parser.add_argument("--max_prompts_per_request", type=PositiveInt, default=64,
+                        help="most prompts in one /v1/completions request (more: 400)")  # fmt: skip
+    parser.add_argument("--max_n", type=PositiveInt, default=16, help="most choices (n) per prompt (more: 400)")
+    parser.add_argument("--max_prompt_bytes", type=PositiveInt, default=1 << 20,
+                        help="most UTF-8 bytes of prompt text per request (more: 413)")  # fmt: skip
     parser.add_argument("--log_level", type=str, default="warning")
     return parser
 
@@ -109,6 +121,7 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     from rlft.serve import create_app
+    from rlft.serve.limits import RequestLimits
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,7 +129,9 @@ def main(argv: list[str]) -> None:
                           quantization=args.quantization, batching=args.batching, batch_window_ms=args.batch_window_ms,
                           max_batch_size=args.max_batch_size)  # fmt: skip
     name = args.served_model_name or default_name(args.model)
-    app = create_app(engine, name, default_max_tokens=args.default_max_tokens)
+    limits = RequestLimits(max_prompts_per_request=args.max_prompts_per_request, max_n=args.max_n,
+                           max_prompt_bytes=args.max_prompt_bytes)  # fmt: skip
+    app = create_app(engine, name, default_max_tokens=args.default_max_tokens, limits=limits)
     print(f"rlft serve: {args.model} as '{name}' ({engine.backend_name}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
     try:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rlft.generation.generator import SamplingSettings
 from rlft.serve.continuous import ContinuousEngine
 from rlft.serve.engine import Completion, Engine
+from rlft.serve.limits import BodySizeLimit, BodyTooLarge, RequestLimits
 from rlft.serve.protocol import (
+    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     envelope,
@@ -23,21 +26,31 @@ from rlft.serve.protocol import (
     usage,
 )
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
+TOKENIZER_THREADS = 2  # prompts are rendered and tokenised here, off the event loop; more would only contend
 
 
-def create_app(engine: Engine | ContinuousEngine, model_name: str, *, default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI application serving ``engine`` under the model name ``model_name``."""
+def create_app(engine: Engine | ContinuousEngine, model_name: str, *, default_max_tokens: int = 256,
+               limits: RequestLimits | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI application serving ``engine`` under the model name ``model_name``, refusing requests over
+    ``limits`` (:class:`~rlft.serve.limits.RequestLimits`; its defaults when not given)."""
+    limits = limits or RequestLimits()
     app = FastAPI(title="rlft serve", description=f"OpenAI-compatible API for {model_name}")
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     created = int(time.time())
+    # rendering and tokenising a 1 MB prompt takes a good part of a second: on the event loop it would stall every
+    # other client (and /health) for that long
+    tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="rlft-serve-tokenize")
+    app.router.on_shutdown.append(lambda: tokenizing.shutdown(wait=False, cancel_futures=True))
+    context = _Context(engine, model_name, default_max_tokens, limits, tokenizing)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error_body(error.message, param=error.param, code=error.code), status_code=error.status)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, error: BodyTooLarge) -> JSONResponse:
+        return JSONResponse(error_body(error.detail, code="request_too_large"), status_code=413)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -59,26 +72,35 @@ def create_app(engine: Engine | ContinuousEngine, model_name: str, *, default_ma
         return _model_card(model_name, created)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
         try:
             prompt = [m.as_dict() for m in body.messages]
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-        return await _complete(engine, body, [prompt], max_tokens, model_name, chat=True)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await _complete(context, body, [prompt], max_tokens, request, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise APIError(400, "'prompt' must not be empty", param="prompt")
         if body.echo:
             raise APIError(400, "'echo' is not supported", param="echo")
-        return await _complete(engine, body, prompts, body.max_tokens or default_max_tokens, model_name, chat=False)
+        return await _complete(context, body, prompts, body.max_tokens, request, chat=False)
 
     return app
+
+
+class _Context:
+    """What every request handler needs from :func:`create_app`."""
+
+    def __init__(self, engine, model_name: str, default_max_tokens: int, limits: RequestLimits,
+                 tokenizing: ThreadPoolExecutor) -> None:  # fmt: skip
+        self.engine, self.model_name, self.default_max_tokens = engine, model_name, default_max_tokens
+        self.limits, self.tokenizing = limits, tokenizing
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -91,48 +113,69 @@ def _check_model(requested: str, served: str) -> None:
                        param="model", code="model_not_found")  # fmt: skip
 
 
-async def _complete(engine: Engine | ContinuousEngine, body, prompts: list, max_tokens: int, model_name: str, *,
-                    chat: bool):  # fmt: skip
+async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, request: Request, *, chat: bool):
+    engine, param = ctx.engine, "messages" if chat else "prompt"
+    ctx.limits.check(prompts, body.n, param=param)
     try:
         stop = body.stop_list()
     except ValueError as error:
         raise APIError(400, str(error), param="stop") from error
+    loop = asyncio.get_running_loop()
     try:
-        counts = [engine.count_tokens(p) for p in prompts]
+        encoded = await loop.run_in_executor(ctx.tokenizing, lambda: [engine.encode(p) for p in prompts])
     except Exception as error:  # noqa: BLE001 - e.g. a chat template that rejects the roles it was given
-        raise APIError(400, f"could not render the prompt: {error}", param="messages" if chat else "prompt") from error
+        raise APIError(400, f"could not render the prompt: {error}", param=param) from error
+    counts = [len(ids) for ids in encoded]
     if min(counts) == 0:
-        raise APIError(400, "a prompt encodes to no tokens: give at least one", param="messages" if chat else "prompt")
-    if max(counts) + max_tokens > engine.max_context:
+        raise APIError(400, "a prompt encodes to no tokens: give at least one", param=param)
+    longest = max(counts)
+    if max_tokens is None:  # no budget given: the default, shortened to what the context leaves (as OpenAI does)
+        max_tokens = max(1, min(ctx.default_max_tokens, engine.max_context - longest))
+    if longest + max_tokens > engine.max_context:
+        which = f" (prompt {counts.index(longest)} is the longest)" if len(prompts) > 1 else ""
         raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, you "
-                            f"requested {max(counts) + max_tokens} tokens ({max(counts)} in the prompt, {max_tokens} "
-                            f"in the completion). Please reduce the prompt or max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")  # fmt: skip
+                            f"requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} "
+                            f"in the completion){which}. Please reduce the prompt or max_tokens.",
+                       param="max_tokens" if longest < engine.max_context else param,
+                       code="context_length_exceeded")  # fmt: skip
     settings = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 num_samples=body.n, stop=stop)  # fmt: skip
     request_id = new_id("chatcmpl" if chat else "cmpl")
     kind = "chat.completion" if chat else "text_completion"
     if not body.stream:
-        result: Completion = await asyncio.wrap_future(
-            engine.submit(prompts, settings, seed=body.seed, prompt_tokens=sum(counts))
-        )
+        future = engine.submit(prompts, settings, seed=body.seed, prompt_tokens=sum(counts), encoded=encoded)
+        result = await _result_unless_disconnected(future, request)
+        if result is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         choices = [
             {"index": c.index, "finish_reason": c.finish_reason, "logprobs": None,
              **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
             for c in result.choices
         ]  # fmt: skip
-        return envelope(kind, request_id, model_name, choices,
+        return envelope(kind, request_id, ctx.model_name, choices,
                         usage=usage(result.prompt_tokens, result.completion_tokens))  # fmt: skip
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     future = engine.submit(
-        prompts, settings, seed=body.seed, prompt_tokens=sum(counts),
+        prompts, settings, seed=body.seed, prompt_tokens=sum(counts), encoded=encoded,
         on_delta=lambda index, text: loop.call_soon_threadsafe(events.put_nowait, (index, text)),
     )  # fmt: skip
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_events(events, future, request_id, model_name, len(prompts) * body.n, chat,
+    return StreamingResponse(_events(events, future, request_id, ctx.model_name, len(prompts) * body.n, chat,
                                      include_usage), media_type="text/event-stream")  # fmt: skip
+
+
+async def _result_unless_disconnected(future: Future, request: Request) -> Completion | None:
+    """The engine's answer, or None once the client has gone: then the request is cancelled, and the engine drops
+    its rows at the next decoding step instead of generating for nobody."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            future.cancel()
+            return None
 
 
 async def _events(events: asyncio.Queue, future, request_id: str, model_name: str, n_choices: int, chat: bool,

@@ -4,11 +4,14 @@ The windowed :class:`~rlft.serve.engine.Engine` runs a batch to its end, so a re
 after a batch started waits for the whole batch, and a batch runs as long as its longest reply. Here one thread
 owns a single batch of rows (one row per sample being generated) and, between two decode steps:
 
-- **admits** every waiting request (up to ``max_batch_size`` rows): their prompts are prefilled together in one
-  forward, then their KV cache is merged into the running one (:func:`merge_rows`);
+- **admits** waiting rows, oldest request first, up to ``max_batch_size`` rows: their prompts are prefilled together
+  in one forward, then their KV cache is merged into the running one (:func:`merge_rows`). A request with more rows
+  (prompts x ``n``) than the batch holds is admitted in chunks as rows retire, so no request can make the batch, its
+  KV cache or the server's memory larger than ``max_batch_size`` rows;
 - **samples** one token per row, each request with its own settings and its own seeded random stream;
 - **retires** rows that hit a stop token, a stop string or their ``max_tokens``, answering a request as soon as
-  its last row retires, and drops them from the batch and the cache.
+  its last row retires, and drops them from the batch and the cache; the rows of a cancelled request (its client
+  went away) retire at the next step.
 
 Rows are left-padded to one common cache length; positions are counted over real tokens (as in training and the
 rollout decoder), so padding never shifts a row's positions. A LoRA adapter is merged into the weights once for the
@@ -36,8 +39,9 @@ from rlft.generation.decoder import merged_adapter, sample_tokens
 from rlft.generation.generator import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
 from rlft.generation.kv_cache import PreallocatedLayer, cache_argument, preallocated_cache
 from rlft.generation.lean_step import lean_step
-from rlft.models.scoring import causal_lm, position_ids_from_mask
+from rlft.models.scoring import position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
+from rlft.models.unwrap import causal_lm
 from rlft.serve.engine import Choice, Completion, DeltaCallback
 
 log = logging.getLogger(__name__)
@@ -57,8 +61,13 @@ class _Request:
     future: Future
     prompt_tokens: int
     rng: torch.Generator
-    rows: list[_Row] = field(default_factory=list)
+    encoded: list[list[int]]  # each prompt's token ids
+    rows: list[_Row] = field(default_factory=list)  # every row of the request, admitted or not
+    admitted: int = 0  # rows[:admitted] have been prefilled
     dropped: bool = False  # its rows were dropped because the client went away
+
+    def __post_init__(self) -> None:
+        self.rows = [_Row(self, p, j) for p in range(len(self.prompts)) for j in range(self.samples_per_prompt)]
 
     @property
     def greedy(self) -> bool:
@@ -165,19 +174,27 @@ class ContinuousEngine:
         ``row_steps / decode_steps``), prefill forwards and the most rows decoded together."""
         return dict(self.counts)
 
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, encoded exactly as generation encodes it."""
+        return encode_prompt_text(self.tokenizer, prompt)
+
     def count_tokens(self, prompt: Prompt) -> int:
-        """Prompt length in tokens, encoded exactly as generation encodes it."""
-        return len(encode_prompt_text(self.tokenizer, prompt))
+        """Prompt length in tokens."""
+        return len(self.encode(prompt))
 
     def submit(self, prompts: Sequence[Prompt], settings: SamplingSettings, *, seed: int | None = None,
-               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None) -> Future:  # fmt: skip
+               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None,
+               encoded: Sequence[list[int]] | None = None) -> Future:  # fmt: skip
         """Queue a request; the future resolves to a :class:`Completion` with ``len(prompts) * n`` choices (choice
         ``p * n + j`` is sample ``j`` of prompt ``p``). Cancelling the future (a client that went away) drops the
-        request's rows from the batch at the next token."""
+        request's rows from the batch at the next token. ``encoded`` (each prompt's :meth:`encode`) saves the decode
+        thread from tokenising again what the caller already tokenised."""
         future: Future = Future()
-        tokens = prompt_tokens if prompt_tokens is not None else sum(self.count_tokens(p) for p in prompts)
+        encoded = list(encoded) if encoded is not None else [self.encode(p) for p in prompts]
+        if prompt_tokens is None:
+            prompt_tokens = sum(len(ids) for ids in encoded)
         rng = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
-        self._queue.put(_Request(list(prompts), settings, on_delta, future, tokens, rng))
+        self._queue.put(_Request(list(prompts), settings, on_delta, future, prompt_tokens, rng, encoded))
         return future
 
     def close(self) -> None:
@@ -217,41 +234,45 @@ class ContinuousEngine:
             block = False
 
     def _admit(self) -> None:
-        """Prefill the waiting requests that fit (FIFO; one too large for any batch runs alone) and merge them in."""
+        """Prefill the waiting rows that fit (oldest request first; a request larger than the room left is admitted
+        in part, the rest of it when rows retire) and merge them into the running batch."""
         room = self.max_batch_size - (len(self._batch.rows) if self._batch is not None else 0)
-        admitted: list[_Request] = []
-        while self._waiting and not self._closing:
+        taken: list[_Row] = []
+        while self._waiting and room > 0 and not self._closing:
             request = self._waiting[0]
-            if request.future.cancelled():
+            if request.future.done():  # cancelled by its client, or failed, while (part of) it waited
                 self._waiting.popleft()
-                self.counts["requests_cancelled"] += 1
+                self._note_cancelled(request)
                 continue
-            size = len(request.prompts) * request.samples_per_prompt
-            if size > room and (admitted or self._batch is not None):
-                break
-            admitted.append(self._waiting.popleft())
-            room -= size
-        if not admitted:
+            chunk = request.rows[request.admitted : request.admitted + room]
+            taken += chunk
+            request.admitted += len(chunk)
+            room -= len(chunk)
+            if request.admitted == len(request.rows):
+                self._waiting.popleft()
+        if not taken:
             return
         try:
-            incoming = self._prefill(admitted)
+            incoming = self._prefill(taken)
         except Exception as error:  # noqa: BLE001 - a bad request fails alone, the running rows go on
             log.exception("prefill failed")
-            for request in admitted:
-                request.future.set_exception(error)
+            for request in {id(row.request): row.request for row in taken}.values():
+                if not request.future.done():
+                    request.future.set_exception(error)
             return
         self._batch = incoming if self._batch is None else merge_rows(self._batch, incoming)
         self.counts["peak_rows"] = max(self.counts["peak_rows"], len(self._batch.rows))
 
-    def _prefill(self, requests: list[_Request]) -> _Batch:
-        encoded, rows, repeats = [], [], []
-        for request in requests:
-            for p, prompt in enumerate(request.prompts):
-                encoded.append(encode_prompt_text(self.tokenizer, prompt))
-                per_prompt = request.samples_per_prompt
-                request.rows.extend(_Row(request, p, j) for j in range(per_prompt))
-                repeats.append(per_prompt)
-            rows.extend(request.rows)
+    def _prefill(self, rows: list[_Row]) -> _Batch:
+        """One forward over the distinct prompts of ``rows`` (consecutive rows of one prompt share it), then the cache
+        rows repeated so each sample has its own."""
+        encoded, repeats = [], []
+        for i, row in enumerate(rows):
+            if i and rows[i - 1].request is row.request and rows[i - 1].prompt == row.prompt:
+                repeats[-1] += 1
+                continue
+            encoded.append(row.request.encoded[row.prompt])
+            repeats.append(1)
         width = max(len(ids) for ids in encoded)
         ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -259,7 +280,7 @@ class ContinuousEngine:
             ids[i, width - len(tokens) :] = torch.tensor(tokens)
             mask[i, width - len(tokens) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = preallocated_cache(self.lm.config, width + max(r.settings.max_new_tokens for r in requests))
+        cache = preallocated_cache(self.lm.config, width + max(row.budget for row in rows))
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
                          logits_to_keep=1, **cache_argument(self.lm, cache)).logits[:, -1]  # fmt: skip
         self.counts["prefills"] += 1
@@ -350,9 +371,7 @@ class ContinuousEngine:
     def _retire(self, row: _Row, text: str) -> bool:
         request = row.request
         if request.future.done():
-            if request.future.cancelled() and not request.dropped:
-                request.dropped = True
-                self.counts["requests_cancelled"] += 1
+            self._note_cancelled(request)
             return True
         row.text = cut_at_stop(text, request.settings.stop)
         self._emit(row, row.text)
@@ -365,6 +384,11 @@ class ContinuousEngine:
             self.counts["requests_served"] += 1
             request.future.set_result(Completion(choices, request.prompt_tokens))
         return True
+
+    def _note_cancelled(self, request: _Request) -> None:
+        if request.future.cancelled() and not request.dropped:
+            request.dropped = True
+            self.counts["requests_cancelled"] += 1
 
     def _fail(self, error: Exception) -> None:
         if self._batch is not None:

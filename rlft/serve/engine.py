@@ -1,4 +1,5 @@
-"""The serving engine: requests queue up, are collected for a few milliseconds and run as one batched generate.
+"""The serving engine: requests queue up, are collected for a few milliseconds and run as one batched generate
+(in chunks of at most ``max_batch_size`` rows, however many prompts x ``n`` a request asks for).
 
 Generation itself is rlft's :class:`~rlft.generation.generator.Generator` (the same batched loop evaluation uses, HF or
 vLLM backend); the engine only groups requests that share sampling settings, feeds each group to the generator in
@@ -43,6 +44,10 @@ class Completion:
         return sum(c.completion_tokens for c in self.choices)
 
 
+class _GroupCancelled(Exception):
+    """Raised from the token callback to end a generate call nobody waits for any more."""
+
+
 @dataclass
 class _Request:
     prompts: list[Prompt]
@@ -85,6 +90,7 @@ class Engine:
         self.batch_window, self.max_batch_size = batch_window_ms / 1000, max_batch_size
         self.stop_ids = set(stop_token_ids(tokenizer, generator.model)) | {pad_token_id(tokenizer)}
         self.batches: list[int] = []  # requests per generate call, for tests and logs
+        self.cancelled = 0  # requests whose generate call stopped early because every client of it went away
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="rlft-serve-engine", daemon=True)
         self._thread.start()
@@ -95,16 +101,24 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters for ``/health``: generate calls and the requests they served."""
-        return {"generate_calls": len(self.batches), "requests_served": sum(self.batches)}
+        return {"generate_calls": len(self.batches), "requests_served": sum(self.batches),
+                "requests_cancelled": self.cancelled}  # fmt: skip
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, encoded exactly as generation encodes it."""
+        return encode_prompt_text(self.tokenizer, prompt)
 
     def count_tokens(self, prompt: Prompt) -> int:
-        """Prompt length in tokens, encoded exactly as generation encodes it."""
-        return len(encode_prompt_text(self.tokenizer, prompt))
+        """Prompt length in tokens."""
+        return len(self.encode(prompt))
 
     def submit(self, prompts: Sequence[Prompt], settings: SamplingSettings, *, seed: int | None = None,
-               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None) -> Future:  # fmt: skip
+               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None,
+               encoded: Sequence[list[int]] | None = None) -> Future:  # fmt: skip
         """Queue a request; the future resolves to a :class:`Completion` with ``len(prompts) * n`` choices (choice
-        ``p * n + j`` is sample ``j`` of prompt ``p``)."""
+        ``p * n + j`` is sample ``j`` of prompt ``p``). Cancelling the future stops the generate call at the next
+        token once every request sharing it is cancelled. ``encoded`` is accepted for the continuous engine's
+        signature; the generator tokenises on its own."""
         future: Future = Future()
         tokens = prompt_tokens if prompt_tokens is not None else sum(self.count_tokens(p) for p in prompts)
         self._queue.put(_Request(list(prompts), settings, seed, on_delta, future, tokens))
@@ -143,6 +157,8 @@ class Engine:
         hold_back = max((len(s) for s in settings.stop), default=1) - 1
 
         def on_token(prompt: int, sample: int, token: int) -> None:
+            if all(request.future.done() for request in group):  # every client went away: stop generating
+                raise _GroupCancelled
             row = rows[(prompt, sample)]
             if row.done:
                 return
@@ -162,10 +178,15 @@ class Engine:
                 for j in range(n) if greedy else (sample,):
                     request.on_delta(p * n + j, delta)
 
-        run_settings = SamplingSettings(**{**settings.__dict__, "batch_size": len(owners)})
+        # rows = prompts x samples per prompt: chunk the prompts so no forward holds more than max_batch_size rows
+        prompts_per_chunk = max(1, self.max_batch_size // (1 if greedy else n))
+        run_settings = SamplingSettings(**{**settings.__dict__, "batch_size": prompts_per_chunk})
         run_settings.seed = group[0].seed if group[0].seed is not None else random.randrange(2**31)
         try:
             outputs = self.generator.generate([r.prompts[p] for r, p in owners], run_settings, on_token=on_token)
+        except _GroupCancelled:
+            self.cancelled += len(group)
+            return
         except Exception as error:  # noqa: BLE001 - every waiting client gets the error, the server goes on
             log.exception("generation failed")
             for request in group:

@@ -28,9 +28,12 @@ def test_export_gguf_from_the_command_line(tmp_path, capsys):
     assert reader.fields["general.architecture"].contents() == "qwen3"
 
 
-def test_export_refuses_quant_for_folders_and_unknown_formats(tmp_path):
-    with pytest.raises(SystemExit, match="--quant is for --to gguf"):
+def test_export_refuses_quant_for_folders_and_unknown_formats(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RLFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
         main(["export", "tiny-llama", "--to", "merged", "--quant", "q8_0", "--out", str(tmp_path / "m")])
+    assert exit_info.value.code == 1
+    assert "rlft export: error: --quant is for --to gguf" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "tiny-llama", "--to", "tflite", "--out", str(tmp_path / "t")])
     assert not (tmp_path / "m").exists()

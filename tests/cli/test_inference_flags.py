@@ -39,6 +39,7 @@ def test_cuda_only_requests_fail_clearly_on_a_cpu_machine():
                                      ["serve", "tiny-llama"]])  # fmt: skip
 def test_every_command_refuses_quantization_without_cuda(command, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
+    monkeypatch.setenv("RLFT_DEBUG", "1")  # the exception itself, not the router's one-line report of it
     with pytest.raises(ValueError, match="--quantization 8bit needs a CUDA GPU"):
         rlft_main([*command, "--quantization", "8bit"])
 

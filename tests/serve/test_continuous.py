@@ -126,8 +126,8 @@ def test_more_rows_than_the_batch_holds_wait_their_turn():
         futures = [engine.submit([f"Count to {i}"], SamplingSettings(max_new_tokens=6)) for i in range(5)]
         wide = engine.submit(["Paris"], SamplingSettings(max_new_tokens=4, temperature=1.0, num_samples=3), seed=1)
         assert all(len(f.result(timeout=120).choices) == 1 for f in futures)
-        assert len(wide.result(timeout=120).choices) == 3  # larger than the batch: it runs alone
-        assert engine.stats()["peak_rows"] == 3 and engine.stats()["requests_served"] == 6
+        assert len(wide.result(timeout=120).choices) == 3  # larger than the batch: it runs in chunks of 2 rows
+        assert engine.stats()["peak_rows"] == 2 and engine.stats()["requests_served"] == 6
     finally:
         engine.close()
 
@@ -199,9 +199,9 @@ def test_rlft_serve_picks_continuous_batching_unless_told_otherwise():
     window = build_engine("tiny-llama", device="cpu", batching="window")
     try:
         assert isinstance(auto, ContinuousEngine) and isinstance(window, Engine)
-        assert window.stats() == {"generate_calls": 0, "requests_served": 0}
+        assert window.stats() == {"generate_calls": 0, "requests_served": 0, "requests_cancelled": 0}
         assert window.submit(["ok"], SamplingSettings(max_new_tokens=2)).result(timeout=120).choices
-        assert window.stats() == {"generate_calls": 1, "requests_served": 1}
+        assert window.stats() == {"generate_calls": 1, "requests_served": 1, "requests_cancelled": 0}
     finally:
         auto.close()
         window.close()
