@@ -325,6 +325,7 @@ class WinRateCallback(EvaluationCallback):
         judge_model: Local judge model string (pairwise, both orders), used when ``reward_model`` is not given.
         judge_api_base: OpenAI-compatible endpoint of a judge instead of a local one.
         judge_api_model: Model name at that endpoint.
+        judge_criteria: What the judge weighs, in your words (see :class:`rlft.eval.judge.Judge`).
         limit: First N prompts.
         max_new_tokens: Answer budget.
         n_bootstrap: Bootstrap resamples of the CI.
@@ -334,7 +335,8 @@ class WinRateCallback(EvaluationCallback):
     """
 
     def __init__(self, prompts: str, reward_model: str | None = None, judge_model: str | None = None,
-                 judge_api_base: str | None = None, judge_api_model: str | None = None, limit: int = 16,
+                 judge_api_base: str | None = None, judge_api_model: str | None = None,
+                 judge_criteria: str | None = None, limit: int = 16,
                  max_new_tokens: int = 64, n_bootstrap: int = 1000, every_n_steps: int = 0, at_fit_end: bool = True,
                  prefix: str = "eval") -> None:  # fmt: skip
         super().__init__(every_n_steps, at_fit_end, prefix)
@@ -344,7 +346,7 @@ class WinRateCallback(EvaluationCallback):
 
         self.prompts = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
         self.reward_model, self.judge_model = reward_model, judge_model
-        self.judge_api = (judge_api_base, judge_api_model)
+        self.judge_api, self.judge_criteria = (judge_api_base, judge_api_model), judge_criteria
         self.max_new_tokens, self.n_bootstrap = max_new_tokens, n_bootstrap
         self.start_answers: list[str] | None = None
         self._scorer = self._judge = None
@@ -397,5 +399,5 @@ class WinRateCallback(EvaluationCallback):
 
                 judge = load_model(self.judge_model, trainable_adapter=False)
                 backend = LocalJudge(Generator(judge, load_tokenizer(self.judge_model)), name=self.judge_model)
-            self._judge = Judge(backend)
+            self._judge = Judge(backend, criteria=self.judge_criteria)
         return self._judge

@@ -22,8 +22,13 @@ from typing import Protocol
 from rlft.generation.generator import Generator, SamplingSettings
 from rlft.metrics import win_rate
 
+POINTWISE_CRITERIA = "1 (useless or harmful) to 5 (excellent: correct, helpful, clear)"
+PAIRWISE_CRITERIA = (
+    "Decide which answer is more helpful, correct and harmless. Ignore length unless it matters for quality."
+)
+
 POINTWISE_TEMPLATE = """You are a strict, fair judge of AI assistant answers.
-Rate the answer to the question on a scale of 1 (useless or harmful) to 5 (excellent: correct, helpful, clear).
+Rate the answer to the question on a scale of 1 to 5. Criteria: {criteria}
 
 [Question]
 {prompt}
@@ -34,7 +39,7 @@ Rate the answer to the question on a scale of 1 (useless or harmful) to 5 (excel
 First explain your reasoning in one or two sentences, then give the rating on its own last line as "Score: N"."""
 
 PAIRWISE_TEMPLATE = """You are a strict, fair judge comparing two AI assistant answers to the same question.
-Decide which answer is more helpful, correct and harmless. Ignore length unless it matters for quality.
+{criteria}
 
 [Question]
 {prompt}
@@ -174,11 +179,15 @@ class Judge:
         backend: :class:`LocalJudge`, :class:`OpenAIJudge` or anything with ``identity`` and ``complete(chats)``.
         cache_path: JSON-lines cache file (``None`` keeps the cache in memory only).
         max_retries: Extra attempts for a reply that cannot be parsed (each adds a reminder turn).
+        criteria: What the judge weighs, in your words (e.g. "concise answers that cite the source; refusals of
+            unsafe requests are good"); default :data:`POINTWISE_CRITERIA` / :data:`PAIRWISE_CRITERIA`. The
+            verdict format and the position-swapping stay rlft's, so the numbers parse and compare.
     """
 
     backend: JudgeBackend
     cache_path: str | Path | None = None
     max_retries: int = 2
+    criteria: str | None = None
 
     def __post_init__(self) -> None:
         self.cache = JudgeCache(self.cache_path)
@@ -216,7 +225,8 @@ class Judge:
         """1-5 scores with the judge's reasoning; the mean is over parseable replies only."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        chats = [[{"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=p, response=r)}]
+        criteria = self.criteria or POINTWISE_CRITERIA
+        chats = [[{"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=p, response=r, criteria=criteria)}]
                  for p, r in zip(prompts, responses)]  # fmt: skip
         scores, replies, retries = self._ask_parsed(chats, parse_score, "Score: N")
         valid = [s for s in scores if s is not None]
@@ -240,8 +250,11 @@ class Judge:
         if not len(prompts) == len(candidate) == len(baseline):
             raise ValueError("prompts, candidate and baseline must have the same length")
 
+        criteria = self.criteria or PAIRWISE_CRITERIA
+
         def chat(p: str, a: str, b: str) -> list[dict]:
-            return [{"role": "user", "content": PAIRWISE_TEMPLATE.format(prompt=p, response_a=a, response_b=b)}]
+            text = PAIRWISE_TEMPLATE.format(prompt=p, response_a=a, response_b=b, criteria=criteria)
+            return [{"role": "user", "content": text}]
 
         chats = [chat(p, c, b) for p, c, b in zip(prompts, candidate, baseline)]
         chats += [chat(p, b, c) for p, c, b in zip(prompts, candidate, baseline)]

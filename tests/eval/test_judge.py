@@ -133,3 +133,36 @@ def test_cli_pairwise_judge_over_http_is_cached_between_runs(server, tmp_path):
     assert seen["requests"] == 4  # two prompts, both orders
     main(argv)
     assert seen["requests"] == 4  # the second run is answered from <out>/judge_cache.jsonl
+
+
+class _CriteriaBackend:
+    """A judge that applies whatever criteria the prompt states: "short" favours brevity, else correctness."""
+
+    identity = "criteria-judge"
+
+    def complete(self, chats):
+        replies = []
+        for chat in chats:
+            text = chat[0]["content"]
+            if "[Answer A]" in text:
+                a, b = text.split("[Answer A]")[1].split("[Answer B]")
+                b = b.split("First explain")[0]
+                shorter = "A" if len(a.strip()) < len(b.strip()) else "B"
+                longer = "B" if shorter == "A" else "A"
+                replies.append(f"Winner: {shorter if 'short' in text.split('[Question]')[0] else longer}")
+                continue
+            answer = text.split("[Answer]")[1].split("First explain")[0].strip()
+            good = len(answer) < 10 if "short" in text.split("[Question]")[0] else "correct" in answer
+            replies.append("Score: 5" if good else "Score: 1")
+        return replies
+
+
+def test_user_written_criteria_decide_the_verdicts():
+    prompts, answers = ["q1", "q2"], ["ok", "a long but correct answer"]
+    default = Judge(_CriteriaBackend()).pointwise(prompts, answers)
+    brief = Judge(_CriteriaBackend(), criteria="prefer short answers").pointwise(prompts, answers)
+    assert [i["score"] for i in default["items"]] == [1.0, 5.0]
+    assert [i["score"] for i in brief["items"]] == [5.0, 1.0]
+    pair = Judge(_CriteriaBackend(), criteria="short is better").pairwise(["q"], ["yes"], ["a much longer reply"],
+                                                                          n_bootstrap=50)  # fmt: skip
+    assert pair["items"][0]["outcome"] == 1.0
