@@ -37,13 +37,11 @@ from sqlalchemy.engine import Engine
 from rlft.label import queries, store
 from rlft.label.db import SCHEMA_VERSION, open_database
 from rlft.label.export import build_pairs, win_rates
+from rlft.label.ids import RowId
 from rlft.label.importing import ImportValidationError, join_generations, parse_pair_rows
 from rlft.label.quality import quality_report
 
 _bearer = HTTPBearer(auto_error=False)
-
-
-_MAX_ID = 2**63 - 1  # BIGINT: a larger id would be a database error (500) instead of a 404
 
 
 def _no_nul(value: Any, where: str = "") -> Any:
@@ -89,7 +87,7 @@ class GenerationsImport(_Strict):
 
 
 class Submission(_Strict):
-    assignment_id: int = Field(ge=1, le=_MAX_ID)
+    assignment_id: RowId
     choice: Literal["a", "b", "tie"] = Field(description="displayed response: a = left, b = right")
     confidence: int = Field(3, ge=1, le=5)
     reasoning: str | None = Field(None, max_length=store.MAX_REASONING_CHARS)

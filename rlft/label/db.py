@@ -24,6 +24,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -42,8 +43,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 READ_ONLY_OPTION = "rlft_read_only"
+
+MAX_ID = 2**63 - 1
+"""The largest row id: ids are 64-bit end to end (columns, sequences, the API's bound), so no id the API accepts
+overflows a column (a 500) instead of being found or not (a 404)."""
+# BIGINT on PostgreSQL (INTEGER is 32-bit there); SQLite's INTEGER is 64-bit already, and an "INTEGER PRIMARY KEY"
+# must stay spelled so to remain the rowid alias that assigns ids (a "BIGINT PRIMARY KEY" would never get one)
+Id = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> dt.datetime:
@@ -64,7 +72,7 @@ class SchemaInfo(Base):
 
 class Example(Base):
     __tablename__ = "examples"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     # sha256 of the canonical JSON of (prompt, response_a, response_b): re-importing the same file is a no-op.
     content_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     prompt_json: Mapped[str] = mapped_column(Text, nullable=False)
@@ -81,7 +89,7 @@ class Example(Base):
 
 class Labeler(Base):
     __tablename__ = "labelers"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
@@ -90,10 +98,10 @@ class Labeler(Base):
 
 class Assignment(Base):
     __tablename__ = "assignments"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    example_id: Mapped[int] = mapped_column(ForeignKey("examples.id", ondelete="CASCADE"), nullable=False)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    example_id: Mapped[int] = mapped_column(Id, ForeignKey("examples.id", ondelete="CASCADE"), nullable=False)
     slot: Mapped[int] = mapped_column(Integer, nullable=False)
-    labeler_id: Mapped[int | None] = mapped_column(ForeignKey("labelers.id"))
+    labeler_id: Mapped[int | None] = mapped_column(Id, ForeignKey("labelers.id"))
     swapped: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
     leased_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -116,10 +124,12 @@ class Assignment(Base):
 
 class Preference(Base):
     __tablename__ = "preferences"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True, nullable=False)
-    example_id: Mapped[int] = mapped_column(ForeignKey("examples.id", ondelete="CASCADE"), nullable=False, index=True)
-    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), nullable=False, index=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(Id, ForeignKey("assignments.id"), unique=True, nullable=False)
+    example_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("examples.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    labeler_id: Mapped[int] = mapped_column(Id, ForeignKey("labelers.id"), nullable=False, index=True)
     choice: Mapped[str] = mapped_column(String(3), nullable=False)  # "a" | "b" | "tie" w.r.t. stored responses
     shown_choice: Mapped[str] = mapped_column(String(5), nullable=False)  # "left" | "right" | "tie" as displayed
     swapped: Mapped[bool] = mapped_column(Boolean, nullable=False)
@@ -149,8 +159,36 @@ def _migrate_to_2(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+# every id column, ranking tables included (they are created on first use, so they may be absent)
+ID_COLUMNS: dict[str, tuple[str, ...]] = {
+    "examples": ("id",),
+    "labelers": ("id",),
+    "assignments": ("id", "example_id", "labeler_id"),
+    "preferences": ("id", "assignment_id", "example_id", "labeler_id"),
+    "ranking_tasks": ("id",),
+    "rankings": ("id", "task_id", "labeler_id"),
+}
+
+
+def _migrate_to_3(conn: Connection) -> None:
+    # 64-bit ids: PostgreSQL's INTEGER/SERIAL stop at 2**31 - 1 (a larger id from the API was a 500); SQLite's
+    # integers are 64-bit already, so there is nothing to change there
+    if conn.dialect.name != "postgresql":
+        return
+    present = set(inspect(conn).get_table_names())
+    for table, columns in ID_COLUMNS.items():
+        if table not in present:
+            continue
+        changes = ", ".join(f"ALTER COLUMN {column} TYPE BIGINT" for column in columns)
+        conn.execute(text(f"ALTER TABLE {table} {changes}"))
+        # a SERIAL's sequence is "AS integer" too; AS bigint also lifts its MAXVALUE to the bigint maximum
+        sequence = conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table}).scalar_one_or_none()
+        if sequence:
+            conn.execute(text(f"ALTER SEQUENCE {sequence} AS BIGINT"))
+
+
 # version -> migration from version-1; append new entries (never edit old ones) when the schema changes.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
 
 
 class SchemaVersionError(RuntimeError):

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlft.label import rankings
+from rlft.label.ids import RowId
 
 
 class RankingsImport(BaseModel):
@@ -18,8 +19,10 @@ class RankingsImport(BaseModel):
 
 class RankingSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task_id: int
-    order: list[int] = Field(min_length=2, description="indices of the responses as shown, best first")
+    task_id: RowId
+    order: list[Annotated[int, Field(ge=0, lt=rankings.MAX_RESPONSES)]] = Field(
+        min_length=2, max_length=rankings.MAX_RESPONSES, description="indices of the responses as shown, best first"
+    )
 
 
 def add_ranking_routes(app: FastAPI, engine, user_dependency, admin_dependency) -> None:

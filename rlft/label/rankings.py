@@ -19,12 +19,12 @@ import json
 import random
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, insert, select
+from sqlalchemy import DateTime, ForeignKey, String, Text, UniqueConstraint, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from rlft.label.db import Base, utcnow
+from rlft.label.db import Base, Id, utcnow
 from rlft.label.store import Conflict, Invalid, NotFound
 
 MAX_RESPONSES = 9
@@ -32,7 +32,7 @@ MAX_RESPONSES = 9
 
 class RankingTask(Base):
     __tablename__ = "ranking_tasks"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     content_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     prompt_json: Mapped[str] = mapped_column(Text, nullable=False)
     responses_json: Mapped[str] = mapped_column(Text, nullable=False)
@@ -41,9 +41,9 @@ class RankingTask(Base):
 
 class Ranking(Base):
     __tablename__ = "rankings"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("ranking_tasks.id"), nullable=False, index=True)
-    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), nullable=False)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    task_id: Mapped[int] = mapped_column(Id, ForeignKey("ranking_tasks.id"), nullable=False, index=True)
+    labeler_id: Mapped[int] = mapped_column(Id, ForeignKey("labelers.id"), nullable=False)
     order_json: Mapped[str] = mapped_column(Text, nullable=False)  # indices into the stored responses, best first
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
     __table_args__ = (UniqueConstraint("task_id", "labeler_id", name="uq_ranking_task_labeler"),)

@@ -18,7 +18,7 @@ def test_version_1_database_gains_the_free_slot_index(db_url):
     engine.dispose()
     engine = open_database(db_url)
     names = {index["name"] for index in inspect(engine).get_indexes("assignments")}
-    assert "ix_assignments_free" in names and SCHEMA_VERSION == 2
+    assert "ix_assignments_free" in names and SCHEMA_VERSION >= 2
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version FROM schema_info")).scalar_one() == SCHEMA_VERSION
     token = store.add_labeler(engine, "alice")
