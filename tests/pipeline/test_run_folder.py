@@ -119,6 +119,9 @@ def test_an_edited_data_file_re_runs_the_stages_it_reaches(tmp_path, repo_root, 
     assert "Indeed." in train
 
 
+FIT = ["-m", "rlft", "fit"]
+
+
 def _processes() -> dict[int, tuple[int, int, str, str]]:
     """pid -> (ppid, process group, state, command line) of every live process (Linux /proc)."""
     found = {}
@@ -144,12 +147,12 @@ def test_kill_9_of_the_pipeline_takes_its_running_stage_down(tmp_path, repo_root
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     group, deadline = None, time.time() + 240
     try:
-        while time.time() < deadline:  # the stage's group: led by the pipeline's child, holding the `rlft fit`
+        while time.time() < deadline:  # the stage's group: its own, started by the pipeline, holding `rlft fit`
             procs = _processes()
-            guards = [pid for pid, (ppid, pgid, _, _) in procs.items() if ppid == pipeline.pid and pgid == pid]
-            stage = [pid for pid, (_, pgid, _, cmd) in procs.items() if guards and pgid == guards[0] != pid]
-            if stage and " fit -c " in procs[stage[0]][3]:
-                group = guards[0]
+            groups = {pid for pid, (ppid, pgid, _, _) in procs.items() if ppid == pipeline.pid and pgid == pid}
+            fits = [pgid for (_, pgid, _, cmd) in procs.values() if pgid in groups and cmd.split()[1:4] == FIT]
+            if fits:
+                group = fits[0]
                 break
             assert pipeline.poll() is None, "the pipeline ended before its stage started"
             time.sleep(0.5)
