@@ -2,7 +2,8 @@
 
 import torch.nn.functional as F
 
-from rlft.methods import DPO, GRPO
+from rlft.losses import simpo_loss
+from rlft.methods import DPO, GRPO, SimPO
 from rlft.outputs import LossOutput
 
 
@@ -47,3 +48,15 @@ def median_baseline(grouped):
 def squared_log_ratio(log_ratio):
     """A KL estimator from YAML (``kl: {estimator: my_pkg.variants:squared_log_ratio}``): k2 without the 1/2."""
     return log_ratio**2
+
+
+class ScheduledSimPO(SimPO):
+    """SimPO whose target margin gamma grows with training (a curriculum over the margin): 0 at step 0, the
+    configured gamma after ``warmup`` steps."""
+
+    warmup = 4
+
+    def preference_loss(self, policy, batch):
+        gamma = self.hparams.gamma * min(1.0, self.global_step / self.warmup)
+        beta = self.hparams.beta
+        return simpo_loss(policy.chosen_avg, policy.rejected_avg, beta=beta, gamma=gamma)
