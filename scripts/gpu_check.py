@@ -113,7 +113,7 @@ def main() -> None:
         if not cuda:
             checks[f"bench_{mode}"] = no_gpu
             continue
-        checks[f"bench_{mode}"] = run([sys.executable, "-m", "rlft", "bench", "--mode", mode, "--steps", "6",
+        checks[f"bench_{mode}"] = run([sys.executable, "scripts/bench/run.py", "--mode", mode, "--steps", "6",
                                        "--repeats", "1", "--batch_size", "8", "--max_length", "512"], 150)  # fmt: skip
 
     # 2. MFU on a 1B-class Llama shape (tiny on CPU)

@@ -26,11 +26,11 @@ target="."
 echo "rlft: installing rlft$( [ -n "$extras" ] && echo "[$extras]" ) (editable)"
 "${pip[@]}" install -e "$target" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 if [[ ",$extras," == *",dev,"* ]] && [ ! -d .bench/trl-1.12/trl ]; then
-  # rlft bench --mode ppo runs TRL's PPO, which TRL removed in 1.13: the last release with it, beside the venv's TRL
-  echo "rlft: installing TRL 1.12 (PPO) into .bench/trl-1.12 for rlft bench --mode ppo"
+  # scripts/bench/run.py --mode ppo runs TRL's PPO, which TRL removed in 1.13: the last release with it, beside the venv's TRL
+  echo "rlft: installing TRL 1.12 (PPO) into .bench/trl-1.12 for scripts/bench/run.py --mode ppo"
   if ! "${pip[@]}" install --no-deps --target .bench/trl-1.12 trl==1.12.0 >.bench-install.log 2>&1; then
     tail -5 .bench-install.log
-    echo "rlft: WARNING: TRL 1.12 did not install (above): rlft bench --mode ppo and its tests will be skipped" >&2
+    echo "rlft: WARNING: TRL 1.12 did not install (above): scripts/bench/run.py --mode ppo and its tests will be skipped" >&2
   fi
   rm -f .bench-install.log
 fi

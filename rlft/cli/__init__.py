@@ -39,7 +39,8 @@ def _usage() -> str:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # mistakes in data, settings or files: rlft raises these with a message that says what to fix
-    types: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    types: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                        ConnectionError]  # fmt: skip
     for name in ("rlft.callbacks.guard:NonFiniteError",):
         module, attr = name.split(":")
         if module in sys.modules and hasattr(sys.modules[module], attr):

@@ -96,10 +96,11 @@ def resolve_model(model: str) -> ModelRef:
     return ModelRef(path=model, tokenizer_path=model)  # a hub id; transformers reports if it cannot be fetched
 
 
-def _hub_hint(model: str, error: Exception) -> RuntimeError:
-    # the hub's own message runs to several sentences of links; its first one says what went wrong
+def _hub_hint(model: str, error: Exception) -> ConnectionError:
+    # the hub's own message runs to several sentences of links; its first one says what went wrong. A
+    # ConnectionError: every rlft command prints it as one line (a model that cannot be had is the user's to fix)
     reason = re.split(r"(?<=\.)\s", str(error).strip(), maxsplit=1)[0].rstrip(".")
-    return RuntimeError(
+    return ConnectionError(
         f"could not load {model!r}: {reason}. Offline? Use a local folder, a .gguf file or one of "
         f"rlft's offline aliases ({', '.join(sorted(REGISTRY))}); `rlft models pull NAME` prepares one"
     )
