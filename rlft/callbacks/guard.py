@@ -4,11 +4,17 @@
 step, the data rows of the batch and the likely cause. ``action: skip`` (or ``RLFT_NONFINITE=skip``) instead drops
 that optimiser step (gradients cleared, so AdamW leaves the weights and its moments alone), counts it
 (``train/nonfinite_skips``) and stops once ``max_skips`` steps were skipped.
+
+It also catches a run that is finite but dead: an SFT loss that sits at ``log(V)`` (``V`` the vocabulary size) is
+the cross-entropy of a uniform prediction, what a huge learning rate leaves once the weights saturate. Nothing is
+NaN, so without this the run would exit 0 having learned nothing. The check reads the loss the step already
+computed (no extra forward), warns once with what to try and, with ``action: stop``, stops the run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Literal
 
@@ -21,6 +27,14 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight."""
+
+
+class UniformLossError(NonFiniteError):
+    """The SFT loss stayed at ``log(V)``: the model predicts a uniform distribution and learns nothing.
+
+    A subclass of :class:`NonFiniteError` so that every place that reports the guard's stop (the CLI's one-line
+    errors) reports this one the same way.
+    """
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -69,6 +83,27 @@ def refuse_impossible_settings(trainer: L.Trainer, module: L.LightningModule) ->
         )
 
 
+def _vocab_size(module: L.LightningModule) -> int | None:
+    """The size of the model's output distribution, from its config (sharded weights may show a shard's shape)."""
+    config = getattr(getattr(module, "model", None), "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size is None:  # multimodal configs keep it on the text part
+        size = getattr(getattr(config, "text_config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _learning_rate(trainer: L.Trainer, module: L.LightningModule) -> float | None:
+    """The configured ``optim.lr`` (what a user sets), else the optimiser's current one (the schedule's value)."""
+    optim = getattr(module, "hparams", {}).get("optim") or {}
+    lr = optim.get("lr") if isinstance(optim, dict) else getattr(optim, "lr", None)
+    if lr is not None:
+        return float(lr)
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
 class NonFiniteGuard(L.Callback):
     """Checks the loss before backward, gradients before each optimiser step and weights after each batch.
 
@@ -77,6 +112,11 @@ class NonFiniteGuard(L.Callback):
             ``RLFT_NONFINITE`` or ``stop``.
         max_skips: With ``skip``, stop once this many steps were skipped (a run that keeps diverging is broken).
         check_weights_every_n_steps: Weight check interval (trainable weights only; also always at the end).
+        uniform_after_step: SFT only: from this optimiser step on, watch for a loss stuck at ``log(V)``. A
+            randomly initialised model starts there, so early steps are not judged.
+        uniform_steps: Consecutive training batches within the tolerance of ``log(V)`` that count as stuck.
+        uniform_tolerance: Relative tolerance around ``log(V)``; a stuck run sits within 1e-4, a healthy one that
+            merely starts near ``log(V)`` moves by more than 1e-3 from batch to batch.
     """
 
     def __init__(
@@ -84,6 +124,9 @@ class NonFiniteGuard(L.Callback):
         action: Literal["stop", "skip"] | None = None,
         max_skips: int = 100,
         check_weights_every_n_steps: int = 1,
+        uniform_after_step: int = 10,
+        uniform_steps: int = 10,
+        uniform_tolerance: float = 1e-3,
     ) -> None:
         action = action or os.environ.get("RLFT_NONFINITE", "stop")
         if action not in ("stop", "skip"):
@@ -96,6 +139,10 @@ class NonFiniteGuard(L.Callback):
         self.skips = 0
         self._batch = None
         self._bad_loss = False
+        self.uniform_after_step, self.uniform_steps, self.uniform_tolerance = (
+            uniform_after_step, uniform_steps, uniform_tolerance)  # fmt: skip
+        self._uniform_run = 0  # consecutive batches whose loss sat at log(V)
+        self.uniform_warned = False
 
     def state_dict(self) -> dict:
         return {"skips": self.skips}
@@ -169,10 +216,42 @@ class NonFiniteGuard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:
             self._check_weights(trainer, pl_module)
+        self._check_uniform(trainer, pl_module, outputs)
+
+    def _check_uniform(self, trainer, pl_module, outputs) -> None:
+        # only SFT's loss is a token cross-entropy whose uniform value is log(V); preference and RL losses are not
+        if self.uniform_warned or getattr(pl_module, "data_kind", None) != "sft":
+            return
+        if trainer.global_step < self.uniform_after_step:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        vocab = _vocab_size(pl_module)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not vocab or vocab < 2:
+            return
+        uniform = math.log(vocab)
+        stuck = abs(float(loss.detach()) - uniform) <= self.uniform_tolerance * uniform  # the step's own loss
+        if trainer.world_size > 1:  # every rank must take the same decision, or one waits alone in a collective
+            stuck = trainer.strategy.reduce_boolean_decision(stuck, all=True)
+        self._uniform_run = self._uniform_run + 1 if stuck else 0
+        if self._uniform_run < self.uniform_steps:
+            return
+        self.uniform_warned = True
+        lr = _learning_rate(trainer, pl_module)
+        rate = f"The learning rate (optim.lr {lr:g})" if lr is not None else "The learning rate"
+        message = (
+            f"train/loss has stayed at {uniform:.4f} = log(vocabulary size {vocab}) for {self._uniform_run} batches "
+            f"(up to step {trainer.global_step}): the model predicts a uniform distribution over the vocabulary and "
+            f"is learning nothing. {rate} is most likely far too high (the weights saturated); "
+            "lower optim.lr (1e-5 to 1e-3 for fine-tuning; LoRA up to ~1e-3)"
+        )
+        log.warning("%s", message)
+        if self.action == "stop":
+            raise UniformLossError(f"{message}. Stopped; nothing was exported. To only warn, use "
+                                   "rlft.callbacks.NonFiniteGuard with action: skip")  # fmt: skip
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # callbacks' on_fit_end runs before the module's, which exports: NaN weights never reach the folder
         self._check_weights(trainer, pl_module)
 
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "likely_cause", "refuse_impossible_settings"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "UniformLossError", "likely_cause", "refuse_impossible_settings"]

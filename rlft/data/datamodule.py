@@ -8,6 +8,7 @@ with the model's own chat template and serves dynamically padded batches whose o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -19,10 +20,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from rlft.data import cache as data_cache
 from rlft.data.collate import Collator, batch_fingerprint
+from rlft.data.encoding import TemplateError
 from rlft.data.errors import DataError
 from rlft.data.formats import convert
 from rlft.data.kinds import data_kind
-from rlft.data.sources import read_rows
+from rlft.data.sources import iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,10 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: Longest token sequence; longer examples keep the end of the prompt and are counted.
         max_prompt_length: Longest prompt for generation (prompts kind); default ``max_length // 2``.
         seed: Seed of the split and of the shuffle order.
-        limit: Use only the first N training examples (after the split), e.g. for smoke runs.
-        val_limit: Use only the first N validation examples.
+        limit: Use only the first N training examples (after the split), e.g. for smoke runs. Reading stops early:
+            with ``val_path`` after N records; with ``val_fraction`` after enough records for the split to leave N
+            (and ``val_limit``) examples — the split is then over the records read, not the whole file.
+        val_limit: Use only the first N validation examples (reading a separate ``val_path`` stops after N).
         skip_invalid: Drop invalid rows with a count per reason instead of stopping with an error listing them.
         dedupe: Drop exact duplicate records (counted in the log).
         split: Split to read from a hub dataset or a folder with split files.
@@ -119,6 +123,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_set: list[dict] = []
         self.stats: dict[str, Counter] = {}
         self.report: list[tuple[int, str]] = []  # (level, line) of the data report, replayed on a cache hit
+        self.rows_read: dict[str, int] = {}  # path -> rows read from it (fewer than it has when data.limit stops early)
         self._collators: list[Collator] = []
 
     def attach(self, kind: str, tokenizer) -> PreferenceDataModule:
@@ -128,15 +133,28 @@ class PreferenceDataModule(L.LightningDataModule):
         self.kind, self.tokenizer = kind, tokenizer
         return self
 
-    def _records(self, path: str, split: str) -> list[dict]:
+    def _records(self, path: str, split: str, need: int | None = None) -> list[dict]:
+        """Records of ``path``; with ``need``, reading stops once that many records convert (rows dropped as
+        invalid or duplicate make it read on, in doubling chunks), so ``limit: 10`` on a million-line file reads
+        a few dozen lines."""
         hp = self.hparams
-        rows = read_rows(path, split=split, subset=hp.subset)
-        if not rows:
-            raise DataError(f"{path}: no rows (the file or split '{split}' is empty)")
-        records, report = convert(
-            rows, kind=self.kind, format=hp.format, on_invalid="skip" if hp.skip_invalid else "error", dedupe=hp.dedupe
-        )
-        self._note(logging.INFO, report.summary())
+        stream = iter_rows(path, split=split, subset=hp.subset)
+        rows, chunk, more = [], need, True
+        while True:
+            batch = list(itertools.islice(stream, chunk)) if chunk is not None else list(stream)
+            rows += batch
+            more = chunk is not None and len(batch) == chunk
+            if not rows:
+                raise DataError(f"{path}: no rows (the file or split '{split}' is empty)")
+            records, report = convert(rows, kind=self.kind, format=hp.format,
+                                      on_invalid="skip" if hp.skip_invalid else "error", dedupe=hp.dedupe,
+                                      require_records=False)  # fmt: skip
+            if not more or len(records) >= need:
+                break
+            chunk = max(chunk, need - len(records)) * 2
+        stream.close()  # releases the open file now rather than at garbage collection
+        self.rows_read[path] = len(rows)
+        self._note(logging.INFO, report.summary() + (" (stopped reading at data.limit)" if more else ""))
         if sum(report.filtered.values()):
             self._note(logging.WARNING, report.details())
         if not records:
@@ -168,10 +186,12 @@ class PreferenceDataModule(L.LightningDataModule):
             for level, message in self.report:
                 log.log(level, message)
             return
-        records = self._records(hp.path, hp.split)
         if hp.val_path:
-            train, val = records, self._records(hp.val_path, "validation" if hp.val_path == hp.path else hp.split)
+            val_split = "validation" if hp.val_path == hp.path else hp.split
+            train = self._records(hp.path, hp.split, hp.limit)
+            val = self._records(hp.val_path, val_split, hp.val_limit) if hp.val_limit != 0 else []
         else:
+            records = self._records(hp.path, hp.split, _split_need(hp.limit, hp.val_limit, hp.val_fraction))
             order = list(range(len(records)))
             random.Random(hp.seed).shuffle(order)
             n_val = round(len(records) * hp.val_fraction)
@@ -190,7 +210,11 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         encoded, truncated, invalid = [], 0, {}
         for record in records:
-            example = self._encode_one(record)
+            try:
+                example = self._encode_one(record)
+            except TemplateError as err:  # e.g. a content literal this tokenizer cannot encode as text
+                invalid.setdefault(f"not encodable ({err})", []).append(record["row"])
+                continue
             example["row"] = record["row"]
             truncated += bool(example.pop("truncated"))
             reason = _unusable(self.kind, example)
@@ -289,6 +313,26 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+def _split_need(limit: int | None, val_limit: int | None, val_fraction: float) -> int | None:
+    """Records to read so that the ``val_fraction`` split of them still gives ``limit`` training (and ``val_limit``
+    validation) examples; ``None`` (read everything) without a limit.
+
+    With ``limit`` set, the split is taken over the records read, not the whole file: a smoke run on the first rows
+    of a large file should not read and convert all of it. Without ``val_limit`` the held-out share is then
+    ``val_fraction`` of what was read.
+    """
+    if limit is None:
+        return None
+    size = limit
+    while True:  # smallest size whose split matches the datamodule's rounding (at most a few steps)
+        n_val = round(size * val_fraction)
+        if val_fraction > 0 and n_val == 0 and size > 1:
+            n_val = 1
+        if size - n_val >= limit and (val_limit is None or val_fraction == 0 or n_val >= val_limit):
+            return size
+        size += 1 if size - n_val < limit else max(1, math.ceil((val_limit - n_val) / val_fraction))
 
 
 def _check_ranges(**checks: tuple) -> None:

@@ -4,10 +4,18 @@ The template is rendered incrementally: for assistant turn *i*, ``render(message
 is a prefix of ``render(messages[:i+1])``, and the difference is exactly what the model must produce — the content
 followed by the end-of-turn token. Each piece is tokenized on its own (no special tokens added, the template already
 holds BOS where the model wants one), so labels can never leak prompt tokens and BOS is never doubled.
+
+Message contents are text, never control tokens: a reply that *mentions* ``<|eot_id|>`` or ``<|im_end|>`` (data about
+tokenizers does) would otherwise be encoded with a real end-of-turn token there, and everything after it would
+silently leave the loss. Before rendering, every special-token string inside a content is swapped for a private-use
+placeholder; after rendering, the text between the template's own special tokens is tokenized with the
+placeholders turned back into the literal and ``split_special_tokens=True`` (ordinary text tokens). Contents without
+such a literal are tokenized exactly as before.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
@@ -26,6 +34,70 @@ class Encoded:
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# Private-use code points: no tokenizer treats them as special and no template rewrites them.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+class _Literals:
+    """Swaps special-token strings inside message contents for placeholders and back.
+
+    Attributes:
+        specials: The tokenizer's special-token strings, longest first (so ``<|im_end|>`` is not cut by ``<|im``).
+        pattern: Matches any of them.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.specials = sorted(_special_strings(tokenizer), key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
+        self.used = False
+
+    def escape(self, messages: list[dict]) -> list[dict]:
+        """Messages whose contents hold placeholders instead of special-token strings."""
+        if self.pattern is None:
+            return messages
+        escaped = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) and self.pattern.search(content):
+                self.used = True
+                content = self.pattern.sub(lambda m: f"{_OPEN}{self.specials.index(m.group())}{_CLOSE}", content)
+                message = {**message, "content": content}
+            escaped.append(message)
+        return escaped
+
+    def restore(self, text: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: self.specials[int(m.group(1))], text)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of rendered text: the template's specials as tokens, each content literal as plain text."""
+        if not self.used or _OPEN not in text:
+            return _tokenize(self.tokenizer, text)
+        ids: list[int] = []
+        # the placeholders took the literals out, so every special string left in `text` is the template's own
+        pieces = self.pattern.split(text)
+        templates = self.pattern.findall(text)
+        for index, piece in enumerate(pieces):
+            if piece:
+                ids += self._as_text(self.restore(piece))
+            if index < len(templates):
+                ids += _tokenize(self.tokenizer, templates[index])
+        return ids
+
+    def _as_text(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        found = sorted({s for s in self.specials if s in text})
+        # only the literals' own ids count: an <unk> for an unknown character is not a literal kept as a token
+        if set(ids) & set(self.tokenizer.convert_tokens_to_ids(found)):
+            raise TemplateError(
+                f"a message contains the special-token string(s) {found}, which this tokenizer cannot encode as "
+                "text (split_special_tokens is not supported); they would end the turn early. Remove or escape "
+                "them in the data"
+            )
+        return ids
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -49,7 +121,13 @@ def conversation_segments(tokenizer, messages: list[dict], train_on: str = "all"
     Args:
         train_on: ``"all"`` trains every assistant turn, ``"last"`` only the final one.
     """
-    specials = _special_strings(tokenizer)
+    literals = _Literals(tokenizer)
+    segments = _segments(tokenizer, literals.escape(messages), train_on, literals.specials)
+    return [(literals.restore(text), is_trained) for text, is_trained in segments]
+
+
+def _segments(tokenizer, messages: list[dict], train_on: str, specials: list[str]) -> list[tuple[str, bool]]:
+    """:func:`conversation_segments` of messages whose content literals are already escaped."""
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = set(assistant_turns if train_on == "all" else assistant_turns[-1:])
     segments: list[tuple[str, bool]] = []
@@ -89,10 +167,11 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 def encode_conversation(tokenizer, messages: list[dict], *, train_on: str = "all") -> Encoded:
     """Token ids and labels of a whole conversation (no truncation)."""
+    literals = _Literals(tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, is_trained in conversation_segments(tokenizer, messages, train_on=train_on):
-        ids = _tokenize(tokenizer, text)
+    for text, is_trained in _segments(tokenizer, literals.escape(messages), train_on, literals.specials):
+        ids = literals.tokenize(text)
         input_ids += ids
         labels += ids if is_trained else [IGNORE_INDEX] * len(ids)
     return Encoded(input_ids, labels)
@@ -100,7 +179,8 @@ def encode_conversation(tokenizer, messages: list[dict], *, train_on: str = "all
 
 def encode_prompt(tokenizer, prompt: list[dict], *, max_length: int | None = None) -> Encoded:
     """The prompt with the generation header, left-truncated to keep its end (what the model answers)."""
-    ids = _tokenize(tokenizer, _render(tokenizer, prompt, add_generation_prompt=True))
+    literals = _Literals(tokenizer)
+    ids = literals.tokenize(_render(tokenizer, literals.escape(prompt), add_generation_prompt=True))
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids = ids[-max_length:]

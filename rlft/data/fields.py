@@ -26,6 +26,7 @@ __all__ = [
     "parse_transcript",
     "required_text",
     "same_prompt",
+    "check_turn_order",
     "user_turn",
 ]
 
@@ -220,3 +221,22 @@ def parse_desirable(data: dict, key: str) -> bool:
         raise RecordError(key, f"expected a JSON boolean true or false, found {describe_value(value)}; write the "
                           "label as true/false (not 0/1 or a string)", "invalid label")  # fmt: skip
     return value
+
+
+def check_turn_order(messages: list[dict], where: str) -> None:
+    """Refuse conversations whose turns do not alternate user/assistant after any system messages.
+
+    An assistant turn first has no prompt to answer (many chat templates index ``messages[0]`` as the user's and
+    fail with a bare template error); two user or two assistant turns in a row are rendered by some templates and
+    refused by others (Mistral, Gemma). They are refused here, as invalid rows with the file and line, so
+    ``skip_invalid`` can drop them, rather than silently merged: joining the turns would change what is trained.
+    """
+    turns = [(index, m["role"]) for index, m in enumerate(messages) if m["role"] != "system"]
+    if turns and turns[0][1] == "assistant":
+        raise RecordError(where, "the conversation starts with an assistant turn (after any system message); a reply "
+                          "needs a user turn before it to answer", "assistant turn first")  # fmt: skip
+    for (previous, role), (index, next_role) in zip(turns, turns[1:]):
+        if role == next_role:
+            raise RecordError(where, f"turns {previous + 1} and {index + 1} are both '{role}' (counting from 1, system "
+                              "included); user and assistant turns must alternate: merge consecutive turns of one "
+                              "speaker into one message", "consecutive same-role turns")  # fmt: skip

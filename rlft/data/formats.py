@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rlft.data import parsers
 from rlft.data.errors import DataError, Issue, RecordError
-from rlft.data.fields import Example
+from rlft.data.fields import Example, check_turn_order
 from rlft.data.kinds import DATA_KINDS, RESERVED_PAIR_KEYS, RESERVED_UNPAIRED_KEYS, data_kind  # noqa: F401
 from rlft.data.ranked_rows import from_ranked
 from rlft.data.sources import Row
@@ -68,8 +68,11 @@ class Format:
         _check_kind(self, kind)
         project = DATA_KINDS[kind].project
         consumed = frozenset({*self.prompt_fields, *self.pair_fields, *_RESPONSE_KEYS, "prompt"})
+        examples = self.parse(row.data, kind)
+        for example in examples:  # one turn-order rule for every format, before any template sees the turns
+            check_turn_order(example.messages, example.field or "messages")
         return [project(example, row.data, prompt_fields=self.prompt_fields, consumed=consumed)
-                for example in self.parse(row.data, kind)]  # fmt: skip
+                for example in examples]  # fmt: skip
 
 
 # A null value counts as absent: Parquet and hub datasets give every row every column, null where unset.
@@ -158,6 +161,10 @@ def _format_list() -> str:
     return "; ".join(f"{f.name} ({f.keys})" for f in FORMATS.values())
 
 
+def _is_empty(value: object) -> bool:
+    return value is None or (isinstance(value, str | list | dict) and not value)
+
+
 def detect_format(rows: list[Row]) -> str:
     """Name of the format that matches most of the first rows.
 
@@ -173,8 +180,13 @@ def detect_format(rows: list[Row]) -> str:
     where = _sources(sample)
     hint = "Pass format=NAME (e.g. --data.format alpaca) to choose one."
     if not votes:
+        # Parquet and hub rows carry every column, null where unset: a column of nulls is listed among the keys
+        # but holds nothing, and saying only "cannot detect" would hide that
+        empty = [key for key in keys if all(_is_empty(row.data.get(key)) for row in sample)]
+        nulls = (f" Columns {empty} are null or empty in all of these rows: the data in them is missing."
+                 if empty else "")  # fmt: skip
         raise DataError(
-            f"{where}: cannot detect the data format; keys seen in the first {len(sample)} rows: {keys}. "
+            f"{where}: cannot detect the data format; keys seen in the first {len(sample)} rows: {keys}.{nulls} "
             f"Known formats: {_format_list()}. {hint}"
         )
     best = max(votes.values())
@@ -255,7 +267,13 @@ def _invalid_error(fmt: Format, kind: str, invalid: dict[str, list[Issue]], rows
 
 
 def convert(
-    rows: list[Row], *, kind: str, format: str = "auto", on_invalid: str = "error", dedupe: bool = True
+    rows: list[Row],
+    *,
+    kind: str,
+    format: str = "auto",
+    on_invalid: str = "error",
+    dedupe: bool = True,
+    require_records: bool = True,
 ) -> tuple[list[dict], ConversionReport]:
     """Convert rows to canonical records of one kind.
 
@@ -266,6 +284,8 @@ def convert(
         on_invalid: ``"error"`` raises one :class:`DataError` listing the invalid rows; ``"skip"`` drops them and
             counts them by reason in the report.
         dedupe: Drop exact duplicate records (counted as ``"duplicate"``).
+        require_records: Raise when no record is left; ``False`` for a caller that reads on in chunks (the first
+            rows may all be skipped as invalid while later ones are fine).
 
     Returns:
         The records and a :class:`ConversionReport`.
@@ -313,6 +333,6 @@ def convert(
         source=_sources(rows),
         locations=locations,
     )
-    if not records:
+    if not records and require_records:
         raise DataError(f"no usable records: {report.summary()}", [i for g in everything.values() for i in g])
     return records, report

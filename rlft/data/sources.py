@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlft.data.errors import DataError
 
-__all__ = ["Row", "read_rows", "SUFFIXES"]
+__all__ = ["Row", "iter_rows", "read_rows", "SUFFIXES", "CSV_FIELD_LIMIT"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,15 @@ def _object_or_error(value: object, source: str, line: int) -> dict:
     return value
 
 
-def _read_jsonl(path: Path, split: str) -> list[Row]:
-    rows = []
+def _too_deep(where: str) -> DataError:
+    # json's C decoder recurses per nesting level: a hostile 100,000-level array would otherwise surface as a bare
+    # RecursionError naming nothing
+    return DataError(f"{where}: JSON nested too deeply (more than about {sys.getrecursionlimit()} levels of arrays/"
+                     "objects); records are flat objects of texts and message lists")  # fmt: skip
+
+
+def _read_jsonl(path: Path, split: str) -> Iterator[Row]:
+    # a generator: rows are produced while the file is read, so a caller that needs only the first N stops early
     with _open_text(path) as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
@@ -73,8 +82,9 @@ def _read_jsonl(path: Path, split: str) -> list[Row]:
                     f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}); "
                     "each line must be one complete JSON object"
                 ) from err
-            rows.append(Row(_object_or_error(value, str(path), number), str(path), number))
-    return rows
+            except RecursionError:
+                raise _too_deep(f"{path}:{number}") from None
+            yield Row(_object_or_error(value, str(path), number), str(path), number)
 
 
 def _records_in(value: dict, path: Path, split: str) -> list | None:
@@ -87,23 +97,30 @@ def _records_in(value: dict, path: Path, split: str) -> list | None:
     return None
 
 
-def _read_json(path: Path, split: str) -> list[Row]:
+def _read_json(path: Path, split: str) -> Iterator[Row]:
+    # One JSON document is parsed whole (the standard library has no streaming parser); files of many records
+    # belong in JSONL, which is streamed.
     with _open_text(path) as handle:
         text = handle.read()
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level objects: it is JSON Lines with a .json name
-            return _read_jsonl(path, split)
+            yield from _read_jsonl(path, split)
+            return
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+    except RecursionError:
+        raise _too_deep(str(path)) from None
     if isinstance(value, dict):
         records = _records_in(value, path, split)
         if records is None:
-            return [Row(value, str(path), 1)]
+            yield Row(value, str(path), 1)
+            return
         value = records
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of objects but found {type(value).__name__}")
-    return [Row(_object_or_error(item, str(path), index), str(path), index) for index, item in enumerate(value, 1)]
+    for index, item in enumerate(value, 1):
+        yield Row(_object_or_error(item, str(path), index), str(path), index)
 
 
 def _decode_cell(text: str) -> object:
@@ -117,34 +134,71 @@ def _decode_cell(text: str) -> object:
     return text
 
 
-def _read_csv(path: Path, split: str) -> list[Row]:
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            return []
-        rows = []
-        for number, record in enumerate(reader, start=1):
-            if None in record:
-                raise DataError(
-                    f"{path}:{number}: CSV row has {len(reader.fieldnames) + len(record[None])} cells "
-                    f"but the header has {len(reader.fieldnames)}"
-                )
-            data = {key: _decode_cell(value) if value is not None else None for key, value in record.items()}
-            rows.append(Row(data, str(path), number))
-    return rows
+# Python's csv module refuses fields over 128 KiB with a bare "_csv.Error: field larger than field limit"; a long
+# document in one cell is legitimate, so allow up to this and name the file and line beyond it.
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
 
 
-def _read_parquet(path: Path, split: str) -> list[Row]:
+def _read_csv(path: Path, split: str) -> Iterator[Row]:
+    previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        with _open_text(path) as handle:
+            reader = csv.DictReader(handle)
+            end = 0  # physical lines read so far: the header is line 1, and a quoted cell may span lines
+            try:
+                if reader.fieldnames is None:
+                    return
+                end = reader.line_num
+                for record in reader:
+                    # the line a data row starts on, as an editor shows it (data row k is line k+1 when no cell
+                    # spans lines)
+                    start, end = end + 1, reader.line_num
+                    yield _csv_row(record, reader.fieldnames, path, start)
+            except csv.Error as err:
+                raise DataError(_csv_problem(err, path, end + 1)) from None  # the row that failed starts there
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _csv_problem(err: csv.Error, path: Path, line: int) -> str:
+    if "field larger than field limit" in str(err):
+        return (f"{path}:{line}: a CSV field is larger than {CSV_FIELD_LIMIT // 2**20} MiB (rlft's limit); split the "
+                "text or convert the file to JSONL")  # fmt: skip
+    return f"{path}:{line}: malformed CSV ({err})"
+
+
+def _csv_row(record: dict, fieldnames: list[str], path: Path, line: int) -> Row:
+    if None in record:
+        raise DataError(
+            f"{path}:{line}: CSV row has {len(fieldnames) + len(record[None])} cells "
+            f"but the header has {len(fieldnames)}"
+        )
+    data = {}
+    for key, value in record.items():
+        try:
+            data[key] = _decode_cell(value) if value is not None else None
+        except RecursionError:
+            raise _too_deep(f"{path}:{line}: field '{key}'") from None
+    return Row(data, str(path), line)
+
+
+def _read_parquet(path: Path, split: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)  # streamed, a row group at a time
+        index = 0
+        for batch in batches:
+            for data in batch.to_pylist():
+                index += 1
+                yield Row(data, str(path), index)
+    except DataError:
+        raise
     except Exception as err:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"{path}: cannot read Parquet file ({err})") from err
-    return [Row(data, str(path), index) for index, data in enumerate(table.to_pylist(), start=1)]
 
 
-_READERS: dict[str, Callable[[Path, str], list[Row]]] = {
+_READERS: dict[str, Callable[[Path, str], Iterator[Row]]] = {
     ".jsonl": _read_jsonl,
     ".jsonl.gz": _read_jsonl,
     ".ndjson": _read_jsonl,
@@ -156,7 +210,7 @@ _READERS: dict[str, Callable[[Path, str], list[Row]]] = {
 SUFFIXES = tuple(_READERS)
 
 
-def _reader_for(path: Path) -> Callable[[Path, str], list[Row]] | None:
+def _reader_for(path: Path) -> Callable[[Path, str], Iterator[Row]] | None:
     name = path.name.lower()
     # Longest suffix first so ".jsonl.gz" wins over ".gz"-less matches.
     for suffix in sorted(_READERS, key=len, reverse=True):
@@ -165,12 +219,12 @@ def _reader_for(path: Path) -> Callable[[Path, str], list[Row]] | None:
     return None
 
 
-def _read_file(path: Path, split: str) -> list[Row]:
+def _read_file(path: Path, split: str) -> Iterator[Row]:
     reader = _reader_for(path)
     if reader is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
     try:
-        return reader(path, split)
+        yield from reader(path, split)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except (EOFError, gzip.BadGzipFile) as err:
@@ -186,7 +240,7 @@ def _split_of(path: Path, root: Path) -> str | None:
     return None
 
 
-def _read_saved_dataset(path: Path, split: str) -> list[Row]:
+def _read_saved_dataset(path: Path, split: str) -> Iterator[Row]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -195,12 +249,14 @@ def _read_saved_dataset(path: Path, split: str) -> list[Row]:
             raise DataError(f"{path}: saved dataset has no split '{split}'; available: {', '.join(loaded)}")
         loaded = loaded[split]
     source = f"{path}[{split}]"
-    return [Row(dict(item), source, index) for index, item in enumerate(loaded, start=1)]
+    for index, item in enumerate(loaded, start=1):
+        yield Row(dict(item), source, index)
 
 
-def _read_directory(path: Path, split: str) -> list[Row]:
+def _read_directory(path: Path, split: str) -> Iterator[Row]:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return _read_saved_dataset(path, split)
+        yield from _read_saved_dataset(path, split)
+        return
     files = sorted(p for p in path.rglob("*") if p.is_file() and _reader_for(p) and not p.name.startswith("."))
     if not files:
         raise DataError(f"{path}: directory contains no data files ({', '.join(SUFFIXES)})")
@@ -212,10 +268,11 @@ def _read_directory(path: Path, split: str) -> list[Row]:
             found = sorted({s for s in splits.values() if s})
             raise DataError(f"{path}: no files for split '{split}'; files exist for splits: {', '.join(found)}")
         files = wanted
-    return [row for file in files for row in _read_file(file, split)]
+    for file in files:
+        yield from _read_file(file, split)
 
 
-def _read_hub(name: str, split: str, subset: str | None) -> list[Row]:
+def _read_hub(name: str, split: str, subset: str | None) -> Iterator[Row]:
     try:
         import datasets
 
@@ -227,15 +284,19 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[Row]:
             "unreachable, download the data elsewhere and pass a local .jsonl/.json/.csv/.parquet file or directory."
         ) from err
     source = f"{name}[{split}]"
-    return [Row(dict(item), source, index) for index, item in enumerate(_iterate(loaded), start=1)]
+    for index, item in enumerate(_iterate(loaded), start=1):
+        yield Row(dict(item), source, index)
 
 
 def _iterate(loaded: object) -> Iterator[dict]:
     yield from loaded  # Dataset and IterableDataset both iterate as dicts
 
 
-def read_rows(path: str, *, split: str = "train", subset: str | None = None) -> list[Row]:
-    """Read every row of a local file, a directory of files, a saved dataset or a hub dataset.
+def iter_rows(path: str, *, split: str = "train", subset: str | None = None) -> Iterator[Row]:
+    """The rows of a local file, a directory of files, a saved dataset or a hub dataset, read lazily.
+
+    JSONL, CSV and Parquet files are streamed, so taking the first N rows reads little more than N; a ``.json``
+    document is parsed whole (one document cannot be split).
 
     Args:
         path: Local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (``.jsonl.gz``/``.json.gz`` too), a directory of
@@ -245,7 +306,8 @@ def read_rows(path: str, *, split: str = "train", subset: str | None = None) -> 
         subset: Hub dataset configuration name; for a local directory, a sub-directory to read.
 
     Returns:
-        The rows in file order; blank JSONL lines are skipped (line numbers still count them).
+        The rows in file order, produced as they are read; blank JSONL lines are skipped (line numbers still count
+        them). A missing local file fails at once; a malformed row, or an unreachable hub dataset, when reached.
 
     Raises:
         DataError: For malformed files (with file and line), missing files and unreachable hub datasets.
@@ -265,3 +327,8 @@ def read_rows(path: str, *, split: str = "train", subset: str | None = None) -> 
             "check the path"
         )
     return _read_hub(path, split, subset)
+
+
+def read_rows(path: str, *, split: str = "train", subset: str | None = None, limit: int | None = None) -> list[Row]:
+    """The rows of :func:`iter_rows` as a list; with ``limit``, only the first ``limit`` are read."""
+    return list(itertools.islice(iter_rows(path, split=split, subset=subset), limit))

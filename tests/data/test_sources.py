@@ -86,7 +86,8 @@ def test_csv_rows_and_json_cells(tmp_path) -> None:
         encoding="utf-8",
     )
     rows = read_rows(str(path))
-    assert [r.line for r in rows] == [1, 2]
+    # the header is line 1 and a quoted cell spans lines 2-3: lines are where an editor shows each row
+    assert [r.line for r in rows] == [2, 4]
     assert rows[0].data == {"goal": "Open a jar", "sol1": "Run it under hot water,\nthen twist",
                             "sol2": "Hit it with a hammer", "label": "0"}  # fmt: skip
     records, report = convert(rows, kind="pairs")
@@ -105,7 +106,7 @@ def test_csv_rows_and_json_cells(tmp_path) -> None:
 def test_csv_with_too_many_cells(tmp_path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text("prompt,completion\nHi,Hello\nA,B,C\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"{path}:2: CSV row has 3 cells but the header has 2"):
+    with pytest.raises(DataError, match=rf"{path}:3: CSV row has 3 cells but the header has 2"):
         read_rows(str(path))
 
 
