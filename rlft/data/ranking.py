@@ -21,7 +21,7 @@ from rlft.data.datamodule import PreferenceDataModule
 from rlft.data.encoding import IGNORE_INDEX, encode_conversation, truncate
 from rlft.data.errors import DataError, Issue, RecordError
 from rlft.data.ranked_rows import from_ranked, parse_ranking  # noqa: F401 - re-exported
-from rlft.data.sources import read_rows
+from rlft.data.sources import iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,12 @@ class RankingDataModule(PreferenceDataModule):
         self.kind, self.tokenizer = "rankings", tokenizer
         return self
 
-    def _records(self, path: str, split: str) -> list[dict]:
+    def _records(self, path: str, split: str, need: int | None = None) -> list[dict]:
+        """Ranked records of ``path``; with ``need`` (from ``data.limit``), reading stops once that many parsed."""
         records, issues = [], []
-        for row in read_rows(path, split=split, subset=self.hparams.subset):
+        for row in iter_rows(path, split=split, subset=self.hparams.subset):
+            if need is not None and len(records) >= need:
+                break
             try:
                 prompt, responses = parse_ranking(row.data)
             except RecordError as err:

@@ -79,6 +79,46 @@ def test_contents_without_template_strings_encode_exactly_as_the_template_render
     assert encoded.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
+def test_data_module_trains_sft_rows_mentioning_the_end_of_turn_string_in_full(tmp_path):
+    tokenizer = load_tokenizer("tiny-qwen3")
+    eot_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply = "Qwen ends turns with <|im_end|> and this sentence is trained."
+    path = tmp_path / "tokens.jsonl"
+    path.write_text(json.dumps({"prompt": "How do turns end?", "completion": reply}) + "\n", encoding="utf-8")
+    module = PreferenceDataModule(str(path), val_fraction=0.0, max_length=128, cache=False).attach("sft", tokenizer)
+    module.setup("fit")
+    (example,) = module.train_set
+    trained = _trained(example["input_ids"], example["labels"])
+    assert tokenizer.decode(trained) == reply + "<|im_end|>" and trained.count(eot_id) == 1
+
+
+class _NoSplitTokenizer:
+    """A tokenizer that ignores ``split_special_tokens`` (as some slow or custom tokenizers do)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        kwargs.pop("split_special_tokens", None)
+        return self._tokenizer(text, **kwargs)
+
+
+def test_tokenizer_that_cannot_encode_the_literal_as_text_refuses_with_a_count_naming_rows(tmp_path):
+    tokenizer = _NoSplitTokenizer(load_tokenizer("tiny-llama"))
+    rows = [{"prompt": f"Q{i}", "completion": "A <|eot_id|> B" if i % 2 else "Fine."} for i in range(4)]
+    path = tmp_path / "literal.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    module = PreferenceDataModule(str(path), val_fraction=0.0, max_length=128, cache=False).attach("sft", tokenizer)
+    with pytest.raises(DataError, match=r"2 of 4 examples are unusable: 2 not encodable .*literal.jsonl:2"):
+        module.setup("fit")
+    module = PreferenceDataModule(str(path), val_fraction=0.0, max_length=128, cache=False, skip_invalid=True)
+    module.attach("sft", tokenizer).setup("fit")
+    assert len(module.train_set) == 2
+
+
 # ----------------------------------------------------------------------------------- 2. hostile files, streaming
 def test_deeply_nested_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "deep.jsonl"
