@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -138,38 +135,24 @@ def test_packed_batches_are_refused():
     assert KTO.supports_packed_batches is False and KTO.data_kind == "unpaired"
 
 
-def _fit(tmp_path: Path, *args: str) -> list[dict]:
-    config = (REPO / "configs" / "kto" / "tiny.yaml").read_text().replace("runs/kto-tiny", str(tmp_path))
-    config = config.replace("rlft/assets/", f"{REPO}/rlft/assets/")
-    (tmp_path / "config.yaml").write_text(config)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.enable_progress_bar",
-           "false", *args]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(next((tmp_path / "csv").glob("version_*/metrics.csv"))) as f:
-        return list(csv.DictReader(f))
-
-
-def _column(rows: list[dict], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name)]
-
-
-def test_kto_tiny_config_through_the_cli_with_validation(tmp_path):
+def test_kto_tiny_config_through_the_cli_with_validation(cli_fit, tmp_path):
     # one fixed training batch (limit = batch_size, no shuffle) and 10x the config's lr: 30 steps are a few hundred
     # steps' worth of lr on that batch, so learning shows within the run; validation runs on the held-out rows
-    rows = _fit(tmp_path, "--trainer.max_steps", "30", "--trainer.val_check_interval", "15",
-                "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2", "--data.init_args.limit", "8",
-                "--data.init_args.shuffle", "false", "--model.init_args.optim.lr", "1.0e-2")  # fmt: skip
-    losses, kls = _column(rows, "train/loss"), _column(rows, "train/kl")
-    chosen, rejected = _column(rows, "train/rewards/chosen"), _column(rows, "train/rewards/rejected")
+    rows = cli_fit("kto", "--trainer.val_check_interval", "15", "--trainer.log_every_n_steps", "1",
+                   "--trainer.limit_val_batches", "2", "--data.init_args.limit", "8",
+                   "--data.init_args.val_path", DATA, "--data.init_args.val_limit", "16",
+                   "--data.init_args.shuffle", "false", "--model.init_args.optim.lr", "1.0e-2", steps=30,
+                   validate=False)  # fmt: skip
+    losses, kls = rows.column("train/loss"), rows.column("train/kl")
+    chosen, rejected = rows.column("train/rewards/chosen"), rows.column("train/rewards/rejected")
     print(f"\nKTO tiny CLI: train losses {[round(x, 4) for x in losses]}")
     print(f"train rewards chosen {[round(x, 3) for x in chosen]}")
     print(f"train rewards rejected {[round(x, 3) for x in rejected]}; kl {[round(x, 4) for x in kls]}")
-    print(f"val losses {_column(rows, 'val/loss')}")
+    print(f"val losses {rows.column('val/loss')}")
     assert losses[0] == pytest.approx(0.5, abs=1e-6)  # a fresh adapter is its reference
-    assert len(losses) == 30 and all(k >= 0 for k in kls) and _column(rows, "train/logps/rejected")
-    assert len(_column(rows, "val/loss")) == 2 and len(_column(rows, "val/rewards/chosen")) == 2
-    assert (tmp_path / "hf_model" / "adapter_config.json").exists()
+    assert len(losses) == 30 and all(k >= 0 for k in kls) and rows.column("train/logps/rejected")
+    assert len(rows.column("val/loss")) == 2 and len(rows.column("val/rewards/chosen")) == 2
+    assert (tmp_path / "hf" / "adapter_config.json").exists()
     # learning on the batch trained on: the loss falls and the desirable rows' reward rises above the undesirable
     assert sum(losses[-5:]) / 5 < 0.5 - 0.02
     assert chosen[-1] > 0 > rejected[-1]

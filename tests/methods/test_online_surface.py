@@ -4,10 +4,6 @@ reports its own metrics, validation that computes the training loss, and micro-b
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,54 +13,33 @@ import torch
 from rlft.data import PreferenceDataModule
 from rlft.methods import GRPO, PPO, ReinforcePP
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "methods"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 PROMPTS = "rlft/assets/sample_prompts.jsonl"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _fit(tmp_path: Path, method: str, *args: str, steps: int = 3) -> list[dict]:
-    config = (REPO / "configs" / method / "tiny.yaml").read_text()
-    config = config.replace("rlft/assets/", f"{REPO}/rlft/assets/")
-    (tmp_path / "config.yaml").write_text(config)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.max_steps", str(steps),
-           "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1",
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
-           "--model.output_dir", str(tmp_path / "hf"), *args]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(next(tmp_path.rglob("metrics.csv"))) as f:
-        return list(csv.DictReader(f))
-
-
-def _column(rows: list[dict], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name)]
-
-
 @pytest.mark.parametrize(("method", "cls"), [("grpo", "GSPOGRPO"), ("reinforce_pp", "GSPOReinforce")])
-def test_one_gspo_policy_loss_runs_unchanged_on_grpo_and_reinforce_pp(tmp_path, method, cls):
-    rows = _fit(tmp_path, method, "--model", f"my_pkg.online_variants.{cls}")
-    assert len(_column(rows, "train/policy_loss")) == 3 and _column(rows, "val/loss")
-    assert all(c == 0.0 for c in _column(rows, "train/clipfrac"))  # one update per rollout: the ratio is 1
+def test_one_gspo_policy_loss_runs_unchanged_on_grpo_and_reinforce_pp(cli_fit, method, cls):
+    rows = cli_fit(method, "--model", f"my_pkg.online_variants.{cls}")
+    assert len(rows.column("train/policy_loss")) == 3 and rows.column("val/loss")
+    assert all(c == 0.0 for c in rows.column("train/clipfrac"))  # one update per rollout: the ratio is 1
 
 
-def test_online_dpo_with_a_judge_and_a_callback_that_sees_the_rollouts(tmp_path):
-    rows = _fit(tmp_path, "grpo", "--model", "my_pkg.online_variants.GroupDPO", "--model.kl.coef", "0.0",
+def test_online_dpo_with_a_judge_and_a_callback_that_sees_the_rollouts(cli_fit):
+    rows = cli_fit("grpo", "--model", "my_pkg.online_variants.GroupDPO", "--model.kl.coef", "0.0",
                 "--trainer.callbacks+=my_pkg.online_variants.RolloutLengthLogger")  # fmt: skip
-    losses, longest = _column(rows, "train/loss"), _column(rows, "train/longest_response")
+    losses, longest = rows.column("train/loss"), rows.column("train/longest_response")
     assert len(losses) == 3 and len(longest) == 3 and max(longest) <= 16
     # the reference is the initial policy: every pair's DPO loss starts at log 2 (or 0 for a tied group)
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) or losses[0] == 0.0
-    assert max(longest) >= max(_column(rows, "train/response_length"))
+    assert max(longest) >= max(rows.column("train/response_length"))
 
 
-def test_a_reward_knows_the_stage_and_its_metrics_are_logged(tmp_path):
-    rows = _fit(tmp_path, "grpo", "--model.rewards", '[{source: "my_pkg.online_variants:json_answer"}]')
-    assert _column(rows, "train/reward/json_answer/is_validation") == [0.0, 0.0, 0.0]
-    assert _column(rows, "val/reward/json_answer/is_validation") == [1.0]
-    assert _column(rows, "train/reward/json_answer/valid_json") and _column(rows, "val/loss")
+def test_a_reward_knows_the_stage_and_its_metrics_are_logged(cli_fit):
+    rows = cli_fit("grpo", "--model.rewards", '[{source: "my_pkg.online_variants:json_answer"}]')
+    assert rows.column("train/reward/json_answer/is_validation") == [0.0, 0.0, 0.0]
+    assert rows.column("val/reward/json_answer/is_validation") == [1.0]
+    assert rows.column("train/reward/json_answer/valid_json") and rows.column("val/loss")
 
 
 class Recorder(L.Callback):

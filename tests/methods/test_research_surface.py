@@ -3,7 +3,6 @@ from YAML, run through `rlft fit --model ...` with validation (sanity check incl
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -22,30 +21,13 @@ sys.path.insert(0, str(REPO / "tests" / "methods"))
 from my_pkg.variants import DPOPositive, OverlongGRPO  # noqa: E402
 
 
-def _fit(tmp_path: Path, method: str, *args: str) -> list[dict]:
-    config = (REPO / "configs" / method / "tiny.yaml").read_text().replace(f"runs/{method}-tiny", str(tmp_path))
-    config = config.replace("rlft/assets/", f"{REPO}/rlft/assets/")
-    (tmp_path / "config.yaml").write_text(config)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.max_steps", "3",
-           "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
-           "false", *args]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(next((tmp_path / "csv").glob("version_*/metrics.csv"))) as f:
-        return list(csv.DictReader(f))
-
-
-def _column(rows: list[dict], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name)]
-
-
-def test_dapo_overlong_grpo_and_a_reward_of_token_ids_through_the_cli(tmp_path):
-    rows = _fit(tmp_path, "grpo", "--model", "my_pkg.variants.OverlongGRPO", "--model.rewards",
+def test_dapo_overlong_grpo_and_a_reward_of_token_ids_through_the_cli(cli_fit):
+    rows = cli_fit("grpo", "--model", "my_pkg.variants.OverlongGRPO", "--model.rewards",
                 '[{source: "my_pkg.variants:completion_tokens"}]')  # fmt: skip
-    reward, score = _column(rows, "train/reward"), _column(rows, "train/score")
-    lengths = _column(rows, "train/response_length")
+    reward, score = rows.column("train/reward"), rows.column("train/score")
+    lengths = rows.column("train/response_length")
     # the shaped score is the reward plus the overlong penalty of the mean length's regime (max 16 new tokens)
-    assert len(reward) == len(score) == 3 and _column(rows, "val/reward")
+    assert len(reward) == len(score) == 3 and rows.column("val/reward")
     assert all(s <= r + 1e-6 for r, s in zip(reward, score))
     assert any(r - s > 1e-3 for r, s in zip(reward, score)) or max(lengths) <= 10
 
@@ -62,9 +44,9 @@ def test_overlong_penalty_matches_the_paper():
     torch.testing.assert_close(shaped, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
 
 
-def test_dpo_positive_subclass_through_the_cli_and_by_hand(tmp_path):
-    rows = _fit(tmp_path, "dpo", "--model", "my_pkg.variants.DPOPositive")
-    assert _column(rows, "train/loss")[0] == pytest.approx(0.6931, abs=1e-4) and _column(rows, "val/loss")
+def test_dpo_positive_subclass_through_the_cli_and_by_hand(cli_fit):
+    rows = cli_fit("dpo", "--model", "my_pkg.variants.DPOPositive")
+    assert rows.column("train/loss")[0] == pytest.approx(0.6931, abs=1e-4) and rows.column("val/loss")
     policy = PairLogps(chosen=torch.tensor([-5.0]), rejected=torch.tensor([-6.0]), chosen_tokens=torch.ones(1),
                        rejected_tokens=torch.ones(1))  # fmt: skip
     module = DPOPositive.__new__(DPOPositive)
@@ -78,16 +60,16 @@ def test_dpo_positive_subclass_through_the_cli_and_by_hand(tmp_path):
     assert float(losses) == pytest.approx(-float(torch.nn.functional.logsigmoid(torch.tensor(-5.1))), rel=1e-6)
 
 
-def test_gspo_policy_loss_subclass_through_the_cli(tmp_path):
-    rows = _fit(tmp_path, "grpo", "--model", "my_pkg.online_variants.GSPOGRPO")
-    assert len(_column(rows, "train/loss")) == 3 and _column(rows, "val/reward")
-    assert all(c == 0.0 for c in _column(rows, "train/clipfrac"))  # one update per rollout: the ratio is 1
+def test_gspo_policy_loss_subclass_through_the_cli(cli_fit):
+    rows = cli_fit("grpo", "--model", "my_pkg.online_variants.GSPOGRPO")
+    assert len(rows.column("train/loss")) == 3 and rows.column("val/reward")
+    assert all(c == 0.0 for c in rows.column("train/clipfrac"))  # one update per rollout: the ratio is 1
 
 
-def test_dpo_loss_type_from_yaml_as_module_function(tmp_path):
-    rows = _fit(tmp_path, "dpo", "--model.init_args.loss_type", "my_pkg.losses:squared")
+def test_dpo_loss_type_from_yaml_as_module_function(cli_fit):
+    rows = cli_fit("dpo", "--model.init_args.loss_type", "my_pkg.losses:squared")
     # at step 0 policy == reference, so logits are 0 and (0.1 * 0 - 1)^2 = 1
-    assert _column(rows, "train/loss")[0] == pytest.approx(1.0, abs=1e-5)
+    assert rows.column("train/loss")[0] == pytest.approx(1.0, abs=1e-5)
     bad = subprocess.run([sys.executable, "-m", "rlft", "fit", "-c", str(REPO / "configs/dpo/tiny.yaml"),
                           "--model.init_args.loss_type", "my_pkg.losses:cubed", "--trainer.max_steps", "1"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip

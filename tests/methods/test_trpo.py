@@ -4,10 +4,7 @@ strategies are refused."""
 
 from __future__ import annotations
 
-import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -145,44 +142,26 @@ def test_micro_batches_and_checkpointing_give_the_whole_minibatch_step(tmp_path)
         torch.testing.assert_close(checkpointed[name], step, rtol=1e-3, atol=1e-6, msg=name)
 
 
-def _cli_fit(tmp_path: Path, *args: str, steps: int = 3, env: dict | None = None) -> list[dict]:
-    config = (REPO / "configs" / "trpo" / "tiny.yaml").read_text().replace("rlft/assets/", f"{REPO}/rlft/assets/")
-    (tmp_path / "config.yaml").write_text(config)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.max_steps", str(steps),
-           "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1",
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
-           "--model.output_dir", str(tmp_path / "hf"), *args]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(next(tmp_path.rglob("metrics.csv"))) as f:
-        return list(csv.DictReader(f))
-
-
-def _column(rows: list[dict], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name)]
-
-
-def test_cli_runs_the_tiny_config_with_validation(tmp_path):
-    rows = _cli_fit(tmp_path)
+def test_cli_runs_the_tiny_config_with_validation(cli_fit, tmp_path):
+    rows = cli_fit("trpo")
     for name in ("train/trpo/step_fraction", "train/trpo/expected_improvement", "train/trpo/actual_improvement",
                  "train/trpo/kl", "train/policy_loss", "train/reward", "train/entropy"):  # fmt: skip
-        assert len(_column(rows, name)) == 3, name
-    assert all(kl <= 0.05 for kl in _column(rows, "train/trpo/kl"))
-    assert _column(rows, "val/loss") and _column(rows, "val/reward")
+        assert len(rows.column(name)) == 3, name
+    assert all(kl <= 0.05 for kl in rows.column("train/trpo/kl"))
+    assert rows.column("val/loss") and rows.column("val/reward")
     assert (tmp_path / "hf" / "adapter_model.safetensors").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.mark.slow
-def test_ddp_ranks_take_identical_steps(tmp_path):
+def test_ddp_ranks_take_identical_steps(cli_fit, tmp_path):
     out = tmp_path / "weights"
     out.mkdir()
-    rows = _cli_fit(tmp_path, "--model", "my_pkg.trpo_variants.RankWeightsTRPO", "--trainer.strategy", "ddp",
-                    "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.batch_size", "2", steps=2,
-                    env={**ENV, "RLFT_TEST_RANK_WEIGHTS": str(out)})  # fmt: skip
-    assert len(_column(rows, "train/trpo/step_fraction")) == 2
-    assert any(f > 0 for f in _column(rows, "train/trpo/step_fraction"))
+    rows = cli_fit("trpo", "--model", "my_pkg.trpo_variants.RankWeightsTRPO", "--trainer.strategy", "ddp",
+                   "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.batch_size", "2", steps=2,
+                   env={**ENV, "RLFT_TEST_RANK_WEIGHTS": str(out)})  # fmt: skip
+    assert len(rows.column("train/trpo/step_fraction")) == 2
+    assert any(f > 0 for f in rows.column("train/trpo/step_fraction"))
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert rank0.keys() == rank1.keys()
     for name in rank0:  # each rank sampled its own prompts; the reduced gradient and Fisher make one step
