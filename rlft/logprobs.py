@@ -174,8 +174,17 @@ class _HiddenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, temperature: float, matmul_dtype: torch.dtype,
-                with_entropy: bool = False):  # fmt: skip
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        chunk_size: int,
+        temperature: float,
+        matmul_dtype: torch.dtype,
+        with_entropy: bool = False,
+    ):
         out_dtype = _compute_dtype(matmul_dtype)
         valid = labels != IGNORE_INDEX
         safe_labels = labels.masked_fill(~valid, 0)
@@ -324,8 +333,9 @@ def _hidden_logps(hidden_states, lm_head_weight, labels, chunk_size, bias, tempe
     blocks = _as_row_blocks(hidden_states)  # hidden[:, :-1] is used in place, not copied
     matmul_dtype = _matmul_dtype(blocks, lm_head_weight)
     block_labels = flat_labels.view(blocks.shape[:-1])
-    out, entropy = _HiddenLogps.apply(blocks, lm_head_weight, bias, block_labels, chunk_size, temperature,
-                                      matmul_dtype, with_entropy)  # fmt: skip
+    out, entropy = _HiddenLogps.apply(
+        blocks, lm_head_weight, bias, block_labels, chunk_size, temperature, matmul_dtype, with_entropy
+    )
     return out.reshape(labels.shape), entropy.reshape(labels.shape) if with_entropy else None
 
 

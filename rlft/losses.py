@@ -276,9 +276,13 @@ def orpo_loss(
     log_sigmoid_odds = F.logsigmoid(log_odds)
     losses = chosen_nll - beta * log_sigmoid_odds
     return _with_rewards(
-        losses, beta * policy_chosen_logps, beta * policy_rejected_logps,
-        log_odds_ratio=log_sigmoid_odds.detach(), log_odds_chosen=log_odds.detach(), nll=chosen_nll.detach(),
-    )  # fmt: skip
+        losses,
+        beta * policy_chosen_logps,
+        beta * policy_rejected_logps,
+        log_odds_ratio=log_sigmoid_odds.detach(),
+        log_odds_chosen=log_odds.detach(),
+        nll=chosen_nll.detach(),
+    )
 
 
 def simpo_loss(

@@ -129,8 +129,13 @@ def backtracking_line_search(
         the accepted fraction, or of the last one tried), and ``backtracks`` (fractions tried).
     """
     del step  # evaluate applies it
-    info = {"fraction": 0.0, "expected_improvement": float(expected_improvement), "actual_improvement": 0.0,
-            "kl": 0.0, "backtracks": 0.0}  # fmt: skip
+    info = {
+        "fraction": 0.0,
+        "expected_improvement": float(expected_improvement),
+        "actual_improvement": 0.0,
+        "kl": 0.0,
+        "backtracks": 0.0,
+    }
     if not math.isfinite(expected_improvement) or expected_improvement <= 0:
         return 0.0, info
     fraction = 1.0

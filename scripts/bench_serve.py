@@ -41,8 +41,7 @@ def _serve_mode(model: str, batching: str, clients: int, max_tokens: int) -> tup
         def ask(i: int, budget: int) -> tuple[int, float]:
             started = time.perf_counter()
             messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-            reply = client.chat.completions.create(model="bench", messages=messages, max_tokens=budget,
-                                                   temperature=0)  # fmt: skip
+            reply = client.chat.completions.create(model="bench", messages=messages, max_tokens=budget, temperature=0)
             answers[(i, budget)] = reply.choices[0].message.content
             return reply.usage.completion_tokens, time.perf_counter() - started
 

@@ -45,8 +45,10 @@ def main() -> None:
     weights = [torch.randn(o, n, dtype=dtype) for o, n in shapes]
     flops = sum(2 * o * n for o, n in shapes)
     size = sum(w.numel() * w.element_size() for w in weights)
-    print(f"{args.dtype}, {torch.get_num_threads()} threads: {sum(w.numel() for w in weights) / 1e6:.1f} M linear "
-          f"weights ({size / 1e9:.2f} GB), {flops / 1e6:.0f} MFLOP per token")  # fmt: skip
+    print(
+        f"{args.dtype}, {torch.get_num_threads()} threads: {sum(w.numel() for w in weights) / 1e6:.1f} M linear "
+        f"weights ({size / 1e9:.2f} GB), {flops / 1e6:.0f} MFLOP per token"
+    )
     roofline = {}
     for batch in args.batches:
         inputs = {n: torch.randn(batch, n, dtype=dtype) for n in (h, i)}
@@ -64,8 +66,10 @@ def main() -> None:
                 step()
             seconds = min(seconds, (time.perf_counter() - started) / 10)
         roofline[batch] = seconds
-        print(f"  batch {batch:3d}: {seconds * 1e3:7.1f} ms per step  {batch / seconds:7.0f} tokens/s  "
-              f"{batch * flops / seconds / 1e9:6.1f} GFLOP/s  {size / seconds / 1e9:5.1f} GB/s of weights")  # fmt: skip
+        print(
+            f"  batch {batch:3d}: {seconds * 1e3:7.1f} ms per step  {batch / seconds:7.0f} tokens/s  "
+            f"{batch * flops / seconds / 1e9:6.1f} GFLOP/s  {size / seconds / 1e9:5.1f} GB/s of weights"
+        )
     square = torch.randn(2048, 2048, dtype=dtype)
     started = time.perf_counter()
     for _ in range(5):
@@ -99,8 +103,7 @@ def time_decoder(path: str, dtype: torch.dtype, roofline: dict, repeats: int) ->
     def seconds(batch: int, new_tokens: int, lean: bool) -> float:
         prompts = torch.randint(100, model.config.vocab_size, (batch, 32))
         started = time.perf_counter()
-        decode(model, prompts, torch.ones_like(prompts), max_new_tokens=new_tokens, stop_ids=[-1], pad_id=0,
-               lean=lean)  # fmt: skip
+        decode(model, prompts, torch.ones_like(prompts), max_new_tokens=new_tokens, stop_ids=[-1], pad_id=0, lean=lean)
         return time.perf_counter() - started
 
     print(f"rlft's decoder on {path} ({dtype}), one step incl. sampling, median of {repeats}:")

@@ -19,10 +19,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = {"ddp": ["--trainer.strategy", "ddp"], **{
-    name: ["-c", str(REPO / "configs" / "trainer" / f"{name}.yaml")]
-    for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp")
-}}  # fmt: skip
+STRATEGIES = {
+    "ddp": ["--trainer.strategy", "ddp"],
+    **{
+        name: ["-c", str(REPO / "configs" / "trainer" / f"{name}.yaml")]
+        for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp")
+    },
+}
 
 
 def main() -> None:
@@ -45,13 +48,36 @@ def main() -> None:
     rows = []
     for name in args.strategies:
         with tempfile.TemporaryDirectory() as root:
-            cmd = [sys.executable, "-m", "rlft", "fit", "-c", args.config, *STRATEGIES[name],
-                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
-                   "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
-                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root,
-                   "--trainer.default_root_dir", root, "--model.init_args.output_dir", f"{root}/hf_model",
-                   "--trainer.callbacks+=rlft.callbacks.MemoryReport",
-                   "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "rlft",
+                "fit",
+                "-c",
+                args.config,
+                *STRATEGIES[name],
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                "2",
+                "--trainer.precision",
+                "32-true",
+                "--trainer.max_steps",
+                str(args.steps),
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.logger",
+                "lightning.pytorch.loggers.CSVLogger",
+                "--trainer.logger.save_dir",
+                root,
+                "--trainer.default_root_dir",
+                root,
+                "--model.init_args.output_dir",
+                f"{root}/hf_model",
+                "--trainer.callbacks+=rlft.callbacks.MemoryReport",
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
             if args.model:
                 cmd += ["--model.init_args.model", args.model]
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -88,9 +88,22 @@ def fit(config: str, overlay: str | None, out: Path, device: str, extra: list[st
         cmd += ["-c", overlay]
     accel = ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
     precision = ["--trainer.precision", "bf16-mixed" if device == "cuda" else "32-true"]
-    return cmd + accel + precision + ["--trainer.default_root_dir", str(out), "--trainer.logger", "false",
-                                      "--model.init_args.output_dir", str(out / "hf_model"),
-                                      "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    return (
+        cmd
+        + accel
+        + precision
+        + [
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger",
+            "false",
+            "--model.init_args.output_dir",
+            str(out / "hf_model"),
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
 
 
 def main() -> None:
@@ -113,18 +126,54 @@ def main() -> None:
         if not cuda:
             checks[f"bench_{mode}"] = no_gpu
             continue
-        checks[f"bench_{mode}"] = run([sys.executable, "scripts/bench/run.py", "--mode", mode, "--steps", "6",
-                                       "--repeats", "1", "--batch_size", "8", "--max_length", "512"], 150)  # fmt: skip
+        checks[f"bench_{mode}"] = run(
+            [
+                sys.executable,
+                "scripts/bench/run.py",
+                "--mode",
+                mode,
+                "--steps",
+                "6",
+                "--repeats",
+                "1",
+                "--batch_size",
+                "8",
+                "--max_length",
+                "512",
+            ],
+            150,
+        )
 
     # 2. MFU on a 1B-class Llama shape (tiny on CPU)
-    shape = (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256) if cuda else
-             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512))  # fmt: skip
+    shape = (
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        )
+        if cuda
+        else dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+        )
+    )
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
     for mode in ("sft", "dpo"):
-        cfg = {"config": shape, "device": device, "mode": mode, "batch": 4 if cuda else 2,
-               "length": 1024 if cuda else 64, "steps": 5 if cuda else 2}  # fmt: skip
+        cfg = {
+            "config": shape,
+            "device": device,
+            "mode": mode,
+            "batch": 4 if cuda else 2,
+            "length": 1024 if cuda else 64,
+            "steps": 5 if cuda else 2,
+        }
         result = run([sys.executable, "-c", MFU_SNIPPET, json.dumps(cfg)], 180)
         if result["status"] == "ok" and peak:
             result["mfu"] = result["flops_per_sec"] / peak
@@ -142,8 +191,16 @@ def main() -> None:
     # 4. ZeRO-2, ZeRO-3, FSDP2 on one device, then the exported adapter reloads with plain peft
     for name, overlay in (("zero2", "deepspeed_zero2"), ("zero3", "deepspeed_zero3"), ("fsdp", "fsdp")):
         out = args.out / name
-        result = run(fit(str(REPO / "configs/sft/tiny.yaml"), str(REPO / f"configs/trainer/{overlay}.yaml"), out,
-                         device, ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0"]), 240)  # fmt: skip
+        result = run(
+            fit(
+                str(REPO / "configs/sft/tiny.yaml"),
+                str(REPO / f"configs/trainer/{overlay}.yaml"),
+                out,
+                device,
+                ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0"],
+            ),
+            240,
+        )
         if result["status"] == "ok":
             result["round_trip"] = run(
                 [sys.executable, "-c", ROUND_TRIP_SNIPPET, "tiny-llama", str(out / "hf_model")], 60
@@ -152,10 +209,25 @@ def main() -> None:
 
     # 5. GRPO rollouts
     grpo = args.out / "grpo"
-    result = run(fit(str(REPO / "configs/grpo/tiny.yaml"), None, grpo, device,
-                     ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
-                      "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                      "--trainer.logger.init_args.save_dir", str(grpo)]), 180)  # fmt: skip
+    result = run(
+        fit(
+            str(REPO / "configs/grpo/tiny.yaml"),
+            None,
+            grpo,
+            device,
+            [
+                "--trainer.max_steps",
+                "3",
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.logger",
+                "lightning.pytorch.loggers.CSVLogger",
+                "--trainer.logger.init_args.save_dir",
+                str(grpo),
+            ],
+        ),
+        180,
+    )
     if result["status"] == "ok":
         import csv
         import statistics
@@ -163,8 +235,11 @@ def main() -> None:
         rates = []
         for path in grpo.glob("**/metrics.csv"):
             with open(path) as f:
-                rates += [float(r["train/rollout_tokens_per_sec"]) for r in csv.DictReader(f)
-                          if r.get("train/rollout_tokens_per_sec")]  # fmt: skip
+                rates += [
+                    float(r["train/rollout_tokens_per_sec"])
+                    for r in csv.DictReader(f)
+                    if r.get("train/rollout_tokens_per_sec")
+                ]
         if not rates:
             result = {**result, "status": "failed", "error": "no train/rollout_tokens_per_sec logged"}
         else:
@@ -179,17 +254,30 @@ def main() -> None:
     elif importlib.util.find_spec("vllm") is None:
         checks["grpo_vllm_colocate"] = {"status": "skipped", "error": "vLLM is not installed"}
     else:
-        extra = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
-                 "--model.init_args.sampling.backend", "vllm"]  # fmt: skip
+        extra = [
+            "--trainer.max_steps",
+            "3",
+            "--trainer.limit_val_batches",
+            "0",
+            "--model.init_args.sampling.backend",
+            "vllm",
+        ]
         grpo_vllm = fit(str(REPO / "configs/grpo/tiny.yaml"), None, args.out / "grpo_vllm", device, extra)
         checks["grpo_vllm_colocate"] = run(grpo_vllm, 300)
 
     (args.out / "gpu_report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# rlft GPU check — {report['device']} (torch {report['torch']}{', dry run' if args.dry_run else ''})",
-             "", "| check | status | seconds | numbers |", "|---|---|---:|---|"]  # fmt: skip
+    lines = [
+        f"# rlft GPU check — {report['device']} (torch {report['torch']}{', dry run' if args.dry_run else ''})",
+        "",
+        "| check | status | seconds | numbers |",
+        "|---|---|---:|---|",
+    ]
     for name, result in checks.items():
-        numbers = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                            if k not in ("status", "seconds", "error", "log_tail", "round_trip"))  # fmt: skip
+        numbers = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in result.items()
+            if k not in ("status", "seconds", "error", "log_tail", "round_trip")
+        )
         if "round_trip" in result:
             numbers += f" round_trip={result['round_trip']['status']}"
         lines.append(

@@ -80,8 +80,10 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     logits_mib = args.batch * args.length * 262144 * 4 / 2**20
-    print(f"Gemma-3-shaped, vocab 262,144, batch {args.batch} x {args.length} tokens "
-          f"(one fp32 [B, T, V] tensor = {logits_mib:,.0f} MiB)")  # fmt: skip
+    print(
+        f"Gemma-3-shaped, vocab 262,144, batch {args.batch} x {args.length} tokens "
+        f"(one fp32 [B, T, V] tensor = {logits_mib:,.0f} MiB)"
+    )
     full = next(r["peak_mib"] for r in rows if r["mode"] == "full_logits")
     print(f"{'log-probs from':<18}{'peak step MiB':>15}{'vs full logits':>16}")
     for row in rows:

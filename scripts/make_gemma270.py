@@ -19,9 +19,16 @@ from rlft.models import resolve_model
 if __name__ == "__main__":
     torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
         final_logit_softcapping=None,
-    )  # fmt: skip
+    )
     transformers.Gemma3ForCausalLM(config).save_pretrained(sys.argv[1])
     transformers.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path).save_pretrained(sys.argv[1])

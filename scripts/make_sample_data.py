@@ -21,18 +21,27 @@ FACTS = [
     ("What is H2O?", "H2O is water: two hydrogen atoms bonded to one oxygen atom.", "H2O is a kind of metal."),
     ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun.", "Jupiter is closest."),
     ("How many legs does a spider have?", "A spider has eight legs.", "Spiders have six legs."),
-    ("What is the boiling point of water at sea level?", "Water boils at 100 °C (212 °F) at sea level.",
-     "Water never boils."),
+    (
+        "What is the boiling point of water at sea level?",
+        "Water boils at 100 °C (212 °F) at sea level.",
+        "Water never boils.",
+    ),
     ("Who wrote 'Romeo and Juliet'?", "William Shakespeare wrote 'Romeo and Juliet'.", "Nobody knows, go away."),
-    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth.",
-     "The largest ocean is the Baltic Sea."),
+    (
+        "What is the largest ocean on Earth?",
+        "The Pacific Ocean is the largest ocean on Earth.",
+        "The largest ocean is the Baltic Sea.",
+    ),
     ("Translate 'good morning' into French.", "'Good morning' in French is 'bonjour'.", "Bonsoir."),
     ("Give a synonym for 'happy'.", "A synonym for 'happy' is 'joyful'.", "Sad."),
-    ("Write a Python function that returns the square of a number.",
-     "def square(x):\n    return x * x", "Just multiply it yourself."),
+    (
+        "Write a Python function that returns the square of a number.",
+        "def square(x):\n    return x * x",
+        "Just multiply it yourself.",
+    ),
     ("Name a primary colour.", "Red is a primary colour.", "Brown is the only primary colour."),
     ("What is the opposite of 'cold'?", "The opposite of 'cold' is 'hot'.", "The opposite of 'cold' is 'cool'."),
-]  # fmt: skip
+]
 
 
 def arithmetic(rng: random.Random, n: int) -> list[tuple[str, str, str, int]]:
@@ -57,8 +66,10 @@ def main() -> None:
             messages = [system] if i % 3 == 0 else []
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": good}]
             if i % 4 == 0:  # some multi-turn conversations so assistant-only masking matters
-                messages += [{"role": "user", "content": "Thanks! Say it once more."},
-                             {"role": "assistant", "content": good}]  # fmt: skip
+                messages += [
+                    {"role": "user", "content": "Thanks! Say it once more."},
+                    {"role": "assistant", "content": good},
+                ]
             f.write(json.dumps({"messages": messages}) + "\n")
     with open(ASSETS / "sample_pairs.jsonl", "w") as f:
         for q, good, bad in qa:

@@ -80,9 +80,16 @@ def fit_losses(tmp_path):
 
     def fit(module, data, steps: int, callbacks=()) -> list[float]:
         recorder = Recorder()
-        trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                            callbacks=[recorder, *callbacks])  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[recorder, *callbacks],
+        )
         trainer.fit(module, data)
         return recorder.losses
 

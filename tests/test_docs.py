@@ -162,8 +162,9 @@ def _child(log_path: str, target, *args) -> None:
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
         os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests" / "methods"),
-                                                                 os.environ.get("PYTHONPATH")]))  # fmt: skip
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO / "tests" / "methods"), os.environ.get("PYTHONPATH")])
+        )
         os.chdir(REPO)
         try:
             target(*args)
@@ -205,8 +206,9 @@ def test_quoted_python_occurs_in_order_in_its_source(block: Block):
         try:
             position = source_lines.index(line.rstrip(), position) + 1
         except ValueError:
-            pytest.fail(f"{block.where}: this line is not in {source.relative_to(REPO)} (after line {position}):\n"
-                        f"{line}")  # fmt: skip
+            pytest.fail(
+                f"{block.where}: this line is not in {source.relative_to(REPO)} (after line {position}):\n{line}"
+            )
 
 
 @pytest.mark.parametrize("block", EXECUTED, ids=[block.where for block in EXECUTED])

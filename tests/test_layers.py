@@ -92,9 +92,11 @@ def test_apps_import_no_other_app():
         f"{module} imports {target} (app {_app(target)} from app {_app(module)})"
         for module, targets in _graph().items()
         for target in targets
-        if _app(module) and _app(target) and _app(target) != _app(module)
+        if _app(module)
+        and _app(target)
+        and _app(target) != _app(module)
         and (_app(module), _app(target)) not in APP_IMPORTS_ALLOWED
-    ]  # fmt: skip
+    ]
     assert not crossing, "\n".join(crossing)
 
 

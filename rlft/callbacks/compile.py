@@ -32,5 +32,8 @@ class TorchCompile(L.Callback):
         lm = causal_lm(pl_module.model)
         body = getattr(lm, "base_model", lm)
         body.compile(dynamic=self.dynamic, mode=self.mode)
-        log.info("rlft: compiling %s with torch.compile (mode=%s); the first steps include compilation",
-                 type(body).__name__, self.mode)  # fmt: skip
+        log.info(
+            "rlft: compiling %s with torch.compile (mode=%s); the first steps include compilation",
+            type(body).__name__,
+            self.mode,
+        )

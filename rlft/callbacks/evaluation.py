@@ -114,9 +114,17 @@ class PerplexityCallback(EvaluationCallback):
         prefix: See :class:`EvaluationCallback`.
     """
 
-    def __init__(self, data: str, mode: str = "assistant", limit: int | None = 64, batch_size: int = 4,
-                 max_length: int | None = None, every_n_steps: int = 0, at_fit_end: bool = True,
-                 prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self,
+        data: str,
+        mode: str = "assistant",
+        limit: int | None = 64,
+        batch_size: int = 4,
+        max_length: int | None = None,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        prefix: str = "eval",
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         from rlft.eval.data import load_records
 
@@ -126,8 +134,9 @@ class PerplexityCallback(EvaluationCallback):
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
         from rlft.eval.perplexity import perplexity
 
-        result = perplexity(model, tokenizer, self.records, mode=self.mode, batch_size=self.batch_size,
-                            max_length=self.max_length)  # fmt: skip
+        result = perplexity(
+            model, tokenizer, self.records, mode=self.mode, batch_size=self.batch_size, max_length=self.max_length
+        )
         return {"perplexity": result.perplexity, "nll": result.nll}
 
 
@@ -157,8 +166,15 @@ class RougeCallback(EvaluationCallback):
         prefix: See :class:`EvaluationCallback`.
     """
 
-    def __init__(self, data: str, limit: int | None = 32, max_new_tokens: int = 64, every_n_steps: int = 0,
-                 at_fit_end: bool = True, prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self,
+        data: str,
+        limit: int | None = 32,
+        max_new_tokens: int = 64,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        prefix: str = "eval",
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         from rlft.eval.data import load_records
         from rlft.eval.rouge import prompts_and_references
@@ -187,8 +203,9 @@ class RewardAccuracyCallback(EvaluationCallback):
 
     evaluates = "reward_model"
 
-    def __init__(self, pairs: str, limit: int | None = 128, every_n_steps: int = 0, at_fit_end: bool = True,
-                 prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self, pairs: str, limit: int | None = 128, every_n_steps: int = 0, at_fit_end: bool = True, prefix: str = "eval"
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         from rlft.eval.data import load_records
 
@@ -213,8 +230,15 @@ class PassAtKCallback(EvaluationCallback):
         prefix: See :class:`EvaluationCallback`.
     """
 
-    def __init__(self, limit: int = 8, mode: str = "chat", max_new_tokens: int = 256, every_n_steps: int = 0,
-                 at_fit_end: bool = True, prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self,
+        limit: int = 8,
+        mode: str = "chat",
+        max_new_tokens: int = 256,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        prefix: str = "eval",
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         from rlft.eval.humaneval import load_problems
 
@@ -224,8 +248,9 @@ class PassAtKCallback(EvaluationCallback):
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
         from rlft.eval.humaneval import evaluate_humaneval
 
-        result = evaluate_humaneval(Generator(model, tokenizer), self.problems, mode=self.mode,
-                                    max_new_tokens=self.max_new_tokens)  # fmt: skip
+        result = evaluate_humaneval(
+            Generator(model, tokenizer), self.problems, mode=self.mode, max_new_tokens=self.max_new_tokens
+        )
         return {"pass@1": result["pass@1"]}
 
 
@@ -241,8 +266,14 @@ class SampleGenerationsCallback(EvaluationCallback):
         prefix: See :class:`EvaluationCallback`.
     """
 
-    def __init__(self, prompts: list[str], max_new_tokens: int = 64, every_n_steps: int = 0, at_fit_end: bool = True,
-                 prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        prefix: str = "eval",
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         if not prompts:
             raise ValueError("SampleGenerationsCallback needs at least one prompt")
@@ -264,8 +295,12 @@ class SampleGenerationsCallback(EvaluationCallback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(logger, "log_table"):  # W&B
-                logger.log_table(key=f"{self.prefix}/samples", columns=["step", "prompt", "response"],
-                                 data=[[r["step"], r["prompt"], r["response"]] for r in rows], step=step)  # fmt: skip
+                logger.log_table(
+                    key=f"{self.prefix}/samples",
+                    columns=["step", "prompt", "response"],
+                    data=[[r["step"], r["prompt"], r["response"]] for r in rows],
+                    step=step,
+                )
             elif hasattr(experiment, "add_text"):  # TensorBoard
                 table = "| prompt | response |\n|---|---|\n" + "\n".join(
                     f"| {r['prompt']} | {r['response']} |".replace("\n", " ") for r in rows
@@ -294,9 +329,16 @@ class LMEvalCallback(EvaluationCallback):
         prefix: See :class:`EvaluationCallback`.
     """
 
-    def __init__(self, tasks: list[str] = ["rlft_mc_basics"], limit: int | None = 20,  # noqa: B006 - never mutated
-                 num_fewshot: int | None = None, batch_size: int = 8, every_n_steps: int = 0, at_fit_end: bool = True,
-                 prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self,
+        tasks: list[str] = ["rlft_mc_basics"],  # noqa: B006 - never mutated
+        limit: int | None = 20,
+        num_fewshot: int | None = None,
+        batch_size: int = 8,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        prefix: str = "eval",
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         if not tasks:
             raise ValueError("LMEvalCallback needs at least one task")
@@ -305,10 +347,15 @@ class LMEvalCallback(EvaluationCallback):
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
         from rlft.eval.harness import run_lm_eval
 
-        results = run_lm_eval(model, tokenizer, self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
-                              batch_size=self.batch_size)["results"]  # fmt: skip
-        return {f"{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
+        results = run_lm_eval(
+            model, tokenizer, self.tasks, limit=self.limit, num_fewshot=self.num_fewshot, batch_size=self.batch_size
+        )["results"]
+        return {
+            f"{task}/{metric}": value
+            for task, metrics in results.items()
+            for metric, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
 
 
 class WinRateCallback(EvaluationCallback):
@@ -334,11 +381,21 @@ class WinRateCallback(EvaluationCallback):
         prefix: See :class:`EvaluationCallback`.
     """
 
-    def __init__(self, prompts: str, reward_model: str | None = None, judge_model: str | None = None,
-                 judge_api_base: str | None = None, judge_api_model: str | None = None,
-                 judge_criteria: str | None = None, limit: int = 16,
-                 max_new_tokens: int = 64, n_bootstrap: int = 1000, every_n_steps: int = 0, at_fit_end: bool = True,
-                 prefix: str = "eval") -> None:  # fmt: skip
+    def __init__(
+        self,
+        prompts: str,
+        reward_model: str | None = None,
+        judge_model: str | None = None,
+        judge_api_base: str | None = None,
+        judge_api_model: str | None = None,
+        judge_criteria: str | None = None,
+        limit: int = 16,
+        max_new_tokens: int = 64,
+        n_bootstrap: int = 1000,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        prefix: str = "eval",
+    ) -> None:
         super().__init__(every_n_steps, at_fit_end, prefix)
         if not (reward_model or judge_model or judge_api_base):
             raise ValueError("WinRateCallback needs a reward_model, a judge_model or a judge_api_base to decide wins")
@@ -379,14 +436,19 @@ class WinRateCallback(EvaluationCallback):
         else:
             from rlft.eval.compare import prompt_text
 
-            verdicts = self._pairwise_judge().pairwise([prompt_text(p) for p in self.prompts], answers,
-                                                       self.start_answers, n_bootstrap=self.n_bootstrap)  # fmt: skip
+            verdicts = self._pairwise_judge().pairwise(
+                [prompt_text(p) for p in self.prompts], answers, self.start_answers, n_bootstrap=self.n_bootstrap
+            )
             if verdicts["win_rate"] is None:
                 raise ValueError("the judge gave no parseable verdict on any prompt")
             rate, extra = verdicts["win_rate"], {"judge_unparseable": verdicts["unparseable"]}
         rate = rate if isinstance(rate, dict) else rate.to_dict()
-        return {"win_rate": rate["rate"], "win_rate_ci_low": rate["ci_low"], "win_rate_ci_high": rate["ci_high"],
-                **extra}  # fmt: skip
+        return {
+            "win_rate": rate["rate"],
+            "win_rate_ci_low": rate["ci_low"],
+            "win_rate_ci_high": rate["ci_high"],
+            **extra,
+        }
 
     def _pairwise_judge(self):
         if self._judge is None:

@@ -140,7 +140,10 @@ class NonFiniteGuard(L.Callback):
         self._batch = None
         self._bad_loss = False
         self.uniform_after_step, self.uniform_steps, self.uniform_tolerance = (
-            uniform_after_step, uniform_steps, uniform_tolerance)  # fmt: skip
+            uniform_after_step,
+            uniform_steps,
+            uniform_tolerance,
+        )
         self._uniform_run = 0  # consecutive batches whose loss sat at log(V)
         self.uniform_warned = False
 
@@ -246,8 +249,10 @@ class NonFiniteGuard(L.Callback):
         )
         log.warning("%s", message)
         if self.action == "stop":
-            raise UniformLossError(f"{message}. Stopped; nothing was exported. To only warn, use "
-                                   "rlft.callbacks.NonFiniteGuard with action: skip")  # fmt: skip
+            raise UniformLossError(
+                f"{message}. Stopped; nothing was exported. To only warn, use "
+                "rlft.callbacks.NonFiniteGuard with action: skip"
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # callbacks' on_fit_end runs before the module's, which exports: NaN weights never reach the folder

@@ -129,8 +129,10 @@ class RunMonitor(L.Callback):
         action: Literal["warn", "stop"] = "warn",
     ) -> None:
         if window < 3 or clip_steps < 1 or rearm_steps < 1:  # a trend needs 3 points
-            raise ValueError(f"RunMonitor needs window >= 3, clip_steps and rearm_steps >= 1; got {window}, "
-                             f"{clip_steps}, {rearm_steps}")  # fmt: skip
+            raise ValueError(
+                f"RunMonitor needs window >= 3, clip_steps and rearm_steps >= 1; got {window}, "
+                f"{clip_steps}, {rearm_steps}"
+            )
         if action not in ("warn", "stop"):
             raise ValueError(f"RunMonitor action must be 'warn' or 'stop', got {action!r}")
         self.window, self.action, self.rearm_steps, self.clip_steps = window, action, rearm_steps, clip_steps
@@ -170,49 +172,63 @@ class RunMonitor(L.Callback):
         if KL in seen:
             kl = list(self.history[KL])
             active = len(kl) >= n and kl_growing(kl, self.kl_max_growth, self.kl_floor)
-            checks["kl_growth"] = (active, lambda: (
-                f"KL to the reference is running away at step {step}: train/kl rose "
-                f"{trend(kl)[0] * (n - 1):.3g} over the last {n} rollouts to {kl[-1]:.3g} (more than "
-                f"kl_max_growth={self.kl_max_growth} x (window mean {statistics.fmean(kl):.3g} + "
-                f"kl_floor={self.kl_floor})). The policy is leaving the reference faster than the KL term holds "
-                "it; try a lower optim.lr, a larger KL weight (kl.coef) or a "
-                "smaller clip_range."
-            ))  # fmt: skip
+            checks["kl_growth"] = (
+                active,
+                lambda: (
+                    f"KL to the reference is running away at step {step}: train/kl rose "
+                    f"{trend(kl)[0] * (n - 1):.3g} over the last {n} rollouts to {kl[-1]:.3g} (more than "
+                    f"kl_max_growth={self.kl_max_growth} x (window mean {statistics.fmean(kl):.3g} + "
+                    f"kl_floor={self.kl_floor})). The policy is leaving the reference faster than the KL term holds "
+                    "it; try a lower optim.lr, a larger KL weight (kl.coef) or a "
+                    "smaller clip_range."
+                ),
+            )
         if ENTROPY in seen:
             entropy = list(self.history[ENTROPY])
             if self.entropy_baseline is None and len(entropy) >= n:
                 self.entropy_baseline = statistics.fmean(entropy)
             base = self.entropy_baseline
             active = base is not None and entropy_collapsed(entropy, base, self.entropy_min_ratio, self.entropy_floor)
-            checks["entropy_collapse"] = (active, lambda: (
-                f"policy entropy collapsed at step {step}: train/entropy is {statistics.median(entropy):.3g} (median "
-                f"of the last {len(entropy)} rollouts), {statistics.median(entropy) / max(base, 1e-12):.0%} of its "
-                f"early {base:.3g} (limit: below entropy_min_ratio={self.entropy_min_ratio} x early or "
-                f"entropy_floor={self.entropy_floor}). Near-identical samples leave a group nothing to compare, so "
-                "advantages vanish and exploration stops; try a lower optim.lr, a higher sampling.temperature, "
-                "GRPO clip_range_high (DAPO's clip-higher) or a larger KL weight."
-            ))  # fmt: skip
+            checks["entropy_collapse"] = (
+                active,
+                lambda: (
+                    f"policy entropy collapsed at step {step}: train/entropy is "
+                    f"{statistics.median(entropy):.3g} (median of the last {len(entropy)} rollouts), "
+                    f"{statistics.median(entropy) / max(base, 1e-12):.0%} of its "
+                    f"early {base:.3g} (limit: below entropy_min_ratio={self.entropy_min_ratio} x early or "
+                    f"entropy_floor={self.entropy_floor}). Near-identical samples leave a group nothing to compare, so "
+                    "advantages vanish and exploration stops; try a lower optim.lr, a higher sampling.temperature, "
+                    "GRPO clip_range_high (DAPO's clip-higher) or a larger KL weight."
+                ),
+            )
         if REWARD in seen and STOP_RATE in seen:
             rewards, stops, lengths = (list(self.history[k]) for k in (REWARD, STOP_RATE, LENGTH))
             active = len(rewards) >= n and length_hacking(rewards, stops, self.reward_min_t, self.max_truncated)
             length = f", mean length {statistics.fmean(lengths):.1f} tokens" if lengths else ""
-            checks["length_hacking"] = (active, lambda: (
-                f"reward is rising while responses hit the length cap at step {step}: train/reward went "
-                f"{rewards[0]:.3g} -> {rewards[-1]:.3g} over the last {n} rollouts (trend t={trend(rewards)[1]:.1f} "
-                f">= reward_min_t={self.reward_min_t}) while {1 - statistics.fmean(stops):.0%} of responses were "
-                f"cut at sampling.max_new_tokens (limit max_truncated={self.max_truncated}{length}). The policy may "
-                "be buying reward with length; read some samples, then try missing_eos_penalty, a length term in the "
-                "reward, or a larger sampling.max_new_tokens if the answers need the room."
-            ))  # fmt: skip
+            checks["length_hacking"] = (
+                active,
+                lambda: (
+                    f"reward is rising while responses hit the length cap at step {step}: train/reward went "
+                    f"{rewards[0]:.3g} -> {rewards[-1]:.3g} over the last {n} rollouts "
+                    f"(trend t={trend(rewards)[1]:.1f} >= reward_min_t={self.reward_min_t}) while "
+                    f"{1 - statistics.fmean(stops):.0%} of responses were cut at sampling.max_new_tokens (limit "
+                    f"max_truncated={self.max_truncated}{length}). The policy may be buying reward with length; read "
+                    "some samples, then try missing_eos_penalty, a length term in the reward, or a larger "
+                    "sampling.max_new_tokens if the answers need the room."
+                ),
+            )
         if CLIPFRAC in seen:
             clip = list(self.history[CLIPFRAC])
             active = clip_saturated(clip, self.clip_threshold, self.clip_steps)
-            checks["clip_saturation"] = (active, lambda: (
-                f"clip fraction saturated at step {step}: train/clipfrac stayed above clip_threshold="
-                f"{self.clip_threshold} for {self.clip_steps} consecutive rollouts (last {clip[-1]:.3g}). Updates "
-                "push the probability ratio past the clip range, so most tokens give no gradient; try a lower "
-                "optim.lr, fewer epochs, a larger minibatch_size or PPO's target_approx_kl."
-            ))  # fmt: skip
+            checks["clip_saturation"] = (
+                active,
+                lambda: (
+                    f"clip fraction saturated at step {step}: train/clipfrac stayed above clip_threshold="
+                    f"{self.clip_threshold} for {self.clip_steps} consecutive rollouts (last {clip[-1]:.3g}). Updates "
+                    "push the probability ratio past the clip range, so most tokens give no gradient; try a lower "
+                    "optim.lr, fewer epochs, a larger minibatch_size or PPO's target_approx_kl."
+                ),
+            )
         return checks
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -30,8 +30,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
-_COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
-                        "distbackenderror", "nccl error", "gloo")  # fmt: skip
+_COLLECTIVE_FAILURES = (
+    "timed out",
+    "timeout",
+    "connection closed by peer",
+    "connection reset",
+    "broken pipe",
+    "distbackenderror",
+    "nccl error",
+    "gloo",
+)
 
 
 def collective_timeout() -> timedelta:
@@ -83,8 +91,12 @@ class _Watchdog:
                 continue
             self.forward(signum)
             time.sleep(self.grace_s)
-            print(f"rlft: still running {self.grace_s:.0f} s after signal {signum} (blocked in a native call): "
-                  "exiting now", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"rlft: still running {self.grace_s:.0f} s after signal {signum} (blocked in a native call): "
+                "exiting now",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + signum)
 
     def close(self) -> None:
@@ -151,9 +163,13 @@ class GracefulShutdown(L.Callback):
         text = f"{type(exception).__name__}: {exception}".lower()
         if trainer.world_size > 1 and any(marker in text for marker in _COLLECTIVE_FAILURES):
             first = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-            print(f"rlft: rank {rank} of {trainer.world_size}: a collective failed at step {step} (another rank died, "
-                  f"hangs or skipped it; collectives time out after {collective_timeout().total_seconds():.0f} s, "
-                  f"RLFT_COLLECTIVE_TIMEOUT_S): {first[:300]}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"rlft: rank {rank} of {trainer.world_size}: a collective failed at step {step} (another rank died, "
+                f"hangs or skipped it; collectives time out after {collective_timeout().total_seconds():.0f} s, "
+                f"RLFT_COLLECTIVE_TIMEOUT_S): {first[:300]}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @staticmethod
     def _save(trainer: L.Trainer) -> Path | None:

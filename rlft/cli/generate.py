@@ -23,8 +23,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, streamer=None) -> str:  # fmt: skip
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer=None,
+) -> str:
     """One chat-templated reply (no double BOS: the template already holds it)."""
     import torch
 
@@ -35,9 +43,13 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     with torch.no_grad():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_token_ids(tokenizer, model), **sampling,
-        )  # fmt: skip
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_token_ids(tokenizer, model),
+            **sampling,
+        )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -49,8 +61,9 @@ def main(argv: list[str]) -> None:
     from rlft.cli.inference import load_for_inference
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_for_inference(args.model, device=args.device, dtype=args.dtype,
-                                          quantization=args.quantization)  # fmt: skip
+    model, tokenizer = load_for_inference(
+        args.model, device=args.device, dtype=args.dtype, quantization=args.quantization
+    )
     streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     prompts = args.prompt or _read_stdin_prompts()
     for prompt in prompts:
@@ -58,8 +71,15 @@ def main(argv: list[str]) -> None:
             {"role": "user", "content": prompt}
         ]
         print(f">>> {prompt}", flush=True)
-        reply = generate_reply(model, tokenizer, messages, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, streamer=streamer)  # fmt: skip
+        reply = generate_reply(
+            model,
+            tokenizer,
+            messages,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            streamer=streamer,
+        )
         if streamer is None:
             print(reply)
 

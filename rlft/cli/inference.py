@@ -33,8 +33,10 @@ def resolve_inference(device: str | None, dtype: str | None, quantization: str |
         if quantization not in ("4bit", "8bit"):
             raise ValueError(f"--quantization must be 4bit or 8bit, got {quantization!r}")
         if not device.startswith("cuda"):
-            raise ValueError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes has no CPU kernels); "
-                             "drop --quantization to run on the CPU")  # fmt: skip
+            raise ValueError(
+                f"--quantization {quantization} needs a CUDA GPU (bitsandbytes has no CPU kernels); "
+                "drop --quantization to run on the CPU"
+            )
     if dtype is None:
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         dtype = "bfloat16" if bf16 else "float16" if device.startswith("cuda") else "float32"
@@ -43,8 +45,9 @@ def resolve_inference(device: str | None, dtype: str | None, quantization: str |
     return device, dtype
 
 
-def load_for_inference(model: str, *, device: str | None = None, dtype: str | None = None,
-                       quantization: str | None = None):  # fmt: skip
+def load_for_inference(
+    model: str, *, device: str | None = None, dtype: str | None = None, quantization: str | None = None
+):
     """``(model, tokenizer)`` for any model string, frozen, in eval mode, on ``device`` (adapters unmerged)."""
     from rlft.models import load_model, load_tokenizer
     from rlft.models.checkpoint import is_checkpoint

@@ -44,8 +44,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not admins:
         token = store.add_labeler(engine, "admin", admin=True)
         print(f"created admin 'admin' with token {token} (shown once; needed for import/export via the API)")
-    app = create_app(engine, lease_seconds=args.lease_minutes * 60, default_overlap=args.overlap, ui=not args.no_ui,
-                     concurrency=args.concurrency)  # fmt: skip
+    app = create_app(
+        engine,
+        lease_seconds=args.lease_minutes * 60,
+        default_overlap=args.overlap,
+        ui=not args.no_ui,
+        concurrency=args.concurrency,
+    )
     where = f"http://{args.host}:{args.port}"
     print(f"labeling UI: {where}/ui/   API docs: {where}/docs   database: {args.db}", flush=True)
     # what exists now (app, ORM metadata, the UI) lives as long as the server: keep it out of every later full

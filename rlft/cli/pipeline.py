@@ -12,8 +12,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rlft pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="rlft pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-c", "--config", required=True, help="pipeline YAML (see configs/pipelines/)")
     parser.add_argument("--run_dir", help="override the config's run_dir")
     parser.add_argument(

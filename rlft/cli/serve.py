@@ -35,31 +35,71 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("model", help="hub id, local folder, adapter folder, .gguf, .ckpt or alias")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served_model_name", type=str | None, default=None,
-                        help="name clients pass as 'model' (default: the alias or folder name)")  # fmt: skip
-    parser.add_argument("--backend", type=Literal["auto", "hf", "vllm"], default="auto",
-                        help="auto = vLLM when installed with a GPU, else rlft's Hugging Face generator")  # fmt: skip
+    parser.add_argument(
+        "--served_model_name",
+        type=str | None,
+        default=None,
+        help="name clients pass as 'model' (default: the alias or folder name)",
+    )
+    parser.add_argument(
+        "--backend",
+        type=Literal["auto", "hf", "vllm"],
+        default="auto",
+        help="auto = vLLM when installed with a GPU, else rlft's Hugging Face generator",
+    )
     add_inference_arguments(parser)
-    parser.add_argument("--batching", type=Literal["auto", "continuous", "window"], default="auto",
-                        help="auto = continuous with rlft's decoder when the model allows it, else window")  # fmt: skip
-    parser.add_argument("--batch_window_ms", type=float, default=10.0,
-                        help="window batching: how long a request waits for others to share its batch")  # fmt: skip
-    parser.add_argument("--max_batch_size", type=PositiveInt, default=32,
-                        help="most rows (samples) decoded together; more prompts x n run in chunks")  # fmt: skip
-    parser.add_argument("--default_max_tokens", type=PositiveInt, default=256,
-                        help="max_tokens when a request gives none (shortened to what the context leaves)")  # fmt: skip
-    parser.add_argument("--max_prompts_per_request", type=PositiveInt, default=64,
-                        help="most prompts in one /v1/completions request (more: 400)")  # fmt: skip
+    parser.add_argument(
+        "--batching",
+        type=Literal["auto", "continuous", "window"],
+        default="auto",
+        help="auto = continuous with rlft's decoder when the model allows it, else window",
+    )
+    parser.add_argument(
+        "--batch_window_ms",
+        type=float,
+        default=10.0,
+        help="window batching: how long a request waits for others to share its batch",
+    )
+    parser.add_argument(
+        "--max_batch_size",
+        type=PositiveInt,
+        default=32,
+        help="most rows (samples) decoded together; more prompts x n run in chunks",
+    )
+    parser.add_argument(
+        "--default_max_tokens",
+        type=PositiveInt,
+        default=256,
+        help="max_tokens when a request gives none (shortened to what the context leaves)",
+    )
+    parser.add_argument(
+        "--max_prompts_per_request",
+        type=PositiveInt,
+        default=64,
+        help="most prompts in one /v1/completions request (more: 400)",
+    )
     parser.add_argument("--max_n", type=PositiveInt, default=16, help="most choices (n) per prompt (more: 400)")
-    parser.add_argument("--max_prompt_bytes", type=PositiveInt, default=1 << 20,
-                        help="most UTF-8 bytes of prompt text per request (more: 413)")  # fmt: skip
+    parser.add_argument(
+        "--max_prompt_bytes",
+        type=PositiveInt,
+        default=1 << 20,
+        help="most UTF-8 bytes of prompt text per request (more: 413)",
+    )
     parser.add_argument("--log_level", type=str, default="warning")
     return parser
 
 
-def build_engine(model: str, *, backend: str = "auto", device: str | None = None, dtype: str | None = None,
-                 quantization: str | None = None, batching: str = "auto", batch_window_ms: float = 10.0,
-                 max_batch_size: int = 32):  # fmt: skip
+def build_engine(
+    model: str,
+    *,
+    backend: str = "auto",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    batching: str = "auto",
+    batch_window_ms: float = 10.0,
+    max_batch_size: int = 32,
+):
     """Load ``model`` and wrap it in a batching engine (vLLM loads its own copy of the weights)."""
     from rlft.cli.inference import load_for_inference, resolve_inference
     from rlft.generation.generator import Generator
@@ -79,23 +119,31 @@ def build_engine(model: str, *, backend: str = "auto", device: str | None = None
             raise ValueError("serve a .gguf with --backend hf (or export it to a merged folder for vLLM)")
         _, dtype = resolve_inference(device, dtype, None)
         tokenizer = load_tokenizer(model)
-        generator = Generator(None, tokenizer, backend="vllm", model_path=ref.path, adapter_path=ref.adapter,
-                              dtype=dtype)  # fmt: skip
+        generator = Generator(
+            None, tokenizer, backend="vllm", model_path=ref.path, adapter_path=ref.adapter, dtype=dtype
+        )
         config_source = ref.path
         if batching == "continuous":
             raise ValueError("--batching continuous is rlft's decoder; vLLM batches on its own (use --backend hf)")
     else:
         network, tokenizer = load_for_inference(model, device=device, dtype=dtype, quantization=quantization)
         if batching == "continuous" and not supports_continuous(network):
-            raise ValueError("--batching continuous needs full attention in every layer; this model has "
-                             "sliding-window layers: use --batching window")  # fmt: skip
+            raise ValueError(
+                "--batching continuous needs full attention in every layer; this model has "
+                "sliding-window layers: use --batching window"
+            )
         max_context = _max_context(network.config, tokenizer)
         if batching != "window" and supports_continuous(network):
             return ContinuousEngine(network, tokenizer, max_context=max_context, max_batch_size=max_batch_size)
         generator = Generator(network, tokenizer, backend="hf")
         config_source = network.config
-    return Engine(generator, tokenizer, max_context=_max_context(config_source, tokenizer),
-                  batch_window_ms=batch_window_ms, max_batch_size=max_batch_size)  # fmt: skip
+    return Engine(
+        generator,
+        tokenizer,
+        max_context=_max_context(config_source, tokenizer),
+        batch_window_ms=batch_window_ms,
+        max_batch_size=max_batch_size,
+    )
 
 
 def _max_context(config, tokenizer) -> int:
@@ -125,15 +173,24 @@ def main(argv: list[str]) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    engine = build_engine(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                          quantization=args.quantization, batching=args.batching, batch_window_ms=args.batch_window_ms,
-                          max_batch_size=args.max_batch_size)  # fmt: skip
+    engine = build_engine(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        batching=args.batching,
+        batch_window_ms=args.batch_window_ms,
+        max_batch_size=args.max_batch_size,
+    )
     name = args.served_model_name or default_name(args.model)
-    limits = RequestLimits(max_prompts_per_request=args.max_prompts_per_request, max_n=args.max_n,
-                           max_prompt_bytes=args.max_prompt_bytes)  # fmt: skip
+    limits = RequestLimits(
+        max_prompts_per_request=args.max_prompts_per_request, max_n=args.max_n, max_prompt_bytes=args.max_prompt_bytes
+    )
     app = create_app(engine, name, default_max_tokens=args.default_max_tokens, limits=limits)
-    print(f"rlft serve: {args.model} as '{name}' ({engine.backend_name}) on "
-          f"http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
+    print(
+        f"rlft serve: {args.model} as '{name}' ({engine.backend_name}) on http://{args.host}:{args.port}/v1", flush=True
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

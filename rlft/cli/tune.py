@@ -69,9 +69,13 @@ def parse_fit_config(args: list[str]):
     """``rlft fit``'s resolved config of ``-c FILE ... --key value``, nothing built (raises ArgumentError)."""
     with _explicit_args():
         cli = _ParseOnlyCLI(
-            RLFTModule, PreferenceDataModule, args=args, run=False, parser_kwargs={"exit_on_error": False},
+            RLFTModule,
+            PreferenceDataModule,
+            args=args,
+            run=False,
+            parser_kwargs={"exit_on_error": False},
             **CLI_KWARGS,
-        )  # fmt: skip
+        )
     return cli.config
 
 
@@ -95,9 +99,13 @@ class Trials:
         try:
             with _explicit_args():
                 cli = _ParseOnlyCLI(
-                    RLFTModule, PreferenceDataModule, args=self.base_args, run=False,
-                    parser_kwargs={"exit_on_error": False}, **CLI_KWARGS,
-                )  # fmt: skip
+                    RLFTModule,
+                    PreferenceDataModule,
+                    args=self.base_args,
+                    run=False,
+                    parser_kwargs={"exit_on_error": False},
+                    **CLI_KWARGS,
+                )
         except ArgumentError as error:
             raise SystemExit(f"rlft tune: the base config does not parse: {error}") from None
         self.parser = cli.parser
@@ -180,9 +188,13 @@ class Trials:
         callbacks = [StepPruningCallback(trial, self.metric)] if trial is not None else []
         with _explicit_args():
             cli = RLFTCLI(
-                RLFTModule, PreferenceDataModule, args=["-c", str(config)], run=False,
-                trainer_defaults={"callbacks": callbacks}, **CLI_KWARGS,
-            )  # fmt: skip
+                RLFTModule,
+                PreferenceDataModule,
+                args=["-c", str(config)],
+                run=False,
+                trainer_defaults={"callbacks": callbacks},
+                **CLI_KWARGS,
+            )
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         finally:
@@ -211,14 +223,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--direction", choices=("minimize", "maximize"), help="default: search file's, else minimize")
     parser.add_argument("--sampler", help="tpe (default), random, cmaes, qmc, gp, nsga2 or module:Class")
     parser.add_argument("--pruner", help="median (default), percentile, hyperband, successive_halving, none, ...")
-    parser.add_argument("--storage", help="SQLAlchemy URL (postgresql+psycopg://...) or SQLite file; "
-                        "default DIR/study.db")  # fmt: skip
+    parser.add_argument(
+        "--storage", help="SQLAlchemy URL (postgresql+psycopg://...) or SQLite file; default DIR/study.db"
+    )
     parser.add_argument("--study-name", help="default: the --out folder's name; processes sharing it share trials")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: unseeded)")
     parser.add_argument("--baseline", action="store_true", help="first trial of a new study: the config's own values")
     parser.add_argument("--heartbeat", type=int, default=60, help="seconds between trial heartbeats")
-    parser.add_argument("--grace-period", type=int, default=None, help="seconds without heartbeat before a trial "
-                        "counts as dead and is re-queued (default: 2 x heartbeat)")  # fmt: skip
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="seconds without heartbeat before a trial counts as dead and is re-queued (default: 2 x heartbeat)",
+    )
     return parser
 
 
@@ -245,10 +262,14 @@ def main(argv: list[str]) -> None:
     pruner_cfg = {**space.pruner, **({"name": args.pruner} if args.pruner else {})}
     pruner = make_pruner(pruner_cfg)
     study = open_study(
-        name=study_name, storage=storage_url(args.storage, out_dir), direction=direction,
-        sampler=make_sampler(sampler_cfg, seed=args.seed), pruner=pruner,
-        heartbeat_interval=args.heartbeat, grace_period=args.grace_period,
-    )  # fmt: skip
+        name=study_name,
+        storage=storage_url(args.storage, out_dir),
+        direction=direction,
+        sampler=make_sampler(sampler_cfg, seed=args.seed),
+        pruner=pruner,
+        heartbeat_interval=args.heartbeat,
+        grace_period=args.grace_period,
+    )
     if args.baseline and not study.get_trials(deepcopy=False):
         values = trials.baseline(space)
         log.info("baseline trial (the config's own values): %s", values or "none inside the search space")
@@ -294,5 +315,5 @@ def finish(study: optuna.Study, out_dir: Path, metric: str) -> None:
                 ],
             },
             indent=2,
-        )  # fmt: skip
+        )
     )

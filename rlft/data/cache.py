@@ -26,8 +26,21 @@ log = logging.getLogger(__name__)
 __all__ = ["cache_dir", "dataset_key", "load", "save", "tokenizer_fingerprint"]
 
 # options of PreferenceDataModule that change what setup() produces (batching/loader options do not)
-KEY_OPTIONS = ("path", "format", "val_path", "val_fraction", "max_length", "max_prompt_length", "seed", "limit",
-               "val_limit", "skip_invalid", "dedupe", "split", "subset")  # fmt: skip
+KEY_OPTIONS = (
+    "path",
+    "format",
+    "val_path",
+    "val_fraction",
+    "max_length",
+    "max_prompt_length",
+    "seed",
+    "limit",
+    "val_limit",
+    "skip_invalid",
+    "dedupe",
+    "split",
+    "subset",
+)
 _DATA_CODE = Path(__file__).resolve().parent
 
 

@@ -146,9 +146,14 @@ class PreferenceDataModule(L.LightningDataModule):
             more = chunk is not None and len(batch) == chunk
             if not rows:
                 raise DataError(f"{path}: no rows (the file or split '{split}' is empty)")
-            records, report = convert(rows, kind=self.kind, format=hp.format,
-                                      on_invalid="skip" if hp.skip_invalid else "error", dedupe=hp.dedupe,
-                                      require_records=False)  # fmt: skip
+            records, report = convert(
+                rows,
+                kind=self.kind,
+                format=hp.format,
+                on_invalid="skip" if hp.skip_invalid else "error",
+                dedupe=hp.dedupe,
+                require_records=False,
+            )
             if not more or len(records) >= need:
                 break
             chunk = max(chunk, need - len(records)) * 2
@@ -237,8 +242,11 @@ class PreferenceDataModule(L.LightningDataModule):
         for reason, rows in invalid.items():
             self.stats[name][reason] = len(rows)
         if truncated:
-            self._note(logging.WARNING, f"{name}: {truncated} of {len(encoded)} examples were longer than max_length="
-                       f"{hp.max_length} and were truncated (prompt start dropped)")  # fmt: skip
+            self._note(
+                logging.WARNING,
+                f"{name}: {truncated} of {len(encoded)} examples were longer than max_length="
+                f"{hp.max_length} and were truncated (prompt start dropped)",
+            )
         return encoded
 
     def _note(self, level: int, message: str) -> None:
@@ -249,8 +257,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def _encode_one(self, record: dict) -> dict:
         hp = self.hparams
         prompt_length = hp.max_prompt_length or hp.max_length // 2
-        return data_kind(self.kind).encode(self.tokenizer, record, max_length=hp.max_length,
-                                           max_prompt_length=prompt_length)  # fmt: skip
+        return data_kind(self.kind).encode(
+            self.tokenizer, record, max_length=hp.max_length, max_prompt_length=prompt_length
+        )
 
     def _collator(self) -> Collator:
         hp = self.hparams
@@ -298,18 +307,26 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler.set_epoch(self.trainer.current_epoch)
         sampler.skip = self._consumed_batches() * hp.batch_size
         return DataLoader(
-            self.train_set, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
-            num_workers=hp.num_workers, generator=self._generator(),
-        )  # fmt: skip
+            self.train_set,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            collate_fn=self._collator(),
+            num_workers=hp.num_workers,
+            generator=self._generator(),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_set:
             return []
         hp = self.hparams
         return DataLoader(
-            self.val_set, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
-            collate_fn=self._collator(), num_workers=hp.num_workers, generator=self._generator(),
-        )  # fmt: skip
+            self.val_set,
+            batch_size=hp.eval_batch_size or hp.batch_size,
+            shuffle=False,
+            collate_fn=self._collator(),
+            num_workers=hp.num_workers,
+            generator=self._generator(),
+        )
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()

@@ -251,8 +251,9 @@ def encode_completion(tokenizer, prompt: list[dict], completion: str, *, max_len
     """Prompt and completion ids of one unpaired example (KTO); labels cover the completion only."""
     encoded = encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": completion}], train_on="last")
     start = _last_trained_start(encoded.labels)
-    prompt_ids, (completion_ids,), truncated = truncate(encoded.input_ids[:start], [encoded.input_ids[start:]],
-                                                        max_length)  # fmt: skip
+    prompt_ids, (completion_ids,), truncated = truncate(
+        encoded.input_ids[:start], [encoded.input_ids[start:]], max_length
+    )
     return {
         "prompt_ids": prompt_ids,
         "completion_ids": completion_ids,

@@ -97,8 +97,9 @@ def parse_messages(value: object, where: str, *, sharegpt: bool = False) -> list
     if value is None:
         raise RecordError(where, "missing (or null); expected a list of messages", "missing field")
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise RecordError(where, f"expected a list of {{role, content}} messages, found {describe_value(value)}",
-                          "wrong type")  # fmt: skip
+        raise RecordError(
+            where, f"expected a list of {{role, content}} messages, found {describe_value(value)}", "wrong type"
+        )
     if not value:
         raise RecordError(where, "is an empty list; expected at least one message", "empty field")
     roles = SHAREGPT_ROLES if sharegpt else ROLES
@@ -110,8 +111,11 @@ def parse_messages(value: object, where: str, *, sharegpt: bool = False) -> list
             raise RecordError(f"{where}[{index}].{role_key}", "missing; expected the speaker's role", "missing field")
         canonical = roles.get(role.lower()) if isinstance(role, str) else None
         if canonical is None:
-            raise RecordError(f"{where}[{index}].{role_key}",
-                              f"unknown role {role!r}; expected one of {', '.join(roles)}", "unknown role")  # fmt: skip
+            raise RecordError(
+                f"{where}[{index}].{role_key}",
+                f"unknown role {role!r}; expected one of {', '.join(roles)}",
+                "unknown role",
+            )
         content = message.get(content_key)
         if canonical == "system" and isinstance(content, str) and not content.strip():
             continue
@@ -148,8 +152,12 @@ def parse_reply(data: dict, key: str) -> tuple[list[dict], str]:
         return [], _text(value, key, "empty response")
     messages = parse_messages(value, key)
     if messages[-1]["role"] != "assistant":
-        raise RecordError(key, f"expected the conversation to end with the assistant's reply, found a final "
-                          f"'{messages[-1]['role']}' message", "no assistant turn")  # fmt: skip
+        raise RecordError(
+            key,
+            f"expected the conversation to end with the assistant's reply, found a final "
+            f"'{messages[-1]['role']}' message",
+            "no assistant turn",
+        )
     return messages[:-1], messages[-1]["content"]
 
 
@@ -165,18 +173,24 @@ def _transcript_turns(text: str, key: str, *, reply_required: bool) -> list[dict
     parts = _HH_TURN.split("\n\n" + text)
     if len(parts) == 1 or parts[0].strip():
         found = describe_value(text, 50)
-        raise RecordError(key, "transcript does not parse: expected turns starting with '\\n\\nHuman:' and "
-                          f"'\\n\\nAssistant:', found {found}", "unparseable transcript")  # fmt: skip
+        raise RecordError(
+            key,
+            "transcript does not parse: expected turns starting with '\\n\\nHuman:' and "
+            f"'\\n\\nAssistant:', found {found}",
+            "unparseable transcript",
+        )
     speakers, texts = parts[1::2], parts[2::2]
     if not reply_required:
         if speakers[-1] == "Assistant" and not texts[-1].strip():
             speakers, texts = speakers[:-1], texts[:-1]  # the empty cue for the reply to come
     elif "Assistant" not in speakers:
-        raise RecordError(key, "transcript does not parse: it has no '\\n\\nAssistant:' turn",
-                          "unparseable transcript")  # fmt: skip
+        raise RecordError(key, "transcript does not parse: it has no '\\n\\nAssistant:' turn", "unparseable transcript")
     elif speakers[-1] != "Assistant":
-        raise RecordError(key, "transcript ends with a Human turn; expected it to end with the Assistant's reply",
-                          "unparseable transcript")  # fmt: skip
+        raise RecordError(
+            key,
+            "transcript ends with a Human turn; expected it to end with the Assistant's reply",
+            "unparseable transcript",
+        )
     messages = []
     for turn, (speaker, content) in enumerate(zip(speakers, texts), start=1):
         last = turn == len(speakers) and reply_required
@@ -192,9 +206,12 @@ def same_prompt(prompt: list[dict], expected: list[dict], key: str, other: str) 
     if prompt == expected:
         return
     turn = next((i for i, (a, b) in enumerate(zip(prompt, expected)) if a != b), min(len(prompt), len(expected)))
-    raise RecordError(key, f"its prompt (everything before the last assistant turn) differs from '{other}' at turn "
-                      f"{turn + 1} ({len(prompt)} vs {len(expected)} turns); both must share the same prompt",
-                      "prompt mismatch")  # fmt: skip
+    raise RecordError(
+        key,
+        f"its prompt (everything before the last assistant turn) differs from '{other}' at turn "
+        f"{turn + 1} ({len(prompt)} vs {len(expected)} turns); both must share the same prompt",
+        "prompt mismatch",
+    )
 
 
 def parse_label(data: dict, key: str) -> int:
@@ -218,8 +235,12 @@ def parse_desirable(data: dict, key: str) -> bool:
     if value is None:
         raise RecordError(key, "missing; expected true (desirable completion) or false (undesirable)", "missing field")
     if not isinstance(value, bool):
-        raise RecordError(key, f"expected a JSON boolean true or false, found {describe_value(value)}; write the "
-                          "label as true/false (not 0/1 or a string)", "invalid label")  # fmt: skip
+        raise RecordError(
+            key,
+            f"expected a JSON boolean true or false, found {describe_value(value)}; write the "
+            "label as true/false (not 0/1 or a string)",
+            "invalid label",
+        )
     return value
 
 
@@ -233,10 +254,18 @@ def check_turn_order(messages: list[dict], where: str) -> None:
     """
     turns = [(index, m["role"]) for index, m in enumerate(messages) if m["role"] != "system"]
     if turns and turns[0][1] == "assistant":
-        raise RecordError(where, "the conversation starts with an assistant turn (after any system message); a reply "
-                          "needs a user turn before it to answer", "assistant turn first")  # fmt: skip
+        raise RecordError(
+            where,
+            "the conversation starts with an assistant turn (after any system message); a reply "
+            "needs a user turn before it to answer",
+            "assistant turn first",
+        )
     for (previous, role), (index, next_role) in zip(turns, turns[1:]):
         if role == next_role:
-            raise RecordError(where, f"turns {previous + 1} and {index + 1} are both '{role}' (counting from 1, system "
-                              "included); user and assistant turns must alternate: merge consecutive turns of one "
-                              "speaker into one message", "consecutive same-role turns")  # fmt: skip
+            raise RecordError(
+                where,
+                f"turns {previous + 1} and {index + 1} are both '{role}' (counting from 1, system "
+                "included); user and assistant turns must alternate: merge consecutive turns of one "
+                "speaker into one message",
+                "consecutive same-role turns",
+            )

@@ -71,8 +71,7 @@ class Format:
         examples = self.parse(row.data, kind)
         for example in examples:  # one turn-order rule for every format, before any template sees the turns
             check_turn_order(example.messages, example.field or "messages")
-        return [project(example, row.data, prompt_fields=self.prompt_fields, consumed=consumed)
-                for example in examples]  # fmt: skip
+        return [project(example, row.data, prompt_fields=self.prompt_fields, consumed=consumed) for example in examples]
 
 
 # A null value counts as absent: Parquet and hub datasets give every row every column, null where unset.
@@ -103,36 +102,110 @@ _RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "mes
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("messages", "messages: [{role, content}]", lambda d: isinstance(d.get("messages"), list),
-               parsers.from_messages, _SFT_KINDS, ("messages",)),
-        Format("sharegpt", "conversations: [{from, value}]", lambda d: isinstance(d.get("conversations"), list),
-               parsers.from_sharegpt, _SFT_KINDS, ("conversations", "system")),
-        Format("prompt_completion", "prompt, completion", _all(_has("prompt", "completion"), _lacks("label")),
-               parsers.from_prompt_completion, _SFT_KINDS, ("prompt",)),
-        Format("unpaired", "prompt, completion, label (true/false)", _is_feedback, from_unpaired, _UNPAIRED_KINDS,
-               ("prompt",), ("label",), refusals={"sft": _FEEDBACK_ADVICE.format(kind="SFT"),
-                                                  "pairs": "each row has one completion, not a chosen/rejected pair"}),
-        Format("alpaca", "instruction, input, output", _all(_has("instruction", "output"), _lacks("instances")),
-               parsers.from_instruction("input", "output"), _SFT_KINDS, ("instruction", "input")),
-        Format("dolly", "instruction, context, response", _has("instruction", "response"),
-               parsers.from_instruction("context", "response"), _SFT_KINDS, ("instruction", "context")),
-        Format("hh_rlhf", "chosen, rejected (Human:/Assistant: transcripts)",
-               _all(_has("chosen", "rejected"), _lacks("prompt"), lambda d: isinstance(d["chosen"], str)),
-               parsers.from_hh, _PAIR_KINDS, ("chosen", "rejected")),
-        Format("preference", "prompt, chosen, rejected",
-               _all(_has("chosen", "rejected"), lambda d: _has("prompt")(d) or isinstance(d["chosen"], list)),
-               parsers.from_preference, _PAIR_KINDS, ("prompt",)),
-        Format("piqa", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2"),
-               parsers.from_piqa, _PAIR_KINDS, ("goal",), ("sol1", "sol2", "label")),
-        Format("alpaca_seed", "instruction, instances: [{input, output}]", _has("instruction", "instances"),
-               parsers.from_alpaca_seed, _SFT_KINDS, ("instruction", "instances")),
-        Format("ranked", "prompt, responses (best first) [, scores]", _has("prompt", "responses"),
-               from_ranked, _PAIR_KINDS, ("prompt", "responses", "scores")),
-        Format("prompt_only", "prompt (or question), other fields kept",
-               _all(lambda d: _has("prompt")(d) or _has("question")(d), _lacks(*_RESPONSE_KEYS)),
-               parsers.from_prompt_only, ("prompts",), ("prompt", "question")),
+        Format(
+            "messages",
+            "messages: [{role, content}]",
+            lambda d: isinstance(d.get("messages"), list),
+            parsers.from_messages,
+            _SFT_KINDS,
+            ("messages",),
+        ),
+        Format(
+            "sharegpt",
+            "conversations: [{from, value}]",
+            lambda d: isinstance(d.get("conversations"), list),
+            parsers.from_sharegpt,
+            _SFT_KINDS,
+            ("conversations", "system"),
+        ),
+        Format(
+            "prompt_completion",
+            "prompt, completion",
+            _all(_has("prompt", "completion"), _lacks("label")),
+            parsers.from_prompt_completion,
+            _SFT_KINDS,
+            ("prompt",),
+        ),
+        Format(
+            "unpaired",
+            "prompt, completion, label (true/false)",
+            _is_feedback,
+            from_unpaired,
+            _UNPAIRED_KINDS,
+            ("prompt",),
+            ("label",),
+            refusals={
+                "sft": _FEEDBACK_ADVICE.format(kind="SFT"),
+                "pairs": "each row has one completion, not a chosen/rejected pair",
+            },
+        ),
+        Format(
+            "alpaca",
+            "instruction, input, output",
+            _all(_has("instruction", "output"), _lacks("instances")),
+            parsers.from_instruction("input", "output"),
+            _SFT_KINDS,
+            ("instruction", "input"),
+        ),
+        Format(
+            "dolly",
+            "instruction, context, response",
+            _has("instruction", "response"),
+            parsers.from_instruction("context", "response"),
+            _SFT_KINDS,
+            ("instruction", "context"),
+        ),
+        Format(
+            "hh_rlhf",
+            "chosen, rejected (Human:/Assistant: transcripts)",
+            _all(_has("chosen", "rejected"), _lacks("prompt"), lambda d: isinstance(d["chosen"], str)),
+            parsers.from_hh,
+            _PAIR_KINDS,
+            ("chosen", "rejected"),
+        ),
+        Format(
+            "preference",
+            "prompt, chosen, rejected",
+            _all(_has("chosen", "rejected"), lambda d: _has("prompt")(d) or isinstance(d["chosen"], list)),
+            parsers.from_preference,
+            _PAIR_KINDS,
+            ("prompt",),
+        ),
+        Format(
+            "piqa",
+            "goal, sol1, sol2, label",
+            _has("goal", "sol1", "sol2"),
+            parsers.from_piqa,
+            _PAIR_KINDS,
+            ("goal",),
+            ("sol1", "sol2", "label"),
+        ),
+        Format(
+            "alpaca_seed",
+            "instruction, instances: [{input, output}]",
+            _has("instruction", "instances"),
+            parsers.from_alpaca_seed,
+            _SFT_KINDS,
+            ("instruction", "instances"),
+        ),
+        Format(
+            "ranked",
+            "prompt, responses (best first) [, scores]",
+            _has("prompt", "responses"),
+            from_ranked,
+            _PAIR_KINDS,
+            ("prompt", "responses", "scores"),
+        ),
+        Format(
+            "prompt_only",
+            "prompt (or question), other fields kept",
+            _all(lambda d: _has("prompt")(d) or _has("question")(d), _lacks(*_RESPONSE_KEYS)),
+            parsers.from_prompt_only,
+            ("prompts",),
+            ("prompt", "question"),
+        ),
     )
-}  # fmt: skip
+}
 
 
 def _check_kind(fmt: Format, kind: str, where: str = "") -> None:
@@ -153,8 +226,10 @@ def _refuse_feedback(rows: list[Row], kind: str) -> None:
     if feedback:
         first = feedback[0]
         where = first.source if first.line is None else f"{first.source}:{first.line}"
-        raise DataError(f"{where}: field 'label': {len(feedback)} of {len(rows)} rows ({_sources(rows)}) have "
-                        f"prompt, completion and label; {_FEEDBACK_ADVICE.format(kind=kind)}.")  # fmt: skip
+        raise DataError(
+            f"{where}: field 'label': {len(feedback)} of {len(rows)} rows ({_sources(rows)}) have "
+            f"prompt, completion and label; {_FEEDBACK_ADVICE.format(kind=kind)}."
+        )
 
 
 def _format_list() -> str:
@@ -183,8 +258,9 @@ def detect_format(rows: list[Row]) -> str:
         # Parquet and hub rows carry every column, null where unset: a column of nulls is listed among the keys
         # but holds nothing, and saying only "cannot detect" would hide that
         empty = [key for key in keys if all(_is_empty(row.data.get(key)) for row in sample)]
-        nulls = (f" Columns {empty} are null or empty in all of these rows: the data in them is missing."
-                 if empty else "")  # fmt: skip
+        nulls = (
+            f" Columns {empty} are null or empty in all of these rows: the data in them is missing." if empty else ""
+        )
         raise DataError(
             f"{where}: cannot detect the data format; keys seen in the first {len(sample)} rows: {keys}.{nulls} "
             f"Known formats: {_format_list()}. {hint}"

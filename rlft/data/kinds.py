@@ -35,11 +35,14 @@ _PADDED = {"input_ids", "attention_mask", "labels"}
 # what an encoded example and its batch hold: a record's own field cannot take one of these names (it would be
 # overwritten, silently)
 RESERVED_PAIR_KEYS = frozenset(
-    _PAIR_ENCODED | _PADDED | {"position_ids", "seq_lengths", "prompt_lengths"}
+    _PAIR_ENCODED
+    | _PADDED
+    | {"position_ids", "seq_lengths", "prompt_lengths"}
     | {f"{side}_{key}" for side in ("chosen", "rejected") for key in _PADDED}
-)  # fmt: skip
-RESERVED_UNPAIRED_KEYS = frozenset(_UNPAIRED_ENCODED | _PADDED | {f"kl_{key}" for key in _PADDED}
-                                   | {"prompt_lengths", "label"})  # fmt: skip
+)
+RESERVED_UNPAIRED_KEYS = frozenset(
+    _UNPAIRED_ENCODED | _PADDED | {f"kl_{key}" for key in _PADDED} | {"prompt_lengths", "label"}
+)
 
 
 @dataclass(frozen=True)
@@ -77,23 +80,28 @@ class DataKind:
 def _kept(row: dict, skip: frozenset[str], reserved: frozenset[str], what: str) -> dict:
     kept = {k: v for k, v in row.items() if k not in skip}
     for key in sorted(kept.keys() & reserved):
-        raise RecordError(key, f"is a name rlft uses for the tokenised {what}; rename this field",
-                          "reserved field name")  # fmt: skip
+        raise RecordError(
+            key, f"is a name rlft uses for the tokenised {what}; rename this field", "reserved field name"
+        )
     return kept
 
 
 def _to_sft(example: Example, row: dict, **_) -> dict:
     if not any(message["role"] == "assistant" for message in example.messages):
-        raise RecordError(example.field, "conversation has no assistant turn; SFT trains on assistant replies",
-                          "no assistant turn")  # fmt: skip
+        raise RecordError(
+            example.field, "conversation has no assistant turn; SFT trains on assistant replies", "no assistant turn"
+        )
     return {"messages": example.messages}
 
 
 def _to_pair(example: Example, row: dict, *, consumed: frozenset[str], **_) -> dict:
     chosen = example.messages[-1]["content"]
     if chosen == example.rejected:
-        raise RecordError("rejected", "identical to 'chosen' (after stripping whitespace); a pair needs two "
-                          "different responses", "identical chosen/rejected")  # fmt: skip
+        raise RecordError(
+            "rejected",
+            "identical to 'chosen' (after stripping whitespace); a pair needs two different responses",
+            "identical chosen/rejected",
+        )
     # a per-pair margin, weight or score reaches the batch (collate)
     kept = _kept(row, consumed, RESERVED_PAIR_KEYS, "pair")
     return {**kept, "prompt": example.messages[:-1], "chosen": chosen, "rejected": example.rejected}
@@ -103,16 +111,21 @@ def _to_prompt(example: Example, row: dict, *, prompt_fields: tuple[str, ...], *
     messages = example.messages
     prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
     if not any(message["role"] == "user" for message in prompt):
-        raise RecordError(example.field, "no user turn before the final assistant reply; nothing to prompt with",
-                          "empty field")  # fmt: skip
+        raise RecordError(
+            example.field, "no user turn before the final assistant reply; nothing to prompt with", "empty field"
+        )
     kept = {k: v for k, v in row.items() if k not in prompt_fields and k != "prompt"}
     return {**kept, **example.extras, "prompt": prompt}
 
 
 def _to_unpaired(example: Example, row: dict, *, consumed: frozenset[str], **_) -> dict:
     kept = _kept(row, consumed | {"label"}, RESERVED_UNPAIRED_KEYS, "example")
-    return {**kept, "prompt": example.messages[:-1], "completion": example.messages[-1]["content"],
-            "label": example.extras["label"]}  # fmt: skip
+    return {
+        **kept,
+        "prompt": example.messages[:-1],
+        "completion": example.messages[-1]["content"],
+        "label": example.extras["label"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- encoding
@@ -255,23 +268,57 @@ def _collate_unpaired(examples: list[dict], pad_id: int, multiple_of: int | None
 DATA_KINDS: dict[str, DataKind] = {
     kind.name: kind
     for kind in (
-        DataKind("sft", _to_sft, _encode_sft, _sft_unusable, _collate_sft, _pack_sft,
-                 advice="it has prompts but no responses to train on; add a 'completion' field or use it for online "
-                 "RL (PPO/GRPO, kind 'prompts')", imitates_completions=True),
-        DataKind("pairs", _to_pair, _encode_pair, _pair_unusable, _collate_pairs, _pack_pairs,
-                 advice="it has no rejected responses, and pairs (DPO, ORPO, SimPO, reward models) need them; use a "
-                 "preference format (prompt/chosen/rejected, HH-RLHF, PIQA) or train SFT on this data"),
-        DataKind("prompts", _to_prompt, _encode_prompt, _prompt_unusable, _collate_prompts,
-                 advice="it has no prompts",
-                 unpacked_because="online RL generates from left-padded prompt batches"),
-        DataKind("unpaired", _to_unpaired, _encode_unpaired, _unpaired_unusable, _collate_unpaired,
-                 advice="it has no desirable/undesirable labels, and unpaired feedback (KTO) needs rows "
-                 "{prompt, completion, label: true|false}",
-                 unpacked_because="KTO's KL estimate pairs each prompt with another row's completion in padded rows"),
-        DataKind("rankings", None, None, _prompt_unusable, None, advice="rankings are read by RankingDataModule",
-                 unpacked_because="RankingDataModule does not pack"),
+        DataKind(
+            "sft",
+            _to_sft,
+            _encode_sft,
+            _sft_unusable,
+            _collate_sft,
+            _pack_sft,
+            advice="it has prompts but no responses to train on; add a 'completion' field or use it for online "
+            "RL (PPO/GRPO, kind 'prompts')",
+            imitates_completions=True,
+        ),
+        DataKind(
+            "pairs",
+            _to_pair,
+            _encode_pair,
+            _pair_unusable,
+            _collate_pairs,
+            _pack_pairs,
+            advice="it has no rejected responses, and pairs (DPO, ORPO, SimPO, reward models) need them; use a "
+            "preference format (prompt/chosen/rejected, HH-RLHF, PIQA) or train SFT on this data",
+        ),
+        DataKind(
+            "prompts",
+            _to_prompt,
+            _encode_prompt,
+            _prompt_unusable,
+            _collate_prompts,
+            advice="it has no prompts",
+            unpacked_because="online RL generates from left-padded prompt batches",
+        ),
+        DataKind(
+            "unpaired",
+            _to_unpaired,
+            _encode_unpaired,
+            _unpaired_unusable,
+            _collate_unpaired,
+            advice="it has no desirable/undesirable labels, and unpaired feedback (KTO) needs rows "
+            "{prompt, completion, label: true|false}",
+            unpacked_because="KTO's KL estimate pairs each prompt with another row's completion in padded rows",
+        ),
+        DataKind(
+            "rankings",
+            None,
+            None,
+            _prompt_unusable,
+            None,
+            advice="rankings are read by RankingDataModule",
+            unpacked_because="RankingDataModule does not pack",
+        ),
     )
-}  # fmt: skip
+}
 
 
 def data_kind(name: str) -> DataKind:

@@ -67,8 +67,9 @@ def from_alpaca_seed(data: dict, kind: str) -> list[Example]:
     if instances is None:
         raise RecordError("instances", "missing; expected a list of {input, output} objects", "missing field")
     if not isinstance(instances, list):
-        raise RecordError("instances", f"expected a list of {{input, output}}, found {type(instances).__name__}",
-                          "wrong type")  # fmt: skip
+        raise RecordError(
+            "instances", f"expected a list of {{input, output}}, found {type(instances).__name__}", "wrong type"
+        )
     if not instances:
         raise RecordError("instances", "empty list; a seed task needs at least one {input, output}", "empty instances")
     examples = []
@@ -78,8 +79,9 @@ def from_alpaca_seed(data: dict, kind: str) -> list[Example]:
             raise RecordError(where, f"expected an object, found {type(instance).__name__}", "wrong type")
         prompt = user_turn(instruction, optional_text(instance, "input", where=f"{where}.input"))
         output = required_text(instance, "output", where=f"{where}.output", empty_reason="empty response")
-        examples.append(Example([prompt, {"role": "assistant", "content": output}], field=where,
-                                extras={"output": output}))  # fmt: skip
+        examples.append(
+            Example([prompt, {"role": "assistant", "content": output}], field=where, extras={"output": output})
+        )
     return examples
 
 
@@ -100,8 +102,9 @@ def from_preference(data: dict, kind: str) -> list[Example]:
                 same_prompt(prefix, prompt, key, "prompt")
     else:  # implicit prompt: chosen and rejected are full conversations sharing it
         if not chosen_prefix:
-            raise RecordError("prompt", "missing; give a prompt or full conversations in chosen/rejected",
-                              "missing field")  # fmt: skip
+            raise RecordError(
+                "prompt", "missing; give a prompt or full conversations in chosen/rejected", "missing field"
+            )
         prompt = chosen_prefix
         if rejected_prefix:  # a bare rejected reply (string or one message) shares chosen's prompt by definition
             same_prompt(rejected_prefix, prompt, "rejected", "chosen")
@@ -110,8 +113,10 @@ def from_preference(data: dict, kind: str) -> list[Example]:
 
 def from_piqa(data: dict, kind: str) -> list[Example]:
     goal = user_turn(required_text(data, "goal"), "")
-    solutions = [required_text(data, "sol1", empty_reason="empty response"),
-                 required_text(data, "sol2", empty_reason="empty response")]  # fmt: skip
+    solutions = [
+        required_text(data, "sol1", empty_reason="empty response"),
+        required_text(data, "sol2", empty_reason="empty response"),
+    ]
     if kind == "prompts" and data.get("label") in (None, -1, "-1"):  # the PIQA test split is unlabelled
         return [Example([goal], field="goal")]
     label = parse_label(data, "label")

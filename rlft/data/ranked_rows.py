@@ -14,8 +14,9 @@ def parse_ranking(data: dict) -> tuple[list[dict], list[str]]:
     prompt = parse_prompt(data, "prompt")
     responses = data.get("responses")
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise RecordError("responses", f"expected a list of reply strings, found {describe_value(responses)}",
-                          "wrong type")  # fmt: skip
+        raise RecordError(
+            "responses", f"expected a list of reply strings, found {describe_value(responses)}", "wrong type"
+        )
     responses = [r.strip() for r in responses]
     if len(responses) < 2:
         raise RecordError("responses", f"a ranking needs at least 2 responses, found {len(responses)}", "too few")
@@ -23,13 +24,17 @@ def parse_ranking(data: dict) -> tuple[list[dict], list[str]]:
         if not response:
             raise RecordError(f"responses[{index}]", "is empty; expected a reply", "empty response")
     if len(set(responses)) != len(responses):
-        raise RecordError("responses", "contains the same reply twice; a ranking orders different replies",
-                          "duplicate response")  # fmt: skip
+        raise RecordError(
+            "responses", "contains the same reply twice; a ranking orders different replies", "duplicate response"
+        )
     scores = data.get("scores")
     if scores is not None:
         if not isinstance(scores, list) or len(scores) != len(responses):
-            raise RecordError("scores", f"expected {len(responses)} numbers (one per response), found "
-                              f"{describe_value(scores)}", "wrong type")  # fmt: skip
+            raise RecordError(
+                "scores",
+                f"expected {len(responses)} numbers (one per response), found {describe_value(scores)}",
+                "wrong type",
+            )
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
             raise RecordError("scores", "every score must be a finite number", "wrong type")
         order = sorted(range(len(responses)), key=lambda i: -scores[i])  # stable: ties keep their order

@@ -59,8 +59,9 @@ class RankingDataModule(PreferenceDataModule):
             where = row.source if row.line is None else f"{row.source}:{row.line}"  # for messages after encoding
             records.append({"prompt": prompt, "responses": responses, "row": where})
         if issues and not self.hparams.skip_invalid:
-            raise DataError(f"{path}: {len(issues)} invalid ranked rows (set data.skip_invalid: true to drop them)",
-                            issues)  # fmt: skip
+            raise DataError(
+                f"{path}: {len(issues)} invalid ranked rows (set data.skip_invalid: true to drop them)", issues
+            )
         if issues:
             log.warning("%s: dropped %d invalid ranked rows", path, len(issues))
         if not records:
@@ -69,13 +70,16 @@ class RankingDataModule(PreferenceDataModule):
 
     def _encode_one(self, record: dict) -> dict:
         tok, prompt = self.tokenizer, record["prompt"]
-        encoded = [encode_conversation(tok, [*prompt, {"role": "assistant", "content": r}], train_on="last")
-                   for r in record["responses"]]  # fmt: skip
+        encoded = [
+            encode_conversation(tok, [*prompt, {"role": "assistant", "content": r}], train_on="last")
+            for r in record["responses"]
+        ]
         # train_on="last": the labels mark exactly the final reply, so its first label is where the reply starts
         starts = [next(i for i, label in enumerate(e.labels) if label != IGNORE_INDEX) for e in encoded]
         if any(e.input_ids[:s] != encoded[0].input_ids[: starts[0]] for e, s in zip(encoded, starts)):
-            raise DataError("the responses of one ranking render different prompts; the chat template depends on "
-                            "the reply")  # fmt: skip
+            raise DataError(
+                "the responses of one ranking render different prompts; the chat template depends on the reply"
+            )
         prompt_ids = encoded[0].input_ids[: starts[0]]
         responses = [e.input_ids[s:] for e, s in zip(encoded, starts)]
         prompt_ids, responses, truncated = truncate(prompt_ids, responses, self.hparams.max_length)
@@ -90,7 +94,7 @@ class RankingDataModule(PreferenceDataModule):
                 "ranking_input_ids": pad(seqs, pad_id, multiple_of=self.hparams.pad_to_multiple_of),
                 "ranking_attention_mask": pad(
                     [[1] * len(s) for s in seqs], 0, multiple_of=self.hparams.pad_to_multiple_of
-                ),  # fmt: skip
+                ),
                 "ranking_sizes": torch.tensor([len(e["responses_ids"]) for e in examples]),
             }
 

@@ -44,8 +44,14 @@ _WRAPPER_KEYS = ("data", "rows", "records", "examples")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Directory files named after a split ("train.jsonl", "test-00000.parquet") are filtered by the requested split;
 # the aliases map the usual spellings of the held-out split onto one name.
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-                  "dev": "validation", "test": "test"}  # fmt: skip
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -65,8 +71,10 @@ def _object_or_error(value: object, source: str, line: int) -> dict:
 def _too_deep(where: str) -> DataError:
     # json's C decoder recurses per nesting level: a hostile 100,000-level array would otherwise surface as a bare
     # RecursionError naming nothing
-    return DataError(f"{where}: JSON nested too deeply (more than about {sys.getrecursionlimit()} levels of arrays/"
-                     "objects); records are flat objects of texts and message lists")  # fmt: skip
+    return DataError(
+        f"{where}: JSON nested too deeply (more than about {sys.getrecursionlimit()} levels of arrays/"
+        "objects); records are flat objects of texts and message lists"
+    )
 
 
 def _read_jsonl(path: Path, split: str) -> Iterator[Row]:
@@ -162,8 +170,10 @@ def _read_csv(path: Path, split: str) -> Iterator[Row]:
 
 def _csv_problem(err: csv.Error, path: Path, line: int) -> str:
     if "field larger than field limit" in str(err):
-        return (f"{path}:{line}: a CSV field is larger than {CSV_FIELD_LIMIT // 2**20} MiB (rlft's limit); split the "
-                "text or convert the file to JSONL")  # fmt: skip
+        return (
+            f"{path}:{line}: a CSV field is larger than {CSV_FIELD_LIMIT // 2**20} MiB (rlft's limit); split the "
+            "text or convert the file to JSONL"
+        )
     return f"{path}:{line}: malformed CSV ({err})"
 
 

@@ -13,18 +13,35 @@ import importlib
 
 # public name -> module that defines it (a bare name is a module of rlft.eval)
 _EXPORTS = {
-    "perplexity": "perplexity", "PerplexityResult": "perplexity",
-    "multiple_choice_accuracy": "accuracy", "generative_accuracy": "accuracy", "extract_answer": "accuracy",
-    "evaluate_humaneval": "humaneval", "load_problems": "humaneval",
-    "run_lm_eval": "harness", "offline_tasks": "harness",
-    "preference_accuracy": "reward_bench", "policy_report": "reward_bench", "load_reward_scorer": "reward_bench",
-    "RewardModelScorer": "reward_bench", "refusal_rate": "reward_bench",
-    "generate_for_policies": "compare", "summarize_policies": "compare",
-    "Judge": "judge", "LocalJudge": "judge", "OpenAIJudge": "judge",
-    "build_report": "report", "write_result": "results", "make_result": "results", "load_records": "data",
-    "pass_at_k": "rlft.metrics", "win_rate": "rlft.metrics", "auroc": "rlft.metrics", "distinct_n": "rlft.metrics",
+    "perplexity": "perplexity",
+    "PerplexityResult": "perplexity",
+    "multiple_choice_accuracy": "accuracy",
+    "generative_accuracy": "accuracy",
+    "extract_answer": "accuracy",
+    "evaluate_humaneval": "humaneval",
+    "load_problems": "humaneval",
+    "run_lm_eval": "harness",
+    "offline_tasks": "harness",
+    "preference_accuracy": "reward_bench",
+    "policy_report": "reward_bench",
+    "load_reward_scorer": "reward_bench",
+    "RewardModelScorer": "reward_bench",
+    "refusal_rate": "reward_bench",
+    "generate_for_policies": "compare",
+    "summarize_policies": "compare",
+    "Judge": "judge",
+    "LocalJudge": "judge",
+    "OpenAIJudge": "judge",
+    "build_report": "report",
+    "write_result": "results",
+    "make_result": "results",
+    "load_records": "data",
+    "pass_at_k": "rlft.metrics",
+    "win_rate": "rlft.metrics",
+    "auroc": "rlft.metrics",
+    "distinct_n": "rlft.metrics",
     "self_bleu": "rlft.metrics",
-}  # fmt: skip
+}
 
 __all__ = sorted(_EXPORTS)
 

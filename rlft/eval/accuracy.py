@@ -63,19 +63,34 @@ def generative_accuracy(
         gold = " | ".join(answers.normalise_answer(answers.gold_answer(g, find)) for g in golds)
         correct += hit
         no_answer += predicted is None
-        rows.append({"question": item.get("question", item.get("prompt")), "generation": samples[0],
-                     "predicted": predicted, "gold": gold, "correct": hit})  # fmt: skip
+        rows.append(
+            {
+                "question": item.get("question", item.get("prompt")),
+                "generation": samples[0],
+                "predicted": predicted,
+                "gold": gold,
+                "correct": hit,
+            }
+        )
     n = len(kept)
-    return {"accuracy": correct / n if n else 0.0, "n": n, "no_answer": no_answer,
-            "skipped_missing_reference": skipped, "rows": rows}  # fmt: skip
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "n": n,
+        "no_answer": no_answer,
+        "skipped_missing_reference": skipped,
+        "rows": rows,
+    }
 
 
 def choice_item(row: dict, index: int = 0) -> dict:
     """Normalise a multiple-choice row: PIQA (goal/sol1/sol2/label) or question/choices/label (or answer index)."""
     if {"goal", "sol1", "sol2", "label"} <= row.keys():
         _known_label(row["label"], index, "label")
-        return {"context": f"Question: {row['goal']}\nAnswer:", "choices": [row["sol1"], row["sol2"]],
-                "label": int(row["label"])}  # fmt: skip
+        return {
+            "context": f"Question: {row['goal']}\nAnswer:",
+            "choices": [row["sol1"], row["sol2"]],
+            "label": int(row["label"]),
+        }
     if "choices" in row and ("label" in row or "answer" in row):
         label = row.get("label", row.get("answer"))
         _known_label(label, index, "label" if "label" in row else "answer")
@@ -126,5 +141,9 @@ def multiple_choice_accuracy(model, tokenizer, items: Sequence[dict], *, batch_s
         correct_norm += pick_norm == item["label"]
         predictions.append({"pred": pick, "pred_norm": pick_norm, "label": item["label"], "logps": logps})
     n = len(normalised)
-    return {"accuracy": correct / n if n else 0.0, "accuracy_norm": correct_norm / n if n else 0.0, "n": n,
-            "predictions": predictions}  # fmt: skip
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_norm": correct_norm / n if n else 0.0,
+        "n": n,
+        "predictions": predictions,
+    }

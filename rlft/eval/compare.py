@@ -96,8 +96,10 @@ def summarize_policies(
                 outcomes = outcomes_from_scores(rewards[name], rewards[baseline], tie_margin=tie_margin)
                 entry["win_rate"] = win_rate(outcomes, n_bootstrap=n_bootstrap, seed=seed).to_dict()
         policies[name] = entry
-    shown = [{"prompt": prompt_text(p), **{n: generations[n][i] for n in generations}}
-             for i, p in enumerate(prompts[:examples])]  # fmt: skip
+    shown = [
+        {"prompt": prompt_text(p), **{n: generations[n][i] for n in generations}}
+        for i, p in enumerate(prompts[:examples])
+    ]
     if scorer is not None:
         for i, row in enumerate(shown):
             row["rewards"] = {n: rewards[n][i] for n in generations}

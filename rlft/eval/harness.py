@@ -129,9 +129,10 @@ def run_lm_eval(
     result = {
         "results": {task: _clean_metrics(values) for task, values in output["results"].items()},
         "versions": {k: str(v) for k, v in output.get("versions", {}).items()},
-        "n_samples": {k: v.get("effective", v) if isinstance(v, dict) else v
-                      for k, v in output.get("n-samples", {}).items()},
-    }  # fmt: skip
+        "n_samples": {
+            k: v.get("effective", v) if isinstance(v, dict) else v for k, v in output.get("n-samples", {}).items()
+        },
+    }
     if log_samples:
         result["samples"] = output.get("samples", {})
     return result

@@ -123,8 +123,15 @@ def evaluate_humaneval(
     else:
         prompts = [[{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=p["prompt"])}] for p in problems]
         stop = CHAT_STOP
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_samples=n,
-                                stop=stop, batch_size=batch_size, seed=seed)  # fmt: skip
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        num_samples=n,
+        stop=stop,
+        batch_size=batch_size,
+        seed=seed,
+    )
     generations = generator.generate(prompts, settings)
     programs = [build_program(p, g, mode) for p, samples in zip(problems, generations) for g in samples]
     results = run_programs(programs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
@@ -135,11 +142,24 @@ def evaluate_humaneval(
         counts.append((n, passed))
         for r in outcome:
             status_counts[r.status] = status_counts.get(r.status, 0) + 1
-        per_problem.append({
-            "task_id": problem["task_id"], "n": n, "passed": passed,
-            "samples": [{"completion": g, "status": r.status, "error": r.stderr.strip().splitlines()[-1:] or None}
-                        for g, r in zip(samples, outcome)],
-        })  # fmt: skip
+        per_problem.append(
+            {
+                "task_id": problem["task_id"],
+                "n": n,
+                "passed": passed,
+                "samples": [
+                    {"completion": g, "status": r.status, "error": r.stderr.strip().splitlines()[-1:] or None}
+                    for g, r in zip(samples, outcome)
+                ],
+            }
+        )
     protections = sorted({p for r in results for p in r.protections})
-    return {**mean_pass_at_k(counts, ks), "n": n, "problems": len(problems), "mode": mode,
-            "status_counts": status_counts, "sandbox": protections, "per_problem": per_problem}  # fmt: skip
+    return {
+        **mean_pass_at_k(counts, ks),
+        "n": n,
+        "problems": len(problems),
+        "mode": mode,
+        "status_counts": status_counts,
+        "sandbox": protections,
+        "per_problem": per_problem,
+    }

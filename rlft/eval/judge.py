@@ -55,10 +55,14 @@ First explain your reasoning in one or two sentences, then give the verdict on i
 
 RETRY_REMINDER = 'Your reply did not end with the required line. Reply again and end with exactly "{form}".'
 
-_SCORE = re.compile(r"(?:score|rating)\s*(?:\*\*)?\s*[:=]?\s*(?:\*\*)?\s*\[?\s*([1-5](?:\.\d+)?)\s*\]?(?:\s*/\s*5)?",
-                    re.IGNORECASE)  # fmt: skip
-_WINNER = re.compile(r"(?:winner|verdict|better answer)\s*(?:\*\*)?\s*[:=]?\s*(?:\*\*)?\s*\[?\s*(?:answer\s*)?"
-                     r"(A|B|tie|draw|equal)\b", re.IGNORECASE)  # fmt: skip
+_SCORE = re.compile(
+    r"(?:score|rating)\s*(?:\*\*)?\s*[:=]?\s*(?:\*\*)?\s*\[?\s*([1-5](?:\.\d+)?)\s*\]?(?:\s*/\s*5)?", re.IGNORECASE
+)
+_WINNER = re.compile(
+    r"(?:winner|verdict|better answer)\s*(?:\*\*)?\s*[:=]?\s*(?:\*\*)?\s*\[?\s*(?:answer\s*)?"
+    r"(A|B|tie|draw|equal)\b",
+    re.IGNORECASE,
+)
 
 
 def parse_score(reply: str) -> float | None:
@@ -116,8 +120,17 @@ class OpenAIJudge:
         max_concurrency: Requests in flight at once.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
-                 max_tokens: int = 512, timeout_s: float = 60.0, max_concurrency: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        timeout_s: float = 60.0,
+        max_concurrency: int = 4,
+    ) -> None:
         import httpx
 
         headers = {"Content-Type": "application/json"}
@@ -226,8 +239,10 @@ class Judge:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         criteria = self.criteria or POINTWISE_CRITERIA
-        chats = [[{"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=p, response=r, criteria=criteria)}]
-                 for p, r in zip(prompts, responses)]  # fmt: skip
+        chats = [
+            [{"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=p, response=r, criteria=criteria)}]
+            for p, r in zip(prompts, responses)
+        ]
         scores, replies, retries = self._ask_parsed(chats, parse_score, "Score: N")
         valid = [s for s in scores if s is not None]
         return {
@@ -239,8 +254,15 @@ class Judge:
             "items": [{"score": s, "reasoning": r} for s, r in zip(scores, replies)],
         }
 
-    def pairwise(self, prompts: Sequence[str], candidate: Sequence[str], baseline: Sequence[str], *,
-                 n_bootstrap: int = 2000, seed: int = 0) -> dict:  # fmt: skip
+    def pairwise(
+        self,
+        prompts: Sequence[str],
+        candidate: Sequence[str],
+        baseline: Sequence[str],
+        *,
+        n_bootstrap: int = 2000,
+        seed: int = 0,
+    ) -> dict:
         """Candidate vs baseline, each prompt judged twice with the answers swapped to cancel position bias.
 
         Per prompt: a win needs both orders to prefer the candidate (or one order plus a tie); opposite verdicts
@@ -272,8 +294,13 @@ class Judge:
             consistent += (v1 == "tie" and v2 == "tie") or (v1 != "tie" and v2 != "tie" and v1 != v2)
             outcomes.append(outcome)
             items.append({"candidate_first": v1, "baseline_first": v2, "outcome": outcome})
-        result = {"n": len(prompts), "judged": len(outcomes), "unparseable": len(prompts) - len(outcomes),
-                  "retries": retries, "position_consistency": consistent / len(outcomes) if outcomes else None,
-                  "items": items}  # fmt: skip
+        result = {
+            "n": len(prompts),
+            "judged": len(outcomes),
+            "unparseable": len(prompts) - len(outcomes),
+            "retries": retries,
+            "position_consistency": consistent / len(outcomes) if outcomes else None,
+            "items": items,
+        }
         result["win_rate"] = win_rate(outcomes, n_bootstrap=n_bootstrap, seed=seed).to_dict() if outcomes else None
         return result

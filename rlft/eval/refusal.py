@@ -52,11 +52,15 @@ BUT = re.compile(r"\b(?:but|however|that said)\b[^.]*\b(?:here|you can|I can)\b"
 OPENING = 120  # characters: a refusal usually says so at the start
 
 REFUSAL_PATTERNS = [
-    r"\bI(?: am|'m) (?:sorry|afraid)\b", r"\bI (?:cannot|can't|can not|won't|will not|am unable to|'m unable to)\b",
-    r"\bI (?:do not|don't) (?:feel comfortable|think I (?:can|should))\b", r"\bas an AI\b",
-    r"\b(?:not able|unable) to (?:help|assist|provide|comply)\b", r"\bI must (?:decline|refuse)\b",
-    r"\bit(?: is|'s) not appropriate\b", r"\bagainst my (?:guidelines|policy|principles)\b",
-]  # fmt: skip
+    r"\bI(?: am|'m) (?:sorry|afraid)\b",
+    r"\bI (?:cannot|can't|can not|won't|will not|am unable to|'m unable to)\b",
+    r"\bI (?:do not|don't) (?:feel comfortable|think I (?:can|should))\b",
+    r"\bas an AI\b",
+    r"\b(?:not able|unable) to (?:help|assist|provide|comply)\b",
+    r"\bI must (?:decline|refuse)\b",
+    r"\bit(?: is|'s) not appropriate\b",
+    r"\bagainst my (?:guidelines|policy|principles)\b",
+]
 _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 
 

@@ -60,8 +60,10 @@ def plot_learning_curves(series: dict[str, list[tuple[float, float]]], out_png: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {p: [k for k in sorted(series) if any(s in k.lower() for s in keys) and "per_sec" not in k]
-              for p, keys in CURVE_PANELS.items()}  # fmt: skip
+    panels = {
+        p: [k for k in sorted(series) if any(s in k.lower() for s in keys) and "per_sec" not in k]
+        for p, keys in CURVE_PANELS.items()
+    }
     panels = {p: keys for p, keys in panels.items() if keys}
     if not panels:
         return False
@@ -119,8 +121,14 @@ def _escape(text: str, limit: int = 400) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def build_report(results: Sequence[str | Path] = (), logs: Sequence[str | Path] = (), *, out_dir: str | Path,
-                 title: str = "rlft evaluation report", max_examples: int = 5) -> Path:  # fmt: skip
+def build_report(
+    results: Sequence[str | Path] = (),
+    logs: Sequence[str | Path] = (),
+    *,
+    out_dir: str | Path,
+    title: str = "rlft evaluation report",
+    max_examples: int = 5,
+) -> Path:
     """Write ``<out_dir>/report.md`` and its PNG plots; returns the report path.
 
     Args:
@@ -154,19 +162,31 @@ def build_report(results: Sequence[str | Path] = (), logs: Sequence[str | Path] 
     bars = _win_rates(records)
     if bars:
         plot_win_rates(bars, out / "win_rates.png")
-        lines += ["## Win rates", "", "![win rates](win_rates.png)", "", "| comparison | win rate | 95% CI | W/T/L |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Win rates",
+            "",
+            "![win rates](win_rates.png)",
+            "",
+            "| comparison | win rate | 95% CI | W/T/L |",
+            "|---|---|---|---|",
+        ]
         for label, wr in bars:
-            lines.append(f"| {label} | {wr['rate']:.3f} | [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}] | "
-                         f"{wr['wins']}/{wr['ties']}/{wr['losses']} |")  # fmt: skip
+            lines.append(
+                f"| {label} | {wr['rate']:.3f} | [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}] | "
+                f"{wr['wins']}/{wr['ties']}/{wr['losses']} |"
+            )
         lines.append("")
     for r in records:
         examples = r.get("details", {}).get("examples")
         if not isinstance(examples, list) or not examples:
             continue
         names = [k for k in examples[0] if k not in ("prompt", "rewards")]
-        lines += [f"## Example generations ({r['kind']})", "", "| prompt | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 1) + "|"]  # fmt: skip
+        lines += [
+            f"## Example generations ({r['kind']})",
+            "",
+            "| prompt | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         for ex in examples[:max_examples]:
             cells = [_escape(str(ex.get(n, ""))) for n in names]
             lines.append(f"| {_escape(ex['prompt'], 200)} | " + " | ".join(cells) + " |")
@@ -207,8 +227,9 @@ def _plot_rounds(rounds: list[dict], out_png: Path) -> None:
     plt.close(fig)
 
 
-def build_pipeline_report(results_path: str | Path, run_dir: str | Path, *, out_dir: str | Path,
-                          title: str = "rlft pipeline") -> Path:  # fmt: skip
+def build_pipeline_report(
+    results_path: str | Path, run_dir: str | Path, *, out_dir: str | Path, title: str = "rlft pipeline"
+) -> Path:
     """``report.md`` for an ``rlft pipeline`` run: held-out reward-model quality, every policy against the start
     (reward, win rate, KL, refusal, toxicity, with CIs), learning curves of each stage, example answers."""
     results = json.loads(Path(results_path).read_text())
@@ -216,17 +237,29 @@ def build_pipeline_report(results_path: str | Path, run_dir: str | Path, *, out_
     out.mkdir(parents=True, exist_ok=True)
     rm = results["reward_model"]
     start = results["start"]
-    lines = [f"# {title}", "", f"Run folder: `{run_dir}`. Every number below is on held-out data no stage trained on.",
-             "", "## Reward model (held-out pairs)", "", "| pairs | accuracy | 95% CI | AUROC | 95% CI | mean margin |",
-             "|---|---|---|---|---|---|",
-             f"| {rm['n']} | {rm['accuracy']:.3f} | {_ci(rm.get('accuracy_ci'))} | {rm['auroc']:.3f} | "
-             f"{_ci(rm.get('auroc_ci'))} | {rm['mean_margin']:.3f} |", ""]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        f"Run folder: `{run_dir}`. Every number below is on held-out data no stage trained on.",
+        "",
+        "## Reward model (held-out pairs)",
+        "",
+        "| pairs | accuracy | 95% CI | AUROC | 95% CI | mean margin |",
+        "|---|---|---|---|---|---|",
+        f"| {rm['n']} | {rm['accuracy']:.3f} | {_ci(rm.get('accuracy_ci'))} | {rm['auroc']:.3f} | "
+        f"{_ci(rm.get('auroc_ci'))} | {rm['mean_margin']:.3f} |",
+        "",
+    ]
     if not results["policies"]:
         lines += ["No policy stage in this pipeline: the reward model alone was evaluated.", ""]
     else:
-        lines += [f"## Policies on {results['n_prompts']} held-out prompts (vs `{start}`)", "",
-                  "| policy | mean RM reward [95% CI] | gain vs start | gain / start std | win rate vs start "
-                  "[95% CI] | KL to start [95% CI] | refusal rate | toxicity | words |", "|---" * 9 + "|"]  # fmt: skip
+        lines += [
+            f"## Policies on {results['n_prompts']} held-out prompts (vs `{start}`)",
+            "",
+            "| policy | mean RM reward [95% CI] | gain vs start | gain / start std | win rate vs start "
+            "[95% CI] | KL to start [95% CI] | refusal rate | toxicity | words |",
+            "|---" * 9 + "|",
+        ]
         for name, p in results["policies"].items():
             wr = p.get("win_rate")
             gain = p.get("reward_gain")
@@ -245,12 +278,16 @@ def build_pipeline_report(results_path: str | Path, run_dir: str | Path, *, out_
             ]
             lines.append("| " + " | ".join(cells) + " |")
         settings = results.get("settings", {})
-        lines += ["", f"Refusal classifier: {results['refusal_classifier']}. Toxicity classifier: "
-                  f"{results['toxicity_classifier']}. Sampling: temperature {settings.get('temperature')}, "
-                  f"{settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}; KL is the mean summed "
-                  "log-ratio log pi(y|x) - log pi_start(y|x) on each policy's own samples. Gain % is relative to "
-                  "|mean start reward| (reward models have an arbitrary offset: the win rate and the gain in start-std "
-                  "units are the offset-free measures).", ""]  # fmt: skip
+        lines += [
+            "",
+            f"Refusal classifier: {results['refusal_classifier']}. Toxicity classifier: "
+            f"{results['toxicity_classifier']}. Sampling: temperature {settings.get('temperature')}, "
+            f"{settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}; KL is the mean summed "
+            "log-ratio log pi(y|x) - log pi_start(y|x) on each policy's own samples. Gain % is relative to "
+            "|mean start reward| (reward models have an arbitrary offset: the win rate and the gain in start-std "
+            "units are the offset-free measures).",
+            "",
+        ]
     bars = [(f"{n} vs {start}", p["win_rate"]) for n, p in results["policies"].items() if p.get("win_rate")]
     if bars:
         plot_win_rates(bars, out / "win_rates.png")
@@ -265,16 +302,22 @@ def build_pipeline_report(results_path: str | Path, run_dir: str | Path, *, out_
             png = out / f"curves_{label.replace('/', '_')}.png"
             if series and plot_learning_curves(series, png, label):
                 lines += [f"**{label}**", "", f"![{label} learning curves]({png.name})", ""]
-        rounds = [json.loads(f.read_text()) | {"round": int(f.parent.name.split("_")[1])}
-                  for f in sorted(stage.glob("round_*/sampling.json"))]  # fmt: skip
+        rounds = [
+            json.loads(f.read_text()) | {"round": int(f.parent.name.split("_")[1])}
+            for f in sorted(stage.glob("round_*/sampling.json"))
+        ]
         if len(rounds) > 1:
             _plot_rounds(rounds, out / "online_rounds.png")
             lines += ["**online DPO rounds**", "", "![online DPO rounds](online_rounds.png)", ""]
     examples = results.get("examples") or []
     if examples:
         names = list(results["policies"])
-        lines += ["## Example answers (held-out prompts, RM reward in brackets)", "",
-                  "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+        lines += [
+            "## Example answers (held-out prompts, RM reward in brackets)",
+            "",
+            "| prompt | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         for ex in examples:
             cells = [f"{_escape(str(ex.get(n, '')), 300)} [{ex['rewards'][n]:.2f}]" for n in names]
             lines.append(f"| {_escape(ex['prompt'], 200)} | " + " | ".join(cells) + " |")

@@ -33,11 +33,18 @@ def metrics_table(metrics: dict, *, title: str | None = None) -> str:
     return "\n".join([*head, "| metric | value |", "|---|---|", *rows]) + "\n"
 
 
-def make_result(kind: str, model: str | dict, metrics: dict, *, config: dict | None = None,
-                details: dict | None = None) -> dict:  # fmt: skip
+def make_result(
+    kind: str, model: str | dict, metrics: dict, *, config: dict | None = None, details: dict | None = None
+) -> dict:
     """The result record every ``rlft eval`` command writes."""
-    return {"kind": kind, "model": model, "metrics": metrics, "config": config or {}, "details": details or {},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    return {
+        "kind": kind,
+        "model": model,
+        "metrics": metrics,
+        "config": config or {},
+        "details": details or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def write_result(result: dict, out_dir: str | Path, *, name: str | None = None) -> tuple[Path, Path]:

@@ -75,8 +75,9 @@ class RewardModelScorer:
 
     def render(self, prompt: list[dict] | str, response: str) -> str:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
-                                                  tokenize=False)  # fmt: skip
+        return self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
 
     def __call__(self, texts: list[str]) -> list[float]:
         tok, scores = self.tokenizer, []
@@ -185,8 +186,13 @@ class ToxicityClassifier:
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                                       max_length=512, return_tensors="pt")  # fmt: skip
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=512,
+                    return_tensors="pt",
+                )
                 logits = self.model(**batch).logits.float()
                 probs = logits.sigmoid() if self.multi_label or logits.shape[-1] == 1 else logits.softmax(-1)
                 out += probs[:, min(self.index, probs.shape[-1] - 1)].tolist()
@@ -254,12 +260,16 @@ def load_toxicity_classifier(name: str | None) -> NamedToxicity | None:
 def toxicity(texts: Sequence[str], classifier: Scorer | None) -> dict:
     """Mean toxicity and share above 0.5, or an explicit note that no classifier is available."""
     if classifier is None:
-        note = ("not measured: no local toxicity classifier was given (use profanity_check, detoxify or a "
-                "sequence-classification folder such as unitary/toxic-bert)")  # fmt: skip
+        note = (
+            "not measured: no local toxicity classifier was given (use profanity_check, detoxify or a "
+            "sequence-classification folder such as unitary/toxic-bert)"
+        )
         return {"toxicity": None, "toxicity_note": note}
     scores = classifier(list(texts))
-    return {"toxicity": float(np.mean(scores)) if scores else 0.0,
-            "toxic_fraction": float(np.mean([s > 0.5 for s in scores])) if scores else 0.0}  # fmt: skip
+    return {
+        "toxicity": float(np.mean(scores)) if scores else 0.0,
+        "toxic_fraction": float(np.mean([s > 0.5 for s in scores])) if scores else 0.0,
+    }
 
 
 def policy_report(

@@ -14,6 +14,13 @@ from rlft.export.onnx import OnnxCausalLM, export_onnx
 FORMATS = {"merged": export_merged, "gguf": export_gguf, "onnx": export_onnx}
 
 __all__ = [
-    "FORMATS", "QUANT_TYPES", "OnnxCausalLM", "export_gguf", "export_merged", "export_onnx", "export_reward_model",
-    "merged_model", "push_to_hub",
-]  # fmt: skip
+    "FORMATS",
+    "QUANT_TYPES",
+    "OnnxCausalLM",
+    "export_gguf",
+    "export_merged",
+    "export_onnx",
+    "export_reward_model",
+    "merged_model",
+    "push_to_hub",
+]

@@ -46,9 +46,13 @@ def write_export_card(out: Path, model: str, *, usage: str, kind: str | None = N
     source = _source_card(model)
     if source is None:
         hparams = checkpoint_hparams(model) if is_checkpoint(model) else {}
-        facts = CardFacts(base_model=str(hparams.get("model", model)), method="export", usage=usage,
-                          settings={k: v for k, v in hparams.items() if k not in ("model", "output_dir")},
-                          notes=[note])  # fmt: skip
+        facts = CardFacts(
+            base_model=str(hparams.get("model", model)),
+            method="export",
+            usage=usage,
+            settings={k: v for k, v in hparams.items() if k not in ("model", "output_dir")},
+            notes=[note],
+        )
         text = card_text(facts)
     else:
         text = _carry_over(source.read_text(), usage, note)
@@ -72,5 +76,6 @@ def _carry_over(text: str, usage: str, note: str) -> str:
             sections[i] = f"How to load\n\n```python\n{load_snippet(usage)}\n```\n"
     body = "\n## ".join(sections)
     title, _, rest = body.partition("\n\n")
-    return "\n".join(["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", title, "",
-                      f"> **Note:** {note}", "", rest])  # fmt: skip
+    return "\n".join(
+        ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", title, "", f"> **Note:** {note}", "", rest]
+    )

@@ -24,8 +24,10 @@ def _offline() -> bool:
 def check_can_push(repo_id: str) -> None:
     """Raise :class:`HubOffline` (one line) when the hub is off; run it before exporting."""
     if _offline():
-        raise HubOffline(f"offline: HF_HUB_OFFLINE=1 forbids pushing to {repo_id}; set HF_HUB_OFFLINE=0 and log in "
-                         "(`hf auth login` or HF_TOKEN)")  # fmt: skip
+        raise HubOffline(
+            f"offline: HF_HUB_OFFLINE=1 forbids pushing to {repo_id}; set HF_HUB_OFFLINE=0 and log in "
+            "(`hf auth login` or HF_TOKEN)"
+        )
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"--push_to_hub takes a repo id `owner/name`, got {repo_id!r}")
 
@@ -46,6 +48,7 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, token:
     if path.is_dir():
         commit = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=message)
     else:
-        commit = api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id,
-                                 commit_message=message)  # fmt: skip
+        commit = api.upload_file(
+            path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, commit_message=message
+        )
     return str(getattr(commit, "commit_url", commit))

@@ -86,8 +86,10 @@ def is_reward_model(model: str) -> bool:
 def refuse_reward_model(model: str) -> None:
     """GGUF and ONNX exports hold a causal LM: a reward model's head would be dropped without a word."""
     if is_reward_model(model):
-        raise ValueError(f"{model} is a reward model; gguf and onnx exports hold a causal LM and would drop its "
-                         "trained head: use --to merged (an <Arch>ForSequenceClassification folder)")  # fmt: skip
+        raise ValueError(
+            f"{model} is a reward model; gguf and onnx exports hold a causal LM and would drop its "
+            "trained head: use --to merged (an <Arch>ForSequenceClassification folder)"
+        )
 
 
 def export_reward_model(model: str, out: str | Path, *, dtype: str = "float32") -> Path:
@@ -105,11 +107,14 @@ def export_reward_model(model: str, out: str | Path, *, dtype: str = "float32") 
 
         if isinstance(backbone, peft.PeftModel):
             backbone = backbone.merge_and_unload()
-        write_sequence_classification_folder(out, backbone.to(DTYPES[dtype]), head, scorer.tokenizer,
-                                             _reward_config(model, dtype))  # fmt: skip
+        write_sequence_classification_folder(
+            out, backbone.to(DTYPES[dtype]), head, scorer.tokenizer, _reward_config(model, dtype)
+        )
     except HeadNotRepresentable as error:
-        raise HeadNotRepresentable(f"cannot export {model} as sequence classification: {error}; nothing written, "
-                                   "use the rlft folder with rlft.models.reward.RewardScorer") from None  # fmt: skip
+        raise HeadNotRepresentable(
+            f"cannot export {model} as sequence classification: {error}; nothing written, "
+            "use the rlft folder with rlft.models.reward.RewardScorer"
+        ) from None
     write_export_card(out, model, usage="sequence_classification")
     log.info("reward model written to %s as sequence classification", out)
     return out

@@ -36,8 +36,13 @@ class _DecoderWithCache(torch.nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
 
@@ -82,10 +87,15 @@ def export_onnx(model: str, out: str | Path, *, dtype: str = "float32") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
-            _DecoderWithCache(network).eval(), example, dynamo=True, opset_version=OPSET,
+            _DecoderWithCache(network).eval(),
+            example,
+            dynamo=True,
+            opset_version=OPSET,
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-            output_names=["logits", *present_names], dynamic_shapes=dynamic, optimize=True,
-        )  # fmt: skip
+            output_names=["logits", *present_names],
+            dynamic_shapes=dynamic,
+            optimize=True,
+        )
     program.save(str(out / "model.onnx"), external_data=_needs_external_data(network))
     network.config.save_pretrained(out)
     network.generation_config.save_pretrained(out)
@@ -124,11 +134,15 @@ class OnnxCausalLM:
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype) for _ in range(2 * self.layers)]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """``(logits, new cache)`` for ``input_ids`` after the ``cache`` (one forward of the graph)."""
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                "position_ids": position_ids.astype(np.int64)}  # fmt: skip
+        feed = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64),
+        }
         for i in range(self.layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = cache[2 * i], cache[2 * i + 1]
         logits, *present = self.session.run(None, feed)

@@ -43,8 +43,9 @@ class _RowStreamer:
         pass
 
 
-def hf_sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-              request: SampleRequest) -> torch.Tensor:  # fmt: skip
+def hf_sample(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, request: SampleRequest
+) -> torch.Tensor:
     """The ``hf`` sampling backend: ``model.generate`` with the KV cache on each prompt repeated ``group_size``
     times (generate's own ``num_return_sequences`` repeats it the same way, but refuses greedy decoding)."""
     sampling = request.temperature > 0
@@ -60,10 +61,16 @@ def hf_sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     if request.group_size > 1:
         ids, mask = ids.repeat_interleave(request.group_size, dim=0), mask.repeat_interleave(request.group_size, dim=0)
     generated = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=request.max_new_tokens, do_sample=sampling,
-        use_cache=True, pad_token_id=request.pad_id, eos_token_id=list(request.stop_ids),
-        **(options if sampling else {}), **extra,
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=request.max_new_tokens,
+        do_sample=sampling,
+        use_cache=True,
+        pad_token_id=request.pad_id,
+        eos_token_id=list(request.stop_ids),
+        **(options if sampling else {}),
+        **extra,
+    )
     return generated[:, ids.shape[1] :]
 
 

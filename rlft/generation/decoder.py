@@ -60,8 +60,14 @@ def _non_finite_message(rows: int) -> str:
 GREEDY_CHECK_EVERY = 16
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor | None,
-          check: bool = True):  # fmt: skip
+def _draw(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniforms: torch.Tensor | None,
+    check: bool = True,
+):
     """Tokens ``[B]``, with ``V`` (one past the vocabulary) on rows whose logits give no distribution; no host sync.
 
     The marker lets :func:`decode` find such rows with the stop-token check it reads back anyway, instead of a
@@ -102,8 +108,14 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, un
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
-def sample_tokens(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  uniforms: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One token per row of ``logits [B, V]``: greedy for ``temperature == 0``, else a draw from the tempered,
     top-k- then top-p-truncated distribution (the token that crosses the top-p mass is kept, as in ``generate``).
 
@@ -213,8 +225,10 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
         join_projections(twin)
         _TWINS[model] = twin
     if _lora_layers(model) is None and any(isinstance(m, LoraLayer) for m in lm.modules()):
-        raise ValueError("this adapter cannot be merged exactly (DoRA, quantised weights or "
-                         "modules_to_save): set sampling.decode_dtype: null")  # fmt: skip
+        raise ValueError(
+            "this adapter cannot be merged exactly (DoRA, quantised weights or "
+            "modules_to_save): set sampling.decode_dtype: null"
+        )
     for storage, nbytes in _RELEASED.pop(twin, []):  # released after the last rollout: rewritten whole below
         storage.resize_(nbytes)
     with torch.no_grad():
@@ -300,12 +314,16 @@ def decode(
     if step_forward is None:
         if lean and lm.config.model_type not in _FORWARD_NOTED:
             _FORWARD_NOTED.add(lm.config.model_type)
-            log.info("rlft decoder: no lean step for this %s model (architecture, sliding-window cache or weights it "
-                     "cannot read as plain tensors); decoding through its forward", lm.config.model_type)  # fmt: skip
+            log.info(
+                "rlft decoder: no lean step for this %s model (architecture, sliding-window cache or weights it "
+                "cannot read as plain tensors); decoding through its forward",
+                lm.config.model_type,
+            )
 
         def step_forward(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                      **cache_arg).logits[:, -1]  # fmt: skip
+            return lm(
+                input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache_arg
+            ).logits[:, -1]
 
     logits = _prefill(lm, prompt_ids, prompt_mask, cache)
     mask = prompt_mask
@@ -346,8 +364,9 @@ def decode(
     return tokens_out[:, :width]
 
 
-def decoder_sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   request: SampleRequest) -> torch.Tensor:  # fmt: skip
+def decoder_sample(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, request: SampleRequest
+) -> torch.Tensor:
     """The ``rlft`` sampling backend: :func:`decode` under the one backend signature (``options["lean"]``, default
     True; ``top_k`` None takes the model's generation config, as ``model.generate`` would; stop strings do not end
     a row early here, the caller's cut removes what follows them)."""
@@ -361,6 +380,17 @@ def decoder_sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask
             for row, token in enumerate(column.tolist()):
                 request.on_token(row, token)
 
-    return decode(model, prompt_ids, prompt_mask, max_new_tokens=request.max_new_tokens, stop_ids=request.stop_ids,
-                  pad_id=request.pad_id, group_size=request.group_size, temperature=request.temperature, top_k=top_k,
-                  top_p=request.top_p, lean=request.options.get("lean", True), on_step=on_step)  # fmt: skip
+    return decode(
+        model,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=request.max_new_tokens,
+        stop_ids=request.stop_ids,
+        pad_id=request.pad_id,
+        group_size=request.group_size,
+        temperature=request.temperature,
+        top_k=top_k,
+        top_p=request.top_p,
+        lean=request.options.get("lean", True),
+        on_step=on_step,
+    )

@@ -86,8 +86,16 @@ class Generator:
         dtype: vLLM's dtype.
     """
 
-    def __init__(self, model, tokenizer, *, backend: str | SampleFn = "auto", model_path: str | None = None,
-                 adapter_path: str | None = None, dtype: str = "auto") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        backend: str | SampleFn = "auto",
+        model_path: str | None = None,
+        adapter_path: str | None = None,
+        dtype: str = "auto",
+    ) -> None:
         if backend == "auto":
             backend = "vllm" if model_path is not None and vllm_usable() else "hf"
         self.sample = get_sampler(backend)
@@ -102,8 +110,9 @@ class Generator:
             raise ValueError(f"the {self.backend_name!r} backend needs a loaded model (vLLM is not usable here)")
         log.info("generation backend: %s", self.backend_name)
 
-    def generate(self, prompts: Sequence[Prompt], settings: SamplingSettings | None = None,
-                 on_token: TokenCallback | None = None) -> list[list[str]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[Prompt], settings: SamplingSettings | None = None, on_token: TokenCallback | None = None
+    ) -> list[list[str]]:
         """``settings.num_samples`` completions per prompt, in prompt order; ``on_token`` sees every new token
         (what serving streams and counts)."""
         if not prompts:
@@ -117,10 +126,19 @@ class Generator:
         per_prompt = settings.num_samples if sampling else 1  # greedy: one sample, repeated below
         size = len(order) if batches_itself(self.sample) else settings.batch_size
         device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
-        options = dict(max_new_tokens=settings.max_new_tokens, stop_ids=stop_token_ids(tok, self.model),
-                       pad_id=pad_token_id(tok), group_size=per_prompt, temperature=settings.temperature,
-                       top_p=settings.top_p if sampling else 1.0, top_k=None, seed=settings.seed,
-                       stop_strings=tuple(settings.stop), tokenizer=tok, options=self.options)  # fmt: skip
+        options = dict(
+            max_new_tokens=settings.max_new_tokens,
+            stop_ids=stop_token_ids(tok, self.model),
+            pad_id=pad_token_id(tok),
+            group_size=per_prompt,
+            temperature=settings.temperature,
+            top_p=settings.top_p if sampling else 1.0,
+            top_k=None,
+            seed=settings.seed,
+            stop_strings=tuple(settings.stop),
+            tokenizer=tok,
+            options=self.options,
+        )
         # a private RNG stream: seeded sampling must not reset the generator a training run is using
         devices = [device.index or 0] if device.type == "cuda" else []
         modes = inference(self.model) if self.model is not None else contextlib.nullcontext()

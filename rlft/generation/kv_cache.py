@@ -84,8 +84,9 @@ def preallocated_cache(config, capacity: int, dtype: torch.dtype | None = None) 
     """The model's ``DynamicCache`` with its full-attention layers preallocated (sliding-window layers unchanged),
     keys and values held in ``dtype`` (default: the model's)."""
     cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer(capacity, dtype) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]  # fmt: skip
+    cache.layers = [
+        PreallocatedLayer(capacity, dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
     return cache
 
 

@@ -57,5 +57,6 @@ class SampleRequest:
 class SampleFn(Protocol):
     """The one signature of a sampling backend (see the module docstring)."""
 
-    def __call__(self, model: torch.nn.Module | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 request: SampleRequest) -> torch.Tensor: ...  # fmt: skip
+    def __call__(
+        self, model: torch.nn.Module | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, request: SampleRequest
+    ) -> torch.Tensor: ...

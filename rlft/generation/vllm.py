@@ -47,8 +47,10 @@ def _base_path(model: torch.nn.Module) -> str:
     lm = causal_lm(model)
     path = getattr(lm.config, "_name_or_path", None) or getattr(lm, "name_or_path", None)
     if not path:
-        raise ValueError("sampling.backend vllm needs the policy's base weights as a folder or hub id (vLLM loads "
-                         "its own copy first); this model has no name_or_path")  # fmt: skip
+        raise ValueError(
+            "sampling.backend vllm needs the policy's base weights as a folder or hub id (vLLM loads "
+            "its own copy first); this model has no name_or_path"
+        )
     return path
 
 
@@ -83,9 +85,19 @@ class VLLMEngine:
             lora_request = LoRARequest("rlft-adapter", 1, str(adapter_path))
         return cls(LLM(model=model_path, seed=0, dtype=dtype, **kwargs), lora_request)
 
-    def sample(self, prompts: Sequence[Sequence[int]], *, group_size: int, max_new_tokens: int, temperature: float,
-               top_p: float, top_k: int | None, stop_ids: Sequence[int], stop_strings: Sequence[str] = (),
-               seed: int | None = None) -> list[list[int]]:  # fmt: skip
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int | None,
+        stop_ids: Sequence[int],
+        stop_strings: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[int]]:
         """``group_size`` samples per prompt (rows of one prompt contiguous), each ending with its stop token when
         it stopped on one (vLLM reports a stop token id as the stop reason; it is put back where it was left out).
         ``top_k`` None or 0 samples from the whole vocabulary; ``seed`` None draws one from torch's RNG."""
@@ -94,9 +106,16 @@ class VLLMEngine:
 
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        params = SamplingParams(n=group_size, temperature=temperature, top_p=top_p, top_k=top_k if top_k else -1,
-                                max_tokens=max_new_tokens, stop_token_ids=list(stop_ids),
-                                stop=list(stop_strings) or None, seed=seed)  # fmt: skip
+        params = SamplingParams(
+            n=group_size,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k if top_k else -1,
+            max_tokens=max_new_tokens,
+            stop_token_ids=list(stop_ids),
+            stop=list(stop_strings) or None,
+            seed=seed,
+        )
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         adapter = {"lora_request": self.lora_request} if self.lora_request is not None else {}
         outputs = self.llm.generate(requests, params, use_tqdm=False, **adapter)
@@ -124,16 +143,29 @@ class ColocatedVLLM(VLLMEngine):
         seed: Seed of vLLM's sampler.
     """
 
-    def __init__(self, model_path: str, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 dtype: str = "auto", seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+    ) -> None:
         if not vllm_usable():
             raise RuntimeError("sampling.backend vllm needs vLLM installed and a CUDA GPU; use sampling.backend rlft")
         # an in-process engine: its model object is reachable, so weights are pushed by reference, not serialised
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                  dtype=dtype, seed=seed, enable_prefix_caching=True)  # fmt: skip
+        llm = LLM(
+            model=model_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            enable_prefix_caching=True,
+        )
         super().__init__(llm)
 
     def _network(self):
@@ -159,20 +191,32 @@ def colocated_engine(model: torch.nn.Module, **options) -> ColocatedVLLM:
     return engine
 
 
-def vllm_sample(model: torch.nn.Module | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                request: SampleRequest) -> torch.Tensor:  # fmt: skip
+def vllm_sample(
+    model: torch.nn.Module | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, request: SampleRequest
+) -> torch.Tensor:
     """The ``vllm`` sampling backend: ``request.options["engine"]`` (a :class:`VLLMEngine`) samples, or else the
     policy's colocated engine with its current weights pushed first (``options``: ``gpu_memory_utilization``,
     ``max_model_len``). ``on_token`` sees each row's tokens after generation."""
     engine = request.options.get("engine")
     if engine is None:
-        engine = colocated_engine(model, gpu_memory_utilization=request.options.get("gpu_memory_utilization", 0.3),
-                                  max_model_len=request.options.get("max_model_len"))  # fmt: skip
+        engine = colocated_engine(
+            model,
+            gpu_memory_utilization=request.options.get("gpu_memory_utilization", 0.3),
+            max_model_len=request.options.get("max_model_len"),
+        )
         engine.push(model)
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
-    rows = engine.sample(prompts, group_size=request.group_size, max_new_tokens=request.max_new_tokens,
-                         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                         stop_ids=request.stop_ids, stop_strings=request.stop_strings, seed=request.seed)  # fmt: skip
+    rows = engine.sample(
+        prompts,
+        group_size=request.group_size,
+        max_new_tokens=request.max_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        stop_ids=request.stop_ids,
+        stop_strings=request.stop_strings,
+        seed=request.seed,
+    )
     width = max(1, max(len(r) for r in rows))
     out = torch.full((len(rows), width), request.pad_id, dtype=torch.long)
     for i, tokens in enumerate(rows):

@@ -169,10 +169,14 @@ def create_app(
     def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI echoes the bad input back; a NaN there would make the error response itself fail (500)
         detail = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", ""),
-             "input": repr(e["input"]) if "input" in e else None}
+            {
+                "loc": list(e.get("loc", ())),
+                "msg": e.get("msg", ""),
+                "type": e.get("type", ""),
+                "input": repr(e["input"]) if "input" in e else None,
+            }
             for e in exc.errors()
-        ]  # fmt: skip
+        ]
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(ImportValidationError)

@@ -118,7 +118,7 @@ class Assignment(Base):
             "slot",
             sqlite_where=text("labeler_id IS NULL"),
             postgresql_where=text("labeler_id IS NULL"),
-        ),  # fmt: skip
+        ),
     )
 
 

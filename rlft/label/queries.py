@@ -82,7 +82,7 @@ def load_votes(engine: Engine) -> list[Vote]:
             P.c.time_spent_s,
             E.c.model_a,
             E.c.model_b,
-        )  # fmt: skip
+        )
         .join(L, L.c.id == P.c.labeler_id)
         .join(E, E.c.id == P.c.example_id)
         .order_by(P.c.example_id, P.c.id)

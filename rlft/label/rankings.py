@@ -78,8 +78,11 @@ def import_tasks(engine: Engine, rows: list[Any]) -> dict:
             if conn.execute(select(RankingTask.id).where(RankingTask.content_hash == digest)).first():
                 duplicates += 1
                 continue
-            conn.execute(insert(RankingTask).values(content_hash=digest, prompt_json=json.dumps(prompt),
-                                                    responses_json=json.dumps(responses)))  # fmt: skip
+            conn.execute(
+                insert(RankingTask).values(
+                    content_hash=digest, prompt_json=json.dumps(prompt), responses_json=json.dumps(responses)
+                )
+            )
             inserted += 1
     return {"inserted": inserted, "duplicates": duplicates}
 
@@ -115,8 +118,11 @@ def submit(engine: Engine, labeler_id: int, task_id: int, order: list[int]) -> d
             raise Invalid(f"order must rank every shown response once: a permutation of 0..{k - 1}, got {order}")
         shown = _shown_order(task_id, labeler_id, k)
         try:
-            conn.execute(insert(Ranking).values(task_id=task_id, labeler_id=labeler_id,
-                                                order_json=json.dumps([shown[i] for i in order])))  # fmt: skip
+            conn.execute(
+                insert(Ranking).values(
+                    task_id=task_id, labeler_id=labeler_id, order_json=json.dumps([shown[i] for i in order])
+                )
+            )
         except IntegrityError:
             raise Conflict(f"you already ranked task {task_id}") from None
     return {"task_id": task_id, "recorded": True}
@@ -139,6 +145,11 @@ def export(engine: Engine, *, min_votes: int = 1) -> tuple[list[dict], dict]:
         responses = json.loads(task.responses_json)
         position = {i: sum(o.index(i) for o in orders) / len(orders) for i in range(len(responses))}
         best_first = sorted(position, key=lambda i: (position[i], i))
-        records.append({"prompt": json.loads(task.prompt_json), "responses": [responses[i] for i in best_first],
-                        "votes": len(orders)})  # fmt: skip
+        records.append(
+            {
+                "prompt": json.loads(task.prompt_json),
+                "responses": [responses[i] for i in best_first],
+                "votes": len(orders),
+            }
+        )
     return records, {"exported": len(records), **skipped}

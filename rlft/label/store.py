@@ -197,8 +197,9 @@ _SHOWN = (E.c.prompt_json, E.c.response_a, E.c.response_b, E.c.category)  # what
 
 
 def _task(conn, assignment_id: int, example_id: int, swapped: bool, expires: dt.datetime) -> Task:
-    return _task_of(conn.execute(select(*_SHOWN).where(E.c.id == example_id)).one(), assignment_id, example_id,
-                    swapped, expires)  # fmt: skip
+    return _task_of(
+        conn.execute(select(*_SHOWN).where(E.c.id == example_id)).one(), assignment_id, example_id, swapped, expires
+    )
 
 
 def _task_of(ex, assignment_id: int, example_id: int, swapped: bool, expires: dt.datetime) -> Task:

@@ -13,6 +13,17 @@ from rlft.methods.sft import SFT
 from rlft.methods.trpo import TRPO
 
 __all__ = [
-    "SFT", "DPO", "KTO", "RewardModel", "ORPO", "SimPO", "PPO", "GRPO", "ReinforcePP", "TRPO", "OnlineRL",
-    "OptimizerSettings", "RLFTModule",
-]  # fmt: skip
+    "SFT",
+    "DPO",
+    "KTO",
+    "RewardModel",
+    "ORPO",
+    "SimPO",
+    "PPO",
+    "GRPO",
+    "ReinforcePP",
+    "TRPO",
+    "OnlineRL",
+    "OptimizerSettings",
+    "RLFTModule",
+]

@@ -154,9 +154,13 @@ class RLFTModule(L.LightningModule):
         """Load the network; override for extra heads (see ``RewardModel``)."""
         hp = self.hparams
         return load_model(
-            hp.model, dtype=hp.dtype, lora=self.lora_settings, quantization=hp.quantization,
-            gradient_checkpointing=hp.gradient_checkpointing, attn_implementation=hp.attn_implementation,
-        )  # fmt: skip
+            hp.model,
+            dtype=hp.dtype,
+            lora=self.lora_settings,
+            quantization=hp.quantization,
+            gradient_checkpointing=hp.gradient_checkpointing,
+            attn_implementation=hp.attn_implementation,
+        )
 
     def _packing(self) -> bool:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -281,9 +285,12 @@ class RLFTModule(L.LightningModule):
         warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * total)
         extra = {"min_lr_rate": settings.min_lr_ratio} if settings.scheduler == "cosine_with_min_lr" else None
         scheduler = transformers.get_scheduler(
-            settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+            settings.scheduler,
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total,
             scheduler_specific_kwargs=extra,
-        )  # fmt: skip
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
@@ -331,8 +338,12 @@ class RLFTModule(L.LightningModule):
             return
         converted, skipped = store_linears(self, torch.bfloat16)
         if converted or skipped:
-            log.info("bf16-mixed: %d frozen linear layers stored in bf16 (their values are exact in bf16), %d kept "
-                     "(bf16 would round them)", converted, skipped)  # fmt: skip
+            log.info(
+                "bf16-mixed: %d frozen linear layers stored in bf16 (their values are exact in bf16), %d kept "
+                "(bf16 would round them)",
+                converted,
+                skipped,
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Callbacks every run of this module needs (Lightning merges them into the trainer's); call super() when

@@ -166,10 +166,16 @@ class DPO(RLFTModule):
             (reference.chosen_avg, reference.rejected_avg) if averaged else (reference.chosen, reference.rejected)
         )
         return dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta=hp.beta, loss_type=hp.loss_type,
-            label_smoothing=hp.label_smoothing, rpo_alpha=hp.rpo_alpha,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=hp.beta,
+            loss_type=hp.loss_type,
+            label_smoothing=hp.label_smoothing,
+            rpo_alpha=hp.rpo_alpha,
             chosen_nll=policy.chosen_nll if hp.rpo_alpha is not None else None,
-        )  # fmt: skip
+        )
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = self.policy_logps(batch)

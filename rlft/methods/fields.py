@@ -41,12 +41,19 @@ def check_fields(module: L.LightningModule) -> None:
             bad = [str(row.get("row", i)) for i, row in enumerate(rows) if not _number(row.get(name), name)]
             if bad:
                 expected = "a number >= 0" if name == "weight" else "a finite number"
-                raise ValueError(f"per-row field {name!r} must be {expected} on every row; it is not on {len(bad)} "
-                                 f"rows, e.g. {', '.join(bad[:3])}")  # fmt: skip
+                raise ValueError(
+                    f"per-row field {name!r} must be {expected} on every row; it is not on {len(bad)} "
+                    f"rows, e.g. {', '.join(bad[:3])}"
+                )
         elif module.trainer.is_global_zero:
             users = sorted(c.__name__ for c in _methods(type(module)) if c.data_kind == kind and name in c.uses_fields)
-            log.warning("%s ignores the per-row field %r of the data (methods that use it: %s); drop or rename it to "
-                        "silence this", type(module).__name__, name, ", ".join(users) or "none")  # fmt: skip
+            log.warning(
+                "%s ignores the per-row field %r of the data (methods that use it: %s); drop or rename it to "
+                "silence this",
+                type(module).__name__,
+                name,
+                ", ".join(users) or "none",
+            )
 
 
 def row_field(batch: dict, name: str) -> torch.Tensor | None:

@@ -80,7 +80,14 @@ class GRPO(OnlineRL):
         """The clipped GRPO surrogate (:func:`rlft.rl_losses.grpo_loss`; the KL term is the core's)."""
         hp = self.hparams
         return grpo_loss(
-            logps, batch.logps, None, advantages, batch.response_mask, clip_range=hp.clip_range,
-            clip_range_high=hp.clip_range_high, beta=0.0, loss_aggregation=hp.loss_aggregation,
+            logps,
+            batch.logps,
+            None,
+            advantages,
+            batch.response_mask,
+            clip_range=hp.clip_range,
+            clip_range_high=hp.clip_range_high,
+            beta=0.0,
+            loss_aggregation=hp.loss_aggregation,
             max_new_tokens=self.sampling.max_new_tokens,
-        )  # fmt: skip
+        )

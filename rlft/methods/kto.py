@@ -52,8 +52,11 @@ def completion_logps(model: torch.nn.Module, input_ids, attention_mask, labels) 
 
     The LM head runs on the labelled positions only (:func:`rlft.models.scoring.scored_logps`), never on prompts.
     """
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "position_ids": position_ids_from_mask(attention_mask)}  # fmt: skip
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+    }
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     token_logps = scored_logps(model, inputs, rows * labels.shape[1] + cols, labels[rows, cols + 1])
     sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
@@ -101,8 +104,9 @@ class KTO(RLFTModule):
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if desirable_weight < 0 or undesirable_weight < 0:
-            raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {desirable_weight} and "
-                             f"{undesirable_weight}")  # fmt: skip
+            raise ValueError(
+                f"desirable_weight and undesirable_weight must be >= 0, got {desirable_weight} and {undesirable_weight}"
+            )
         super().__init__(model, **kwargs)
         is_peft = self.lora_settings is not None or is_adapter(model)  # known before the network is built
         self.reference_mode = reference or ("adapter" if is_peft else "model")
@@ -125,8 +129,10 @@ class KTO(RLFTModule):
         batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
         if stage == "fit" and batch_size is not None and batch_size < 2:
             # one row has no other row's completion to pair its prompt with: the KL point would be its own reward
-            raise ValueError(f"KTO needs data.batch_size >= 2 (got {batch_size}): the KL reference point pairs each "
-                             "prompt with another row's completion of the same batch")  # fmt: skip
+            raise ValueError(
+                f"KTO needs data.batch_size >= 2 (got {batch_size}): the KL reference point pairs each "
+                "prompt with another row's completion of the same batch"
+            )
 
     # ------------------------------------------------------------------------------------------ reference
     def load_reference_model(self) -> torch.nn.Module:
@@ -136,8 +142,10 @@ class KTO(RLFTModule):
         zero_dropout(ref)
         policy_vocab, ref_vocab = vocabulary_size(causal_lm(self.model)), vocabulary_size(causal_lm(ref))
         if ref_vocab != policy_vocab:
-            raise ValueError(f"ref_model {hp.ref_model!r} has a vocabulary of {ref_vocab} tokens but the policy has "
-                             f"{policy_vocab}; the reference must share the policy's tokenizer")  # fmt: skip
+            raise ValueError(
+                f"ref_model {hp.ref_model!r} has a vocabulary of {ref_vocab} tokens but the policy has "
+                f"{policy_vocab}; the reference must share the policy's tokenizer"
+            )
         return ref
 
     @contextlib.contextmanager
@@ -156,7 +164,7 @@ class KTO(RLFTModule):
         with torch.no_grad():
             mismatched, _ = completion_logps(
                 self.model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
-            )  # fmt: skip
+            )
         return UnpairedLogps(completion, mismatched, tokens)
 
     def reference_logps(self, batch: dict) -> UnpairedLogps:
@@ -165,9 +173,9 @@ class KTO(RLFTModule):
         n = len(batch["input_ids"])
         with torch.no_grad(), self.reference_network() as network:
             logps, tokens = completion_logps(
-                network, *(torch.cat([batch[key], batch[f"kl_{key}"]]) for key in ("input_ids", "attention_mask",
-                                                                                  "labels")),
-            )  # fmt: skip
+                network,
+                *(torch.cat([batch[key], batch[f"kl_{key}"]]) for key in ("input_ids", "attention_mask", "labels")),
+            )
         return UnpairedLogps(logps[:n], logps[n:], tokens[:n])
 
     # ------------------------------------------------------------------------------------------ loss
@@ -183,9 +191,14 @@ class KTO(RLFTModule):
         """Per-example losses and stats (``rewards`` at least, ``[B]``); override to try another objective."""
         hp = self.hparams
         return kto_loss(
-            policy.completion, reference.completion, batch["label"], kl, beta=hp.beta,
-            desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight,
-        )  # fmt: skip
+            policy.completion,
+            reference.completion,
+            batch["label"],
+            kl,
+            beta=hp.beta,
+            desirable_weight=hp.desirable_weight,
+            undesirable_weight=hp.undesirable_weight,
+        )
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = self.policy_logps(batch)

@@ -108,8 +108,11 @@ class OnlineRL(RLFTModule):
         **kwargs,
     ) -> None:
         resolve(loss_aggregation, LOSS_AGGREGATIONS, "loss_aggregation")  # a typo fails here, not at step 1
-        for name, value in (("epochs", epochs), ("minibatch_size", minibatch_size),
-                            ("micro_batch_size", micro_batch_size)):  # fmt: skip
+        for name, value in (
+            ("epochs", epochs),
+            ("minibatch_size", minibatch_size),
+            ("micro_batch_size", micro_batch_size),
+        ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         super().__init__(model, **kwargs)
@@ -158,10 +161,16 @@ class OnlineRL(RLFTModule):
             score = several_updates or (self.kl_coef != 0 and self.kl_settings.placement == "reward")
         with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
             return collect_rollout(
-                self.model, self.tokenizer, batch, self.sampling, group_size=self.samples_per_prompt, score=score,
-                reference=self.reference_model, with_reference=self.needs_reference,
+                self.model,
+                self.tokenizer,
+                batch,
+                self.sampling,
+                group_size=self.samples_per_prompt,
+                score=score,
+                reference=self.reference_model,
+                with_reference=self.needs_reference,
                 score_batch_size=self.hparams.micro_batch_size,
-            )  # fmt: skip
+            )
 
     def rollout(self, batch: dict) -> Rollout:
         """What is sampled for a prompts batch (override for another layout or extra per-row tensors)."""
@@ -195,9 +204,14 @@ class OnlineRL(RLFTModule):
         ``logps``: ``[n, R]`` current log-probs with grad; ``advantages``: ``[n, R]``). The default is PPO's
         clipped surrogate (:func:`rlft.rl_losses.ppo_policy_loss`)."""
         return ppo_policy_loss(
-            logps, batch.logps, advantages, batch.response_mask, clip_range=self.hparams.clip_range,
-            loss_aggregation=self.hparams.loss_aggregation, max_new_tokens=self.sampling.max_new_tokens,
-        )  # fmt: skip
+            logps,
+            batch.logps,
+            advantages,
+            batch.response_mask,
+            clip_range=self.hparams.clip_range,
+            loss_aggregation=self.hparams.loss_aggregation,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
 
     def auxiliary_loss(self, batch: Rollout, scored: ScoredTokens) -> LossOutput | None:
         """A loss added to the policy loss of each minibatch (PPO's value loss); none by default."""
@@ -248,10 +262,15 @@ class OnlineRL(RLFTModule):
     def score_tokens(self, batch: Rollout) -> ScoredTokens:
         """The update's forward over a minibatch: log-probs with grad, entropy and (``needs_hidden``) states."""
         logps, entropy, hidden = token_logps(
-            self.model, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1],
-            temperature=self.sampling.temperature, with_entropy=True, with_hidden=self.needs_hidden,
+            self.model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_ids.shape[1],
+            temperature=self.sampling.temperature,
+            with_entropy=True,
+            with_hidden=self.needs_hidden,
             share_prompts=self.sampling.share_prompts,
-        )  # fmt: skip
+        )
         return ScoredTokens(logps, entropy, hidden)
 
     def minibatch_loss(self, batch: Rollout) -> LossOutput:
@@ -375,14 +394,19 @@ class OnlineRL(RLFTModule):
         # the same hooks and the same loss as training, on held-out prompts
         rollout = self.prepare(batch, "validate")
         out = self.minibatch_loss(rollout)
-        metrics = {"loss": out.loss, "reward": rollout.rewards.mean(), **out.metrics(),
-                   **self.rollout_metrics(rollout, time.perf_counter())}  # fmt: skip
+        metrics = {
+            "loss": out.loss,
+            "reward": rollout.rewards.mean(),
+            **out.metrics(),
+            **self.rollout_metrics(rollout, time.perf_counter()),
+        }
         for name in ("step_seconds", "rollout_tokens_per_sec"):  # timings of a no-grad pass mean nothing here
             metrics.pop(name, None)
         size = len(rollout)
         self.log("val/reward", metrics.pop("reward"), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log_dict({f"val/{k}": torch.as_tensor(v).float() for k, v in metrics.items()}, batch_size=size,
-                      sync_dist=True)  # fmt: skip
+        self.log_dict(
+            {f"val/{k}": torch.as_tensor(v).float() for k, v in metrics.items()}, batch_size=size, sync_dist=True
+        )
         return {"rollout": rollout}
 
     def on_train_start(self) -> None:

@@ -95,9 +95,13 @@ class PPO(OnlineRL):
             # loaded as the policy is: a critic without the run's checkpointing or quantization would silently
             # hold its activations or full-precision weights
             self.critic = load_model(
-                hp.critic, dtype=hp.dtype, lora=self.lora_settings, quantization=hp.quantization,
-                gradient_checkpointing=hp.gradient_checkpointing, attn_implementation=hp.attn_implementation,
-            )  # fmt: skip
+                hp.critic,
+                dtype=hp.dtype,
+                lora=self.lora_settings,
+                quantization=hp.quantization,
+                gradient_checkpointing=hp.gradient_checkpointing,
+                attn_implementation=hp.attn_implementation,
+            )
             disable_dropout(self.critic)
         trunk = self.critic if self.critic is not None else self.model
         hidden = trunk.config.get_text_config().hidden_size
@@ -121,10 +125,14 @@ class PPO(OnlineRL):
                     if shared_trunk:
                         # one forward gives the old log-probs and the trunk states the value head reads
                         part_logps, _, hidden = token_logps(
-                            self.model, part.input_ids, part.attention_mask, part.response_ids.shape[1],
-                            temperature=self.sampling.temperature, with_hidden=True,
+                            self.model,
+                            part.input_ids,
+                            part.attention_mask,
+                            part.response_ids.shape[1],
+                            temperature=self.sampling.temperature,
+                            with_hidden=True,
                             share_prompts=self.sampling.share_prompts,
-                        )  # fmt: skip
+                        )
                         logps.append(part_logps)
                         values.append(self.values(part, hidden))
                     else:
@@ -139,8 +147,15 @@ class PPO(OnlineRL):
         if hidden is None:
             trunk = self.critic if self.critic is not None else self.model
             length = rollout.response_ids.shape[1]
-            _, _, hidden = token_logps(trunk, rollout.input_ids, rollout.attention_mask, length, with_hidden=True,
-                                       with_logps=False, share_prompts=self.sampling.share_prompts)  # fmt: skip
+            _, _, hidden = token_logps(
+                trunk,
+                rollout.input_ids,
+                rollout.attention_mask,
+                length,
+                with_hidden=True,
+                with_logps=False,
+                share_prompts=self.sampling.share_prompts,
+            )
         return self.value_head(hidden.to(next(self.value_head.parameters()).dtype)).squeeze(-1)
 
     def shape_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
@@ -168,15 +183,23 @@ class PPO(OnlineRL):
         policy loss is."""
         hp = self.hparams
         values = self.values(batch, scored.hidden)
-        out = ppo_value_loss(values, batch.values, batch.returns, batch.response_mask,
-                             clip_range_value=hp.clip_range_value, loss_aggregation=hp.loss_aggregation,
-                             max_new_tokens=self.sampling.max_new_tokens)  # fmt: skip
+        out = ppo_value_loss(
+            values,
+            batch.values,
+            batch.returns,
+            batch.response_mask,
+            clip_range_value=hp.clip_range_value,
+            loss_aggregation=hp.loss_aggregation,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
         return LossOutput(hp.vf_coef * out.losses, {"value_loss": out.losses.detach(), **out.stats})
 
     def rollout_metrics(self, rollout: Rollout, started: float) -> dict[str, torch.Tensor]:
         mask = rollout.response_mask.to(rollout.returns.dtype)
-        return {**super().rollout_metrics(rollout, started),
-                "explained_variance": explained_variance(rollout.values, rollout.returns, mask)}  # fmt: skip
+        return {
+            **super().rollout_metrics(rollout, started),
+            "explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+        }
 
     def on_train_start(self) -> None:
         super().on_train_start()

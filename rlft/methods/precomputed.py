@@ -59,8 +59,9 @@ class PrecomputedReference:
             if stored.get("version") == _CACHE_VERSION and stored.get("source") == self.source():
                 cache = stored["logps"]
             else:
-                log.warning("%s was computed by another reference or rlft version (%s); recomputing", path,
-                            stored.get("source"))  # fmt: skip
+                log.warning(
+                    "%s was computed by another reference or rlft version (%s); recomputing", path, stored.get("source")
+                )
         todo = [e for e in self._examples() if example_key(e) not in cache]
         if todo:
             self._check_can_compute(path, len(todo))
@@ -131,7 +132,8 @@ class PrecomputedReference:
 
     @staticmethod
     def _store(keys: list[str], logps: PairLogps, cache: dict) -> None:
-        rows = zip(logps.chosen.tolist(), logps.rejected.tolist(), logps.chosen_tokens.tolist(),
-                   logps.rejected_tokens.tolist())  # fmt: skip
+        rows = zip(
+            logps.chosen.tolist(), logps.rejected.tolist(), logps.chosen_tokens.tolist(), logps.rejected_tokens.tolist()
+        )
         for key, row in zip(keys, rows):
             cache[key] = row

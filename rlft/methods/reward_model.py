@@ -129,12 +129,14 @@ class RewardModel(RLFTModule):
             output = self.reward_loss(chosen, rejected, batch)
         chosen, rejected = chosen.detach(), rejected.detach()
         metrics = {k: v for k, v in output.stats.items() if k not in ("chosen_rewards", "rejected_rewards")}
-        metrics.update({
-            "accuracy": (chosen > rejected).float().mean(),
-            "rewards/chosen": chosen,
-            "rewards/rejected": rejected,
-            "rewards/margin": (chosen - rejected).mean(),
-        })  # fmt: skip
+        metrics.update(
+            {
+                "accuracy": (chosen > rejected).float().mean(),
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margin": (chosen - rejected).mean(),
+            }
+        )
         return self.reduce_losses(output.losses, batch), metrics
 
     def validation_epoch_metrics(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,16 +188,20 @@ class RewardModel(RLFTModule):
             write_sequence_classification_folder(path, backbone, network.head, self.tokenizer, config)
             usage = "sequence_classification"
             if self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
-                notes.append(f"the pad token (id {self.tokenizer.pad_token_id}) is also the end-of-sequence token: "
-                             "transformers reads the reward at the rightmost token that is not the pad token, so a "
-                             "sequence that ends with it is read one token early; rlft's RewardScorer reads the "
-                             "last token of the attention mask")  # fmt: skip
+                notes.append(
+                    f"the pad token (id {self.tokenizer.pad_token_id}) is also the end-of-sequence token: "
+                    "transformers reads the reward at the rightmost token that is not the pad token, so a "
+                    "sequence that ends with it is read one token early; rlft's RewardScorer reads the "
+                    "last token of the attention mask"
+                )
         except HeadNotRepresentable as error:
             write_reward_folder(path, backbone, network.head, self.tokenizer, self.reward_config())
             usage = "rlft_reward"
-            notes.append(f"{error}. This is rlft's reward folder: load it with `RewardScorer` (below). Loaded with "
-                         "`AutoModelForSequenceClassification` it would get a freshly initialised `score` and give "
-                         "unrelated rewards.")  # fmt: skip
+            notes.append(
+                f"{error}. This is rlft's reward folder: load it with `RewardScorer` (below). Loaded with "
+                "`AutoModelForSequenceClassification` it would get a freshly initialised `score` and give "
+                "unrelated rewards."
+            )
             log.warning("reward head not exportable as sequence classification (%s); wrote rlft's folder", error)
         facts = self.model_card_facts(usage)
         facts.notes += notes
@@ -204,9 +210,12 @@ class RewardModel(RLFTModule):
             import copy
 
             merged = copy.deepcopy(backbone).merge_and_unload()
-            write_reward_folder(path / "merged", merged, network.head, self.tokenizer,
-                                {**self.reward_config(), "backbone": "full"})  # fmt: skip
+            write_reward_folder(
+                path / "merged", merged, network.head, self.tokenizer, {**self.reward_config(), "backbone": "full"}
+            )
             write_model_card(path / "merged", facts)
-        print(f"rlft: reward model saved to {path}" + (" (transformers sequence classification)"
-                                                        if usage == "sequence_classification" else ""))  # fmt: skip
+        print(
+            f"rlft: reward model saved to {path}"
+            + (" (transformers sequence classification)" if usage == "sequence_classification" else "")
+        )
         return path

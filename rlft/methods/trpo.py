@@ -43,9 +43,9 @@ _SHARDED_STRATEGIES = ("DeepSpeed", "FSDP", "ModelParallel")
 
 def _flat(tensors: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
     """Per-parameter tensors (None where a parameter got no gradient) as one flat fp32 vector."""
-    return torch.cat([
-        (t if t is not None else torch.zeros_like(p)).reshape(-1).float() for t, p in zip(tensors, params)
-    ])  # fmt: skip
+    return torch.cat(
+        [(t if t is not None else torch.zeros_like(p)).reshape(-1).float() for t, p in zip(tensors, params)]
+    )
 
 
 def _unflat(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -133,8 +133,10 @@ class TRPO(GRPO):
                 "DDP (e.g. -c configs/trainer/ddp.yaml)"
             )
         if self.trainer.precision == "16-mixed":
-            raise ValueError("TRPO writes its step as an unscaled gradient, which fp16 loss scaling would rescale; "
-                             "use precision bf16-mixed or 32-true")  # fmt: skip
+            raise ValueError(
+                "TRPO writes its step as an unscaled gradient, which fp16 loss scaling would rescale; "
+                "use precision bf16-mixed or 32-true"
+            )
 
     def on_model_built(self) -> None:
         super().on_model_built()
@@ -156,8 +158,9 @@ class TRPO(GRPO):
         mask = batch.response_mask.to(logps.dtype)
         log_ratio = logps - batch.logps
         ratio = torch.exp(log_ratio)
-        losses = aggregate_tokens(-advantages * ratio, mask, self.hparams.loss_aggregation,
-                                  self.sampling.max_new_tokens)  # fmt: skip
+        losses = aggregate_tokens(
+            -advantages * ratio, mask, self.hparams.loss_aggregation, self.sampling.max_new_tokens
+        )
         with torch.no_grad():
             count = mask.sum(-1).clamp(min=1.0)
             stats = {"ratio": (ratio * mask).sum(-1) / count, "clipfrac": torch.zeros_like(count)}
@@ -170,9 +173,14 @@ class TRPO(GRPO):
         inside ``sdpa_kernel([SDPBackend.MATH])`` (recomputation under gradient checkpointing then uses it too).
         """
         _, _, hidden = token_logps(
-            self.model, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1], with_logps=False,
-            with_hidden=True, share_prompts=self.sampling.share_prompts,
-        )  # fmt: skip
+            self.model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_ids.shape[1],
+            with_logps=False,
+            with_hidden=True,
+            share_prompts=self.sampling.share_prompts,
+        )
         head = plain_head(causal_lm(self.model))
         temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
         logits = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float() / temperature
@@ -233,8 +241,11 @@ class TRPO(GRPO):
             mask = part.response_mask.to(new.dtype)
             return (self.token_kl(old, new) * mask).sum() * world / count
 
-        fisher = batch if hp.fisher_fraction >= 1 else batch.select(_spread_rows(len(batch), hp.fisher_fraction,
-                                                                                 self.device))  # fmt: skip
+        fisher = (
+            batch
+            if hp.fisher_fraction >= 1
+            else batch.select(_spread_rows(len(batch), hp.fisher_fraction, self.device))
+        )
         fisher_tokens = self.sum_over_processes(fisher.response_mask.float().sum()).clamp(min=1.0)
         fisher_parts = fisher.split(hp.micro_batch_size or len(fisher))
 
@@ -249,8 +260,9 @@ class TRPO(GRPO):
             total = torch.zeros_like(v)
             for part in fisher_parts:
                 grad_kl = cached[0] if cached is not None else kl_gradient(part)
-                total += _flat(torch.autograd.grad(grad_kl @ v, params, retain_graph=cached is not None,
-                                                   allow_unused=True), params)  # fmt: skip
+                total += _flat(
+                    torch.autograd.grad(grad_kl @ v, params, retain_graph=cached is not None, allow_unused=True), params
+                )
             return self._reduce(total) + hp.damping * v
 
         # 3. natural-gradient direction, scaled to the trust region, then the line search on the true KL; the fused
@@ -283,9 +295,13 @@ class TRPO(GRPO):
             return float(loss0 - self._reduce(loss)), float(self._reduce(kl))
 
         fraction, info = backtracking_line_search(
-            evaluate, step, expected, max_backtracks=hp.max_backtracks, accept_ratio=hp.accept_ratio,
+            evaluate,
+            step,
+            expected,
+            max_backtracks=hp.max_backtracks,
+            accept_ratio=hp.accept_ratio,
             max_kl=hp.max_kl,
-        )  # fmt: skip
+        )
         move(0.0)  # back to theta_k: the optimiser writes the step
 
         # 4. the accepted step through the Lightning optimiser (SGD, lr 1): theta_k - (-fraction * step)
@@ -298,15 +314,17 @@ class TRPO(GRPO):
 
         stats = {name: torch.cat(values).mean() for name, values in rows.items()}
         accepted = fraction > 0
-        stats.update({
-            "loss": loss0,
-            "trpo/step_fraction": fraction,
-            "trpo/expected_improvement": info["expected_improvement"] if accepted else expected,
-            "trpo/actual_improvement": info["actual_improvement"] if accepted else 0.0,
-            "trpo/kl": info["kl"] if accepted else 0.0,
-            "trpo/backtracks": info["backtracks"],
-            "trpo/grad_norm": g.norm(),
-        })  # fmt: skip
+        stats.update(
+            {
+                "loss": loss0,
+                "trpo/step_fraction": fraction,
+                "trpo/expected_improvement": info["expected_improvement"] if accepted else expected,
+                "trpo/actual_improvement": info["actual_improvement"] if accepted else 0.0,
+                "trpo/kl": info["kl"] if accepted else 0.0,
+                "trpo/backtracks": info["backtracks"],
+                "trpo/grad_norm": g.norm(),
+            }
+        )
         return {name: torch.as_tensor(value, device=self.device).float() for name, value in stats.items()}
 
 

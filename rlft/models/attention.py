@@ -50,8 +50,12 @@ def causal_segments(lengths: list[int]) -> tuple[Segment, ...]:
 def segmented_inputs(ids: torch.Tensor, positions: torch.Tensor, segments: tuple[Segment, ...]) -> dict:
     """Model keyword arguments for one packed row (``ids``/``positions`` are 1-D) attended span by span."""
     # an all-ones 2-D mask keeps transformers from building the [L, L] packed mask that the segments replace
-    return {"input_ids": ids[None], "position_ids": positions[None], "attention_mask": torch.ones_like(ids)[None],
-            "rlft_segments": segments}  # fmt: skip
+    return {
+        "input_ids": ids[None],
+        "position_ids": positions[None],
+        "attention_mask": torch.ones_like(ids)[None],
+        "rlft_segments": segments,
+    }
 
 
 def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:

@@ -296,8 +296,10 @@ def load_trained(network: torch.nn.Module, path: str) -> torch.nn.Module:
     weights = trained_weights(path)
     unknown = set(weights) - set(network.state_dict())
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} trained tensors do not fit the rebuilt {type(network).__name__}, "
-                         f"e.g. {sorted(unknown)[:3]} (a checkpoint of another method or model?)")  # fmt: skip
+        raise ValueError(
+            f"{path}: {len(unknown)} trained tensors do not fit the rebuilt {type(network).__name__}, "
+            f"e.g. {sorted(unknown)[:3]} (a checkpoint of another method or model?)"
+        )
     network.load_state_dict(weights, strict=False)
     return network
 

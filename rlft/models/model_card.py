@@ -22,10 +22,29 @@ import yaml
 USAGES = ("peft", "transformers", "sequence_classification", "rlft_reward", "onnx")
 # settings worth a line of their own when a method has them (dotted hparams keys); the full set follows in a block
 KEY_SETTINGS = (
-    "optim.lr", "optim.scheduler", "optim.warmup_steps", "lora.r", "lora.alpha", "lora.dropout", "dtype",
-    "quantization", "beta", "loss_type", "label_smoothing", "kl.coef", "kl_coef", "kl.estimator", "head", "margin",
-    "center_coef", "num_generations", "clip_eps", "max_kl", "desirable_weight", "undesirable_weight",
-)  # fmt: skip
+    "optim.lr",
+    "optim.scheduler",
+    "optim.warmup_steps",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "dtype",
+    "quantization",
+    "beta",
+    "loss_type",
+    "label_smoothing",
+    "kl.coef",
+    "kl_coef",
+    "kl.estimator",
+    "head",
+    "margin",
+    "center_coef",
+    "num_generations",
+    "clip_eps",
+    "max_kl",
+    "desirable_weight",
+    "undesirable_weight",
+)
 # hub ids of the registry's aliases, for `base_model` (the hub links a card to its base by id)
 ALIAS_HUB_IDS = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
@@ -118,9 +137,11 @@ def front_matter(facts: CardFacts) -> dict:
 
 def load_snippet(usage: str, folder: str = "path/to/this/folder") -> str:
     if usage == "peft":
-        return (f'from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{folder}")')  # fmt: skip
+        return (
+            f"from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")'
+        )
     if usage == "sequence_classification":
         return (
             f"import torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
@@ -132,15 +153,21 @@ def load_snippet(usage: str, folder: str = "path/to/this/folder") -> str:
             "with torch.no_grad():\n    reward = model(**ids).logits[:, 0]  # read at the last non-pad token"
         )
     if usage == "onnx":
-        return (f'from rlft.export import OnnxCausalLM  # onnxruntime, a decoder with KV-cache inputs/outputs\n\n'
-                f'model = OnnxCausalLM("{folder}")')  # fmt: skip
+        return (
+            f"from rlft.export import OnnxCausalLM  # onnxruntime, a decoder with KV-cache inputs/outputs\n\n"
+            f'model = OnnxCausalLM("{folder}")'
+        )
     if usage == "rlft_reward":
-        return (f'from rlft.models.reward import RewardScorer\n\n'
-                f'scorer = RewardScorer.from_pretrained("{folder}")\n'
-                'rewards = scorer.score(["How do I boil an egg?"], ["Simmer it for 8 minutes."])')  # fmt: skip
-    return (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
-            f'model = AutoModelForCausalLM.from_pretrained("{folder}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")')  # fmt: skip
+        return (
+            f"from rlft.models.reward import RewardScorer\n\n"
+            f'scorer = RewardScorer.from_pretrained("{folder}")\n'
+            'rewards = scorer.score(["How do I boil an egg?"], ["Simmer it for 8 minutes."])'
+        )
+    return (
+        f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{folder}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder}")'
+    )
 
 
 def _number(value) -> str:
@@ -159,8 +186,16 @@ def card_text(facts: CardFacts) -> str:
     else:
         steps = f", {facts.steps} optimiser steps." if facts.steps is not None else "."
         intro = f"Trained with rlft {rlft_version()}: **{facts.method}** starting from `{facts.base_model}`{steps}"
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {facts.method} of {meta['base_model']}", "", intro, ""]  # fmt: skip
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {facts.method} of {meta['base_model']}",
+        "",
+        intro,
+        "",
+    ]
     for note in facts.notes:
         lines += [f"> **Note:** {note}", ""]
     flat = flatten(facts.settings)
@@ -183,8 +218,16 @@ def card_text(facts: CardFacts) -> str:
             lines += [f"| `{k}` | {_number(v)} |" for k, v in sorted(facts.metrics.items())] + [""]
     lines += ["## How to load", "", "```python", load_snippet(facts.usage), "```", ""]
     if flat:
-        lines += ["<details><summary>All training settings</summary>", "", "```yaml",
-                  yaml.safe_dump(flat, sort_keys=True).rstrip(), "```", "", "</details>", ""]  # fmt: skip
+        lines += [
+            "<details><summary>All training settings</summary>",
+            "",
+            "```yaml",
+            yaml.safe_dump(flat, sort_keys=True).rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -211,9 +254,12 @@ def trainer_card_facts(module, usage: str) -> CardFacts:
     hyperparameters, the data module's files and split sizes, the steps taken and the last logged metrics."""
     hparams = dict(module.hparams)
     trainer = module._trainer
-    facts = CardFacts(base_model=str(hparams.get("model", "unknown")), method=type(module).__name__, usage=usage,
-                      settings={k: v for k, v in hparams.items() if k not in ("model", "output_dir")
-                                and not k.startswith("_")})  # fmt: skip
+    facts = CardFacts(
+        base_model=str(hparams.get("model", "unknown")),
+        method=type(module).__name__,
+        usage=usage,
+        settings={k: v for k, v in hparams.items() if k not in ("model", "output_dir") and not k.startswith("_")},
+    )
     if trainer is None:
         return facts
     facts.steps = int(trainer.global_step)

@@ -69,8 +69,11 @@ class RewardNetwork(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward of each (left- or right-padded) row, read at its last real token (``[B]``)."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "position_ids": position_ids_from_mask(attention_mask)}  # fmt: skip
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask),
+        }
         return self.score_at(inputs, flat_last_positions(attention_mask))
 
     def score_at(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,7 @@ def sequence_classification_model(lm: torch.nn.Module, head: torch.nn.Module, pa
             raise HeadNotRepresentable(
                 f"the reward head has a bias ({bias:.4g}) that {type(lm).__name__} cannot carry (transformers' score "
                 "has no bias and its final norm none either)"
-            )  # fmt: skip
+            )
         shift = bias * weight.double() / weight.double().dot(weight.double())
         state[key] = (state[key].double() + shift).to(state[key].dtype)
     config = copy.deepcopy(lm.config)
@@ -140,7 +143,7 @@ def _linear_parts(head: torch.nn.Module) -> tuple[torch.Tensor, float]:
         raise HeadNotRepresentable(
             f"a {type(head).__name__} reward head (e.g. `head: mlp`) has no transformers sequence-classification "
             "equivalent; only the `linear` head exports"
-        )  # fmt: skip
+        )
     bias = float(state["bias"].item()) if "bias" in state else 0.0
     return state["weight"].detach().float().reshape(-1).cpu(), bias
 

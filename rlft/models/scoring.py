@@ -112,8 +112,11 @@ class PairLayout:
 def _padded_layout(batch: dict) -> PairLayout:
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     # positions counted over real tokens: left- and right-padded rows score alike
-    inputs = {"input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-              "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}  # fmt: skip
+    inputs = {
+        "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+        "attention_mask": mask,
+        "position_ids": position_ids_from_mask(mask),
+    }
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     width = labels.shape[1]
@@ -181,8 +184,13 @@ def shared_prompt_layout(batch: dict) -> PairLayout:
         span = torch.cat([torch.arange(lc, device=device), torch.arange(shared, lr, device=device)])
         # part [S]: 0 = prompt, 1 = chosen response, 2 = rejected response; mask [S, S]: causal within the span's
         # positions, and a response token sees the prompt and its own response only
-        part = torch.cat([torch.zeros(shared, device=device), torch.ones(lc - shared, device=device),
-                          torch.full((lr - shared,), 2.0, device=device)])  # fmt: skip
+        part = torch.cat(
+            [
+                torch.zeros(shared, device=device),
+                torch.ones(lc - shared, device=device),
+                torch.full((lr - shared,), 2.0, device=device),
+            ]
+        )
         mask = (span[None, :] <= span[:, None]) & ((part[None, :] == 0) | (part[None, :] == part[:, None]))
         ids += [chosen, rejected[shared:]]
         positions.append(span)

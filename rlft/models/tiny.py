@@ -14,9 +14,19 @@ import torch
 import transformers
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<bos>", "<start_of_turn>", "<end_of_turn>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<s>",
+    "</s>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -52,11 +62,19 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict, str, str | None, str]] = {
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024), CHATML_TEMPLATE, None, "<|im_end|>"),
     "opt": (
         "OPTConfig",
-        dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-             max_position_embeddings=1024),
-        CHATML_TEMPLATE, "</s>", "<|im_end|>",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=1024,
+        ),
+        CHATML_TEMPLATE,
+        "</s>",
+        "<|im_end|>",
     ),
-}  # fmt: skip
+}
 
 
 def build_tiny_tokenizer(family: str = "llama", vocab_size: int = 512) -> transformers.PreTrainedTokenizerFast:

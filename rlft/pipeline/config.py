@@ -187,7 +187,12 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     evaluation = None if evaluation is None else _build(EvaluationSettings, evaluation, "evaluation", path)
     if evaluation is not None and "rm" not in stages:
         _fail(path, "evaluation needs a reward-model stage (stages.rm) to score with; add one or set evaluation: null")
-    return PipelineConfig(run_dir=raw["run_dir"], data=data, stages=dict(sorted(stages.items(),
-                          key=lambda kv: STAGE_ORDER.index(kv[0]))), evaluation=evaluation,
-                          overlays=list(raw.get("overlays", [])), title=raw.get("title", "rlft pipeline"),
-                          source=path)  # fmt: skip
+    return PipelineConfig(
+        run_dir=raw["run_dir"],
+        data=data,
+        stages=dict(sorted(stages.items(), key=lambda kv: STAGE_ORDER.index(kv[0]))),
+        evaluation=evaluation,
+        overlays=list(raw.get("overlays", [])),
+        title=raw.get("title", "rlft pipeline"),
+        source=path,
+    )

@@ -39,9 +39,14 @@ def evaluation_config(runner) -> dict:
                 policies[name] = str(runner.model_of(name))
     if "rm" not in stages:
         raise ValueError(f"{runner.config.source}: the evaluation needs a reward-model stage (rm)")
-    return {"policies": policies, "start": "start", "reward_model": str(runner.model_of("rm")),
-            "heldout_pairs": str(runner.run_dir / "data" / "heldout_pairs.jsonl"),
-            "out": str(runner.run_dir / "evaluation"), **vars(settings)}  # fmt: skip
+    return {
+        "policies": policies,
+        "start": "start",
+        "reward_model": str(runner.model_of("rm")),
+        "heldout_pairs": str(runner.run_dir / "data" / "heldout_pairs.jsonl"),
+        "out": str(runner.run_dir / "evaluation"),
+        **vars(settings),
+    }
 
 
 def _bootstrap(values: np.ndarray, statistic, n: int, seed: int) -> list[float]:
@@ -83,11 +88,19 @@ def evaluate(cfg: dict) -> dict:
 
     pairs = load_records(cfg["heldout_pairs"], kind="pairs", limit=cfg.get("pairs_limit"))
     scorer = load_reward_scorer(cfg["reward_model"], max_length=cfg.get("rm_max_length", 1024))
-    results: dict = {"reward_model": preference_accuracy(scorer, pairs, n_bootstrap=cfg["n_bootstrap"],
-                                                         seed=cfg["seed"])}  # fmt: skip
+    results: dict = {
+        "reward_model": preference_accuracy(scorer, pairs, n_bootstrap=cfg["n_bootstrap"], seed=cfg["seed"])
+    }
     if not cfg["policies"]:
-        return {**results, "start": None, "n_prompts": 0, "policies": {}, "refusal_classifier": None,
-                "toxicity_classifier": None, "examples": []}  # fmt: skip
+        return {
+            **results,
+            "start": None,
+            "n_prompts": 0,
+            "policies": {},
+            "refusal_classifier": None,
+            "toxicity_classifier": None,
+            "examples": [],
+        }
     seen, prompts = set(), []
     for p in pairs:
         key = json.dumps(p["prompt"], sort_keys=True)
@@ -95,8 +108,12 @@ def evaluate(cfg: dict) -> dict:
             seen.add(key)
             prompts.append(p["prompt"])
     prompts = prompts[: cfg["limit"]]
-    settings = SamplingSettings(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
-                                batch_size=cfg["batch_size"], seed=cfg["seed"])  # fmt: skip
+    settings = SamplingSettings(
+        max_new_tokens=cfg["max_new_tokens"],
+        temperature=cfg["temperature"],
+        batch_size=cfg["batch_size"],
+        seed=cfg["seed"],
+    )
     refusal = load_refusal_classifier(cfg["refusal"])
     toxicity = load_toxicity_classifier(cfg["toxicity"])
     start_name = cfg["start"]
@@ -109,10 +126,13 @@ def evaluate(cfg: dict) -> dict:
         tok = start_tok if name == start_name else load_tokenizer(model_string)
         texts = [s[0] for s in Generator(lm, tok).generate(prompts, settings)]
         answers[name], rewards[name] = texts, np.asarray(score_exchanges(scorer, prompts, texts), dtype=float)
-        entry: dict = {"model": model_string, "mean_reward": float(rewards[name].mean()),
-                       "mean_reward_ci": _bootstrap(rewards[name], np.mean, cfg["n_bootstrap"], cfg["seed"]),
-                       "mean_words": float(np.mean([len(t.split()) for t in texts])),
-                       "refusal_rate": float(np.mean(refusal(texts)))}  # fmt: skip
+        entry: dict = {
+            "model": model_string,
+            "mean_reward": float(rewards[name].mean()),
+            "mean_reward_ci": _bootstrap(rewards[name], np.mean, cfg["n_bootstrap"], cfg["seed"]),
+            "mean_words": float(np.mean([len(t.split()) for t in texts])),
+            "refusal_rate": float(np.mean(refusal(texts))),
+        }
         entry.update(toxicity.report(texts) if toxicity else {"toxicity": None})
         if name != start_name:
             own = np.asarray(response_logps(lm, tok, prompts, texts, cfg["batch_size"]))
@@ -137,15 +157,25 @@ def evaluate(cfg: dict) -> dict:
         entry["reward_gain_relative"] = float((rewards[name].mean() - base.mean()) / scale)
         # the gain in units of the start policy's reward spread: comparable across reward models' offsets
         entry["reward_gain_std"] = float((rewards[name].mean() - base.mean()) / (base.std() + 1e-8))
-        entry["win_rate"] = win_rate(outcomes_from_scores(rewards[name], base), n_bootstrap=cfg["n_bootstrap"],
-                                     seed=cfg["seed"]).to_dict()  # fmt: skip
+        entry["win_rate"] = win_rate(
+            outcomes_from_scores(rewards[name], base), n_bootstrap=cfg["n_bootstrap"], seed=cfg["seed"]
+        ).to_dict()
     results.update(
-        start=start_name, n_prompts=len(prompts), policies=policies,
-        refusal_classifier=refusal.name, toxicity_classifier=toxicity.name if toxicity else "none (not measured)",
+        start=start_name,
+        n_prompts=len(prompts),
+        policies=policies,
+        refusal_classifier=refusal.name,
+        toxicity_classifier=toxicity.name if toxicity else "none (not measured)",
         settings={k: cfg[k] for k in ("limit", "max_new_tokens", "temperature", "seed", "n_bootstrap")},
-        examples=[{"prompt": prompts[i][-1]["content"], **{n: answers[n][i] for n in answers},
-                   "rewards": {n: float(rewards[n][i]) for n in answers}} for i in range(min(6, len(prompts)))],
-    )  # fmt: skip
+        examples=[
+            {
+                "prompt": prompts[i][-1]["content"],
+                **{n: answers[n][i] for n in answers},
+                "rewards": {n: float(rewards[n][i]) for n in answers},
+            }
+            for i in range(min(6, len(prompts)))
+        ],
+    )
     return results
 
 

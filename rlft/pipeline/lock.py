@@ -40,8 +40,10 @@ class RunFolderLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"  # empty only in the instant between its lock and its write
             handle.close()
-            raise RunFolderLocked(f"run folder {self.path.parent} is in use by another rlft pipeline (pid {holder}); "
-                                  f"wait for it to finish or stop it (the lock is {self.path})") from None  # fmt: skip
+            raise RunFolderLocked(
+                f"run folder {self.path.parent} is in use by another rlft pipeline (pid {holder}); "
+                f"wait for it to finish or stop it (the lock is {self.path})"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

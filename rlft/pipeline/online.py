@@ -20,9 +20,21 @@ from pathlib import Path
 import numpy as np
 
 
-def sample_pairs(policy: str, reward_model: str, prompts_path: str, out: str, *, offset: int, count: int,
-                 samples_per_prompt: int, max_new_tokens: int, temperature: float, min_margin: float = 0.0,
-                 seed: int = 0, batch_size: int = 8) -> dict:  # fmt: skip
+def sample_pairs(
+    policy: str,
+    reward_model: str,
+    prompts_path: str,
+    out: str,
+    *,
+    offset: int,
+    count: int,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    min_margin: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict:
     """Sample, score and pair; writes ``out`` (pairs JSONL) and returns the round's statistics.
 
     Prompts are the distinct prompts of ``prompts_path`` from ``offset`` on (wrapping around), so successive
@@ -43,8 +55,14 @@ def sample_pairs(policy: str, reward_model: str, prompts_path: str, out: str, *,
         raise ValueError(f"{prompts_path}: no prompts to sample from")
     chosen = [prompts[(offset + i) % len(prompts)] for i in range(min(count, len(prompts)))]
     lm, tok = load_model(policy, trainable_adapter=False), load_tokenizer(policy)
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
-                                num_samples=samples_per_prompt, batch_size=batch_size, seed=seed)  # fmt: skip
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0,
+        num_samples=samples_per_prompt,
+        batch_size=batch_size,
+        seed=seed,
+    )
     samples = Generator(lm, tok).generate(chosen, settings)
     del lm
     gc.collect()
@@ -53,15 +71,22 @@ def sample_pairs(policy: str, reward_model: str, prompts_path: str, out: str, *,
     rewards = score_exchanges(scorer, flat_prompts, [s for group in samples for s in group])
     pairs, skipped = pair_samples(chosen, samples, rewards, min_margin=min_margin)
     if not pairs:
-        raise ValueError(f"online_dpo: no usable pair left from {len(chosen)} prompts (dropped: "
-                         f"{describe_skipped(skipped)}); raise temperature, samples_per_prompt or max_new_tokens, "
-                         "or lower min_margin")  # fmt: skip
+        raise ValueError(
+            f"online_dpo: no usable pair left from {len(chosen)} prompts (dropped: "
+            f"{describe_skipped(skipped)}); raise temperature, samples_per_prompt or max_new_tokens, "
+            "or lower min_margin"
+        )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     margins = [p["chosen_reward"] - p["rejected_reward"] for p in pairs]
-    stats = {"prompts": len(chosen), "pairs": len(pairs), "skipped": skipped,
-             "mean_sample_reward": float(np.mean(rewards)), "mean_pair_margin": float(np.mean(margins))}  # fmt: skip
+    stats = {
+        "prompts": len(chosen),
+        "pairs": len(pairs),
+        "skipped": skipped,
+        "mean_sample_reward": float(np.mean(rewards)),
+        "mean_pair_margin": float(np.mean(margins)),
+    }
     Path(out).with_name("sampling.json").write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -94,8 +119,15 @@ def pair_samples(prompts: list, samples: list[list[str]], rewards, *, min_margin
         elif scores[best] - scores[worst] <= min_margin:
             skipped["small_margin"] += 1
         else:
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                          "chosen_reward": float(scores[best]), "rejected_reward": float(scores[worst])})  # fmt: skip
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_reward": float(scores[best]),
+                    "rejected_reward": float(scores[worst]),
+                }
+            )
     return pairs, skipped
 
 
@@ -118,17 +150,45 @@ def run_online_dpo(runner, stage, train_path: str) -> None:
             continue
         pairs = round_dir / "pairs.jsonl"
         if not (round_dir / "sampling.json").exists():
-            print(f"rlft pipeline: online_dpo round {r}: sampling {stage.samples_per_prompt} responses for "
-                  f"{stage.prompts_per_round} prompts (log: {round_dir / 'stage.log'})", flush=True)  # fmt: skip
-            argv = [runner.python, "-m", "rlft.pipeline.online", "--policy", policy, "--reward_model", reward_model,
-                    "--prompts", train_path, "--out", str(pairs), "--offset", str((r - 1) * stage.prompts_per_round),
-                    "--count", str(stage.prompts_per_round), "--samples_per_prompt", str(stage.samples_per_prompt),
-                    "--max_new_tokens", str(stage.max_new_tokens), "--temperature", str(stage.temperature),
-                    "--min_margin", str(stage.min_margin), "--seed", str(r)]  # fmt: skip
+            print(
+                f"rlft pipeline: online_dpo round {r}: sampling {stage.samples_per_prompt} responses for "
+                f"{stage.prompts_per_round} prompts (log: {round_dir / 'stage.log'})",
+                flush=True,
+            )
+            argv = [
+                runner.python,
+                "-m",
+                "rlft.pipeline.online",
+                "--policy",
+                policy,
+                "--reward_model",
+                reward_model,
+                "--prompts",
+                train_path,
+                "--out",
+                str(pairs),
+                "--offset",
+                str((r - 1) * stage.prompts_per_round),
+                "--count",
+                str(stage.prompts_per_round),
+                "--samples_per_prompt",
+                str(stage.samples_per_prompt),
+                "--max_new_tokens",
+                str(stage.max_new_tokens),
+                "--temperature",
+                str(stage.temperature),
+                "--min_margin",
+                str(stage.min_margin),
+                "--seed",
+                str(r),
+            ]
             runner._run_process(f"online_dpo round {r} sampling", argv, round_dir / "stage.log")
         stats = json.loads((round_dir / "sampling.json").read_text())
-        print(f"rlft pipeline: online_dpo round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts "
-              f"(dropped: {describe_skipped(stats['skipped'])})", flush=True)  # fmt: skip
+        print(
+            f"rlft pipeline: online_dpo round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts "
+            f"(dropped: {describe_skipped(stats['skipped'])})",
+            flush=True,
+        )
         config = runner.fit_config("online_dpo", stage, round_dir, data_path=str(pairs), model=policy)
         # the reference stays the start policy in every round (computed once per round from it)
         from rlft.pipeline.config import set_dotted
@@ -143,8 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlft.pipeline.online", description=sample_pairs.__doc__)
     for name in ("policy", "reward_model", "prompts", "out"):
         parser.add_argument(f"--{name}", required=True)
-    for name, kind in (("offset", int), ("count", int), ("samples_per_prompt", int), ("max_new_tokens", int),
-                       ("temperature", float), ("min_margin", float), ("seed", int), ("batch_size", int)):  # fmt: skip
+    for name, kind in (
+        ("offset", int),
+        ("count", int),
+        ("samples_per_prompt", int),
+        ("max_new_tokens", int),
+        ("temperature", float),
+        ("min_margin", float),
+        ("seed", int),
+        ("batch_size", int),
+    ):
         parser.add_argument(f"--{name}", type=kind, default={"min_margin": 0.0, "seed": 0, "batch_size": 8}.get(name))
     args = vars(parser.parse_args(argv))
     stats = sample_pairs(args.pop("policy"), args.pop("reward_model"), args.pop("prompts"), args.pop("out"), **args)

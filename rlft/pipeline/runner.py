@@ -119,8 +119,9 @@ class PipelineRunner:
             return None
 
     # ----------------------------------------------------------------------------------------------- configs
-    def fit_config(self, name: str, stage: StageSettings, folder: Path, *, data_path: str,
-                   model: str | None = None) -> dict:  # fmt: skip
+    def fit_config(
+        self, name: str, stage: StageSettings, folder: Path, *, data_path: str, model: str | None = None
+    ) -> dict:
         """The stage's base YAML with run-folder paths, data and upstream models wired in, then its ``args``."""
         config = yaml.safe_load(Path(stage.config).read_text())
         trainer = config.setdefault("trainer", {})
@@ -154,8 +155,9 @@ class PipelineRunner:
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - started
         if code != 0:
             tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
-            raise StageFailed(f"stage {name!r} failed with exit code {code}; full log: {log_path}\n--- last lines ---\n"
-                              f"{tail}")  # fmt: skip
+            raise StageFailed(
+                f"stage {name!r} failed with exit code {code}; full log: {log_path}\n--- last lines ---\n{tail}"
+            )
 
     def run_fit(self, name: str, config: dict, folder: Path, expected: Path, *, settings: str | None = None) -> None:
         """Write ``folder/config.yaml`` and run ``rlft fit`` on it (resuming from ``last.ckpt`` when there is one)."""
@@ -168,8 +170,11 @@ class PipelineRunner:
         resumed = (folder / "checkpoints" / "last.ckpt").exists()
         if resumed:
             argv += ["--ckpt_path", "last"]
-        print(f"rlft pipeline: stage {name} {'resuming from last.ckpt' if resumed else 'starting'} "
-              f"(log: {folder / 'stage.log'})", flush=True)  # fmt: skip
+        print(
+            f"rlft pipeline: stage {name} {'resuming from last.ckpt' if resumed else 'starting'} "
+            f"(log: {folder / 'stage.log'})",
+            flush=True,
+        )
         self._run_process(name, argv, folder / "stage.log")
         if not expected.exists():
             raise StageFailed(f"stage {name!r} exited 0 but wrote no {expected}; see {folder / 'stage.log'}")
@@ -189,9 +194,11 @@ class PipelineRunner:
         if self.is_done(folder):
             recorded = self.done_settings(folder)
             if recorded is not None and recorded != settings:
-                raise ValueError(f"{self.config.source}: the data settings changed since {folder} was split, and "
-                                 "every stage of this run trained on that split; use another run_dir for the new "
-                                 "data")  # fmt: skip
+                raise ValueError(
+                    f"{self.config.source}: the data settings changed since {folder} was split, and "
+                    "every stage of this run trained on that split; use another run_dir for the new "
+                    "data"
+                )
             done = json.loads((folder / DONE).read_text())
             if done.get("data_sha256", contents) == contents:  # (a folder split before hashes existed: as it was)
                 return json.loads((folder / "split.json").read_text())
@@ -202,8 +209,11 @@ class PipelineRunner:
         info = split_pairs(d.paths, folder, heldout_fraction=d.heldout_fraction, seed=d.seed, format=d.format)
         (folder / "split.json").write_text(json.dumps(info, indent=2))
         self.mark_done(folder, {"output": str(folder), "settings": settings, "data_sha256": contents})
-        print(f"rlft pipeline: data split {info['train']} train / {info['heldout']} held-out pairs "
-              f"(dropped: {info['dropped'] or 'none'})", flush=True)  # fmt: skip
+        print(
+            f"rlft pipeline: data split {info['train']} train / {info['heldout']} held-out pairs "
+            f"(dropped: {info['dropped'] or 'none'})",
+            flush=True,
+        )
         return info
 
     @staticmethod
@@ -227,12 +237,13 @@ class PipelineRunner:
             return
         started = folder / "settings"  # what a killed, unfinished stage was started with
         if not self.is_done(folder) and started.exists() and started.read_text().strip() != settings:
-            print(f"rlft pipeline: stage {name} re-runs from scratch (its settings changed since it was killed)",
-                  flush=True)  # fmt: skip
+            print(
+                f"rlft pipeline: stage {name} re-runs from scratch (its settings changed since it was killed)",
+                flush=True,
+            )
             shutil.rmtree(folder)
         if self.is_done(folder):  # forced, stale or changed: start it afresh, not from its finished checkpoint
-            why = ("--force" if name in self.force else f"{sorted(stale)} ran again" if stale
-                   else "its settings changed")  # fmt: skip
+            why = "--force" if name in self.force else f"{sorted(stale)} ran again" if stale else "its settings changed"
             print(f"rlft pipeline: stage {name} re-runs from scratch ({why})", flush=True)
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -245,8 +256,13 @@ class PipelineRunner:
             run_online_dpo(self, stage, train_path)
             self.mark_done(folder, {"output": str(self.model_of(name)), "settings": settings})
             return
-        self.run_fit(name, self.fit_config(name, stage, folder, data_path=train_path), folder, self.model_of(name),
-                     settings=settings)  # fmt: skip
+        self.run_fit(
+            name,
+            self.fit_config(name, stage, folder, data_path=train_path),
+            folder,
+            self.model_of(name),
+            settings=settings,
+        )
 
     def evaluate(self) -> Path:
         from rlft.pipeline.evaluate import evaluation_config

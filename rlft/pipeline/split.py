@@ -25,8 +25,9 @@ def _bucket(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_pairs(paths: Sequence[str], out_dir: str | Path, *, heldout_fraction: float = 0.15, seed: int = 0,
-                format: str = "auto") -> dict:  # fmt: skip
+def split_pairs(
+    paths: Sequence[str], out_dir: str | Path, *, heldout_fraction: float = 0.15, seed: int = 0, format: str = "auto"
+) -> dict:
     """Read pair files, convert them to canonical pair records, and write ``train_pairs.jsonl`` and
     ``heldout_pairs.jsonl`` under ``out_dir``; returns counts and file paths.
 
@@ -48,8 +49,10 @@ def split_pairs(paths: Sequence[str], out_dir: str | Path, *, heldout_fraction: 
     for record in records:
         sides["heldout" if _bucket(_prompt_key(record), seed) < heldout_fraction else "train"].append(record)
     if not sides["train"] or not sides["heldout"]:
-        raise ValueError(f"the split left an empty side ({len(sides['train'])} train, {len(sides['heldout'])} held "
-                         f"out) from {len(records)} pairs; use more data or another heldout_fraction")  # fmt: skip
+        raise ValueError(
+            f"the split left an empty side ({len(sides['train'])} train, {len(sides['heldout'])} held "
+            f"out) from {len(records)} pairs; use more data or another heldout_fraction"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -57,5 +60,9 @@ def split_pairs(paths: Sequence[str], out_dir: str | Path, *, heldout_fraction: 
         files[side] = out / f"{side}_pairs.jsonl"
         with open(files[side], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return {"train": len(sides["train"]), "heldout": len(sides["heldout"]), "dropped": dropped,
-            "files": {k: str(v) for k, v in files.items()}}  # fmt: skip
+    return {
+        "train": len(sides["train"]),
+        "heldout": len(sides["heldout"]),
+        "dropped": dropped,
+        "files": {k: str(v) for k, v in files.items()},
+    }

@@ -126,8 +126,16 @@ def _launcher(uid: int | None, staged: list[tuple[str, str]]) -> list[str]:
         return []
     mounts = [path for pair in staged for path in pair]
     script = 'while [ "$1" != "--" ]; do mount --bind "$1" "$2" || exit 125; shift 2; done; shift; exec "$@"'
-    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
+    drop = [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+    ]
     return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *mounts, "--", *drop]
 
 

@@ -40,8 +40,9 @@ class KLSettings:
 
     def with_defaults(self, defaults: KLSettings) -> KLSettings:
         """These settings with every unset field taken from ``defaults`` (a method's own)."""
-        unset = {name: getattr(defaults, name) for name in ("coef", "estimator", "placement") if getattr(self, name)
-                 is None}  # fmt: skip
+        unset = {
+            name: getattr(defaults, name) for name in ("coef", "estimator", "placement") if getattr(self, name) is None
+        }
         return replace(self, **unset)
 
     def update(self, coef: float, observed_kl: float, sequences: int) -> float:

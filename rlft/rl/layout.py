@@ -70,8 +70,11 @@ def group_layout(
         for row, size in zip(group, sizes[1:]):
             positions.append(torch.arange(len(prompt), len(prompt) + size, device=device))
             # token t of the response is predicted at the prompt's last token (t = 0), else at token t - 1
-            source.append(torch.cat([torch.tensor([prompt_last], device=device),
-                                     torch.arange(start, start + size - 1, device=device)]))  # fmt: skip
+            source.append(
+                torch.cat(
+                    [torch.tensor([prompt_last], device=device), torch.arange(start, start + size - 1, device=device)]
+                )
+            )
             rows.append(torch.full((size,), row, device=device))
             cols.append(torch.arange(size, device=device))
             start += size

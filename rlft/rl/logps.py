@@ -54,10 +54,15 @@ def token_logps(
     head = plain_head(lm)
     temperature = temperature if temperature > 0 else 1.0
     if share_prompts and head is not None and segmented_attention(model):
-        return _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, temperature,
-                                    with_entropy, with_hidden, with_logps)  # fmt: skip
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}  # fmt: skip
+        return _shared_prompt_logps(
+            lm, head, input_ids, attention_mask, response_length, temperature, with_entropy, with_hidden, with_logps
+        )
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "use_cache": False,
+    }
     if head is not None:
         # decoder stack, then the head on the response positions only: the same calls pair scoring makes, which a
         # sharded (FSDP2) network serves without the full model's forward
@@ -79,11 +84,13 @@ def token_logps(
     return logps, entropy, hidden if with_hidden else None
 
 
-def _shared_prompt_logps(lm, head, input_ids, attention_mask, response_length, temperature, with_entropy,
-                         with_hidden, with_logps):  # fmt: skip
+def _shared_prompt_logps(
+    lm, head, input_ids, attention_mask, response_length, temperature, with_entropy, with_hidden, with_logps
+):
     split = input_ids.shape[1] - response_length
-    layout = group_layout(input_ids[:, :split], attention_mask[:, :split], input_ids[:, split:],
-                          attention_mask[:, split:])  # fmt: skip
+    layout = group_layout(
+        input_ids[:, :split], attention_mask[:, :split], input_ids[:, split:], attention_mask[:, split:]
+    )
     hidden = lm.base_model(**layout.inputs, use_cache=False).last_hidden_state[0, layout.source]
     index = (layout.rows, layout.cols)
     shape = (input_ids.shape[0], response_length)

@@ -98,8 +98,9 @@ class RolloutSettings:
         if self.decode_dtype is not None and self.backend != "rlft":  # model.generate would sample the policy
             raise ValueError(f"decode_dtype={self.decode_dtype!r} needs backend 'rlft', got {self.backend!r}")
         if self.free_twin is not None and self.decode_dtype is None:  # no twin to free or keep
-            raise ValueError(f"free_twin={self.free_twin} needs a decode_dtype (a decoding twin); set it or drop "
-                             "free_twin")  # fmt: skip
+            raise ValueError(
+                f"free_twin={self.free_twin} needs a decode_dtype (a decoding twin); set it or drop free_twin"
+            )
 
 
 @dataclass
@@ -235,11 +236,19 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
     pad_id = pad_token_id(tokenizer)
     sample = get_sampler(settings.backend)  # rlft's decoder, model.generate or vLLM: rlft.generation.backends
     request = SampleRequest(
-        max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad_id, group_size=group_size,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        options=dict(lean=settings.lean_step, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-                     max_model_len=settings.vllm_max_model_len),
-    )  # fmt: skip
+        max_new_tokens=settings.max_new_tokens,
+        stop_ids=stops,
+        pad_id=pad_id,
+        group_size=group_size,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        options=dict(
+            lean=settings.lean_step,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            max_model_len=settings.vllm_max_model_len,
+        ),
+    )
     # a chunk holds whole groups, so each prompt is still prefilled once
     chunk = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group_size) // group_size)
     pieces = []
@@ -324,9 +333,17 @@ def collect_rollout(
     )
 
     def logps_under(network: torch.nn.Module) -> torch.Tensor:
-        pieces = [token_logps(network, part.input_ids, part.attention_mask, response_ids.shape[1],
-                              temperature=settings.temperature, share_prompts=settings.share_prompts)[0]
-                  for part in rollout.split(scoring_chunk(score_batch_size, group_size))]  # fmt: skip
+        pieces = [
+            token_logps(
+                network,
+                part.input_ids,
+                part.attention_mask,
+                response_ids.shape[1],
+                temperature=settings.temperature,
+                share_prompts=settings.share_prompts,
+            )[0]
+            for part in rollout.split(scoring_chunk(score_batch_size, group_size))
+        ]
         return torch.cat(pieces)
 
     with inference(model):

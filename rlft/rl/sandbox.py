@@ -181,8 +181,14 @@ def run_program(
         SandboxUnavailable: If the isolation cannot be set up and ``RLFT_SANDBOX=unsafe`` is not set.
     """
     del guard
-    limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "max_processes": max_processes, "disk_mb": disk_mb,
-              "max_output_chars": max_output_chars, "max_output_bytes": max_output_bytes}  # fmt: skip
+    limits = {
+        "timeout_s": timeout_s,
+        "memory_mb": memory_mb,
+        "max_processes": max_processes,
+        "disk_mb": disk_mb,
+        "max_output_chars": max_output_chars,
+        "max_output_bytes": max_output_bytes,
+    }
     if bad := {name: value for name, value in limits.items() if value <= 0}:
         raise ValueError(
             f"timeout_s, memory_mb, max_processes, disk_mb and the output limits must be positive, got {bad}"
@@ -195,8 +201,9 @@ def run_program(
         )
     with uid_slot() if isolated else contextlib.nullcontext() as uid:
         output = (max_output_chars, max_output_bytes)
-        return _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes,
-                    output, disk_mb)  # fmt: skip
+        return _run(
+            source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes, output, disk_mb
+        )
 
 
 def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, file_mb, max_processes, output, disk_mb):
@@ -224,12 +231,25 @@ def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, fi
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=limit, **switch,
-            )  # fmt: skip
+                command,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=limit,
+                **switch,
+            )
         except OSError as exc:
-            return SandboxResult("error", None, "", f"sandbox could not start the program: {exc}",
-                                 time.monotonic() - start, tuple(protections))  # fmt: skip
+            return SandboxResult(
+                "error",
+                None,
+                "",
+                f"sandbox could not start the program: {exc}",
+                time.monotonic() - start,
+                tuple(protections),
+            )
         # bwrap is the group leader; --die-with-parent takes the namespace's init with it, and the kernel then kills
         # everything in the PID namespace, so killing the group (at the deadline or the byte limit) ends it all
         seen = read_bounded(proc, deadline=start + timeout_s, keep_bytes=4 * max_chars, max_total_bytes=max_bytes)
@@ -245,8 +265,9 @@ def _run(source, uid, isolated, timeout_s, memory_mb, cwd, network_namespace, fi
         stderr = seen.stderr.text(max_chars)
         if seen.over_limit:
             stderr += f"\n[killed: stdout and stderr passed the {max_bytes}-byte output limit]"
-        return SandboxResult(status, proc.returncode, seen.stdout.text(max_chars), stderr, duration,
-                             tuple(protections), seen.truncated)  # fmt: skip
+        return SandboxResult(
+            status, proc.returncode, seen.stdout.text(max_chars), stderr, duration, tuple(protections), seen.truncated
+        )
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -30,8 +30,13 @@ DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that
 TOKENIZER_THREADS = 2  # prompts are rendered and tokenised here, off the event loop; more would only contend
 
 
-def create_app(engine: Engine | ContinuousEngine, model_name: str, *, default_max_tokens: int = 256,
-               limits: RequestLimits | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    engine: Engine | ContinuousEngine,
+    model_name: str,
+    *,
+    default_max_tokens: int = 256,
+    limits: RequestLimits | None = None,
+) -> FastAPI:
     """The FastAPI application serving ``engine`` under the model name ``model_name``, refusing requests over
     ``limits`` (:class:`~rlft.serve.limits.RequestLimits`; its defaults when not given)."""
     limits = limits or RequestLimits()
@@ -97,8 +102,9 @@ def create_app(engine: Engine | ContinuousEngine, model_name: str, *, default_ma
 class _Context:
     """What every request handler needs from :func:`create_app`."""
 
-    def __init__(self, engine, model_name: str, default_max_tokens: int, limits: RequestLimits,
-                 tokenizing: ThreadPoolExecutor) -> None:  # fmt: skip
+    def __init__(
+        self, engine, model_name: str, default_max_tokens: int, limits: RequestLimits, tokenizing: ThreadPoolExecutor
+    ) -> None:
         self.engine, self.model_name, self.default_max_tokens = engine, model_name, default_max_tokens
         self.limits, self.tokenizing = limits, tokenizing
 
@@ -109,8 +115,12 @@ def _model_card(name: str, created: int) -> dict:
 
 def _check_model(requested: str, served: str) -> None:
     if requested != served:
-        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{served}'",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}'",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, request: Request, *, chat: bool):
@@ -133,13 +143,17 @@ async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, 
         max_tokens = max(1, min(ctx.default_max_tokens, engine.max_context - longest))
     if longest + max_tokens > engine.max_context:
         which = f" (prompt {counts.index(longest)} is the longest)" if len(prompts) > 1 else ""
-        raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, you "
-                            f"requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} "
-                            f"in the completion){which}. Please reduce the prompt or max_tokens.",
-                       param="max_tokens" if longest < engine.max_context else param,
-                       code="context_length_exceeded")  # fmt: skip
-    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                num_samples=body.n, stop=stop)  # fmt: skip
+        raise APIError(
+            400,
+            f"This model's maximum context length is {engine.max_context} tokens. However, you "
+            f"requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} "
+            f"in the completion){which}. Please reduce the prompt or max_tokens.",
+            param="max_tokens" if longest < engine.max_context else param,
+            code="context_length_exceeded",
+        )
+    settings = SamplingSettings(
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, num_samples=body.n, stop=stop
+    )
     request_id = new_id("chatcmpl" if chat else "cmpl")
     kind = "chat.completion" if chat else "text_completion"
     if not body.stream:
@@ -148,21 +162,32 @@ async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, 
         if result is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         choices = [
-            {"index": c.index, "finish_reason": c.finish_reason, "logprobs": None,
-             **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
+            {
+                "index": c.index,
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+                **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}),
+            }
             for c in result.choices
-        ]  # fmt: skip
-        return envelope(kind, request_id, ctx.model_name, choices,
-                        usage=usage(result.prompt_tokens, result.completion_tokens))  # fmt: skip
+        ]
+        return envelope(
+            kind, request_id, ctx.model_name, choices, usage=usage(result.prompt_tokens, result.completion_tokens)
+        )
     events: asyncio.Queue = asyncio.Queue()
     future = engine.submit(
-        prompts, settings, seed=body.seed, prompt_tokens=sum(counts), encoded=encoded,
+        prompts,
+        settings,
+        seed=body.seed,
+        prompt_tokens=sum(counts),
+        encoded=encoded,
         on_delta=lambda index, text: loop.call_soon_threadsafe(events.put_nowait, (index, text)),
-    )  # fmt: skip
+    )
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_events(events, future, request_id, ctx.model_name, len(prompts) * body.n, chat,
-                                     include_usage), media_type="text/event-stream")  # fmt: skip
+    return StreamingResponse(
+        _events(events, future, request_id, ctx.model_name, len(prompts) * body.n, chat, include_usage),
+        media_type="text/event-stream",
+    )
 
 
 async def _result_unless_disconnected(future: Future, request: Request) -> Completion | None:
@@ -178,8 +203,9 @@ async def _result_unless_disconnected(future: Future, request: Request) -> Compl
             return None
 
 
-async def _events(events: asyncio.Queue, future, request_id: str, model_name: str, n_choices: int, chat: bool,
-                  include_usage: bool):  # fmt: skip
+async def _events(
+    events: asyncio.Queue, future, request_id: str, model_name: str, n_choices: int, chat: bool, include_usage: bool
+):
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:

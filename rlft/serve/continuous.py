@@ -134,8 +134,13 @@ def merge_rows(first: _Batch, second: _Batch) -> _Batch:
     mask = first.mask.new_zeros((len(rows), length))
     mask[:b1, length - first_len :] = first.mask[:, keep_from:]
     mask[b1:, length - second_len :] = second.mask
-    return _Batch(rows, first.cache, mask, torch.cat([first.positions, second.positions]),
-                  torch.cat([first.logits, second.logits]))  # fmt: skip
+    return _Batch(
+        rows,
+        first.cache,
+        mask,
+        torch.cat([first.positions, second.positions]),
+        torch.cat([first.logits, second.logits]),
+    )
 
 
 class ContinuousEngine:
@@ -152,16 +157,24 @@ class ContinuousEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_context: int, max_batch_size: int = 32) -> None:
         if not supports_continuous(model):
-            raise ValueError("continuous batching needs a model whose every layer is full attention; "
-                             "use the windowed Engine (rlft serve --batching window)")  # fmt: skip
+            raise ValueError(
+                "continuous batching needs a model whose every layer is full attention; "
+                "use the windowed Engine (rlft serve --batching window)"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.max_context, self.max_batch_size = max_context, max_batch_size
         self.lm = causal_lm(model)
         self.device = next(model.parameters()).device
         self.stop_ids = set(stop_token_ids(tokenizer, model)) | {pad_token_id(tokenizer)}
         self.pad_id = pad_token_id(tokenizer)
-        self.counts = {"requests_served": 0, "requests_cancelled": 0, "decode_steps": 0, "row_steps": 0, "prefills": 0,
-                       "peak_rows": 0}  # fmt: skip
+        self.counts = {
+            "requests_served": 0,
+            "requests_cancelled": 0,
+            "decode_steps": 0,
+            "row_steps": 0,
+            "prefills": 0,
+            "peak_rows": 0,
+        }
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._batch: _Batch | None = None
@@ -182,9 +195,16 @@ class ContinuousEngine:
         """Prompt length in tokens."""
         return len(self.encode(prompt))
 
-    def submit(self, prompts: Sequence[Prompt], settings: SamplingSettings, *, seed: int | None = None,
-               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None,
-               encoded: Sequence[list[int]] | None = None) -> Future:  # fmt: skip
+    def submit(
+        self,
+        prompts: Sequence[Prompt],
+        settings: SamplingSettings,
+        *,
+        seed: int | None = None,
+        on_delta: DeltaCallback | None = None,
+        prompt_tokens: int | None = None,
+        encoded: Sequence[list[int]] | None = None,
+    ) -> Future:
         """Queue a request; the future resolves to a :class:`Completion` with ``len(prompts) * n`` choices (choice
         ``p * n + j`` is sample ``j`` of prompt ``p``). Cancelling the future (a client that went away) drops the
         request's rows from the batch at the next token. ``encoded`` (each prompt's :meth:`encode`) saves the decode
@@ -281,13 +301,20 @@ class ContinuousEngine:
             mask[i, width - len(tokens) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = preallocated_cache(self.lm.config, width + max(row.budget for row in rows))
-        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
-                         logits_to_keep=1, **cache_argument(self.lm, cache)).logits[:, -1]  # fmt: skip
+        logits = self.lm(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_argument(self.lm, cache),
+        ).logits[:, -1]
         self.counts["prefills"] += 1
         positions = mask.sum(-1, keepdim=True)
         if any(r > 1 for r in repeats):
-            index = torch.repeat_interleave(torch.arange(len(encoded), device=self.device),
-                                            torch.tensor(repeats, device=self.device))  # fmt: skip
+            index = torch.repeat_interleave(
+                torch.arange(len(encoded), device=self.device), torch.tensor(repeats, device=self.device)
+            )
             cache.batch_select_indices(index)
             mask, positions, logits = mask[index], positions[index], logits[index]
         return _Batch(rows, cache, mask, positions, logits)
@@ -298,8 +325,11 @@ class ContinuousEngine:
         tokens = self._sample(batch)
         self.counts["decode_steps"] += 1
         self.counts["row_steps"] += len(batch.rows)
-        alive = [i for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True))
-                 if not self._advance(row, token)]  # fmt: skip
+        alive = [
+            i
+            for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True))
+            if not self._advance(row, token)
+        ]
         if not alive:
             self._batch = None
             return
@@ -315,8 +345,13 @@ class ContinuousEngine:
         if batch.step:
             batch.logits = batch.step(tokens, mask, batch.positions)
         else:
-            batch.logits = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=batch.positions,
-                                   use_cache=True, **cache_argument(self.lm, batch.cache)).logits[:, -1]  # fmt: skip
+            batch.logits = self.lm(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=batch.positions,
+                use_cache=True,
+                **cache_argument(self.lm, batch.cache),
+            ).logits[:, -1]
         batch.positions = batch.positions + 1
 
     def _sample(self, batch: _Batch) -> torch.Tensor:
@@ -328,11 +363,13 @@ class ContinuousEngine:
         for (temperature, top_p), index in groups.items():
             uniforms = None
             if temperature > 0:  # each request's rows draw, in row order, from that request's own stream
-                uniforms = torch.cat([torch.rand(1, generator=batch.rows[i].request.rng, dtype=torch.float64)
-                                      for i in index])  # fmt: skip
+                uniforms = torch.cat(
+                    [torch.rand(1, generator=batch.rows[i].request.rng, dtype=torch.float64) for i in index]
+                )
             picked = torch.tensor(index, device=self.device)
-            tokens[picked] = sample_tokens(batch.logits[picked], temperature=temperature, top_p=top_p,
-                                           uniforms=uniforms)  # fmt: skip
+            tokens[picked] = sample_tokens(
+                batch.logits[picked], temperature=temperature, top_p=top_p, uniforms=uniforms
+            )
         return tokens
 
     def _advance(self, row: _Row, token: int) -> bool:
@@ -377,9 +414,12 @@ class ContinuousEngine:
         self._emit(row, row.text)
         if all(r.finish_reason is not None for r in request.rows):
             n = request.settings.num_samples
-            choices = [Choice(p * n + j, r.text, r.finish_reason, len(r.tokens))
-                       for r in request.rows for p in (r.prompt,)
-                       for j in (range(n) if request.greedy else (r.sample,))]  # fmt: skip
+            choices = [
+                Choice(p * n + j, r.text, r.finish_reason, len(r.tokens))
+                for r in request.rows
+                for p in (r.prompt,)
+                for j in (range(n) if request.greedy else (r.sample,))
+            ]
             choices.sort(key=lambda c: c.index)
             self.counts["requests_served"] += 1
             request.future.set_result(Completion(choices, request.prompt_tokens))

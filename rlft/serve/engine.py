@@ -59,8 +59,14 @@ class _Request:
 
     def key(self) -> tuple:
         s = self.settings
-        return (s.max_new_tokens, s.temperature, s.top_p if s.temperature > 0 else 1.0, s.num_samples,
-                tuple(s.stop), self.seed)  # fmt: skip
+        return (
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p if s.temperature > 0 else 1.0,
+            s.num_samples,
+            tuple(s.stop),
+            self.seed,
+        )
 
 
 @dataclass
@@ -84,8 +90,15 @@ class Engine:
         max_batch_size: Most samples (prompts x n) generated in one call.
     """
 
-    def __init__(self, generator: Generator, tokenizer, *, max_context: int, batch_window_ms: float = 10.0,
-                 max_batch_size: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        generator: Generator,
+        tokenizer,
+        *,
+        max_context: int,
+        batch_window_ms: float = 10.0,
+        max_batch_size: int = 32,
+    ) -> None:
         self.generator, self.tokenizer, self.max_context = generator, tokenizer, max_context
         self.batch_window, self.max_batch_size = batch_window_ms / 1000, max_batch_size
         self.stop_ids = set(stop_token_ids(tokenizer, generator.model)) | {pad_token_id(tokenizer)}
@@ -101,8 +114,11 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters for ``/health``: generate calls and the requests they served."""
-        return {"generate_calls": len(self.batches), "requests_served": sum(self.batches),
-                "requests_cancelled": self.cancelled}  # fmt: skip
+        return {
+            "generate_calls": len(self.batches),
+            "requests_served": sum(self.batches),
+            "requests_cancelled": self.cancelled,
+        }
 
     def encode(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids, encoded exactly as generation encodes it."""
@@ -112,9 +128,16 @@ class Engine:
         """Prompt length in tokens."""
         return len(self.encode(prompt))
 
-    def submit(self, prompts: Sequence[Prompt], settings: SamplingSettings, *, seed: int | None = None,
-               on_delta: DeltaCallback | None = None, prompt_tokens: int | None = None,
-               encoded: Sequence[list[int]] | None = None) -> Future:  # fmt: skip
+    def submit(
+        self,
+        prompts: Sequence[Prompt],
+        settings: SamplingSettings,
+        *,
+        seed: int | None = None,
+        on_delta: DeltaCallback | None = None,
+        prompt_tokens: int | None = None,
+        encoded: Sequence[list[int]] | None = None,
+    ) -> Future:
         """Queue a request; the future resolves to a :class:`Completion` with ``len(prompts) * n`` choices (choice
         ``p * n + j`` is sample ``j`` of prompt ``p``). Cancelling the future stops the generate call at the next
         token once every request sharing it is cancelled. ``encoded`` is accepted for the continuous engine's

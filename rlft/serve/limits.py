@@ -46,16 +46,24 @@ class RequestLimits:
     def check(self, prompts: list, n: int, *, param: str) -> None:
         """Refuse a request whose prompt count, ``n`` or prompt size is over the limits (before any tokenising)."""
         if len(prompts) > self.max_prompts_per_request:
-            raise APIError(400, f"'{param}' has {len(prompts)} prompts; this server takes at most "
-                                f"{self.max_prompts_per_request} per request (rlft serve --max_prompts_per_request): "
-                                "send them in several requests", param=param)  # fmt: skip
+            raise APIError(
+                400,
+                f"'{param}' has {len(prompts)} prompts; this server takes at most "
+                f"{self.max_prompts_per_request} per request (rlft serve --max_prompts_per_request): "
+                "send them in several requests",
+                param=param,
+            )
         if n > self.max_n:
             raise APIError(400, f"'n' is {n}; this server takes at most {self.max_n} (rlft serve --max_n)", param="n")
         size = sum(prompt_bytes(p) for p in prompts)
         if size > self.max_prompt_bytes:
-            raise APIError(413, f"the prompt text is {size:,} bytes; this server takes at most "
-                                f"{self.max_prompt_bytes:,} per request (rlft serve --max_prompt_bytes)",
-                           param=param, code="prompt_too_large")  # fmt: skip
+            raise APIError(
+                413,
+                f"the prompt text is {size:,} bytes; this server takes at most "
+                f"{self.max_prompt_bytes:,} per request (rlft serve --max_prompt_bytes)",
+                param=param,
+                code="prompt_too_large",
+            )
 
 
 def prompt_bytes(prompt: str | list[dict]) -> int:
@@ -69,8 +77,11 @@ class BodyTooLarge(HTTPException):
     """Raised while the body is read; an ``HTTPException`` so FastAPI's body parsing passes it on unchanged."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit:,} bytes, the most this server reads "
-                              "(rlft serve --max_prompt_bytes sets it)")  # fmt: skip
+        super().__init__(
+            413,
+            f"the request body is larger than {limit:,} bytes, the most this server reads "
+            "(rlft serve --max_prompt_bytes sets it)",
+        )
 
 
 class BodySizeLimit:
@@ -108,7 +119,10 @@ async def _send_error(send, error: BodyTooLarge) -> None:
     from rlft.serve.protocol import error_body
 
     body = json.dumps(error_body(error.detail, code="request_too_large")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -77,15 +77,25 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def envelope(object_type: str, request_id: str, model: str, choices: list[dict], **extra) -> dict:
-    return {"id": request_id, "object": object_type, "created": int(time.time()), "model": model,
-            "choices": choices, **extra}  # fmt: skip
+    return {
+        "id": request_id,
+        "object": object_type,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:  # fmt: skip
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

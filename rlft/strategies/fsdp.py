@@ -77,9 +77,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
     ) -> None:
         super().__init__(
-            data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
-        )  # fmt: skip
+        )
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = param_dtype
 
@@ -123,8 +125,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             decoder = root.get_decoder() if hasattr(root, "get_decoder") else root
             layers = decoder_layer_classes(root)
             if not layers:
-                log.warning("%s declares no decoder layers (_no_split_modules); sharding it as one unit",
-                            type(root).__name__)  # fmt: skip
+                log.warning(
+                    "%s declares no decoder layers (_no_split_modules); sharding it as one unit", type(root).__name__
+                )
             for sub in decoder.modules():
                 if isinstance(sub, layers):
                     self._receive_from_rank0(sub, received)

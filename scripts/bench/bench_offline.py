@@ -51,17 +51,22 @@ def _records(cfg) -> list[dict]:
     needed = cfg.steps * cfg.batch_size
     if len(records) < needed:
         fit = f" that fit in max_length={cfg.max_length}" if cfg.mode == "rm" else ""
-        raise ValueError(f"{_data_path(cfg)} has {len(records)} usable examples{fit}; {needed} needed "
-                         "(steps x batch_size)")  # fmt: skip
+        raise ValueError(
+            f"{_data_path(cfg)} has {len(records)} usable examples{fit}; {needed} needed (steps x batch_size)"
+        )
     return records[:needed]
 
 
 def _pair_fits(tokenizer, record: dict, max_length: int) -> bool:
     return all(
-        len(tokenizer.apply_chat_template(record["prompt"] + [{"role": "assistant", "content": record[side]}],
-                                          tokenize=True, return_dict=False)) <= max_length
+        len(
+            tokenizer.apply_chat_template(
+                record["prompt"] + [{"role": "assistant", "content": record[side]}], tokenize=True, return_dict=False
+            )
+        )
+        <= max_length
         for side in ("chosen", "rejected")
-    )  # fmt: skip
+    )
 
 
 class _StepTimer:
@@ -119,9 +124,14 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in _records(cfg)))
     lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
     optim = OptimizerSettings(lr=cfg.lr, scheduler="constant")
-    common = dict(model=cfg.model, lora=lora, optim=optim, output_dir=str(workdir / "out"),
-                  gradient_checkpointing="selective" if "sgc" in options else "gc" in options,
-                  frozen_weights_bf16="fp32base" not in options)  # fmt: skip
+    common = dict(
+        model=cfg.model,
+        lora=lora,
+        optim=optim,
+        output_dir=str(workdir / "out"),
+        gradient_checkpointing="selective" if "sgc" in options else "gc" in options,
+        frozen_weights_bf16="fp32base" not in options,
+    )
     if cfg.mode == "sft":
         from rlft.methods import SFT
 
@@ -135,8 +145,14 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
 
         reference = "precomputed" if "precomputed" in options else "adapter"
         module = DPO(**common, beta=cfg.beta, reference=reference, share_prompts="noshare" not in options)
-    data = PreferenceDataModule(path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                val_fraction=0.0, packing="packing" in options, shuffle=False)  # fmt: skip
+    data = PreferenceDataModule(
+        path=str(data_file),
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        val_fraction=0.0,
+        packing="packing" in options,
+        shuffle=False,
+    )
     timer = _StepTimer()
 
     class Timing(L.Callback):
@@ -149,11 +165,18 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
                 timer.first_loss = float(outputs["loss"])
 
     accelerator = "gpu" if _cuda() else "cpu"
-    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=cfg.steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        precision="bf16-mixed" if _cuda() or "bf16" in options else "32-true",
-                        default_root_dir=str(workdir),
-                        callbacks=[Timing()])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=cfg.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="bf16-mixed" if _cuda() or "bf16" in options else "32-true",
+        default_root_dir=str(workdir),
+        callbacks=[Timing()],
+    )
     trainer.fit(module, data)
     return timer.result(cfg.warmup)
 
@@ -182,30 +205,58 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
         torch.nn.init.zeros_(model.score.weight)  # as rlft's head: both step-0 losses are exactly log 2
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear",
-                           task_type="SEQ_CLS" if cfg.mode == "rm" else "CAUSAL_LM",
-                           modules_to_save=["score"] if cfg.mode == "rm" else None)  # fmt: skip
+    lora = peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="SEQ_CLS" if cfg.mode == "rm" else "CAUSAL_LM",
+        modules_to_save=["score"] if cfg.mode == "rm" else None,
+    )
     records = _records(cfg)
-    common = dict(output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
-                  learning_rate=cfg.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                  report_to=[], max_length=cfg.max_length, bf16=_cuda() or "bf16" in options, use_cpu=not _cuda(),
-                  dataloader_drop_last=False, seed=cfg.seed, data_seed=cfg.seed,
-                  gradient_checkpointing="nogc" not in options)  # TRL's default is on  # fmt: skip
+    common = dict(
+        output_dir=str(workdir),
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        max_length=cfg.max_length,
+        bf16=_cuda() or "bf16" in options,
+        use_cpu=not _cuda(),
+        dataloader_drop_last=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        gradient_checkpointing="nogc" not in options,
+    )  # TRL's default is on
     if cfg.mode == "sft":
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
         args = trl.SFTConfig(**common, packing="packing" in options)
         trainer_cls = trl.SFTTrainer
     else:
-        rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records]  # fmt: skip
+        rows = [
+            {
+                "prompt": r["prompt"],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in records
+        ]
         if cfg.mode == "rm":
             args = trl.RewardConfig(**common)
             trainer_cls = trl.RewardTrainer
         else:
             args = trl.DPOConfig(**common, beta=cfg.beta, precompute_ref_log_probs="precomputed" in options)
             trainer_cls = trl.DPOTrainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     trainer._get_train_sampler = lambda *a, **k: None  # same order as rlft: no shuffling
     timer = _StepTimer()
     collate = trainer.data_collator

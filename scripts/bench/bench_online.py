@@ -22,9 +22,13 @@ import rlft
 # the reward of configs/grpo/smollm2_lora.yaml: the right final number, plus a bonus for a short answer
 REWARDS = [
     {"source": "exact_match", "options": {"field": "answer", "extract": "last_number"}},
-    {"source": "regex", "name": "short_answer", "weight": 0.5,
-     "options": {"pattern": r"^\S+( \S+){0,7}$", "fullmatch": True}},
-]  # fmt: skip
+    {
+        "source": "regex",
+        "name": "short_answer",
+        "weight": 0.5,
+        "options": {"pattern": r"^\S+( \S+){0,7}$", "fullmatch": True},
+    },
+]
 PROMPTS = Path(rlft.__file__).resolve().parent / "assets" / "sample_prompts.jsonl"
 
 
@@ -111,26 +115,46 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
             steps.reward.append(float(raw.mean()))
             return raw, metrics
 
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
-                "backend": "hf" if "hfgen" in options else "rlft",
-                "merge_adapter": "nomerge" not in options, "share_prompts": "noshare" not in options,
-                "lean_step": "nolean" not in options, "free_twin": True if "freetwin" in options else None,
-                "decode_dtype": "bfloat16" if "bf16decode" in options else None}  # fmt: skip
+    sampling = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "backend": "hf" if "hfgen" in options else "rlft",
+        "merge_adapter": "nomerge" not in options,
+        "share_prompts": "noshare" not in options,
+        "lean_step": "nolean" not in options,
+        "free_twin": True if "freetwin" in options else None,
+        "decode_dtype": "bfloat16" if "bf16decode" in options else None,
+    }
     if cfg.mode == "grpo":
         method = dict(group_size=cfg.group_size, kl={"coef": cfg.beta}, loss_aggregation="sequence")
     else:  # one minibatch per rollout, so one optimiser step per PPO epoch (as TRL's num_mini_batches=1)
-        method = dict(kl={"coef": cfg.beta, "estimator": "k1"}, epochs=cfg.ppo_epochs, clip_range_value=0.2,
-                      vf_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0, max_grad_norm=None,
-                      critic=cfg.model if "critic" in options else None)  # fmt: skip
+        method = dict(
+            kl={"coef": cfg.beta, "estimator": "k1"},
+            epochs=cfg.ppo_epochs,
+            clip_range_value=0.2,
+            vf_coef=0.1,
+            gamma=1.0,
+            lam=0.95,
+            missing_eos_penalty=1.0,
+            max_grad_norm=None,
+            critic=cfg.model if "critic" in options else None,
+        )
     module = Timed(
-        model=cfg.model, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
-        optim=OptimizerSettings(lr=cfg.lr, scheduler="constant"), output_dir=str(workdir / "out"),
-        rewards=REWARDS, sampling=sampling, clip_range=0.2, **method,
+        model=cfg.model,
+        lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
+        optim=OptimizerSettings(lr=cfg.lr, scheduler="constant"),
+        output_dir=str(workdir / "out"),
+        rewards=REWARDS,
+        sampling=sampling,
+        clip_range=0.2,
+        **method,
         gradient_checkpointing="selective" if "sgc" in options else "gc" in options,
         frozen_weights_bf16="fp32base" not in options,
-    )  # fmt: skip
-    data = PreferenceDataModule(path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                val_fraction=0.0, shuffle=False)  # fmt: skip
+    )
+    data = PreferenceDataModule(
+        path=str(data_file), batch_size=cfg.batch_size, max_length=cfg.max_length, val_fraction=0.0, shuffle=False
+    )
 
     class Timing(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -140,10 +164,18 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
             steps.end()
 
     updates = cfg.steps * (cfg.ppo_epochs if cfg.mode == "ppo" else 1)  # PPO's max_steps counts optimiser steps
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=updates, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir),
-                        precision="bf16-mixed" if "bf16" in options else "32-true",
-                        callbacks=[Timing()])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=updates,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(workdir),
+        precision="bf16-mixed" if "bf16" in options else "32-true",
+        callbacks=[Timing()],
+    )
     trainer.fit(module, data)
     return steps.result(cfg.warmup)
 
@@ -161,8 +193,9 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
     path = resolve_model(cfg.model).path
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear",
-                           task_type="CAUSAL_LM")  # fmt: skip
+    lora = peft.LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in _prompts(cfg)]
     rewards = Rewards(REWARDS)
     steps = _Steps()
@@ -175,16 +208,37 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
         return values
 
     args = trl.GRPOConfig(
-        output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size * cfg.group_size,
-        num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, temperature=1.0, top_p=1.0,
-        beta=cfg.beta, epsilon=0.2, loss_type="grpo", learning_rate=cfg.lr, lr_scheduler_type="constant",
-        max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=cfg.seed,
+        output_dir=str(workdir),
+        per_device_train_batch_size=cfg.batch_size * cfg.group_size,
+        num_generations=cfg.group_size,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        beta=cfg.beta,
+        epsilon=0.2,
+        loss_type="grpo",
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        max_steps=cfg.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=cfg.seed,
         data_seed=cfg.seed,
-        shuffle_dataset=False, gradient_checkpointing="nogc" not in options, disable_dropout=True,
+        shuffle_dataset=False,
+        gradient_checkpointing="nogc" not in options,
+        disable_dropout=True,
         bf16="bf16" in options,  # TRL defaults to True; the bench's default is fp32 on both sides
-    )  # fmt: skip
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
-                              train_dataset=datasets.Dataset.from_list(rows), peft_config=lora)  # fmt: skip
+    )
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(rows),
+        peft_config=lora,
+    )
     generate, rollout = trainer._generate_single_turn, trainer._generate_and_score_completions
 
     def timed_generate(*a, **k):
@@ -223,10 +277,14 @@ def print_summary(cfg, results: list[dict]) -> None:
 
     base = (results[0]["framework"], results[0]["variant"])  # ratios vs the first run (TRL's first)
     work = f"x group {cfg.group_size}" if cfg.mode == "grpo" else f"x {cfg.ppo_epochs} PPO epochs"
-    print(f"\n{cfg.mode.upper()} {cfg.model}, {cfg.batch_size} prompts {work}, {cfg.max_new_tokens} new tokens, LoRA "
-          f"r={cfg.lora_r} (medians of {cfg.repeats}; ratios vs {base[0]}/{base[1]})")  # fmt: skip
-    print(f"{'framework/variant':<24}{'step s':>8}{'rollout s':>10}{'gen tok/s':>10}{'update s':>9}{'RSS GB':>8}"
-          f"{'step x':>8}{'memory x':>9}  reward first -> last")  # fmt: skip
+    print(
+        f"\n{cfg.mode.upper()} {cfg.model}, {cfg.batch_size} prompts {work}, {cfg.max_new_tokens} new tokens, LoRA "
+        f"r={cfg.lora_r} (medians of {cfg.repeats}; ratios vs {base[0]}/{base[1]})"
+    )
+    print(
+        f"{'framework/variant':<24}{'step s':>8}{'rollout s':>10}{'gen tok/s':>10}{'update s':>9}{'RSS GB':>8}"
+        f"{'step x':>8}{'memory x':>9}  reward first -> last"
+    )
     seen: list[tuple[str, str]] = []
     for r in results:
         key = (r["framework"], r["variant"])
@@ -236,9 +294,11 @@ def print_summary(cfg, results: list[dict]) -> None:
         curves = [x["rewards"] for x in results if (x["framework"], x["variant"]) == key]
         first = statistics.fmean(c[0] for c in curves)
         last = statistics.fmean(statistics.fmean(c[-3:]) for c in curves)
-        print(f"{'/'.join(key):<24}{median(key, 'step_time_s'):>8.2f}{median(key, 'rollout_time_s'):>10.2f}"
-              f"{median(key, 'rollout_tokens_per_sec'):>10.1f}{median(key, 'update_time_s'):>9.2f}"
-              f"{median(key, 'peak_rss_mb') / 1024:>8.2f}"
-              f"{median(key, 'step_time_s') / median(base, 'step_time_s'):>8.2f}"
-              f"{median(key, 'peak_rss_mb') / median(base, 'peak_rss_mb'):>9.2f}"
-              f"  {first:.3f} -> {last:.3f}")  # fmt: skip
+        print(
+            f"{'/'.join(key):<24}{median(key, 'step_time_s'):>8.2f}{median(key, 'rollout_time_s'):>10.2f}"
+            f"{median(key, 'rollout_tokens_per_sec'):>10.1f}{median(key, 'update_time_s'):>9.2f}"
+            f"{median(key, 'peak_rss_mb') / 1024:>8.2f}"
+            f"{median(key, 'step_time_s') / median(base, 'step_time_s'):>8.2f}"
+            f"{median(key, 'peak_rss_mb') / median(base, 'peak_rss_mb'):>9.2f}"
+            f"  {first:.3f} -> {last:.3f}"
+        )

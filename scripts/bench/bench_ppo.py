@@ -94,8 +94,12 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
     path = resolve_model(cfg.model).path
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
     rows = _prompts(cfg)
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for r in rows]  # fmt: skip
+    encoded = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for r in rows
+    ]
     policy = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     value = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype="float32")
     pad = _pad_token(tokenizer, encoded)
@@ -110,24 +114,56 @@ def run_trl(cfg, variant: str, workdir: Path) -> dict:
     if "loracritic" in options:
         value.model = peft.get_peft_model(value.model, peft.LoraConfig(**lora))
     steps = _Steps()
-    reward = RuleRewardModel(tokenizer, encoded, rows, Rewards(REWARDS),
-                             on_scores=lambda s: steps.reward.append(float(s.mean())))  # fmt: skip
+    reward = RuleRewardModel(
+        tokenizer, encoded, rows, Rewards(REWARDS), on_scores=lambda s: steps.reward.append(float(s.mean()))
+    )
     args = PPOConfig(
-        output_dir=str(workdir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
-        num_mini_batches=1, num_ppo_epochs=cfg.ppo_epochs, total_episodes=cfg.steps * cfg.batch_size,
-        local_rollout_forward_batch_size=cfg.batch_size, response_length=cfg.max_new_tokens, stop_token="eos",
-        temperature=1.0, missing_eos_penalty=1.0, kl_coef=cfg.beta, kl_estimator="k1", cliprange=0.2, vf_coef=0.1,
-        cliprange_value=0.2, gamma=1.0, lam=0.95, whiten_rewards=False, learning_rate=cfg.lr,
-        lr_scheduler_type="constant", num_sample_generations=0, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16="bf16" in options, seed=cfg.seed, gradient_checkpointing="nogc" not in options,
-    )  # fmt: skip
+        output_dir=str(workdir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=cfg.ppo_epochs,
+        total_episodes=cfg.steps * cfg.batch_size,
+        local_rollout_forward_batch_size=cfg.batch_size,
+        response_length=cfg.max_new_tokens,
+        stop_token="eos",
+        temperature=1.0,
+        missing_eos_penalty=1.0,
+        kl_coef=cfg.beta,
+        kl_estimator="k1",
+        cliprange=0.2,
+        vf_coef=0.1,
+        cliprange_value=0.2,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        num_sample_generations=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16="bf16" in options,
+        seed=cfg.seed,
+        gradient_checkpointing="nogc" not in options,
+    )
     dataset = datasets.Dataset.from_list([{"input_ids": ids} for ids in encoded])
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
-                         value_model=value, train_dataset=dataset, eval_dataset=dataset,
-                         peft_config=peft.LoraConfig(**lora, task_type="CAUSAL_LM"))  # fmt: skip
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        peft_config=peft.LoraConfig(**lora, task_type="CAUSAL_LM"),
+    )
     # the same prompt order as rlft (TRL shuffles its rollout loader)
-    trainer.dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
-                                                     collate_fn=trainer.data_collator, drop_last=True)  # fmt: skip
+    trainer.dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=trainer.data_collator, drop_last=True
+    )
     _time_rollouts(trainer_module, steps, tokenizer.eos_token_id)
 
     class Timing(transformers.TrainerCallback):

@@ -137,8 +137,10 @@ class BenchConfig:
             for variant in variants:
                 unknown = set(variant.split("+")) - allowed
                 if unknown:
-                    raise ValueError(f"{framework} variant {variant!r}: unknown option(s) {sorted(unknown)} for "
-                                     f"--mode {self.mode}; known: {sorted(allowed)}")  # fmt: skip
+                    raise ValueError(
+                        f"{framework} variant {variant!r}: unknown option(s) {sorted(unknown)} for "
+                        f"--mode {self.mode}; known: {sorted(allowed)}"
+                    )
 
 
 WORKERS = {
@@ -163,8 +165,13 @@ def _worker(argv: list[str]) -> None:
 
 
 def _launch(framework: str, variant: str, cfg: BenchConfig) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "TRL_EXPERIMENTAL_SILENCE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
     if framework == "trl" and cfg.trl_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(cfg.trl_path).resolve()), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", framework, variant, json.dumps(asdict(cfg))]
@@ -186,8 +193,11 @@ def run(cfg: BenchConfig) -> list[dict]:
                 detail = f"step {result['step_time_s']:6.2f} s  rewards {result['rewards']}"
             else:
                 detail = f"{result['tokens_per_sec']:8.1f} tok/s  step-0 loss {result['step0_loss']:.4f}"
-            print(f"  run {repeat + 1}: {framework:<4} {variant:<22} {result['peak_rss_mb'] / 1024:5.2f} GB RSS  "
-                  f"{detail}", flush=True)  # fmt: skip
+            print(
+                f"  run {repeat + 1}: {framework:<4} {variant:<22} {result['peak_rss_mb'] / 1024:5.2f} GB RSS  "
+                f"{detail}",
+                flush=True,
+            )
             results.append(result)
     (bench_online.print_summary if cfg.mode in ONLINE else _print_summary)(cfg, results)
     return results
@@ -199,10 +209,14 @@ def _print_summary(cfg: BenchConfig, results: list[dict]) -> None:
 
     base = (results[0]["framework"], results[0]["variant"])  # ratios vs the first run (TRL's first)
     base_tps, base_rss = median(*base, "tokens_per_sec"), median(*base, "peak_rss_mb")
-    print(f"\n{cfg.mode.upper()} {cfg.model}, batch {cfg.batch_size}, max_length {cfg.max_length}, LoRA r={cfg.lora_r}"
-          f" (medians of {cfg.repeats}; ratios vs {base[0]}/{base[1]})")  # fmt: skip
-    print(f"{'framework/variant':<30}{'tokens/s':>10}{'peak RSS GB':>13}{'peak GPU GB':>13}{'step-0 loss':>13}"
-          f"{'speed x':>9}{'memory x':>10}")  # fmt: skip
+    print(
+        f"\n{cfg.mode.upper()} {cfg.model}, batch {cfg.batch_size}, max_length {cfg.max_length}, LoRA r={cfg.lora_r}"
+        f" (medians of {cfg.repeats}; ratios vs {base[0]}/{base[1]})"
+    )
+    print(
+        f"{'framework/variant':<30}{'tokens/s':>10}{'peak RSS GB':>13}{'peak GPU GB':>13}{'step-0 loss':>13}"
+        f"{'speed x':>9}{'memory x':>10}"
+    )
     seen = []
     for r in results:
         key = (r["framework"], r["variant"])
@@ -210,8 +224,10 @@ def _print_summary(cfg: BenchConfig, results: list[dict]) -> None:
             continue
         seen.append(key)
         tps, rss = median(*key, "tokens_per_sec"), median(*key, "peak_rss_mb")
-        print(f"{'/'.join(key):<30}{tps:>10.1f}{rss / 1024:>13.2f}{median(*key, 'peak_gpu_mb') / 1024:>13.2f}"
-              f"{median(*key, 'step0_loss'):>13.4f}{tps / base_tps:>9.2f}{rss / base_rss:>10.2f}")  # fmt: skip
+        print(
+            f"{'/'.join(key):<30}{tps:>10.1f}{rss / 1024:>13.2f}{median(*key, 'peak_gpu_mb') / 1024:>13.2f}"
+            f"{median(*key, 'step0_loss'):>13.4f}{tps / base_tps:>9.2f}{rss / base_rss:>10.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -240,15 +240,27 @@ def reckless_grpo_fit(tmp_path, monitor: RunMonitor, rollouts: int) -> tuple[L.T
     cut, so the length reward rises on truncated responses."""
     L.seed_everything(0)
     module = LengthGRPO(
-        model="tiny-llama", lora=None, optim={"lr": 0.1}, sampling={"max_new_tokens": 4, "temperature": 1.0},
-        group_size=4, kl={"coef": 0.1}, epochs=3, minibatch_size=4,
-    )  # fmt: skip
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 0.1},
+        sampling={"max_new_tokens": 4, "temperature": 1.0},
+        group_size=4,
+        kl={"coef": 0.1},
+        epochs=3,
+        minibatch_size=4,
+    )
     data = PreferenceDataModule(path=PROMPTS, batch_size=2, val_fraction=0.0, seed=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=rollouts * 6, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=rollouts * 6,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         callbacks=[monitor],
-    )  # fmt: skip
+    )
     trainer.fit(module, data)
     return trainer, pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv")
 
@@ -278,14 +290,29 @@ def test_rlft_fit_monitors_every_run_and_a_configured_monitor_replaces_the_defau
     from rlft.cli.fit import run_lightning_cli
 
     monkeypatch.setattr("sys.argv", ["rlft"])
-    common = ["fit", "-c", "configs/grpo/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches",
-              "0", "--trainer.max_steps", "1", "--model.output_dir", str(tmp_path / "hf")]  # fmt: skip
+    common = [
+        "fit",
+        "-c",
+        "configs/grpo/tiny.yaml",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.max_steps",
+        "1",
+        "--model.output_dir",
+        str(tmp_path / "hf"),
+    ]
     cli = run_lightning_cli(common)
     monitors = [c for c in cli.trainer.callbacks if isinstance(c, RunMonitor)]
     assert len(monitors) == 1 and monitors[0].action == "warn"
     # the README's command line: the user's monitor is the only one, with the user's settings
-    cli = run_lightning_cli([*common, "--trainer.callbacks+=rlft.callbacks.RunMonitor",
-                             "--trainer.callbacks.action", "stop"])  # fmt: skip
+    cli = run_lightning_cli(
+        [*common, "--trainer.callbacks+=rlft.callbacks.RunMonitor", "--trainer.callbacks.action", "stop"]
+    )
     monitors = [c for c in cli.trainer.callbacks if isinstance(c, RunMonitor)]
     assert len(monitors) == 1 and monitors[0].action == "stop"

@@ -25,8 +25,9 @@ OVERLAYS = sorted(p for p in (REPO / "configs" / "trainer").glob("*.yaml") if p.
 
 def _rlft(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "rlft", *args], cwd=cwd, env=environment, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlft", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -68,16 +69,32 @@ def test_every_run_starts_from_the_trainer_defaults(capsys):
 
 
 def test_overrides_reach_the_instantiated_objects(tmp_path):
-    cli_args = ["--config", "configs/sft/tiny.yaml", "--data.path", "rlft/assets/sample_pairs.jsonl",
-                "--model.lora.r", "32", "--trainer.max_steps", "7",
-                "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli_args = [
+        "--config",
+        "configs/sft/tiny.yaml",
+        "--data.path",
+        "rlft/assets/sample_pairs.jsonl",
+        "--model.lora.r",
+        "32",
+        "--trainer.max_steps",
+        "7",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     from rlft.cli.fit import RLFTCLI
     from rlft.data import PreferenceDataModule
     from rlft.methods.base import RLFTModule
 
     # run=False instantiates model, data and trainer without fitting
-    cli = RLFTCLI(RLFTModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  args=cli_args, run=False, auto_configure_optimizers=False)  # fmt: skip
+    cli = RLFTCLI(
+        RLFTModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=cli_args,
+        run=False,
+        auto_configure_optimizers=False,
+    )
     assert cli.model.lora_settings.r == 32
     assert cli.model.model.peft_config["default"].r == 32
     assert cli.datamodule.hparams.path == "rlft/assets/sample_pairs.jsonl"
@@ -99,8 +116,14 @@ def test_user_subclass_runs_through_the_cli_and_resumes_with_last(tmp_path):
     config = (REPO / "configs" / "sft" / "tiny.yaml").read_text().replace("runs/sft-tiny", str(root))
     config = config.replace("rlft/assets/", f"{REPO}/rlft/assets/")
     (tmp_path / "config.yaml").write_text(config)
-    common = ["-c", str(tmp_path / "config.yaml"), "--model", "my_research.MySFT",
-              "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    common = [
+        "-c",
+        str(tmp_path / "config.yaml"),
+        "--model",
+        "my_research.MySFT",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     first = _rlft("fit", *common, "--trainer.max_steps", "4", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (root / "checkpoints" / "last.ckpt").exists() and (root / "hf_model" / "adapter_config.json").exists()

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.timeout(300)
 def rlft(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full = {name: value for name, value in os.environ.items() if name != "RLFT_DEBUG"}
     full.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "rlft", *args], cwd=REPO_ROOT, env=full, capture_output=True,
-                          text=True, timeout=280)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlft", *args], cwd=REPO_ROOT, env=full, capture_output=True, text=True, timeout=280
+    )
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, command: str, *expected: str) -> str:
@@ -67,8 +68,19 @@ def test_eval_names_a_file_that_is_not_a_dataset(files):
 
 def test_eval_harness_offline_says_the_task_needs_the_hub(files):
     pytest.importorskip("lm_eval")
-    result = rlft("eval", "harness", "tiny-llama", "--tasks", "[piqa]", "--limit", "2", "--device", "cpu",
-                  "--out", str(files["folder"] / "harness"))  # fmt: skip
+    result = rlft(
+        "eval",
+        "harness",
+        "tiny-llama",
+        "--tasks",
+        "[piqa]",
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(files["folder"] / "harness"),
+    )
     assert_one_error_line(result, "eval", "--tasks piqa", "HF_HUB_OFFLINE", "rlft_mc_basics")
 
 
@@ -78,8 +90,15 @@ def test_pipeline_names_the_missing_config(files):
 
 
 def test_tune_names_the_missing_search_file(files):
-    result = rlft("tune", "-c", "configs/dpo/tiny.yaml", "--search", str(files["folder"] / "space.yaml"),
-                  "--out", str(files["folder"] / "tune"))  # fmt: skip
+    result = rlft(
+        "tune",
+        "-c",
+        "configs/dpo/tiny.yaml",
+        "--search",
+        str(files["folder"] / "space.yaml"),
+        "--out",
+        str(files["folder"] / "tune"),
+    )
     line = assert_one_error_line(result, "tune", "space.yaml")
     assert "rlft tune: error: rlft tune" not in line  # the command's own prefix is not repeated
 
@@ -104,6 +123,14 @@ def test_models_refuses_an_unknown_alias_with_one_parser_error():
 def test_debug_shows_the_traceback(files):
     result = rlft("export", "./no_such_model", "--to", "merged", "--out", str(files["folder"] / "m"), "--debug")
     assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
-    refusal = rlft("tune", "-c", "configs/dpo/tiny.yaml", "--search", str(files["folder"] / "space.yaml"),
-                   "--out", str(files["folder"] / "tune"), env={"RLFT_DEBUG": "1"})  # fmt: skip
+    refusal = rlft(
+        "tune",
+        "-c",
+        "configs/dpo/tiny.yaml",
+        "--search",
+        str(files["folder"] / "space.yaml"),
+        "--out",
+        str(files["folder"] / "tune"),
+        env={"RLFT_DEBUG": "1"},
+    )
     assert refusal.returncode == 1 and "Traceback" in refusal.stderr and "space.yaml" in refusal.stderr

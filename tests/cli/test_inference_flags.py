@@ -34,9 +34,14 @@ def test_cuda_only_requests_fail_clearly_on_a_cpu_machine():
 
 
 @needs_no_cuda
-@pytest.mark.parametrize("command", [["generate", "tiny-llama", "--prompt", "hi"],
-                                     ["eval", "perplexity", "tiny-llama", "rlft/assets/sample_sft.jsonl"],
-                                     ["serve", "tiny-llama"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "tiny-llama", "--prompt", "hi"],
+        ["eval", "perplexity", "tiny-llama", "rlft/assets/sample_sft.jsonl"],
+        ["serve", "tiny-llama"],
+    ],
+)
 def test_every_command_refuses_quantization_without_cuda(command, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     monkeypatch.setenv("RLFT_DEBUG", "1")  # the exception itself, not the router's one-line report of it
@@ -53,14 +58,55 @@ def test_dtype_and_device_reach_the_model():
 
 def test_generate_and_eval_take_the_flags(repo_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(repo_root)
-    rlft_main(["generate", "tiny-llama", "--prompt", "hello", "--max_new_tokens", "4", "--no_stream",
-               "--device", "cpu", "--dtype", "bfloat16"])  # fmt: skip
+    rlft_main(
+        [
+            "generate",
+            "tiny-llama",
+            "--prompt",
+            "hello",
+            "--max_new_tokens",
+            "4",
+            "--no_stream",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert ">>> hello" in capsys.readouterr().out
     out = tmp_path / "ppl"
-    rlft_main(["eval", "perplexity", "tiny-llama", "rlft/assets/sample_sft.jsonl", "--limit", "4", "--device", "cpu",
-               "--dtype", "float32", "--out", str(out)])  # fmt: skip
+    rlft_main(
+        [
+            "eval",
+            "perplexity",
+            "tiny-llama",
+            "rlft/assets/sample_sft.jsonl",
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
+    )
     fp32 = json.loads((out / "perplexity.json").read_text())["metrics"]["perplexity"]
-    rlft_main(["eval", "perplexity", "tiny-llama", "rlft/assets/sample_sft.jsonl", "--limit", "4", "--device", "cpu",
-               "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")])  # fmt: skip
+    rlft_main(
+        [
+            "eval",
+            "perplexity",
+            "tiny-llama",
+            "rlft/assets/sample_sft.jsonl",
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            str(tmp_path / "bf16"),
+        ]
+    )
     bf16 = json.loads((tmp_path / "bf16" / "perplexity.json").read_text())["metrics"]["perplexity"]
     assert fp32 != bf16 and abs(fp32 - bf16) / fp32 < 0.05  # the dtype was used, and bf16 is close

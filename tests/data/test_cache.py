@@ -148,8 +148,23 @@ def test_data_prepare_cli_fills_the_cache_for_fit(repo_root, tmp_path, cache_roo
 def test_data_prepare_without_a_config_then_the_data_module_hits(pairs_file, cache_root, encoder_calls, capsys):
     from rlft.cli.data import main as data_main
 
-    data_main(["prepare", "--data.path", str(pairs_file), "--model", "tiny-qwen2", "--kind", "pairs",
-               "--data.max_length", "128", "--data.val_fraction", "0.2", "--data.batch_size", "4"])  # fmt: skip
+    data_main(
+        [
+            "prepare",
+            "--data.path",
+            str(pairs_file),
+            "--model",
+            "tiny-qwen2",
+            "--kind",
+            "pairs",
+            "--data.max_length",
+            "128",
+            "--data.val_fraction",
+            "0.2",
+            "--data.batch_size",
+            "4",
+        ]
+    )
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].endswith("64 rows (preference) -> 64 pairs")  # the conversion report comes first
     assert printed[-1].startswith(f"cached: {cache_root}")
@@ -162,8 +177,19 @@ def test_data_prepare_refuses_a_disabled_cache(pairs_file):
     from rlft.cli.data import main as data_main
 
     with pytest.raises(SystemExit, match="--data.cache false leaves nothing to prepare"):
-        data_main(["prepare", "--data.path", str(pairs_file), "--model", "tiny-qwen2", "--kind", "sft",
-                   "--data.cache", "false"])  # fmt: skip
+        data_main(
+            [
+                "prepare",
+                "--data.path",
+                str(pairs_file),
+                "--model",
+                "tiny-qwen2",
+                "--kind",
+                "sft",
+                "--data.cache",
+                "false",
+            ]
+        )
 
 
 class _FirstTokensOnly(PreferenceDataModule):

@@ -84,8 +84,11 @@ def test_truncation_is_counted(tokenizer, tmp_path, caplog):
 
 def test_invalid_rows_stop_with_file_line_field_or_are_counted(tokenizer, tmp_path):
     path = tmp_path / "bad.jsonl"
-    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "same", "rejected": "same"},
-            {"prompt": "q3", "chosen": "c", "rejected": "d"}]  # fmt: skip
+    rows = [
+        {"prompt": "q1", "chosen": "a", "rejected": "b"},
+        {"prompt": "q2", "chosen": "same", "rejected": "same"},
+        {"prompt": "q3", "chosen": "c", "rejected": "d"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         _module(tokenizer, "pairs", str(path), val_fraction=0.0)

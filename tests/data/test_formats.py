@@ -38,87 +38,169 @@ def system(text: str) -> dict:
 # One row per format, and the records it must give for each kind (None: the kind is not available).
 CASES = {
     "messages": (
-        {"messages": [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\n"},
-                      {"role": "assistant", "content": " Hello! "}], "id": 7},
-        {"sft": {"messages": [system("Be brief."), user("Hi"), assistant("Hello!")]},
-         "pairs": None,
-         "prompts": {"prompt": [system("Be brief."), user("Hi")], "id": 7}},
+        {
+            "messages": [
+                {"role": "system", "content": " Be brief. "},
+                {"role": "user", "content": "Hi\n"},
+                {"role": "assistant", "content": " Hello! "},
+            ],
+            "id": 7,
+        },
+        {
+            "sft": {"messages": [system("Be brief."), user("Hi"), assistant("Hello!")]},
+            "pairs": None,
+            "prompts": {"prompt": [system("Be brief."), user("Hi")], "id": 7},
+        },
     ),
     "sharegpt": (
-        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
-                           {"from": "human", "value": "and 3+3?"}, {"from": "gpt", "value": "6"}],
-         "system": "You are a calculator."},
-        {"sft": {"messages": [system("You are a calculator."), user("2+2?"), assistant("4"), user("and 3+3?"),
-                              assistant("6")]},
-         "pairs": None,
-         "prompts": {"prompt": [system("You are a calculator."), user("2+2?"), assistant("4"), user("and 3+3?")]}},
+        {
+            "conversations": [
+                {"from": "human", "value": "2+2?"},
+                {"from": "gpt", "value": "4"},
+                {"from": "human", "value": "and 3+3?"},
+                {"from": "gpt", "value": "6"},
+            ],
+            "system": "You are a calculator.",
+        },
+        {
+            "sft": {
+                "messages": [
+                    system("You are a calculator."),
+                    user("2+2?"),
+                    assistant("4"),
+                    user("and 3+3?"),
+                    assistant("6"),
+                ]
+            },
+            "pairs": None,
+            "prompts": {"prompt": [system("You are a calculator."), user("2+2?"), assistant("4"), user("and 3+3?")]},
+        },
     ),
     "prompt_completion": (
         {"prompt": "Capital of France?", "completion": " Paris.", "source": "quiz"},
-        {"sft": {"messages": [user("Capital of France?"), assistant("Paris.")]},
-         "pairs": None,
-         "prompts": {"prompt": [user("Capital of France?")], "completion": " Paris.", "source": "quiz"}},
+        {
+            "sft": {"messages": [user("Capital of France?"), assistant("Paris.")]},
+            "pairs": None,
+            "prompts": {"prompt": [user("Capital of France?")], "completion": " Paris.", "source": "quiz"},
+        },
     ),
     "alpaca": (
         {"instruction": "Translate to German.", "input": "Good morning", "output": "Guten Morgen"},
-        {"sft": {"messages": [user("Translate to German.\n\nGood morning"), assistant("Guten Morgen")]},
-         "pairs": None,
-         "prompts": {"prompt": [user("Translate to German.\n\nGood morning")], "output": "Guten Morgen"}},
+        {
+            "sft": {"messages": [user("Translate to German.\n\nGood morning"), assistant("Guten Morgen")]},
+            "pairs": None,
+            "prompts": {"prompt": [user("Translate to German.\n\nGood morning")], "output": "Guten Morgen"},
+        },
     ),
     "dolly": (
-        {"instruction": "Who wrote it?", "context": "Hamlet was written by Shakespeare.",
-         "response": "Shakespeare", "category": "closed_qa"},
-        {"sft": {"messages": [user("Who wrote it?\n\nHamlet was written by Shakespeare."), assistant("Shakespeare")]},
-         "pairs": None,
-         "prompts": {"prompt": [user("Who wrote it?\n\nHamlet was written by Shakespeare.")],
-                     "response": "Shakespeare", "category": "closed_qa"}},
+        {
+            "instruction": "Who wrote it?",
+            "context": "Hamlet was written by Shakespeare.",
+            "response": "Shakespeare",
+            "category": "closed_qa",
+        },
+        {
+            "sft": {
+                "messages": [user("Who wrote it?\n\nHamlet was written by Shakespeare."), assistant("Shakespeare")]
+            },
+            "pairs": None,
+            "prompts": {
+                "prompt": [user("Who wrote it?\n\nHamlet was written by Shakespeare.")],
+                "response": "Shakespeare",
+                "category": "closed_qa",
+            },
+        },
     ),
     "hh_rlhf": (
-        {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello, how can I help?\n\nHuman: Tell a joke\n\nAssistant: "
-                   "Why did the chicken cross the road?  ",
-         "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello, how can I help?\n\nHuman: Tell a joke\n\nAssistant:"
-                     " No."},
-        {"sft": {"messages": [user("Hi there"), assistant("Hello, how can I help?"), user("Tell a joke"),
-                              assistant("Why did the chicken cross the road?")]},
-         "pairs": {"prompt": [user("Hi there"), assistant("Hello, how can I help?"), user("Tell a joke")],
-                   "chosen": "Why did the chicken cross the road?", "rejected": "No."},
-         "prompts": {"prompt": [user("Hi there"), assistant("Hello, how can I help?"), user("Tell a joke")]}},
+        {
+            "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello, how can I help?\n\nHuman: Tell a joke\n\nAssistant: "
+            "Why did the chicken cross the road?  ",
+            "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello, how can I help?\n\nHuman: Tell a joke\n\nAssistant:"
+            " No.",
+        },
+        {
+            "sft": {
+                "messages": [
+                    user("Hi there"),
+                    assistant("Hello, how can I help?"),
+                    user("Tell a joke"),
+                    assistant("Why did the chicken cross the road?"),
+                ]
+            },
+            "pairs": {
+                "prompt": [user("Hi there"), assistant("Hello, how can I help?"), user("Tell a joke")],
+                "chosen": "Why did the chicken cross the road?",
+                "rejected": "No.",
+            },
+            "prompts": {"prompt": [user("Hi there"), assistant("Hello, how can I help?"), user("Tell a joke")]},
+        },
     ),
     "preference": (
         {"prompt": "Is water wet?", "chosen": "Yes, in the everyday sense.", "rejected": "Bananas.", "score": 3},
-        {"sft": {"messages": [user("Is water wet?"), assistant("Yes, in the everyday sense.")]},
-         "pairs": {"prompt": [user("Is water wet?")], "chosen": "Yes, in the everyday sense.",
-                   "rejected": "Bananas.", "score": 3},  # a pair's own fields are kept, as a prompt's are
-         "prompts": {"prompt": [user("Is water wet?")], "chosen": "Yes, in the everyday sense.",
-                     "rejected": "Bananas.", "score": 3}},
+        {
+            "sft": {"messages": [user("Is water wet?"), assistant("Yes, in the everyday sense.")]},
+            "pairs": {
+                "prompt": [user("Is water wet?")],
+                "chosen": "Yes, in the everyday sense.",
+                "rejected": "Bananas.",
+                "score": 3,
+            },  # a pair's own fields are kept, as a prompt's are
+            "prompts": {
+                "prompt": [user("Is water wet?")],
+                "chosen": "Yes, in the everyday sense.",
+                "rejected": "Bananas.",
+                "score": 3,
+            },
+        },
     ),
     "piqa": (
-        {"goal": "Dry wet shoes", "sol1": "Put them in the oven at 500F.", "sol2": "Stuff them with newspaper.",
-         "label": 1},
-        {"sft": {"messages": [user("Dry wet shoes"), assistant("Stuff them with newspaper.")]},
-         "pairs": {"prompt": [user("Dry wet shoes")], "chosen": "Stuff them with newspaper.",
-                   "rejected": "Put them in the oven at 500F."},
-         "prompts": {"prompt": [user("Dry wet shoes")], "sol1": "Put them in the oven at 500F.",
-                     "sol2": "Stuff them with newspaper.", "label": 1}},
+        {
+            "goal": "Dry wet shoes",
+            "sol1": "Put them in the oven at 500F.",
+            "sol2": "Stuff them with newspaper.",
+            "label": 1,
+        },
+        {
+            "sft": {"messages": [user("Dry wet shoes"), assistant("Stuff them with newspaper.")]},
+            "pairs": {
+                "prompt": [user("Dry wet shoes")],
+                "chosen": "Stuff them with newspaper.",
+                "rejected": "Put them in the oven at 500F.",
+            },
+            "prompts": {
+                "prompt": [user("Dry wet shoes")],
+                "sol1": "Put them in the oven at 500F.",
+                "sol2": "Stuff them with newspaper.",
+                "label": 1,
+            },
+        },
     ),
     "ranked": (  # K = 2 here (one pair); K-wise expansion is tested in tests/methods/test_reward_ranking.py
         {"prompt": "Best color?", "responses": ["grey", "blue"], "scores": [0.1, 0.9], "id": 3},
-        {"sft": {"messages": [user("Best color?"), assistant("blue")]},
-         "pairs": {"prompt": [user("Best color?")], "chosen": "blue", "rejected": "grey", "id": 3},
-         "prompts": {"prompt": [user("Best color?")], "id": 3}},
+        {
+            "sft": {"messages": [user("Best color?"), assistant("blue")]},
+            "pairs": {"prompt": [user("Best color?")], "chosen": "blue", "rejected": "grey", "id": 3},
+            "prompts": {"prompt": [user("Best color?")], "id": 3},
+        },
     ),
     "unpaired": (  # KTO feedback: SFT refuses it (tests/data/test_unpaired.py)
         {"prompt": "Capital of France?", "completion": " Lyon.", "label": False, "weight": 2},
-        {"sft": None, "pairs": None,
-         "prompts": {"prompt": [user("Capital of France?")], "completion": " Lyon.", "label": False, "weight": 2},
-         "unpaired": {"prompt": [user("Capital of France?")], "completion": "Lyon.", "label": False, "weight": 2}},
+        {
+            "sft": None,
+            "pairs": None,
+            "prompts": {"prompt": [user("Capital of France?")], "completion": " Lyon.", "label": False, "weight": 2},
+            "unpaired": {"prompt": [user("Capital of France?")], "completion": "Lyon.", "label": False, "weight": 2},
+        },
     ),
     "prompt_only": (
         {"prompt": "def add(a, b):", "test": "assert add(1, 2) == 3", "entry_point": "add"},
-        {"sft": None, "pairs": None,
-         "prompts": {"prompt": [user("def add(a, b):")], "test": "assert add(1, 2) == 3", "entry_point": "add"}},
+        {
+            "sft": None,
+            "pairs": None,
+            "prompts": {"prompt": [user("def add(a, b):")], "test": "assert add(1, 2) == 3", "entry_point": "add"},
+        },
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -144,8 +226,17 @@ def test_auto_detection(name: str) -> None:
 
 def test_every_registered_format_is_tested() -> None:
     assert set(FORMATS) == set(CASES) | {"alpaca_seed"}
-    assert {"messages", "sharegpt", "prompt_completion", "alpaca", "dolly", "hh_rlhf", "preference", "piqa",
-            "alpaca_seed"} <= set(FORMATS)  # fmt: skip
+    assert {
+        "messages",
+        "sharegpt",
+        "prompt_completion",
+        "alpaca",
+        "dolly",
+        "hh_rlhf",
+        "preference",
+        "piqa",
+        "alpaca_seed",
+    } <= set(FORMATS)
 
 
 def test_alpaca_seed_gives_one_record_per_instance() -> None:
@@ -162,17 +253,21 @@ def test_alpaca_seed_gives_one_record_per_instance() -> None:
 
 
 def test_prompt_completion_with_message_lists() -> None:
-    row = {"prompt": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "1+1"}],
-           "completion": [{"role": "assistant", "content": "2"}]}  # fmt: skip
+    row = {
+        "prompt": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "1+1"}],
+        "completion": [{"role": "assistant", "content": "2"}],
+    }
     records, _ = convert(rows_of(row), kind="sft")
     assert records == [{"messages": [system("Terse."), user("1+1"), assistant("2")]}]
 
 
 def test_preference_with_full_conversations_takes_last_assistant_turn() -> None:
     convo = [{"role": "user", "content": "Name a colour"}]
-    row = {"prompt": "Name a colour",
-           "chosen": [*convo, {"role": "assistant", "content": "Blue"}],
-           "rejected": [*convo, {"role": "assistant", "content": "Seven"}]}  # fmt: skip
+    row = {
+        "prompt": "Name a colour",
+        "chosen": [*convo, {"role": "assistant", "content": "Blue"}],
+        "rejected": [*convo, {"role": "assistant", "content": "Seven"}],
+    }
     implicit = {"chosen": row["chosen"], "rejected": row["rejected"]}
     implicit_bare_rejected = {"chosen": row["chosen"], "rejected": " Seven"}
     only_reply = {"prompt": convo, "chosen": [assistant("Blue")], "rejected": [assistant("Seven")]}
@@ -184,8 +279,10 @@ def test_preference_with_full_conversations_takes_last_assistant_turn() -> None:
 
 
 def test_piqa_label_zero_and_string_label() -> None:
-    rows = rows_of({"goal": "g", "sol1": "right", "sol2": "wrong", "label": 0},
-                   {"goal": "h", "sol1": "wrong", "sol2": "right", "label": "1"})  # fmt: skip
+    rows = rows_of(
+        {"goal": "g", "sol1": "right", "sol2": "wrong", "label": 0},
+        {"goal": "h", "sol1": "wrong", "sol2": "right", "label": "1"},
+    )
     records, _ = convert(rows, kind="pairs")
     assert [(r["chosen"], r["rejected"]) for r in records] == [("right", "wrong"), ("right", "wrong")]
 
@@ -276,11 +373,15 @@ def test_real_alpaca_seed_tasks_convert_to_sft() -> None:
 
 def test_hh_style_prompt_strings_become_turns() -> None:
     # As in HH-RLHF derivatives: the prompt is a transcript ending in an empty "Assistant:" cue.
-    row = {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant:", "chosen": " Knock knock.",
-           "rejected": " No."}  # fmt: skip
+    row = {
+        "prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant:",
+        "chosen": " Knock knock.",
+        "rejected": " No.",
+    }
     records, _ = convert(rows_of(row), kind="pairs")
-    assert records == [{"prompt": [user("Hi"), assistant("Hello!"), user("Joke?")], "chosen": "Knock knock.",
-                        "rejected": "No."}]  # fmt: skip
+    assert records == [
+        {"prompt": [user("Hi"), assistant("Hello!"), user("Joke?")], "chosen": "Knock knock.", "rejected": "No."}
+    ]
     records, _ = convert(rows_of({"prompt": "Human: a\n\nAssistant: b\n\nHuman: c"}), kind="prompts")
     assert records == [{"prompt": [user("a"), assistant("b"), user("c")]}]
 
@@ -294,7 +395,9 @@ def test_null_columns_count_as_absent() -> None:
 
 
 def test_a_pair_field_named_like_a_batch_key_is_refused_with_its_line() -> None:
-    rows = rows_of({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0},
-                   {"prompt": "q", "chosen": "c", "rejected": "d", "prompt_lengths": 3})  # fmt: skip
+    rows = rows_of(
+        {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0},
+        {"prompt": "q", "chosen": "c", "rejected": "d", "prompt_lengths": 3},
+    )
     with pytest.raises(DataError, match=r":2: field 'prompt_lengths': is a name rlft uses for the tokenised pair"):
         convert(rows, kind="pairs")

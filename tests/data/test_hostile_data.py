@@ -269,8 +269,9 @@ def test_sharegpt_and_preference_prompts_follow_the_same_turn_order(tmp_path):
     path = _jsonl(tmp_path, sharegpt("gpt", "human", "gpt"), sharegpt("human", "gpt"))
     assert convert(read_rows(path), kind="sft", on_invalid="skip")[1].filtered == {"assistant turn first": 1}
     two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    path = _jsonl(tmp_path, {"prompt": two_users, "chosen": "c", "rejected": "d"},
-                  {"prompt": "q", "chosen": "c", "rejected": "d"})  # fmt: skip
+    path = _jsonl(
+        tmp_path, {"prompt": two_users, "chosen": "c", "rejected": "d"}, {"prompt": "q", "chosen": "c", "rejected": "d"}
+    )
     assert convert(read_rows(path), kind="pairs", on_invalid="skip")[1].filtered == {"consecutive same-role turns": 1}
 
 

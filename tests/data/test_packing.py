@@ -20,8 +20,12 @@ def _batches(name: str, kind: str, packing: bool, path: str) -> list[dict]:
 
 
 def _per_sequence_logps(model, batch: dict) -> list[float]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits  # fmt: skip
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits
     labels = batch["labels"][:, 1:]
     token = gather_logps(logits[:, :-1], labels) * (labels != IGNORE_INDEX)
     if "seq_lengths" not in batch:
@@ -43,9 +47,11 @@ def test_packed_sft_losses_equal_padded_per_example(name):
     with torch.no_grad():
         for a, b in zip(padded, packed):
             torch.testing.assert_close(
-                torch.tensor(_per_sequence_logps(model, a)), torch.tensor(_per_sequence_logps(model, b)),
-                atol=1e-4, rtol=1e-5,
-            )  # fmt: skip
+                torch.tensor(_per_sequence_logps(model, a)),
+                torch.tensor(_per_sequence_logps(model, b)),
+                atol=1e-4,
+                rtol=1e-5,
+            )
 
 
 def test_packed_pairs_keep_chosen_then_rejected_order():
@@ -75,8 +81,15 @@ def test_packing_is_refused_for_a_model_that_would_mix_examples(tmp_path):
     assert supports_packing(load_model("tiny-llama"))
     module = SFT(model="tiny-opt", lora=None, attn_implementation="eager")
     data = PreferenceDataModule(path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=64, packing=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="packing"):
         trainer.fit(module, data)
 
@@ -87,8 +100,9 @@ def test_sft_trains_packed_with_the_same_first_loss(tmp_path, name):
     for packing in (False, True):
         L.seed_everything(0)
         module = SFT(model=name, lora=None)
-        data = PreferenceDataModule(path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=96,
-                                    val_fraction=0.0, packing=packing)  # fmt: skip
+        data = PreferenceDataModule(
+            path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=96, val_fraction=0.0, packing=packing
+        )
         data.attach("sft", module.tokenizer).setup("fit")
         batch = next(iter(data.train_dataloader()))
         module.eval()  # OPT's dropout would draw different masks for the two layouts
@@ -123,9 +137,21 @@ def test_dpo_trains_on_packed_pairs_with_the_padded_first_loss(tmp_path, fit_los
     losses = {}
     for packing in (False, True):
         L.seed_everything(0)
-        module = DPO(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), reference=reference,
-                     ref_cache_path=str(tmp_path / f"ref{packing}.pt"), output_dir=str(tmp_path / "out"))  # fmt: skip
-        data = PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=96,
-                                    val_fraction=0.0, packing=packing, shuffle=False, limit=8)  # fmt: skip
+        module = DPO(
+            model="tiny-llama",
+            lora=LoraSettings(r=4, dropout=0.0),
+            reference=reference,
+            ref_cache_path=str(tmp_path / f"ref{packing}.pt"),
+            output_dir=str(tmp_path / "out"),
+        )
+        data = PreferenceDataModule(
+            path="rlft/assets/sample_pairs.jsonl",
+            batch_size=4,
+            max_length=96,
+            val_fraction=0.0,
+            packing=packing,
+            shuffle=False,
+            limit=8,
+        )
         losses[packing] = fit_losses(module, data, steps=2)
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)

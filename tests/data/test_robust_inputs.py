@@ -44,8 +44,10 @@ def test_examples_with_nothing_left_to_train_on_are_unusable(tokenizer):
     from rlft.data.datamodule import _unusable
 
     assert _unusable("sft", {"labels": [-100, -100]}) == "with no trained tokens left after truncation"
-    assert _unusable("pairs", {"chosen_ids": [1], "rejected_ids": [2], "chosen_labels": [-100],
-                               "rejected_labels": [-100]}) == "with no reply tokens left after truncation"  # fmt: skip
+    assert (
+        _unusable("pairs", {"chosen_ids": [1], "rejected_ids": [2], "chosen_labels": [-100], "rejected_labels": [-100]})
+        == "with no reply tokens left after truncation"
+    )
     assert _unusable("prompts", {"prompt_ids": []}) == "with an empty prompt after truncation"
     # the smallest length allowed still trains on something in every shipped example
     dm = _module(tokenizer, "sft", "rlft/assets/sample_sft.jsonl", max_length=2)
@@ -54,9 +56,16 @@ def test_examples_with_nothing_left_to_train_on_are_unusable(tokenizer):
 
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
-    [("max_length", 0, ">= 2"), ("max_length", -5, ">= 2"), ("batch_size", 0, ">= 1"), ("val_fraction", 1.0, "[0, 1)"),
-     ("max_prompt_length", 0, ">= 1"), ("limit", 0, ">= 1"), ("num_workers", -1, ">= 0")],
-)  # fmt: skip
+    [
+        ("max_length", 0, ">= 2"),
+        ("max_length", -5, ">= 2"),
+        ("batch_size", 0, ">= 1"),
+        ("val_fraction", 1.0, "[0, 1)"),
+        ("max_prompt_length", 0, ">= 1"),
+        ("limit", 0, ">= 1"),
+        ("num_workers", -1, ">= 0"),
+    ],
+)
 def test_numeric_options_are_range_checked(name, value, expected):
     with pytest.raises(ValueError, match=rf"data\.{name} must be .*{re.escape(expected)}"):
         PreferenceDataModule(path=PAIRS, **{name: value})

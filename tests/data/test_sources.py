@@ -88,8 +88,12 @@ def test_csv_rows_and_json_cells(tmp_path) -> None:
     rows = read_rows(str(path))
     # the header is line 1 and a quoted cell spans lines 2-3: lines are where an editor shows each row
     assert [r.line for r in rows] == [2, 4]
-    assert rows[0].data == {"goal": "Open a jar", "sol1": "Run it under hot water,\nthen twist",
-                            "sol2": "Hit it with a hammer", "label": "0"}  # fmt: skip
+    assert rows[0].data == {
+        "goal": "Open a jar",
+        "sol1": "Run it under hot water,\nthen twist",
+        "sol2": "Hit it with a hammer",
+        "label": "0",
+    }
     records, report = convert(rows, kind="pairs")
     assert report.format == "piqa"
     assert [(r["chosen"], r["rejected"]) for r in records] == [

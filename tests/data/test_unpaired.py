@@ -54,15 +54,23 @@ def test_label_key_makes_rows_unpaired_and_only_unpaired():
 
 def test_unpaired_records_from_strings_and_message_lists():
     prompt = [{"role": "system", "content": "Terse."}, user("1+1")]
-    conversational = {"prompt": prompt, "completion": [{"role": "assistant", "content": " 2 "}], "label": False,
-                      "score": 0.25}  # fmt: skip
+    conversational = {
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": " 2 "}],
+        "label": False,
+        "score": 0.25,
+    }
     records, report = convert(rows_of(GOOD, conversational), kind="unpaired")
     assert report.format == "unpaired" and report.records_out == 2
     assert records == [
         {"prompt": [user("2 + 2?")], "completion": "4", "label": True},
-        {"prompt": [{"role": "system", "content": "Terse."}, user("1+1")], "completion": "2", "label": False,
-         "score": 0.25},
-    ]  # fmt: skip
+        {
+            "prompt": [{"role": "system", "content": "Terse."}, user("1+1")],
+            "completion": "2",
+            "label": False,
+            "score": 0.25,
+        },
+    ]
     assert all(type(r["label"]) is bool for r in records)
 
 
@@ -123,8 +131,15 @@ def test_sft_method_fails_at_start_on_unpaired_data(tmp_path):
     from rlft.methods import SFT
 
     data = PreferenceDataModule(path=write(tmp_path / "kto.jsonl", GOOD, BAD), val_fraction=0.0, cache=False)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(DataError, match=r"kto\.jsonl.*'label'.*rlft\.methods\.KTO"):
         trainer.fit(SFT("tiny-llama", lora=None), data)
     assert trainer.global_step == 0

@@ -45,14 +45,14 @@ METHODS = {
     "ppo_critic": (
         "ppo",
         {"sampling": {"max_new_tokens": 8, "temperature": 0.0}, "minibatch_size": None, "critic": "tiny-llama"},
-    ),  # fmt: skip
+    ),
     "grpo": ("grpo", {"sampling": {"max_new_tokens": 8, "temperature": 1.0}, "group_size": 2}),
     # completions that stop at different lengths (the greedy continuations of the first prompts stop on this token at
     # different positions): each rank holds a different number of response tokens, so PPO's token mean must be global
     "ppo_ragged": (
         "ppo",
         {"sampling": {"max_new_tokens": 8, "temperature": 0.0, "stop_token_ids": [227]}, "minibatch_size": None},
-    ),  # fmt: skip
+    ),
     # DPO from an SFT adapter folder: the reference is that adapter, loaded again as the frozen `ref` adapter
     "dpo_sft_ref": ("dpo", {"model": "{assets}/sft", "reference": "adapter"}),
     # PPO scored by a reward model (each rank scores its own rollouts with its own replica)
@@ -63,7 +63,7 @@ METHODS = {
             "minibatch_size": None,
             "rewards": [{"source": "reward_model", "options": {"path": "{assets}/rm"}}],
         },
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -216,11 +216,19 @@ def main() -> None:
         load = record_load(module)
         recorder, probe = LossRecorder(), RaggedGenerationProbe()
         trainer = L.Trainer(
-            accelerator="cpu", devices=world, strategy=strategy_for(args.strategy), max_steps=args.steps,
-            precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, probe],
+            accelerator="cpu",
+            devices=world,
+            strategy=strategy_for(args.strategy),
+            max_steps=args.steps,
+            precision="32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[recorder, probe],
             default_root_dir=str(args.out / method),
-        )  # fmt: skip
+        )
         trainer.fit(module, datamodule=data)
         weights = full_state_dict(module, trainable_only=True)
         network = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model

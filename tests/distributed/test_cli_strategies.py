@@ -28,8 +28,10 @@ def _config(root: Path, method: str = "dpo") -> Path:
     text = (REPO / "configs" / method / "tiny.yaml").read_text().replace(f"runs/{method}-tiny", str(root))
     text = text.replace("rlft/assets/", f"{REPO}/rlft/assets/")
     # a checkpoint every 3 steps, all kept, so a run can be resumed from the middle
-    checkpoints = ("  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-                   "      init_args: {save_last: true, every_n_train_steps: 3, save_top_k: -1}\n")  # fmt: skip
+    checkpoints = (
+        "  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_last: true, every_n_train_steps: 3, save_top_k: -1}\n"
+    )
     text = text.replace("trainer:\n", f"trainer:\n{checkpoints}", 1)
     path = root.parent / f"{root.name}.yaml"
     path.write_text(text)
@@ -51,8 +53,17 @@ def _losses(root: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("overlay", ["deepspeed_zero3", "fsdp"])
 def test_sharded_run_resumes_on_the_same_curve_and_exports_full_weights(overlay, tmp_path):
-    strategy = ["-c", str(REPO / "configs" / "trainer" / f"{overlay}.yaml"), *CPU2, "--trainer.max_steps", "6",
-                "--trainer.limit_val_batches", "0", "--model.init_args.merge_on_save", "true"]  # fmt: skip
+    strategy = [
+        "-c",
+        str(REPO / "configs" / "trainer" / f"{overlay}.yaml"),
+        *CPU2,
+        "--trainer.max_steps",
+        "6",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.init_args.merge_on_save",
+        "true",
+    ]
     whole = tmp_path / "whole"
     result = _rlft("fit", "-c", str(_config(whole)), *strategy)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -102,20 +113,59 @@ def _free_port() -> int:
 
 def test_two_nodes_on_loopback_match_one_process(tmp_path):
     single = tmp_path / "single"
-    result = _rlft("fit", "-c", str(_config(single, "sft")), "--trainer.max_steps", "3", "--trainer.limit_val_batches",
-                   "0", "--data.batch_size", "4", "--data.val_fraction", "0")  # fmt: skip
+    result = _rlft(
+        "fit",
+        "-c",
+        str(_config(single, "sft")),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--data.val_fraction",
+        "0",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     nodes = tmp_path / "nodes"
     config = _config(nodes, "sft")
     port = _free_port()
     procs = []
     for node in (0, 1):
-        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node),
-               "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # fmt: skip
-        cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(config), "--trainer.max_steps", "3",
-               "--trainer.limit_val_batches", "0", "--data.batch_size", "2", "--data.val_fraction", "0",
-               "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
-               "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+        env = {
+            **ENV,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "NODE_RANK": str(node),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlft",
+            "fit",
+            "-c",
+            str(config),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.limit_val_batches",
+            "0",
+            "--data.batch_size",
+            "2",
+            "--data.val_fraction",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.num_nodes",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
         procs.append(
             subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
@@ -133,8 +183,18 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
 # Lightning itself refuses 16-mixed with ModelParallelStrategy at parse time; 16-true gets through to rlft's check
 @pytest.mark.parametrize("overlay, precision", [("deepspeed_zero2", "16-mixed"), ("fsdp", "16-true")])
 def test_fp16_on_cpu_is_refused_with_the_fix(overlay, precision, tmp_path):
-    args = ["-c", str(REPO / "configs" / "trainer" / f"{overlay}.yaml"), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2", "--trainer.precision", precision, "--trainer.max_steps", "1"]  # fmt: skip
+    args = [
+        "-c",
+        str(REPO / "configs" / "trainer" / f"{overlay}.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.precision",
+        precision,
+        "--trainer.max_steps",
+        "1",
+    ]
     result = _rlft("fit", "-c", str(_config(tmp_path / "run", "sft")), *args)
     assert result.returncode != 0
     assert "on CPU" in result.stderr and "32-true" in result.stderr, result.stderr[-3000:]

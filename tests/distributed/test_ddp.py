@@ -19,10 +19,25 @@ def _fit(root: Path, *extra: str, logs: list[str] | None = None) -> dict[int, fl
     config = (REPO / "configs" / "sft" / "tiny.yaml").read_text().replace("runs/sft-tiny", str(root))
     config = config.replace("rlft/assets/", f"{REPO}/rlft/assets/")
     (root.parent / f"{root.name}.yaml").write_text(config)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(root.parent / f"{root.name}.yaml"),
-           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
-           "--data.shuffle", "false", "--data.val_fraction", "0", "--trainer.enable_progress_bar", "false",
-           *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "fit",
+        "-c",
+        str(root.parent / f"{root.name}.yaml"),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "0",
+        "--data.shuffle",
+        "false",
+        "--data.val_fraction",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -36,8 +51,17 @@ def _fit(root: Path, *extra: str, logs: list[str] | None = None) -> dict[int, fl
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process_with_the_global_batch(tmp_path):
     single = _fit(tmp_path / "single", "--data.batch_size", "4")
-    ddp = _fit(tmp_path / "ddp", "--data.batch_size", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-               "--trainer.accelerator", "cpu")  # fmt: skip
+    ddp = _fit(
+        tmp_path / "ddp",
+        "--data.batch_size",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    )
     assert sorted(single) == sorted(ddp) == [0, 1, 2]
     for step in single:
         assert ddp[step] == pytest.approx(single[step], rel=1e-5), f"step {step}"
@@ -55,8 +79,20 @@ def test_ddp_in_bf16_mixed_stores_frozen_weights_in_bf16_and_trains_exactly_as_w
     model = tmp_path / "bf16-model"  # tiny-llama saved in bf16, as hub checkpoints are
     load_model("tiny-llama").to(torch.bfloat16).save_pretrained(model)
     load_tokenizer("tiny-llama").save_pretrained(model)
-    ddp = ["--data.batch_size", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator",
-           "cpu", "--trainer.precision", "bf16-mixed", "--model.init_args.model", str(model)]  # fmt: skip
+    ddp = [
+        "--data.batch_size",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--model.init_args.model",
+        str(model),
+    ]
     logs: list[str] = []
     stored = _fit(tmp_path / "stored", *ddp, logs=logs)
     assert "15 frozen linear layers stored in bf16" in logs[0]

@@ -23,11 +23,28 @@ def _perplexity(root: Path, *strategy: str) -> dict[int, float]:
     text = (REPO / "configs" / "sft" / "tiny.yaml").read_text().replace("runs/sft-tiny", str(root))
     config = root.parent / f"{root.name}.yaml"
     config.write_text(text.replace("rlft/assets/", f"{REPO}/rlft/assets/"))
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(config), *strategy, "--trainer.max_steps", "2",
-           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-           "--trainer.callbacks+=rlft.callbacks.PerplexityCallback",
-           "--trainer.callbacks.data", str(REPO / "rlft/assets/sample_sft.jsonl"), "--trainer.callbacks.limit", "8",
-           "--trainer.callbacks.every_n_steps", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "fit",
+        "-c",
+        str(config),
+        *strategy,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks+=rlft.callbacks.PerplexityCallback",
+        "--trainer.callbacks.data",
+        str(REPO / "rlft/assets/sample_sft.jsonl"),
+        "--trainer.callbacks.limit",
+        "8",
+        "--trainer.callbacks.every_n_steps",
+        "1",
+    ]
     # bounded: the failure this guards against is a hang
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -43,10 +60,28 @@ def _perplexity(root: Path, *strategy: str) -> dict[int, float]:
 @pytest.mark.parametrize("overlay", ["fsdp", "deepspeed_zero3", "ddp"])
 def test_perplexity_callback_under_two_processes_equals_one_process(overlay, tmp_path):
     # one process with the global batch of two (4 rows per rank)
-    single = _perplexity(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                         "--trainer.precision", "32-true", "--data.batch_size", "8")
-    sharded = _perplexity(tmp_path / overlay, "-c", str(REPO / "configs" / "trainer" / f"{overlay}.yaml"),
-                          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true")
+    single = _perplexity(
+        tmp_path / "single",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--data.batch_size",
+        "8",
+    )
+    sharded = _perplexity(
+        tmp_path / overlay,
+        "-c",
+        str(REPO / "configs" / "trainer" / f"{overlay}.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.precision",
+        "32-true",
+    )
     assert set(sharded) == set(single) == {1, 2}
     for step, value in single.items():  # two processes see the global batch one process sees
         assert sharded[step] == pytest.approx(value, rel=1e-4), (step, sharded, single)

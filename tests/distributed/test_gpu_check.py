@@ -15,13 +15,24 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_a_report_of_every_check(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     checks = report["checks"]
-    assert set(checks) == {"bench_sft", "bench_dpo", "mfu_sft", "mfu_dpo", "qlora_4bit", "zero2", "zero3", "fsdp",
-                           "grpo_rollouts", "grpo_vllm_colocate"}  # fmt: skip
+    assert set(checks) == {
+        "bench_sft",
+        "bench_dpo",
+        "mfu_sft",
+        "mfu_dpo",
+        "qlora_4bit",
+        "zero2",
+        "zero3",
+        "fsdp",
+        "grpo_rollouts",
+        "grpo_vllm_colocate",
+    }
     for name in ("bench_sft", "bench_dpo", "qlora_4bit", "grpo_vllm_colocate"):
         assert checks[name]["status"] == "skipped"
     for name in ("zero2", "zero3", "fsdp"):

@@ -59,23 +59,51 @@ def test_rows_cover_every_pair():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("assets")  # an (untrained, random-head) reward model to judge win rates with
-    subprocess.run([sys.executable, str(WORKER), str(out), "--make-assets"], cwd=REPO, env=ENV, check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(WORKER), str(out), "--make-assets"],
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
 def _callback(kind: str, assets: Path) -> list[str]:
     common = ["--trainer.callbacks.every_n_steps", "2", "--trainer.callbacks.at_fit_end", "false"]
     if kind == "perplexity":
-        return ["--trainer.callbacks+=rlft.callbacks.PerplexityCallback", "--trainer.callbacks.data",
-                str(SAMPLES / "sample_sft.jsonl"), "--trainer.callbacks.limit", "4", *common]  # fmt: skip
+        return [
+            "--trainer.callbacks+=rlft.callbacks.PerplexityCallback",
+            "--trainer.callbacks.data",
+            str(SAMPLES / "sample_sft.jsonl"),
+            "--trainer.callbacks.limit",
+            "4",
+            *common,
+        ]
     if kind == "win_rate":
-        return ["--trainer.callbacks+=rlft.callbacks.WinRateCallback", "--trainer.callbacks.prompts",
-                str(SAMPLES / "sample_prompts.jsonl"), "--trainer.callbacks.reward_model", str(assets / "rm"),
-                "--trainer.callbacks.limit", "4", "--trainer.callbacks.max_new_tokens", "8",
-                "--trainer.callbacks.n_bootstrap", "100", *common]  # fmt: skip
-    return ["--trainer.callbacks+=rlft.callbacks.RewardAccuracyCallback", "--trainer.callbacks.pairs",
-            str(SAMPLES / "sample_pairs.jsonl"), "--trainer.callbacks.limit", "8", *common]  # fmt: skip
+        return [
+            "--trainer.callbacks+=rlft.callbacks.WinRateCallback",
+            "--trainer.callbacks.prompts",
+            str(SAMPLES / "sample_prompts.jsonl"),
+            "--trainer.callbacks.reward_model",
+            str(assets / "rm"),
+            "--trainer.callbacks.limit",
+            "4",
+            "--trainer.callbacks.max_new_tokens",
+            "8",
+            "--trainer.callbacks.n_bootstrap",
+            "100",
+            *common,
+        ]
+    return [
+        "--trainer.callbacks+=rlft.callbacks.RewardAccuracyCallback",
+        "--trainer.callbacks.pairs",
+        str(SAMPLES / "sample_pairs.jsonl"),
+        "--trainer.callbacks.limit",
+        "8",
+        *common,
+    ]
 
 
 def _fit(root: Path, method: str, strategy: str, extra: list[str], steps: int, *resume: str) -> None:
@@ -86,10 +114,29 @@ def _fit(root: Path, method: str, strategy: str, extra: list[str], steps: int, *
     if strategy != "single":
         hardware = ["-c", str(REPO / "configs" / "trainer" / f"{strategy}.yaml"), *hardware]
         hardware[hardware.index("--trainer.devices") + 1] = "2"
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(config), *hardware, "--trainer.max_steps", str(steps),
-           "--trainer.default_root_dir", str(root), "--model.init_args.output_dir", str(root / "hf_model"),
-           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-           "--trainer.callbacks.every_n_train_steps", "2", *extra, *resume]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "fit",
+        "-c",
+        str(config),
+        *hardware,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(root),
+        "--model.init_args.output_dir",
+        str(root / "hf_model"),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks.every_n_train_steps",
+        "2",
+        *extra,
+        *resume,
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, f"{method} {strategy} {extra}: {result.stderr[-4000:]}"
 
@@ -122,9 +169,21 @@ def test_combination_trains_evaluates_and_resumes(method, strategy, callback, re
 def test_a_callback_that_cannot_evaluate_the_method_is_refused_at_start(tmp_path):
     text = (REPO / "configs" / "rm" / "tiny.yaml").read_text().replace("rlft/assets/", f"{SAMPLES}/")
     (tmp_path / "config.yaml").write_text(text)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.max_steps", "2",
-           "--trainer.default_root_dir", str(tmp_path), "--model.init_args.output_dir", str(tmp_path / "hf"),
-           *_callback("perplexity", tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "fit",
+        "-c",
+        str(tmp_path / "config.yaml"),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--model.init_args.output_dir",
+        str(tmp_path / "hf"),
+        *_callback("perplexity", tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "PerplexityCallback evaluates a causal lm but RewardModel trains a reward model; use " in result.stderr

@@ -15,8 +15,13 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(REPO / "tests" / "distributed")}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(REPO / "tests" / "distributed"),
+}
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +30,32 @@ def _start(root: Path, steps: int, **env: str) -> subprocess.Popen:
     text = (REPO / "configs" / "sft" / "tiny.yaml").read_text().replace("runs/sft-tiny", str(root))
     config = root.parent / f"{root.name}.yaml"
     config.write_text(text.replace("rlft/assets/", f"{REPO}/rlft/assets/"))
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(config), "-c", str(REPO / "configs/trainer/ddp.yaml"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
-           "--model", "stall_pkg.StallingSFT", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-           "--trainer.enable_progress_bar", "false", "--trainer.callbacks.every_n_train_steps", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "fit",
+        "-c",
+        str(config),
+        "-c",
+        str(REPO / "configs/trainer/ddp.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.precision",
+        "32-true",
+        "--model",
+        "stall_pkg.StallingSFT",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks.every_n_train_steps",
+        "1",
+    ]
     log = open(root.parent / f"{root.name}.log", "w")
     return subprocess.Popen(cmd, cwd=REPO, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=log)
 
@@ -58,8 +85,9 @@ def _ends_within(process: subprocess.Popen, seconds: float) -> tuple[int, float]
 
 def test_a_rank_that_skips_a_collective_fails_the_run_with_rank_and_step(tmp_path):
     # 45 s: long enough for the second rank to join on a loaded machine (the rendezvous has the same timeout)
-    process = _start(tmp_path / "run", 6, RLFT_TEST_STALL_AT="2", RLFT_COLLECTIVE_TIMEOUT_S="45",
-                     RLFT_SHUTDOWN_GRACE_S="5")  # fmt: skip
+    process = _start(
+        tmp_path / "run", 6, RLFT_TEST_STALL_AT="2", RLFT_COLLECTIVE_TIMEOUT_S="45", RLFT_SHUTDOWN_GRACE_S="5"
+    )
     _wait_for(process, tmp_path / "run.log", "rank 1 pid")
     code, elapsed = _ends_within(process, 150)
     log = (tmp_path / "run.log").read_text()
@@ -67,8 +95,9 @@ def test_a_rank_that_skips_a_collective_fails_the_run_with_rank_and_step(tmp_pat
 
 
 def test_sigterm_ends_every_rank_even_when_one_is_blocked_in_a_collective(tmp_path):
-    process = _start(tmp_path / "run", 6, RLFT_TEST_STALL_AT="2", RLFT_COLLECTIVE_TIMEOUT_S="600",
-                     RLFT_SHUTDOWN_GRACE_S="5")  # fmt: skip
+    process = _start(
+        tmp_path / "run", 6, RLFT_TEST_STALL_AT="2", RLFT_COLLECTIVE_TIMEOUT_S="600", RLFT_SHUTDOWN_GRACE_S="5"
+    )
     _wait_for(process, tmp_path / "run.log", "rank 0 pid")
     _wait_for(process, tmp_path / "run.log", "step 2")
     time.sleep(3)  # rank 0 is now waiting for rank 1 in the next collective

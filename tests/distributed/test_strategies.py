@@ -23,8 +23,22 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "distributed" / "parity_worker.py"
-EXACT = ["sft", "sft_packed", "sft_tied", "rm", "dpo", "dpo_full_ref", "dpo_precomputed", "dpo_sft_ref", "orpo",
-         "simpo", "ppo", "ppo_critic", "ppo_rm", "ppo_ragged"]  # fmt: skip
+EXACT = [
+    "sft",
+    "sft_packed",
+    "sft_tied",
+    "rm",
+    "dpo",
+    "dpo_full_ref",
+    "dpo_precomputed",
+    "dpo_sft_ref",
+    "orpo",
+    "simpo",
+    "ppo",
+    "ppo_critic",
+    "ppo_rm",
+    "ppo_ragged",
+]
 SAMPLED = ["grpo"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -55,15 +69,39 @@ def assets(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, assets) -> Path:
     out = tmp_path_factory.mktemp("single")
-    _run([sys.executable, str(WORKER), str(out), "--strategy", "single", "--assets", str(assets),
-          "--methods", *EXACT, *SAMPLED])  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            str(WORKER),
+            str(out),
+            "--strategy",
+            "single",
+            "--assets",
+            str(assets),
+            "--methods",
+            *EXACT,
+            *SAMPLED,
+        ]
+    )
     return out
 
 
 def _torchrun(out: Path, strategy: str, assets: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run([*torchrun, str(WORKER), str(out), "--strategy", strategy, "--assets", str(assets),
-          "--methods", *EXACT, *SAMPLED])  # fmt: skip
+    _run(
+        [
+            *torchrun,
+            str(WORKER),
+            str(out),
+            "--strategy",
+            strategy,
+            "--assets",
+            str(assets),
+            "--methods",
+            *EXACT,
+            *SAMPLED,
+        ]
+    )
 
 
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:

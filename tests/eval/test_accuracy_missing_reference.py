@@ -28,8 +28,11 @@ class _Echo:
 def test_a_missing_answer_in_any_file_format_is_an_error_naming_the_item(tmp_path, suffix):
     path = tmp_path / f"items.{suffix}"
     frame = pd.DataFrame({"question": ["a?", "b?"], "answer": ["None", None]})
-    {"parquet": frame.to_parquet, "csv": lambda p: frame.to_csv(p, index=False),
-     "jsonl": lambda p: frame.to_json(p, orient="records", lines=True)}[suffix](path)  # fmt: skip
+    {
+        "parquet": frame.to_parquet,
+        "csv": lambda p: frame.to_csv(p, index=False),
+        "jsonl": lambda p: frame.to_json(p, orient="records", lines=True),
+    }[suffix](path)
     rows = load_raw_rows(path)
     generator = _Echo()
     with pytest.raises(MissingReferenceError, match=r"rlft eval accuracy: row 1 has no reference in field 'answer'"):
@@ -49,8 +52,13 @@ def test_skip_leaves_the_item_out_and_counts_it():
         generative_accuracy(_Echo(), items, missing="drop")
 
 
-@pytest.mark.parametrize("row", [{"goal": "g", "sol1": "a", "sol2": "b", "label": math.nan},
-                                 {"question": "q", "choices": ["a", "b"], "answer": None}])  # fmt: skip
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"goal": "g", "sol1": "a", "sol2": "b", "label": math.nan},
+        {"question": "q", "choices": ["a", "b"], "answer": None},
+    ],
+)
 def test_a_missing_multiple_choice_label_names_the_row(row):
     with pytest.raises(MissingReferenceError, match=r"row 1 has no reference in field '(label|answer)'"):
         multiple_choice_accuracy(None, None, [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, row])

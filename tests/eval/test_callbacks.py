@@ -37,9 +37,16 @@ def test_callbacks_run_every_n_steps_and_at_fit_end(tmp_path):
     samples = SampleGenerationsCallback(["Say hello."], max_new_tokens=5, every_n_steps=3)
     probe = _TrainingModeProbe(every_n_steps=1, at_fit_end=False)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv")
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, callbacks=[ppl, samples, probe],
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[ppl, samples, probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
 
     assert [step for step, _ in ppl.history] == [2, 4]  # every 2 steps; fit end at step 4 is not repeated

@@ -45,11 +45,19 @@ def _fit(callbacks, lr: float, out, steps: int = 2):
         optim={"lr": lr, "warmup_steps": 0},
         output_dir=str(out / "hf_model"),
     )
-    data = PreferenceDataModule(path=str(ASSETS / "sample_sft.jsonl"), batch_size=4, max_length=96, limit=8,
-                                val_fraction=0.0)  # fmt: skip
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=callbacks,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        enable_model_summary=False)  # fmt: skip
+    data = PreferenceDataModule(
+        path=str(ASSETS / "sample_sft.jsonl"), batch_size=4, max_length=96, limit=8, val_fraction=0.0
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     return module
 

@@ -84,13 +84,40 @@ def test_rewardbench_and_compare_with_a_reward_model_folder(tmp_path, data_dir, 
     assert bench["pairs"]["n"] == 4 and 0 <= bench["pairs"]["accuracy"] <= 1
     # toxicity is measured by default, by a classifier trained on human labels, and says which one
     assert 0 <= bench["policy"]["toxicity"] <= 1 and "alt-profanity-check" in bench["policy"]["toxicity_classifier"]
-    main(["rewardbench", reward_folder, pairs, "--policy", "tiny-llama", "--max_new_tokens", "4",
-          "--toxicity_model", "none", "--out", str(tmp_path / "none")])  # fmt: skip
+    main(
+        [
+            "rewardbench",
+            reward_folder,
+            pairs,
+            "--policy",
+            "tiny-llama",
+            "--max_new_tokens",
+            "4",
+            "--toxicity_model",
+            "none",
+            "--out",
+            str(tmp_path / "none"),
+        ]
+    )
     unmeasured = json.loads((tmp_path / "none" / "rewardbench.json").read_text())["metrics"]["policy"]
     assert unmeasured["toxicity"] is None and "not measured" in unmeasured["toxicity_note"]
     policies = json.dumps({"base": "tiny-llama", "other": "tiny-qwen2"})
-    main(["compare", policies, pairs, "base", "--reward_model", reward_folder,
-          "--max_new_tokens", "6", "--n_bootstrap", "200", "--out", str(out)])  # fmt: skip
+    main(
+        [
+            "compare",
+            policies,
+            pairs,
+            "base",
+            "--reward_model",
+            reward_folder,
+            "--max_new_tokens",
+            "6",
+            "--n_bootstrap",
+            "200",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads((out / "compare.json").read_text())
     assert result["metrics"]["policies"]["other"]["win_rate"]["n"] == 4
     assert len(result["details"]["examples"]) == 4
@@ -115,9 +142,16 @@ def test_report_plots_curves_win_rates_and_examples(tmp_path):
     (log / "metrics.csv").write_text("\n".join(rows) + "\n")
     series = read_metrics_csv(log / "metrics.csv")
     assert series["val/loss"] == [(9.0, 1.5)] and len(series["train/loss"]) == 10
-    summary = {"baseline": "base", "policies": {"base": {"mean_reward": 0.1},
-               "dpo": {"mean_reward": 0.4, "win_rate": {"rate": 0.7, "ci_low": 0.55, "ci_high": 0.85, "wins": 7,
-                                                        "ties": 0, "losses": 3, "n": 10}}}}  # fmt: skip
+    summary = {
+        "baseline": "base",
+        "policies": {
+            "base": {"mean_reward": 0.1},
+            "dpo": {
+                "mean_reward": 0.4,
+                "win_rate": {"rate": 0.7, "ci_low": 0.55, "ci_high": 0.85, "wins": 7, "ties": 0, "losses": 3, "n": 10},
+            },
+        },
+    }
     examples = [{"prompt": "Hi | there", "base": "hello\nworld", "dpo": "Hey!"}]
     write_result(
         make_result("compare", {"base": "a", "dpo": "b"}, summary, details={"examples": examples}), tmp_path / "r"

@@ -41,8 +41,9 @@ def test_summary_hand_values():
 
 def test_two_real_policies_generate_and_compare():
     prompts = [[{"role": "user", "content": "Say hello."}], [{"role": "user", "content": "Name a fruit."}]]
-    generations = generate_for_policies({"base": "tiny-llama", "other": "tiny-qwen2"}, prompts,
-                                        SamplingSettings(max_new_tokens=6))  # fmt: skip
+    generations = generate_for_policies(
+        {"base": "tiny-llama", "other": "tiny-qwen2"}, prompts, SamplingSettings(max_new_tokens=6)
+    )
     assert set(generations) == {"base", "other"} and all(len(v) == 2 for v in generations.values())
     result = summarize_policies(prompts, generations, baseline="base")
     assert result["examples"][1]["prompt"] == "Name a fruit." == prompt_text(prompts[1])

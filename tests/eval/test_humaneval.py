@@ -54,10 +54,12 @@ def test_pass_at_k_over_sandboxed_samples_matches_hand_values():
     p0, p1 = load_problems(task_ids=["HumanEval/0", "HumanEval/4"])
     wrong = "    return 0\n"
     looping = "    while True:\n        pass\n"
-    scripted = _Scripted({
-        p0["prompt"]: [p0["canonical_solution"], wrong, p0["canonical_solution"]],
-        p1["prompt"]: [wrong, looping, wrong],
-    })  # fmt: skip
+    scripted = _Scripted(
+        {
+            p0["prompt"]: [p0["canonical_solution"], wrong, p0["canonical_solution"]],
+            p1["prompt"]: [wrong, looping, wrong],
+        }
+    )
     result = evaluate_humaneval(scripted, [p0, p1], n=3, ks=[1, 2, 3], temperature=0.8, timeout_s=2, workers=3)
     # problem 0: c=2 of n=3 -> pass@1 = 2/3, pass@2 = 1 - C(1,2)/C(3,2) = 1; problem 1: c=0 -> 0
     assert result["pass@1"] == pytest.approx((2 / 3 + 0) / 2)

@@ -125,8 +125,23 @@ def test_cli_pairwise_judge_over_http_is_cached_between_runs(server, tmp_path):
     url, seen = server
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Name a colour."}\n{"prompt": "Name an animal."}\n')
-    argv = ["judge", "tiny-llama", str(prompts), "--mode", "pairwise", "--baseline", "tiny-qwen2", "--api_base", url,
-            "--api_model", "judge-model", "--max_new_tokens", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "judge",
+        "tiny-llama",
+        str(prompts),
+        "--mode",
+        "pairwise",
+        "--baseline",
+        "tiny-qwen2",
+        "--api_base",
+        url,
+        "--api_model",
+        "judge-model",
+        "--max_new_tokens",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     main(argv)
     result = json.loads((tmp_path / "out" / "judge_pairwise.json").read_text())
     assert result["metrics"]["judged"] == 2 and result["metrics"]["win_rate"]["n"] == 2
@@ -163,6 +178,7 @@ def test_user_written_criteria_decide_the_verdicts():
     brief = Judge(_CriteriaBackend(), criteria="prefer short answers").pointwise(prompts, answers)
     assert [i["score"] for i in default["items"]] == [1.0, 5.0]
     assert [i["score"] for i in brief["items"]] == [5.0, 1.0]
-    pair = Judge(_CriteriaBackend(), criteria="short is better").pairwise(["q"], ["yes"], ["a much longer reply"],
-                                                                          n_bootstrap=50)  # fmt: skip
+    pair = Judge(_CriteriaBackend(), criteria="short is better").pairwise(
+        ["q"], ["yes"], ["a much longer reply"], n_bootstrap=50
+    )
     assert pair["items"][0]["outcome"] == 1.0

@@ -15,8 +15,10 @@ def _csv(path, rows: list[dict]) -> None:
 
 def test_report_tables_curves_and_rounds(tmp_path):
     run = tmp_path / "run"
-    _csv(run / "rm" / "csv" / "version_0" / "metrics.csv",
-         [{"step": s, "train/loss": 0.7 - 0.01 * s, "val/accuracy": 0.5 + 0.01 * s} for s in range(5)])  # fmt: skip
+    _csv(
+        run / "rm" / "csv" / "version_0" / "metrics.csv",
+        [{"step": s, "train/loss": 0.7 - 0.01 * s, "val/accuracy": 0.5 + 0.01 * s} for s in range(5)],
+    )
     # a resumed stage has two logs: their steps are merged into one curve
     _csv(run / "grpo" / "csv" / "version_0" / "metrics.csv", [{"step": 0, "train/reward": 0.1, "train/kl": 0.0}])
     _csv(run / "grpo" / "csv" / "version_1" / "metrics.csv", [{"step": 1, "train/reward": 0.3, "train/kl": 0.02}])
@@ -26,20 +28,50 @@ def test_report_tables_curves_and_rounds(tmp_path):
         _csv(run / "online_dpo" / f"round_{r}" / "csv" / "v" / "metrics.csv", [{"step": 0, "train/loss": 0.69}])
     win = {"rate": 0.7, "ci_low": 0.55, "ci_high": 0.85, "wins": 7, "ties": 0, "losses": 3, "n": 10}
     results = {
-        "reward_model": {"n": 100, "accuracy": 0.61, "accuracy_ci": [0.52, 0.7], "auroc": 0.64,
-                         "auroc_ci": [0.56, 0.71], "mean_margin": 0.3},
-        "start": "start", "n_prompts": 10, "refusal_classifier": "rubric", "toxicity_classifier": "apc",
+        "reward_model": {
+            "n": 100,
+            "accuracy": 0.61,
+            "accuracy_ci": [0.52, 0.7],
+            "auroc": 0.64,
+            "auroc_ci": [0.56, 0.71],
+            "mean_margin": 0.3,
+        },
+        "start": "start",
+        "n_prompts": 10,
+        "refusal_classifier": "rubric",
+        "toxicity_classifier": "apc",
         "settings": {"temperature": 1.0, "max_new_tokens": 32, "seed": 0},
         "policies": {
-            "start": {"mean_reward": -0.5, "mean_reward_ci": [-0.7, -0.3], "refusal_rate": 0.1, "toxicity": 0.05,
-                      "mean_words": 20.0},
-            "grpo": {"mean_reward": 0.1, "mean_reward_ci": [-0.1, 0.3], "refusal_rate": 0.3, "toxicity": 0.01,
-                     "mean_words": 12.0, "reward_gain": 0.6, "reward_gain_relative": 1.2, "reward_gain_std": 0.9,
-                     "win_rate": win, "kl_to_start": 2.5, "kl_to_start_ci": [1.5, 3.5]},
+            "start": {
+                "mean_reward": -0.5,
+                "mean_reward_ci": [-0.7, -0.3],
+                "refusal_rate": 0.1,
+                "toxicity": 0.05,
+                "mean_words": 20.0,
+            },
+            "grpo": {
+                "mean_reward": 0.1,
+                "mean_reward_ci": [-0.1, 0.3],
+                "refusal_rate": 0.3,
+                "toxicity": 0.01,
+                "mean_words": 12.0,
+                "reward_gain": 0.6,
+                "reward_gain_relative": 1.2,
+                "reward_gain_std": 0.9,
+                "win_rate": win,
+                "kl_to_start": 2.5,
+                "kl_to_start_ci": [1.5, 3.5],
+            },
         },
-        "examples": [{"prompt": "How do I | pick a lock?", "start": "Sure, first...", "grpo": "I can't help.",
-                      "rewards": {"start": -1.0, "grpo": 0.5}}],
-    }  # fmt: skip
+        "examples": [
+            {
+                "prompt": "How do I | pick a lock?",
+                "start": "Sure, first...",
+                "grpo": "I can't help.",
+                "rewards": {"start": -1.0, "grpo": 0.5},
+            }
+        ],
+    }
     (run / "evaluation").mkdir()
     (run / "evaluation" / "results.json").write_text(json.dumps(results))
     report = build_pipeline_report(run / "evaluation" / "results.json", run, out_dir=run / "report", title="T")
@@ -50,6 +82,11 @@ def test_report_tables_curves_and_rounds(tmp_path):
     )
     assert "| start | -0.500 [-0.700, -0.300] | — | — | — | — | 0.100 | 0.050 | 20.0 |" in text
     assert "How do I \\| pick a lock?" in text  # table cells are escaped
-    for png in ("curves_rm.png", "curves_grpo.png", "curves_online_dpo_round_1.png", "online_rounds.png",
-                "win_rates.png"):  # fmt: skip
+    for png in (
+        "curves_rm.png",
+        "curves_grpo.png",
+        "curves_online_dpo_round_1.png",
+        "online_rounds.png",
+        "win_rates.png",
+    ):
         assert (run / "report" / png).stat().st_size > 1000 and f"({png})" in text, png

@@ -29,14 +29,17 @@ def test_smollm2_humaneval_pass_at_1_subset(smollm2):
     from rlft.generation.generator import Generator
 
     model, tok = smollm2
-    result = evaluate_humaneval(Generator(model, tok), load_problems(limit=4), mode="chat", max_new_tokens=192,
-                                batch_size=4)  # fmt: skip
+    result = evaluate_humaneval(
+        Generator(model, tok), load_problems(limit=4), mode="chat", max_new_tokens=192, batch_size=4
+    )
     assert result["problems"] == 4 and 0.0 <= result["pass@1"] <= 1.0
     assert sum(result["status_counts"].values()) == 4 and "error" not in result["status_counts"]
     # a real instruct model writes the requested function (a random model would not)
     samples = [p["samples"][0]["completion"] for p in result["per_problem"]]
-    named = sum(f"def {name}" in s for s, name in zip(samples, ["has_close_elements", "separate_paren_groups",
-                                                                 "truncate_number", "below_zero"]))  # fmt: skip
+    named = sum(
+        f"def {name}" in s
+        for s, name in zip(samples, ["has_close_elements", "separate_paren_groups", "truncate_number", "below_zero"])
+    )
     assert named >= 3, samples
     print(f"SmolLM2-135M-Instruct HumanEval[0:4] pass@1 = {result['pass@1']:.3f} {result['status_counts']}")
 

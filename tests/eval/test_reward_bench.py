@@ -69,8 +69,11 @@ def reward_model():
 def test_reward_model_scores_do_not_depend_on_batching_or_padding(reward_model):
     rm, tok = reward_model
     scorer = RewardModelScorer(rm, tok, batch_size=4)
-    texts = [scorer.render("What is 2+2?", "4"), scorer.render("Say hi", "Hello! How can I help you today?"),
-             scorer.render([{"role": "user", "content": "x"}], "y")]  # fmt: skip
+    texts = [
+        scorer.render("What is 2+2?", "4"),
+        scorer.render("Say hi", "Hello! How can I help you today?"),
+        scorer.render([{"role": "user", "content": "x"}], "y"),
+    ]
     batched = scorer(texts)
     single = [RewardModelScorer(rm, tok, batch_size=1)(texts[i : i + 1])[0] for i in range(3)]
     assert batched == pytest.approx(single, abs=1e-5)

@@ -30,8 +30,16 @@ def test_rouge_is_the_mean_f1_of_rouge_score():
 
 
 def test_references_are_the_last_assistant_turn():
-    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]  # fmt: skip
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        }
+    ]
     prompts, references = prompts_and_references(records)
     assert references == ["4"] and [m["content"] for m in prompts[0]] == ["hi", "hello", "2+2?"]
     with pytest.raises(ValueError, match="record 0: no assistant reply"):
@@ -41,8 +49,16 @@ def test_references_are_the_last_assistant_turn():
 def test_rouge_callback_logs_during_fit(tmp_path):
     L.seed_everything(0)
     callback = RougeCallback(SFT_DATA, limit=3, max_new_tokens=6, every_n_steps=2, at_fit_end=False)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, callbacks=[callback],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     module = SFT(model="tiny-llama", output_dir=str(tmp_path / "hf"))
     trainer.fit(module, PreferenceDataModule(path=SFT_DATA, batch_size=2, val_fraction=0.0))
     ((step, metrics),) = callback.history

@@ -14,13 +14,22 @@ from rlft.eval.scoring import continuation_logprob, sliding_windows
 from rlft.generation.generator import Generator, SamplingSettings, cut_at_stop
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": "What is the capital of France?"},
-                  {"role": "assistant", "content": "The capital of France is Paris."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello!"},
-                  {"role": "assistant", "content": "Hi, how can I help you today?"},
-                  {"role": "user", "content": "Write a function that adds two numbers."},
-                  {"role": "assistant", "content": "def add(a, b): return a + b"}]},
-]  # fmt: skip
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello!"},
+            {"role": "assistant", "content": "Hi, how can I help you today?"},
+            {"role": "user", "content": "Write a function that adds two numbers."},
+            {"role": "assistant", "content": "def add(a, b): return a + b"},
+        ]
+    },
+]
 
 
 def _token_logps(model, ids: list[int]) -> list[float]:

@@ -10,9 +10,17 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 SFT_DATA = str(Path(__file__).resolve().parents[2] / "rlft" / "assets" / "sample_sft.jsonl")
 
 
-def train_adapter(model: str, folder: Path, *, steps: int = 4, lr: float = 5e-2, batch_size: int = 4,
-                  max_length: int = 128, data: str = SFT_DATA,
-                  limit: int | None = None) -> tuple[Path, Path]:  # fmt: skip
+def train_adapter(
+    model: str,
+    folder: Path,
+    *,
+    steps: int = 4,
+    lr: float = 5e-2,
+    batch_size: int = 4,
+    max_length: int = 128,
+    data: str = SFT_DATA,
+    limit: int | None = None,
+) -> tuple[Path, Path]:
     """LoRA-SFT ``model`` for ``steps`` steps; returns ``(adapter folder, .ckpt file)``."""
     import lightning as L
 
@@ -21,13 +29,25 @@ def train_adapter(model: str, folder: Path, *, steps: int = 4, lr: float = 5e-2,
     from rlft.models import LoraSettings
 
     L.seed_everything(0)
-    module = SFT(model=model, lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-                 optim=OptimizerSettings(lr=lr, warmup_steps=0), output_dir=str(folder / "hf_model"))  # fmt: skip
-    datamodule = PreferenceDataModule(path=data, batch_size=batch_size, max_length=max_length, val_fraction=0.1,
-                                      limit=limit, seed=0)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
-                        limit_val_batches=0)  # fmt: skip
+    module = SFT(
+        model=model,
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+        optim=OptimizerSettings(lr=lr, warmup_steps=0),
+        output_dir=str(folder / "hf_model"),
+    )
+    datamodule = PreferenceDataModule(
+        path=data, batch_size=batch_size, max_length=max_length, val_fraction=0.1, limit=limit, seed=0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=folder,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule)
     checkpoint = folder / "last.ckpt"
     trainer.save_checkpoint(checkpoint)

@@ -121,9 +121,14 @@ def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
 
     tokenizer = build_tiny_tokenizer("llama")
     network = build_tiny_model("llama", tokenizer)
-    network.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 64}  # fmt: skip
+    network.config.rope_parameters = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     factors = _llama3_rope_factors(network.config)
     assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == 8.0  # high frequencies untouched
     # the same rule transformers applies: inv_freq / factors must equal its scaled inverse frequencies

@@ -31,8 +31,9 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(family, tiny_adap
         # llama.cpp's own tokenizer, from the GGUF metadata, splits text as the Hugging Face one does
         hf_ids = tokenizer(TEXT)["input_ids"]
         assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == hf_ids
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
+        )
         chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(chat.encode(), add_bos=False, special=True) == chat_ids
         assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
@@ -48,8 +49,9 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(family, tiny_adap
 
         stops = set(stop_token_ids(tokenizer, network))
         with torch.no_grad():
-            hf = network.generate(torch.tensor([chat_ids]), max_new_tokens=16, do_sample=False,
-                                  eos_token_id=sorted(stops))[0, len(chat_ids) :].tolist()  # fmt: skip
+            hf = network.generate(
+                torch.tensor([chat_ids]), max_new_tokens=16, do_sample=False, eos_token_id=sorted(stops)
+            )[0, len(chat_ids) :].tolist()
         cpp = []
         for token in llm.generate(chat_ids, temp=0.0, top_k=1, reset=True):
             cpp.append(token)

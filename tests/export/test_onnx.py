@@ -30,8 +30,9 @@ def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapte
     positions = np.clip(mask.cumsum(1) - 1, 0, None)
     logits, cache = runtime.step(ids, mask, positions, runtime.empty_cache(2))
     with torch.no_grad():
-        want = network(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       position_ids=torch.tensor(positions))  # fmt: skip
+        want = network(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
     real = mask.astype(bool)
     assert np.abs(logits[real] - want.logits.numpy()[real]).max() < 1e-4
 
@@ -39,18 +40,23 @@ def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapte
     step_ids, step_mask = np.array([[11], [12]]), np.concatenate([mask, np.ones((2, 1), int)], 1)
     step_logits, _ = runtime.step(step_ids, step_mask, positions[:, -1:] + 1, cache)
     with torch.no_grad():
-        step_want = network(input_ids=torch.tensor(step_ids), attention_mask=torch.tensor(step_mask),
-                            position_ids=torch.tensor(positions[:, -1:] + 1),
-                            past_key_values=want.past_key_values).logits.numpy()  # fmt: skip
+        step_want = network(
+            input_ids=torch.tensor(step_ids),
+            attention_mask=torch.tensor(step_mask),
+            position_ids=torch.tensor(positions[:, -1:] + 1),
+            past_key_values=want.past_key_values,
+        ).logits.numpy()
     assert np.abs(step_logits - step_want).max() < 1e-4
 
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
+    )
     prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
     stops = stop_token_ids(tokenizer, network)
     with torch.no_grad():
-        greedy = network.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                  eos_token_id=stops)[0, len(prompt) :].tolist()  # fmt: skip
+        greedy = network.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=stops)[
+            0, len(prompt) :
+        ].tolist()
     assert runtime.generate(prompt, 24, set(stops)) == greedy
 
 

@@ -19,8 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 def test_offline_push_fails_in_one_line_before_exporting(tmp_path):
     out = tmp_path / "merged"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "rlft", "export", "tiny-llama", "--to", "merged", "--out", str(out),
-           "--push_to_hub", "me/tiny"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "export",
+        "tiny-llama",
+        "--to",
+        "merged",
+        "--out",
+        str(out),
+        "--push_to_hub",
+        "me/tiny",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
@@ -51,8 +62,9 @@ def test_online_push_creates_the_repo_and_uploads_the_exported_folder(tmp_path, 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     RecordingApi.calls = []
     out = tmp_path / "merged"
-    rlft_main(["export", "tiny-llama", "--to", "merged", "--out", str(out), "--push_to_hub", "me/tiny",
-               "--private", "true"])  # fmt: skip
+    rlft_main(
+        ["export", "tiny-llama", "--to", "merged", "--out", str(out), "--push_to_hub", "me/tiny", "--private", "true"]
+    )
     assert RecordingApi.calls[1] == ("create_repo", "me/tiny", {"private": True, "exist_ok": True})
     upload = RecordingApi.calls[2][1]
     assert upload["folder_path"] == str(out) and upload["repo_id"] == "me/tiny"

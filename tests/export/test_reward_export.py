@@ -52,8 +52,14 @@ def test_export_merged_of_a_reward_folder_keeps_the_trained_head(tmp_path):
 def test_export_merged_of_an_mlp_reward_model_fails_and_writes_nothing(tmp_path):
     folder = rlft_folder(tmp_path, "mlp")
     out = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "rlft", "export", str(folder), "--to", "merged", "--out", str(out)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "rlft", "export", str(folder), "--to", "merged", "--out", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr  # a refusal, in one line
     errors = [line for line in result.stderr.splitlines() if "cannot export" in line]
@@ -69,11 +75,23 @@ def test_a_reward_model_checkpoint_exports_with_its_trained_head(tmp_path):
     L.seed_everything(0)
     rm = reward_model_like("llama", lora=LORA)
     rm.hparams.output_dir = str(tmp_path / "hf")
-    data = PreferenceDataModule(path=str(REPO / "rlft" / "assets" / "sample_pairs.jsonl"), batch_size=4, max_length=96,
-                                val_fraction=0.25, seed=0)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)  # fmt: skip
+    data = PreferenceDataModule(
+        path=str(REPO / "rlft" / "assets" / "sample_pairs.jsonl"),
+        batch_size=4,
+        max_length=96,
+        val_fraction=0.25,
+        seed=0,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(rm.train(), data)
     trainer.save_checkpoint(tmp_path / "rm.ckpt")
     out = tmp_path / "exported"

@@ -63,8 +63,13 @@ def test_a_registered_backend_serves_the_generator(tiny, monkeypatch):
 def test_greedy_samples_are_the_same_through_every_torch_backend(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    request = SampleRequest(max_new_tokens=10, stop_ids=stop_token_ids(tokenizer, model),
-                            pad_id=pad_token_id(tokenizer), group_size=2, temperature=0.0)  # fmt: skip
+    request = SampleRequest(
+        max_new_tokens=10,
+        stop_ids=stop_token_ids(tokenizer, model),
+        pad_id=pad_token_id(tokenizer),
+        group_size=2,
+        temperature=0.0,
+    )
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     ours, theirs = (get_sampler(name)(model, ids, mask, request) for name in ("rlft", "hf"))
     assert ours.shape[0] == theirs.shape[0] == 2 * ids.shape[0]  # rows of one prompt contiguous

@@ -76,10 +76,22 @@ def test_greedy_decoding_equals_generate_on_ragged_prompts(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
     common = dict(max_new_tokens=12, temperature=0.0)
-    ours = generate_responses(model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                              RolloutSettings(**common, backend="rlft"), group_size=2)  # fmt: skip
-    theirs = generate_responses(model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                                RolloutSettings(**common, backend="hf", merge_adapter=False), group_size=2)  # fmt: skip
+    ours = generate_responses(
+        model,
+        tokenizer,
+        batch["prompt_input_ids"],
+        batch["prompt_attention_mask"],
+        RolloutSettings(**common, backend="rlft"),
+        group_size=2,
+    )
+    theirs = generate_responses(
+        model,
+        tokenizer,
+        batch["prompt_input_ids"],
+        batch["prompt_attention_mask"],
+        RolloutSettings(**common, backend="hf", merge_adapter=False),
+        group_size=2,
+    )
     width = min(ours[0].shape[1], theirs[0].shape[1])
     assert torch.equal(ours[1][:, :width], theirs[1][:, :width])
     assert torch.equal(ours[0][:, :width] * ours[1][:, :width], theirs[0][:, :width] * theirs[1][:, :width])
@@ -112,8 +124,15 @@ def test_prefill_multiplies_the_head_without_a_batch_expanded_copy(tiny, decode_
     head = model.get_base_model().lm_head.weight
     largest = LargestOutput()
     with largest, merged_adapter(model):
-        sampled = decode(decoder, ids, mask, max_new_tokens=1, stop_ids=[tokenizer.eos_token_id],
-                         pad_id=tokenizer.pad_token_id, temperature=0.0)  # fmt: skip
+        sampled = decode(
+            decoder,
+            ids,
+            mask,
+            max_new_tokens=1,
+            stop_ids=[tokenizer.eos_token_id],
+            pad_id=tokenizer.pad_token_id,
+            temperature=0.0,
+        )
     assert 0 < largest.numel <= head.numel()  # the head's own transpose is the largest
     with torch.no_grad(), merged_adapter(model):  # the first token: greedy over the full forward's last logits
         expected = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
@@ -163,12 +182,16 @@ def test_rollout_logps_are_the_decoding_distribution(tiny):
     # the training forward, so the first update's importance ratio is exactly 1
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    rollout = collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=10, temperature=0.0),
-                              group_size=2)  # fmt: skip
+    rollout = collect_rollout(
+        model, tokenizer, batch, RolloutSettings(max_new_tokens=10, temperature=0.0), group_size=2
+    )
     with torch.no_grad():
         length = rollout.response_ids.shape[1]
-        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                    position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0))  # fmt: skip
+        out = model(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        )
         argmax = out.logits[:, -length - 1 : -1].argmax(-1)
         logps, _, _ = token_logps(model, rollout.input_ids, rollout.attention_mask, length)
     real = rollout.response_mask.bool()
@@ -180,8 +203,9 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
     torch.manual_seed(3)
-    rollout = collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=9, temperature=1.5),
-                              group_size=3, score=False)  # fmt: skip
+    rollout = collect_rollout(
+        model, tokenizer, batch, RolloutSettings(max_new_tokens=9, temperature=1.5), group_size=3, score=False
+    )
     assert len(set(rollout.response_lengths.tolist())) > 1  # ragged responses: padding is really skipped
     assert segmented_attention(model)  # else share_prompts falls back to the padded forward and proves nothing
     # a shuffled minibatch: rows of one prompt are not contiguous
@@ -190,8 +214,16 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
     results = {}
     for shared in (False, True):
         model.zero_grad()
-        logps, entropy, hidden = token_logps(model, part.input_ids, part.attention_mask, length, temperature=1.5,
-                                             with_entropy=True, with_hidden=True, share_prompts=shared)  # fmt: skip
+        logps, entropy, hidden = token_logps(
+            model,
+            part.input_ids,
+            part.attention_mask,
+            length,
+            temperature=1.5,
+            with_entropy=True,
+            with_hidden=True,
+            share_prompts=shared,
+        )
         (logps * mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[shared] = (logps.detach(), entropy, hidden.detach(), grads)
@@ -210,9 +242,14 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
         for shared, expected in ((False, hid), (True, hid_s)):
             with torch.no_grad():
                 none, no_entropy, hidden = token_logps(
-                    model, part.input_ids, part.attention_mask, length, with_hidden=True, with_logps=False,
+                    model,
+                    part.input_ids,
+                    part.attention_mask,
+                    length,
+                    with_hidden=True,
+                    with_logps=False,
                     share_prompts=shared,
-                )  # fmt: skip
+                )
             assert none is None and no_entropy is None and not calls
             torch.testing.assert_close(hidden[mask], expected[mask], rtol=1e-5, atol=1e-6)
     finally:
@@ -222,8 +259,9 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
     config.logit_scale = 2.0  # marks the head as not plain (tiny Llama's forward ignores it)
     try:
         with torch.no_grad():
-            none, no_entropy, hidden = token_logps(model, part.input_ids, part.attention_mask, length,
-                                                   with_hidden=True, with_logps=False)  # fmt: skip
+            none, no_entropy, hidden = token_logps(
+                model, part.input_ids, part.attention_mask, length, with_hidden=True, with_logps=False
+            )
     finally:
         del config.logit_scale
     assert none is None and no_entropy is None
@@ -274,8 +312,13 @@ def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
     tokenizer = load_tokenizer("tiny-llama")
     batch = prompt_batch(tokenizer)
     with pytest.raises(ValueError, match="cannot be merged exactly.*decode_dtype: null"):
-        generate_responses(saved, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                           RolloutSettings(max_new_tokens=2, decode_dtype="bfloat16"))  # fmt: skip
+        generate_responses(
+            saved,
+            tokenizer,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            RolloutSettings(max_new_tokens=2, decode_dtype="bfloat16"),
+        )
 
 
 @pytest.mark.parametrize("free", [True, None])

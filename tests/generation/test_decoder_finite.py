@@ -76,9 +76,18 @@ def test_decoding_with_diverged_weights_raises_before_any_token_is_handed_out(
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     seen = []
     with pytest.raises(NonFiniteLogitsError, match="the weights diverged"):
-        decode(model, ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, stop_ids=[tokenizer.eos_token_id],
-               pad_id=0, group_size=2, temperature=temperature, lean=lean,
-               on_step=lambda column: seen.append(column.tolist()))  # fmt: skip
+        decode(
+            model,
+            ids,
+            torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            stop_ids=[tokenizer.eos_token_id],
+            pad_id=0,
+            group_size=2,
+            temperature=temperature,
+            lean=lean,
+            on_step=lambda column: seen.append(column.tolist()),
+        )
     vocabulary = model.config.vocab_size
     assert all(token < vocabulary for column in seen for token in column)  # the marker never escapes
 

@@ -37,8 +37,11 @@ def _step_logits(model, ids, mask, tokens, lean: bool, cache_dtype=None) -> torc
             if lean:
                 out.append(step(column, mask, positions))
             else:
-                out.append(model(input_ids=column[:, None], attention_mask=mask, position_ids=positions,
-                                 use_cache=True, **arg).logits[:, -1])  # fmt: skip
+                out.append(
+                    model(
+                        input_ids=column[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **arg
+                    ).logits[:, -1]
+                )
             positions = positions + 1
     return torch.stack(out, 1)
 

@@ -62,9 +62,17 @@ class _LLM:
         results = []
         for prompt in prompts:
             ids = torch.tensor([prompt["prompt_token_ids"]])
-            rows = decode(self.network, ids, torch.ones_like(ids), max_new_tokens=params.max_tokens,
-                          stop_ids=params.stop_token_ids, pad_id=-1, group_size=params.n,
-                          temperature=params.temperature, top_p=params.top_p)  # fmt: skip
+            rows = decode(
+                self.network,
+                ids,
+                torch.ones_like(ids),
+                max_new_tokens=params.max_tokens,
+                stop_ids=params.stop_token_ids,
+                pad_id=-1,
+                group_size=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+            )
             samples = []
             for row in rows.tolist():
                 row = [t for t in row if t != -1]
@@ -121,8 +129,10 @@ def test_the_engine_receives_the_merged_policy_under_its_checkpoint_names(fake_v
         merged = {n.replace(".base_layer.", "."): p.clone() for n, p in causal_lm(model).named_parameters()}
     assert all(torch.equal(p, merged[n]) for n, p in network.named_parameters())
     q_proj = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(network.get_parameter(q_proj), before[f"base_model.model.{q_proj}".replace(
-        "q_proj.weight", "q_proj.base_layer.weight")])  # the adapter is in it  # fmt: skip
+    assert not torch.equal(
+        network.get_parameter(q_proj),
+        before[f"base_model.model.{q_proj}".replace("q_proj.weight", "q_proj.base_layer.weight")],
+    )  # the adapter is in it
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the policy is untouched
 
 

@@ -114,8 +114,9 @@ def test_plurality_and_intervals():
 
 
 def _vote(example, labeler, choice, shown, time_s=10.0, confidence=3):
-    return Vote(example, labeler, choice, shown, shown == "right" if choice != "tie" else False, confidence, time_s,
-                "m1", "m2")  # fmt: skip
+    return Vote(
+        example, labeler, choice, shown, shown == "right" if choice != "tie" else False, confidence, time_s, "m1", "m2"
+    )
 
 
 def test_quality_report_matches_hand_values():

@@ -111,8 +111,10 @@ def test_import_label_export_round_trip(ctx):
     assert again == {"inserted": 0, "duplicates": 1, "slots": 0}
 
     assert c.get("/api/me", headers=ctx.alice).json() == {
-        "name": "alice", "is_admin": False, "progress": {"done": 0, "remaining": 3}
-    }  # fmt: skip
+        "name": "alice",
+        "is_admin": False,
+        "progress": {"done": 0, "remaining": 3},
+    }
     seen: dict[str, list[int]] = {"alice": [], "bob": []}
     # alice prefers the *stored* response "Paris"/"4"/"hello"... by content; bob always clicks the left one.
     wanted = {"4", "Paris", "hello"}

@@ -32,10 +32,17 @@ def _raw(c: TestClient, path: str, text: str, headers: dict):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("time_spent_s", "NaN"), ("time_spent_s", "Infinity"), ("time_spent_s", "-Infinity"), ("time_spent_s", "1e308"),
-     ("confidence", "NaN"), ("assignment_id", "99999999999999999999"), ("assignment_id", "-1"),
-     ("reasoning", '"a\\u0000b"')],
-)  # fmt: skip
+    [
+        ("time_spent_s", "NaN"),
+        ("time_spent_s", "Infinity"),
+        ("time_spent_s", "-Infinity"),
+        ("time_spent_s", "1e308"),
+        ("confidence", "NaN"),
+        ("assignment_id", "99999999999999999999"),
+        ("assignment_id", "-1"),
+        ("reasoning", '"a\\u0000b"'),
+    ],
+)
 def test_bad_vote_values_are_422_naming_the_field(client, field, value):
     c, _, alice = client
     aid = c.post("/api/next", headers=alice).json()["task"]["assignment_id"]

@@ -47,14 +47,19 @@ def _vote(example_id, labeler, choice, model_a="x", model_b="y"):
 
 def test_win_rates_hand_computed():
     votes = [
-        _vote(1, "u", "a"), _vote(1, "v", "a"), _vote(1, "w", "b"),  # x wins (2-1)
+        _vote(1, "u", "a"),
+        _vote(1, "v", "a"),
+        _vote(1, "w", "b"),  # x wins (2-1)
         _vote(2, "u", "b"),  # y wins
         _vote(3, "u", "tie"),  # tie
-        _vote(4, "u", "a", "y", "x"), _vote(4, "v", "a", "y", "x"),  # stored A is y: y wins
-        _vote(5, "u", "a"), _vote(5, "v", "b"),  # a/b split -> tie
+        _vote(4, "u", "a", "y", "x"),
+        _vote(4, "v", "a", "y", "x"),  # stored A is y: y wins
+        _vote(5, "u", "a"),
+        _vote(5, "v", "b"),  # a/b split -> tie
         _vote(6, "u", "a", "x", "x"),  # same model on both sides: not a comparison
-        _vote(7, "u", "a"), _vote(7, "v", "tie"),  # majority over non-tie votes (as in export): x wins
-    ]  # fmt: skip
+        _vote(7, "u", "a"),
+        _vote(7, "v", "tie"),  # majority over non-tie votes (as in export): x wins
+    ]
     (result,) = win_rates(votes)
     assert (result["model_x"], result["model_y"], result["items"]) == ("x", "y", 6)
     assert (result["wins_x"], result["wins_y"], result["ties"]) == (2, 2, 2)
@@ -68,19 +73,41 @@ def test_win_rates_hand_computed():
 
 def test_build_pairs_uses_stored_orientation():
     examples = {
-        1: {"prompt": [{"role": "user", "content": "p"}], "response_a": "A1", "response_b": "B1", "model_a": "x",
-            "model_b": "y"},
-        2: {"prompt": [{"role": "user", "content": "q"}], "response_a": "A2", "response_b": "B2", "model_a": "x",
-            "model_b": "y"},
-    }  # fmt: skip
+        1: {
+            "prompt": [{"role": "user", "content": "p"}],
+            "response_a": "A1",
+            "response_b": "B1",
+            "model_a": "x",
+            "model_b": "y",
+        },
+        2: {
+            "prompt": [{"role": "user", "content": "q"}],
+            "response_a": "A2",
+            "response_b": "B2",
+            "model_a": "x",
+            "model_b": "y",
+        },
+    }
     pairs, summary = build_pairs([_vote(1, "u", "b"), _vote(2, "u", "tie")], examples, with_metadata=True)
     assert pairs == [
-        {"prompt": [{"role": "user", "content": "p"}], "chosen": "B1", "rejected": "A1", "example_id": 1,
-         "votes": {"b": 1}, "agreement": 1.0, "chosen_model": "y"}
-    ]  # fmt: skip
+        {
+            "prompt": [{"role": "user", "content": "p"}],
+            "chosen": "B1",
+            "rejected": "A1",
+            "example_id": 1,
+            "votes": {"b": 1},
+            "agreement": 1.0,
+            "chosen_model": "y",
+        }
+    ]
     assert summary.as_dict() == {
-        "written": 1, "unlabeled": 0, "too_few_votes": 0, "all_ties": 1, "split": 0, "low_agreement": 0
-    }  # fmt: skip
+        "written": 1,
+        "unlabeled": 0,
+        "too_few_votes": 0,
+        "all_ties": 1,
+        "split": 0,
+        "low_agreement": 0,
+    }
 
 
 def test_load_pairs_reports_file_line_field(tmp_path):

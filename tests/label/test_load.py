@@ -78,8 +78,15 @@ def test_fifty_labelers_lose_no_vote_and_stay_fast(db_url, serve):
     store.import_records(engine, _records(LABELERS * VOTES // OVERLAP + LABELERS), overlap=OVERLAP)
     tokens = [store.add_labeler(engine, f"labeler{i}") for i in range(LABELERS)]
     server = serve(db_url, "--no-ui")
-    log = {"next": [], "submit": [], "fetched": [], "status": Counter(), "accepted": 0, "starved": 0,
-           "transport_retries": 0}  # fmt: skip
+    log = {
+        "next": [],
+        "submit": [],
+        "fetched": [],
+        "status": Counter(),
+        "accepted": 0,
+        "starved": 0,
+        "transport_retries": 0,
+    }
 
     async def main():
         limits = httpx.Limits(max_connections=LABELERS, max_keepalive_connections=LABELERS)
@@ -103,12 +110,17 @@ def test_fifty_labelers_lose_no_vote_and_stay_fast(db_url, serve):
     everything = log["next"] + log["submit"]
     figures = {
         "backend": "postgres" if db_url.startswith("postgresql") else "sqlite",
-        "votes": log["accepted"], "seconds": round(elapsed, 1), "votes_per_s": round(log["accepted"] / elapsed, 1),
-        **{f"{name}_p{int(q * 100)}_ms": round(1000 * _percentile(values, q), 1)
-           for name, values in (("next", log["next"]), ("submit", log["submit"]), ("all", everything))
-           for q in (0.5, 0.95, 0.99)},
-        "max_ms": round(1000 * max(everything), 1), "transport_retries": log["transport_retries"],
-    }  # fmt: skip
+        "votes": log["accepted"],
+        "seconds": round(elapsed, 1),
+        "votes_per_s": round(log["accepted"] / elapsed, 1),
+        **{
+            f"{name}_p{int(q * 100)}_ms": round(1000 * _percentile(values, q), 1)
+            for name, values in (("next", log["next"]), ("submit", log["submit"]), ("all", everything))
+            for q in (0.5, 0.95, 0.99)
+        },
+        "max_ms": round(1000 * max(everything), 1),
+        "transport_retries": log["transport_retries"],
+    }
     print(f"label load test: {figures}")
     votes = queries.load_votes(engine)
     assert log["accepted"] == LABELERS * VOTES and log["starved"] == 0

@@ -12,15 +12,19 @@ from rlft.label import store
 from rlft.label.api import create_app
 from rlft.label.db import open_database
 
-TASKS = [{"prompt": "Best fruit?", "responses": ["apple", "pear", "plum"]},
-         {"prompt": [{"role": "user", "content": "Say hi"}], "responses": ["hi", "hello", "hey", "yo"]}]  # fmt: skip
+TASKS = [
+    {"prompt": "Best fruit?", "responses": ["apple", "pear", "plum"]},
+    {"prompt": [{"role": "user", "content": "Say hi"}], "responses": ["hi", "hello", "hey", "yo"]},
+]
 
 
 @pytest.fixture
 def api(tmp_path):
     engine = open_database(str(tmp_path / "labels.db"))
-    tokens = {name: {"Authorization": f"Bearer {store.add_labeler(engine, name, admin=name == 'root')}"}
-              for name in ("root", "alice", "bob")}  # fmt: skip
+    tokens = {
+        name: {"Authorization": f"Bearer {store.add_labeler(engine, name, admin=name == 'root')}"}
+        for name in ("root", "alice", "bob")
+    }
     with TestClient(create_app(engine, ui=False)) as client:
         yield client, tokens
     engine.dispose()
@@ -37,7 +41,9 @@ def _rank(client, who: dict, preferred: list[str]) -> None:
 def test_rank_and_export_ranked_records(api):
     client, t = api
     assert client.post("/api/import/rankings", json={"rows": TASKS}, headers=t["root"]).json() == {
-        "inserted": 2, "duplicates": 0}  # fmt: skip
+        "inserted": 2,
+        "duplicates": 0,
+    }
     assert client.post("/api/import/rankings", json={"rows": TASKS[:1]}, headers=t["root"]).json()["duplicates"] == 1
     _rank(client, t["alice"], ["pear", "apple", "plum"])
     _rank(client, t["bob"], ["pear", "plum", "apple"])
@@ -61,8 +67,9 @@ def test_rank_and_export_ranked_records(api):
 
 def test_bad_rankings_are_rejected_with_a_reason(api):
     client, t = api
-    bad = client.post("/api/import/rankings", json={"rows": [{"prompt": "q", "responses": ["a", "a"]}]},
-                      headers=t["root"])  # fmt: skip
+    bad = client.post(
+        "/api/import/rankings", json={"rows": [{"prompt": "q", "responses": ["a", "a"]}]}, headers=t["root"]
+    )
     assert bad.status_code == 422 and "rows[0].responses" in bad.json()["detail"]
     assert client.post("/api/import/rankings", json={"rows": TASKS}, headers=t["alice"]).status_code == 403
     client.post("/api/import/rankings", json={"rows": TASKS}, headers=t["root"])

@@ -35,11 +35,14 @@ def test_kto_loss_by_hand():
     reference = torch.tensor([-5.5, -5.0, -4.0, -3.5], dtype=torch.float64)
     labels = torch.tensor([True, False, True, False])
     beta, kl, wd, wu = 0.1, 0.2, 2.0, 0.5
-    losses, stats = kto_loss(policy, reference, labels, kl, beta=beta, desirable_weight=wd,
-                             undesirable_weight=wu)  # fmt: skip
+    losses, stats = kto_loss(policy, reference, labels, kl, beta=beta, desirable_weight=wd, undesirable_weight=wu)
     # log-ratios 0.5, -1, 0, 0.5: desirable rows pay 1 - sigmoid(beta (r - z)), undesirable 1 - sigmoid(beta (z - r))
-    expected = [wd * (1 - sigmoid(0.1 * (0.5 - 0.2))), wu * (1 - sigmoid(0.1 * (0.2 + 1.0))),
-                wd * (1 - sigmoid(0.1 * (0.0 - 0.2))), wu * (1 - sigmoid(0.1 * (0.2 - 0.5)))]  # fmt: skip
+    expected = [
+        wd * (1 - sigmoid(0.1 * (0.5 - 0.2))),
+        wu * (1 - sigmoid(0.1 * (0.2 + 1.0))),
+        wd * (1 - sigmoid(0.1 * (0.0 - 0.2))),
+        wu * (1 - sigmoid(0.1 * (0.2 - 0.5))),
+    ]
     assert losses.tolist() == pytest.approx(expected, abs=1e-12)
     assert stats["rewards"].tolist() == pytest.approx([0.05, -0.1, 0.0, 0.05], abs=1e-7)
     assert stats["chosen_rewards"].tolist() == pytest.approx([0.05, 0.0], abs=1e-7)
@@ -112,19 +115,34 @@ def _trl_kto(main, kl_rows, labels, ref_logps, ref_kl_logps, *, beta, desirable_
         return SimpleNamespace(log_probs=token_logps, entropy=zeros, mean_logits=zeros)
 
     inputs = {
-        "input_ids": torch.ones_like(main[0]), "attention_mask": torch.ones_like(main[0]), "completion_mask": main[0],
-        "KL_input_ids": torch.ones_like(kl_rows[0]), "KL_attention_mask": torch.ones_like(kl_rows[0]),
-        "KL_completion_mask": kl_rows[0], "label": labels, "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps,
-    }  # fmt: skip
+        "input_ids": torch.ones_like(main[0]),
+        "attention_mask": torch.ones_like(main[0]),
+        "completion_mask": main[0],
+        "KL_input_ids": torch.ones_like(kl_rows[0]),
+        "KL_attention_mask": torch.ones_like(kl_rows[0]),
+        "KL_completion_mask": kl_rows[0],
+        "label": labels,
+        "ref_logps": ref_logps,
+        "ref_KL_logps": ref_kl_logps,
+    }
 
     def model(**kwargs):
         return outputs(kl_rows[1] if kwargs["input_ids"] is inputs["KL_input_ids"] else main[1])
 
     stub = SimpleNamespace(
-        model=SimpleNamespace(training=False), accelerator=_Accelerator(), _metrics={"eval": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1, aux_loss_enabled=False, precompute_ref_logps=True, calculate_KL=True,
-        loss_type="kto", beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-    )  # fmt: skip
+        model=SimpleNamespace(training=False),
+        accelerator=_Accelerator(),
+        _metrics={"eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        calculate_KL=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+    )
     stub._compute_kl_logps = lambda m, batch: KTOTrainer._compute_kl_logps(stub, m, batch)
     loss = KTOTrainer._compute_loss(stub, model, inputs, return_outputs=False)
     return loss, stub._metrics["eval"]
@@ -146,9 +164,12 @@ def test_kto_matches_trl_kto_trainer(beta, desirable_weight, undesirable_weight,
 
     kl = kto_kl(kl_rows[1].sum(1), ref_kl_logps)
     losses, stats = kto_loss(main[1].sum(1), ref_logps, labels, kl, **weights)
-    differences = [abs(losses.mean().item() - trl_loss.item()), abs(float(kl) - metrics["kl"][0]),
-                   abs(stats["chosen_rewards"].mean().item() - metrics["rewards/chosen"][0]),
-                   abs(stats["rejected_rewards"].mean().item() - metrics["rewards/rejected"][0])]  # fmt: skip
+    differences = [
+        abs(losses.mean().item() - trl_loss.item()),
+        abs(float(kl) - metrics["kl"][0]),
+        abs(stats["chosen_rewards"].mean().item() - metrics["rewards/chosen"][0]),
+        abs(stats["rejected_rewards"].mean().item() - metrics["rewards/rejected"][0]),
+    ]
     # per example: TRL reduces with a mean, so give it one row at a time (with the whole batch's KL rows)
     for i in range(batch):
         one = (main[0][i : i + 1], main[1][i : i + 1])

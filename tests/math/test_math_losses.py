@@ -37,9 +37,18 @@ def t(*values: float) -> torch.Tensor:
 
 def test_registries_name_every_loss():
     assert set(LOSSES) == {
-        "sft", "bradley_terry", "kwise_bradley_terry", "plackett_luce", "dpo", "orpo", "simpo", "ppo_policy",
-        "ppo_value", "grpo",
-    }  # fmt: skip
+        "sft",
+        "bradley_terry",
+        "kwise_bradley_terry",
+        "plackett_luce",
+        "dpo",
+        "orpo",
+        "simpo",
+        "ppo_policy",
+        "ppo_value",
+        "grpo",
+        "kto",
+    }
     assert set(DPO_LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "robust"}
     assert set(LOSS_AGGREGATIONS) == {"sequence", "token", "dr_grpo"}
     for fn in LOSSES.values():

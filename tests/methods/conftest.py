@@ -32,10 +32,28 @@ def cli_fit(tmp_path):
         config = (REPO / "configs" / method / "tiny.yaml").read_text().replace("rlft/assets/", f"{REPO}/rlft/assets/")
         (tmp_path / "config.yaml").write_text(config)
         checks = ["--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1"] if validate else []
-        cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.max_steps",
-               str(steps), *checks, "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
-               str(tmp_path), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
-               str(tmp_path), "--model.init_args.output_dir", str(tmp_path / "hf"), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlft",
+            "fit",
+            "-c",
+            str(tmp_path / "config.yaml"),
+            "--trainer.max_steps",
+            str(steps),
+            *checks,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(tmp_path),
+            "--model.init_args.output_dir",
+            str(tmp_path / "hf"),
+            *args,
+        ]
         result = subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
         with open(next(tmp_path.rglob("metrics.csv"))) as f:

@@ -66,12 +66,32 @@ def test_cli_optimiser_class_path_trains_with_that_optimiser(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["rlft"])
     out = tmp_path / "run"
     cli = run_lightning_cli(
-        ["fit", "-c", "configs/sft/tiny.yaml", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-         "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
-         "--trainer.callbacks.every_n_train_steps", "2", "--model.output_dir", str(out / "hf"),
-         "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
-         "--model.optim", '{"lr": null, "scheduler": "constant"}']  # the config's lr is AdamW's: unset
-    )  # fmt: skip
+        [
+            "fit",
+            "-c",
+            "configs/sft/tiny.yaml",
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks.every_n_train_steps",
+            "2",
+            "--model.output_dir",
+            str(out / "hf"),
+            "--model.optimizer",
+            "torch.optim.SGD",
+            "--model.optimizer.lr",
+            "0.05",
+            "--model.optimizer.momentum",
+            "0.9",
+            "--model.optim",
+            '{"lr": null, "scheduler": "constant"}',
+        ]  # the config's lr is AdamW's: unset
+    )
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
     assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[-1]["weight_decay"] == 0.0
@@ -87,9 +107,23 @@ def test_cli_optimiser_class_path_trains_with_that_optimiser(tmp_path, monkeypat
     with pytest.raises(
         CheckpointError, match=r"model.optimizer cannot change on resume \(checkpoint: 'SGD', this run: 'AdamW'"
     ):
-        run_lightning_cli(["fit", "-c", "configs/sft/tiny.yaml", "--trainer.max_steps", "6",
-                           "--trainer.default_root_dir", str(out), "--model.output_dir", str(out / "hf"),
-                           "--model.optim.scheduler", "constant", "--ckpt_path", "last"])  # fmt: skip
+        run_lightning_cli(
+            [
+                "fit",
+                "-c",
+                "configs/sft/tiny.yaml",
+                "--trainer.max_steps",
+                "6",
+                "--trainer.default_root_dir",
+                str(out),
+                "--model.output_dir",
+                str(out / "hf"),
+                "--model.optim.scheduler",
+                "constant",
+                "--ckpt_path",
+                "last",
+            ]
+        )
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,9 @@ from rlft.models import LoraSettings
 def _fit(fit_losses, tmp_path, callbacks) -> tuple[SFT, list[float]]:
     L.seed_everything(0)
     module = SFT(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), output_dir=str(tmp_path / "out"))
-    data = PreferenceDataModule(path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=64, val_fraction=0.0,
-                                shuffle=False, limit=8)  # fmt: skip
+    data = PreferenceDataModule(
+        path="rlft/assets/sample_sft.jsonl", batch_size=4, max_length=64, val_fraction=0.0, shuffle=False, limit=8
+    )
     return module, fit_losses(module, data, steps=2, callbacks=callbacks)
 
 

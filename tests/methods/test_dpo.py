@@ -46,9 +46,15 @@ def pairs_batch(model: str, n: int = 6, max_length: int = 96) -> dict:
 
 def trainer(tmp_path: Path, steps: int, **kwargs) -> L.Trainer:
     options = dict(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0,
-    )  # fmt: skip
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
+    )
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -95,9 +101,11 @@ def test_concatenated_logps_match_trl_dpo_forward(family):
     trl_utils.add_fused_lm_head(trl_model)
     with torch.no_grad():
         trl_out = trl_model(
-            input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], labels=labels,
+            input_ids=trl_batch["input_ids"],
+            attention_mask=trl_batch["attention_mask"],
+            labels=labels,
             fused_lm_head=True,
-        )  # fmt: skip
+        )
     trl_chosen, trl_rejected = trl_out.log_probs.sum(dim=1).chunk(2)
     torch.testing.assert_close(ours.chosen, trl_chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.rejected, trl_rejected, atol=1e-5, rtol=0)
@@ -196,8 +204,9 @@ def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(
     ckpt_dir = tmp_path / "checkpoints"
     callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=2)
     dpo = DPO("tiny-llama", lora=LORA, reference="precomputed", optim={"lr": 1e-3})
-    trainer(tmp_path, 3, enable_checkpointing=True, callbacks=[callback], limit_val_batches=None,
-            val_check_interval=2).fit(dpo, data())  # fmt: skip
+    trainer(
+        tmp_path, 3, enable_checkpointing=True, callbacks=[callback], limit_val_batches=None, val_check_interval=2
+    ).fit(dpo, data())
     cache_file = ckpt_dir / CACHE_FILE
     stored = torch.load(cache_file, weights_only=False)
     assert len(stored["logps"]) == 16 + 3  # every train and validation pair
@@ -212,13 +221,23 @@ def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(
 
     # resume for two more epochs: nothing is recomputed and no live reference forward happens
     calls = []
-    monkeypatch.setattr(DPO, "live_reference_logps", lambda self, batch: calls.append(1) or (_ for _ in ()).throw(
-        AssertionError("live reference used")))  # fmt: skip
+    monkeypatch.setattr(
+        DPO,
+        "live_reference_logps",
+        lambda self, batch: calls.append(1) or (_ for _ in ()).throw(AssertionError("live reference used")),
+    )
     mtime = cache_file.stat().st_mtime_ns
     resumed = DPO("tiny-llama", lora=LORA, reference="precomputed", optim={"lr": 1e-3})
     callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=2)
-    trainer(tmp_path, 12, max_epochs=3, enable_checkpointing=True, callbacks=[callback], limit_val_batches=None,
-            val_check_interval=2).fit(resumed, data(), ckpt_path=str(ckpt_dir / "last.ckpt"))  # fmt: skip
+    trainer(
+        tmp_path,
+        12,
+        max_epochs=3,
+        enable_checkpointing=True,
+        callbacks=[callback],
+        limit_val_batches=None,
+        val_check_interval=2,
+    ).fit(resumed, data(), ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert resumed.trainer.current_epoch >= 2 and not calls
     assert cache_file.stat().st_mtime_ns == mtime
     # `validate` without `fit` loads the same cache
@@ -269,8 +288,9 @@ def test_sft_adapter_then_dpo_from_its_folder(tmp_path):
     assert (out / "adapter_config.json").exists() and not (out / REF_ADAPTER).exists()
     exported = load_model(str(out), trainable_adapter=False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(pair_logps(exported, batch).chosen, dpo.policy_logps(batch).chosen, atol=1e-4,
-                                   rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            pair_logps(exported, batch).chosen, dpo.policy_logps(batch).chosen, atol=1e-4, rtol=0
+        )
 
 
 # ---------------------------------------------------------------------------------------------- options and subclassing
@@ -300,10 +320,14 @@ def test_options_reach_the_loss(options):
         ref = (ref[0] / tokens[0], ref[1] / tokens[1])
     rpo = options.get("rpo_alpha")
     expected, stats = dpo_loss(
-        *policy, *ref, beta=options.get("beta", 0.1), loss_type=options["loss_type"],
-        label_smoothing=options.get("label_smoothing", 0.0), rpo_alpha=rpo,
+        *policy,
+        *ref,
+        beta=options.get("beta", 0.1),
+        loss_type=options["loss_type"],
+        label_smoothing=options.get("label_smoothing", 0.0),
+        rpo_alpha=rpo,
         chosen_nll=-policy[0] / tokens[0] if rpo is not None else None,
-    )  # fmt: skip
+    )
     assert loss.item() == pytest.approx(expected.mean().item(), abs=1e-4)
     assert metrics["rewards/chosen"].item() == pytest.approx(stats["chosen_rewards"].mean().item(), abs=1e-4)
     assert ("nll" in metrics) == (rpo is not None)

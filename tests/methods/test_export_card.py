@@ -22,11 +22,30 @@ SFT_DATA = REPO / "rlft" / "assets" / "sample_sft.jsonl"
 def _fit_sft(tmp_path: Path, steps: int = 2) -> Path:
     config = (REPO / "configs" / "sft" / "tiny.yaml").read_text().replace("rlft/assets/", f"{REPO}/rlft/assets/")
     (tmp_path / "config.yaml").write_text(config)
-    cmd = [sys.executable, "-m", "rlft", "fit", "-c", str(tmp_path / "config.yaml"), "--trainer.max_steps", str(steps),
-           "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1",
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-           "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-           "--model.output_dir", str(tmp_path / "hf")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft",
+        "fit",
+        "-c",
+        str(tmp_path / "config.yaml"),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--model.output_dir",
+        str(tmp_path / "hf"),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp_path / "hf"
@@ -73,11 +92,18 @@ def test_fit_writes_a_card_with_metadata_data_hashes_steps_and_metrics(tmp_path)
     assert "AutoModelForCausalLM.from_pretrained" in exported and "AutoPeft" not in exported
 
 
-@pytest.mark.parametrize(("base", "expected"), [("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-                                                ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"), ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")],
+)
 def test_front_matter_names_hub_ids_datasets_and_a_known_license(base, expected):
-    facts = CardFacts(base_model=base, method="DPO", usage="peft", settings={"beta": 0.1, "lora": {"r": 16}},
-                      data=[DataFile("Anthropic/hh-rlhf", "train", 160800)])  # fmt: skip
+    facts = CardFacts(
+        base_model=base,
+        method="DPO",
+        usage="peft",
+        settings={"beta": 0.1, "lora": {"r": 16}},
+        data=[DataFile("Anthropic/hh-rlhf", "train", 160800)],
+    )
     meta = parse_front_matter(card_text(facts))
     assert meta["base_model"] == expected and meta["tags"] == ["rlft", "dpo"]
     assert meta["datasets"] == ["Anthropic/hh-rlhf"] and meta["library_name"] == "peft"

@@ -14,9 +14,16 @@ def _count_forwards(module, data, tmp_path, steps: int = 2) -> int:
     calls = []
     backbone = module.model.get_base_model().model  # the decoder stack every scoring path runs through
     backbone.register_forward_hook(lambda *args: calls.append(1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     return len(calls)
 
@@ -25,14 +32,20 @@ PROBE = 3  # the one-off segmented-attention probe (rlft.models.attention): two 
 
 
 def _pairs(**kwargs) -> PreferenceDataModule:
-    return PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=96, val_fraction=0.0,
-                                limit=8, **kwargs)  # fmt: skip
+    return PreferenceDataModule(
+        path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=96, val_fraction=0.0, limit=8, **kwargs
+    )
 
 
 @pytest.mark.parametrize(("reference", "per_step", "upfront"), [("adapter", 2, 0), ("precomputed", 1, 2)])
 def test_dpo_runs_one_policy_forward_and_at_most_one_reference_forward_per_step(tmp_path, reference, per_step, upfront):
-    module = DPO(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0), reference=reference,
-                 ref_cache_path=str(tmp_path / "ref.pt"), output_dir=str(tmp_path / "out"))  # fmt: skip
+    module = DPO(
+        model="tiny-llama",
+        lora=LoraSettings(r=4, dropout=0.0),
+        reference=reference,
+        ref_cache_path=str(tmp_path / "ref.pt"),
+        output_dir=str(tmp_path / "out"),
+    )
     # chosen and rejected share one forward; precomputing scores the 8 pairs once in batches of 8 (eval batch size)
     assert _count_forwards(module, _pairs(eval_batch_size=4), tmp_path) == 2 * per_step + upfront + PROBE
 

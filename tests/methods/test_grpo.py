@@ -36,9 +36,15 @@ class DigitGRPO(GRPO):
 def fit(module, tmp_path, steps: int, batch_size: int = 2) -> pd.DataFrame:
     data = PreferenceDataModule(path=PROMPTS, batch_size=batch_size, val_fraction=0.0, seed=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     return pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv")
 
@@ -46,10 +52,14 @@ def fit(module, tmp_path, steps: int, batch_size: int = 2) -> pd.DataFrame:
 def test_grpo_learns_a_verifiable_reward(tmp_path):
     L.seed_everything(0)
     module = DigitGRPO(
-        model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
-        sampling={"max_new_tokens": 8, "temperature": 1.0}, group_size=8, kl={"coef": 0.0},
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
+        sampling={"max_new_tokens": 8, "temperature": 1.0},
+        group_size=8,
+        kl={"coef": 0.0},
         output_dir=str(tmp_path / "hf"),
-    )  # fmt: skip
+    )
     metrics = fit(module, tmp_path, steps=30)
     reward = metrics["train/reward"].dropna().to_numpy()
     print("GRPO tiny reward curve:", [round(float(r), 3) for r in reward])
@@ -66,10 +76,16 @@ def test_first_updates_have_unit_ratio_and_zero_kl(tmp_path):
     """With lr 0 every update sees the rollout policy: rollout (eval) and update (train) forwards must agree."""
     L.seed_everything(0)
     module = DigitGRPO(
-        model="tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.1), optim={"lr": 0.0},
-        sampling={"max_new_tokens": 6}, group_size=3, kl={"coef": 0.1}, epochs=2, minibatch_size=3,
+        model="tiny-llama",
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+        optim={"lr": 0.0},
+        sampling={"max_new_tokens": 6},
+        group_size=3,
+        kl={"coef": 0.1},
+        epochs=2,
+        minibatch_size=3,
         gradient_checkpointing=True,  # LoRA + checkpointing must still get gradients (trl#731)
-    )  # fmt: skip
+    )
     metrics = fit(module, tmp_path, steps=2).dropna(subset=["train/reward"])
     assert metrics["train/approx_kl"].abs().max() < 1e-10
     assert metrics["train/kl"].abs().max() < 1e-6  # fresh adapter: policy == adapter-disabled reference
@@ -107,8 +123,13 @@ class ShortRollout(GRPO):
 
 def test_rollout_hook_override(tmp_path):
     L.seed_everything(0)
-    module = ShortRollout(model="tiny-llama", sampling={"max_new_tokens": 30}, group_size=2, kl={"coef": 0.0},
-                          rewards=[{"source": "length", "options": {"target": 5, "unit": "chars"}}])  # fmt: skip
+    module = ShortRollout(
+        model="tiny-llama",
+        sampling={"max_new_tokens": 30},
+        group_size=2,
+        kl={"coef": 0.0},
+        rewards=[{"source": "length", "options": {"target": 5, "unit": "chars"}}],
+    )
     metrics = fit(module, tmp_path, steps=1)
     assert metrics["train/response_length"].dropna().max() <= 3
     assert "train/reward/length" in metrics.columns
@@ -118,14 +139,37 @@ def test_cli_run_from_the_tiny_config(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["rlft"])
     out = tmp_path / "run"
     run_lightning_cli(
-        ["fit", "-c", "configs/grpo/tiny.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-         "--trainer.default_root_dir", str(out), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-         "--trainer.logger.save_dir", str(out), "--trainer.enable_progress_bar", "false",
-         "--model.output_dir", str(out / "hf")]
-    )  # fmt: skip
+        [
+            "fit",
+            "-c",
+            "configs/grpo/tiny.yaml",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.output_dir",
+            str(out / "hf"),
+        ]
+    )
     metrics = pd.read_csv(next(out.rglob("metrics.csv")))
-    for name in ("train/reward", "train/kl", "train/entropy", "train/clipfrac", "train/response_length",
-                 "train/tokens_per_sec", "train/rollout_tokens_per_sec", "val/reward"):  # fmt: skip
+    for name in (
+        "train/reward",
+        "train/kl",
+        "train/entropy",
+        "train/clipfrac",
+        "train/response_length",
+        "train/tokens_per_sec",
+        "train/rollout_tokens_per_sec",
+        "val/reward",
+    ):
         assert name in metrics.columns and metrics[name].notna().any(), name
     assert (out / "hf" / "adapter_model.safetensors").exists() and (out / "checkpoints" / "last.ckpt").exists()
 

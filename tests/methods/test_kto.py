@@ -85,8 +85,10 @@ def test_loss_falls_and_desirable_rewards_rise_above_undesirable_on_a_fixed_batc
         loss.backward()
         optimizer.step()
         history.append((float(loss.detach()), float(metrics["rewards/chosen"]), float(metrics["rewards/rejected"])))
-    print(f"\nKTO fixed batch: loss {history[0][0]:.4f} -> {history[-1][0]:.4f}; rewards chosen "
-          f"{history[-1][1]:.3f} rejected {history[-1][2]:.3f}")  # fmt: skip
+    print(
+        f"\nKTO fixed batch: loss {history[0][0]:.4f} -> {history[-1][0]:.4f}; rewards chosen "
+        f"{history[-1][1]:.3f} rejected {history[-1][2]:.3f}"
+    )
     assert history[0][0] == pytest.approx(0.5, abs=1e-6)
     assert history[-1][0] < 0.5 - 0.02
     assert history[-1][1] > 0 > history[-1][2]
@@ -125,8 +127,15 @@ def test_batch_of_one_is_refused(tmp_path):
     import lightning as L
 
     data = PreferenceDataModule(path=DATA, batch_size=1, val_fraction=0.0, limit=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="KTO needs data.batch_size >= 2"):
         trainer.fit(KTO("tiny-llama", lora=LORA), data)
 
@@ -138,11 +147,27 @@ def test_packed_batches_are_refused():
 def test_kto_tiny_config_through_the_cli_with_validation(cli_fit, tmp_path):
     # one fixed training batch (limit = batch_size, no shuffle) and 10x the config's lr: 30 steps are a few hundred
     # steps' worth of lr on that batch, so learning shows within the run; validation runs on the held-out rows
-    rows = cli_fit("kto", "--trainer.val_check_interval", "15", "--trainer.log_every_n_steps", "1",
-                   "--trainer.limit_val_batches", "2", "--data.init_args.limit", "8",
-                   "--data.init_args.val_path", DATA, "--data.init_args.val_limit", "16",
-                   "--data.init_args.shuffle", "false", "--model.init_args.optim.lr", "1.0e-2", steps=30,
-                   validate=False)  # fmt: skip
+    rows = cli_fit(
+        "kto",
+        "--trainer.val_check_interval",
+        "15",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "2",
+        "--data.init_args.limit",
+        "8",
+        "--data.init_args.val_path",
+        DATA,
+        "--data.init_args.val_limit",
+        "16",
+        "--data.init_args.shuffle",
+        "false",
+        "--model.init_args.optim.lr",
+        "1.0e-2",
+        steps=30,
+        validate=False,
+    )
     losses, kls = rows.column("train/loss"), rows.column("train/kl")
     chosen, rejected = rows.column("train/rewards/chosen"), rows.column("train/rewards/rejected")
     print(f"\nKTO tiny CLI: train losses {[round(x, 4) for x in losses]}")

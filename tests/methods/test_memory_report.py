@@ -14,9 +14,15 @@ from rlft.methods import SFT
 def test_memory_report_writes_each_ranks_numbers(tmp_path):
     module = SFT("tiny-llama", lora={"r": 4, "alpha": 8, "dropout": 0.0}, output_dir=str(tmp_path / "hf_model"))
     data = PreferenceDataModule("rlft/assets/sample_sft.jsonl", batch_size=4, max_length=96, val_fraction=0.0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[MemoryReport(after_steps=2)],
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[MemoryReport(after_steps=2)],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     numbers = json.loads((tmp_path / "memory" / "rank0.json").read_text())
     for key in ("rss_mb_after_setup", "anon_mb_after_setup", "rss_mb_training", "anon_mb_training", "peak_rss_mb"):

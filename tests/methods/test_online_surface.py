@@ -26,8 +26,14 @@ def test_one_gspo_policy_loss_runs_unchanged_on_grpo_and_reinforce_pp(cli_fit, m
 
 
 def test_online_dpo_with_a_judge_and_a_callback_that_sees_the_rollouts(cli_fit):
-    rows = cli_fit("grpo", "--model", "my_pkg.online_variants.GroupDPO", "--model.kl.coef", "0.0",
-                "--trainer.callbacks+=my_pkg.online_variants.RolloutLengthLogger")  # fmt: skip
+    rows = cli_fit(
+        "grpo",
+        "--model",
+        "my_pkg.online_variants.GroupDPO",
+        "--model.kl.coef",
+        "0.0",
+        "--trainer.callbacks+=my_pkg.online_variants.RolloutLengthLogger",
+    )
     losses, longest = rows.column("train/loss"), rows.column("train/longest_response")
     assert len(losses) == 3 and len(longest) == 3 and max(longest) <= 16
     # the reference is the initial policy: every pair's DPO loss starts at log 2 (or 0 for a tied group)
@@ -54,13 +60,28 @@ def _one_update(method, tmp_path: Path, micro_batch_size: int | None, **settings
     # eps 1: an update linear in the gradient (Adam's first step is lr * sign(g) where g ~ 0, which rounding flips)
     L.seed_everything(0)
     extra = {"group_size": 4} if method is GRPO else {}
-    module = method(model="tiny-llama", lora=None, optim={"lr": 1e-2, "eps": 1.0}, sampling={"max_new_tokens": 6},
-                    rewards=[{"source": "length", "options": {"target": 12, "unit": "chars"}}],
-                    micro_batch_size=micro_batch_size, output_dir=str(tmp_path / f"out{micro_batch_size}"), **extra,
-                    **settings)  # fmt: skip
+    module = method(
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 1e-2, "eps": 1.0},
+        sampling={"max_new_tokens": 6},
+        rewards=[{"source": "length", "options": {"target": 12, "unit": "chars"}}],
+        micro_batch_size=micro_batch_size,
+        output_dir=str(tmp_path / f"out{micro_batch_size}"),
+        **extra,
+        **settings,
+    )
     recorder = Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, callbacks=[recorder],
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[recorder],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     data = PreferenceDataModule(path=PROMPTS, batch_size=2, val_fraction=0.0, seed=0)
     module.build_network()
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
@@ -70,8 +91,9 @@ def _one_update(method, tmp_path: Path, micro_batch_size: int | None, **settings
     return weights, recorder.rollouts[0]
 
 
-@pytest.mark.parametrize(("method", "settings"), [(GRPO, {}), (GRPO, {"loss_aggregation": "token"}),
-                                                  (PPO, {"epochs": 1}), (ReinforcePP, {})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "settings"), [(GRPO, {}), (GRPO, {"loss_aggregation": "token"}), (PPO, {"epochs": 1}), (ReinforcePP, {})]
+)
 def test_micro_batches_accumulate_to_the_whole_minibatch_update(tmp_path, method, settings):
     whole, rollout = _one_update(method, tmp_path, None, **settings)
     accumulated, same = _one_update(method, tmp_path, 1, **settings)

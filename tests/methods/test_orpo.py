@@ -96,8 +96,15 @@ def train_on_one_batch(tmp_path, module, steps: int = 12) -> tuple[dict, dict]:
     with torch.no_grad():
         before_loss, before = module.compute_loss(batch)
     torch.manual_seed(0)
-    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=str(tmp_path)).fit(module, data)  # fmt: skip
+    L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    ).fit(module, data)
     with torch.no_grad():
         after_loss, after = module.compute_loss(batch)
     return before | {"loss": before_loss}, after | {"loss": after_loss}
@@ -124,11 +131,25 @@ def test_tiny_config_runs_through_the_cli(tmp_path, method):
     from rlft.cli.fit import run_lightning_cli
 
     out = tmp_path / "hf"
-    cli = run_lightning_cli([
-        "fit", "-c", str(REPO / "configs" / method / "tiny.yaml"), "--trainer.max_steps", "2",
-        "--trainer.val_check_interval", "2", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
-        "--model.init_args.output_dir", str(out), "--data.init_args.max_length", "96",
-    ])  # fmt: skip
+    cli = run_lightning_cli(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs" / method / "tiny.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.init_args.output_dir",
+            str(out),
+            "--data.init_args.max_length",
+            "96",
+        ]
+    )
     assert cli.trainer.global_step == 2
     assert (out / "adapter_config.json").exists()
     assert "val/loss" in cli.trainer.callback_metrics

@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("variant", [
-    ["--model.init_args.scale", "none", "--model.init_args.loss_aggregation", "dr_grpo"],  # Dr. GRPO
-    ["--model.init_args.baseline", "leave_one_out", "--model.init_args.scale", "none"],  # RLOO
-], ids=["dr_grpo", "rloo"])  # fmt: skip
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["--model.init_args.scale", "none", "--model.init_args.loss_aggregation", "dr_grpo"],  # Dr. GRPO
+        ["--model.init_args.baseline", "leave_one_out", "--model.init_args.scale", "none"],  # RLOO
+    ],
+    ids=["dr_grpo", "rloo"],
+)
 def test_grpo_variants_are_yaml_lines(cli_fit, variant):
     rows = cli_fit("grpo", *variant, steps=2)
     assert len(rows.column("train/policy_loss")) == 2 and rows.column("val/loss") and rows.column("val/reward")
@@ -47,8 +51,16 @@ def test_a_margin_reward_model_needs_only_the_data(cli_fit, tmp_path):
 
 def test_sgd_with_a_cosine_schedule_from_yaml(cli_fit):
     schedule = '{"lr": null, "scheduler": "cosine", "warmup_steps": 0}'  # the optimiser's own lr, decayed
-    rows = cli_fit("sft", "--model.init_args.optimizer", "torch.optim.SGD", "--model.init_args.optimizer.lr",
-                   "0.05", "--model.init_args.optim", schedule, steps=4)  # fmt: skip
+    rows = cli_fit(
+        "sft",
+        "--model.init_args.optimizer",
+        "torch.optim.SGD",
+        "--model.init_args.optimizer.lr",
+        "0.05",
+        "--model.init_args.optim",
+        schedule,
+        steps=4,
+    )
     lrs = rows.column("lr-SGD") or rows.column("lr-SGD/pg1")
     assert lrs and lrs[0] == pytest.approx(0.05) and lrs[-1] < lrs[0]  # the cosine decays the optimiser's own lr
     assert rows.column("val/loss")

@@ -32,9 +32,15 @@ class DigitPPO(PPO):
 def fit(module, tmp_path, steps: int, batch_size: int = 4) -> pd.DataFrame:
     data = PreferenceDataModule(path=PROMPTS, batch_size=batch_size, val_fraction=0.0, seed=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     return pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv").dropna(subset=["train/reward"])
 
@@ -51,8 +57,9 @@ def test_kl_shaped_token_rewards_by_hand():
     logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -3.0, -9.0]])
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -3.0, -1.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    rollout = Rollout(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), mask, ["", ""], ["", ""],
-                      logps=logps, ref_logps=ref)  # fmt: skip
+    rollout = Rollout(
+        torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), mask, ["", ""], ["", ""], logps=logps, ref_logps=ref
+    )
     rewards = module.token_rewards(rollout, torch.tensor([1.0, 2.0]))
     kl = rollout.kl  # the per-token KL of the rollout, kept on it for the statistics
     # k1 = logp - ref_logp per token; reward = score on the last token - coef * k1
@@ -80,14 +87,26 @@ def test_explained_variance():
 def test_first_updates_have_unit_ratio_zero_kl_and_a_learning_critic(tmp_path):
     L.seed_everything(0)
     module = DigitPPO(
-        model="tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.1), optim={"lr": 0.0}, epochs=2,
-        minibatch_size=2, sampling={"max_new_tokens": 5}, kl={"coef": 0.1},
-    )  # fmt: skip
+        model="tiny-llama",
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+        optim={"lr": 0.0},
+        epochs=2,
+        minibatch_size=2,
+        sampling={"max_new_tokens": 5},
+        kl={"coef": 0.1},
+    )
     metrics = fit(module, tmp_path, steps=4)
     assert metrics["train/approx_kl"].abs().max() < 1e-10 and metrics["train/clipfrac"].max() == 0.0
     assert metrics["train/kl"].abs().max() < 1e-5  # fresh adapter: the policy is the adapter-disabled reference
-    for name in ("train/entropy", "train/value_loss", "train/explained_variance", "train/response_length",
-                 "train/policy_loss", "train/kl_coef", "train/tokens_per_sec"):  # fmt: skip
+    for name in (
+        "train/entropy",
+        "train/value_loss",
+        "train/explained_variance",
+        "train/response_length",
+        "train/policy_loss",
+        "train/kl_coef",
+        "train/tokens_per_sec",
+    ):
         assert metrics[name].notna().all(), name
 
 
@@ -101,8 +120,15 @@ class RandomScorePPO(PPO):
 def test_inner_epochs_stop_early_past_the_approx_kl_target(tmp_path):
     L.seed_everything(0)
     # (with the digit reward, a rollout without digits has zero advantages, no update and approx-KL 0 throughout)
-    module = RandomScorePPO(model="tiny-llama", lora=None, optim={"lr": 5e-2}, epochs=4, target_approx_kl=1e-9,
-                            sampling={"max_new_tokens": 5}, kl={"coef": 0.0})  # fmt: skip
+    module = RandomScorePPO(
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 5e-2},
+        epochs=4,
+        target_approx_kl=1e-9,
+        sampling={"max_new_tokens": 5},
+        kl={"coef": 0.0},
+    )
     metrics = fit(module, tmp_path, steps=2)
     # epoch 1 starts at the rollout policy (approx-KL 0); after its update epoch 2 is past the target: stop
     assert metrics["train/epochs"].tolist() == [2.0]
@@ -111,9 +137,15 @@ def test_inner_epochs_stop_early_past_the_approx_kl_target(tmp_path):
 def test_ppo_learns_a_verifiable_reward(tmp_path):
     L.seed_everything(0)
     module = DigitPPO(
-        model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"}, epochs=2,
-        vf_coef=0.5, sampling={"max_new_tokens": 8}, kl={"coef": 0.0}, output_dir=str(tmp_path / "hf"),
-    )  # fmt: skip
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
+        epochs=2,
+        vf_coef=0.5,
+        sampling={"max_new_tokens": 8},
+        kl={"coef": 0.0},
+        output_dir=str(tmp_path / "hf"),
+    )
     # 70 steps: at 40 the reward had reached 0.36-0.97 depending on the sampling seed; by 70 it is ~1 for each
     metrics = fit(module, tmp_path, steps=70, batch_size=8)
     reward = metrics["train/reward"].to_numpy()
@@ -125,13 +157,35 @@ def test_ppo_learns_a_verifiable_reward(tmp_path):
 def test_separate_critic_adaptive_kl_and_cli_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["rlft"])
     out = tmp_path / "run"
-    common = ["-c", "configs/ppo/tiny.yaml", "--trainer.default_root_dir", str(out),
-              "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
-              "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-              "--model.output_dir", str(out / "hf"), "--model.critic", "tiny-llama", "--model.kl.target", "1.0",
-              "--model.epochs", "1", "--model.minibatch_size", "4", "--trainer.callbacks+=ModelCheckpoint",
-              "--model.gradient_checkpointing", "true",
-              "--trainer.callbacks.every_n_train_steps", "1"]  # fmt: skip
+    common = [
+        "-c",
+        "configs/ppo/tiny.yaml",
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(out),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.output_dir",
+        str(out / "hf"),
+        "--model.critic",
+        "tiny-llama",
+        "--model.kl.target",
+        "1.0",
+        "--model.epochs",
+        "1",
+        "--model.minibatch_size",
+        "4",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--model.gradient_checkpointing",
+        "true",
+        "--trainer.callbacks.every_n_train_steps",
+        "1",
+    ]
     cli = run_lightning_cli(["fit", *common, "--trainer.max_steps", "2"])
     module = cli.model
     assert module.critic is not None and module.kl_coef != 0.05  # the controller moved the coefficient
@@ -148,8 +202,16 @@ def test_separate_critic_adaptive_kl_and_cli_resume(tmp_path, monkeypatch):
 
 def test_mlp_value_head_learns_like_the_linear_one(tmp_path):
     L.seed_everything(0)
-    module = DigitPPO(model="tiny-llama", lora=None, optim={"lr": 1e-2}, epochs=2, vf_coef=0.5, value_head="mlp",
-                      sampling={"max_new_tokens": 6}, kl={"coef": 0.0})  # fmt: skip
+    module = DigitPPO(
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 1e-2},
+        epochs=2,
+        vf_coef=0.5,
+        value_head="mlp",
+        sampling={"max_new_tokens": 6},
+        kl={"coef": 0.0},
+    )
     metrics = fit(module, tmp_path, steps=6)
     head = module.value_head
     assert isinstance(head, torch.nn.Sequential) and len(head) == 3  # hidden -> hidden -> 1

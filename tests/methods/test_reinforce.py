@@ -43,14 +43,24 @@ def test_advantages_are_kl_penalised_returns_whitened_over_the_batch():
 def test_reinforce_pp_learns_a_verifiable_reward(tmp_path):
     L.seed_everything(0)
     module = DigitReinforce(
-        model="tiny-llama", lora=None, optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
-        sampling={"max_new_tokens": 8, "temperature": 1.0}, kl={"coef": 0.0}, output_dir=str(tmp_path / "hf"),
-    )  # fmt: skip
+        model="tiny-llama",
+        lora=None,
+        optim={"lr": 1e-2, "scheduler": "constant_with_warmup"},
+        sampling={"max_new_tokens": 8, "temperature": 1.0},
+        kl={"coef": 0.0},
+        output_dir=str(tmp_path / "hf"),
+    )
     data = PreferenceDataModule(path="rlft/assets/sample_prompts.jsonl", batch_size=8, val_fraction=0.0, seed=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=45, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=45,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     reward = pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv")["train/reward"].dropna().to_numpy()
     print("REINFORCE++ tiny reward curve:", [round(float(r), 3) for r in reward])

@@ -22,8 +22,13 @@ from my_pkg.variants import DPOPositive, OverlongGRPO  # noqa: E402
 
 
 def test_dapo_overlong_grpo_and_a_reward_of_token_ids_through_the_cli(cli_fit):
-    rows = cli_fit("grpo", "--model", "my_pkg.variants.OverlongGRPO", "--model.rewards",
-                '[{source: "my_pkg.variants:completion_tokens"}]')  # fmt: skip
+    rows = cli_fit(
+        "grpo",
+        "--model",
+        "my_pkg.variants.OverlongGRPO",
+        "--model.rewards",
+        '[{source: "my_pkg.variants:completion_tokens"}]',
+    )
     reward, score = rows.column("train/reward"), rows.column("train/score")
     lengths = rows.column("train/response_length")
     # the shaped score is the reward plus the overlong penalty of the mean length's regime (max 16 new tokens)
@@ -47,12 +52,20 @@ def test_overlong_penalty_matches_the_paper():
 def test_dpo_positive_subclass_through_the_cli_and_by_hand(cli_fit):
     rows = cli_fit("dpo", "--model", "my_pkg.variants.DPOPositive")
     assert rows.column("train/loss")[0] == pytest.approx(0.6931, abs=1e-4) and rows.column("val/loss")
-    policy = PairLogps(chosen=torch.tensor([-5.0]), rejected=torch.tensor([-6.0]), chosen_tokens=torch.ones(1),
-                       rejected_tokens=torch.ones(1))  # fmt: skip
+    policy = PairLogps(
+        chosen=torch.tensor([-5.0]),
+        rejected=torch.tensor([-6.0]),
+        chosen_tokens=torch.ones(1),
+        rejected_tokens=torch.ones(1),
+    )
     module = DPOPositive.__new__(DPOPositive)
     module._hparams = AttributeDict(beta=0.1)
-    reference = PairLogps(chosen=torch.tensor([-4.0]), rejected=torch.tensor([-6.0]), chosen_tokens=torch.ones(1),
-                          rejected_tokens=torch.ones(1))  # fmt: skip
+    reference = PairLogps(
+        chosen=torch.tensor([-4.0]),
+        rejected=torch.tensor([-6.0]),
+        chosen_tokens=torch.ones(1),
+        rejected_tokens=torch.ones(1),
+    )
     output = DPOPositive.preference_loss(module, policy, reference, {})
     losses = output.losses
     assert output.stats["chosen_rewards"].item() == pytest.approx(0.1 * -1.0)
@@ -70,9 +83,25 @@ def test_dpo_loss_type_from_yaml_as_module_function(cli_fit):
     rows = cli_fit("dpo", "--model.init_args.loss_type", "my_pkg.losses:squared")
     # at step 0 policy == reference, so logits are 0 and (0.1 * 0 - 1)^2 = 1
     assert rows.column("train/loss")[0] == pytest.approx(1.0, abs=1e-5)
-    bad = subprocess.run([sys.executable, "-m", "rlft", "fit", "-c", str(REPO / "configs/dpo/tiny.yaml"),
-                          "--model.init_args.loss_type", "my_pkg.losses:cubed", "--trainer.max_steps", "1"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlft",
+            "fit",
+            "-c",
+            str(REPO / "configs/dpo/tiny.yaml"),
+            "--model.init_args.loss_type",
+            "my_pkg.losses:cubed",
+            "--trainer.max_steps",
+            "1",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "has no attribute 'cubed'" in bad.stderr
 
 

@@ -108,18 +108,38 @@ def test_unknown_head_lists_choices():
 
 @pytest.mark.parametrize("lora", [LORA, None], ids=["lora", "full"])
 def test_train_validate_export_and_score_two_lines(tmp_path, lora):
-    rm = RewardModel("tiny-llama", lora=lora, head="mlp" if lora is None else "linear", optim={"lr": 2e-3},
-                     output_dir=str(tmp_path / "rm"))  # fmt: skip
+    rm = RewardModel(
+        "tiny-llama",
+        lora=lora,
+        head="mlp" if lora is None else "linear",
+        optim={"lr": 2e-3},
+        output_dir=str(tmp_path / "rm"),
+    )
     data = PreferenceDataModule(path=PAIRS, batch_size=8, max_length=96, val_fraction=0.25)
     callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer = L.Trainer(
-        max_steps=6, accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), val_check_interval=3, num_sanity_val_steps=0,
-    )  # fmt: skip
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        val_check_interval=3,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(rm, data)
     metrics = trainer.callback_metrics
-    for name in ("val/loss", "val/accuracy", "val/auroc", "val/rewards/chosen", "val/rewards/rejected",
-                 "val/rewards/margin", "train/loss", "train/accuracy"):  # fmt: skip
+    for name in (
+        "val/loss",
+        "val/accuracy",
+        "val/auroc",
+        "val/rewards/chosen",
+        "val/rewards/rejected",
+        "val/rewards/margin",
+        "train/loss",
+        "train/accuracy",
+    ):
         assert name in metrics, name
 
     # the documented two-line use, and the metrics recomputed from its scores
@@ -138,8 +158,9 @@ def test_train_validate_export_and_score_two_lines(tmp_path, lora):
     config = json.loads((tmp_path / "rm" / CONFIG_FILE).read_text())
     assert config["backbone"] == ("merged" if lora else "full") and (tmp_path / "rm" / HEAD_FILE).exists()
     from_ckpt = RewardScorer.from_pretrained(tmp_path / "ckpt" / "last.ckpt")
-    torch.testing.assert_close(from_ckpt.score(prompts, [e["chosen"] for e in _records(data.val_set, data)]),
-                               chosen, atol=1e-4, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        from_ckpt.score(prompts, [e["chosen"] for e in _records(data.val_set, data)]), chosen, atol=1e-4, rtol=0
+    )
 
 
 def _records(encoded: list[dict], data: PreferenceDataModule) -> list[dict]:
@@ -175,17 +196,26 @@ def test_scorer_accepts_strings_or_messages_and_checks_lengths(tmp_path):
 
 
 def test_hh_transcripts_with_mismatched_prompts_are_reported(tmp_path, caplog):
-    good = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
-            "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}  # fmt: skip
-    mismatch = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!",
-                "rejected": "\n\nHuman: Something else\n\nAssistant: Hello!!"}  # fmt: skip
+    good = {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away.",
+    }
+    mismatch = {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!",
+        "rejected": "\n\nHuman: Something else\n\nAssistant: Hello!!",
+    }
     path = tmp_path / "hh.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (good, mismatch, good | {"rejected": good["chosen"]})) + "\n")
     rm = RewardModel("tiny-llama", lora=LORA)
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path),
-    )  # fmt: skip
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     with pytest.raises(ValueError) as error:
         trainer.fit(rm, PreferenceDataModule(path=str(path), val_fraction=0.0))
     assert "hh.jsonl:2" in str(error.value) and "prompt" in str(error.value)
@@ -241,8 +271,14 @@ def test_reward_loss_and_compute_loss_overrides_reach_training_and_validation(tm
 
     def run(module) -> tuple[float, dict]:
         # the head starts at 0, so every reward is 0 and each loss is exact: -log sigmoid(-m) = softplus(m)
-        options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                       enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+        options = dict(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path),
+        )
         data = PreferenceDataModule(path=str(path), val_path=str(path), batch_size=4, max_length=96)
         validated = L.Trainer(**options).validate(module, data, verbose=False)[0]
         trainer = L.Trainer(max_steps=1, limit_val_batches=0, **options)
@@ -250,9 +286,11 @@ def test_reward_loss_and_compute_loss_overrides_reach_training_and_validation(tm
         return float(trainer.callback_metrics["train/loss"]), validated
 
     softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
-    for module, expected in ((RewardModel("tiny-llama", lora=LORA, margin=5.0), softplus(1.0)),
-                             (DoubleMarginRM("tiny-llama", lora=LORA), softplus(2.0)),
-                             (DoubledLossRM("tiny-llama", lora=LORA), 2 * softplus(1.0))):  # fmt: skip
+    for module, expected in (
+        (RewardModel("tiny-llama", lora=LORA, margin=5.0), softplus(1.0)),
+        (DoubleMarginRM("tiny-llama", lora=LORA), softplus(2.0)),
+        (DoubledLossRM("tiny-llama", lora=LORA), 2 * softplus(1.0)),
+    ):
         train_loss, validated = run(module)
         assert train_loss == pytest.approx(expected, abs=1e-5), type(module).__name__
         assert validated["val/loss"] == pytest.approx(expected, abs=1e-5), type(module).__name__

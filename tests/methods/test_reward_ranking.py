@@ -28,8 +28,11 @@ def _rankings(path, n: int = 24) -> str:
         row = {"prompt": f"Question number {i}?", "responses": responses[: 3 + i % 2]}
         if i % 3 == 0:  # the scored variant, shuffled: the scores give the order
             order = [2, 0, 1][: len(row["responses"])] + ([3] if len(row["responses"]) == 4 else [])
-            row = {"prompt": row["prompt"], "responses": [row["responses"][j] for j in order],
-                   "scores": [-j for j in order]}  # fmt: skip
+            row = {
+                "prompt": row["prompt"],
+                "responses": [row["responses"][j] for j in order],
+                "scores": [-j for j in order],
+            }
         rows.append(row)
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
@@ -61,12 +64,24 @@ def test_ranking_batches_hold_every_response_best_first(tmp_path):
 @pytest.mark.parametrize("loss", ["plackett_luce", "kwise_bradley_terry"])
 def test_listwise_reward_model_learns_the_ranking(tmp_path, loss):
     torch.manual_seed(0)
-    rm = RewardModel("tiny-llama", lora=LORA, ranking_loss=loss, optim={"lr": 3e-3, "warmup_steps": 0},
-                     output_dir=str(tmp_path / "rm"))  # fmt: skip
+    rm = RewardModel(
+        "tiny-llama",
+        lora=LORA,
+        ranking_loss=loss,
+        optim={"lr": 3e-3, "warmup_steps": 0},
+        output_dir=str(tmp_path / "rm"),
+    )
     dm = RankingDataModule(_rankings(tmp_path / "r.jsonl"), batch_size=4, val_fraction=0.25, seed=0)
-    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, val_check_interval=30, check_val_every_n_epoch=None,
-                        num_sanity_val_steps=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        val_check_interval=30,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(rm, dm)
     metrics = trainer.callback_metrics
     # held-out rankings: every (better, worse) pair of 6 prompts; chance is 0.5
@@ -81,8 +96,12 @@ def test_unknown_ranking_loss_is_rejected():
 
 def test_invalid_ranked_rows_name_the_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "q", "responses": ["a", "a"]}) + "\n"
-                    + json.dumps({"prompt": "q", "responses": ["a", "b"], "scores": [1]}) + "\n")  # fmt: skip
+    path.write_text(
+        json.dumps({"prompt": "q", "responses": ["a", "a"]})
+        + "\n"
+        + json.dumps({"prompt": "q", "responses": ["a", "b"], "scores": [1]})
+        + "\n"
+    )
     rm = RewardModel("tiny-llama", lora=LORA)
     dm = RankingDataModule(str(path), val_fraction=0.0).attach("pairs", rm.tokenizer)
     with pytest.raises(DataError) as error:
@@ -98,5 +117,11 @@ def test_ranked_rows_expand_to_every_better_worse_pair():
     row = Row({"prompt": "Pick", "responses": ["a", "b", "c", "d"]}, "r.jsonl", 1)
     pairs, report = convert([row], kind="pairs")
     assert report.format == "ranked"
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"),
-                                                             ("b", "d"), ("c", "d")]  # fmt: skip
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("a", "b"),
+        ("a", "c"),
+        ("a", "d"),
+        ("b", "c"),
+        ("b", "d"),
+        ("c", "d"),
+    ]

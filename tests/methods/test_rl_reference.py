@@ -17,9 +17,16 @@ LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 
 
 def _trainer(tmp_path, steps: int) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.CSVLogger(tmp_path),
-                     log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +44,15 @@ def sft_folder(tmp_path_factory):
 def test_reference_is_the_frozen_sft_adapter(tmp_path, sft_folder, method):
     L.seed_everything(0)
     extra = {"group_size": 2, "kl": {"coef": 0.1}} if method is GRPO else {"kl": {"coef": 0.1}}
-    module = method(model=sft_folder, lora=LORA, optim={"lr": 0.0}, sampling={"max_new_tokens": 6},
-                    rewards=[{"source": "length", "options": {"target": 24, "unit": "chars"}}],
-                    output_dir=str(tmp_path / "out"), **extra)  # fmt: skip
+    module = method(
+        model=sft_folder,
+        lora=LORA,
+        optim={"lr": 0.0},
+        sampling={"max_new_tokens": 6},
+        rewards=[{"source": "length", "options": {"target": 24, "unit": "chars"}}],
+        output_dir=str(tmp_path / "out"),
+        **extra,
+    )
     assert REF_ADAPTER in module.model.peft_config
     ids = torch.tensor([[5, 17, 33, 48, 61, 70, 82, 95]])
     mask = torch.ones_like(ids)

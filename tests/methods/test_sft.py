@@ -30,14 +30,25 @@ class LossRecorder(L.Callback):
 
 def _trainer(tmp_path, max_steps, callbacks=(), **kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
 
 
 def _module(tmp_path, lr=1e-3, **kwargs) -> SFT:
-    return SFT(model="tiny-llama", lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-               optim=OptimizerSettings(lr=lr, warmup_steps=2), output_dir=str(tmp_path / "hf"), **kwargs)  # fmt: skip
+    return SFT(
+        model="tiny-llama",
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+        optim=OptimizerSettings(lr=lr, warmup_steps=2),
+        output_dir=str(tmp_path / "hf"),
+        **kwargs,
+    )
 
 
 def test_sft_overfits_a_small_batch(tmp_path):
@@ -131,9 +142,10 @@ def test_validation_runs_through_compute_loss(tmp_path):
     data = PreferenceDataModule(path=SFT_DATA, batch_size=4, max_length=96, val_fraction=0.25)
     # LoRA's B starts at 0: both modules compute the base model, whatever the adapter's random A
     plain, doubled = (
-        _trainer(tmp_path, 1, enable_checkpointing=False).validate(cls(model="tiny-llama", lora={"r": 4}), data,
-                                                                   verbose=False)[0]
+        _trainer(tmp_path, 1, enable_checkpointing=False).validate(
+            cls(model="tiny-llama", lora={"r": 4}), data, verbose=False
+        )[0]
         for cls in (SFT, DoubledSFT)
-    )  # fmt: skip
+    )
     assert doubled["val/loss"] == pytest.approx(2 * plain["val/loss"], rel=1e-6)
     assert doubled["val/perplexity"] == pytest.approx(math.exp(doubled["val/loss"]), rel=1e-5)

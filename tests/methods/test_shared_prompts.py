@@ -16,14 +16,16 @@ PAIRS = "rlft/assets/sample_pairs.jsonl"
 
 
 def _pair_batches(name: str, packing: bool, limit: int = 8) -> list[dict]:
-    dm = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=packing,
-                              shuffle=False, limit=limit)  # fmt: skip
+    dm = PreferenceDataModule(
+        path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=packing, shuffle=False, limit=limit
+    )
     dm.attach("pairs", load_tokenizer(name)).setup("fit")
     return list(dm.train_dataloader())
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma",
-                                  "tiny-gpt2", "tiny-opt"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma", "tiny-gpt2", "tiny-opt"]
+)
 def test_segments_attend_like_separate_sequences(name):
     model = load_model(name).eval()
     assert segmented_attention(model)
@@ -104,10 +106,13 @@ def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, fit_lo
     losses = {}
     for share in (False, True):
         L.seed_everything(0)
-        module = getattr(rlft.methods, method)(model="tiny-llama", lora=LoraSettings(r=4, dropout=0.0),
-                                               share_prompts=share, output_dir=str(tmp_path / "out"))  # fmt: skip
-        data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, shuffle=False,
-                                    limit=12)  # fmt: skip
+        module = getattr(rlft.methods, method)(
+            model="tiny-llama",
+            lora=LoraSettings(r=4, dropout=0.0),
+            share_prompts=share,
+            output_dir=str(tmp_path / "out"),
+        )
+        data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, shuffle=False, limit=12)
         losses[share] = fit_losses(module, data, steps=3)
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
@@ -154,7 +159,8 @@ def test_reward_model_scores_every_layout_alike(fit_losses):
     # packed pairs train (they used to be refused), starting from the padded batch's loss
     with torch.no_grad():
         padded_loss = float(module.compute_loss(padded)[0])
-    data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=True,
-                                shuffle=False, limit=8)  # fmt: skip
+    data = PreferenceDataModule(
+        path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, packing=True, shuffle=False, limit=8
+    )
     losses = fit_losses(module, data, steps=2)
     assert len(losses) == 2 and losses[0] == pytest.approx(padded_loss, abs=1e-5)

@@ -35,10 +35,16 @@ class DigitTRPO(TRPO):
 def fit(module, tmp_path, steps: int, batch_size: int = 2, callbacks=()) -> tuple[pd.DataFrame, L.Trainer]:
     data = PreferenceDataModule(path=PROMPTS, batch_size=batch_size, val_fraction=0.0, seed=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         callbacks=list(callbacks),
-    )  # fmt: skip
+    )
     trainer.fit(module, data)
     return pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv").dropna(subset=["train/reward"]), trainer
 
@@ -48,9 +54,14 @@ def test_trpo_learns_a_verifiable_reward_within_the_trust_region(tmp_path):
     L.seed_everything(0)
     max_kl = 0.5
     module = DigitTRPO(
-        model="tiny-llama", lora=None, sampling={"max_new_tokens": 8, "temperature": 1.0}, group_size=8,
-        max_kl=max_kl, damping=0.01, output_dir=str(tmp_path / "hf"),
-    )  # fmt: skip
+        model="tiny-llama",
+        lora=None,
+        sampling={"max_new_tokens": 8, "temperature": 1.0},
+        group_size=8,
+        max_kl=max_kl,
+        damping=0.01,
+        output_dir=str(tmp_path / "hf"),
+    )
     metrics, trainer = fit(module, tmp_path, steps=50)
     reward = metrics["train/reward"].to_numpy()
     print("TRPO tiny reward curve:", [round(float(r), 3) for r in reward])
@@ -98,10 +109,16 @@ def test_every_step_is_within_max_kl_measured_independently_with_lora_micro_batc
     L.seed_everything(1)
     max_kl = 0.02
     module = DigitTRPO(
-        model="tiny-llama", lora={"r": 4, "alpha": 8, "dropout": 0.0}, sampling={"max_new_tokens": 6},
-        group_size=4, max_kl=max_kl, micro_batch_size=3, kl={"coef": 0.05}, fisher_fraction=0.5,
+        model="tiny-llama",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        sampling={"max_new_tokens": 6},
+        group_size=4,
+        max_kl=max_kl,
+        micro_batch_size=3,
+        kl={"coef": 0.05},
+        fisher_fraction=0.5,
         output_dir=str(tmp_path / "hf"),
-    )  # fmt: skip
+    )
     recorder = StepKL()
     metrics, trainer = fit(module, tmp_path, steps=4, callbacks=[recorder])
     logged = metrics["train/trpo/kl"].to_numpy()
@@ -119,11 +136,25 @@ def test_every_step_is_within_max_kl_measured_independently_with_lora_micro_batc
 
 def _one_step(tmp_path: Path, micro_batch_size: int | None, **settings) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
-    module = TRPO(model="tiny-llama", lora=None, sampling={"max_new_tokens": 6}, group_size=4, max_kl=0.05,
-                  rewards=[{"source": "length", "options": {"target": 12, "unit": "chars"}}],
-                  micro_batch_size=micro_batch_size, **settings)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    module = TRPO(
+        model="tiny-llama",
+        lora=None,
+        sampling={"max_new_tokens": 6},
+        group_size=4,
+        max_kl=0.05,
+        rewards=[{"source": "length", "options": {"target": 12, "unit": "chars"}}],
+        micro_batch_size=micro_batch_size,
+        **settings,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     module.build_network()
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     trainer.fit(module, PreferenceDataModule(path=PROMPTS, batch_size=2, val_fraction=0.0, seed=0))
@@ -144,8 +175,15 @@ def test_micro_batches_and_checkpointing_give_the_whole_minibatch_step(tmp_path)
 
 def test_cli_runs_the_tiny_config_with_validation(cli_fit, tmp_path):
     rows = cli_fit("trpo")
-    for name in ("train/trpo/step_fraction", "train/trpo/expected_improvement", "train/trpo/actual_improvement",
-                 "train/trpo/kl", "train/policy_loss", "train/reward", "train/entropy"):  # fmt: skip
+    for name in (
+        "train/trpo/step_fraction",
+        "train/trpo/expected_improvement",
+        "train/trpo/actual_improvement",
+        "train/trpo/kl",
+        "train/policy_loss",
+        "train/reward",
+        "train/entropy",
+    ):
         assert len(rows.column(name)) == 3, name
     assert all(kl <= 0.05 for kl in rows.column("train/trpo/kl"))
     assert rows.column("val/loss") and rows.column("val/reward")
@@ -157,9 +195,21 @@ def test_cli_runs_the_tiny_config_with_validation(cli_fit, tmp_path):
 def test_ddp_ranks_take_identical_steps(cli_fit, tmp_path):
     out = tmp_path / "weights"
     out.mkdir()
-    rows = cli_fit("trpo", "--model", "my_pkg.trpo_variants.RankWeightsTRPO", "--trainer.strategy", "ddp",
-                   "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.batch_size", "2", steps=2,
-                   env={**ENV, "RLFT_TEST_RANK_WEIGHTS": str(out)})  # fmt: skip
+    rows = cli_fit(
+        "trpo",
+        "--model",
+        "my_pkg.trpo_variants.RankWeightsTRPO",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--data.batch_size",
+        "2",
+        steps=2,
+        env={**ENV, "RLFT_TEST_RANK_WEIGHTS": str(out)},
+    )
     assert len(rows.column("train/trpo/step_fraction")) == 2
     assert any(f > 0 for f in rows.column("train/trpo/step_fraction"))
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
@@ -172,8 +222,16 @@ def test_sharded_strategies_are_refused(tmp_path):
     from rlft.strategies import FSDP2Strategy
 
     module = TRPO(model="tiny-llama", rewards=[{"source": "length", "options": {"target": 5}}], group_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=FSDP2Strategy(),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="TRPO does not run under the sharded strategy FSDP2Strategy"):
         trainer.fit(module, PreferenceDataModule(path=PROMPTS, batch_size=2, val_fraction=0.0))
 

@@ -116,9 +116,17 @@ class Recorder(L.Callback):
 
 def fit(module, data, tmp_path, steps: int, precision: str = "bf16-mixed") -> Recorder:
     recorder = Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        precision=precision, callbacks=[recorder])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        precision=precision,
+        callbacks=[recorder],
+    )
     trainer.fit(module, data)
     return recorder
 
@@ -128,10 +136,15 @@ def test_bf16_mixed_dpo_trains_the_same_with_stored_weights_and_exports_the_load
     runs = {}
     for stored in (False, True):
         L.seed_everything(0)
-        module = DPO(model=path, lora=LORA, optim={"lr": 1e-2}, frozen_weights_bf16=stored, merge_on_save=True,
-                     output_dir=str(tmp_path / f"out{stored}"))  # fmt: skip
-        data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, shuffle=False,
-                                    limit=12)  # fmt: skip
+        module = DPO(
+            model=path,
+            lora=LORA,
+            optim={"lr": 1e-2},
+            frozen_weights_bf16=stored,
+            merge_on_save=True,
+            output_dir=str(tmp_path / f"out{stored}"),
+        )
+        data = PreferenceDataModule(path=PAIRS, batch_size=4, max_length=96, val_fraction=0.0, shuffle=False, limit=12)
         runs[stored] = fit(module, data, tmp_path / f"run{stored}", steps=3)
         base = {n: p for n, p in module.model.named_parameters() if not p.requires_grad}
         assert all(p.dtype == torch.float32 for p in base.values())  # restored before the export
@@ -151,14 +164,22 @@ def test_bf16_mixed_grpo_samples_the_same_through_the_twin_and_runs_without_it(b
     samples = {}
     for stored, decode_dtype in ((False, "bfloat16"), (True, "bfloat16"), (True, None)):
         L.seed_everything(0)
-        module = GRPO(model=bf16_checkpoint("tiny-llama"), lora=LORA, rewards=rewards, group_size=2,
-                      sampling={"max_new_tokens": 6, "decode_dtype": decode_dtype}, frozen_weights_bf16=stored,
-                      output_dir=str(tmp_path / "out"))  # fmt: skip
+        module = GRPO(
+            model=bf16_checkpoint("tiny-llama"),
+            lora=LORA,
+            rewards=rewards,
+            group_size=2,
+            sampling={"max_new_tokens": 6, "decode_dtype": decode_dtype},
+            frozen_weights_bf16=stored,
+            output_dir=str(tmp_path / "out"),
+        )
         data = PreferenceDataModule(path=str(prompts), batch_size=2, val_fraction=0.0, shuffle=False)
         seen: list = []
         score = module.score
         module.score = lambda rollout, stage, score=score, seen=seen: (
-            seen.append(rollout.completions), score(rollout, stage))[1]  # fmt: skip
+            seen.append(rollout.completions),
+            score(rollout, stage),
+        )[1]
         recorder = fit(module, data, tmp_path / f"grpo{stored}{decode_dtype}", steps=2)
         assert recorder.stored == ([15, 15] if stored else [0, 0])
         samples[stored, decode_dtype] = seen

@@ -18,8 +18,11 @@ from rlft.models.model_card import read_front_matter  # noqa: E402
 from rlft.models.reward import CONFIG_FILE, HeadNotRepresentable, RewardScorer  # noqa: E402
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-CONVERSATIONS = [("What is 2 + 2?", "4"), ("Name a colour.", "Blue, like the sky on a clear day."),
-                 ("Say hi", "Hello! How can I help you today?")]  # fmt: skip
+CONVERSATIONS = [
+    ("What is 2 + 2?", "4"),
+    ("Name a colour.", "Blue, like the sky on a clear day."),
+    ("Say hi", "Hello! How can I help you today?"),
+]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -22,8 +22,9 @@ def test_empty_or_identical_best_and_worst_are_dropped_and_counted():
     rewards = [5.0, 1.0, 0.0] + [1.0, -3.0, 0.5] + [1.0, 0.0, 0.5] + [2.0, -1.0, 0.0]
     pairs, skipped = pair_samples(PROMPTS, samples, rewards)
     assert skipped == {"empty": 2, "identical": 1, "small_margin": 0}
-    assert pairs == [{"prompt": PROMPTS[3], "chosen": "It is 6.", "rejected": "7", "chosen_reward": 2.0,
-                      "rejected_reward": -1.0}]  # fmt: skip
+    assert pairs == [
+        {"prompt": PROMPTS[3], "chosen": "It is 6.", "rejected": "7", "chosen_reward": 2.0, "rejected_reward": -1.0}
+    ]
     assert describe_skipped(skipped) == "2 empty reply, 1 chosen == rejected"
     assert describe_skipped(dict.fromkeys(skipped, 0)) == "none"
 
@@ -66,8 +67,17 @@ def _sample(tmp_path, replies: dict[str, list[str]], stub_sampling):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in replies))
     out = tmp_path / "round_1" / "pairs.jsonl"
-    stats = sample_pairs("policy", "rm", str(prompts), str(out), offset=0, count=8, samples_per_prompt=3,
-                         max_new_tokens=8, temperature=1.0)  # fmt: skip
+    stats = sample_pairs(
+        "policy",
+        "rm",
+        str(prompts),
+        str(out),
+        offset=0,
+        count=8,
+        samples_per_prompt=3,
+        max_new_tokens=8,
+        temperature=1.0,
+    )
     return stats, out
 
 
@@ -75,8 +85,9 @@ def test_a_round_whose_policy_samples_an_empty_reply_writes_only_trainable_pairs
     from rlft.data.formats import convert
     from rlft.data.sources import read_rows
 
-    stats, out = _sample(tmp_path, {"Say hi.": ["", "hi there", "hello"], "Count.": ["one two", "1 2 3 4 5", "12"]},
-                         stub_sampling)  # fmt: skip
+    stats, out = _sample(
+        tmp_path, {"Say hi.": ["", "hi there", "hello"], "Count.": ["one two", "1 2 3 4 5", "12"]}, stub_sampling
+    )
     assert stats["pairs"] == 1 and stats["skipped"]["empty"] == 1
     assert json.loads((out.parent / "sampling.json").read_text())["skipped"]["empty"] == 1  # the round's record
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -18,8 +18,14 @@ pytestmark = pytest.mark.slow  # each stage is a process (~10 s of imports each 
 
 def _pipeline(repo_root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "rlft", "pipeline", *args], cwd=repo_root, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlft", "pipeline", *args],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +38,17 @@ def tiny_run(repo_root, tmp_path_factory):
 
 def test_every_stage_runs_wired_to_the_previous_ones_and_the_report_is_written(tiny_run):
     run_dir, _ = tiny_run
-    for stage in ("data", "sft", "rm", "dpo", "grpo", "online_dpo", "online_dpo/round_1", "online_dpo/round_2",
-                  "evaluation"):  # fmt: skip
+    for stage in (
+        "data",
+        "sft",
+        "rm",
+        "dpo",
+        "grpo",
+        "online_dpo",
+        "online_dpo/round_1",
+        "online_dpo/round_2",
+        "evaluation",
+    ):
         assert (run_dir / stage / "DONE").exists(), stage
     dpo = yaml.safe_load((run_dir / "dpo" / "config.yaml").read_text())["model"]["init_args"]
     assert dpo["model"] == str(run_dir / "sft" / "hf_model")

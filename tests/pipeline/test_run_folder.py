@@ -74,15 +74,23 @@ def test_the_cli_refuses_in_one_line_while_another_process_holds_the_run(tmp_pat
     path = _config(tmp_path, repo_root)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder_code = (f"import fcntl, os, sys, time; f = open({str(run_dir / LOCK_NAME)!r}, 'a+'); "
-                   "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); "
-                   "time.sleep(120)")  # fmt: skip
+    holder_code = (
+        f"import fcntl, os, sys, time; f = open({str(run_dir / LOCK_NAME)!r}, 'a+'); "
+        "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); "
+        "time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         env = {**os.environ, "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run([sys.executable, "-m", "rlft", "pipeline", "-c", str(path)], cwd=repo_root, env=env,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "rlft", "pipeline", "-c", str(path)],
+            cwd=repo_root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -143,8 +151,13 @@ def _processes() -> dict[int, tuple[int, int, str, str]]:
 def test_kill_9_of_the_pipeline_takes_its_running_stage_down(tmp_path, repo_root):
     path = _config(tmp_path, repo_root, **{"trainer.max_steps": 100000})  # a stage that would run for a long time
     env = {**os.environ, "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    pipeline = subprocess.Popen([sys.executable, "-m", "rlft", "pipeline", "-c", str(path)], cwd=repo_root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pipeline = subprocess.Popen(
+        [sys.executable, "-m", "rlft", "pipeline", "-c", str(path)],
+        cwd=repo_root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     group, deadline = None, time.time() + 240
     try:
         while time.time() < deadline:  # the stage's group: its own, started by the pipeline, holding `rlft fit`

@@ -25,15 +25,24 @@ Q8_PERPLEXITY_DELTA = 0.02  # q8_0 perplexity within 2% of the fp32 model's
 def smollm2_sft(smollm2, shared_data, tmp_path_factory):
     """``(adapter folder, tokenizer, fp32 PyTorch model with the adapter)`` after 4 LoRA SFT steps."""
     data = str(shared_data / "alpaca_seed_tasks.jsonl")
-    adapter, _ = train_adapter(smollm2, tmp_path_factory.mktemp("smollm2-sft"), steps=4, lr=2e-3, batch_size=2,
-                               max_length=128, data=data, limit=16)  # fmt: skip
+    adapter, _ = train_adapter(
+        smollm2,
+        tmp_path_factory.mktemp("smollm2-sft"),
+        steps=4,
+        lr=2e-3,
+        batch_size=2,
+        max_length=128,
+        data=data,
+        limit=16,
+    )
     network = load_model(str(adapter), trainable_adapter=False).eval()
     return adapter, load_tokenizer(str(adapter)), network
 
 
 def _prompt_ids(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -46,8 +55,7 @@ def _perplexity(logits_of, sequences: list[list[int]]) -> float:
     return float(np.exp(nll / count))
 
 
-def test_gguf_in_llama_cpp_generates_like_transformers_and_q8_0_keeps_perplexity(smollm2_sft, shared_data,
-                                                                                  tmp_path):  # fmt: skip
+def test_gguf_in_llama_cpp_generates_like_transformers_and_q8_0_keeps_perplexity(smollm2_sft, shared_data, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (rlft[export])")
     adapter, tokenizer, network = smollm2_sft
     files = {q: export_gguf(str(adapter), tmp_path / f"smollm2-sft.{q}.gguf", quant=q) for q in ("f16", "q8_0")}
@@ -62,8 +70,9 @@ def test_gguf_in_llama_cpp_generates_like_transformers_and_q8_0_keeps_perplexity
             ids = _prompt_ids(tokenizer, question)
             assert f16.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
             with torch.no_grad():
-                want = network.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                        eos_token_id=stops)[0, len(ids) :].tolist()  # fmt: skip
+                want = network.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=stops)[
+                    0, len(ids) :
+                ].tolist()
             got = []
             for token in f16.generate(ids, temp=0.0, top_k=1, reset=True):
                 got.append(token)
@@ -74,8 +83,12 @@ def test_gguf_in_llama_cpp_generates_like_transformers_and_q8_0_keeps_perplexity
         assert equal == len(PROMPTS)
 
         records = load_records(str(shared_data / "alpaca_seed_tasks.jsonl"), kind="sft", limit=24)
-        sequences = [tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
-                               add_special_tokens=False)["input_ids"][:512] for r in records]  # fmt: skip
+        sequences = [
+            tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)[
+                "input_ids"
+            ][:512]
+            for r in records
+        ]
 
         def llama_logits(llm):
             def run(ids):
@@ -133,18 +146,20 @@ def test_onnx_and_merged_exports_match_pytorch(smollm2_sft, tmp_path):
     start = time.perf_counter()
     runtime = OnnxCausalLM(export_onnx(str(adapter), tmp_path / "onnx"))
     exported_in = time.perf_counter() - start
-    logits, _ = runtime.step(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None],
-                             runtime.empty_cache(1))  # fmt: skip
+    logits, _ = runtime.step(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None], runtime.empty_cache(1))
     diff = np.abs(logits[0] - want).max()
     stops = stop_token_ids(tokenizer, network)
     with torch.no_grad():
-        greedy = plain.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                  eos_token_id=stops)[0, len(ids) :].tolist()  # fmt: skip
+        greedy = plain.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=stops)[
+            0, len(ids) :
+        ].tolist()
     onnx_greedy = runtime.generate(ids, 32, set(stops))
     size = (tmp_path / "onnx" / "model.onnx").stat().st_size / 2**20
     scale = np.abs(want).max()
-    print(f"ONNX: exported in {exported_in:.0f} s, {size:.0f} MiB, max logit diff vs PyTorch {diff:.2e} (logits up "
-          f"to {scale:.1f}: {diff / scale:.1e} relative), greedy tokens equal: {onnx_greedy == greedy}")  # fmt: skip
+    print(
+        f"ONNX: exported in {exported_in:.0f} s, {size:.0f} MiB, max logit diff vs PyTorch {diff:.2e} (logits up "
+        f"to {scale:.1f}: {diff / scale:.1e} relative), greedy tokens equal: {onnx_greedy == greedy}"
+    )
     assert diff < 1e-5 * scale  # measured 1.8e-6 relative (7.1e-5 on logits up to ~40); a wrong graph is off by > 1
     if onnx_greedy != greedy:  # thread counts reorder float sums: allowed to flip only where two tokens tie
         same = [a == b for a, b in zip(onnx_greedy, greedy, strict=False)]

@@ -33,10 +33,21 @@ MODEL = "smollm2-135m-instruct"
 PAIRS = 6  # -> 12 unpaired rows
 BATCH = 4
 # LoRA on the top 8 of SmolLM2's 30 blocks, as the other real preference runs: backward stops there
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
-        "target_modules": [f"layers.{i}.{p}" for i in range(22, 30) for p in PROJECTIONS]}  # fmt: skip
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+LORA = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "target_modules": [f"layers.{i}.{p}" for i in range(22, 30) for p in PROJECTIONS],
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +85,23 @@ class RecordingKTO(KTO):
 
 def test_smollm2_kto_on_hh_rlhf_feedback(hh_unpaired, tmp_path):
     torch.manual_seed(0)
-    data = PreferenceDataModule(path=str(hh_unpaired), val_fraction=0.0, batch_size=BATCH, max_length=96, seed=0,
-                                cache=False)  # fmt: skip
+    data = PreferenceDataModule(
+        path=str(hh_unpaired), val_fraction=0.0, batch_size=BATCH, max_length=96, seed=0, cache=False
+    )
     optim = {"lr": 1e-3, "scheduler": "constant"}  # no warmup: every one of the few steps updates
     kto = RecordingKTO(MODEL, lora=LORA, beta=0.1, optim=optim, output_dir=str(tmp_path / "kto"))
     per_epoch = 2 * PAIRS // BATCH
-    trainer = L.Trainer(max_steps=2 * per_epoch, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        limit_val_batches=0, gradient_clip_val=1.0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2 * per_epoch,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
     started = time.perf_counter()
     trainer.fit(kto, data)
     elapsed = time.perf_counter() - started
@@ -93,9 +113,11 @@ def test_smollm2_kto_on_hh_rlhf_feedback(hh_unpaired, tmp_path):
     first_labels = torch.cat([lab for _, lab, _ in kto.records[:per_epoch]])
     desirable, undesirable = float(rewards[labels].mean()), float(rewards[~labels].mean())
     print(f"\nKTO losses: {[round(x, 4) for x in losses]} ({elapsed:.0f} s for {len(losses)} steps)")
-    print(f"rewards of the {len(data.train_set)} training rows, epoch 1 (unseen): desirable "
-          f"{float(first[first_labels].mean()):.4f}, undesirable {float(first[~first_labels].mean()):.4f}; "
-          f"epoch 2: desirable {desirable:.4f}, undesirable {undesirable:.4f}")  # fmt: skip
+    print(
+        f"rewards of the {len(data.train_set)} training rows, epoch 1 (unseen): desirable "
+        f"{float(first[first_labels].mean()):.4f}, undesirable {float(first[~first_labels].mean()):.4f}; "
+        f"epoch 2: desirable {desirable:.4f}, undesirable {undesirable:.4f}"
+    )
     assert len(data.train_set) == 2 * PAIRS and len(labels) == 2 * PAIRS and int(labels.sum()) == PAIRS
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] == pytest.approx(0.5, abs=1e-4)  # a fresh adapter is exactly its reference

@@ -28,8 +28,15 @@ HH = REPO.parent / "shared" / "data" / "hh_rlhf_harmless_sample.jsonl"
 MODEL = "smollm2-135m-instruct"
 # LoRA on the top 8 of SmolLM2's 30 blocks: backward then stops there, which keeps these runs within CI's CPU budget
 TOP_LAYERS = range(22, 30)
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 LORA = {
     "r": 16,
     "alpha": 32,
@@ -55,9 +62,15 @@ def real_inputs():
 def hh_data(batch_size: int) -> PreferenceDataModule:
     # row 87 of the sample has an empty chosen reply: dropped and counted, as a user would with --data.skip_invalid
     return PreferenceDataModule(
-        path=str(HH), val_fraction=50 / 299, limit=250, batch_size=batch_size, eval_batch_size=25,
-        max_length=MAX_LENGTH, skip_invalid=True, seed=0,
-    )  # fmt: skip
+        path=str(HH),
+        val_fraction=50 / 299,
+        limit=250,
+        batch_size=batch_size,
+        eval_batch_size=25,
+        max_length=MAX_LENGTH,
+        skip_invalid=True,
+        seed=0,
+    )
 
 
 class History(L.Callback):
@@ -75,10 +88,17 @@ class History(L.Callback):
 def run(module, data, tmp_path: Path, steps: int, **kwargs) -> History:
     history = History()
     options = dict(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[history], num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[history],
+        num_sanity_val_steps=0,
         gradient_clip_val=1.0,
-    )  # fmt: skip
+    )
     options.update(kwargs)
     L.Trainer(**options).fit(module, data)
     return history

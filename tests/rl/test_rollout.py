@@ -222,18 +222,21 @@ def test_update_scoring_never_builds_the_whole_logits(tiny, monkeypatch, share_p
     from rlft.rl.logps import token_logps
 
     model, tokenizer = tiny
-    rollout = collect_rollout(model, tokenizer, prompt_batch(tokenizer), RolloutSettings(max_new_tokens=8),
-                              group_size=2, score=False)  # fmt: skip
+    rollout = collect_rollout(
+        model, tokenizer, prompt_batch(tokenizer), RolloutSettings(max_new_tokens=8), group_size=2, score=False
+    )
     length = rollout.response_ids.shape[1]
     assert int(rollout.response_mask.sum()) > 24
-    expected = token_logps(model, rollout.input_ids, rollout.attention_mask, length, with_entropy=True,
-                           share_prompts=share_prompts)  # fmt: skip
+    expected = token_logps(
+        model, rollout.input_ids, rollout.attention_mask, length, with_entropy=True, share_prompts=share_prompts
+    )
     monkeypatch.setattr(rlft.logprobs, "MIN_CHUNK_ROWS", 4)
     monkeypatch.setattr(rlft.logprobs, "CHUNK_BYTES", 4 * 4 * model.config.vocab_size)  # 4 rows of fp32 logits
     seen = LargestVocabularyOutput(model.config.vocab_size)
     with seen:
-        logps, entropy, _ = token_logps(model, rollout.input_ids, rollout.attention_mask, length, with_entropy=True,
-                                        share_prompts=share_prompts)  # fmt: skip
+        logps, entropy, _ = token_logps(
+            model, rollout.input_ids, rollout.attention_mask, length, with_entropy=True, share_prompts=share_prompts
+        )
         (logps * rollout.response_mask).sum().backward()
     assert 0 < seen.rows <= 4
     torch.testing.assert_close(logps, expected[0], atol=1e-5, rtol=0)

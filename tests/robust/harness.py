@@ -34,8 +34,12 @@ class ForkServer:
         env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
 
     def _ask(self, request: dict) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")

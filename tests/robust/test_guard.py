@@ -30,9 +30,14 @@ class NaNAtStep(SFT):
 def _fit(tmp_path, module, guard):
     data = PreferenceDataModule("rlft/assets/sample_sft.jsonl", batch_size=4, max_length=128, val_fraction=0.0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[guard], default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[guard],
+        default_root_dir=tmp_path,
+    )
     module.hparams.output_dir = str(tmp_path / "hf_model")
     trainer.fit(module, data)
     return trainer
@@ -72,8 +77,14 @@ class PoisonWeights(L.Callback):
 def test_non_finite_weights_are_never_exported(tmp_path):
     module = SFT("tiny-llama", lora=LORA, optim={"lr": 1e-3})
     data = PreferenceDataModule("rlft/assets/sample_sft.jsonl", batch_size=4, max_length=128, val_fraction=0.0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[PoisonWeights(), NonFiniteGuard()])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[PoisonWeights(), NonFiniteGuard()],
+    )
     module.hparams.output_dir = str(tmp_path / "hf_model")
     with pytest.raises(NonFiniteError, match="non-finite weight"):
         trainer.fit(module, data)

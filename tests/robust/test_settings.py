@@ -19,11 +19,27 @@ SFT_DATA = str(REPO / "rlft/assets/sample_sft.jsonl")
 
 def _sft(root: Path, *extra: str) -> list[str]:
     return [
-        "fit", "-c", SFT, "--data.path", SFT_DATA, "--trainer.default_root_dir", str(root),
-        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2",
-        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-        "--model.init_args.output_dir", str(root / "hf_model"), *extra,
-    ]  # fmt: skip
+        "fit",
+        "-c",
+        SFT,
+        "--data.path",
+        SFT_DATA,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.init_args.output_dir",
+        str(root / "hf_model"),
+        *extra,
+    ]
 
 
 def _fails(argv: list[str], capsys) -> str:
@@ -57,8 +73,16 @@ def test_command_line_wins_over_the_checkpoint_and_exports_to_its_own_folder(tmp
     before = export.stat().st_mtime_ns
     ckpt = first / "checkpoints" / "last.ckpt"
     second = tmp_path / "second"
-    main([*_sft(second, "--ckpt_path", str(ckpt)), *constant, "--trainer.max_steps", "3",
-          "--model.init_args.optim.lr", "0.5"])  # fmt: skip
+    main(
+        [
+            *_sft(second, "--ckpt_path", str(ckpt)),
+            *constant,
+            "--trainer.max_steps",
+            "3",
+            "--model.init_args.optim.lr",
+            "0.5",
+        ]
+    )
     assert "optim.lr 0.5" in capsys.readouterr().err
     assert (second / "hf_model" / "adapter_model.safetensors").is_file()
     assert export.stat().st_mtime_ns == before  # the first run's export is untouched
@@ -139,20 +163,41 @@ def test_bad_settings_are_one_line_without_traceback(tmp_path, capsys, extra, ex
 
 def test_bad_method_settings_and_data_errors_name_the_problem(tmp_path, capsys):
     dpo = str(REPO / "configs/dpo/tiny.yaml")
-    base = ["fit", "-c", dpo, "--data.path", str(REPO / "rlft/assets/sample_pairs.jsonl"),
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-            "--model.init_args.output_dir", str(tmp_path / "dpo_out")]  # fmt: skip
+    base = [
+        "fit",
+        "-c",
+        dpo,
+        "--data.path",
+        str(REPO / "rlft/assets/sample_pairs.jsonl"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--model.init_args.output_dir",
+        str(tmp_path / "dpo_out"),
+    ]
     assert "beta must be > 0, got -1.0" in _fails([*base, "--model.init_args.beta", "-1"], capsys)
     assert "unknown loss_type 'nope'" in _fails([*base, "--model.init_args.loss_type", "nope"], capsys)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert f"{empty}: no rows" in _fails([*base, "--data.val_path", str(empty)], capsys)
-    grpo = ["fit", "-c", str(REPO / "configs/grpo/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
-            "--model.init_args.output_dir", str(tmp_path / "grpo_out")]  # fmt: skip
+    grpo = [
+        "fit",
+        "-c",
+        str(REPO / "configs/grpo/tiny.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--model.init_args.output_dir",
+        str(tmp_path / "grpo_out"),
+    ]
     assert "group_size=1 is too small: must be >= 2" in _fails([*grpo, "--model.init_args.group_size", "1"], capsys)
     ppo = ["fit", "-c", PPO, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
-    ppo += ["--data.path", str(REPO / "rlft/assets/sample_prompts.jsonl"), "--model.init_args.output_dir",
-            str(tmp_path / "ppo_out")]  # fmt: skip
+    ppo += [
+        "--data.path",
+        str(REPO / "rlft/assets/sample_prompts.jsonl"),
+        "--model.init_args.output_dir",
+        str(tmp_path / "ppo_out"),
+    ]
     assert "data.packing: true is not possible for prompts" in _fails([*ppo, "--data.packing", "true"], capsys)
 
 

@@ -31,9 +31,14 @@ def _fit(tmp_path, lr: float, guard: NonFiniteGuard, steps: int) -> tuple[SFT, L
     data = PreferenceDataModule("rlft/assets/sample_sft.jsonl", batch_size=4, max_length=128, val_fraction=0.0)
     losses = LossLog()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[guard, losses], default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[guard, losses],
+        default_root_dir=tmp_path,
+    )
     try:
         trainer.fit(module, data)
     finally:

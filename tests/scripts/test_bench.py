@@ -34,8 +34,17 @@ DATA = {
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "dpo", "rm"])
 def test_bench_runs_rlft_and_trl_on_identical_work(capsys, mode):
-    cfg = BenchConfig(mode=mode, model="tiny-llama", data=DATA[mode], steps=3, warmup=1, repeats=1,
-                      rlft_variants=["default"], trl_variants=["nogc"], max_length=128)  # fmt: skip
+    cfg = BenchConfig(
+        mode=mode,
+        model="tiny-llama",
+        data=DATA[mode],
+        steps=3,
+        warmup=1,
+        repeats=1,
+        rlft_variants=["default"],
+        trl_variants=["nogc"],
+        max_length=128,
+    )
     results = run(cfg)
     by_framework = {r["framework"]: r for r in results}
     assert by_framework["rlft"]["step0_loss"] == pytest.approx(by_framework["trl"]["step0_loss"], rel=1e-4)
@@ -46,8 +55,9 @@ def test_bench_runs_rlft_and_trl_on_identical_work(capsys, mode):
 
 @pytest.mark.slow
 def test_grpo_bench_gives_both_frameworks_the_same_rollouts_to_make(capsys):
-    cfg = BenchConfig(mode="grpo", model="tiny-llama", steps=3, warmup=1, repeats=1, max_new_tokens=6,
-                      trl_variants=["nogc"])  # fmt: skip
+    cfg = BenchConfig(
+        mode="grpo", model="tiny-llama", steps=3, warmup=1, repeats=1, max_new_tokens=6, trl_variants=["nogc"]
+    )
     assert cfg.rlft_variants == ["default"] and cfg.beta == 0.04 and cfg.lr == 2e-4  # the online defaults
     results = run(cfg)
     assert {r["framework"] for r in results} == {"rlft", "trl"}
@@ -63,8 +73,17 @@ def test_grpo_bench_gives_both_frameworks_the_same_rollouts_to_make(capsys):
 @pytest.mark.slow
 def test_rlft_alone_is_summarised_against_its_first_run_and_the_seed_picks_the_samples(capsys):
     def rollouts(seed: int) -> list[tuple[list, list]]:
-        cfg = BenchConfig(mode="grpo", model="tiny-llama", steps=2, warmup=1, repeats=2, max_new_tokens=6,
-                          trl_variants=[], rlft_variants=["sgc"], seed=seed)  # fmt: skip
+        cfg = BenchConfig(
+            mode="grpo",
+            model="tiny-llama",
+            steps=2,
+            warmup=1,
+            repeats=2,
+            max_new_tokens=6,
+            trl_variants=[],
+            rlft_variants=["sgc"],
+            seed=seed,
+        )
         return [(r["response_tokens"], r["rewards"]) for r in run(cfg)]
 
     first, again = rollouts(1)
@@ -77,8 +96,13 @@ def test_rlft_alone_is_summarised_against_its_first_run_and_the_seed_picks_the_s
 def test_the_script_runs_from_the_checkout_and_rlft_no_longer_ships_it(repo_root):
     import subprocess
 
-    result = subprocess.run([sys.executable, "scripts/bench/run.py", "--help"], cwd=repo_root, capture_output=True,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/bench/run.py", "--help"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--rlft_variants" in result.stdout and "python scripts/bench/run.py --mode" in result.stdout
     assert importlib.util.find_spec("rlft.cli.bench") is None
@@ -128,8 +152,12 @@ expected, _ = Rewards(REWARDS)([[{"role": "user", "content": r["prompt"]}] for r
 print(scores.tolist(), [float(v) for v in expected])
 assert scores.tolist() == [float(v) for v in expected] == [1.5, 0.0], scores
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TRL_PPO), str(BENCH)]), "HF_HUB_OFFLINE": "1",
-           "TRL_EXPERIMENTAL_SILENCE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TRL_PPO), str(BENCH)]),
+        "HF_HUB_OFFLINE": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -137,8 +165,17 @@ assert scores.tolist() == [float(v) for v in expected] == [1.5, 0.0], scores
 @pytest.mark.slow
 @needs_trl_ppo
 def test_ppo_bench_runs_trl_ppo_and_rlft_on_the_same_rollouts(capsys):
-    cfg = BenchConfig(mode="ppo", model="tiny-llama", steps=3, warmup=1, repeats=1, max_new_tokens=6, ppo_epochs=2,
-                      trl_variants=["nogc", "loracritic+nogc"], rlft_variants=["default", "critic"])  # fmt: skip
+    cfg = BenchConfig(
+        mode="ppo",
+        model="tiny-llama",
+        steps=3,
+        warmup=1,
+        repeats=1,
+        max_new_tokens=6,
+        ppo_epochs=2,
+        trl_variants=["nogc", "loracritic+nogc"],
+        rlft_variants=["default", "critic"],
+    )
     assert cfg.beta == 0.05 and cfg.trl_path == str(TRL_PPO)
     results = run(cfg)
     assert {(r["framework"], r["variant"]) for r in results} == {

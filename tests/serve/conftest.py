@@ -31,10 +31,25 @@ class Server:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"rlft-serve-{self.port}.log", "w+")  # noqa: SIM115
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rlft", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", "cpu", *args],
-            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "rlft",
+                "serve",
+                model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+                *args,
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -74,8 +89,15 @@ def served_adapter(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("served")
     data = folder / "judge.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: rate this answer {'x ' * (i % 7)}"},
-                          {"role": "assistant", "content": "Score: 4"}]} for i in range(64)]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}: rate this answer {'x ' * (i % 7)}"},
+                {"role": "assistant", "content": "Score: 4"},
+            ]
+        }
+        for i in range(64)
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     adapter, _ = train_adapter("tiny-llama", folder, steps=40, lr=1e-2, batch_size=8, data=str(data))
     server = Server(str(adapter), "--served_model_name", "tiny-sft", "--batch_window_ms", "50")

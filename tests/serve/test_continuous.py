@@ -34,8 +34,16 @@ def reference(engine: ContinuousEngine, prompt, max_new_tokens: int) -> str:
     return generator.generate([prompt], SamplingSettings(max_new_tokens=max_new_tokens))[0][0]
 
 
-def join_while_running(engine: ContinuousEngine, first, second, *, after_tokens: int = 3, first_max: int = 24,
-                       second_max: int = 10, **settings):  # fmt: skip
+def join_while_running(
+    engine: ContinuousEngine,
+    first,
+    second,
+    *,
+    after_tokens: int = 3,
+    first_max: int = 24,
+    second_max: int = 10,
+    **settings,
+):
     """Submit ``first``; once it has streamed ``after_tokens`` deltas, submit ``second`` from inside the decode loop,
     so it joins the running batch. Returns both completions and whether ``second`` finished while ``first`` ran."""
     joined: list = []
@@ -49,8 +57,9 @@ def join_while_running(engine: ContinuousEngine, first, second, *, after_tokens:
             second_done_early.set()
 
     on_first_delta.count = 0
-    first_future = engine.submit([first], SamplingSettings(max_new_tokens=first_max, **settings),
-                                 on_delta=on_first_delta)  # fmt: skip
+    first_future = engine.submit(
+        [first], SamplingSettings(max_new_tokens=first_max, **settings), on_delta=on_first_delta
+    )
     first_result = first_future.result(timeout=120)
     return first_result, joined[0].result(timeout=120), second_done_early.is_set()
 
@@ -77,8 +86,9 @@ def test_a_request_joining_mid_generation_gets_exactly_its_solo_greedy_answer(fa
 
 def test_a_short_request_leaves_the_batch_and_is_answered_before_a_long_one_ends(engine):
     before = engine.stats()
-    _, short, answered_early = join_while_running(engine, LONG_QUESTION, QUESTION, first_max=40, second_max=3,
-                                                  after_tokens=2)  # fmt: skip
+    _, short, answered_early = join_while_running(
+        engine, LONG_QUESTION, QUESTION, first_max=40, second_max=3, after_tokens=2
+    )
     assert short.choices[0].finish_reason == "length" and short.choices[0].completion_tokens == 3
     assert answered_early
     after = engine.stats()
@@ -112,8 +122,9 @@ def test_streaming_stop_strings_and_greedy_n(engine):
     def on_delta(index: int, text: str) -> None:
         deltas[index] = deltas.get(index, "") + text
 
-    result = engine.submit(["The quick brown"], SamplingSettings(max_new_tokens=16, stop=[stop], num_samples=2),
-                           on_delta=on_delta).result(timeout=120)  # fmt: skip
+    result = engine.submit(
+        ["The quick brown"], SamplingSettings(max_new_tokens=16, stop=[stop], num_samples=2), on_delta=on_delta
+    ).result(timeout=120)
     for choice in result.choices:
         assert choice.text == free.text[: free.text.find(stop)] and choice.finish_reason == "stop"
         assert deltas[choice.index] == choice.text  # nothing past the stop string was streamed

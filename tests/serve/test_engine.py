@@ -68,8 +68,15 @@ def test_stop_strings_cut_the_text_and_end_with_stop(engine):
     assert free.finish_reason == "length" and len(free.text) > 4
     stop = free.text[2:4]
     deltas: list[str] = []
-    cut = engine.submit(["The quick brown"], SamplingSettings(max_new_tokens=16, stop=[stop]),
-                        on_delta=lambda i, t: deltas.append(t)).result(timeout=120).choices[0]  # fmt: skip
+    cut = (
+        engine.submit(
+            ["The quick brown"],
+            SamplingSettings(max_new_tokens=16, stop=[stop]),
+            on_delta=lambda i, t: deltas.append(t),
+        )
+        .result(timeout=120)
+        .choices[0]
+    )
     assert cut.text == free.text[: free.text.find(stop)] and stop not in cut.text
     assert cut.finish_reason == "stop" and "".join(deltas) == cut.text  # nothing past the stop was streamed
 

@@ -100,16 +100,18 @@ def test_a_body_over_the_cap_is_refused_before_it_is_parsed(server):
 def test_rows_beyond_the_batch_size_run_in_chunks_and_all_come_back(server):
     base, engine = server
     before = engine.stats()
-    reply = post(base, {"prompt": [f"Count to {i}" for i in range(8)], "n": 4, "max_tokens": 3, "temperature": 1.0,
-                        "seed": 5})  # fmt: skip
+    reply = post(
+        base, {"prompt": [f"Count to {i}" for i in range(8)], "n": 4, "max_tokens": 3, "temperature": 1.0, "seed": 5}
+    )
     assert reply.status_code == 200, reply.text
     choices = reply.json()["choices"]
     assert [c["index"] for c in choices] == list(range(32))
     after = engine.stats()
     assert after["peak_rows"] <= MAX_BATCH  # 32 rows, never more than 4 in the batch (and its KV cache) at once
     assert after["prefills"] - before["prefills"] >= 32 // MAX_BATCH
-    again = post(base, {"prompt": [f"Count to {i}" for i in range(8)], "n": 4, "max_tokens": 3, "temperature": 1.0,
-                        "seed": 5})  # fmt: skip
+    again = post(
+        base, {"prompt": [f"Count to {i}" for i in range(8)], "n": 4, "max_tokens": 3, "temperature": 1.0, "seed": 5}
+    )
     assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in choices]  # chunking keeps seeds exact
 
 
@@ -176,8 +178,11 @@ def test_the_windowed_engine_chunks_rows_and_stops_for_cancelled_requests(monkey
 
     monkeypatch.setattr(generator, "generate", recording)
     try:
-        wide = engine.submit([f"Count to {i}" for i in range(8)], SamplingSettings(max_new_tokens=2, temperature=1.0,
-                             num_samples=2), seed=1)  # fmt: skip
+        wide = engine.submit(
+            [f"Count to {i}" for i in range(8)],
+            SamplingSettings(max_new_tokens=2, temperature=1.0, num_samples=2),
+            seed=1,
+        )
         assert len(wide.result(timeout=120).choices) == 16
         assert seen == [MAX_BATCH // 2]  # 2 prompts x 2 samples = 4 rows per forward
         deltas: list[str] = []

@@ -50,8 +50,14 @@ def test_chat_answer_equals_rlft_generation_and_counts_tokens(client, local):
 
 def test_streamed_chat_adds_up_to_the_plain_answer(client):
     plain = client.chat.completions.create(model="tiny-sft", messages=QUESTION, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model="tiny-sft", messages=QUESTION, max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model="tiny-sft",
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage, chunks = [], None, None, 0
     for chunk in stream:
         chunks += 1
@@ -66,16 +72,24 @@ def test_streamed_chat_adds_up_to_the_plain_answer(client):
 
 
 def test_completions_with_n_seed_stop_and_several_prompts(client):
-    kwargs = dict(model="tiny-sft", prompt=["The quick brown", "Paris is"], max_tokens=12, temperature=0.9,
-                  top_p=0.95, n=2, seed=11)  # fmt: skip
+    kwargs = dict(
+        model="tiny-sft",
+        prompt=["The quick brown", "Paris is"],
+        max_tokens=12,
+        temperature=0.9,
+        top_p=0.95,
+        n=2,
+        seed=11,
+    )
     first = client.completions.create(**kwargs)
     assert [c.index for c in first.choices] == [0, 1, 2, 3]
     assert [c.text for c in client.completions.create(**kwargs).choices] == [c.text for c in first.choices]
     greedy = client.completions.create(model="tiny-sft", prompt="The quick brown", max_tokens=12, temperature=0)
     text = greedy.choices[0].text
     assert len(text) > 3
-    stopped = client.completions.create(model="tiny-sft", prompt="The quick brown", max_tokens=12, temperature=0,
-                                        stop=[text[1:3]])  # fmt: skip
+    stopped = client.completions.create(
+        model="tiny-sft", prompt="The quick brown", max_tokens=12, temperature=0, stop=[text[1:3]]
+    )
     assert stopped.choices[0].text == text[: text.find(text[1:3])] and stopped.choices[0].finish_reason == "stop"
 
 
@@ -86,8 +100,9 @@ def test_twenty_concurrent_clients_are_all_answered_in_shared_batches(client, se
 
     def ask(i: int) -> str:
         if i % 2:  # half of them stream
-            stream = client.chat.completions.create(model="tiny-sft", messages=QUESTION, max_tokens=12,
-                                                    temperature=0, stream=True)  # fmt: skip
+            stream = client.chat.completions.create(
+                model="tiny-sft", messages=QUESTION, max_tokens=12, temperature=0, stream=True
+            )
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         reply = client.chat.completions.create(model="tiny-sft", messages=QUESTION, max_tokens=12, temperature=0)
         return reply.choices[0].message.content
@@ -114,8 +129,11 @@ def test_bad_requests_get_clear_4xx_errors(client, served_adapter):
         client.chat.completions.create(model="tiny-sft", messages=QUESTION, n=0)
     with pytest.raises(openai.BadRequestError, match="at most 4"):
         client.completions.create(model="tiny-sft", prompt="x", stop=["a", "b", "c", "d", "e"])
-    broken = httpx.post(f"{server.base_url}/chat/completions", content=b'{"model": "tiny-sft", "messages": [',
-                        headers={"Content-Type": "application/json"})  # fmt: skip
+    broken = httpx.post(
+        f"{server.base_url}/chat/completions",
+        content=b'{"model": "tiny-sft", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
     missing = httpx.post(f"{server.base_url}/completions", json={"model": "tiny-sft"})
     assert missing.status_code == 400 and "prompt" in missing.json()["error"]["message"]
@@ -127,8 +145,25 @@ def test_rlft_eval_judge_uses_the_server_as_its_judge(served_adapter, tmp_path):
     server, adapter = served_adapter
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ("Name a colour.", "What is 2 + 2?")))
-    eval_main(["judge", str(adapter), str(prompts), "--api_base", server.base_url, "--api_model", "tiny-sft",
-               "--limit", "2", "--max_new_tokens", "8", "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
+    eval_main(
+        [
+            "judge",
+            str(adapter),
+            str(prompts),
+            "--api_base",
+            server.base_url,
+            "--api_model",
+            "tiny-sft",
+            "--limit",
+            "2",
+            "--max_new_tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     metrics = json.loads((tmp_path / "judge_pointwise.json").read_text())["metrics"]
     assert metrics["n"] == metrics["scored"] == 2 and metrics["unparseable"] == 0
     assert metrics["mean_score"] == 4.0  # the served model's verdict, parsed from its HTTP replies
@@ -140,8 +175,14 @@ def test_a_streaming_client_that_disconnects_stops_its_generation(served_adapter
     server, _ = served_adapter
     health = server.base_url.removesuffix("/v1") + "/health"
     before = httpx.get(health).json()
-    body = {"model": "tiny-sft", "prompt": "The quick brown", "max_tokens": 1500, "temperature": 1.0, "stream": True,
-            "seed": 3}  # fmt: skip
+    body = {
+        "model": "tiny-sft",
+        "prompt": "The quick brown",
+        "max_tokens": 1500,
+        "temperature": 1.0,
+        "stream": True,
+        "seed": 3,
+    }
     with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):

@@ -9,8 +9,16 @@ import pytest
 import yaml
 
 # a trial of the tiny configs in a few seconds: 8 steps, validation at 4 and 8, nothing printed per step
-TINY = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]  # fmt: skip
+TINY = [
+    "--trainer.max_steps",
+    "8",
+    "--trainer.val_check_interval",
+    "4",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)

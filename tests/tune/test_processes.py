@@ -20,8 +20,20 @@ LR = "model.init_args.optim.lr"
 
 
 def _command(out: Path, search: str, tiny: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rlft", "tune", "-c", "configs/sft/tiny.yaml", "--search", search,
-            "--out", str(out), *tiny, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "rlft",
+        "tune",
+        "-c",
+        "configs/sft/tiny.yaml",
+        "--search",
+        search,
+        "--out",
+        str(out),
+        *tiny,
+        *extra,
+    ]
 
 
 def _env(repo_root: Path) -> dict:

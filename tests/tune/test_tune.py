@@ -59,8 +59,12 @@ def test_study_beats_a_bad_default_and_best_config_reruns_to_the_same_metric(
 @pytest.mark.slow
 def test_pruning_stops_a_diverging_trial(tmp_path, write_search, tiny):
     out = tmp_path / "prune"
-    search = write_search({"params": {LR: {"log_uniform": [1.0e-4, 100.0]}},
-                           "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}})  # fmt: skip
+    search = write_search(
+        {
+            "params": {LR: {"log_uniform": [1.0e-4, 100.0]}},
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        }
+    )
     study = optuna.create_study(study_name=out.name, storage=f"sqlite:///{out.mkdir() or out / 'study.db'}")
     study.enqueue_trial({LR: 3.0e-3})
     study.enqueue_trial({LR: 100.0})  # diverges: its first validation is far above the median

@@ -89,8 +89,16 @@ def _runs(save_dir: Path) -> list[dict]:
     return [read_offline_run(f) for f in sorted((save_dir / "wandb").glob("offline-run-*"))]
 
 
-FAST = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]  # fmt: skip
+FAST = [
+    "--trainer.max_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -104,11 +112,30 @@ def _offline(monkeypatch):
 @pytest.mark.slow
 def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
     wb = "--trainer.logger.init_args."
-    rlft_main(["fit", "-c", "configs/dpo/tiny.yaml", "-c", "configs/logger/wandb.yaml", *FAST,
-               f"{wb}project", "rlft-test", f"{wb}name", "dpo-tiny-offline", f"{wb}save_dir", str(tmp_path),
-               f"{wb}log_model", "true", "--trainer.default_root_dir", str(tmp_path),
-               "--model.init_args.output_dir", str(tmp_path / "hf_model"),
-               "--model.init_args.beta", "0.3"])  # fmt: skip
+    rlft_main(
+        [
+            "fit",
+            "-c",
+            "configs/dpo/tiny.yaml",
+            "-c",
+            "configs/logger/wandb.yaml",
+            *FAST,
+            f"{wb}project",
+            "rlft-test",
+            f"{wb}name",
+            "dpo-tiny-offline",
+            f"{wb}save_dir",
+            str(tmp_path),
+            f"{wb}log_model",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.init_args.output_dir",
+            str(tmp_path / "hf_model"),
+            "--model.init_args.beta",
+            "0.3",
+        ]
+    )
     wandb.finish()  # flushes the run file, as the end of an `rlft fit` process does
     (run,) = _runs(tmp_path)
     assert run["run"]["project"] == "rlft-test" and run["run"]["name"] == "dpo-tiny-offline"
@@ -127,8 +154,21 @@ def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
 def test_tune_logs_each_trial_as_a_run_of_one_group(tmp_path, write_search):
     out = tmp_path / "wandb-study"
     search = write_search({"params": {"model.init_args.optim.lr": {"choices": [1.0e-3, 3.0e-3]}}, "pruner": "none"})
-    tune(["-c", "configs/sft/tiny.yaml", "-c", "configs/logger/wandb.yaml", "--search", search, "--trials", "2",
-          "--out", str(out), *FAST])  # fmt: skip
+    tune(
+        [
+            "-c",
+            "configs/sft/tiny.yaml",
+            "-c",
+            "configs/logger/wandb.yaml",
+            "--search",
+            search,
+            "--trials",
+            "2",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
     runs = [run for trial in sorted(out.glob("trial_*")) for run in _runs(trial)]
     assert len(runs) == 2
     assert {r["run"]["group"] for r in runs} == {"wandb-study"}
