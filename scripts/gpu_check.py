@@ -106,6 +106,17 @@ def fit(config: str, overlay: str | None, out: Path, device: str, extra: list[st
     )
 
 
+def _logged(folder: Path, name: str) -> list[float]:
+    """Every value of ``name`` in the CSV metrics under ``folder``."""
+    import csv
+
+    values = []
+    for path in folder.glob("**/metrics.csv"):
+        with open(path) as f:
+            values += [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "gpu_report")
@@ -188,19 +199,35 @@ def main() -> None:
     else:
         checks["qlora_4bit"] = no_gpu
 
-    # 4. ZeRO-2, ZeRO-3, FSDP2 on one device, then the exported adapter reloads with plain peft
+    # 3b. fp16 mixed precision (loss scaling; CUDA only)
+    if cuda:
+        fp16 = ["--trainer.precision", "16-mixed", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"]
+        checks["fp16_sft"] = run(fit(str(REPO / "configs/sft/tiny.yaml"), None, args.out / "fp16", device, fp16), 120)
+    else:
+        checks["fp16_sft"] = no_gpu
+
+    # 4. ZeRO-2, ZeRO-3, FSDP2 on one device with an evaluation callback (the composition that hung under sharding),
+    # then the exported adapter reloads with plain peft
     for name, overlay in (("zero2", "deepspeed_zero2"), ("zero3", "deepspeed_zero3"), ("fsdp", "fsdp")):
         out = args.out / name
+        callback = ["--trainer.callbacks+=rlft.callbacks.PerplexityCallback", "--trainer.callbacks.data",
+                    str(REPO / "rlft/assets/sample_sft.jsonl"), "--trainer.callbacks.limit", "4",
+                    "--trainer.callbacks.every_n_steps", "2", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                    "--trainer.logger.init_args.save_dir", str(out)]  # fmt: skip
         result = run(
             fit(
                 str(REPO / "configs/sft/tiny.yaml"),
                 str(REPO / f"configs/trainer/{overlay}.yaml"),
                 out,
                 device,
-                ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0"],
+                ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", *callback],
             ),
             240,
         )
+        if result["status"] == "ok":
+            result["eval_perplexity"] = _logged(out, "eval/perplexity")
+            if not result["eval_perplexity"]:
+                result = {**result, "status": "failed", "error": "no eval/perplexity logged by the callback"}
         if result["status"] == "ok":
             result["round_trip"] = run(
                 [sys.executable, "-c", ROUND_TRIP_SNIPPET, "tiny-llama", str(out / "hf_model")], 60
