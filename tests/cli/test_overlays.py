@@ -15,7 +15,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-METHODS = sorted(p.parent.name for p in (REPO / "configs").glob("*/tiny.yaml"))
+# every method's tiny config (a pipeline's tiny.yaml is not a `rlft fit` config)
+METHODS = sorted(p.parent.name for p in (REPO / "configs").glob("*/tiny.yaml") if "\nmodel:" in p.read_text())
 OVERLAYS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
 
 
