@@ -46,7 +46,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         IsADirectoryError,
         ConnectionError,
     ]
-    for name in ("rlft.callbacks.guard:NonFiniteError",):
+    # Lightning's own refusals of a trainer setting (e.g. `accelerator: gpu` on a machine without one)
+    for name in (
+        "rlft.callbacks.guard:NonFiniteError",
+        "lightning.fabric.utilities.exceptions:MisconfigurationException",
+    ):
         module, attr = name.split(":")
         if module in sys.modules and hasattr(sys.modules[module], attr):
             types.append(getattr(sys.modules[module], attr))
