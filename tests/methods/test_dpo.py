@@ -212,7 +212,7 @@ def test_precomputed_reference_is_cached_and_reused_on_resume_and_across_epochs(
     assert len(stored["logps"]) == 16 + 3  # every train and validation pair
     # the cached values are the adapter-disabled base's log-probs
     batch = pairs_batch("tiny-llama", n=16)
-    keys = __import__("rlft.methods.dpo", fromlist=["batch_keys"]).batch_keys(batch)
+    keys = __import__("rlft.models.scoring", fromlist=["batch_keys"]).batch_keys(batch)
     cached = torch.tensor([stored["logps"][k][:2] for k in keys if k in stored["logps"]])  # (sums, token counts)
     expected = torch.stack(reference_logps_by_hand(load_model("tiny-llama"), batch), -1)
     known = [i for i, k in enumerate(keys) if k in stored["logps"]]
