@@ -151,7 +151,8 @@ def test_tiny_config_runs_through_the_cli(tmp_path, method):
         ]
     )
     assert cli.trainer.global_step == 2
-    assert (out / "adapter_config.json").exists()
+    # a reward model ships merged as a sequence classifier (its trained head as `score`); the others as adapters
+    assert (out / ("reward_config.json" if method == "rm" else "adapter_config.json")).exists()
     assert "val/loss" in cli.trainer.callback_metrics
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
