@@ -61,10 +61,29 @@ def is_sharded(module: torch.nn.Module) -> bool:
     )
 
 
+_GATHERED: set[int] = set()  # modules inside full_weights now
+
+
 @contextlib.contextmanager
 def full_weights(module: torch.nn.Module) -> Iterator[None]:
     """Inside, every parameter of ``module`` holds its full value on every rank and forwards run without
-    collectives; outside, the sharding is as before. Weights changed inside are not written back."""
+    collectives; outside, the sharding is as before. Weights changed inside are not written back.
+
+    Re-entrant: a nested call for a module already gathered is a no-op (ZeRO-3 refuses overlapping gathers, and a
+    hook such as PPO's rollout gathers once around the core's sampling, which gathers too)."""
+    if id(module) in _GATHERED:
+        yield
+        return
+    _GATHERED.add(id(module))
+    try:
+        with _gathered(module):
+            yield
+    finally:
+        _GATHERED.discard(id(module))
+
+
+@contextlib.contextmanager
+def _gathered(module: torch.nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     engine = _zero3_engine(module)
