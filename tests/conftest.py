@@ -20,6 +20,20 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
+def _no_rendezvous_left_behind():
+    """An in-process distributed Trainer (FSDP2 or DDP with one device) leaves MASTER_PORT, WORLD_SIZE ... in
+    os.environ: the subprocesses of later tests would join that dead rendezvous (EADDRINUSE)."""
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
 def _nothing_written_into_the_checkout():
     """A run without an output folder exports to ``<cwd>/hf_model`` (the repo root under pytest): the test that does
     so fails by name instead of leaving a folder that the next run's checks trip over."""

@@ -38,7 +38,7 @@ SKIPPED_LINES: dict[str, str] = {
     "rlft fit -c runs/tune-sft/best.yaml": "best.yaml is written by the `rlft tune` run "
     "on the line above it (docs/tuning.md)",
 }
-CHILD_TIMEOUT_S = 120
+CHILD_TIMEOUT_S = 300  # a block that trains a tiny model, on a loaded 2-core machine
 
 
 @dataclass

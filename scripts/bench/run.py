@@ -164,9 +164,14 @@ def _worker(argv: list[str]) -> None:
     print("RLFT_BENCH " + json.dumps({"framework": framework, "variant": variant, **result}), flush=True)
 
 
+# a launcher's (or an in-process Lightning run's) rendezvous settings would make a worker join a process group
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                   "GROUP_RANK")  # fmt: skip
+
+
 def _launch(framework: str, variant: str, cfg: BenchConfig) -> dict:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV},
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_MODE": "disabled",
