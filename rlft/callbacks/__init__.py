@@ -10,7 +10,6 @@ from rlft.callbacks.evaluation import (
     RewardAccuracyCallback,
     RougeCallback,
     SampleGenerationsCallback,
-    WinRateCallback,
 )
 from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard
 from rlft.callbacks.logger import CSVLogger
@@ -18,6 +17,7 @@ from rlft.callbacks.memory import MemoryReport
 from rlft.callbacks.monitors import RunMonitor
 from rlft.callbacks.resume import ResumeLogContinuity
 from rlft.callbacks.shutdown import GracefulShutdown
+from rlft.callbacks.win_rate import WinRateCallback
 
 __all__ = [
     "CSVLogger",
