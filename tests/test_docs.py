@@ -7,9 +7,8 @@
   other subcommand with ``--help`` appended (both must exit 0);
 * every ``configs/...yaml`` path the docs mention exists, and every relative link of the README resolves.
 
-The CLI lines and the executed blocks each run in their own process, forked from this one after rlft's CLI has been
-imported once (a fresh interpreter per line would spend most of its time importing torch and Lightning), two at a
-time.
+The CLI lines and the executed blocks each run in their own process, forked from a fork server that imported rlft's
+CLI once (a fresh interpreter per line would spend most of its time importing torch and Lightning), two at a time.
 """
 
 from __future__ import annotations
@@ -103,15 +102,17 @@ PARALLEL = 2  # forked children at a time
 
 @pytest.fixture(scope="module")
 def fork():
-    """Run functions in processes forked from this one (rlft's CLI imported first, the research package on the path):
+    """Run functions in processes forked from a fork server that imported rlft's CLI (the heavy imports: torch,
+    Lightning, transformers, jsonargparse) once, the research package on the path:
     ``fork({key: (function, *args)}) -> {key: (exit code, output)}``, ``PARALLEL`` at a time."""
-    import rlft.cli
-    import rlft.cli.fit  # noqa: F401  (the heavy imports: torch, Lightning, transformers, jsonargparse)
-    import rlft.methods  # noqa: F401
-
     package = str(REPO / "tests" / "methods")  # the research package the docs' `--model` lines name
     sys.path.insert(0, package)
-    context = multiprocessing.get_context("fork")
+    # Not a plain fork of this process: after the suite's earlier tests ran here, its OpenMP thread pool may
+    # not survive a fork, nor does a lock another thread (a server, a tokenizer pool) held at that moment: CI saw a
+    # 6-line loss block hang for 300 s.
+    # A fork server is a fresh process that imports the heavy modules once and forks children before any op ran.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["rlft.cli", "rlft.cli.fit", "rlft.methods"])
 
     def run(jobs: dict) -> dict:
         results, pending, running = {}, list(jobs.items()), []

@@ -68,19 +68,31 @@ def _wait_for(process: subprocess.Popen, log: Path, text: str, timeout: float = 
         time.sleep(0.5)
 
 
-def _ends_within(process: subprocess.Popen, seconds: float) -> tuple[int, float]:
-    family = [process.pid] + [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
+def _ends_within(process: subprocess.Popen, seconds: float, linger: float = 30) -> tuple[int, float]:
+    """Wait for the launcher, then give the other ranks ``linger`` seconds to follow it; any rank still alive after
+    that outlived the run (a leak). Everything is SIGKILLed afterwards, whatever was found."""
+    family = [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True)
     started = time.monotonic()
     try:
         code = process.wait(timeout=seconds)
+        elapsed = time.monotonic() - started
+        _, alive = psutil.wait_procs(family[1:], timeout=linger)
+        leftovers = [p.pid for p in alive if _running(p)]
     finally:
-        for pid in family:  # nothing may outlive the test, whatever it found
-            if psutil.pid_exists(pid):
-                os.kill(pid, signal.SIGKILL)
-    elapsed = time.monotonic() - started
-    leftovers = [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not leftovers, f"ranks still running: {leftovers}"
+        for member in family:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert not leftovers, f"ranks still running {linger:.0f} s after the launcher exited: {leftovers}"
     return code, elapsed
+
+
+def _running(member: psutil.Process) -> bool:
+    try:
+        return member.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_rank_that_skips_a_collective_fails_the_run_with_rank_and_step(tmp_path):
