@@ -184,6 +184,7 @@ def gae(
     *,
     gamma: float = 1.0,
     lam: float = 0.95,
+    skip_gaps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2015, https://arxiv.org/abs/1506.02438) per token.
 
@@ -196,6 +197,9 @@ def gae(
         mask: ``[B, T]`` response mask, right-padded (ones then zeros in every row).
         gamma: discount factor.
         lam: GAE lambda.
+        skip_gaps: The mask may have zeros between ones (a multi-turn trajectory: the environment's tokens between
+            the model's turns). Those positions are not time steps: the model's tokens are packed to the left, GAE
+            runs over them as one sequence, and the results go back to their positions (0 in the gaps).
 
     Returns:
         ``(advantages, returns)``, both ``[B, T]`` and 0 on padding. Advantages are not whitened; apply
@@ -208,6 +212,13 @@ def gae(
     if rewards.dim() != 2:
         raise ValueError(f"gae expects [batch, time] tensors, got shape {tuple(rewards.shape)}")
     mask = mask.to(rewards.dtype)
+    if skip_gaps:
+        order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices  # model tokens first, in order
+        packed = [t.gather(1, order) for t in (rewards, values, mask)]
+        advantages, returns = gae(*packed, gamma=gamma, lam=lam)
+        return torch.zeros_like(rewards).scatter(1, order, advantages), torch.zeros_like(rewards).scatter(
+            1, order, returns
+        )
     if (mask[:, 1:] > mask[:, :-1]).any():
         raise ValueError("gae needs right-padded responses: every mask row must be ones followed by zeros")
     rewards, values = rewards * mask, values * mask

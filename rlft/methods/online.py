@@ -40,6 +40,7 @@ from rlft.outputs import LossOutput
 from rlft.registry import resolve
 from rlft.rl.kl import KLSettings
 from rlft.rl.logps import token_logps
+from rlft.rl.multiturn import AgentSettings, agent_metrics, collect_agent_rollout
 from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
 from rlft.rl_losses import LOSS_AGGREGATIONS, aggregate_tokens, ppo_policy_loss
@@ -79,6 +80,9 @@ class OnlineRL(RLFTModule):
             folder (e.g. an SFT result), a frozen copy of that adapter; a frozen copy of the policy when training
             all weights.
         max_grad_norm: Gradient clipping norm (``null`` disables).
+        agent: Multi-turn, tool-using rollouts (:class:`~rlft.rl.multiturn.AgentSettings`: ``tools`` or an
+            ``environment``, ``max_turns``, a token budget); the environment's reward is added to ``rewards`` (or is
+            the reward when no ``rewards`` are set). Default: one sampled reply per row.
     """
 
     data_kind = "prompts"
@@ -105,6 +109,7 @@ class OnlineRL(RLFTModule):
         missing_eos_penalty: float | None = None,
         ref_model: str | None = None,
         max_grad_norm: float | None = 1.0,
+        agent: AgentSettings | None = None,
         **kwargs,
     ) -> None:
         resolve(loss_aggregation, LOSS_AGGREGATIONS, "loss_aggregation")  # a typo fails here, not at step 1
@@ -123,10 +128,13 @@ class OnlineRL(RLFTModule):
         self.hparams["kl"] = asdict(self.kl_settings)  # what ran, the method's defaults resolved
         self.kl_coef = self.kl_settings.coef
         self.rewards = Rewards(rewards) if rewards else None
+        self.agent = AgentSettings(**agent) if isinstance(agent, dict) else agent
         self.reference_model = None
 
     def on_model_built(self) -> None:
         super().on_model_built()
+        if self.agent is not None:
+            self.agent.factory(self.tokenizer)  # a bad tool or environment fails at start, not at the first rollout
         # log-prob ratios must compare the same network at rollout and update time
         disable_dropout(self.model)
         if self.needs_reference:
@@ -159,18 +167,17 @@ class OnlineRL(RLFTModule):
             rows = batch["prompt_input_ids"].shape[0] * self.samples_per_prompt
             several_updates = self.hparams.epochs > 1 or (self.hparams.minibatch_size or rows) < rows
             score = several_updates or (self.kl_coef != 0 and self.kl_settings.placement == "reward")
+        options = dict(
+            group_size=self.samples_per_prompt,
+            score=score,
+            reference=self.reference_model,
+            with_reference=self.needs_reference,
+            score_batch_size=self.hparams.micro_batch_size,
+        )
         with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
-            return collect_rollout(
-                self.model,
-                self.tokenizer,
-                batch,
-                self.sampling,
-                group_size=self.samples_per_prompt,
-                score=score,
-                reference=self.reference_model,
-                with_reference=self.needs_reference,
-                score_batch_size=self.hparams.micro_batch_size,
-            )
+            if self.agent is not None:
+                return collect_agent_rollout(self.model, self.tokenizer, batch, self.sampling, self.agent, **options)
+            return collect_rollout(self.model, self.tokenizer, batch, self.sampling, **options)
 
     def rollout(self, batch: dict) -> Rollout:
         """What is sampled for a prompts batch (override for another layout or extra per-row tensors)."""
@@ -179,13 +186,24 @@ class OnlineRL(RLFTModule):
     def reward(self, prompts: list, completions: list[str], **fields):
         """Score of each completion (``[N]``), optionally with named metrics to log: ``([N], {name: value})``.
 
-        The default sums the configured ``rewards``. ``fields`` holds the prompt records' extra fields plus
-        ``completion_ids`` (token ids of each completion, stop token included), ``completion_lengths``, ``step``
-        (the global step) and ``stage`` (``"train"`` or ``"validate"``).
+        The default sums the configured ``rewards`` and, in a multi-turn rollout, the environment's reward
+        (``env_reward``). ``fields`` holds the prompt records' extra fields plus ``completion_ids`` (token ids of the
+        model's tokens, stop tokens included), ``completion_lengths``, ``step`` (the global step) and ``stage``
+        (``"train"`` or ``"validate"``); a multi-turn rollout adds ``conversation``, ``turns``, ``tool_calls``,
+        ``invalid_tool_calls`` and ``env_reward``.
         """
+        environment = fields.get("env_reward")
         if self.rewards is None:
-            raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
-        return self.rewards(prompts, completions, fields)
+            if environment is None:
+                raise ValueError(
+                    f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()"
+                )
+            return torch.tensor(environment, dtype=torch.float32), {}
+        total, parts = self.rewards(prompts, completions, fields)
+        if environment is not None:
+            parts["environment"] = torch.tensor(environment, dtype=torch.float32)
+            total = total + parts["environment"]
+        return total, parts
 
     def shape_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """Scores the advantages are computed from; the default subtracts ``missing_eos_penalty`` from responses
@@ -223,7 +241,9 @@ class OnlineRL(RLFTModule):
         lengths = rollout.response_lengths.tolist()
         fields = {
             **rollout.fields,
-            "completion_ids": [ids[:n].tolist() for ids, n in zip(rollout.response_ids, lengths)],
+            "completion_ids": [
+                ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask)
+            ],
             "completion_lengths": lengths,
             "step": self.global_step,
             "stage": stage,
@@ -359,6 +379,7 @@ class OnlineRL(RLFTModule):
             "rollout_tokens_per_sec": torch.tensor(mask.sum().item() / max(rollout.generation_seconds, 1e-9)),
             "step_seconds": torch.tensor(time.perf_counter() - started),
             **{f"reward/{name}": torch.as_tensor(value).float().mean() for name, value in rollout.metrics.items()},
+            **{f"agent/{name}": value for name, value in agent_metrics(rollout.fields).items()},
         }
         if self.samples_per_prompt > 1:
             metrics["reward_std"] = rollout.rewards.view(-1, self.samples_per_prompt).std(-1).mean()

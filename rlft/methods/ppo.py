@@ -172,7 +172,9 @@ class PPO(OnlineRL):
         mask = rollout.response_mask.to(rewards.dtype)
         if hp.whiten_rewards and self.sum_over_processes(mask.sum()) > 1:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.sum_over_processes) * mask
-        advantages, rollout.returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
+        # a multi-turn trajectory: the environment's tokens between the model's turns are not time steps
+        gaps = rollout.env_mask is not None
+        advantages, rollout.returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam, skip_gaps=gaps)
         if self.sum_over_processes(mask.sum()) > 1:
             # the global batch's statistics, so N processes compute what one process would on the same batch
             advantages = masked_whiten(advantages, mask, all_reduce=self.sum_over_processes) * mask

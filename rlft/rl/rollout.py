@@ -43,9 +43,10 @@ class RolloutSettings:
         stop_token_ids: Extra token ids that end a response, besides EOS and the template's end-of-turn token.
         generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory; rounded down to
             whole groups of ``group_size``, at least one); default all.
-        backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA), ``hf`` (``model.generate``) or
+        backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA), ``hf`` (``model.generate``),
             ``vllm`` (a vLLM engine colocated on the training GPU, the current weights pushed before every rollout:
-            :mod:`rlft.generation.vllm`; needs vLLM and a CUDA GPU, one process or DDP).
+            :mod:`rlft.generation.vllm`; needs vLLM and a CUDA GPU, one process or DDP), or any backend registered
+            with :func:`rlft.generation.backends.register_sampler` or named as ``module:function``.
         merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
             weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
         decode_dtype: With ``backend: rlft``, sample from a copy of the policy in this dtype (e.g. ``bfloat16`` for
@@ -73,7 +74,7 @@ class RolloutSettings:
     top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     generation_batch_size: int | None = None
-    backend: Literal["rlft", "hf", "vllm"] = "rlft"
+    backend: str = "rlft"
     merge_adapter: bool = True
     decode_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     free_twin: bool | None = None
@@ -89,8 +90,7 @@ class RolloutSettings:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.backend not in ("rlft", "hf", "vllm"):
-            raise ValueError(f"backend must be 'rlft', 'hf' or 'vllm', got {self.backend!r}")
+        get_sampler(self.backend)  # a registered name or `module:function`; the error lists the registered ones
         if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
         if self.decode_dtype not in (None, "bfloat16", "float16", "float32"):
@@ -111,7 +111,8 @@ class Rollout:
         prompt_ids: ``[N, P]`` left-padded prompt tokens.
         prompt_mask: ``[N, P]`` 1 on real prompt tokens.
         response_ids: ``[N, R]`` sampled tokens, padded after the stop token.
-        response_mask: ``[N, R]`` 1 up to and including the stop token (right padding).
+        response_mask: ``[N, R]`` 1 on the model's own tokens: up to and including the stop token (right padding);
+            in a multi-turn rollout, every model turn (the trained tokens).
         completions: Decoded responses up to (not including) the stop token; other special tokens stay visible.
         prompts: The prompt of each row (message lists or strings), repeated per sample.
         fields: Extra record fields (e.g. ``answer``), one list entry per row.
@@ -127,6 +128,9 @@ class Rollout:
         returns: ``[N, R]`` value targets (PPO).
         kl: ``[N, R]`` per-token KL estimate to the reference at rollout time (when the KL is in the reward).
         metrics: Named scalars of the reward (per-source means and what reward functions report).
+        env_mask: ``[N, R]`` 1 on tokens the environment inserted between the model's turns (tool results, turn
+            headers) in a multi-turn rollout: attended to, never trained (``response_mask`` is 0 there). None for
+            single-turn rollouts.
     """
 
     prompt_ids: torch.Tensor
@@ -149,6 +153,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
+    env_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = self.response_ids.shape[0]
@@ -166,7 +171,9 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+        """Prompt, sampled and environment tokens (a multi-turn trajectory is one contiguous, right-padded span)."""
+        response = self.response_mask if self.env_mask is None else self.response_mask + self.env_mask
+        return torch.cat([self.prompt_mask, response.to(self.prompt_mask.dtype)], dim=1)
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -332,13 +339,39 @@ def collect_rollout(
         group_ids=torch.arange(unique_ids.shape[0], device=device).repeat_interleave(group_size),
     )
 
+    return score_rollout(
+        model,
+        rollout,
+        settings,
+        score=score,
+        reference=reference,
+        with_reference=with_reference,
+        score_batch_size=score_batch_size,
+        group_size=group_size,
+    )
+
+
+def score_rollout(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    settings: RolloutSettings,
+    *,
+    score: bool = True,
+    reference: torch.nn.Module | None = None,
+    with_reference: bool = False,
+    score_batch_size: int | None = None,
+    group_size: int = 1,
+) -> Rollout:
+    """Set ``rollout.logps`` (``score``) and ``rollout.ref_logps`` (``with_reference``): teacher-forced over the
+    tokens as sampled, in chunks of ``score_batch_size`` rows (rounded up to whole groups)."""
+
     def logps_under(network: torch.nn.Module) -> torch.Tensor:
         pieces = [
             token_logps(
                 network,
                 part.input_ids,
                 part.attention_mask,
-                response_ids.shape[1],
+                rollout.response_ids.shape[1],
                 temperature=settings.temperature,
                 share_prompts=settings.share_prompts,
             )[0]

@@ -1,0 +1,124 @@
+"""Environments for multi-turn online RL: what answers the model between its turns.
+
+An environment is one object per rollout row (a fresh one for every sampled trajectory)::
+
+    observation = env.reset(row)                 # row: the prompt record's fields (e.g. "answer", "tools")
+    result = env.step(action_text)               # the model's turn, decoded, stop token excluded
+    result.observation                           # messages appended before the model's next turn, or None
+    result.reward, result.done, result.info      # summed into the row's environment reward; done ends it
+
+``reset`` may return messages that replace the prompt (a task the environment draws itself) or ``None`` to keep the
+record's prompt. ``step``'s observation is a list of chat messages (``{"role": "tool" | "user", "content": ...}``)
+or a string, sent as one message of the environment's ``observation_role`` (default ``user``). An environment that
+shows tools to the model lists their OpenAI schemas in ``tools``.
+
+:class:`ToolEnvironment` is the one most runs need: the model calls tools (:mod:`rlft.rl.tools`) in the chat
+template's tool-call format (:mod:`rlft.data.tool_calls`), each call's result comes back as a ``tool`` message, and a
+turn without calls ends the episode (its text is the answer the rewards grade). Choose it from YAML with
+``agent: {tools: [calculator, python]}``, or name your own class with ``agent: {environment: my_pkg.envs:Maze}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from rlft.data.tool_calls import parse_tool_calls
+from rlft.registry import resolve
+from rlft.rl.tools import Tool, resolve_tools, run_tool_calls, tool_message
+
+
+@dataclass
+class StepResult:
+    """What the environment answers to one model turn."""
+
+    observation: list[dict] | str | None = None
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """The interface (see the module docs). ``tools``: OpenAI tool schemas shown to the model (may be empty)."""
+
+    tools: Sequence[dict]
+
+    def reset(self, row: Mapping[str, Any]) -> list[dict] | None: ...
+
+    def step(self, action: str) -> StepResult: ...
+
+
+class ToolEnvironment:
+    """The model calls tools until it answers without a call.
+
+    Args:
+        tools: The tools this environment offers (names, ``module:attr`` or :class:`~rlft.rl.tools.Tool`).
+        tool_call_format: How calls are written (:data:`rlft.data.tool_calls.TOOL_CALL_FORMATS`).
+        invalid_call_reward: Added to the environment reward for every call that cannot be read or run (e.g. a
+            small negative number to teach the format); 0 by default, so the task reward alone decides.
+
+    A row's ``tools`` field (a list of tool names) restricts the episode to those tools.
+    """
+
+    observation_role = "tool"
+
+    def __init__(
+        self, tools: Sequence[str | Tool], tool_call_format: str = "hermes", invalid_call_reward: float = 0.0
+    ) -> None:
+        self.available = {t.name: t for t in resolve_tools(tools)}
+        if not self.available:
+            raise ValueError("a ToolEnvironment needs at least one tool")
+        self.format, self.invalid_call_reward = tool_call_format, invalid_call_reward
+        self.offered: dict[str, Tool] = dict(self.available)
+
+    @property
+    def tools(self) -> list[dict]:
+        return [t.schema() for t in self.offered.values()]
+
+    def reset(self, row: Mapping[str, Any]) -> None:
+        wanted = row.get("tools")
+        if wanted:
+            unknown = [name for name in wanted if name not in self.available]
+            if unknown:
+                raise ValueError(
+                    f"the row asks for tools {unknown}, which the environment does not offer "
+                    f"(offered: {sorted(self.available)}); add them to `agent.tools`"
+                )
+            self.offered = {name: self.available[name] for name in wanted}
+        return None
+
+    def step(self, action: str) -> StepResult:
+        parsed = parse_tool_calls(action, self.format)
+        if not parsed.calls and not parsed.errors:  # an answer: the episode ends
+            return StepResult(done=True, info={"tool_calls": 0, "invalid_tool_calls": 0})
+        results = run_tool_calls(parsed.calls, self.offered)
+        messages = [tool_message(r) for r in results]
+        messages += [{"role": "tool", "name": "error", "content": f"error: {e}"} for e in parsed.errors]
+        invalid = len(parsed.errors) + sum(not r.ok for r in results)
+        return StepResult(
+            observation=messages,
+            reward=self.invalid_call_reward * invalid,
+            info={"tool_calls": len(parsed.calls) + len(parsed.errors), "invalid_tool_calls": invalid},
+        )
+
+
+def environment_factory(
+    environment: str | None, arguments: Mapping[str, Any], tools: Sequence[str], tool_call_format: str
+):
+    """A function that builds a fresh environment per row: the named class with ``arguments``, or a
+    :class:`ToolEnvironment` over ``tools``. Built once here, so a typo or a bad argument fails at start."""
+    if environment is not None:
+        if tools:
+            raise ValueError(
+                "set either `agent.environment` or `agent.tools`, not both (an environment owns its tools)"
+            )
+        cls = resolve(environment, {}, "environment")
+        cls(**arguments)  # fail now, not at the first rollout
+        return lambda: cls(**arguments)
+    if not tools:
+        raise ValueError("an agent needs `agent.tools` (e.g. [calculator]) or an `agent.environment` class")
+    args = {"tool_call_format": tool_call_format, **arguments}
+    ToolEnvironment(tools, **args)
+    return lambda: ToolEnvironment(tools, **args)
