@@ -11,12 +11,18 @@ silently leave the loss. Before rendering, every special-token string inside a c
 placeholder; after rendering, the text between the template's own special tokens is tokenized with the
 placeholders turned back into the literal and ``split_special_tokens=True`` (ordinary text tokens). Contents without
 such a literal are tokenized exactly as before.
+
+Tool use (assistant ``tool_calls``, ``tool`` results, a conversation's ``tools``) reaches the template through
+:func:`rlft.data.tool_messages.template_inputs`, the one rule SFT and ``rlft serve`` share; the calls are part of
+the assistant turn, so they are trained, and tool results are prompt text like user turns.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from rlft.data.tool_messages import template_inputs
 
 IGNORE_INDEX = -100
 
@@ -32,8 +38,18 @@ class Encoded:
     truncated: bool = False
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, extra: dict | None = None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(extra or {})
+    )
+
+
+def _for_template(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], dict]:
+    """The messages and extra template arguments that show tool calls and ``tools`` (unchanged without them)."""
+    try:
+        return template_inputs(tokenizer, messages, tools)
+    except ValueError as error:  # e.g. two calls in one turn for a model whose format holds one
+        raise TemplateError(f"the conversation's tool calls cannot be written for this model: {error}") from error
 
 
 # Private-use code points: no tokenizer treats them as special and no template rewrites them.
@@ -115,28 +131,32 @@ def _end_of_turn(span: str, specials: list[str]) -> int:
     return len(span.rstrip())
 
 
-def conversation_segments(tokenizer, messages: list[dict], train_on: str = "all") -> list[tuple[str, bool]]:
+def conversation_segments(
+    tokenizer, messages: list[dict], train_on: str = "all", tools: list[dict] | None = None
+) -> list[tuple[str, bool]]:
     """Split the rendered conversation into ``(text, is_trained)`` pieces whose concatenation is the full render.
 
     Args:
         train_on: ``"all"`` trains every assistant turn, ``"last"`` only the final one.
+        tools: JSON schemas of the tools the conversation may call, shown to the model.
     """
+    messages, extra = _for_template(tokenizer, messages, tools)
     literals = _Literals(tokenizer)
-    segments = _segments(tokenizer, literals.escape(messages), train_on, literals.specials)
+    segments = _segments(tokenizer, literals.escape(messages), train_on, literals.specials, extra)
     return [(literals.restore(text), is_trained) for text, is_trained in segments]
 
 
-def _segments(tokenizer, messages: list[dict], train_on: str, specials: list[str]) -> list[tuple[str, bool]]:
+def _segments(
+    tokenizer, messages: list[dict], train_on: str, specials: list[str], extra: dict
+) -> list[tuple[str, bool]]:
     """:func:`conversation_segments` of messages whose content literals are already escaped."""
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = set(assistant_turns if train_on == "all" else assistant_turns[-1:])
     segments: list[tuple[str, bool]] = []
     done = ""
     for i in assistant_turns:
-        prefix = (
-            _render(tokenizer, messages[:i], add_generation_prompt=True) if i else _generation_prompt_only(tokenizer)
-        )
-        upto = _render(tokenizer, messages[: i + 1])
+        prefix = _render(tokenizer, messages[:i], True, extra) if i else _generation_prompt_only(tokenizer, extra)
+        upto = _render(tokenizer, messages[: i + 1], extra=extra)
         if not prefix.startswith(done) or not upto.startswith(prefix) or upto == prefix:
             raise TemplateError(
                 "the chat template does not render conversations incrementally (turn "
@@ -147,16 +167,16 @@ def _segments(tokenizer, messages: list[dict], train_on: str, specials: list[str
         cut = _end_of_turn(span, specials)
         segments += [(prefix[len(done) :], False), (span[:cut], i in trained), (span[cut:], False)]
         done = upto
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, extra=extra)
     if not full.startswith(done):
         raise TemplateError("the chat template renders the full conversation differently from its turns")
     segments.append((full[len(done) :], False))
     return [(text, is_trained) for text, is_trained in segments if text]
 
 
-def _generation_prompt_only(tokenizer) -> str:
+def _generation_prompt_only(tokenizer, extra: dict) -> str:
     try:
-        return _render(tokenizer, [], add_generation_prompt=True)
+        return _render(tokenizer, [], True, extra)
     except Exception as error:  # noqa: BLE001 - some templates index messages[0]
         raise TemplateError("conversation starts with an assistant turn; the template needs a prompt") from error
 
@@ -165,22 +185,28 @@ def _tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_conversation(tokenizer, messages: list[dict], *, train_on: str = "all") -> Encoded:
-    """Token ids and labels of a whole conversation (no truncation)."""
+def encode_conversation(
+    tokenizer, messages: list[dict], *, train_on: str = "all", tools: list[dict] | None = None
+) -> Encoded:
+    """Token ids and labels of a whole conversation (no truncation), showing the model ``tools`` when given."""
+    messages, extra = _for_template(tokenizer, messages, tools)
     literals = _Literals(tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, is_trained in _segments(tokenizer, literals.escape(messages), train_on, literals.specials):
+    for text, is_trained in _segments(tokenizer, literals.escape(messages), train_on, literals.specials, extra):
         ids = literals.tokenize(text)
         input_ids += ids
         labels += ids if is_trained else [IGNORE_INDEX] * len(ids)
     return Encoded(input_ids, labels)
 
 
-def encode_prompt(tokenizer, prompt: list[dict], *, max_length: int | None = None) -> Encoded:
+def encode_prompt(
+    tokenizer, prompt: list[dict], *, max_length: int | None = None, tools: list[dict] | None = None
+) -> Encoded:
     """The prompt with the generation header, left-truncated to keep its end (what the model answers)."""
+    prompt, extra = _for_template(tokenizer, prompt, tools)
     literals = _Literals(tokenizer)
-    ids = literals.tokenize(_render(tokenizer, literals.escape(prompt), add_generation_prompt=True))
+    ids = literals.tokenize(_render(tokenizer, literals.escape(prompt), True, extra))
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids = ids[-max_length:]
@@ -203,9 +229,9 @@ def truncate(
     return prompt_ids[len(prompt_ids) - keep_prompt :], [r[:keep_response] for r in response], True
 
 
-def encode_sft(tokenizer, messages: list[dict], *, max_length: int) -> Encoded:
+def encode_sft(tokenizer, messages: list[dict], *, max_length: int, tools: list[dict] | None = None) -> Encoded:
     """A conversation trained on every assistant turn; too long -> keep the end of the prompt before the last turn."""
-    enc = encode_conversation(tokenizer, messages)
+    enc = encode_conversation(tokenizer, messages, tools=tools)
     if len(enc.input_ids) <= max_length:
         return enc
     last_turn = _last_trained_start(enc.labels)

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from rlft.data.errors import RecordError, describe_value
+from rlft.data.tool_messages import parse_tool_call_entries, refuse_tool_call_reply
 
 __all__ = [
     "Example",
@@ -30,7 +31,7 @@ __all__ = [
     "user_turn",
 ]
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES = {**ROLES, "human": "user", "gpt": "assistant", "chatgpt": "assistant"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -92,7 +93,9 @@ def parse_messages(value: object, where: str, *, sharegpt: bool = False) -> list
         where: Field name for errors.
         sharegpt: Accept ShareGPT roles (``human``, ``gpt``) and ``from``/``value`` keys.
 
-    Empty system messages are dropped (they carry nothing); empty user/assistant messages are errors.
+    Empty system messages are dropped (they carry nothing); empty user/assistant messages are errors. Tool use
+    (TRL's format) is kept: an assistant message's ``tool_calls`` (its content may then be empty), and ``tool``
+    messages with the tool's result (``name`` and ``tool_call_id`` kept when given).
     """
     if value is None:
         raise RecordError(where, "missing (or null); expected a list of messages", "missing field")
@@ -119,11 +122,44 @@ def parse_messages(value: object, where: str, *, sharegpt: bool = False) -> list
         content = message.get(content_key)
         if canonical == "system" and isinstance(content, str) and not content.strip():
             continue
-        reason = "empty response" if canonical == "assistant" else "empty field"
-        messages.append({"role": canonical, "content": _text(content, f"{where}[{index}].{content_key}", reason)})
+        at = f"{where}[{index}]"
+        if message.get("tool_calls") not in (None, []):  # Parquet/hub rows give every message the column
+            if canonical != "assistant":
+                raise RecordError(
+                    f"{at}.tool_calls", f"a '{canonical}' message cannot make tool calls", "invalid tool call"
+                )
+            calls = parse_tool_call_entries(message["tool_calls"], f"{at}.tool_calls")
+            text = optional_text(message, content_key, where=f"{at}.{content_key}")
+            messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+        elif canonical == "tool":
+            messages.append(_tool_result(message, content_key, at))
+        else:
+            reason = "empty response" if canonical == "assistant" else "empty field"
+            messages.append({"role": canonical, "content": _text(content, f"{at}.{content_key}", reason)})
     if not messages:
         raise RecordError(where, "has only empty system messages", "empty field")
     return messages
+
+
+def _tool_result(message: dict, content_key: str, at: str) -> dict:
+    """A ``tool`` message: its result text (an empty result is a result) and the optional name and call id."""
+    content = message.get(content_key)
+    if not isinstance(content, str):
+        found = "missing (or null)" if content is None else f"found {describe_value(content)}"
+        raise RecordError(
+            f"{at}.{content_key}",
+            f"{found}; expected the tool's result as a string (JSON text for structured results)",
+            "wrong type",
+        )
+    result = {"role": "tool", "content": content.strip()}
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise RecordError(
+                    f"{at}.{key}", f"expected a string, found {describe_value(message[key])}", "wrong type"
+                )
+            result[key] = message[key]
+    return result
 
 
 def parse_prompt(data: dict, key: str) -> list[dict]:
@@ -151,6 +187,7 @@ def parse_reply(data: dict, key: str) -> tuple[list[dict], str]:
     if not isinstance(value, list):
         return [], _text(value, key, "empty response")
     messages = parse_messages(value, key)
+    refuse_tool_call_reply(messages[-1], key)
     if messages[-1]["role"] != "assistant":
         raise RecordError(
             key,
@@ -251,20 +288,58 @@ def check_turn_order(messages: list[dict], where: str) -> None:
     fail with a bare template error); two user or two assistant turns in a row are rendered by some templates and
     refused by others (Mistral, Gemma). They are refused here, as invalid rows with the file and line, so
     ``skip_invalid`` can drop them, rather than silently merged: joining the turns would change what is trained.
+
+    Tool use follows OpenAI's order: an assistant turn with ``tool_calls`` is followed by one or more ``tool`` turns
+    (or ends the conversation: a row may teach the call alone), and tool turns by the assistant's next turn. A tool
+    turn whose ``tool_call_id`` names no call of the turn before it is refused: its result would answer nothing.
     """
-    turns = [(index, m["role"]) for index, m in enumerate(messages) if m["role"] != "system"]
-    if turns and turns[0][1] == "assistant":
+    turns = [(index, m) for index, m in enumerate(messages) if m["role"] != "system"]
+    if turns and turns[0][1]["role"] == "assistant":
         raise RecordError(
             where,
             "the conversation starts with an assistant turn (after any system message); a reply "
             "needs a user turn before it to answer",
             "assistant turn first",
         )
-    for (previous, role), (index, next_role) in zip(turns, turns[1:]):
-        if role == next_role:
+    call_ids: set[str] = set()
+    for position, (index, message) in enumerate(turns):
+        role, previous = message["role"], turns[position - 1][1] if position else None
+        if role == "tool":
+            calls = previous is not None and (previous["role"] == "tool" or previous.get("tool_calls"))
+            if not calls:
+                raise RecordError(
+                    where,
+                    f"turn {index + 1} is a 'tool' result (counting from 1, system included) without an assistant "
+                    "turn with tool_calls (or another tool result) right before it: nothing called the tool",
+                    "tool result without a call",
+                )
+            if previous.get("tool_calls"):
+                call_ids = {c["id"] for c in previous["tool_calls"] if c.get("id")}
+            if call_ids and message.get("tool_call_id") and message["tool_call_id"] not in call_ids:
+                raise RecordError(
+                    where,
+                    f"turn {index + 1} answers tool_call_id {message['tool_call_id']!r}, which no call of the "
+                    f"assistant turn before it has (its ids: {', '.join(sorted(call_ids))})",
+                    "tool result without a call",
+                )
+        elif previous is not None and previous.get("tool_calls"):
             raise RecordError(
                 where,
-                f"turns {previous + 1} and {index + 1} are both '{role}' (counting from 1, system "
+                f"turn {index + 1} is '{role}' right after an assistant turn with tool_calls (counting from 1, "
+                "system included); the calls' results come first, as 'tool' turns",
+                "tool call without a result",
+            )
+        elif previous is not None and previous["role"] == "tool" and role != "assistant":
+            raise RecordError(
+                where,
+                f"turn {index + 1} is '{role}' right after a tool result (counting from 1, system included); "
+                "the assistant answers tool results",
+                "tool result without an answer",
+            )
+        elif previous is not None and role == previous["role"]:
+            raise RecordError(
+                where,
+                f"turns {turns[position - 1][0] + 1} and {index + 1} are both '{role}' (counting from 1, system "
                 "included); user and assistant turns must alternate: merge consecutive turns of one "
                 "speaker into one message",
                 "consecutive same-role turns",

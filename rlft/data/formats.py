@@ -2,7 +2,8 @@
 
 Canonical records (one per training example):
 
-* ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+* ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` (assistant
+  ``tool_calls`` and a row's ``tools`` kept: :mod:`rlft.data.tool_messages`)
 * ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str}`` (the final assistant replies)
 * ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions)
 * ``unpaired``: ``{"prompt": [messages...], "completion": str, "label": bool}`` (KTO's desirable/undesirable feedback)

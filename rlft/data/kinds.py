@@ -7,7 +7,8 @@ is one entry in :data:`DATA_KINDS`.
 
 Canonical records:
 
-* ``sft``: ``{"messages": [{"role", "content"}, ...]}`` — trained on the assistant turns;
+* ``sft``: ``{"messages": [{"role", "content"}, ...], "tools"?: [JSON schemas]}`` — trained on the assistant turns
+  (their ``tool_calls`` included; ``tool`` results are prompt);
 * ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str, **own fields}``;
 * ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions);
 * ``unpaired``: ``{"prompt": [messages...], "completion": str, "label": bool, **own fields}`` — KTO's unpaired
@@ -26,6 +27,7 @@ from rlft.data.encoding import IGNORE_INDEX, encode_completion, encode_pair, enc
 from rlft.data.errors import DataError, RecordError
 from rlft.data.fields import Example
 from rlft.data.padding import fit, pack, pad, with_fields
+from rlft.data.tool_messages import parse_tools, refuse_tool_call_reply
 
 __all__ = ["DATA_KINDS", "DataKind", "RESERVED_PAIR_KEYS", "RESERVED_UNPAIRED_KEYS", "data_kind"]
 
@@ -91,7 +93,8 @@ def _to_sft(example: Example, row: dict, **_) -> dict:
         raise RecordError(
             example.field, "conversation has no assistant turn; SFT trains on assistant replies", "no assistant turn"
         )
-    return {"messages": example.messages}
+    tools = parse_tools(row.get("tools"))  # TRL's row-level tool schemas, shown to the model when encoded
+    return {"messages": example.messages, **({"tools": tools} if tools else {})}
 
 
 def _to_pair(example: Example, row: dict, *, consumed: frozenset[str], **_) -> dict:
@@ -119,6 +122,7 @@ def _to_prompt(example: Example, row: dict, *, prompt_fields: tuple[str, ...], *
 
 
 def _to_unpaired(example: Example, row: dict, *, consumed: frozenset[str], **_) -> dict:
+    refuse_tool_call_reply(example.messages[-1], example.field or "completion")
     kept = _kept(row, consumed | {"label"}, RESERVED_UNPAIRED_KEYS, "example")
     return {
         **kept,
@@ -130,7 +134,7 @@ def _to_unpaired(example: Example, row: dict, *, consumed: frozenset[str], **_) 
 
 # --------------------------------------------------------------------------------------------------------- encoding
 def _encode_sft(tokenizer, record: dict, *, max_length: int, **_) -> dict:
-    enc = encode_sft(tokenizer, record["messages"], max_length=max_length)
+    enc = encode_sft(tokenizer, record["messages"], max_length=max_length, tools=record.get("tools"))
     return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
 
 
