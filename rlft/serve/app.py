@@ -1,11 +1,14 @@
 """An OpenAI-compatible HTTP API over the serving engine: ``/v1/models``, ``/v1/chat/completions`` and
-``/v1/completions``, plain JSON or streamed as server-sent events, with OpenAI-style 4xx errors."""
+``/v1/completions``, plain JSON or streamed as server-sent events, with OpenAI-style 4xx errors. Chat requests may
+offer ``tools`` and carry tool calls and results (:mod:`rlft.serve.tool_use`); a streamed reply that may hold calls
+is sent as one delta at its end, once it can be read whole."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fastapi import FastAPI, Request, Response
@@ -14,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rlft.generation.generator import SamplingSettings
 from rlft.serve.continuous import ContinuousEngine
-from rlft.serve.engine import Completion, Engine
+from rlft.serve.engine import Choice, Completion, Engine
 from rlft.serve.limits import BodySizeLimit, BodyTooLarge, RequestLimits
 from rlft.serve.protocol import (
     APIError,
@@ -25,6 +28,7 @@ from rlft.serve.protocol import (
     new_id,
     usage,
 )
+from rlft.serve.tool_use import chat_prompt, parses_calls, reply_message, request_messages, request_tools
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 TOKENIZER_THREADS = 2  # prompts are rendered and tokenised here, off the event loop; more would only contend
@@ -79,12 +83,24 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
+        tools = request_tools(body)
         try:
-            prompt = [m.as_dict() for m in body.messages]
+            prompt = request_messages(body)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _complete(context, body, [prompt], max_tokens, request, chat=True)
+        tokenizer, parse = engine.tokenizer, parses_calls(body, tools)
+        return await _complete(
+            context,
+            body,
+            [prompt],
+            max_tokens,
+            request,
+            chat=True,
+            render=lambda messages: chat_prompt(tokenizer, messages, tools),
+            read=lambda c: reply_message(c.text, c.finish_reason, tokenizer, parse),
+            whole=parse,
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -123,7 +139,24 @@ def _check_model(requested: str, served: str) -> None:
         )
 
 
-async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, request: Request, *, chat: bool):
+def _plain(choice: Choice) -> tuple[dict, str]:
+    return {"role": "assistant", "content": choice.text}, choice.finish_reason
+
+
+async def _complete(
+    ctx: _Context,
+    body,
+    prompts: list,
+    max_tokens: int | None,
+    request: Request,
+    *,
+    chat: bool,
+    render: Callable | None = None,
+    read: Callable[[Choice], tuple[dict, str]] = _plain,
+    whole: bool = False,
+):
+    """Generate for ``prompts``: ``render`` turns each into what the engine takes (off the event loop), ``read`` a
+    chat choice into its message and finish reason, and ``whole`` streams each reply as one delta at its end."""
     engine, param = ctx.engine, "messages" if chat else "prompt"
     ctx.limits.check(prompts, body.n, param=param)
     try:
@@ -131,8 +164,13 @@ async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, 
     except ValueError as error:
         raise APIError(400, str(error), param="stop") from error
     loop = asyncio.get_running_loop()
+
+    def prepare() -> tuple[list, list[list[int]]]:
+        ready = [render(p) for p in prompts] if render else prompts
+        return ready, [engine.encode(p) for p in ready]
+
     try:
-        encoded = await loop.run_in_executor(ctx.tokenizing, lambda: [engine.encode(p) for p in prompts])
+        prompts, encoded = await loop.run_in_executor(ctx.tokenizing, prepare)
     except Exception as error:  # noqa: BLE001 - e.g. a chat template that rejects the roles it was given
         raise APIError(400, f"could not render the prompt: {error}", param=param) from error
     counts = [len(ids) for ids in encoded]
@@ -161,15 +199,11 @@ async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, 
         result = await _result_unless_disconnected(future, request)
         if result is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-        choices = [
-            {
-                "index": c.index,
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-                **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}),
-            }
-            for c in result.choices
-        ]
+        choices = []
+        for c in result.choices:
+            message, reason = read(c) if chat else (None, c.finish_reason)
+            text = {"message": message} if chat else {"text": c.text}
+            choices.append({"index": c.index, "finish_reason": reason, "logprobs": None, **text})
         return envelope(
             kind, request_id, ctx.model_name, choices, usage=usage(result.prompt_tokens, result.completion_tokens)
         )
@@ -185,7 +219,7 @@ async def _complete(ctx: _Context, body, prompts: list, max_tokens: int | None, 
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        _events(events, future, request_id, ctx.model_name, len(prompts) * body.n, chat, include_usage),
+        _events(events, future, request_id, ctx.model_name, len(prompts) * body.n, chat, include_usage, read, whole),
         media_type="text/event-stream",
     )
 
@@ -204,7 +238,15 @@ async def _result_unless_disconnected(future: Future, request: Request) -> Compl
 
 
 async def _events(
-    events: asyncio.Queue, future, request_id: str, model_name: str, n_choices: int, chat: bool, include_usage: bool
+    events: asyncio.Queue,
+    future,
+    request_id: str,
+    model_name: str,
+    n_choices: int,
+    chat: bool,
+    include_usage: bool,
+    read: Callable[[Choice], tuple[dict, str]] = _plain,
+    whole: bool = False,
 ):
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -221,7 +263,8 @@ async def _events(
         yield chunk([choice(i, None, role=True) for i in range(n_choices)])
     try:
         while (event := await events.get()) is not None:
-            yield chunk([choice(event[0], event[1])])
+            if not whole:  # a reply that may hold tool calls is read whole first: it is sent at the end
+                yield chunk([choice(event[0], event[1])])
     finally:  # the client went away mid-stream: stop generating for it
         future.cancel()
     error = future.exception()
@@ -229,7 +272,15 @@ async def _events(
         yield f"data: {json.dumps(error_body(f'generation failed: {error}', kind='server_error'))}\n\n"
         return
     result: Completion = future.result()
-    yield chunk([choice(c.index, None if chat else "", c.finish_reason) for c in result.choices])
+    reasons = {c.index: c.finish_reason for c in result.choices}
+    if whole:
+        for c in result.choices:
+            message, reasons[c.index] = read(c)
+            delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+            if "tool_calls" in delta:  # a streamed call names its place in the list
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+            yield chunk([{"index": c.index, "delta": delta, "finish_reason": None, "logprobs": None}])
+    yield chunk([choice(c.index, None if chat else "", reasons[c.index]) for c in result.choices])
     if include_usage:
         yield chunk([], usage=usage(result.prompt_tokens, result.completion_tokens))
     yield "data: [DONE]\n\n"

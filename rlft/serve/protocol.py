@@ -20,15 +20,24 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls (checked by rlft.data.tool_messages)
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     def as_dict(self) -> dict:
-        """``{"role", "content"}`` with text parts joined (the form chat templates take)."""
+        """``{"role", "content"}`` with text parts joined (the form chat templates take), plus an assistant's
+        ``tool_calls`` and a tool message's ``tool_call_id`` / ``name``."""
         content = self.content
         if isinstance(content, list):
             if any(part.type != "text" for part in content):
                 raise ValueError("only text content parts are supported")
             content = "".join(part.text or "" for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.role == "tool":
+            message.update({k: v for k, v in (("tool_call_id", self.tool_call_id), ("name", self.name)) if v})
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -57,6 +66,8 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict] | None = None  # JSON schemas, shown to the model (rlft.serve.tool_use)
+    tool_choice: str | dict | None = None  # "auto" (the default with tools) or "none"; others are refused
 
 
 class CompletionRequest(_Sampling):
