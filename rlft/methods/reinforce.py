@@ -32,5 +32,8 @@ class ReinforcePP(OnlineRL):
         rewards = self.token_rewards(rollout, scores)
         mask = rollout.response_mask.to(rewards.dtype)
         # with no value model (values 0) and gamma = lambda = 1, GAE's advantage is the plain return-to-go
-        returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+        # skip_gaps: a multi-turn trajectory's environment tokens are not time steps
+        returns, _ = gae(
+            rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0, skip_gaps=rollout.env_mask is not None
+        )
         return masked_whiten(returns, mask, all_reduce=self.sum_over_processes) * mask

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from rlft.data.tool_calls import parse_tool_calls
 from rlft.registry import resolve
+from rlft.rl.sandbox import isolation_problem, sandbox_mode
 from rlft.rl.tools import Tool, resolve_tools, run_tool_calls, tool_message
 
 
@@ -59,7 +60,8 @@ class ToolEnvironment:
         invalid_call_reward: Added to the environment reward for every call that cannot be read or run (e.g. a
             small negative number to teach the format); 0 by default, so the task reward alone decides.
 
-    A row's ``tools`` field (a list of tool names) restricts the episode to those tools.
+    A row's ``tools`` field restricts the episode to those tools: tool names, or OpenAI tool schemas as in TRL's
+    data format (their ``function.name`` counts).
     """
 
     observation_role = "tool"
@@ -78,7 +80,7 @@ class ToolEnvironment:
         return [t.schema() for t in self.offered.values()]
 
     def reset(self, row: Mapping[str, Any]) -> None:
-        wanted = row.get("tools")
+        wanted = [_tool_name(t) for t in row.get("tools") or []]
         if wanted:
             unknown = [name for name in wanted if name not in self.available]
             if unknown:
@@ -104,6 +106,10 @@ class ToolEnvironment:
         )
 
 
+def _tool_name(entry) -> str:
+    return entry.get("function", entry).get("name", "") if isinstance(entry, dict) else str(entry)
+
+
 def environment_factory(
     environment: str | None, arguments: Mapping[str, Any], tools: Sequence[str], tool_call_format: str
 ):
@@ -120,5 +126,8 @@ def environment_factory(
     if not tools:
         raise ValueError("an agent needs `agent.tools` (e.g. [calculator]) or an `agent.environment` class")
     args = {"tool_call_format": tool_call_format, **arguments}
-    ToolEnvironment(tools, **args)
+    built = ToolEnvironment(tools, **args)
+    if "python" in built.available and sandbox_mode() != "unsafe" and (problem := isolation_problem()):
+        # every call would come back as an error and the run would quietly train against error answers
+        raise ValueError(f"the python tool needs the sandbox, which cannot run here: {problem}")
     return lambda: ToolEnvironment(tools, **args)

@@ -1,0 +1,56 @@
+"""Write the calculator task files shipped in rlft/assets (deterministic: the same files on every run).
+
+* ``tool_arithmetic.jsonl``: prompts ``{"prompt", "answer"}``, products and sums of numbers too large for a small
+  model to compute in its head; the reward checks the last number of the final answer.
+* ``tool_arithmetic_sft.jsonl``: TRL-style tool conversations on other numbers (a user question, an assistant turn
+  calling the calculator, the tool's result, the final answer), the warm start that teaches the call format.
+
+    python scripts/make_tool_tasks.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rlft.rl.tools import TOOLS
+
+ASSETS = Path(__file__).resolve().parents[1] / "rlft" / "assets"
+QUESTION = "What is {a} {op} {b}? Use the calculator."
+
+
+def task(rng: random.Random) -> tuple[str, str]:
+    op = rng.choice("*+")
+    a, b = (
+        (rng.randrange(1000, 99999), rng.randrange(100, 9999))
+        if op == "*"
+        else (rng.randrange(10**6, 10**9), rng.randrange(10**6, 10**9))
+    )
+    expression = f"{a} {op} {b}"
+    return expression, str(a * b if op == "*" else a + b)
+
+
+def main() -> None:
+    rng = random.Random(0)
+    with open(ASSETS / "tool_arithmetic.jsonl", "w") as out:
+        for _ in range(256):
+            expression, answer = task(rng)
+            a, op, b = expression.split()
+            out.write(json.dumps({"prompt": QUESTION.format(a=a, op=op, b=b), "answer": answer}) + "\n")
+    with open(ASSETS / "tool_arithmetic_sft.jsonl", "w") as out:
+        for _ in range(128):
+            expression, answer = task(rng)
+            a, op, b = expression.split()
+            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+            messages = [
+                {"role": "user", "content": QUESTION.format(a=a, op=op, b=b)},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "calculator", "content": answer},
+                {"role": "assistant", "content": f"{expression} = {answer}"},
+            ]
+            out.write(json.dumps({"messages": messages, "tools": [TOOLS["calculator"].schema()]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
