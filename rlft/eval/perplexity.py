@@ -41,7 +41,7 @@ def _max_context(model) -> int:
 def _encode(tokenizer, record: dict, mode: str) -> tuple[list[int], list[bool]]:
     """Token ids and per-token "is scored" flags of one record (``messages`` record or ``{"text": ...}``)."""
     if "messages" in record:
-        encoded = encode_conversation(tokenizer, record["messages"])
+        encoded = encode_conversation(tokenizer, record["messages"], tools=record.get("tools"))
         scored = [label != IGNORE_INDEX for label in encoded.labels]
         return encoded.input_ids, scored if mode == "assistant" else [True] * len(encoded.input_ids)
     if "text" in record and mode == "full":

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from rlft.data.tool_calls import template_renders_tools, tool_call_format, with_tools
+from rlft.data.tool_calls import tool_call_format, with_tools
+from rlft.data.tool_messages import template_inputs
 from rlft.generation.generator import encode_prompt_text
 from rlft.models.tokens import pad_token_id, stop_token_ids
 from rlft.rl.environment import StepResult, environment_factory
@@ -101,14 +102,16 @@ def observation_ids(tokenizer, messages: list[dict], stop_text: str, limit: int)
 
 
 def agent_prompt_ids(tokenizer, prompt, tools: Sequence[dict], fmt: str) -> list[int]:
-    """A prompt's ids with the tools shown: through the chat template's ``tools`` when it renders them, else in a
-    system message (:func:`rlft.data.tool_calls.with_tools`)."""
+    """A prompt's ids with the tools shown exactly as SFT shows them to this model
+    (:func:`rlft.data.tool_messages.template_inputs`: the chat template's own ``tools`` support where it has one,
+    else a system message listing them), so a policy warm-started by SFT on tool conversations sees the same text."""
     if isinstance(prompt, str) or not tools:
         return encode_prompt_text(tokenizer, prompt)
-    if template_renders_tools(tokenizer):
-        text = tokenizer.apply_chat_template(prompt, tools=list(tools), tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return encode_prompt_text(tokenizer, with_tools(list(prompt), tools, fmt))
+    if fmt != tool_call_format(tokenizer):  # a format the template does not know: described in a system message
+        return encode_prompt_text(tokenizer, with_tools(list(prompt), tools, fmt))
+    messages, extra = template_inputs(tokenizer, list(prompt), list(tools))
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------- the rollout
