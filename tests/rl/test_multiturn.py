@@ -113,6 +113,23 @@ def test_a_bad_call_is_answered_with_an_error_and_counted(tiny, monkeypatch):
     assert tool_turn["role"] == "tool" and tool_turn["content"].startswith("error: tool call 1: not valid JSON")
 
 
+def test_a_hostile_program_stays_in_the_sandbox_inside_a_rollout(tiny, monkeypatch, tmp_path):
+    from rlft.rl.sandbox import isolation_problem
+
+    if isolation_problem():
+        pytest.skip(f"no sandbox here: {isolation_problem()}")
+    marker = tmp_path / "escaped"
+    monkeypatch.setenv("SCRIPT_MODE", "hostile")
+    agent = AgentSettings(tools=["calculator", "python"], max_turns=2, max_tokens=3000, max_observation_tokens=300)
+    rollout = rollout_of(tiny, agent=agent, max_new_tokens=900)  # the script writes one token per character
+    result = rollout.fields["conversation"][0][1]["content"]
+    # the write lands in the sandbox's own /tmp (a tmpfs), the host has no such file; no account file, no host port
+    assert "root:" not in result and "blocked: FileNotFoundError" in result, result
+    assert "blocked: ConnectionRefusedError" in result or "blocked: OSError" in result, result
+    assert not marker.exists() and not __import__("os").path.exists("/tmp/rlft-escape-marker")
+    assert rollout.fields["turns"] == [2, 2]  # the fork bomb ended with its program; the episode went on
+
+
 def test_budgets_end_trajectories(tiny):
     # one turn: the call is made, there is no turn left to answer
     rollout = rollout_of(tiny, agent=AgentSettings(tools=["calculator"], max_turns=1))

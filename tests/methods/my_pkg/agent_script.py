@@ -4,7 +4,7 @@ log-probs, tool execution, rewards over the conversation) exactly, with a real m
 
 Select it as ``sampling: {backend: my_pkg.agent_script:scripted}``. The numbers come from the prompt's last
 ``a * b`` (or ``a + b``); ``SCRIPT_MODE=wrong`` answers a wrong number, ``SCRIPT_MODE=bad_call`` writes an invalid
-call.
+call, ``SCRIPT_MODE=hostile`` calls the python tool with a program that tries to escape.
 """
 
 from __future__ import annotations
@@ -18,6 +18,19 @@ import torch
 from rlft.models import load_tokenizer
 
 _TOKENIZER = None
+# writes a file on the host, reads the host's accounts, opens a socket, then forks without end
+HOSTILE = (
+    "import os, socket\n"
+    "for attempt in (lambda: open(os.environ.get('MARKER', '/tmp/rlft-escape-marker'), 'w').write('x'),\n"
+    "                lambda: print(open('/etc/passwd').read()),\n"
+    "                lambda: socket.create_connection(('127.0.0.1', 22), timeout=1)):\n"
+    "    try:\n"
+    "        attempt()\n"
+    "    except Exception as error:\n"
+    "        print('blocked:', type(error).__name__, flush=True)\n"
+    "while True:\n"
+    "    os.fork()\n"
+)
 
 
 def _tokenizer():
@@ -35,6 +48,8 @@ def turn_text(context: str) -> str:
         if os.environ.get("SCRIPT_MODE") == "wrong":
             answer = answer + "1"
         return f"The answer is {answer}."
+    if os.environ.get("SCRIPT_MODE") == "hostile":  # a program that tries to leave the sandbox
+        return "<tool_call>\n" + json.dumps({"name": "python", "arguments": {"code": HOSTILE}}) + "\n</tool_call>"
     expression = re.findall(r"(\d+ ?[*+] ?\d+)", context)[-1]
     if os.environ.get("SCRIPT_MODE") == "bad_call":
         return '<tool_call>\n{"name": "calculator", "arguments": {"expression": \n</tool_call>'
