@@ -83,3 +83,22 @@ def test_the_loss_reaches_the_models_tokens_only(tmp_path):
     assert env.any() and (leaf.grad[env] == 0).all()
     assert (leaf.grad[model] != 0).float().mean() > 0.9
     assert (leaf.grad[~(env | model)] == 0).all()  # padding
+
+
+def test_a_research_environment_from_yaml_is_the_reward(cli_fit):
+    """my_pkg.envs:GuessTheNumber (quoted in docs/agents.md): no tools, no `rewards`; the environment's own reward
+    trains the policy, and its per-episode turns are logged."""
+    rows = cli_fit(
+        "grpo",
+        "--model.init_args.rewards",
+        "null",
+        "--model.init_args.agent",
+        "{environment: my_pkg.envs:GuessTheNumber, environment_args: {low: 1, high: 3}, max_turns: 4, max_tokens: 200}",
+        "--model.init_args.sampling.max_new_tokens",
+        "6",
+        steps=2,
+        validate=False,
+    )
+    turns, rewards = rows.column("train/agent/turns"), rows.column("train/reward")
+    assert len(turns) == 2 and all(1.0 <= t <= 4.0 for t in turns)
+    assert rows.column("train/agent/env_reward") == rewards  # the environment is the whole reward
