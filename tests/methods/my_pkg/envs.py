@@ -1,6 +1,6 @@
 """A research environment: the model guesses a secret number and is told "higher" or "lower" after each guess.
 
-    agent: {environment: my_pkg.envs:GuessTheNumber, environment_args: {low: 1, high: 20}, max_turns: 5}
+agent: {environment: my_pkg.envs:GuessTheNumber, environment_args: {low: 1, high: 20}, max_turns: 5}
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class GuessTheNumber:
     def reset(self, row):
         # the row may fix the secret (held-out tasks); otherwise each episode draws one
         self.secret = int(row.get("secret") or random.randint(self.low, self.high))
-        return [{"role": "user", "content": f"Guess my number between {self.low} and {self.high}. Reply with a number."}]
+        task = f"Guess my number between {self.low} and {self.high}. Reply with a number."
+        return [{"role": "user", "content": task}]
 
     def step(self, action: str) -> StepResult:
         numbers = re.findall(r"-?\d+", action)
