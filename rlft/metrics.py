@@ -1,4 +1,5 @@
-"""Pure metric functions (no models): pass@k, AUROC, win rates with bootstrap CIs, diversity and length statistics.
+"""Pure metric functions (no models): pass@k, AUROC, win rates with bootstrap CIs, Wilson intervals, diversity and
+length statistics.
 
 Everything here works on plain Python lists/NumPy arrays so it is easy to test against hand-computed values.
 """
@@ -69,6 +70,22 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
 def pairwise_auroc(chosen: Sequence[float], rejected: Sequence[float]) -> float:
     """AUROC of a reward model separating all chosen from all rejected responses (pooled, not per pair)."""
     return auroc(list(chosen) + list(rejected), [1] * len(chosen) + [0] * len(rejected))
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval for a binomial proportion (``None`` for n = 0); Wilson (1927), "Probable inference, the
+    law of succession, and statistical inference" (https://doi.org/10.1080/01621459.1927.10502953).
+
+    ``(p + z^2/2n ± z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = successes / n``: unlike the normal
+    approximation it stays inside [0, 1] and is not zero-width at p = 0 or 1 (an agent that solved 4 of 4 tasks).
+    """
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
+from rlft.metrics import wilson_interval  # noqa: F401 - moved to the math layer (eval uses it); read here too
+
 
 def cohen_kappa(rater1: Sequence[Hashable], rater2: Sequence[Hashable]) -> float | None:
     """Cohen's kappa of two raters who labeled the same items (``rater1[i]`` and ``rater2[i]`` rate item i)."""
@@ -87,17 +89,6 @@ def plurality(ratings: Sequence[Hashable]) -> Hashable | None:
     if rest and rest[0][1] == top_n:
         return None
     return top
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """Wilson score interval for a binomial proportion (``None`` for n = 0)."""
-    if n <= 0:
-        return None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mean_interval(scores: Sequence[float], z: float = 1.96) -> tuple[float, float, float] | None:

@@ -41,7 +41,7 @@ from rlft.registry import resolve
 from rlft.rl.kl import KLSettings
 from rlft.rl.logps import token_logps
 from rlft.rl.multiturn import AgentSettings, agent_metrics, collect_agent_rollout
-from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor
+from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor, reward_fields, total_reward
 from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
 from rlft.rl_losses import LOSS_AGGREGATIONS, aggregate_tokens, ppo_policy_loss
 from rlft.strategies import full_weights
@@ -192,18 +192,10 @@ class OnlineRL(RLFTModule):
         (``"train"`` or ``"validate"``); a multi-turn rollout adds ``conversation``, ``turns``, ``tool_calls``,
         ``invalid_tool_calls`` and ``env_reward``.
         """
-        environment = fields.get("env_reward")
-        if self.rewards is None:
-            if environment is None:
-                raise ValueError(
-                    f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()"
-                )
-            return torch.tensor(environment, dtype=torch.float32), {}
-        total, parts = self.rewards(prompts, completions, fields)
-        if environment is not None:
-            parts["environment"] = torch.tensor(environment, dtype=torch.float32)
-            total = total + parts["environment"]
-        return total, parts
+        result = total_reward(self.rewards, prompts, completions, fields)  # shared with `rlft eval agent`
+        if result is None:
+            raise ValueError(f"{type(self).__name__} has no reward: set `rewards` in the config or override reward()")
+        return result
 
     def shape_scores(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         """Scores the advantages are computed from; the default subtracts ``missing_eos_penalty`` from responses
@@ -238,16 +230,7 @@ class OnlineRL(RLFTModule):
     # ------------------------------------------------------------------ shared pieces
     def score(self, rollout: Rollout, stage: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Raw rewards ``[N]`` on the module's device and the reward's named metrics."""
-        lengths = rollout.response_lengths.tolist()
-        fields = {
-            **rollout.fields,
-            "completion_ids": [
-                ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask)
-            ],
-            "completion_lengths": lengths,
-            "step": self.global_step,
-            "stage": stage,
-        }
+        fields = reward_fields(rollout, step=self.global_step, stage=stage)
         result = self.reward(rollout.prompts, rollout.completions, **fields)
         values, metrics = result if isinstance(result, tuple) else (result, {})
         return as_reward_tensor(values, len(rollout)).to(self.device), metrics

@@ -305,6 +305,37 @@ class Rewards:
         return total, parts
 
 
+def reward_fields(rollout, *, step: int, stage: str) -> dict:
+    """What every reward source sees besides prompts and completions, for a :class:`~rlft.rl.rollout.Rollout`: the
+    rows' record fields (a multi-turn rollout's ``conversation``, ``turns``, ``tool_calls``, ``invalid_tool_calls``
+    and ``env_reward`` among them), ``completion_ids`` (the model's tokens, stop tokens included),
+    ``completion_lengths``, ``step`` and ``stage``. Training and ``rlft eval agent`` build them here, so a reward
+    function reads the same fields in both."""
+    return {
+        **rollout.fields,
+        "completion_ids": [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask)],
+        "completion_lengths": rollout.response_lengths.tolist(),
+        "step": step,
+        "stage": stage,
+    }
+
+
+def total_reward(
+    rewards: Rewards | None, prompts: Sequence, completions: Sequence[str], fields: dict
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The configured ``rewards`` plus, in a multi-turn rollout, the environment's reward (``fields["env_reward"]``,
+    reported as the part ``environment``): ``(total [N], parts)``, or ``None`` when there is neither (the caller
+    says what to configure). The one sum the online methods train on and ``rlft eval agent`` reports."""
+    environment = fields.get("env_reward")
+    if rewards is None:
+        return None if environment is None else (torch.tensor(environment, dtype=torch.float32), {})
+    total, parts = rewards(prompts, completions, fields)
+    if environment is not None:
+        parts["environment"] = torch.tensor(environment, dtype=torch.float32)
+        total = total + parts["environment"]
+    return total, parts
+
+
 def _metric(value, source: str, key: str) -> torch.Tensor:
     tensor = torch.as_tensor(value, dtype=torch.float32)
     if not bool(torch.isfinite(tensor).all()):
