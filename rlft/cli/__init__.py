@@ -19,7 +19,7 @@ from collections.abc import Callable
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("rlft.cli.models:main", "download/convert registry models (rlft models pull smollm2-135m-instruct)"),
     "generate": ("rlft.cli.generate:main", "chat with a model, adapter folder or checkpoint (streams to the terminal)"),
-    "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, reports"),
+    "eval": ("rlft.cli.eval:main", "evaluate models: perplexity, accuracy, pass@k, lm-eval, judges, agents, reports"),
     "label": ("rlft.cli.label:run", "human preference collection: serve the labeling UI, import, export, stats"),
     "data": ("rlft.cli.data:main", "tokenise a data set once into the cache runs reuse (rlft data prepare -c CONFIG)"),
     "tune": ("rlft.cli.tune:main", "hyperparameter search with Optuna (rlft tune -c CONFIG --search S.yaml --out DIR)"),

@@ -2,7 +2,8 @@
 
 Every subcommand writes ``<out>/<name>.json`` (metrics, settings, per-item details) and ``<out>/<name>.md`` (a
 metrics table) and prints the table. All options can come from YAML: ``rlft eval perplexity --config ppl.yaml``;
-``rlft eval perplexity --print_config`` shows a template.
+``rlft eval perplexity --print_config`` shows a template. ``judge`` and ``agent`` live in their own modules
+(:mod:`rlft.cli.eval_judge`, :mod:`rlft.cli.eval_agent`); what all share is in :mod:`rlft.cli.eval_common`.
 """
 
 from __future__ import annotations
@@ -12,39 +13,13 @@ import os
 from functools import partial
 from typing import Literal
 
+from rlft.cli.eval_agent import agent
+from rlft.cli.eval_common import eval_generator, finish, load_for_eval
+from rlft.cli.eval_judge import judge
 from rlft.cli.inference import Quantization
-from rlft.eval.results import make_result, metrics_table, write_result
+from rlft.eval.results import make_result
 
 log = logging.getLogger(__name__)
-
-
-def _load(model: str, device: str | None = None, dtype: str | None = None, quantization: str | None = None):
-    """``(model, tokenizer)`` for any rlft model string (adapters stay unmerged, weights frozen), on ``device``."""
-    from rlft.cli.inference import load_for_inference
-
-    return load_for_inference(model, device=device, dtype=dtype, quantization=quantization)
-
-
-def _generator(lm, tok, model: str):
-    """The batched generator; with vLLM installed and a GPU, vLLM serves model folders/hub ids, and adapter folders
-    through its LoRA support on top of their base."""
-    from rlft.generation.generator import Generator
-    from rlft.generation.vllm import vllm_usable
-
-    model_path = adapter_path = None
-    if vllm_usable() and not model.endswith(".ckpt"):
-        from rlft.models import resolve_model
-
-        ref = resolve_model(model)
-        if ref.gguf_file is None:
-            model_path, adapter_path = ref.path, ref.adapter
-    return Generator(lm, tok, model_path=model_path, adapter_path=adapter_path)
-
-
-def _finish(result: dict, out: str, name: str | None = None) -> None:
-    json_path, _ = write_result(result, out, name=name)
-    print(metrics_table(result["metrics"], title=f"{result['kind']}: {result['model']}"))
-    print(f"results written to {json_path}")
 
 
 def perplexity(
@@ -81,11 +56,9 @@ def perplexity(
     from rlft.eval.perplexity import perplexity as run
 
     records = load_records(data, kind="sft", format=format, limit=limit)
-    lm, tok = _load(model, device, dtype, quantization)
+    lm, tok = load_for_eval(model, device, dtype, quantization)
     result = run(lm, tok, records, mode=mode, max_length=max_length, stride=stride, batch_size=batch_size)
-    _finish(
-        make_result("perplexity", model, result.to_dict(), config={"data": data, "mode": mode, "limit": limit}), out
-    )
+    finish(make_result("perplexity", model, result.to_dict(), config={"data": data, "mode": mode, "limit": limit}), out)
 
 
 def accuracy(
@@ -124,18 +97,18 @@ def accuracy(
     from rlft.generation.generator import SamplingSettings
 
     rows = load_raw_rows(data, limit=limit)
-    lm, tok = _load(model, device, dtype, quantization)
+    lm, tok = load_for_eval(model, device, dtype, quantization)
     if method == "choice":
         metrics = multiple_choice_accuracy(lm, tok, rows, batch_size=batch_size)
         details = {"predictions": metrics.pop("predictions")}
     else:
         settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
         metrics = generative_accuracy(
-            _generator(lm, tok, model), rows, extractor=extractor, settings=settings, chat=chat
+            eval_generator(lm, tok, model), rows, extractor=extractor, settings=settings, chat=chat
         )
         details = {"rows": metrics.pop("rows")}
     config = {"data": data, "method": method, "extractor": extractor, "limit": limit}
-    _finish(make_result(f"accuracy_{method}", model, metrics, config=config, details=details), out)
+    finish(make_result(f"accuracy_{method}", model, metrics, config=config, details=details), out)
 
 
 def humaneval(
@@ -181,9 +154,9 @@ def humaneval(
     from rlft.eval.humaneval import evaluate_humaneval, load_problems
 
     problems = load_problems(limit=limit, task_ids=task_ids)
-    lm, tok = _load(model, device, dtype, quantization)
+    lm, tok = load_for_eval(model, device, dtype, quantization)
     result = evaluate_humaneval(
-        _generator(lm, tok, model),
+        eval_generator(lm, tok, model),
         problems,
         n=n,
         ks=k,
@@ -205,7 +178,7 @@ def humaneval(
         "mode": mode,
         "max_new_tokens": max_new_tokens,
     }
-    _finish(make_result("humaneval", model, result, config=config, details=details), out)
+    finish(make_result("humaneval", model, result, config=config, details=details), out)
 
 
 def harness(
@@ -240,7 +213,7 @@ def harness(
     """
     from rlft.eval.harness import run_lm_eval
 
-    lm, tok = _load(model, device, dtype, quantization)
+    lm, tok = load_for_eval(model, device, dtype, quantization)
     try:
         result = run_lm_eval(
             lm,
@@ -260,7 +233,7 @@ def harness(
             "offline tasks rlft_mc_basics, rlft_gen_arithmetic"
         ) from error
     config = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "merge_adapter": merge_adapter}
-    _finish(make_result("harness", model, result["results"], config=config, details=result), out)
+    finish(make_result("harness", model, result["results"], config=config, details=result), out)
 
 
 def rewardbench(
@@ -302,13 +275,13 @@ def rewardbench(
     if policy:
         prompt_records = load_records(prompts or pairs, kind="prompts", limit=limit)
         prompt_list = [r["prompt"] for r in prompt_records]
-        lm, tok = _load(policy, device, dtype, quantization)
+        lm, tok = load_for_eval(policy, device, dtype, quantization)
         responses = [s[0] for s in Generator(lm, tok).generate(prompt_list, SamplingSettings(max_new_tokens))]
         classifier = load_toxicity_classifier(toxicity_model)
         metrics["policy"] = policy_report(scorer, prompt_list, responses, toxicity_classifier=classifier)
         details["generations"] = [{"prompt": p, "response": r} for p, r in zip(prompt_list, responses)]
     config = {"pairs": pairs, "policy": policy, "limit": limit, "toxicity_model": toxicity_model}
-    _finish(make_result("rewardbench", reward_model, metrics, config=config, details=details), out)
+    finish(make_result("rewardbench", reward_model, metrics, config=config, details=details), out)
 
 
 def compare(
@@ -352,7 +325,7 @@ def compare(
         raise ValueError(f"baseline {baseline!r} must be one of the policies {sorted(policies)}")
     prompt_list = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    load = partial(_load, device=device, dtype=dtype, quantization=quantization)
+    load = partial(load_for_eval, device=device, dtype=dtype, quantization=quantization)
     generations = generate_for_policies(policies, prompt_list, settings, load=load)
     scorer = load_reward_scorer(reward_model) if reward_model else None
     summary = summarize_policies(
@@ -360,74 +333,7 @@ def compare(
     )
     details = {"examples": summary.pop("examples"), "generations": generations}
     config = {"prompts": prompts, "reward_model": reward_model, "limit": limit, "temperature": temperature}
-    _finish(make_result("compare", policies, summary, config=config, details=details), out)
-
-
-def judge(
-    candidate: str,
-    prompts: str,
-    mode: Literal["pointwise", "pairwise"] = "pointwise",
-    baseline: str | None = None,
-    judge_model: str | None = None,
-    api_base: str | None = None,
-    api_model: str | None = None,
-    api_key_env: str = "OPENAI_API_KEY",
-    limit: int | None = 20,
-    max_new_tokens: int = 256,
-    cache: str | None = None,
-    out: str = "eval_results",
-    device: str | None = None,
-    dtype: str | None = None,
-    quantization: Quantization | None = None,
-) -> None:
-    """LLM-as-judge: pointwise 1-5 scores, or pairwise candidate vs baseline judged in both orders.
-
-    Args:
-        candidate: Model string whose answers are judged.
-        prompts: Prompt data in any rlft format.
-        mode: "pointwise" or "pairwise" (needs `baseline`).
-        baseline: Model string of the baseline for pairwise judging.
-        judge_model: A local judge model string (used when `api_base` is not given).
-        api_base: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM) or https://api.openai.com/v1.
-        api_model: Model name at the endpoint.
-        api_key_env: Environment variable with the API key.
-        limit: Use only the first N prompts.
-        max_new_tokens: Answer budget of the evaluated models.
-        cache: Judge cache file (default <out>/judge_cache.jsonl); re-runs reuse cached verdicts.
-        out: Output folder.
-        device: Where models run: cuda, cuda:N or cpu (default: cuda when available).
-        dtype: Weights dtype: float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on CPU).
-        quantization: Load weights in 4bit or 8bit through bitsandbytes (CUDA only).
-    """
-    from rlft.eval.compare import generate_for_policies, prompt_text
-    from rlft.eval.data import load_records
-    from rlft.eval.judge import Judge, LocalJudge, OpenAIJudge
-    from rlft.generation.generator import Generator, SamplingSettings
-
-    if mode == "pairwise" and not baseline:
-        raise ValueError("pairwise judging needs --baseline MODEL")
-    if not api_base and not judge_model:
-        raise ValueError("give a judge: --judge_model MODEL (local) or --api_base URL --api_model NAME")
-    if api_base and not api_model:
-        raise ValueError("--api_base needs --api_model (the model name the endpoint serves)")
-    prompt_list = [r["prompt"] for r in load_records(prompts, kind="prompts", limit=limit)]
-    policies = {"candidate": candidate, **({"baseline": baseline} if mode == "pairwise" else {})}
-    load = partial(_load, device=device, dtype=dtype, quantization=quantization)
-    answers = generate_for_policies(policies, prompt_list, SamplingSettings(max_new_tokens=max_new_tokens), load=load)
-    if api_base:
-        backend = OpenAIJudge(api_base, api_model, api_key_env=api_key_env)
-    else:
-        backend = LocalJudge(Generator(*load(judge_model)), name=judge_model)
-    verdicts = Judge(backend, cache_path=cache or os.path.join(out, "judge_cache.jsonl"))
-    questions = [prompt_text(p) for p in prompt_list]
-    if mode == "pointwise":
-        metrics = verdicts.pointwise(questions, answers["candidate"])
-    else:
-        metrics = verdicts.pairwise(questions, answers["candidate"], answers["baseline"])
-    items = metrics.pop("items")
-    details = {"items": [{"prompt": q, **i} for q, i in zip(questions, items)], "answers": answers}
-    config = {"mode": mode, "prompts": prompts, "judge": backend.identity, "limit": limit}
-    _finish(make_result("judge", candidate, metrics, config=config, details=details), out, name=f"judge_{mode}")
+    finish(make_result("compare", policies, summary, config=config, details=details), out)
 
 
 def report(
@@ -450,7 +356,7 @@ def report(
     print(f"report written to {path}")
 
 
-COMMANDS = [perplexity, accuracy, humaneval, harness, rewardbench, compare, judge, report]
+COMMANDS = [perplexity, accuracy, humaneval, harness, rewardbench, compare, judge, agent, report]
 
 
 def main(argv: list[str] | None = None) -> None:

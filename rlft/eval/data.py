@@ -8,7 +8,9 @@ from rlft.data.formats import convert
 from rlft.data.sources import read_rows
 
 
-def load_records(path: str | Path, *, kind: str, format: str = "auto", limit: int | None = None) -> list[dict]:
+def load_records(
+    path: str | Path, *, kind: str, format: str = "auto", limit: int | None = None, on_invalid: str = "skip"
+) -> list[dict]:
     """Canonical records (``sft``, ``pairs`` or ``prompts``) from any supported file or hub dataset.
 
     Args:
@@ -16,8 +18,10 @@ def load_records(path: str | Path, *, kind: str, format: str = "auto", limit: in
         kind: ``"sft"``, ``"pairs"`` or ``"prompts"``.
         format: Input format name or ``"auto"``.
         limit: Keep only the first ``limit`` records (``None`` keeps all).
+        on_invalid: ``"skip"`` drops invalid rows (counted in the conversion report); ``"error"`` stops with every
+            invalid row named by file and line (see :func:`rlft.data.formats.convert`).
     """
-    records, _ = convert(read_rows(str(path)), kind=kind, format=format, on_invalid="skip")
+    records, _ = convert(read_rows(str(path)), kind=kind, format=format, on_invalid=on_invalid)
     return records[:limit] if limit is not None else records
 
 

@@ -42,7 +42,17 @@ def reward_folder(tmp_path_factory):
 
 
 def test_help_for_every_command(capsys):
-    for command in ("perplexity", "accuracy", "humaneval", "harness", "rewardbench", "compare", "judge", "report"):
+    for command in (
+        "perplexity",
+        "accuracy",
+        "humaneval",
+        "harness",
+        "rewardbench",
+        "compare",
+        "judge",
+        "agent",
+        "report",
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
