@@ -25,6 +25,7 @@ from rlft.models.reward import (
     write_sequence_classification_folder,
 )
 from rlft.models.scoring import pair_layout
+from rlft.models.unwrap import causal_lm
 from rlft.outputs import LossOutput
 from rlft.registry import resolve
 
@@ -75,7 +76,7 @@ class RewardModel(RLFTModule):
 
     def build_model(self) -> RewardNetwork:
         backbone = super().build_model()
-        lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        lm = causal_lm(backbone)
         hidden = lm.config.get_text_config().hidden_size
         head = resolve(self.hparams.head, REWARD_HEADS, "reward head")(hidden).to(
             getattr(torch, self.hparams.head_dtype)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from rlft.data.encoding import encode_conversation
 from rlft.models.loading import checkpoint_backbone, load_model, load_tokenizer, load_trained
 from rlft.models.scoring import flat_last_positions, position_ids_from_mask
+from rlft.models.unwrap import causal_lm
 from rlft.registry import resolve
 
 HEAD_FILE = "reward_head.safetensors"
@@ -79,7 +80,7 @@ class RewardNetwork(torch.nn.Module):
     def score_at(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
         """Rewards read at ``positions`` of the flattened ``[rows * T]`` hidden states of one forward on ``inputs``
         (any layout: padded, packed, shared prompts)."""
-        lm = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        lm = causal_lm(self.backbone)
         hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
         head_dtype = next(self.head.parameters()).dtype
         return self.head(hidden.to(head_dtype)).squeeze(-1).float()
@@ -218,7 +219,7 @@ class RewardScorer:
             backbone = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
         else:
             backbone = load_model(str(path), dtype=config.get("dtype", "float32"), trainable_adapter=False)
-        hidden = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).config
+        hidden = causal_lm(backbone).config
         head = resolve(config["head"], REWARD_HEADS, "reward head")(hidden.get_text_config().hidden_size)
         head.load_state_dict(load_file(str(path / HEAD_FILE)))
         head = head.to(getattr(torch, config.get("head_dtype", "float32")))
@@ -269,7 +270,7 @@ class RewardScorer:
 def _network_from_checkpoint(path: str) -> RewardNetwork:
     """Rebuild a ``RewardModel`` checkpoint's network from its hyperparameters and trained weights."""
     backbone, hparams = checkpoint_backbone(path)
-    lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    lm = causal_lm(backbone)
     head = resolve(hparams.get("head", "linear"), REWARD_HEADS, "reward head")(lm.config.get_text_config().hidden_size)
     network = RewardNetwork(backbone, head.to(getattr(torch, hparams.get("head_dtype", "float32"))))
     return load_trained(network, path).requires_grad_(False)
