@@ -1,4 +1,4 @@
-"""Tool-using, multi-turn RL through `rlft fit` with GRPO, REINFORCE++ and PPO: the same core, the same `agent:` block.
+"""Tool-using, multi-turn RL through `rlft fit` with GRPO, REINFORCE++, PPO and TRPO: one core, one `agent:` block.
 
 The sampler is scripted (``my_pkg.agent_script:scripted``: a calculator call, then the tool's result as the answer)
 so the outcome is known exactly; the tiny model still scores every token and takes the updates."""
@@ -33,7 +33,7 @@ AGENT = [
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("method", ["grpo", "reinforce_pp", "ppo"])
+@pytest.mark.parametrize("method", ["grpo", "reinforce_pp", "ppo", "trpo"])
 def test_every_online_method_trains_on_tool_using_trajectories(cli_fit, method):
     # max_steps counts optimiser steps (PPO's tiny config takes 2 per rollout), validation counts rollouts
     rows = cli_fit(method, *AGENT, "--trainer.val_check_interval", "1", steps=2)
