@@ -11,7 +11,7 @@ from rlft.callbacks.evaluation import (
     RougeCallback,
     SampleGenerationsCallback,
 )
-from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard
+from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard, UniformLossError
 from rlft.callbacks.logger import CSVLogger
 from rlft.callbacks.memory import MemoryReport
 from rlft.callbacks.monitors import RunMonitor
@@ -26,6 +26,7 @@ __all__ = [
     "LMEvalCallback",
     "MemoryReport",
     "NonFiniteError",
+    "UniformLossError",
     "NonFiniteGuard",
     "PassAtKCallback",
     "PerplexityCallback",
