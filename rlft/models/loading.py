@@ -44,6 +44,11 @@ class LoraSettings:
         target_modules: Module name suffixes to adapt; None = every linear layer of the architecture except the
             output head (found by inspecting the model, so it works for Llama, GPT-2's Conv1D, OPT, ...).
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``["score"]``).
+        use_dora: DoRA (weight-decomposed LoRA, https://arxiv.org/abs/2402.09353): a learned magnitude per output
+            feature on top of the low-rank direction update. Rollouts then sample the adapter unmerged (it cannot be
+            folded into one matmul exactly) and ``sampling.decode_dtype`` is refused.
+        use_rslora: rank-stabilised LoRA (https://arxiv.org/abs/2312.03732): scale by ``alpha / sqrt(r)`` instead of
+            ``alpha / r``, so a higher rank does not shrink the update.
     """
 
     r: int = 16
@@ -51,6 +56,8 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] | None = None
     modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
 
 
 @dataclass
@@ -260,6 +267,8 @@ def load_model(
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules or find_linear_targets(base),
         modules_to_save=lora.modules_to_save,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         task_type=None,
     )
     return peft.get_peft_model(base, config)
