@@ -2,6 +2,7 @@
 
 * ``tool_arithmetic.jsonl``: prompts ``{"prompt", "answer"}``, products and sums of numbers too large for a small
   model to compute in its head; the reward checks the last number of the final answer.
+* ``tool_arithmetic_heldout.jsonl``: 64 more prompts from another seed, for ``rlft eval agent`` before and after RL.
 * ``tool_arithmetic_sft.jsonl``: TRL-style tool conversations on other numbers (a user question, an assistant turn
   calling the calculator, the tool's result, the final answer), the warm start that teaches the call format.
 
@@ -36,6 +37,12 @@ def main() -> None:
     with open(ASSETS / "tool_arithmetic.jsonl", "w") as out:
         for _ in range(256):
             expression, answer = task(rng)
+            a, op, b = expression.split()
+            out.write(json.dumps({"prompt": QUESTION.format(a=a, op=op, b=b), "answer": answer}) + "\n")
+    with open(ASSETS / "tool_arithmetic_heldout.jsonl", "w") as out:
+        heldout = random.Random(1)
+        for _ in range(64):
+            expression, answer = task(heldout)
             a, op, b = expression.split()
             out.write(json.dumps({"prompt": QUESTION.format(a=a, op=op, b=b), "answer": answer}) + "\n")
     with open(ASSETS / "tool_arithmetic_sft.jsonl", "w") as out:
