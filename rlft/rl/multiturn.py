@@ -105,7 +105,12 @@ def agent_prompt_ids(tokenizer, prompt, tools: Sequence[dict], fmt: str) -> list
     """A prompt's ids with the tools shown exactly as SFT shows them to this model
     (:func:`rlft.data.tool_messages.template_inputs`: the chat template's own ``tools`` support where it has one,
     else a system message listing them), so a policy warm-started by SFT on tool conversations sees the same text."""
-    if isinstance(prompt, str) or not tools:
+    if isinstance(prompt, str) and tools:  # a rendered string has no place to show them: the model would never know
+        raise ValueError(
+            "an agent with tools needs chat prompts (a list of messages) to show its tools in; got a plain-text "
+            f"prompt: {prompt[:60]!r}"
+        )
+    if not tools:
         return encode_prompt_text(tokenizer, prompt)
     if fmt != tool_call_format(tokenizer):  # a format the template does not know: described in a system message
         return encode_prompt_text(tokenizer, with_tools(list(prompt), tools, fmt))

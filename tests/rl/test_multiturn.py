@@ -179,6 +179,15 @@ def test_a_custom_environment_sets_the_prompt_and_the_reward(tiny):
     assert [m["content"] for m in rollout.fields["conversation"][0] if m["role"] == "user"] == ["2 left", "1 left"]
 
 
+def test_tools_are_never_silently_hidden_from_a_plain_text_prompt(tiny):
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    batch["prompt"] = ["What is 2 * 3?", "What is 4 + 5?"]  # completion-mode strings: no turn to show tools in
+    with pytest.raises(ValueError, match="needs chat prompts"):
+        agent = AgentSettings(tools=["calculator"])
+        collect_agent_rollout(model, tokenizer, batch, RolloutSettings(backend=SCRIPT), agent)
+
+
 def test_settings_are_checked_at_start():
     with pytest.raises(ValueError, match="max_turns"):
         AgentSettings(tools=["calculator"], max_turns=0)
