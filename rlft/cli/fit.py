@@ -31,7 +31,7 @@ from rlft.callbacks.resume import ResumeLogContinuity
 from rlft.callbacks.shutdown import GracefulShutdown, bound_collectives
 from rlft.cli.config_logging import TrackedConfigCallback
 from rlft.data import PreferenceDataModule
-from rlft.methods.base import RLFTModule
+from rlft.methods.base import RLFTModule, export_folder
 
 LAST_OR_FRESH = "last_or_fresh"
 # settings that shape the trainable tensors or what they mean: a resume that changes them cannot be exact
@@ -338,8 +338,7 @@ class RLFTCLI(LightningCLI):
                 self.trainer.callbacks.append(ResumeOptimizerOverride(saved_optim, wanted_optim))
         if subcommand == "fit" and isinstance(self.model, RLFTModule) and self.trainer.is_global_zero:
             root = Path(self.trainer.default_root_dir)
-            output = self.model.hparams.get("output_dir")
-            export = Path(output) if output else Path(self.trainer.log_dir or root) / "hf_model"
+            export = export_folder(self.model.hparams.get("output_dir"), root)
             claim_output_dir(export, root, _class_path(self.model))
         return kwargs
 

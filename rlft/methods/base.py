@@ -62,6 +62,12 @@ class _RestoreWeightsOnCrash(L.Callback):
         restore_linears(pl_module)
 
 
+def export_folder(output_dir: str | Path | None, default_root_dir: str | Path) -> Path:
+    """Where a run's final Hugging Face folder goes: ``output_dir``, else ``<default_root_dir>/hf_model`` (beside
+    the run's checkpoints and logs, not inside a logger's versioned folder)."""
+    return Path(output_dir) if output_dir else Path(default_root_dir) / "hf_model"
+
+
 class RLFTModule(L.LightningModule):
     """Base of every rlft method.
 
@@ -80,7 +86,8 @@ class RLFTModule(L.LightningModule):
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or a hub kernel; default lets transformers
             choose.
         optim: Learning-rate schedule, and the settings of the default optimiser (AdamW).
-        output_dir: Where the final Hugging Face folder goes; default ``<log dir>/hf_model``.
+        output_dir: Where the final Hugging Face folder goes; default ``<trainer.default_root_dir>/hf_model``, so
+            ``--trainer.default_root_dir`` moves the whole run.
         merge_on_save: Also save LoRA merged into the base weights (``<output_dir>/merged``).
         optimizer: Another optimiser, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}``;
             it takes its own lr and weight decay (``optim`` then sets the schedule only). Default: AdamW.
@@ -384,9 +391,7 @@ class RLFTModule(L.LightningModule):
         return twin
 
     def export_dir(self) -> Path:
-        if self.hparams.output_dir:
-            return Path(self.hparams.output_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf_model"
+        return export_folder(self.hparams.output_dir, self.trainer.default_root_dir)
 
     def model_card_facts(self, usage: str) -> CardFacts:
         """What an exported folder's README.md says (``usage``: the folder kind, see ``rlft.models.model_card``);

@@ -142,6 +142,19 @@ def test_a_run_never_writes_into_another_runs_output_folder(tmp_path, capsys):
     main(_sft(tmp_path / "a"))  # the same run again may overwrite its own export
 
 
+def test_default_root_dir_moves_the_whole_run_export_included(tmp_path):
+    # the shipped config names no output_dir: the export follows --trainer.default_root_dir (with the default
+    # loggers on, whose versioned folders must not swallow it), so a second root is a second, independent run
+    for root in (tmp_path / "a", tmp_path / "b"):
+        argv = _sft(root)
+        del argv[argv.index("--model.init_args.output_dir") : argv.index("--model.init_args.output_dir") + 2]
+        del argv[argv.index("--trainer.logger") : argv.index("--trainer.logger") + 2]
+        main(argv)
+        assert (root / "hf_model" / "adapter_config.json").is_file()
+        assert json.loads((root / "hf_model" / "rlft_run.json").read_text())["run_dir"] == str(root.resolve())
+        assert (root / "checkpoints" / "last.ckpt").is_file() and list((root / "csv").glob("version_*/metrics.csv"))
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
