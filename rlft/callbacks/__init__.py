@@ -1,5 +1,5 @@
 """Lightning callbacks for rlft runs (evaluation during training, torch.compile, per-rank memory, non-finite guard,
-online-RL run monitors) and a crash-safe CSV logger."""
+online-RL run monitors, a progress line) and a crash-safe CSV logger."""
 
 from rlft.callbacks.compile import TorchCompile
 from rlft.callbacks.evaluation import (
@@ -15,6 +15,7 @@ from rlft.callbacks.guard import NonFiniteError, NonFiniteGuard, UniformLossErro
 from rlft.callbacks.logger import CSVLogger
 from rlft.callbacks.memory import MemoryReport
 from rlft.callbacks.monitors import RunMonitor
+from rlft.callbacks.progress import ProgressLine
 from rlft.callbacks.resume import ResumeLogContinuity
 from rlft.callbacks.shutdown import GracefulShutdown
 from rlft.callbacks.win_rate import WinRateCallback
@@ -30,6 +31,7 @@ __all__ = [
     "NonFiniteGuard",
     "PassAtKCallback",
     "PerplexityCallback",
+    "ProgressLine",
     "ResumeLogContinuity",
     "RewardAccuracyCallback",
     "RougeCallback",

@@ -115,6 +115,30 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+# deprecation notices raised inside the libraries rlft builds on address those libraries' callers, i.e. rlft's
+# maintainers, not its users (who cannot act on them); a warning attributed to rlft or user code is kept
+_LIBRARIES = "transformers|peft|lightning|lightning_fabric|lightning_utilities|torch|accelerate|datasets|deepspeed"
+_THIRD_PARTY = rf"({_LIBRARIES})(\.|$)"
+_LIGHTNING_TIPS = "\N{ELECTRIC LIGHT BULB} Tip:"  # Lightning's advert for its cloud logger, printed at every fit
+
+
+def _no_tips(record) -> bool:
+    return not str(record.msg).startswith(_LIGHTNING_TIPS)
+
+
+def quiet_third_party() -> None:
+    """Drop the libraries' own deprecation warnings and Lightning's tips (``--debug`` keeps everything)."""
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # once per logger, however often
+    # bitsandbytes (imported by peft whenever installed) tries to fetch an optional CPU kernel from the Hub at import
+    # and warns when it cannot, on every run; the portable fallback it then uses is correct
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -123,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["RLFT_DEBUG"] = "1"
         if from_console:
             sys.argv = [sys.argv[0], *argv]
+    if not os.environ.get("RLFT_DEBUG"):
+        quiet_third_party()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return

@@ -21,12 +21,14 @@ import os
 import sys
 from pathlib import Path
 
+import transformers
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rlft.callbacks.guard import NonFiniteGuard, refuse_impossible_settings
 from rlft.callbacks.monitors import RunMonitor
+from rlft.callbacks.progress import ProgressLine
 from rlft.callbacks.resume import ResumeLogContinuity
 from rlft.callbacks.shutdown import GracefulShutdown, bound_collectives
 from rlft.cli.config_logging import TrackedConfigCallback
@@ -283,7 +285,7 @@ class RLFTCLI(LightningCLI):
         # on by default in every run (a config can add its own with other settings); RunMonitor only acts on the
         # online methods' metrics
         bound_collectives(trainer.strategy)  # before the process group exists (created when fit starts)
-        defaults = [NonFiniteGuard, ResumeLogContinuity, RunMonitor, GracefulShutdown]
+        defaults = [NonFiniteGuard, ResumeLogContinuity, RunMonitor, GracefulShutdown, ProgressLine]
         if trainer.loggers:  # it refuses to run without one
             defaults.append(functools.partial(LearningRateMonitor, logging_interval="step"))
         for make in defaults:
@@ -359,6 +361,8 @@ def run_lightning_cli(argv: list[str]) -> RLFTCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not os.environ.get("RLFT_DEBUG"):
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bar; the run prints ProgressLine
     return RLFTCLI(
         RLFTModule,
         PreferenceDataModule,
