@@ -242,10 +242,11 @@ class PreferenceDataModule(L.LightningDataModule):
         for reason, rows in invalid.items():
             self.stats[name][reason] = len(rows)
         if truncated:
+            kept = "; plain text keeps its start" if self.kind == "sft" else ""
             self._note(
                 logging.WARNING,
                 f"{name}: {truncated} of {len(encoded)} examples were longer than max_length="
-                f"{hp.max_length} and were truncated (prompt start dropped)",
+                f"{hp.max_length} and were truncated (prompt start dropped{kept})",
             )
         return encoded
 

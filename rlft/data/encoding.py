@@ -240,6 +240,27 @@ def encode_sft(tokenizer, messages: list[dict], *, max_length: int, tools: list[
     return Encoded(prompt + response, prompt_labels + enc.labels[last_turn:][: len(response)], True)
 
 
+def encode_text(tokenizer, text: str, *, max_length: int | None = None, eos: bool = True) -> Encoded:
+    """Plain text without a chat template (language modeling, continued pretraining): every token is trained.
+
+    The tokenizer adds the special tokens it adds to any plain text (BOS for Llama, nothing for Qwen); ``eos``
+    appends its EOS token (unless the tokenizer already did), so the model learns where a document ends, packed or
+    not. Special-token strings inside the text are text, as in message contents (:class:`_Literals`). Longer than
+    ``max_length``: the start is kept, and a cut text has no EOS (it does not end there).
+    """
+    literals = _Literals(tokenizer)
+    if literals.pattern is not None and literals.pattern.search(text):
+        literals._as_text(text)  # raises TemplateError when this tokenizer cannot encode them as text
+    ids = tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    eos_id = tokenizer.eos_token_id
+    if eos and eos_id is not None and (not ids or ids[-1] != eos_id):
+        ids = [*ids, eos_id]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+    return Encoded(ids, list(ids), truncated)
+
+
 def _last_trained_start(labels: list[int]) -> int:
     start = len(labels)
     while start > 0 and labels[start - 1] == IGNORE_INDEX:

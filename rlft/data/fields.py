@@ -46,12 +46,14 @@ class Example:
         rejected: The rejected reply, for preference formats.
         field: Field to name in errors about the conversation as a whole.
         extras: Per-example fields to keep in ``prompts`` records (e.g. a seed task instance's output).
+        text: Plain text of a language-modeling row (format ``text``): no conversation, every token trained.
     """
 
     messages: list[dict]
     rejected: str | None = None
     field: str = ""
     extras: dict = dataclasses.field(default_factory=dict)
+    text: str | None = None
 
 
 def _text(value: object, where: str, empty_reason: str) -> str:

@@ -3,7 +3,8 @@
 Canonical records (one per training example):
 
 * ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`` (assistant
-  ``tool_calls`` and a row's ``tools`` kept: :mod:`rlft.data.tool_messages`)
+  ``tool_calls`` and a row's ``tools`` kept: :mod:`rlft.data.tool_messages`), or ``{"text": str}`` from plain text
+  rows (:mod:`rlft.data.text_rows`: no chat template, every token trained)
 * ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str}`` (the final assistant replies)
 * ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions)
 * ``unpaired``: ``{"prompt": [messages...], "completion": str, "label": bool}`` (KTO's desirable/undesirable feedback)
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlft.data import parsers
+from rlft.data.conversion_report import ConversionReport
 from rlft.data.errors import DataError, Issue, RecordError
 from rlft.data.fields import Example, check_turn_order
 from rlft.data.kinds import DATA_KINDS, RESERVED_PAIR_KEYS, RESERVED_UNPAIRED_KEYS, data_kind  # noqa: F401
 from rlft.data.ranked_rows import from_ranked
 from rlft.data.sources import Row
+from rlft.data.text_rows import TEXT_KEYS, TEXT_REFUSALS, from_text
 from rlft.data.unpaired_rows import from_unpaired
 
 __all__ = ["KINDS", "FORMATS", "Format", "ConversionReport", "convert", "detect_format"]
@@ -99,6 +102,12 @@ _FEEDBACK_ADVICE = (
     "rlft.methods.KTO, e.g. configs/kto/), or remove 'label' from rows whose completions should be imitated"
 )
 _RESPONSE_KEYS = ("completion", "chosen", "rejected", "response", "output", "messages", "conversations", "responses")
+
+
+def _is_text(data: dict) -> bool:
+    """Plain text: a ``text`` field in a row no other format claims (tatsu-lab/alpaca rows carry one too)."""
+    return data.get("text") is not None and not any(f.matches(data) for f in FORMATS.values() if f.name != "text")
+
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -205,6 +214,7 @@ FORMATS: dict[str, Format] = {
             ("prompts",),
             ("prompt", "question"),
         ),
+        Format("text", TEXT_KEYS, _is_text, from_text, ("sft",), ("text",), refusals=TEXT_REFUSALS),
     )
 }
 
@@ -276,45 +286,6 @@ def detect_format(rows: list[Row]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- conversion
-@dataclass
-class ConversionReport:
-    """What happened to the rows of one conversion, for the log.
-
-    Attributes:
-        format: Format used (detected or given).
-        kind: Record kind produced.
-        rows_in: Input rows.
-        records_out: Records produced.
-        filtered: Reason -> number of rows (invalid, when skipping) or records (duplicates) dropped.
-        examples: Reason -> the first few issues (file:line) behind ``filtered``.
-        source: Short name of the input, for :meth:`summary`.
-        locations: ``file:line`` of every record, in record order (for messages about a record after conversion).
-    """
-
-    format: str
-    kind: str
-    rows_in: int
-    records_out: int
-    filtered: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[Issue]] = field(default_factory=dict)
-    source: str = ""
-    locations: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One human line, e.g. ``hh.jsonl: 300 rows (hh_rlhf) -> 297 pairs; filtered: 2 duplicate``."""
-        line = f"{self.source or 'data'}: {self.rows_in} rows ({self.format}) -> {self.records_out} {self.kind}"
-        if self.filtered:
-            line += "; filtered: " + ", ".join(f"{count} {reason}" for reason, count in self.filtered.items())
-        return line
-
-    def details(self) -> str:
-        """:meth:`summary` plus the first examples of every filtered reason, one per line."""
-        lines = [self.summary()]
-        for reason, issues in self.examples.items():
-            lines += [f"  {reason}: {issue}" for issue in issues]
-        return "\n".join(lines)
-
-
 def _sources(rows: list[Row]) -> str:
     names = sorted({row.source for row in rows})
     if len(names) == 1:

@@ -8,7 +8,8 @@ is one entry in :data:`DATA_KINDS`.
 Canonical records:
 
 * ``sft``: ``{"messages": [{"role", "content"}, ...], "tools"?: [JSON schemas]}`` — trained on the assistant turns
-  (their ``tool_calls`` included; ``tool`` results are prompt);
+  (their ``tool_calls`` included; ``tool`` results are prompt); or ``{"text": str}`` from plain text rows
+  (:mod:`rlft.data.text_rows`) — no chat template, every token trained;
 * ``pairs``: ``{"prompt": [messages...], "chosen": str, "rejected": str, **own fields}``;
 * ``prompts``: ``{"prompt": [messages...], **other fields of the row}`` (kept for reward functions);
 * ``unpaired``: ``{"prompt": [messages...], "completion": str, "label": bool, **own fields}`` — KTO's unpaired
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlft.data.encoding import IGNORE_INDEX, encode_completion, encode_pair, encode_prompt, encode_sft
+from rlft.data.encoding import IGNORE_INDEX, encode_completion, encode_pair, encode_prompt, encode_sft, encode_text
 from rlft.data.errors import DataError, RecordError
 from rlft.data.fields import Example
 from rlft.data.padding import fit, pack, pad, with_fields
@@ -89,6 +90,8 @@ def _kept(row: dict, skip: frozenset[str], reserved: frozenset[str], what: str) 
 
 
 def _to_sft(example: Example, row: dict, **_) -> dict:
+    if example.text is not None:  # a plain text row: the text is the example
+        return {"text": example.text}
     if not any(message["role"] == "assistant" for message in example.messages):
         raise RecordError(
             example.field, "conversation has no assistant turn; SFT trains on assistant replies", "no assistant turn"
@@ -134,7 +137,10 @@ def _to_unpaired(example: Example, row: dict, *, consumed: frozenset[str], **_) 
 
 # --------------------------------------------------------------------------------------------------------- encoding
 def _encode_sft(tokenizer, record: dict, *, max_length: int, **_) -> dict:
-    enc = encode_sft(tokenizer, record["messages"], max_length=max_length, tools=record.get("tools"))
+    if "text" in record:
+        enc = encode_text(tokenizer, record["text"], max_length=max_length)
+    else:
+        enc = encode_sft(tokenizer, record["messages"], max_length=max_length, tools=record.get("tools"))
     return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated}
 
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from rlft.data.encoding import IGNORE_INDEX, encode_conversation
+from rlft.data.encoding import IGNORE_INDEX, encode_conversation, encode_text
 from rlft.eval.scoring import score_windows, sliding_windows
 
 
@@ -39,19 +39,20 @@ def _max_context(model) -> int:
 
 
 def _encode(tokenizer, record: dict, mode: str) -> tuple[list[int], list[bool]]:
-    """Token ids and per-token "is scored" flags of one record (``messages`` record or ``{"text": ...}``)."""
+    """Token ids and per-token "is scored" flags of one record (``messages`` record or ``{"text": ...}``).
+
+    A text record (a plain text row of a data file, format ``text``) is tokenized as SFT tokenizes it
+    (:func:`rlft.data.encoding.encode_text`: no chat template, the tokenizer's own BOS) without the EOS that
+    training appends: the perplexity of a text is that of its tokens, as in lm-eval-harness's rolling perplexity.
+    """
     if "messages" in record:
         encoded = encode_conversation(tokenizer, record["messages"], tools=record.get("tools"))
         scored = [label != IGNORE_INDEX for label in encoded.labels]
         return encoded.input_ids, scored if mode == "assistant" else [True] * len(encoded.input_ids)
-    if "text" in record and mode == "full":
-        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+    if "text" in record:  # every token is what SFT trains on a text: both modes score them all
+        ids = encode_text(tokenizer, record["text"], eos=False).input_ids
         return ids, [True] * len(ids)
-    raise ValueError(
-        f"perplexity mode {mode!r} needs records with 'messages' (chat data)"
-        + (" or 'text'" if mode == "full" else "; plain 'text' records only support mode='full'")
-        + f", got keys {sorted(record)}"
-    )
+    raise ValueError(f"perplexity needs records with 'messages' (chat data) or 'text', got keys {sorted(record)}")
 
 
 MODES = ("assistant", "full")
@@ -72,9 +73,9 @@ def perplexity(
     Args:
         model: Causal LM (adapter or not).
         tokenizer: Its tokenizer (chat template for ``messages`` records).
-        records: Canonical SFT records ``{"messages": [...]}`` or ``{"text": str}``.
+        records: Canonical SFT records ``{"messages": [...]}`` or ``{"text": str}`` (plain text rows).
         mode: ``"assistant"`` scores only assistant tokens (what SFT trains, end-of-turn included);
-            ``"full"`` scores every token after the first.
+            ``"full"`` scores every token after the first (on ``text`` records both modes do: SFT trains them all).
         max_length: Longest window; default the model's context length (at most 4096).
         stride: Tokens scored per window of a long text (default ``max_length // 2``); each scored token then sees
             at least ``max_length - stride`` tokens of context.

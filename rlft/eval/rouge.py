@@ -29,6 +29,11 @@ def prompts_and_references(records: Sequence[dict]) -> tuple[list[list[dict]], l
     reference)."""
     prompts, references = [], []
     for index, record in enumerate(records):
+        if "messages" not in record:  # plain text rows have no prompt/reply split to generate from
+            raise ValueError(
+                f"record {index}: ROUGE needs chat data (a prompt and a reference reply), got a record with keys "
+                f"{sorted(record)}; score plain text with perplexity instead"
+            )
         messages = record["messages"]
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:

@@ -192,6 +192,10 @@ CASES = {
             "unpaired": {"prompt": [user("Capital of France?")], "completion": "Lyon.", "label": False, "weight": 2},
         },
     ),
+    "text": (  # plain text (language modeling): every token trained, other kinds refused (tests/data/test_text_rows.py)
+        {"text": "  Plain text, kept as written.\n", "url": "https://example.org/1"},
+        {"sft": {"text": "  Plain text, kept as written.\n"}, "pairs": None, "prompts": None},
+    ),
     "prompt_only": (
         {"prompt": "def add(a, b):", "test": "assert add(1, 2) == 3", "entry_point": "add"},
         {
@@ -310,9 +314,9 @@ def test_unknown_format_and_kind_names() -> None:
 
 def test_unknown_keys_list_keys_and_formats() -> None:
     with pytest.raises(DataError) as info:
-        detect_format(rows_of({"text": "hello", "meta": 1}))
+        detect_format(rows_of({"body": "hello", "meta": 1}))
     message = str(info.value)
-    assert "mem.jsonl" in message and "['meta', 'text']" in message and "format=" in message
+    assert "mem.jsonl" in message and "['body', 'meta']" in message and "format=" in message
     assert all(name in message for name in FORMATS)
 
 

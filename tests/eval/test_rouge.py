@@ -44,6 +44,8 @@ def test_references_are_the_last_assistant_turn():
     assert references == ["4"] and [m["content"] for m in prompts[0]] == ["hi", "hello", "2+2?"]
     with pytest.raises(ValueError, match="record 0: no assistant reply"):
         prompts_and_references([{"messages": [{"role": "assistant", "content": "alone"}]}])
+    with pytest.raises(ValueError, match=r"record 0: ROUGE needs chat data .* keys \['text'\]; score plain text"):
+        prompts_and_references([{"text": "a plain text row (format text) has no reply to compare with"}])
 
 
 def test_rouge_callback_logs_during_fit(tmp_path):

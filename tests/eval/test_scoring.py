@@ -94,8 +94,8 @@ def test_sliding_window_perplexity_scores_every_token_once(tiny):
     assert whole.tokens == windowed.tokens == n - 1
     # a window of 32 tokens loses little on a repeated sentence: same ballpark, not identical
     assert windowed.perplexity == pytest.approx(whole.perplexity, rel=0.2)
-    with pytest.raises(ValueError, match="messages"):
-        perplexity(model, tok, [long_text], mode="assistant")
+    assistant = perplexity(model, tok, [long_text], mode="assistant", max_length=32, stride=16)
+    assert (assistant.perplexity, assistant.tokens) == (windowed.perplexity, windowed.tokens)  # SFT trains every token
 
 
 def test_batching_does_not_change_scores(tiny):
