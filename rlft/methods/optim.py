@@ -1,18 +1,37 @@
-"""Optimiser settings: the learning-rate schedule and AdamW (the default), or an injected optimiser class."""
+"""Optimiser settings: the learning-rate schedule and AdamW (the default), or an injected optimiser class.
+
+An injected class may come from an optional package, e.g. bitsandbytes' 8-bit and paged optimisers
+(``optimizer: {class_path: bitsandbytes.optim.AdamW8bit, init_args: {lr: 2.0e-4}}``, extra ``qlora``): one that is
+not installed, or that cannot step the parameters it is given (sharded DTensors), is refused with a line naming
+the setting before training starts.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import transformers
 from lightning.pytorch.cli import OptimizerCallable
 
 from rlft.registry import import_object
 
 SchedulerName = Literal[tuple(kind.value for kind in transformers.SchedulerType)]
+
+# optional packages that ship optimisers, and how to install them
+OPTIMIZER_PACKAGES: dict[str, str] = {"bitsandbytes": "pip install 'rlft[qlora]'"}
+
+if importlib.util.find_spec("bitsandbytes") is not None:
+    # imported so that `optimizer: AdamW8bit` resolves on the command line too (jsonargparse looks a short class name
+    # up among the imported subclasses of torch.optim.Optimizer); peft imports it anyway when it is installed
+    with contextlib.suppress(Exception):  # a bitsandbytes that cannot load must not stop rlft from importing
+        import bitsandbytes.optim  # noqa: F401
 
 
 @dataclass(frozen=True)  # frozen: one default instance is shared by every method's signature
@@ -63,8 +82,48 @@ def optimizer_spec(optimizer: OptimizerCallable | dict | None) -> dict | None:
 
 
 def optimizer_factory(spec: dict) -> OptimizerCallable:
-    module, _, name = spec["class_path"].rpartition(".")
-    return functools.partial(import_object(f"{module}:{name}", "optimizer"), **spec.get("init_args", {}))
+    """The injected optimiser's class with its ``init_args``, called on the parameter groups when training starts.
+
+    Raises:
+        ValueError: the class's package is not installed (with the command that installs it).
+    """
+    class_path = spec["class_path"]
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = import_object(f"{module}:{name}", "optimizer")
+    except ImportError as error:
+        package = module.partition(".")[0]
+        install = OPTIMIZER_PACKAGES.get(package, f"pip install {package}")
+        raise ValueError(
+            f"optimizer {class_path} needs {package}, which cannot be imported here ({error.__cause__ or error}): "
+            f"{install}, or choose another optimizer"
+        ) from error
+    return functools.partial(_build_optimizer, cls, spec.get("init_args", {}))
+
+
+def _build_optimizer(cls: type, init_args: dict, params: Iterable) -> torch.optim.Optimizer:
+    """``cls(params, **init_args)``, after refusing parameters that it cannot step (it would fail at the first step)."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    refuse = _REFUSALS.get(cls.__module__.partition(".")[0])
+    if refuse is not None:
+        refuse(cls, tensors)
+    return cls(groups, **init_args)
+
+
+def _refuse_for_bitsandbytes(cls: type, params: list[torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        raise ValueError(
+            f"optimizer {cls.__module__}.{cls.__qualname__} cannot step FSDP2's sharded (DTensor) parameters: "
+            "bitsandbytes' kernels take plain tensors. Use it with DeepSpeed ZeRO (configs/trainer/deepspeed_zero2.yaml"
+            " or deepspeed_zero3.yaml), DDP or one device, or use the default AdamW (unset model.optimizer) with FSDP"
+        )
+
+
+# per package: a check of the parameters (device, layout) that its optimisers cannot step
+_REFUSALS: dict[str, Callable[[type, list[torch.Tensor]], None]] = {"bitsandbytes": _refuse_for_bitsandbytes}
 
 
 def resolve_optimizer(
