@@ -136,7 +136,8 @@ def quiet_third_party() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # once per logger, however often
     # bitsandbytes (imported by peft whenever installed) tries to fetch an optional CPU kernel from the Hub at import
     # and warns when it cannot, on every run; the portable fallback it then uses is correct
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for fetcher in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(fetcher).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
