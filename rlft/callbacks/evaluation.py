@@ -179,15 +179,15 @@ class RougeCallback(EvaluationCallback):
         from rlft.eval.data import load_records
         from rlft.eval.rouge import prompts_and_references
 
-        self.prompts, self.references = prompts_and_references(load_records(data, kind="sft", limit=limit))
+        self.records = load_records(data, kind="sft", limit=limit)
+        prompts_and_references(self.records)  # a file without references fails here, not at the first evaluation
         self.max_new_tokens = max_new_tokens
 
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
-        from rlft.eval.rouge import rouge
+        from rlft.eval.rouge import generated_rouge
 
         settings = SamplingSettings(max_new_tokens=self.max_new_tokens)  # greedy: reproducible
-        answers = [s[0] for s in Generator(model, tokenizer).generate(self.prompts, settings)]
-        return rouge(answers, self.references)
+        return generated_rouge(Generator(model, tokenizer), self.records, settings)[0]
 
 
 class RewardAccuracyCallback(EvaluationCallback):

@@ -2,8 +2,9 @@
 
 Every subcommand writes ``<out>/<name>.json`` (metrics, settings, per-item details) and ``<out>/<name>.md`` (a
 metrics table) and prints the table. All options can come from YAML: ``rlft eval perplexity --config ppl.yaml``;
-``rlft eval perplexity --print_config`` shows a template. ``judge`` and ``agent`` live in their own modules
-(:mod:`rlft.cli.eval_judge`, :mod:`rlft.cli.eval_agent`); what all share is in :mod:`rlft.cli.eval_common`.
+``rlft eval perplexity --print_config`` shows a template. ``judge``, ``agent`` and ``rouge`` live in their own
+modules (:mod:`rlft.cli.eval_judge`, :mod:`rlft.cli.eval_agent`, :mod:`rlft.cli.eval_rouge`); what all share is in
+:mod:`rlft.cli.eval_common`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal
 from rlft.cli.eval_agent import agent
 from rlft.cli.eval_common import eval_generator, finish, load_for_eval
 from rlft.cli.eval_judge import judge
+from rlft.cli.eval_rouge import rouge
 from rlft.cli.inference import Quantization
 from rlft.eval.results import make_result
 
@@ -356,7 +358,7 @@ def report(
     print(f"report written to {path}")
 
 
-COMMANDS = [perplexity, accuracy, humaneval, harness, rewardbench, compare, judge, agent, report]
+COMMANDS = [perplexity, accuracy, rouge, humaneval, harness, rewardbench, compare, judge, agent, report]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@ the one loader behind them, shared by ``rlft generate``, ``rlft eval *`` and ``r
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 Quantization = Literal["4bit", "8bit"]
@@ -49,9 +50,13 @@ def load_for_inference(
     model: str, *, device: str | None = None, dtype: str | None = None, quantization: str | None = None
 ):
     """``(model, tokenizer)`` for any model string, frozen, in eval mode, on ``device`` (adapters unmerged)."""
+    import transformers
+
     from rlft.models import load_model, load_tokenizer
     from rlft.models.checkpoint import is_checkpoint
 
+    if not os.environ.get("RLFT_DEBUG"):
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bar: noise in a log, gone in a blink
     device, dtype = resolve_inference(device, dtype, quantization)
     if quantization and is_checkpoint(model):
         raise ValueError("--quantization does not apply to a .ckpt; `rlft export` it to a merged folder first")

@@ -41,3 +41,16 @@ def prompts_and_references(records: Sequence[dict]) -> tuple[list[list[dict]], l
         prompts.append(messages[:last])
         references.append(messages[last]["content"])
     return prompts, references
+
+
+def generated_rouge(generator, records: Sequence[dict], settings) -> tuple[dict[str, float], list[dict]]:
+    """Generate an answer to each SFT record's prompt with ``generator`` (:class:`rlft.generation.Generator` or
+    anything with its ``generate(prompts, settings)``) and score it against the record's reference: the metrics and
+    one ``{prompt, reference, prediction}`` row per record. Shared by ``rlft eval rouge`` and the ROUGE callback."""
+    prompts, references = prompts_and_references(records)
+    predictions = [samples[0] for samples in generator.generate(prompts, settings)]
+    rows = [
+        {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction}
+        for prompt, reference, prediction in zip(prompts, references, predictions)
+    ]
+    return rouge(predictions, references), rows

@@ -45,6 +45,7 @@ def test_help_for_every_command(capsys):
     for command in (
         "perplexity",
         "accuracy",
+        "rouge",
         "humaneval",
         "harness",
         "rewardbench",

@@ -66,3 +66,26 @@ def test_rouge_callback_logs_during_fit(tmp_path):
     ((step, metrics),) = callback.history
     assert step == 2 and set(metrics) == {"eval/rouge1", "eval/rouge2", "eval/rougeL"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_rlft_eval_rouge_scores_the_models_answers_against_the_references(tmp_path, capsys):
+    import json
+
+    from rlft.cli import main
+
+    main(["eval", "rouge", "tiny-llama", SFT_DATA, "--limit", "4", "--max_new_tokens", "8", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "rouge.json").read_text())
+    rows = result["details"]["rows"]
+    references = [r["reference"] for r in rows]
+    assert result["metrics"]["n"] == 4 and references == prompts_and_references(_first_records(4))[1]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for name in ("rouge1", "rouge2", "rougeL"):  # the reported number is rouge-score's on the written predictions
+        expected = sum(scorer.score(r["reference"], r["prediction"])[name].fmeasure for r in rows) / len(rows)
+        assert result["metrics"][name] == pytest.approx(expected)
+    assert "rouge1" in capsys.readouterr().out
+
+
+def _first_records(n: int) -> list[dict]:
+    from rlft.eval.data import load_records
+
+    return load_records(SFT_DATA, kind="sft", limit=n)
