@@ -5,6 +5,11 @@
 * ``tool_arithmetic_heldout.jsonl``: 64 more prompts from another seed, for ``rlft eval agent`` before and after RL.
 * ``tool_arithmetic_sft.jsonl``: TRL-style tool conversations on other numbers (a user question, an assistant turn
   calling the calculator, the tool's result, the final answer), the warm start that teaches the call format.
+* ``tool_tiny*.jsonl``: a calculator task sized for the 2-layer ``tiny-llama`` (configs/sft/tools_tiny.yaml, then
+  configs/grpo/agent_tiny.yaml): ``(a + b + c) % 10`` over digits 1-9, every number one token, the final answer the
+  tool's one-digit result. Prompts (``tool_tiny.jsonl``), 128 held-out prompts from another seed whose triples appear
+  in no other file (``tool_tiny_heldout.jsonl``), and SFT conversations without a tool list
+  (``tool_tiny_sft.jsonl``: the tiny agent runs with ``show_tools: false``).
 
     python scripts/make_tool_tasks.py
 """
@@ -57,6 +62,45 @@ def main() -> None:
                 {"role": "assistant", "content": f"{expression} = {answer}"},
             ]
             out.write(json.dumps({"messages": messages, "tools": [TOOLS["calculator"].schema()]}) + "\n")
+    tiny_tasks()
+
+
+def tiny_tasks() -> None:
+    """The tiny model's task: ``(a + b + c) % 10`` over digits 1-9; held-out triples appear in no other file."""
+    heldout_rng, rng = random.Random(1), random.Random(0)
+    triple = lambda r: tuple(r.randrange(1, 10) for _ in range(3))  # noqa: E731
+    heldout: list[tuple[int, ...]] = []
+    while len(heldout) < 128:
+        if (candidate := triple(heldout_rng)) not in heldout:
+            heldout.append(candidate)
+    seen = set(heldout)
+
+    def fresh(count: int) -> list[tuple[int, ...]]:
+        drawn = []
+        while len(drawn) < count:
+            if (candidate := triple(rng)) not in seen:
+                seen.add(candidate)
+                drawn.append(candidate)
+        return drawn
+
+    def expression(a: int, b: int, c: int) -> str:
+        return f"({a} + {b} + {c}) % 10"
+
+    for name, triples in (("tool_tiny.jsonl", fresh(256)), ("tool_tiny_heldout.jsonl", heldout)):
+        with open(ASSETS / name, "w") as out:
+            for t in triples:
+                record = {"prompt": f"What is {expression(*t)}?", "answer": str(sum(t) % 10)}
+                out.write(json.dumps(record) + "\n")
+    with open(ASSETS / "tool_tiny_sft.jsonl", "w") as out:
+        for t in fresh(256):
+            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression(*t)}}}
+            messages = [  # no `tools` field: the tiny agent runs with show_tools: false, its prompt lists none
+                {"role": "user", "content": f"What is {expression(*t)}?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "calculator", "content": str(sum(t) % 10)},
+                {"role": "assistant", "content": str(sum(t) % 10)},
+            ]
+            out.write(json.dumps({"messages": messages}) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ class ToolEnvironment:
         tool_call_format: How calls are written (:data:`rlft.data.tool_calls.TOOL_CALL_FORMATS`).
         invalid_call_reward: Added to the environment reward for every call that cannot be read or run (e.g. a
             small negative number to teach the format); 0 by default, so the task reward alone decides.
+        show_tools: List the tools in the prompt (default). ``False`` shows none: for a policy that learned its
+            tools from SFT conversations without a tool list (rows without ``tools``), e.g. a tiny model whose
+            context the schemas and format instructions would swamp; calls are read and run all the same.
 
     A row's ``tools`` field restricts the episode to those tools: tool names, or OpenAI tool schemas as in TRL's
     data format (their ``function.name`` counts).
@@ -67,17 +70,22 @@ class ToolEnvironment:
     observation_role = "tool"
 
     def __init__(
-        self, tools: Sequence[str | Tool], tool_call_format: str = "hermes", invalid_call_reward: float = 0.0
+        self,
+        tools: Sequence[str | Tool],
+        tool_call_format: str = "hermes",
+        invalid_call_reward: float = 0.0,
+        show_tools: bool = True,
     ) -> None:
         self.available = {t.name: t for t in resolve_tools(tools)}
         if not self.available:
             raise ValueError("a ToolEnvironment needs at least one tool")
-        self.format, self.invalid_call_reward = tool_call_format, invalid_call_reward
+        self.format, self.invalid_call_reward, self.show_tools = tool_call_format, invalid_call_reward, show_tools
         self.offered: dict[str, Tool] = dict(self.available)
 
     @property
     def tools(self) -> list[dict]:
-        return [t.schema() for t in self.offered.values()]
+        """The schemas shown to the model (none with ``show_tools=False``)."""
+        return [t.schema() for t in self.offered.values()] if self.show_tools else []
 
     def reset(self, row: Mapping[str, Any]) -> None:
         wanted = [_tool_name(t) for t in row.get("tools") or []]
