@@ -90,7 +90,8 @@ class ProgressLine(Callback):
         self._print(" | ".join(self.fields(trainer, step, total, now - self._started)))
 
     def fields(self, trainer: L.Trainer, step: int, total: int | None, elapsed: float) -> list[str]:
-        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
+        # an online method's rollout makes several optimiser steps, so the last one may pass max_steps
+        parts = [f"step {step}/{total} ({min(100.0, 100 * step / total):.0f}%)" if total else f"step {step}"]
         metrics = trainer.callback_metrics
         for key, (label, fmt) in TRAIN_FIELDS.items():
             value = _number(metrics.get(key))

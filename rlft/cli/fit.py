@@ -32,6 +32,7 @@ from rlft.callbacks.progress import ProgressLine
 from rlft.callbacks.resume import ResumeLogContinuity
 from rlft.callbacks.shutdown import GracefulShutdown, bound_collectives
 from rlft.cli.config_logging import TrackedConfigCallback
+from rlft.cli.trainer import Trainer
 from rlft.data import PreferenceDataModule
 from rlft.methods.base import RLFTModule, export_folder
 
@@ -239,6 +240,9 @@ class RLFTCLI(LightningCLI):
     Every run starts from :data:`TRAINER_DEFAULTS` (``configs/trainer/default.yaml``), logs CSV and TensorBoard
     under ``default_root_dir`` unless the config names its loggers, and gets rlft's default callbacks.
     """
+
+    def __init__(self, *args, trainer_class: type[Trainer] = Trainer, **kwargs) -> None:
+        super().__init__(*args, trainer_class=trainer_class, **kwargs)  # rlft's: precision may be `auto`
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         defaults = {"default_config_files": [str(TRAINER_DEFAULTS)]}

@@ -25,6 +25,7 @@ import torch
 from rlft.generation.backends import get_sampler
 from rlft.generation.decoder import decoding_twin, merged_adapter, release_decoding_twin
 from rlft.generation.request import SampleRequest
+from rlft.models.hardware import decoding_dtype
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.tokens import pad_token_id, stop_token_ids
@@ -52,7 +53,9 @@ class RolloutSettings:
         decode_dtype: With ``backend: rlft``, sample from a copy of the policy in this dtype (e.g. ``bfloat16`` for
             a fp32 policy on a CPU with bf16 matmuls: about half the memory traffic per token), refreshed from the
             policy before every rollout; samples are then very slightly off-policy (as with vLLM in bf16), the
-            log-probs of the update still come from the policy. Default: the policy itself.
+            log-probs of the update still come from the policy. ``auto``: bf16 for a fp32 policy where the hardware
+            runs bf16 natively (:func:`rlft.models.hardware.fast_bf16`), none elsewhere (and with other backends).
+            Default: the policy itself.
         free_twin: With ``decode_dtype``, free the twin's weights after each rollout (the refresh before the next one
             rewrites them whole), so they are not held through the update. Default: on an accelerator, where freeing
             and reallocating is a cache hit; not on a CPU, where the pages fault back in (SmolLM2 GRPO here: peak RSS
@@ -76,7 +79,7 @@ class RolloutSettings:
     generation_batch_size: int | None = None
     backend: str = "rlft"
     merge_adapter: bool = True
-    decode_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    decode_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     free_twin: bool | None = None
     lean_step: bool = True
     share_prompts: bool = True
@@ -93,9 +96,9 @@ class RolloutSettings:
         get_sampler(self.backend)  # a registered name or `module:function`; the error lists the registered ones
         if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
-        if self.decode_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"decode_dtype must be null, bfloat16, float16 or float32, got {self.decode_dtype!r}")
-        if self.decode_dtype is not None and self.backend != "rlft":  # model.generate would sample the policy
+        if self.decode_dtype not in (None, "auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"decode_dtype must be null, auto, bfloat16, float16 or float32: {self.decode_dtype!r}")
+        if self.decode_dtype not in (None, "auto") and self.backend != "rlft":  # model.generate samples the policy
             raise ValueError(f"decode_dtype={self.decode_dtype!r} needs backend 'rlft', got {self.backend!r}")
         if self.free_twin is not None and self.decode_dtype is None:  # no twin to free or keep
             raise ValueError(
@@ -260,8 +263,9 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
     chunk = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group_size) // group_size)
     pieces = []
     decoder = model
-    if settings.decode_dtype is not None:  # backend rlft only (RolloutSettings checks it)
-        decoder = decoding_twin(model, getattr(torch, settings.decode_dtype))
+    twin_dtype = decoding_dtype(settings.decode_dtype, next(model.parameters())) if settings.backend == "rlft" else None
+    if twin_dtype is not None:
+        decoder = decoding_twin(model, twin_dtype)
     # the rlft decoder runs LoRA merged (vLLM merges as it takes the weights; model.generate samples the adapter)
     merge = settings.backend == "rlft" and settings.merge_adapter and decoder is model
     merging = merged_adapter(model) if merge else contextlib.nullcontext()

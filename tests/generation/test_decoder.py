@@ -300,6 +300,37 @@ def test_decoding_twin_holds_the_current_merged_policy(tiny):
     assert torch.equal(twin_ids, plain_ids)
 
 
+def test_auto_decode_dtype_is_a_bf16_twin_of_a_fp32_policy_only_where_bf16_is_native(monkeypatch):
+    from rlft.models import hardware
+
+    fp32, bf16 = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.bfloat16)
+    for native in (True, False):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda native=native: frozenset({"avx512_bf16"} if native else ()))
+        assert hardware.decoding_dtype("auto", fp32) == (torch.bfloat16 if native else None)
+        assert hardware.decoding_dtype("auto", bf16) is None  # a 16-bit policy decodes as it is
+        assert hardware.decoding_dtype("float32", bf16) == torch.float32 and hardware.decoding_dtype(None, fp32) is None
+        assert hardware.auto_precision("cpu") == ("bf16-mixed" if native else "32-true")
+    RolloutSettings(decode_dtype="auto", backend="hf")  # auto picks no twin for other backends: nothing to refuse
+
+
+def test_auto_decode_dtype_samples_from_the_twin_on_this_machine(tiny):
+    """On a CPU with native bf16 (this project's), ``auto`` samples exactly what an explicit bf16 twin samples."""
+    from rlft.models.hardware import fast_bf16
+
+    if not fast_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16: auto picks no twin (covered above)")
+    model, tokenizer = tiny
+    batch = prompt_batch(tokenizer)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    runs = []
+    for dtype in ("auto", "bfloat16"):
+        torch.manual_seed(0)
+        runs.append(
+            generate_responses(model, tokenizer, ids, mask, RolloutSettings(max_new_tokens=6, decode_dtype=dtype))[0]
+        )
+    assert torch.equal(*runs)
+
+
 def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
     with pytest.raises(ValueError, match="decode_dtype='bfloat16' needs backend 'rlft'"):
         RolloutSettings(decode_dtype="bfloat16", backend="hf")  # model.generate would sample the fp32 policy
