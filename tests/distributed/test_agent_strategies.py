@@ -1,5 +1,5 @@
-"""Tool-using, multi-turn GRPO under the strategies a user overlays: 2 CPU processes with DDP and with DeepSpeed
-ZeRO-2, each rank running its own episodes (different numbers of turns per rank are fine: sampling holds the full
+"""Tool-using, multi-turn GRPO under the strategies a user overlays: 2 CPU processes with DDP, DeepSpeed ZeRO-2 and
+ZeRO-3 and FSDP2, each rank running its own episodes (different numbers of turns per rank are fine: sampling holds the full
 weights and runs no collective), the updates synchronised as in single-turn training."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ENV = {
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("overlay", ["ddp", "deepspeed_zero2"])
+@pytest.mark.parametrize("overlay", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"])
 def test_agent_grpo_trains_on_two_processes(overlay, tmp_path):
     config = (REPO / "configs" / "grpo" / "agent_tiny.yaml").read_text().replace("rlft/assets/", f"{REPO}/rlft/assets/")
     (tmp_path / "config.yaml").write_text(config)
