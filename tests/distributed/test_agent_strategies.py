@@ -1,6 +1,6 @@
 """Tool-using, multi-turn GRPO under the strategies a user overlays: 2 CPU processes with DDP, DeepSpeed ZeRO-2 and
-ZeRO-3 and FSDP2, each rank running its own episodes (different numbers of turns per rank are fine: sampling holds the full
-weights and runs no collective), the updates synchronised as in single-turn training."""
+ZeRO-3 and FSDP2, each rank running its own episodes (different numbers of turns per rank are fine: sampling holds
+the full weights and runs no collective), the updates synchronised as in single-turn training."""
 
 from __future__ import annotations
 
