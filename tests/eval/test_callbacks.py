@@ -46,6 +46,7 @@ def test_callbacks_run_every_n_steps_and_at_fit_end(tmp_path):
         enable_progress_bar=False,
         limit_val_batches=0,
         enable_model_summary=False,
+        default_root_dir=tmp_path,  # the export lands in <default_root_dir>/hf_model
     )
     trainer.fit(module, datamodule=data)
 
