@@ -3,7 +3,10 @@
 * **Collective timeout.** Every strategy's process group is created with :func:`collective_timeout` (default
   10 minutes, ``RLFT_COLLECTIVE_TIMEOUT_S`` overrides) instead of torch's 30 minutes, so a rank that waits in a
   collective no other rank enters (one died, hangs or skipped it) fails in bounded time.
-* **SIGTERM / SIGINT.** Lightning stops every rank at the next batch on SIGTERM; :class:`GracefulShutdown` then writes
+* **SIGTERM / SIGINT.** The handler only notes the signal; at the end of every training batch the ranks agree (one
+  tiny all-reduce: stop when any rank was signalled) and only then raise Lightning's stop flag, on every rank at the
+  same batch. Lightning's own checks of that flag are local, so a flag raised by the handler itself lets the ranks
+  stop at different batches and meet in different collectives (a deadlock). :class:`GracefulShutdown` then writes
   ``last.ckpt`` (all ranks are at the same step, so a sharded save works) and the run exits 143. A rank blocked in
   a native call (a collective, a forward) cannot run Python signal handlers, so a watchdog thread learns of the
   signal through ``signal.set_wakeup_fd`` at once, forwards it to the other local ranks and, when the process is
@@ -118,6 +121,7 @@ class GracefulShutdown(L.Callback):
         self.grace_s = float(os.environ.get("RLFT_SHUTDOWN_GRACE_S", "60")) if grace_s is None else grace_s
         self._watchdog: _Watchdog | None = None
         self._forward = None
+        self._signalled = False  # set by the handler; turned into Lightning's flag where the ranks agree
         self.checkpoint: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -135,16 +139,22 @@ class GracefulShutdown(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning's own SIGTERM handler runs a collective (a broadcast) inside the handler, which deadlocks
-        # against the collectives the ranks are in; this one only raises the flag that the loop already
-        # broadcasts from rank 0 at the next batch (the watchdog has forwarded the signal to the other ranks)
+        # against the collectives the ranks are in; this one only takes note (the watchdog has forwarded the
+        # signal to the other local ranks)
         if threading.current_thread() is not threading.main_thread():
             return
         connector = trainer._signal_connector
 
         def on_sigterm(signum, frame) -> None:
-            connector.received_sigterm = True
+            self._signalled = True
+            if trainer.world_size == 1:  # nobody to agree with
+                connector.received_sigterm = True
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._watchdog is not None:
