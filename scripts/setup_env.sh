@@ -12,6 +12,19 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# pip's output minus one harmless notice; a failed install stops the setup (piping pip into a filter would otherwise
+# hide its exit status, and a missing extra would only show later as skipped tests)
+install() {
+  local log status=0
+  log="$(mktemp)"
+  "${pip[@]}" install "$@" >"$log" 2>&1 || status=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+  if [ "$status" != 0 ]; then
+    echo "rlft: 'pip install $*' failed (exit $status, output above)" >&2
+    exit "$status"
+  fi
+}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     spec="${RLFT_TORCH_SPEC:-torch}"
@@ -19,12 +32,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     spec="${RLFT_TORCH_SPEC:-torch==2.13.0}"
   fi
   echo "rlft: installing $spec"
-  "${pip[@]}" install "$spec" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  install "$spec"
 fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "rlft: installing rlft$( [ -n "$extras" ] && echo "[$extras]" ) (editable)"
-"${pip[@]}" install -e "$target" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+install -e "$target"
 if [[ ",$extras," == *",dev,"* ]] && [ ! -d .bench/trl-1.12/trl ]; then
   # scripts/bench/run.py --mode ppo runs TRL's PPO, which TRL removed in 1.13: the last release with it, beside the venv's TRL
   echo "rlft: installing TRL 1.12 (PPO) into .bench/trl-1.12 for scripts/bench/run.py --mode ppo"
