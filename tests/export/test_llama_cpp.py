@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -9,15 +11,14 @@ import torch
 from rlft.export import export_gguf
 from rlft.models import load_model, load_tokenizer
 from rlft.models.tokens import stop_token_ids
+from tests.export.clients import run_in_llama_cpp
 from tests.export.conftest import FAMILIES
+from tests.isolation import run_isolated
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'rlft[export]')")
+if importlib.util.find_spec("llama_cpp") is None:  # found, not imported: llama.cpp loads only in the child
+    pytest.skip("llama-cpp-python is not installed (pip install 'rlft[export]')", allow_module_level=True)
 
 TEXT = "The capital of France is Paris. What is 12345 + 678?\n\tdef add(a, b): return a + b  <|im_end|>"
-
-
-def open_gguf(path, n_ctx: int = 256):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0, n_threads=2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -26,37 +27,27 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(family, tiny_adap
     path = export_gguf(str(adapter), tmp_path / f"{family}.gguf", quant="f16")
     tokenizer = load_tokenizer(str(adapter))
     network = load_model(str(adapter), trainable_adapter=False).eval()
-    llm = open_gguf(path)
-    try:
-        # llama.cpp's own tokenizer, from the GGUF metadata, splits text as the Hugging Face one does
-        hf_ids = tokenizer(TEXT)["input_ids"]
-        assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == hf_ids
-        chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
-        )
-        chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
-        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == chat_ids
-        assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    hf_ids = tokenizer(TEXT)["input_ids"]
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
+    )
+    chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    stops = set(stop_token_ids(tokenizer, network))
+    cpp = run_isolated(run_in_llama_cpp, path, TEXT, chat, hf_ids, chat_ids, stops, timeout=600)
 
-        llm.reset()
-        llm.eval(hf_ids)
-        cpp_logits = np.asarray(llm.scores[: len(hf_ids)])
-        with torch.no_grad():
-            hf_logits = network(torch.tensor([hf_ids])).logits[0].numpy()
-        diff = np.abs(cpp_logits - hf_logits).max()
-        print(f"{family}: llama.cpp f16 vs transformers max logit diff {diff:.2e}")
-        assert diff < 1e-2  # f16 weights; logits are ~0.5 in size, so a layout bug is off by ~0.3
+    # llama.cpp's own tokenizer, from the GGUF metadata, splits text as the Hugging Face one does
+    assert cpp["text_ids"] == hf_ids
+    assert cpp["chat_ids"] == chat_ids
+    assert cpp["chat_template"] == tokenizer.chat_template
 
-        stops = set(stop_token_ids(tokenizer, network))
-        with torch.no_grad():
-            hf = network.generate(
-                torch.tensor([chat_ids]), max_new_tokens=16, do_sample=False, eos_token_id=sorted(stops)
-            )[0, len(chat_ids) :].tolist()
-        cpp = []
-        for token in llm.generate(chat_ids, temp=0.0, top_k=1, reset=True):
-            cpp.append(token)
-            if token in stops or len(cpp) == 16:
-                break
-        assert cpp == hf
-    finally:
-        llm.close()
+    with torch.no_grad():
+        hf_logits = network(torch.tensor([hf_ids])).logits[0].numpy()
+    diff = np.abs(cpp["logits"] - hf_logits).max()
+    print(f"{family}: llama.cpp f16 vs transformers max logit diff {diff:.2e}")
+    assert diff < 1e-2  # f16 weights; logits are ~0.5 in size, so a layout bug is off by ~0.3
+
+    with torch.no_grad():
+        hf = network.generate(torch.tensor([chat_ids]), max_new_tokens=16, do_sample=False, eos_token_id=sorted(stops))[
+            0, len(chat_ids) :
+        ].tolist()
+    assert cpp["greedy"] == hf

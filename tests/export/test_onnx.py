@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
-from rlft.export import OnnxCausalLM, export_onnx
+from rlft.export import export_onnx
 from rlft.models import load_model, load_tokenizer
 from rlft.models.tokens import stop_token_ids
+from tests.export.clients import run_in_onnxruntime
 from tests.export.conftest import FAMILIES
+from tests.isolation import run_isolated
 
-pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'rlft[export]')")
+if importlib.util.find_spec("onnxruntime") is None:  # found, not imported: onnxruntime loads only in the child
+    pytest.skip("onnxruntime is not installed (pip install 'rlft[export]')", allow_module_level=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -20,7 +25,6 @@ def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapte
     folder = export_onnx(str(adapter), tmp_path / "onnx")
     files = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
-    runtime = OnnxCausalLM(folder)
     network = load_model(str(adapter), trainable_adapter=False).eval()
     tokenizer = load_tokenizer(str(folder))  # the tokenizer travelled with the graph
 
@@ -28,7 +32,17 @@ def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapte
     ids = np.array([[0, 0, 5, 17, 42, 99], [8, 31, 64, 100, 7, 3]])
     mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     positions = np.clip(mask.cumsum(1) - 1, 0, None)
-    logits, cache = runtime.step(ids, mask, positions, runtime.empty_cache(2))
+    # then one more token through the cache, and greedy generation of a chat prompt
+    step_ids, step_mask = np.array([[11], [12]]), np.concatenate([mask, np.ones((2, 1), int)], 1)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    stops = stop_token_ids(tokenizer, network)
+    logits, step_logits, onnx_greedy = run_isolated(
+        run_in_onnxruntime, folder, ids, mask, positions, step_ids, step_mask, prompt, set(stops), timeout=600
+    )
+
     with torch.no_grad():
         want = network(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
@@ -37,8 +51,6 @@ def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapte
     assert np.abs(logits[real] - want.logits.numpy()[real]).max() < 1e-4
 
     # one more token through the cache equals the same step in PyTorch
-    step_ids, step_mask = np.array([[11], [12]]), np.concatenate([mask, np.ones((2, 1), int)], 1)
-    step_logits, _ = runtime.step(step_ids, step_mask, positions[:, -1:] + 1, cache)
     with torch.no_grad():
         step_want = network(
             input_ids=torch.tensor(step_ids),
@@ -48,16 +60,11 @@ def test_onnx_decoder_matches_pytorch_with_and_without_cache(family, tiny_adapte
         ).logits.numpy()
     assert np.abs(step_logits - step_want).max() < 1e-4
 
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
-    )
-    prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
-    stops = stop_token_ids(tokenizer, network)
     with torch.no_grad():
         greedy = network.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=stops)[
             0, len(prompt) :
         ].tolist()
-    assert runtime.generate(prompt, 24, set(stops)) == greedy
+    assert onnx_greedy == greedy
 
 
 def test_onnx_export_refuses_a_non_empty_folder(tmp_path):

@@ -7,6 +7,7 @@ LevelDB-style log (7-byte file header, 32 KiB blocks, 7-byte chunk headers: crc3
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import time
@@ -14,13 +15,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from google.protobuf.message import DecodeError
 
-wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2  # noqa: E402
+from tests.isolation import run_isolated
 
-from rlft.cli import main as rlft_main  # noqa: E402
-from rlft.cli.tune import main as tune  # noqa: E402
+# found, not imported: W&B (its service process, protobuf records, atexit hooks) runs only in isolated children
+if importlib.util.find_spec("wandb") is None:
+    pytest.skip("wandb is not installed (pip install 'rlft[wandb]')", allow_module_level=True)
 
 BLOCK, HEADER = 32768, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -49,6 +49,9 @@ def _chunks(data: bytes):
 
 def _records(folder: Path, timeout: float = 60.0) -> list:
     """The run file's records once W&B's service has written its final ``exit`` record (it writes asynchronously)."""
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
     (path,) = folder.glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
@@ -89,6 +92,32 @@ def _runs(save_dir: Path) -> list[dict]:
     return [read_offline_run(f) for f in sorted((save_dir / "wandb").glob("offline-run-*"))]
 
 
+def fit_and_read_runs(args: list[str], save_dir: Path) -> list[dict]:
+    """In an isolated child (tests/isolation.py): ``rlft fit`` with ``args``, then the offline runs in ``save_dir``."""
+    import wandb
+
+    from rlft.cli import main as rlft_main
+
+    try:
+        rlft_main(args)
+    finally:
+        wandb.finish()  # flushes the run file, as the end of an `rlft fit` process does
+    return _runs(save_dir)
+
+
+def tune_and_read_runs(args: list[str], out: Path) -> list[dict]:
+    """In an isolated child: ``rlft tune`` with ``args``, then the offline runs of every trial folder in ``out``."""
+    import wandb
+
+    from rlft.cli.tune import main as tune
+
+    try:
+        tune(args)
+        return [run for trial in sorted(out.glob("trial_*")) for run in _runs(trial)]
+    finally:
+        wandb.finish()  # an in-process run stays open until finished (a CLI process finishes it at exit)
+
+
 FAST = [
     "--trainer.max_steps",
     "4",
@@ -103,16 +132,15 @@ FAST = [
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the isolated children inherit the environment and the cwd
     monkeypatch.setenv("WANDB_SILENT", "true")
-    yield
-    wandb.finish()  # an in-process run stays open until finished (a CLI process finishes it at exit)
 
 
 @pytest.mark.slow
 def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
     wb = "--trainer.logger.init_args."
-    rlft_main(
+    (run,) = run_isolated(
+        fit_and_read_runs,
         [
             "fit",
             "-c",
@@ -134,10 +162,10 @@ def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
             str(tmp_path / "hf_model"),
             "--model.init_args.beta",
             "0.3",
-        ]
+        ],
+        tmp_path,
+        timeout=600,
     )
-    wandb.finish()  # flushes the run file, as the end of an `rlft fit` process does
-    (run,) = _runs(tmp_path)
     assert run["run"]["project"] == "rlft-test" and run["run"]["name"] == "dpo-tiny-offline"
     assert run["config"]["rlft_version"]
     resolved = run["config"]["config"]
@@ -154,7 +182,8 @@ def test_offline_fit_run_holds_metrics_config_version_and_adapter(tmp_path):
 def test_tune_logs_each_trial_as_a_run_of_one_group(tmp_path, write_search):
     out = tmp_path / "wandb-study"
     search = write_search({"params": {"model.init_args.optim.lr": {"choices": [1.0e-3, 3.0e-3]}}, "pruner": "none"})
-    tune(
+    runs = run_isolated(
+        tune_and_read_runs,
         [
             "-c",
             "configs/sft/tiny.yaml",
@@ -167,9 +196,10 @@ def test_tune_logs_each_trial_as_a_run_of_one_group(tmp_path, write_search):
             "--out",
             str(out),
             *FAST,
-        ]
+        ],
+        out,
+        timeout=600,
     )
-    runs = [run for trial in sorted(out.glob("trial_*")) for run in _runs(trial)]
     assert len(runs) == 2
     assert {r["run"]["group"] for r in runs} == {"wandb-study"}
     assert sorted(r["run"]["name"] for r in runs) == ["wandb-study-trial_0", "wandb-study-trial_1"]
