@@ -44,6 +44,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
+        FileExistsError,  # an output path that is taken (a file where a folder goes, a non-empty export folder)
+        PermissionError,
         ConnectionError,
     ]
     # Lightning's own refusals of a trainer setting (e.g. `accelerator: gpu` on a machine without one)

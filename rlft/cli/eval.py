@@ -19,6 +19,7 @@ from rlft.cli.eval_common import eval_generator, finish, load_for_eval
 from rlft.cli.eval_judge import judge
 from rlft.cli.eval_rouge import rouge
 from rlft.cli.inference import Quantization
+from rlft.cli.options import checked
 from rlft.eval.results import make_result
 
 log = logging.getLogger(__name__)
@@ -358,7 +359,11 @@ def report(
     print(f"report written to {path}")
 
 
-COMMANDS = [perplexity, accuracy, rouge, humaneval, harness, rewardbench, compare, judge, agent, report]
+# every command's options are range-checked (rlft.cli.options.RANGES) and its --out folder made before any work
+COMMANDS = [
+    checked(command)
+    for command in (perplexity, accuracy, rouge, humaneval, harness, rewardbench, compare, judge, agent, report)
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from rlft.cli.inference import add_inference_arguments
+from rlft.cli.options import check_options
 
 
 def build_parser() -> ArgumentParser:
@@ -55,6 +56,7 @@ def generate_reply(
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    check_options({name: args[name] for name in ("max_new_tokens", "temperature", "top_p", "seed")})
     import torch
     from transformers import TextStreamer
 

@@ -34,10 +34,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
     from sqlalchemy import func, select
 
+    from rlft.cli.options import check_listen
     from rlft.label import store
     from rlft.label.api import create_app
     from rlft.label.db import Labeler, read_only
 
+    if not args.lease_minutes > 0 or args.lease_minutes == float("inf"):
+        raise ValueError(f"--lease-minutes must be a finite number > 0, got {args.lease_minutes}")
+    for flag, value in (("--concurrency", args.concurrency), ("--overlap", args.overlap)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_listen(args.host, args.port)
     engine = _engine(args)
     with read_only(engine) as conn:
         admins = conn.execute(select(func.count()).select_from(Labeler).where(Labeler.is_admin.is_(True))).scalar_one()
@@ -72,6 +79,8 @@ def cmd_import(args: argparse.Namespace) -> None:
         joined = load_generations(args.generations[0], args.generations[1], args.model_a, args.model_b)
         records, notes = joined.records, joined.notes
         extra = f", unmatched prompts: {joined.unmatched_a} in A, {joined.unmatched_b} in B"
+    if not records:
+        raise ValueError(f"{args.pairs or ' and '.join(args.generations)}: no examples to import (empty file?)")
     summary = store.import_records(_engine(args), records, overlap=args.overlap)
     print(
         f"read {len(records)} examples: imported {summary.inserted}, already present {summary.duplicates}"
@@ -107,6 +116,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rlft.label import queries
     from rlft.label.export import export_pairs, format_win_rates, win_rates
 
+    if args.min_votes < 1:
+        raise ValueError(f"--min-votes must be >= 1, got {args.min_votes}")
     engine = _engine(args)
     summary = export_pairs(
         engine, args.out, min_votes=args.min_votes, min_agreement=args.min_agreement, with_metadata=args.with_metadata

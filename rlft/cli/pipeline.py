@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_pipeline(args.config)  # a missing or invalid file: the `rlft` router's one error path reports it
     if args.run_dir:
         config.run_dir = args.run_dir
+    can_force = ["data", *config.stages, *(["evaluation"] if config.evaluation is not None else [])]
+    if unknown := [name for name in args.force if name not in can_force]:
+        raise ValueError(f"--force {' '.join(unknown)}: not a step of {args.config}; choose from {can_force}")
     runner = PipelineRunner(config, force=tuple(args.force))
     if args.print_plan:
         for name, stage in config.stages.items():

@@ -28,6 +28,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveInt
 
 from rlft.cli.inference import add_inference_arguments
+from rlft.cli.options import check_listen
 
 
 def build_parser() -> ArgumentParser:
@@ -85,7 +86,9 @@ def build_parser() -> ArgumentParser:
         default=1 << 20,
         help="most UTF-8 bytes of prompt text per request (more: 413)",
     )
-    parser.add_argument("--log_level", type=str, default="warning")
+    parser.add_argument(
+        "--log_level", type=Literal["critical", "error", "warning", "info", "debug", "trace"], default="warning"
+    )
     return parser
 
 
@@ -166,6 +169,9 @@ def default_name(model: str) -> str:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    if not 0 <= args.batch_window_ms < float("inf"):
+        raise ValueError(f"--batch_window_ms must be a finite number >= 0, got {args.batch_window_ms}")
+    check_listen(args.host, args.port)  # before the model loads, not after
     import uvicorn
 
     from rlft.serve import create_app

@@ -27,8 +27,10 @@ from typing import Any
 import optuna
 from jsonargparse import ArgumentError
 
+from rlft.cli import _user_error_types
 from rlft.cli.config_logging import TrackedConfigCallback
 from rlft.cli.fit import RLFTCLI
+from rlft.cli.options import prepare_out_dir
 from rlft.data import PreferenceDataModule
 from rlft.methods.base import RLFTModule
 from rlft.tune import SearchSpace, SearchSpaceError, StepPruningCallback, load_search_space
@@ -180,7 +182,10 @@ class Trials:
             raise KeyboardInterrupt from error
         except Exception as error:  # noqa: BLE001 - recorded on the trial, then Optuna marks it FAIL and goes on
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:4000])
-            log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+            if isinstance(error, _user_error_types()) and not os.environ.get("RLFT_DEBUG"):  # a setting to fix
+                log.error("trial %d failed: %s", trial.number, " ".join(str(error).split()))
+            else:
+                log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
             raise
 
     def run(self, config: Path, trial: optuna.Trial | None) -> float:
@@ -201,8 +206,18 @@ class Trials:
             _finish_wandb_run()
         metrics = cli.trainer.callback_metrics
         if self.metric not in metrics:
-            raise KeyError(f"metric {self.metric!r} was never logged; logged: {', '.join(sorted(metrics))}")
+            raise ValueError(f"metric {self.metric!r} was never logged; logged: {', '.join(sorted(metrics))}")
         return float(metrics[self.metric])
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Optuna logs a failed trial's traceback; for a user error (a setting to fix) its one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, _user_error_types()) and not os.environ.get("RLFT_DEBUG"):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _finish_wandb_run() -> None:
@@ -241,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in [*logging.getLogger("optuna").handlers, *logging.getLogger().handlers]:
+        handler.addFilter(_UserErrorsInOneLine())
     args, overrides = _parser().parse_known_args(argv)
     if unknown := [a for a in overrides if a.startswith("-") and not a.startswith("--")]:
         raise SystemExit(f"rlft tune: unknown option(s) {unknown}")
@@ -248,10 +265,14 @@ def main(argv: list[str]) -> None:
         space = load_search_space(args.search)
     except SearchSpaceError as error:
         raise SystemExit(f"rlft tune: {error}") from None
+    for flag, value, low in (("--trials", args.trials, 1), ("--heartbeat", args.heartbeat, 1)):
+        if value < low:
+            raise SystemExit(f"rlft tune: {flag} must be >= {low}, got {value}")
+    if args.grace_period is not None and args.grace_period <= args.heartbeat:
+        raise SystemExit(f"rlft tune: --grace-period must be > --heartbeat ({args.heartbeat}), got {args.grace_period}")
     metric = args.metric or space.metric or "val/loss"
     direction = args.direction or space.direction or "minimize"
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(args.out)
     study_name = args.study_name or out_dir.resolve().name
     trials = Trials(args.config, overrides, out_dir, metric, study_name)
     try:
@@ -289,7 +310,9 @@ def finish(study: optuna.Study, out_dir: Path, metric: str) -> None:
     print(trials_table(study, metric))
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
-        raise SystemExit("rlft tune: no trial completed (see the errors above)")
+        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error")]
+        last = f"; the last failed with {errors[-1]}" if errors else " (see the errors above)"
+        raise SystemExit(f"rlft tune: no trial completed{last}")
     best = study.best_trial
     path = write_best_config(study, out_dir)
     plots = write_plots(study, out_dir, metric)

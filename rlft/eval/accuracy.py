@@ -95,13 +95,20 @@ def choice_item(row: dict, index: int = 0) -> dict:
         label = row.get("label", row.get("answer"))
         _known_label(label, index, "label" if "label" in row else "answer")
         choices = list(row["choices"])
-        label = choices.index(label) if isinstance(label, str) and label in choices else int(label)
+        label = choices.index(label) if isinstance(label, str) and label in choices else _index(label, index, choices)
         context = row.get("context") or f"Question: {row.get('question', '')}\nAnswer:"
         return {"context": context, "choices": choices, "label": label}
     raise ValueError(
         f"row {index}: multiple-choice rows need PIQA fields (goal, sol1, sol2, label) or question/choices/label, "
         f"got {sorted(row)}"
     )
+
+
+def _index(label, index: int, choices: list) -> int:
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        raise ValueError(f"row {index}: label {label!r} is neither a choice index nor one of {choices}") from None
 
 
 def _known_label(label, index: int, field: str) -> None:

@@ -21,11 +21,16 @@ def load_records(
         on_invalid: ``"skip"`` drops invalid rows (counted in the conversion report); ``"error"`` stops with every
             invalid row named by file and line (see :func:`rlft.data.formats.convert`).
     """
-    records, _ = convert(read_rows(str(path)), kind=kind, format=format, on_invalid=on_invalid)
+    rows = read_rows(str(path))
+    if not rows:
+        raise ValueError(f"{path}: no rows to evaluate (the file is empty)")
+    records, _ = convert(rows, kind=kind, format=format, on_invalid=on_invalid)
     return records[:limit] if limit is not None else records
 
 
 def load_raw_rows(path: str | Path, *, limit: int | None = None) -> list[dict]:
     """Rows as plain dicts (for task files whose fields are not a training format, e.g. question/answer)."""
     rows = [row.data for row in read_rows(str(path))]
+    if not rows:
+        raise ValueError(f"{path}: no rows to evaluate (the file is empty)")
     return rows[:limit] if limit is not None else rows

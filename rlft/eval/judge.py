@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -63,6 +64,8 @@ _WINNER = re.compile(
     r"(A|B|tie|draw|equal)\b",
     re.IGNORECASE,
 )
+
+log = logging.getLogger(__name__)
 
 
 def parse_score(reply: str) -> float | None:
@@ -143,10 +146,19 @@ class OpenAIJudge:
 
     def _one(self, chat: list[dict]) -> str:
         body = {"model": self.model, "messages": chat, "temperature": self.temperature, "max_tokens": self.max_tokens}
-        response = self.client.post("/chat/completions", json=body)
+        import httpx
+
+        where = f"judge endpoint {self.client.base_url}"
+        try:
+            response = self.client.post("/chat/completions", json=body)
+        except httpx.HTTPError as error:  # refused, unresolvable, timed out: the --api_base to fix
+            raise ConnectionError(f"{where} cannot be reached: {type(error).__name__}: {error}") from None
         if response.status_code >= 400:
-            raise RuntimeError(f"judge endpoint answered HTTP {response.status_code}: {response.text[:300]}")
-        return response.json()["choices"][0]["message"]["content"] or ""
+            raise ConnectionError(f"{where} answered HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            return response.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, LookupError, TypeError):
+            raise ConnectionError(f"{where} did not answer in the OpenAI chat format: {response.text[:300]}") from None
 
     def complete(self, chats: Sequence[list[dict]]) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
@@ -162,11 +174,35 @@ class JudgeCache:
         self.path = Path(path) if path else None
         self.entries: dict[str, str] = {}
         self.lock = threading.Lock()
+        self.torn_at: int | None = None  # byte offset of a partial last line, which the next write replaces
+        self.newline_first = False
         if self.path and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            text = self.path.read_text(encoding="utf-8")
+            lines = text.split("\n")  # json.dumps escapes every other line break
+            # where an unfinished last line starts (a write cut by a kill), in bytes
+            cut = None if text.endswith("\n") else len(text[: text.rfind("\n") + 1].encode("utf-8"))
+            for number, line in enumerate(lines, 1):
                 if line.strip():
-                    item = json.loads(line)
-                    self.entries[item["key"]] = item["reply"]
+                    self._read(line, number, cut if number == len(lines) else None)
+            self.newline_first = cut is not None and self.torn_at is None  # a whole last line without its newline
+
+    def _read(self, line: str, number: int, torn: int | None) -> None:
+        try:
+            item = json.loads(line)
+            key, reply = item["key"], item["reply"]
+            if not isinstance(key, str) or not isinstance(reply, str):
+                raise TypeError
+        except (ValueError, LookupError, TypeError):
+            if (
+                torn is not None
+            ):  # a run killed mid-write: that reply is asked again, and the next write replaces the line
+                log.warning("%s:%d: torn last line of the judge cache ignored", self.path, number)
+                self.torn_at = torn
+                return
+            raise ValueError(
+                f"{self.path}:{number}: not a judge cache line ({{key, reply}} as JSON); use another --cache file"
+            ) from None
+        self.entries[key] = reply
 
     @staticmethod
     def key(identity: str, chat: list[dict]) -> str:
@@ -180,8 +216,13 @@ class JudgeCache:
             self.entries[key] = reply
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                if self.torn_at is not None:
+                    with open(self.path, "r+b") as f:
+                        f.truncate(self.torn_at)
+                    self.torn_at = None
                 with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "reply": reply}) + "\n")
+                    f.write("\n" * self.newline_first + json.dumps({"key": key, "reply": reply}) + "\n")
+                self.newline_first = False
 
 
 @dataclass

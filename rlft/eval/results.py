@@ -67,8 +67,13 @@ def read_results(paths: list[str | Path]) -> list[dict]:
         if not files or not all(f.exists() for f in files):
             raise FileNotFoundError(f"no result JSON found at {path}")
         for file in files:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:  # a torn or foreign file named by the user
+                raise ValueError(f"{file}: not a result JSON file ({error})") from None
             if isinstance(data, dict) and {"kind", "metrics"} <= data.keys():
                 data.setdefault("source", str(file))
                 records.append(data)
+            elif not path.is_dir():  # a file given by name must be a result; a folder may hold other JSON
+                raise ValueError(f"{file}: not an rlft eval result (a JSON object with 'kind' and 'metrics')")
     return records

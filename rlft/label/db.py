@@ -312,6 +312,19 @@ def upgrade(engine: Engine) -> int:
 
 def open_database(url: str) -> Engine:
     """Engine for ``url`` with the schema created or migrated to :data:`SCHEMA_VERSION`."""
-    engine = make_engine(url)
-    upgrade(engine)
+    from sqlalchemy import exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        engine = make_engine(url)
+        upgrade(engine)
+    except (exc.ArgumentError, exc.NoSuchModuleError) as error:
+        raise ValueError(f"--db {url}: not a SQLite file path or a database URL SQLAlchemy knows ({error})") from None
+    except exc.DBAPIError as error:  # not a database file, a folder, an unreachable or refusing server
+        try:
+            shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
+        except exc.ArgumentError:
+            shown = url
+        reason = " ".join(str(error.orig).split())
+        raise ConnectionError(f"--db {shown}: cannot open the labeling database ({reason})") from None
     return engine

@@ -119,6 +119,8 @@ def parse_pair_row(row: Any, where: str) -> PairRecord:
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", parsed_object)``; a line that is not JSON yields a ``ValueError`` in place of the row."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open(encoding="utf-8") as handle:

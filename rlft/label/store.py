@@ -40,6 +40,9 @@ _SHOWN_SIDE = {"a": "left", "b": "right", "tie": "tie"}
 MAX_REASONING_CHARS = 10_000
 
 
+MIN_TOKEN_LENGTH = 8
+
+
 class LabelError(Exception):
     """A request that cannot be served; ``status`` is the HTTP status code the API returns."""
 
@@ -102,6 +105,8 @@ def add_labeler(engine: Engine, name: str, *, admin: bool = False, token: str | 
     name = name.strip()
     if not name or len(name) > 200:
         raise Invalid("labeler name must be 1-200 characters")
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:  # the only secret between the API and a stranger
+        raise Invalid(f"a token must have at least {MIN_TOKEN_LENGTH} characters; leave it out for a random one")
     token = token or secrets.token_urlsafe(24)
     try:
         with engine.begin() as conn:

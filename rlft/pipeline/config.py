@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from rlft.cli.options import check_options
+
 STAGE_ORDER = ("sft", "rm", "dpo", "grpo", "online_dpo")
 """Training stages in the order they run; ``evaluation`` and ``report`` follow."""
 
@@ -143,9 +145,33 @@ def _build(cls, values, where: str, path: str):
     if unknown:
         _fail(path, f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     try:
-        return cls(**values)
+        built = cls(**values)
     except TypeError as error:  # a missing required key
         _fail(path, f"{where}: {error}")
+    _check_types(built, values, where, path)
+    try:
+        check_options({key: values[key] for key in values}, prefix=f"{where}.")
+    except ValueError as error:
+        _fail(path, str(error))
+    return built
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "dict": dict, "bool": bool}
+
+
+def _check_types(built, values: dict, where: str, path: str) -> None:
+    """Each given value has its field's type (``args: "a=b"`` or ``limit: "ten"`` would be taken as they are)."""
+    for key, value in values.items():
+        annotation = str(built.__dataclass_fields__[key].type)
+        optional, base = annotation.endswith(" | None"), annotation.removesuffix(" | None").split("[")[0]
+        expected = _TYPES.get(base, list if base == "list" else None)
+        if expected is None or (value is None and optional):
+            continue
+        wrong_bool = isinstance(value, bool) and base in ("int", "float")
+        if wrong_bool or not isinstance(value, expected):
+            _fail(path, f"{where}.{key}: expected {annotation}, got {type(value).__name__} {value!r}")
+        if base == "list" and not all(isinstance(item, str) for item in value):
+            _fail(path, f"{where}.{key}: expected a list of strings, got {value!r}")
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -153,7 +179,14 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"pipeline config {path} does not exist")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        _fail(path + line, f"not valid YAML ({getattr(error, 'problem', None) or error})")
+    except UnicodeDecodeError as error:
+        _fail(path, f"not UTF-8 text ({error.reason} at byte {error.start})")
     if not isinstance(raw, dict):
         _fail(path, "a pipeline config is a mapping with run_dir, data, stages")
     for key in ("run_dir", "data", "stages"):

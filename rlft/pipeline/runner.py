@@ -200,12 +200,15 @@ class PipelineRunner:
                     "data"
                 )
             done = json.loads((folder / DONE).read_text())
-            if done.get("data_sha256", contents) == contents:  # (a folder split before hashes existed: as it was)
+            if "data" in self.force:  # the same files and settings split the same way: what depends on it stays DONE
+                print("rlft pipeline: --force data: splitting again", flush=True)
+            elif done.get("data_sha256", contents) == contents:  # (a folder split before hashes existed: as it was)
                 return json.loads((folder / "split.json").read_text())
-            # split again: the stages' fingerprints hash the new split files, so exactly the stages whose training
-            # data changed re-run, and the evaluation follows any held-out change
-            edited = sorted(p for p in contents if done["data_sha256"].get(p) != contents[p])
-            print(f"rlft pipeline: data file(s) {edited} changed since the split: splitting again", flush=True)
+            else:
+                # split again: the stages' fingerprints hash the new split files, so exactly the stages whose
+                # training data changed re-run, and the evaluation follows any held-out change
+                edited = sorted(p for p in contents if done["data_sha256"].get(p) != contents[p])
+                print(f"rlft pipeline: data file(s) {edited} changed since the split: splitting again", flush=True)
         info = split_pairs(d.paths, folder, heldout_fraction=d.heldout_fraction, seed=d.seed, format=d.format)
         (folder / "split.json").write_text(json.dumps(info, indent=2))
         self.mark_done(folder, {"output": str(folder), "settings": settings, "data_sha256": contents})

@@ -31,7 +31,7 @@ class StepPruningCallback(PyTorchLightningPruningCallback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise KeyError(
+            raise ValueError(
                 f"pruning metric {self.monitor!r} was not logged at validation; logged: "
                 f"{', '.join(sorted(trainer.callback_metrics)) or 'nothing'} (--pruner none tunes on metrics that "
                 "validation does not log)"

@@ -114,10 +114,14 @@ def open_study(
                 study_name=name, storage=rdb, direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True
             )
             break
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:  # not a URL to retry
+            raise ValueError(f"--storage {_shown(storage)}: not a database URL SQLAlchemy can open ({error})") from None
         except sqlalchemy.exc.SQLAlchemyError as error:
             # processes started together race to create the schema and the study; the loser finds them made
             if attempt == 2:
-                raise
+                reason = getattr(error, "orig", None) or error
+                where = _shown(storage)
+                raise ConnectionError(f"--storage {where}: cannot open the study database ({reason})") from None
             log.warning("opening study %s failed (%s); retrying", name, type(error).__name__)
             time.sleep(1.0 + attempt)
     if study.direction.name.lower() != direction:
@@ -126,6 +130,13 @@ def open_study(
             f"not {direction}; use another --study-name"
         )
     return study
+
+
+def _shown(url: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
 
 
 def count_done(study: optuna.Study) -> int:

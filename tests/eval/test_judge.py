@@ -105,7 +105,7 @@ def test_pairwise_both_orders_cancel_position_bias(server):
 def test_http_errors_are_reported(server):
     url, _ = server
     judge = Judge(OpenAIJudge(url.replace("/v1", "/v2"), "m"))
-    with pytest.raises(RuntimeError, match="HTTP 404"):
+    with pytest.raises(ConnectionError, match="HTTP 404"):  # a user error: one line on the CLI
         judge.pointwise(["q"], ["a"])
 
 
