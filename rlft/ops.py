@@ -4,8 +4,7 @@ Everything here is a stateless function on tensors: no models, no Lightning. Con
 
 * Token-level tensors are ``[B, T]``; ``mask`` is 1 (or True) on positions that count, 0 elsewhere.
 * Sequences in RL helpers are right-padded (response tokens first, padding after).
-* Log-prob helpers (:func:`gather_logps`, :func:`hidden_logps`, :func:`entropy_from_logits`) live in
-  :mod:`rlft.logprobs` and are re-exported here.
+* Log-prob helpers (``gather_logps``, ``hidden_logps``, ``entropy_from_logits``) live in :mod:`rlft.logprobs`.
 """
 
 from __future__ import annotations
@@ -14,20 +13,14 @@ from collections.abc import Callable
 
 import torch
 
-from rlft.logprobs import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps, hidden_logps_and_entropy
 from rlft.registry import resolve
 
 __all__ = [
     "ADVANTAGE_BASELINES",
     "ADVANTAGE_SCALES",
-    "IGNORE_INDEX",
     "KL_ESTIMATORS",
-    "entropy_from_logits",
     "gae",
-    "gather_logps",
     "group_advantages",
-    "hidden_logps",
-    "hidden_logps_and_entropy",
     "kl_estimate",
     "masked_mean",
     "masked_var",

@@ -23,7 +23,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 MFU_SNIPPET = r"""
 import json, sys, time, torch, transformers
-from rlft.ops import hidden_logps
+from rlft.logprobs import hidden_logps
 cfg = json.loads(sys.argv[1])
 config = transformers.LlamaConfig(**cfg["config"])
 device = cfg["device"]
@@ -286,7 +286,7 @@ def main() -> None:
             "3",
             "--trainer.limit_val_batches",
             "0",
-            "--model.init_args.sampling.backend",
+            "--model.init_args.decoder.backend",
             "vllm",
         ]
         grpo_vllm = fit(str(REPO / "configs/grpo/tiny.yaml"), None, args.out / "grpo_vllm", device, extra)

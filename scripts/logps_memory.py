@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     import peft
     import transformers
     from rlft.models import find_linear_targets
-    from rlft.ops import gather_logps, hidden_logps
+    from rlft.logprobs import gather_logps, hidden_logps
 
     mode, batch, length = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
@@ -47,7 +47,7 @@ WORKER = textwrap.dedent(
         if mode == "full_logits":  # what a plain causal-LM forward gives: [B, T, V] logits, fp32 log-softmax
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
             return torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]
-        if mode == "chunked_logits":  # rlft.ops.gather_logps on the model's logits
+        if mode == "chunked_logits":  # rlft.logprobs.gather_logps on the model's logits
             return gather_logps(model(input_ids=ids, use_cache=False).logits[:, :-1], labels)
         hidden = lm.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # rlft: never builds logits
         return hidden_logps(hidden, lm.get_output_embeddings().weight, labels)

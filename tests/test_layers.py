@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlft"
 LAYERS = [
     {
         "rlft.losses",
+        "rlft.ranking_losses",
         "rlft.rl_losses",
         "rlft.ops",
         "rlft.logprobs",

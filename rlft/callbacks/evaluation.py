@@ -25,7 +25,8 @@ from pathlib import Path
 
 import lightning as L
 
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
+from rlft.generation.settings import SamplingSettings
 from rlft.models.lowp import full_precision_linears
 from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
 from rlft.strategies import full_weights
@@ -140,20 +141,6 @@ class PerplexityCallback(EvaluationCallback):
         return {"perplexity": result.perplexity, "nll": result.nll}
 
 
-class _ModuleRewardScorer:
-    """Scores exchanges with a training :class:`rlft.methods.RewardModel` network (no copy of the weights)."""
-
-    def __init__(self, network, tokenizer) -> None:
-        from rlft.models.reward import RewardScorer
-
-        was_training = network.training
-        self.scorer = RewardScorer(network, tokenizer)
-        network.train(was_training)  # RewardScorer switches to eval mode; the callback's context handles that
-
-    def score_exchanges(self, prompts: list, responses: list[str]) -> list[float]:
-        return [float(x) for x in self.scorer.score(prompts, responses).tolist()]
-
-
 class RougeCallback(EvaluationCallback):
     """ROUGE-1/2/L F1 of greedy answers against the reference answers of an SFT file (``<prefix>/rouge1`` ...).
 
@@ -213,8 +200,10 @@ class RewardAccuracyCallback(EvaluationCallback):
 
     def evaluate(self, model, tokenizer, pl_module) -> dict[str, float]:
         from rlft.eval.reward_bench import preference_accuracy
+        from rlft.models.reward import RewardScorer
 
-        result = preference_accuracy(_ModuleRewardScorer(model, tokenizer), self.pairs)
+        # the training network itself, no copy of the weights; scoring restores its mode
+        result = preference_accuracy(RewardScorer(model, tokenizer), self.pairs)
         return {"rm_accuracy": result["accuracy"], "rm_auroc": result["auroc"], "rm_margin": result["mean_margin"]}
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from rlft.callbacks.evaluation import EvaluationCallback
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
+from rlft.generation.settings import SamplingSettings
 from rlft.models.modes import inference as eval_mode
 from rlft.strategies import full_weights
 
@@ -75,12 +76,12 @@ class WinRateCallback(EvaluationCallback):
             raise RuntimeError("WinRateCallback has no answers of the starting policy (on_train_start did not run)")
         answers = self._answers(model, tokenizer)
         if self.reward_model:
-            from rlft.eval.reward_bench import load_reward_scorer, score_exchanges
+            from rlft.eval.reward_bench import load_reward_scorer
 
             self._scorer = self._scorer or load_reward_scorer(self.reward_model)
             if self.start_rewards is None:
-                self.start_rewards = score_exchanges(self._scorer, self.prompts, self.start_answers)
-            rewards = score_exchanges(self._scorer, self.prompts, answers)
+                self.start_rewards = self._scorer.score_exchanges(self.prompts, self.start_answers)
+            rewards = self._scorer.score_exchanges(self.prompts, answers)
             rate = win_rate(outcomes_from_scores(rewards, self.start_rewards), n_bootstrap=self.n_bootstrap)
             extra = {"reward": sum(rewards) / len(rewards), "reward_start": sum(self.start_rewards) / len(rewards)}
         else:

@@ -97,7 +97,7 @@ def accuracy(
     """
     from rlft.eval.accuracy import generative_accuracy, multiple_choice_accuracy
     from rlft.eval.data import load_raw_rows
-    from rlft.generation.generator import SamplingSettings
+    from rlft.generation.settings import SamplingSettings
 
     rows = load_raw_rows(data, limit=limit)
     lm, tok = load_for_eval(model, device, dtype, quantization)
@@ -105,9 +105,9 @@ def accuracy(
         metrics = multiple_choice_accuracy(lm, tok, rows, batch_size=batch_size)
         details = {"predictions": metrics.pop("predictions")}
     else:
-        settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        settings = SamplingSettings(max_new_tokens=max_new_tokens)
         metrics = generative_accuracy(
-            eval_generator(lm, tok, model), rows, extractor=extractor, settings=settings, chat=chat
+            eval_generator(lm, tok, model, batch_size), rows, extractor=extractor, settings=settings, chat=chat
         )
         details = {"rows": metrics.pop("rows")}
     config = {"data": data, "method": method, "extractor": extractor, "limit": limit}
@@ -270,7 +270,8 @@ def rewardbench(
     """
     from rlft.eval.data import load_records
     from rlft.eval.reward_bench import load_reward_scorer, load_toxicity_classifier, policy_report, preference_accuracy
-    from rlft.generation.generator import Generator, SamplingSettings
+    from rlft.generation.generator import Generator
+    from rlft.generation.settings import SamplingSettings
 
     scorer = load_reward_scorer(reward_model)
     metrics: dict = {"pairs": preference_accuracy(scorer, load_records(pairs, kind="pairs", limit=limit))}
@@ -279,7 +280,8 @@ def rewardbench(
         prompt_records = load_records(prompts or pairs, kind="prompts", limit=limit)
         prompt_list = [r["prompt"] for r in prompt_records]
         lm, tok = load_for_eval(policy, device, dtype, quantization)
-        responses = [s[0] for s in Generator(lm, tok).generate(prompt_list, SamplingSettings(max_new_tokens))]
+        settings = SamplingSettings(max_new_tokens=max_new_tokens)
+        responses = [s[0] for s in Generator(lm, tok).generate(prompt_list, settings)]
         classifier = load_toxicity_classifier(toxicity_model)
         metrics["policy"] = policy_report(scorer, prompt_list, responses, toxicity_classifier=classifier)
         details["generations"] = [{"prompt": p, "response": r} for p, r in zip(prompt_list, responses)]
@@ -322,7 +324,7 @@ def compare(
     from rlft.eval.compare import generate_for_policies, summarize_policies
     from rlft.eval.data import load_records
     from rlft.eval.reward_bench import load_reward_scorer
-    from rlft.generation.generator import SamplingSettings
+    from rlft.generation.settings import SamplingSettings
 
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} must be one of the policies {sorted(policies)}")

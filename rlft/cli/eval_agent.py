@@ -61,7 +61,7 @@ def agent(
         max_new_tokens: Tokens per model turn at most.
         temperature: Sampling temperature (0 = greedy).
         top_p: Nucleus sampling mass.
-        backend: Sampler: rlft, hf, vllm or module:function (a registered backend, as in `sampling.backend`).
+        backend: Sampler: rlft, hf, vllm or module:function (a registered backend, as in `decoder.backend`).
         batch_size: Prompts sampled together.
         seed: Sampling seed.
         format: Input format name, or "auto" to detect it.
@@ -75,12 +75,13 @@ def agent(
     from rlft.eval.agent import evaluate_agent
     from rlft.eval.data import load_records
     from rlft.eval.results import make_result
+    from rlft.generation.settings import DecoderSettings, SamplingSettings
     from rlft.rl.multiturn import AgentSettings
-    from rlft.rl.rollout import RolloutSettings
     from rlft.rl.tools import resolve_tools
 
     # every setting is checked before the model loads: a typo costs no loading time
-    settings = RolloutSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, backend=backend)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0)
+    decoder = DecoderSettings(backend=backend)
     agent_settings = AgentSettings(
         tools=list(tools),
         environment=environment,
@@ -110,6 +111,7 @@ def agent(
         agent_settings,
         rewards,
         settings,
+        decoder,
         batch_size=batch_size,
         samples=samples,
         success_threshold=success_threshold,

@@ -12,10 +12,11 @@ def load_for_eval(model: str, device: str | None = None, dtype: str | None = Non
     return load_for_inference(model, device=device, dtype=dtype, quantization=quantization)
 
 
-def eval_generator(lm, tok, model: str):
-    """The batched generator; with vLLM installed and a GPU, vLLM serves model folders/hub ids, and adapter folders
-    through its LoRA support on top of their base."""
+def eval_generator(lm, tok, model: str, batch_size: int = 8):
+    """The batched generator (``batch_size`` sequences per forward); with vLLM installed and a GPU, vLLM serves model
+    folders/hub ids, and adapter folders through its LoRA support on top of their base."""
     from rlft.generation.generator import Generator
+    from rlft.generation.settings import DecoderSettings
     from rlft.generation.vllm import vllm_usable
 
     model_path = adapter_path = None
@@ -25,7 +26,8 @@ def eval_generator(lm, tok, model: str):
         ref = resolve_model(model)
         if ref.gguf_file is None:
             model_path, adapter_path = ref.path, ref.adapter
-    return Generator(lm, tok, model_path=model_path, adapter_path=adapter_path)
+    decoder = DecoderSettings(backend="auto", batch_size=batch_size)
+    return Generator(lm, tok, decoder, model_path=model_path, adapter_path=adapter_path)
 
 
 def finish(result: dict, out: str, name: str | None = None) -> None:

@@ -50,7 +50,8 @@ def judge(
     from rlft.eval.compare import generate_for_policies, prompt_text
     from rlft.eval.data import load_records
     from rlft.eval.judge import Judge, LocalJudge, OpenAIJudge
-    from rlft.generation.generator import Generator, SamplingSettings
+    from rlft.generation.generator import Generator
+    from rlft.generation.settings import SamplingSettings
 
     if mode == "pairwise" and not baseline:
         raise ValueError("pairwise judging needs --baseline MODEL")

@@ -36,11 +36,11 @@ def rouge(
     """
     from rlft.eval.data import load_records
     from rlft.eval.rouge import generated_rouge
-    from rlft.generation.generator import SamplingSettings
+    from rlft.generation.settings import SamplingSettings
 
     records = load_records(data, kind="sft", format=format, limit=limit)
     lm, tok = load_for_eval(model, device, dtype, quantization)
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    metrics, rows = generated_rouge(eval_generator(lm, tok, model), records, settings)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens)
+    metrics, rows = generated_rouge(eval_generator(lm, tok, model, batch_size), records, settings)
     config = {"data": data, "limit": limit, "max_new_tokens": max_new_tokens}
     finish(make_result("rouge", model, {**metrics, "n": len(rows)}, config=config, details={"rows": rows}), out)

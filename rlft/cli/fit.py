@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from rlft.callbacks.shutdown import GracefulShutdown, bound_collectives
 from rlft.cli.config_logging import TrackedConfigCallback
 from rlft.cli.trainer import Trainer
 from rlft.data import PreferenceDataModule
-from rlft.methods.base import RLFTModule, export_folder
+from rlft.methods.base import RLFTModule
+from rlft.methods.exporting import export_folder
 
 LAST_OR_FRESH = "last_or_fresh"
 # settings that shape the trainable tensors or what they mean: a resume that changes them cannot be exact
@@ -89,10 +91,28 @@ def condense_parser_error(message: str) -> str:
     return f"{head}: {body}" if head else body
 
 
+def misplaced_decoder_key(message: str) -> str | None:
+    """The one-line fix for a decoder setting written under ``sampling:`` (e.g. ``decode_dtype``), else None."""
+    from rlft.generation.settings import DECODER_KEYS, misplaced_message
+
+    said = re.search(r"sampling\.[\w., ]+? (?:is a|are) decoder settings?: [^\n]*", message)  # a nested parser's
+    if said:
+        return said.group(0)
+    found = re.search(r"'sampling' does not accept option '([\w.]+)'", message) or re.search(
+        r"unrecognized arguments: .*?--(?:[\w.]*\.)?sampling\.(\w+)", message
+    )
+    if found and found.group(1).rsplit(".", 1)[-1] in DECODER_KEYS:
+        return misplaced_message([found.group(1).rsplit(".", 1)[-1]])
+    return None
+
+
 class RLFTArgumentParser(LightningArgumentParser):
     """Parser whose errors are one readable line instead of a union dump plus the whole config."""
 
     def error(self, message: str, ex: Exception | None = None):
+        misplaced = misplaced_decoder_key(message)
+        if misplaced is not None:  # main() prints it as `rlft fit: error: <line>`, exits 1
+            raise ConfigError(misplaced)
         if os.environ.get("RLFT_DEBUG"):
             return super().error(message, ex)
         self.print_usage(sys.stderr)

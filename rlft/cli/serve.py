@@ -106,6 +106,7 @@ def build_engine(
     """Load ``model`` and wrap it in a batching engine (vLLM loads its own copy of the weights)."""
     from rlft.cli.inference import load_for_inference, resolve_inference
     from rlft.generation.generator import Generator
+    from rlft.generation.settings import DecoderSettings
     from rlft.generation.vllm import vllm_usable
     from rlft.models import load_tokenizer, resolve_model
     from rlft.models.checkpoint import is_checkpoint
@@ -122,9 +123,8 @@ def build_engine(
             raise ValueError("serve a .gguf with --backend hf (or export it to a merged folder for vLLM)")
         _, dtype = resolve_inference(device, dtype, None)
         tokenizer = load_tokenizer(model)
-        generator = Generator(
-            None, tokenizer, backend="vllm", model_path=ref.path, adapter_path=ref.adapter, dtype=dtype
-        )
+        vllm = DecoderSettings(backend="vllm", batch_size=max_batch_size)
+        generator = Generator(None, tokenizer, vllm, model_path=ref.path, adapter_path=ref.adapter, dtype=dtype)
         config_source = ref.path
         if batching == "continuous":
             raise ValueError("--batching continuous is rlft's decoder; vLLM batches on its own (use --backend hf)")
@@ -138,7 +138,7 @@ def build_engine(
         max_context = _max_context(network.config, tokenizer)
         if batching != "window" and supports_continuous(network):
             return ContinuousEngine(network, tokenizer, max_context=max_context, max_batch_size=max_batch_size)
-        generator = Generator(network, tokenizer, backend="hf")
+        generator = Generator(network, tokenizer, DecoderSettings(backend="hf", batch_size=max_batch_size))
         config_source = network.config
     return Engine(
         generator,

@@ -1,7 +1,7 @@
 """Dynamic padding: each batch is padded to its own longest sequence, never to ``max_length``.
 
-Each data kind's own collate function lives in its registry entry (:mod:`rlft.data.kinds`); the primitives in
-:mod:`rlft.data.padding` (``pad``, ``pack``, re-exported here).
+Each data kind's own collate function lives in its registry entry (:mod:`rlft.data.kinds`), building that kind's
+typed batch (:mod:`rlft.data.batches`); the primitives live in :mod:`rlft.data.padding` (``pad``, ``pack``).
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-import torch
-
+from rlft.data.batches import Batch
 from rlft.data.kinds import data_kind
-from rlft.data.padding import pack, pad  # noqa: F401 - re-exported
 
 
 class Collator:
@@ -32,7 +30,7 @@ class Collator:
         # (the loader builds batches ahead of training, so "the last batch built" is not the one being trained)
         self.recent_rows: OrderedDict[str, list[str]] = OrderedDict()
 
-    def __call__(self, examples: list[dict]) -> dict:
+    def __call__(self, examples: list[dict]) -> Batch:
         kind = self.spec
         if self.packing and kind.pack is not None:
             batch = kind.pack(examples)
@@ -45,19 +43,14 @@ class Collator:
         return batch
 
 
-def batch_fingerprint(batch: dict) -> str:
+def batch_fingerprint(batch: Batch) -> str:
     """A short hash of a batch's token ids (the same batch gives the same value after moving to a device)."""
     digest = hashlib.blake2b(digest_size=12)
-    for key in sorted(batch):
-        value = batch[key]
-        if torch.is_tensor(value) and key.endswith("input_ids"):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    for ids in batch.id_tensors():
+        digest.update(ids.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def count_tokens(batch: dict) -> int:
+def count_tokens(batch: Batch) -> int:
     """Real (non-pad) tokens in a padded or packed batch, for throughput."""
-    if "seq_lengths" in batch:
-        return int(batch["seq_lengths"].sum())
-    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))
+    return batch.real_tokens()

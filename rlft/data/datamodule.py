@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rlft.data import cache as data_cache
+from rlft.data.batches import Batch
 from rlft.data.collate import Collator, batch_fingerprint
 from rlft.data.encoding import TemplateError
 from rlft.data.errors import DataError
@@ -268,7 +269,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self._collators = [*self._collators[-3:], collator]
         return collator
 
-    def rows_of(self, batch: dict) -> list[str] | None:
+    def rows_of(self, batch: Batch) -> list[str] | None:
         """``file:line`` of the examples in a batch this module served (``None`` when unknown, e.g. workers)."""
         key = batch_fingerprint(batch)
         for collator in reversed(self._collators):

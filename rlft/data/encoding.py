@@ -23,8 +23,7 @@ import re
 from dataclasses import dataclass
 
 from rlft.data.tool_messages import template_inputs
-
-IGNORE_INDEX = -100
+from rlft.logprobs import IGNORE_INDEX
 
 
 class TemplateError(ValueError):

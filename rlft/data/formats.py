@@ -26,7 +26,7 @@ from rlft.data import parsers
 from rlft.data.conversion_report import ConversionReport
 from rlft.data.errors import DataError, Issue, RecordError
 from rlft.data.fields import Example, check_turn_order
-from rlft.data.kinds import DATA_KINDS, RESERVED_PAIR_KEYS, RESERVED_UNPAIRED_KEYS, data_kind  # noqa: F401
+from rlft.data.kinds import DATA_KINDS, data_kind
 from rlft.data.ranked_rows import from_ranked
 from rlft.data.sources import Row
 from rlft.data.text_rows import TEXT_KEYS, TEXT_REFUSALS, from_text

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 
 import torch
 
-from rlft.data.encoding import IGNORE_INDEX, encode_completion, encode_pair, encode_prompt, encode_sft, encode_text
+from rlft.data.batches import Batch, PairBatch, PromptBatch, SFTBatch, Tokens, UnpairedBatch
+from rlft.data.encoding import encode_completion, encode_pair, encode_prompt, encode_sft, encode_text
 from rlft.data.errors import DataError, RecordError
 from rlft.data.fields import Example
-from rlft.data.padding import fit, pack, pad, with_fields
+from rlft.data.padding import fit, pack, pad, row_fields
 from rlft.data.tool_messages import parse_tools, refuse_tool_call_reply
+from rlft.logprobs import IGNORE_INDEX
 
 __all__ = ["DATA_KINDS", "DataKind", "RESERVED_PAIR_KEYS", "RESERVED_UNPAIRED_KEYS", "data_kind"]
 
 _PAIR_ENCODED = {"prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "truncated", "row"}
 _UNPAIRED_ENCODED = {"prompt_ids", "completion_ids", "completion_labels", "truncated", "row"}
+_SFT_ENCODED = {"input_ids", "labels", "truncated", "row"}
 _PADDED = {"input_ids", "attention_mask", "labels"}
 # what an encoded example and its batch hold: a record's own field cannot take one of these names (it would be
 # overwritten, silently)
@@ -60,7 +63,7 @@ class DataKind:
         encode: ``encode(tokenizer, record, max_length=..., max_prompt_length=...) -> example`` (with a
             ``truncated`` flag).
         unusable: Why an encoded example cannot train (usually: truncation removed what mattered), else ``None``.
-        collate: ``collate(examples, pad_id, multiple_of) -> batch``, padded.
+        collate: ``collate(examples, pad_id, multiple_of) -> batch`` (the kind's :mod:`rlft.data.batches` type), padded.
         pack: ``pack(examples) -> batch``, padding-free (``None``: the kind is never packed, see ``unpacked_because``).
         advice: Why a format without this kind cannot provide it and what to do instead.
         unpacked_because: Why ``data.packing`` is refused for this kind.
@@ -72,8 +75,8 @@ class DataKind:
     project: Callable[..., dict] | None
     encode: Callable[..., dict] | None
     unusable: Callable[[dict], str | None]
-    collate: Callable[[list[dict], int, int | None], dict] | None
-    pack: Callable[[list[dict]], dict] | None = None
+    collate: Callable[[list[dict], int, int | None], Batch] | None
+    pack: Callable[[list[dict]], Batch] | None = None
     advice: str = ""
     unpacked_because: str = ""
     imitates_completions: bool = False
@@ -186,12 +189,12 @@ def _unpaired_unusable(example: dict) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------------------- collation
-def _padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int, width: int) -> dict:
-    return {
-        "input_ids": fit(pad(seqs, pad_id), width, pad_id),
-        "attention_mask": fit(pad([[1] * len(s) for s in seqs], 0), width, 0),
-        "labels": fit(pad(labels, IGNORE_INDEX), width, IGNORE_INDEX),
-    }
+def _padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int, width: int) -> Tokens:
+    return Tokens(
+        input_ids=fit(pad(seqs, pad_id), width, pad_id),
+        labels=fit(pad(labels, IGNORE_INDEX), width, IGNORE_INDEX),
+        attention_mask=fit(pad([[1] * len(s) for s in seqs], 0), width, 0),
+    )
 
 
 def _width(seqs: list[list[int]], multiple_of: int | None) -> int:
@@ -199,50 +202,50 @@ def _width(seqs: list[list[int]], multiple_of: int | None) -> int:
     return -(-width // multiple_of) * multiple_of if multiple_of else width
 
 
-def _collate_sft(examples: list[dict], pad_id: int, multiple_of: int | None) -> dict:
+def _collate_sft(examples: list[dict], pad_id: int, multiple_of: int | None) -> SFTBatch:
     ids = [e["input_ids"] for e in examples]
-    return _padded(ids, [e["labels"] for e in examples], pad_id, _width(ids, multiple_of))
+    tokens = _padded(ids, [e["labels"] for e in examples], pad_id, _width(ids, multiple_of))
+    return SFTBatch(tokens, fields=row_fields(examples, _SFT_ENCODED))
 
 
-def _pack_sft(examples: list[dict]) -> dict:
-    return pack([e["input_ids"] for e in examples], [e["labels"] for e in examples])
+def _pack_sft(examples: list[dict]) -> SFTBatch:
+    tokens = pack([e["input_ids"] for e in examples], [e["labels"] for e in examples])
+    return SFTBatch(tokens, fields=row_fields(examples, _SFT_ENCODED))
 
 
-def _collate_pairs(examples: list[dict], pad_id: int, multiple_of: int | None) -> dict:
-    # chosen and rejected share one width so methods can run them as a single concatenated forward
-    sides = ("chosen", "rejected")
-    seqs = {side: [e["prompt_ids"] + e[f"{side}_ids"] for e in examples] for side in sides}
-    labels = {side: [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_labels"] for e in examples] for side in sides}
-    width = _width(seqs["chosen"] + seqs["rejected"], multiple_of)
-    batch: dict = {}
-    for side in sides:
-        batch.update({f"{side}_{k}": v for k, v in _padded(seqs[side], labels[side], pad_id, width).items()})
-    batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
-    return with_fields(batch, examples, _PAIR_ENCODED)
-
-
-def _pack_pairs(examples: list[dict]) -> dict:
-    # all chosen sequences, then all rejected ones: the same order as the padded concatenated forward
+def _pair_rows(examples: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    # all chosen sequences, then all rejected ones: the order of the concatenated forward
     sides = ("chosen", "rejected")
     seqs = [e["prompt_ids"] + e[f"{side}_ids"] for side in sides for e in examples]
     labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_labels"] for side in sides for e in examples]
-    batch = pack(seqs, labels)
-    batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
-    return with_fields(batch, examples, _PAIR_ENCODED)
+    return seqs, labels
 
 
-def _collate_prompts(examples: list[dict], pad_id: int, multiple_of: int | None) -> dict:
+def _collate_pairs(examples: list[dict], pad_id: int, multiple_of: int | None) -> PairBatch:
+    # chosen and rejected share one width so methods can run them as a single concatenated forward
+    seqs, labels = _pair_rows(examples)
+    prompt_lengths = torch.tensor([len(e["prompt_ids"]) for e in examples])
+    tokens = _padded(seqs, labels, pad_id, _width(seqs, multiple_of))
+    return PairBatch(tokens, prompt_lengths, fields=row_fields(examples, _PAIR_ENCODED))
+
+
+def _pack_pairs(examples: list[dict]) -> PairBatch:
+    prompt_lengths = torch.tensor([len(e["prompt_ids"]) for e in examples])
+    return PairBatch(pack(*_pair_rows(examples)), prompt_lengths, fields=row_fields(examples, _PAIR_ENCODED))
+
+
+def _collate_prompts(examples: list[dict], pad_id: int, multiple_of: int | None) -> PromptBatch:
     # left padding: generation appends to the right of every prompt at once
     ids = [e["prompt_ids"] for e in examples]
-    batch = {
-        "prompt_input_ids": pad(ids, pad_id, left=True),
-        "prompt_attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
-    }
-    # rows of one file may carry different extra fields: every field is kept, None where a row lacks it
-    keys = dict.fromkeys(k for e in examples for k in e if k not in ("prompt_ids", "row"))
-    for key in keys:
-        batch[key] = [e.get(key) for e in examples]
-    return batch
+    # rows of one file may carry different extra fields: every field is kept (as given, for reward functions),
+    # None where a row lacks it
+    keys = dict.fromkeys(k for e in examples for k in e if k not in ("prompt_ids", "row", "prompt"))
+    return PromptBatch(
+        pad(ids, pad_id, left=True),
+        pad([[1] * len(s) for s in ids], 0, left=True),
+        [e.get("prompt") for e in examples],
+        fields={key: [e.get(key) for e in examples] for key in keys},
+    )
 
 
 def _mismatched(examples: list[dict], width: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -262,16 +265,18 @@ def _mismatched(examples: list[dict], width: int) -> tuple[list[list[int]], list
     return seqs, labels
 
 
-def _collate_unpaired(examples: list[dict], pad_id: int, multiple_of: int | None) -> dict:
+def _collate_unpaired(examples: list[dict], pad_id: int, multiple_of: int | None) -> UnpairedBatch:
     seqs = [e["prompt_ids"] + e["completion_ids"] for e in examples]
     labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e["completion_labels"] for e in examples]
     kl_seqs, kl_labels = _mismatched(examples, max(len(s) for s in seqs))
     width = _width(seqs + kl_seqs, multiple_of)
-    batch = _padded(seqs, labels, pad_id, width)
-    batch.update({f"kl_{k}": v for k, v in _padded(kl_seqs, kl_labels, pad_id, width).items()})
-    batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples])
-    batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
-    return with_fields(batch, examples, _UNPAIRED_ENCODED)
+    return UnpairedBatch(
+        _padded(seqs, labels, pad_id, width),
+        _padded(kl_seqs, kl_labels, pad_id, width),
+        torch.tensor([len(e["prompt_ids"]) for e in examples]),
+        torch.tensor([e["label"] for e in examples], dtype=torch.bool),
+        fields=row_fields(examples, _UNPAIRED_ENCODED | {"label"}),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- registry

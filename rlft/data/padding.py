@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from rlft.data.encoding import IGNORE_INDEX
+from rlft.data.batches import Tokens
+from rlft.logprobs import IGNORE_INDEX
 
-__all__ = ["fit", "pack", "pad", "with_fields"]
+__all__ = ["fit", "pack", "pad", "row_fields"]
 
 
 def pad(sequences: list[list[int]], value: int, *, left: bool = False, multiple_of: int | None = None) -> torch.Tensor:
@@ -24,7 +25,7 @@ def pad(sequences: list[list[int]], value: int, *, left: bool = False, multiple_
     return out
 
 
-def pack(sequences: list[list[int]], labels: list[list[int]]) -> dict:
+def pack(sequences: list[list[int]], labels: list[list[int]]) -> Tokens:
     """Concatenate sequences into one padding-free row ``[1, sum(lengths)]``.
 
     ``position_ids`` restart at 0 for every sequence; transformers turns that into a block-diagonal causal mask
@@ -36,12 +37,12 @@ def pack(sequences: list[list[int]], labels: list[list[int]]) -> dict:
         ids += seq
         positions += range(len(seq))
         targets += [IGNORE_INDEX] + lab[1:]
-    return {
-        "input_ids": torch.tensor([ids]),
-        "position_ids": torch.tensor([positions]),
-        "labels": torch.tensor([targets]),
-        "seq_lengths": torch.tensor([len(s) for s in sequences]),
-    }
+    return Tokens(
+        input_ids=torch.tensor([ids]),
+        labels=torch.tensor([targets]),
+        position_ids=torch.tensor([positions]),
+        seq_lengths=torch.tensor([len(s) for s in sequences]),
+    )
 
 
 def fit(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -51,12 +52,12 @@ def fit(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
-def with_fields(batch: dict, examples: list[dict], skip: frozenset[str] | set[str]) -> dict:
-    """The examples' own fields (a margin, a weight, a score) added to ``batch``: ``[B]`` float tensors when every
-    example has a number, else lists (``None`` where an example lacks the field). ``skip`` names the encoded keys."""
-    keys = dict.fromkeys(k for e in examples for k in e if k not in skip and k not in batch)
-    for key in keys:
+def row_fields(examples: list[dict], skip: frozenset[str] | set[str]) -> dict:
+    """The examples' own fields (a margin, a weight, a score) by name: ``[B]`` float tensors when every example has a
+    number, else lists (``None`` where an example lacks the field). ``skip`` names the encoded keys."""
+    fields = {}
+    for key in dict.fromkeys(k for e in examples for k in e if k not in skip):
         values = [e.get(key) for e in examples]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        batch[key] = torch.tensor(values, dtype=torch.float32) if numeric else values
-    return batch
+        fields[key] = torch.tensor(values, dtype=torch.float32) if numeric else values
+    return fields

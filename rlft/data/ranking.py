@@ -6,8 +6,8 @@ plus ``"scores"`` (higher is better; ties keep their given order). Two ways to t
 * as pairs, through the ``ranked`` input format (all K-choose-2 (better, worse) pairs; any pair method: DPO,
   ORPO, a Bradley-Terry reward model);
 * as whole rankings, with :class:`RankingDataModule` and ``RewardModel(ranking_loss=...)``: all K responses of a
-  prompt in one forward and a listwise loss (:func:`rlft.losses.plackett_luce_loss`,
-  :func:`rlft.losses.kwise_bradley_terry_loss`).
+  prompt in one forward and a listwise loss (:func:`rlft.ranking_losses.plackett_luce_loss`,
+  :func:`rlft.ranking_losses.kwise_bradley_terry_loss`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import logging
 
 import torch
 
-from rlft.data.collate import pad
+from rlft.data.batches import RankingBatch, Tokens
 from rlft.data.datamodule import PreferenceDataModule
-from rlft.data.encoding import IGNORE_INDEX, encode_conversation, truncate
+from rlft.data.encoding import encode_conversation, truncate
 from rlft.data.errors import DataError, Issue, RecordError
-from rlft.data.ranked_rows import from_ranked, parse_ranking  # noqa: F401 - re-exported
+from rlft.data.padding import pad
+from rlft.data.ranked_rows import parse_ranking
 from rlft.data.sources import iter_rows
+from rlft.logprobs import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +90,13 @@ class RankingDataModule(PreferenceDataModule):
     def _collator(self):
         pad_id = self.tokenizer.pad_token_id
 
-        def collate(examples: list[dict]) -> dict:
+        def collate(examples: list[dict]) -> RankingBatch:
             seqs = [e["prompt_ids"] + r for e in examples for r in e["responses_ids"]]
-            return {
-                "ranking_input_ids": pad(seqs, pad_id, multiple_of=self.hparams.pad_to_multiple_of),
-                "ranking_attention_mask": pad(
-                    [[1] * len(s) for s in seqs], 0, multiple_of=self.hparams.pad_to_multiple_of
-                ),
-                "ranking_sizes": torch.tensor([len(e["responses_ids"]) for e in examples]),
-            }
+            multiple_of = self.hparams.pad_to_multiple_of
+            # a reward model reads the last real token of each row; no token is a training target
+            mask = pad([[1] * len(s) for s in seqs], 0, multiple_of=multiple_of)
+            ids = pad(seqs, pad_id, multiple_of=multiple_of)
+            tokens = Tokens(ids, torch.full_like(ids, IGNORE_INDEX), mask)
+            return RankingBatch(tokens, torch.tensor([len(e["responses_ids"]) for e in examples]))
 
         return collate

@@ -1,7 +1,7 @@
 """rlft's evaluation suite: the Python API behind ``rlft eval``.
 
     from rlft.eval import perplexity, evaluate_humaneval, load_problems
-    from rlft.generation.generator import Generator, SamplingSettings  # sampling is its own layer
+    from rlft.generation import Generator, SamplingSettings  # sampling is its own layer
     ppl = perplexity(model, tokenizer, records, mode="assistant").perplexity
 
 Names are imported lazily so ``import rlft.eval`` stays cheap.

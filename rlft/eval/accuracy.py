@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rlft.eval.scoring import continuation_logprob
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
+from rlft.generation.settings import SamplingSettings
 from rlft.rl import answers
 
 

@@ -20,11 +20,11 @@ from rlft.data.collate import Collator
 from rlft.data.errors import RecordError
 from rlft.data.fields import parse_prompt
 from rlft.data.kinds import data_kind
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.metrics import wilson_interval
 from rlft.models.tokens import pad_token_id
 from rlft.rl.multiturn import AgentSettings, collect_agent_rollout
 from rlft.rl.rewards import Rewards, reward_fields, total_reward
-from rlft.rl.rollout import RolloutSettings
 
 # the stage reward functions see: evaluation grades like validation (a reward that only knows train/validate works)
 STAGE = "validate"
@@ -84,7 +84,8 @@ def evaluate_agent(
     records: Sequence[dict],
     agent: AgentSettings,
     rewards: Rewards | None,
-    settings: RolloutSettings,
+    settings: SamplingSettings,
+    decoder: DecoderSettings = DecoderSettings(),
     *,
     batch_size: int = 8,
     samples: int = 1,
@@ -93,7 +94,7 @@ def evaluate_agent(
     """Sample ``samples`` multi-turn trajectories for each prompt record and grade their final answers.
 
     Args:
-        model: The policy (its tokens are sampled by ``settings.backend``; no log-probs are computed).
+        model: The policy (its tokens are sampled by ``decoder.backend``; no log-probs are computed).
         tokenizer: Its tokenizer.
         records: ``{"prompt": str | messages, **fields}`` (the ``prompts`` data kind); the fields reach the
             environment's ``reset`` and the rewards (e.g. ``answer`` for ``exact_match``, ``tools`` to restrict a
@@ -101,7 +102,8 @@ def evaluate_agent(
         agent: Tools or environment, turn and token budgets (:class:`~rlft.rl.multiturn.AgentSettings`).
         rewards: What grades the answers; ``None`` grades by the environment's reward alone, which needs an
             ``agent.environment`` of your own (a tools-only environment rewards nothing itself).
-        settings: Sampling (``max_new_tokens`` per turn, ``temperature``, ``backend``).
+        settings: What is sampled (``max_new_tokens`` per turn, ``temperature``, ...).
+        decoder: How it is decoded (``backend``, ...).
         batch_size: Prompts sampled together (each with its ``samples`` trajectories).
         samples: Trajectories per prompt.
         success_threshold: Total reward at which a trajectory counts as solved.
@@ -126,7 +128,9 @@ def evaluate_agent(
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
         with torch.no_grad():
-            rollout = collect_agent_rollout(model, tokenizer, batch, settings, agent, group_size=samples, score=False)
+            rollout = collect_agent_rollout(
+                model, tokenizer, batch, settings, decoder, agent, group_size=samples, score=False
+            )
         prompts += rollout.prompts
         completions += rollout.completions
         finished += rollout.finished.tolist()

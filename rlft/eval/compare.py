@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from rlft.eval.reward_bench import Scorer, refusal_rate, score_exchanges
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.eval.reward_bench import refusal_rate
+from rlft.generation.generator import Generator
+from rlft.generation.settings import SamplingSettings
 from rlft.metrics import diversity, length_stats, outcomes_from_scores, win_rate
+from rlft.models.scorer import ExchangeScorer
 
 Prompt = str | list[dict]
 
@@ -45,7 +48,7 @@ def generate_for_policies(
         def load(name: str) -> tuple:
             return load_model(name, trainable_adapter=False), load_tokenizer(name)
 
-    single = SamplingSettings(**{**settings.__dict__, "num_samples": 1})
+    single = replace(settings, num_samples=1)
     generations = {}
     for name, model_string in policies.items():
         model, tokenizer = load(model_string)
@@ -60,7 +63,7 @@ def summarize_policies(
     generations: Mapping[str, Sequence[str]],
     *,
     baseline: str,
-    scorer: Scorer | None = None,
+    scorer: ExchangeScorer | None = None,
     tie_margin: float = 0.0,
     n_bootstrap: int = 2000,
     seed: int = 0,
@@ -80,7 +83,7 @@ def summarize_policies(
     for name, texts in generations.items():
         if len(texts) != len(prompts):
             raise ValueError(f"policy {name!r} has {len(texts)} generations for {len(prompts)} prompts")
-    rewards = {n: score_exchanges(scorer, prompts, t) for n, t in generations.items()} if scorer else {}
+    rewards = {n: scorer.score_exchanges(prompts, t) for n, t in generations.items()} if scorer else {}
     policies = {}
     for name, texts in generations.items():
         entry: dict = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
+from rlft.generation.settings import SamplingSettings
 from rlft.metrics import mean_pass_at_k
 from rlft.rl.answers import extract_code
 from rlft.rl.sandbox import run_programs
@@ -129,10 +130,9 @@ def evaluate_humaneval(
         top_p=top_p,
         num_samples=n,
         stop=stop,
-        batch_size=batch_size,
         seed=seed,
     )
-    generations = generator.generate(prompts, settings)
+    generations = generator.generate(prompts, settings, batch_size=batch_size * n)  # n sequences per prompt
     programs = [build_program(p, g, mode) for p, samples in zip(problems, generations) for g in samples]
     results = run_programs(programs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
     per_problem, counts, status_counts = [], [], {}

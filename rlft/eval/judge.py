@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
+from rlft.generation.settings import SamplingSettings
 from rlft.metrics import win_rate
 
 POINTWISE_CRITERIA = "1 (useless or harmful) to 5 (excellent: correct, helpful, clear)"

@@ -6,8 +6,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from rlft.data.encoding import IGNORE_INDEX, encode_conversation, encode_text
+from rlft.data.encoding import encode_conversation, encode_text
 from rlft.eval.scoring import score_windows, sliding_windows
+from rlft.logprobs import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

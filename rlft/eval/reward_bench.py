@@ -1,7 +1,10 @@
 """RewardBench-lite: how well a reward model ranks held-out pairs, and what it says about a policy's outputs.
 
-Everything scores through one small protocol, ``score(texts) -> list[float]``, so a trained rlft reward model, any
-``AutoModelForSequenceClassification`` folder or a plain Python function (rules, a judge) can be plugged in.
+Everything scores through one protocol, :class:`rlft.models.scorer.ExchangeScorer`
+(``score_exchanges(prompts, responses) -> list[float]``): a trained rlft reward model
+(:class:`rlft.models.reward.RewardScorer`), any ``AutoModelForSequenceClassification`` folder
+(:class:`RewardModelScorer`) or a plain Python function over rendered texts (rules, a judge; wrap it in
+:class:`TextFunctionScorer`). Scorers that read whole texts share the base :class:`TextScorer`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch
 from rlft.eval.refusal import RubricRefusalClassifier
 from rlft.metrics import pairwise_auroc
 from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
+from rlft.models.scorer import ExchangeScorer
 
 Scorer = Callable[[list[str]], list[float]]
+"""A function scoring whole texts (``texts -> scores``), e.g. a toxicity classifier."""
 
 
 def plain_transcript(prompt: list[dict] | str, response: str) -> str:
@@ -26,34 +31,33 @@ def plain_transcript(prompt: list[dict] | str, response: str) -> str:
     return "\n".join([*turns, f"Assistant: {response}"])
 
 
-def render_for(scorer, prompt: list[dict] | str, response: str) -> str:
-    """Render a (prompt, response) exchange the way ``scorer`` expects (its ``render`` method if it has one)."""
-    render = getattr(scorer, "render", None)
-    return render(prompt, response) if render else plain_transcript(prompt, response)
+class TextScorer:
+    """Base of the scorers that read one whole text per exchange: subclasses implement ``__call__(texts)``, and
+    :meth:`render` (default :func:`plain_transcript`) turns an exchange into its text, so every one of them is an
+    :class:`~rlft.models.scorer.ExchangeScorer`."""
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def render(self, prompt: list[dict] | str, response: str) -> str:
+        return plain_transcript(prompt, response)
+
+    def score_exchanges(self, prompts: Sequence[list[dict] | str], responses: Sequence[str]) -> list[float]:
+        return [float(x) for x in self([self.render(p, r) for p, r in zip(prompts, responses)])]
 
 
-def score_exchanges(scorer, prompts: Sequence[list[dict] | str], responses: Sequence[str]) -> list[float]:
-    """Rewards of (prompt, response) exchanges: the scorer's ``score_exchanges`` if it has one, else
-    ``scorer(rendered texts)``."""
-    if hasattr(scorer, "score_exchanges"):
-        return list(scorer.score_exchanges(list(prompts), list(responses)))
-    return list(scorer([render_for(scorer, p, r) for p, r in zip(prompts, responses)]))
+class TextFunctionScorer(TextScorer):
+    """A plain ``texts -> scores`` function (rules, a judge) as a :class:`TextScorer` on plain transcripts."""
+
+    def __init__(self, function: Scorer) -> None:
+        self.function = function
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return list(self.function(texts))
 
 
-class RlftRewardScorer:
-    """Adapter for reward models exported by :class:`rlft.methods.RewardModel` (backbone + ``reward_head``)."""
-
-    def __init__(self, path: str, *, max_length: int = 1024) -> None:
-        from rlft.models.reward import RewardScorer
-
-        self.scorer = RewardScorer.from_pretrained(path, max_length=max_length)
-
-    def score_exchanges(self, prompts: list, responses: list[str]) -> list[float]:
-        return [float(x) for x in self.scorer.score(prompts, responses).tolist()]
-
-
-class RewardModelScorer:
-    """A sequence-classification reward model (one logit) as a ``score(texts)`` callable.
+class RewardModelScorer(TextScorer):
+    """A sequence-classification reward model (one logit) as a :class:`TextScorer` on chat-template renderings.
 
     Texts are right-padded and the reward is read at the last real token via the model's own pooling, with the
     pad token id set on the config so padding on either side cannot move the read position.
@@ -99,27 +103,27 @@ class RewardModelScorer:
         return scores
 
 
-def load_reward_scorer(
-    model: str, *, batch_size: int = 8, max_length: int = 1024
-) -> RewardModelScorer | RlftRewardScorer:
-    """Load a reward model: an rlft ``RewardModel`` export (folder with ``reward_config.json``) or any
-    ``AutoModelForSequenceClassification`` with one label (folder, adapter folder, hub id)."""
+def load_reward_scorer(model: str, *, batch_size: int = 8, max_length: int = 1024) -> ExchangeScorer:
+    """Load a reward model: an rlft ``RewardModel`` export (folder with ``reward_config.json``, a
+    :class:`~rlft.models.reward.RewardScorer`) or any ``AutoModelForSequenceClassification`` with one label (folder,
+    adapter folder, hub id; a :class:`RewardModelScorer`)."""
     from pathlib import Path
 
     from rlft.models import load_model, load_tokenizer
+    from rlft.models.reward import RewardScorer
 
     if (Path(model) / "reward_config.json").exists():
-        return RlftRewardScorer(model, max_length=max_length)
+        return RewardScorer.from_pretrained(model, batch_size=batch_size, max_length=max_length)
     tokenizer = load_tokenizer(model, padding_side="right")
     rm = load_model(model, auto_class="AutoModelForSequenceClassification", trainable_adapter=False)
     return RewardModelScorer(rm, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def preference_accuracy(scorer, pairs: Sequence[dict], *, n_bootstrap: int = 0, seed: int = 0) -> dict:
+def preference_accuracy(scorer: ExchangeScorer, pairs: Sequence[dict], *, n_bootstrap: int = 0, seed: int = 0) -> dict:
     """Accuracy (chosen scored above rejected; a tie counts half), pooled AUROC and mean margin on pairs.
 
     Args:
-        scorer: ``score(texts)`` callable.
+        scorer: Any :class:`~rlft.models.scorer.ExchangeScorer`.
         pairs: Canonical pair records ``{"prompt": [messages], "chosen": str, "rejected": str}``.
         n_bootstrap: With > 0, also ``accuracy_ci`` and ``auroc_ci``: 95 % percentile intervals over pairs
             resampled with replacement.
@@ -129,7 +133,7 @@ def preference_accuracy(scorer, pairs: Sequence[dict], *, n_bootstrap: int = 0, 
         raise ValueError("preference_accuracy needs at least one pair")
     prompts = [p["prompt"] for p in pairs for _ in (0, 1)]
     responses = [p[side] for p in pairs for side in ("chosen", "rejected")]
-    scores = np.asarray(score_exchanges(scorer, prompts, responses), dtype=float).reshape(len(pairs), 2)
+    scores = np.asarray(scorer.score_exchanges(prompts, responses), dtype=float).reshape(len(pairs), 2)
     chosen, rejected = scores[:, 0], scores[:, 1]
     wins = np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
     out = {
@@ -165,7 +169,7 @@ def refusal_rate(texts: Sequence[str], classifier=None) -> float:
     return sum(map(bool, classifier(list(texts)))) / len(texts)
 
 
-class ToxicityClassifier:
+class ToxicityClassifier(TextScorer):
     """A local text classifier with a toxic label (e.g. a downloaded ``unitary/toxic-bert`` folder).
 
     The score is the probability of the label whose name contains ``toxic`` (not ``non-toxic``), else of label 1.
@@ -199,7 +203,7 @@ class ToxicityClassifier:
         return out
 
 
-class ProfanityCheckClassifier:
+class ProfanityCheckClassifier(TextScorer):
     """Offensive-language probability from ``alt-profanity-check`` (a linear SVM trained on human-labeled
     offensive/hateful tweets; offline, no download). Install: ``pip install alt-profanity-check``."""
 
@@ -218,7 +222,7 @@ class ProfanityCheckClassifier:
         return [float(x) for x in self._predict(list(texts))] if texts else []
 
 
-class DetoxifyClassifier:
+class DetoxifyClassifier(TextScorer):
     """Detoxify's ``original`` model (Jigsaw toxic comments); needs ``pip install detoxify`` and its weights."""
 
     def __init__(self, variant: str = "original") -> None:
@@ -230,7 +234,7 @@ class DetoxifyClassifier:
         return [float(x) for x in self.model.predict(list(texts))["toxicity"]] if texts else []
 
 
-class NamedToxicity:
+class NamedToxicity(TextScorer):
     """A toxicity scorer plus the name of what produced it, so every number is reported with its classifier."""
 
     def __init__(self, classifier: Scorer, name: str) -> None:
@@ -273,7 +277,7 @@ def toxicity(texts: Sequence[str], classifier: Scorer | None) -> dict:
 
 
 def policy_report(
-    scorer: Scorer | None,
+    scorer: ExchangeScorer | None,
     prompts: Sequence[list[dict] | str],
     responses: Sequence[str],
     *,
@@ -284,7 +288,7 @@ def policy_report(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     out: dict = {"n": len(responses), "refusal_rate": refusal_rate(responses)}
     if scorer is not None:
-        rewards = score_exchanges(scorer, prompts, responses)
+        rewards = scorer.score_exchanges(list(prompts), list(responses))
         out.update(mean_reward=float(np.mean(rewards)), std_reward=float(np.std(rewards)))
     out.update(toxicity(responses, toxicity_classifier))
     if toxicity_classifier is not None and hasattr(toxicity_classifier, "name"):

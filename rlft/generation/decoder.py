@@ -227,7 +227,7 @@ def decoding_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     if _lora_layers(model) is None and any(isinstance(m, LoraLayer) for m in lm.modules()):
         raise ValueError(
             "this adapter cannot be merged exactly (DoRA, quantised weights or "
-            "modules_to_save): set sampling.decode_dtype: null"
+            "modules_to_save): set decoder.decode_dtype: null"
         )
     for storage, nbytes in _RELEASED.pop(twin, []):  # released after the last rollout: rewritten whole below
         storage.resize_(nbytes)

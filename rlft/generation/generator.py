@@ -1,11 +1,12 @@
-"""The batched text generator evaluation and serving share, and its sampling settings.
+"""The batched text generator evaluation and serving share.
 
 Prompts are either plain strings (completion mode, e.g. HumanEval for base models) or message lists (rendered with
 the tokenizer's chat template plus the generation header). The generator encodes them, left-pads batches of similar
 length and hands each batch to a sampling backend of :mod:`rlft.generation.backends` (``hf``: ``model.generate``
 with the KV cache; ``vllm``, used when vLLM is installed, a GPU is present and the model is on disk: it loads the
 model again from its folder, an adapter folder served through vLLM's LoRA support on top of its base; ``rlft``:
-rlft's decoder), then decodes and cuts the text at the stop strings. Every backend can report each generated token
+rlft's decoder; :class:`~rlft.generation.settings.DecoderSettings` names it), then decodes and cuts the text at the
+stop strings of the :class:`~rlft.generation.settings.SamplingSettings`. Every backend can report each generated token
 to a callback, which is how ``rlft serve`` streams and counts.
 """
 
@@ -14,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from rlft.generation.backends import batches_itself, get_sampler
-from rlft.generation.request import SampleFn, SampleRequest
+from rlft.generation.request import SampleRequest
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.generation.vllm import VLLMEngine, vllm_sample, vllm_usable
 from rlft.models.modes import inference
 from rlft.models.tokens import pad_token_id, stop_token_ids
@@ -33,27 +34,8 @@ Prompt = str | list[dict]
 TokenCallback = Callable[[int, int, int], None]
 
 
-@dataclass
-class SamplingSettings:
-    """How to sample.
-
-    Args:
-        max_new_tokens: Tokens generated at most per sample.
-        temperature: 0 means greedy decoding.
-        top_p: Nucleus sampling mass (sampling only).
-        num_samples: Samples per prompt (``n`` of pass@k).
-        stop: Strings that end a sample; the text is cut before the first one.
-        batch_size: Prompts per forward batch (the torch backends; vLLM batches on its own).
-        seed: Seed for sampling, so evaluations are reproducible.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    num_samples: int = 1
-    stop: list[str] = field(default_factory=list)
-    batch_size: int = 8
-    seed: int = 0
+#: the generator's decoder unless told otherwise: vLLM when usable and the model is on disk, else hf; 8 sequences
+GENERATOR_DECODER = DecoderSettings(backend="auto", batch_size=8)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -79,8 +61,10 @@ class Generator:
     Args:
         model: A loaded causal LM (``PreTrainedModel`` or ``PeftModel``); None only for a vLLM backend.
         tokenizer: Its tokenizer (with a chat template for message prompts).
-        backend: ``"auto"`` (vLLM when usable and ``model_path`` is given, else ``"hf"``), or a backend of
-            :mod:`rlft.generation.backends`: ``"hf"``, ``"vllm"``, ``"rlft"`` or ``module:function``.
+        decoder: How to decode (:class:`~rlft.generation.settings.DecoderSettings`): ``backend`` ``auto`` (vLLM
+            when usable and ``model_path`` is given, else ``hf``) or a backend of :mod:`rlft.generation.backends`
+            (``hf``, ``vllm``, ``rlft`` or ``module:function``), ``batch_size`` sequences per forward, ``lean_step``
+            for ``rlft``. Default :data:`GENERATOR_DECODER`.
         model_path: Folder of the model on disk (the base, when ``adapter_path`` is given); only vLLM needs it.
         adapter_path: LoRA adapter folder vLLM applies on top of ``model_path``.
         dtype: vLLM's dtype.
@@ -90,18 +74,20 @@ class Generator:
         self,
         model,
         tokenizer,
+        decoder: DecoderSettings = GENERATOR_DECODER,
         *,
-        backend: str | SampleFn = "auto",
         model_path: str | None = None,
         adapter_path: str | None = None,
         dtype: str = "auto",
     ) -> None:
+        backend = decoder.backend
         if backend == "auto":
             backend = "vllm" if model_path is not None and vllm_usable() else "hf"
+        self.decoder = decoder
         self.sample = get_sampler(backend)
         self.model, self.tokenizer = model, tokenizer
         self.backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
-        self.options: dict = {}
+        self.options: dict = {"lean": decoder.lean_step}
         if self.sample is vllm_sample:  # evaluation's vLLM loads the weights itself, from the folder
             if not (vllm_usable() and model_path):
                 raise ValueError("backend='vllm' needs vLLM installed, a CUDA GPU and the model as a folder on disk")
@@ -111,10 +97,16 @@ class Generator:
         log.info("generation backend: %s", self.backend_name)
 
     def generate(
-        self, prompts: Sequence[Prompt], settings: SamplingSettings | None = None, on_token: TokenCallback | None = None
+        self,
+        prompts: Sequence[Prompt],
+        settings: SamplingSettings | None = None,
+        on_token: TokenCallback | None = None,
+        *,
+        batch_size: int | None = None,
     ) -> list[list[str]]:
-        """``settings.num_samples`` completions per prompt, in prompt order; ``on_token`` sees every new token
-        (what serving streams and counts)."""
+        """``settings.num_samples`` completions per prompt, in prompt order (default settings: greedy, 256 tokens);
+        ``on_token`` sees every new token (what serving streams and counts); ``batch_size`` overrides the decoder's
+        sequences per forward for this call."""
         if not prompts:
             return []
         settings = settings or SamplingSettings()
@@ -124,16 +116,18 @@ class Generator:
         outputs: list[list[str]] = [[] for _ in prompts]
         sampling = settings.temperature > 0
         per_prompt = settings.num_samples if sampling else 1  # greedy: one sample, repeated below
-        size = len(order) if batches_itself(self.sample) else settings.batch_size
+        rows = batch_size or self.decoder.batch_size
+        # whole prompts per forward: a prompt's samples decode together
+        size = len(order) if batches_itself(self.sample) or rows is None else max(1, rows // per_prompt)
         device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
         options = dict(
             max_new_tokens=settings.max_new_tokens,
-            stop_ids=stop_token_ids(tok, self.model),
+            stop_ids=stop_token_ids(tok, self.model, settings.stop_token_ids),
             pad_id=pad_token_id(tok),
             group_size=per_prompt,
             temperature=settings.temperature,
             top_p=settings.top_p if sampling else 1.0,
-            top_k=None,
+            top_k=settings.top_k if sampling else None,
             seed=settings.seed,
             stop_strings=tuple(settings.stop),
             tokenizer=tok,

@@ -48,7 +48,7 @@ def _base_path(model: torch.nn.Module) -> str:
     path = getattr(lm.config, "_name_or_path", None) or getattr(lm, "name_or_path", None)
     if not path:
         raise ValueError(
-            "sampling.backend vllm needs the policy's base weights as a folder or hub id (vLLM loads "
+            "decoder.backend vllm needs the policy's base weights as a folder or hub id (vLLM loads "
             "its own copy first); this model has no name_or_path"
         )
     return path
@@ -153,7 +153,7 @@ class ColocatedVLLM(VLLMEngine):
         seed: int = 0,
     ) -> None:
         if not vllm_usable():
-            raise RuntimeError("sampling.backend vllm needs vLLM installed and a CUDA GPU; use sampling.backend rlft")
+            raise RuntimeError("decoder.backend vllm needs vLLM installed and a CUDA GPU; use decoder.backend rlft")
         # an in-process engine: its model object is reachable, so weights are pushed by reference, not serialised
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM

@@ -18,8 +18,6 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
-from rlft.metrics import wilson_interval  # noqa: F401 - moved to the math layer (eval uses it); read here too
-
 
 def cohen_kappa(rater1: Sequence[Hashable], rater2: Sequence[Hashable]) -> float | None:
     """Cohen's kappa of two raters who labeled the same items (``rater1[i]`` and ``rater2[i]`` rate item i)."""

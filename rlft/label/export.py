@@ -30,8 +30,9 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from rlft.label.agreement import mean_interval, wilson_interval
+from rlft.label.agreement import mean_interval
 from rlft.label.queries import Vote, load_examples, load_votes, overview
+from rlft.metrics import wilson_interval
 
 SKIP_REASONS = ("too_few_votes", "all_ties", "split", "low_agreement")
 

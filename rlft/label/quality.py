@@ -20,8 +20,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from itertools import combinations
 
-from rlft.label.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha, plurality, wilson_interval
+from rlft.label.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha, plurality
 from rlft.label.queries import Vote
+from rlft.metrics import wilson_interval
 
 
 def _position(votes: Sequence[Vote]) -> dict:

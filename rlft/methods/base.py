@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning as L
@@ -21,17 +20,17 @@ import torch
 import transformers
 from lightning.pytorch.cli import OptimizerCallable
 
+from rlft.data.batches import Batch
 from rlft.data.collate import count_tokens
-from rlft.methods.fields import check_fields, row_field, weighted_mean
+from rlft.methods.exporting import HFExport
+from rlft.methods.fields import check_fields, weighted_mean
 from rlft.methods.optim import OptimizerSettings, optimizer_factory, resolve_optimizer
 from rlft.models import LoraSettings, load_model, load_tokenizer, supports_packing
 from rlft.models.attention import segmented_attention
-from rlft.models.loading import structure_only
 from rlft.models.lowp import restore_linears, store_linears
-from rlft.models.model_card import CardFacts, trainer_card_facts, write_model_card
 from rlft.models.modes import disable_dropout
 from rlft.models.recompute import CheckpointMode
-from rlft.strategies import full_state_dict, full_weights, is_sharded
+from rlft.strategies import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,7 @@ class _RestoreWeightsOnCrash(L.Callback):
         restore_linears(pl_module)
 
 
-def export_folder(output_dir: str | Path | None, default_root_dir: str | Path) -> Path:
-    """Where a run's final Hugging Face folder goes: ``output_dir``, else ``<default_root_dir>/hf_model`` (beside
-    the run's checkpoints and logs, not inside a logger's versioned folder)."""
-    return Path(output_dir) if output_dir else Path(default_root_dir) / "hf_model"
-
-
-class RLFTModule(L.LightningModule):
+class RLFTModule(HFExport, L.LightningModule):
     """Base of every rlft method.
 
     A method declares its own arguments and passes the rest on with ``**kwargs`` (the CLI lists these for every
@@ -190,7 +183,7 @@ class RLFTModule(L.LightningModule):
         )
 
     # ---------------------------------------------------------------- training loop
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss and detached metrics (names without the ``train/``/``val/`` prefix) of a batch.
 
         Training and validation both run it. A metric is a scalar or a per-example ``[B]`` tensor (logged as its
@@ -198,18 +191,18 @@ class RLFTModule(L.LightningModule):
         """
         raise NotImplementedError
 
-    def reduce_losses(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
+    def reduce_losses(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The loss to optimise from per-example ``losses``: their mean, or ``sum(w * l) / sum(w)`` when the batch has
         a per-row ``weight`` (over this process's batch)."""
-        return weighted_mean(losses, row_field(batch, "weight"))
+        return weighted_mean(losses, batch.field("weight"))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute_loss(batch)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log_dict({f"train/{k}": _mean(v) for k, v in metrics.items()})
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)
         batch_size = self.batch_size_of(batch)
         if type(self).validation_epoch_metrics is not RLFTModule.validation_epoch_metrics:  # overridden: pool
@@ -261,18 +254,14 @@ class RLFTModule(L.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor.detach().clone(), reduce_op="sum")
 
-    def batch_size_of(self, batch: dict) -> int:
-        """Examples in a padded or packed batch (pairs count once)."""
-        for key in ("prompt_lengths", "seq_lengths", "ranking_sizes"):
-            if key in batch:
-                return len(batch[key])
-        first = next(v for v in batch.values() if torch.is_tensor(v))
-        return first.shape[0]
+    def batch_size_of(self, batch: Batch) -> int:
+        """Examples in a padded or packed batch (a pair, a ranking, a prompt counts once)."""
+        return len(batch)
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         tokens = count_tokens(batch)
         if elapsed > 0:
@@ -356,70 +345,3 @@ class RLFTModule(L.LightningModule):
         """Callbacks every run of this module needs (Lightning merges them into the trainer's); call super() when
         overriding."""
         return [_RestoreWeightsOnCrash()]
-
-    def on_fit_end(self) -> None:
-        restore_linears(self)  # the export and anything after fit see the weights as loaded
-        if self.trainer.sanity_checking:
-            return
-        network = None
-        if is_sharded(self):
-            # every rank takes part in gathering the trained weights from the shards; rank 0 writes them into an
-            # unsharded twin, so the exported folder is the full model and never a rank's shard
-            state = full_state_dict(self.model, trainable_only=True)
-            network = self.unsharded_copy(state) if self.trainer.is_global_zero else None
-        if self.trainer.is_global_zero:
-            self.export(self.export_dir(), network)
-        self.trainer.strategy.barrier("rlft-export")
-
-    def unsharded_copy(self, trained: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """A fresh, unsharded network (``build_model``) holding the ``trained`` weights.
-
-        When what is exported is an adapter (LoRA, no ``merge_on_save``), the copy is built on the meta device and
-        the trained tensors are put in place: the frozen base is never read again, so exporting costs rank 0 the
-        adapter only. Otherwise (a merged or fully fine-tuned export) the base is loaded in full.
-        """
-        with structure_only(not self.hparams.merge_on_save):
-            twin = self.build_model()
-        adapter_only = any(hasattr(m, "peft_config") for m in twin.modules())
-        if not adapter_only and any(t.is_meta for t in twin.state_dict().values()):
-            twin = self.build_model()  # a full model is exported: its frozen tensors must be real
-        expected = {n for n, p in twin.named_parameters() if p.requires_grad}
-        missing = expected - trained.keys()
-        if missing:
-            raise RuntimeError(f"gathered weights lack {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
-        twin.load_state_dict({k: v for k, v in trained.items() if k in expected}, strict=False, assign=True)
-        return twin
-
-    def export_dir(self) -> Path:
-        return export_folder(self.hparams.output_dir, self.trainer.default_root_dir)
-
-    def model_card_facts(self, usage: str) -> CardFacts:
-        """What an exported folder's README.md says (``usage``: the folder kind, see ``rlft.models.model_card``);
-        override to add ``notes`` or settings, calling ``super()``."""
-        return trainer_card_facts(self, usage)
-
-    def export(self, path: str | Path, network: torch.nn.Module | None = None) -> Path:
-        """Save a Hugging Face folder (adapter or full weights + tokenizer + chat template + README.md model card)
-        loadable without rlft.
-
-        Args:
-            path: The folder.
-            network: What to save; default ``self.model`` (a sharded run passes its gathered, unsharded copy).
-        """
-        network = self.model if network is None else network
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if hasattr(network, "peft_config"):  # the trained adapter only, not a frozen reference copy
-            network.save_pretrained(path, selected_adapters=["default"])
-        else:
-            network.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        write_model_card(path, self.model_card_facts("peft" if hasattr(network, "peft_config") else "transformers"))
-        if self.hparams.merge_on_save and hasattr(network, "merge_and_unload"):
-            merged = copy.deepcopy(network).merge_and_unload()
-            merged.save_pretrained(path / "merged")
-            self.tokenizer.save_pretrained(path / "merged")
-            write_model_card(path / "merged", self.model_card_facts("transformers"))
-        log.info("saved Hugging Face model to %s", path)
-        print(f"rlft: final model saved to {path}")
-        return path

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from rlft.data.batches import PairBatch
 from rlft.losses import DPO_LOSS_TYPES, dpo_loss
 from rlft.methods.base import RLFTModule
 from rlft.methods.precomputed import PrecomputedReference
@@ -133,11 +134,11 @@ class DPO(RLFTModule):
         else:  # no LoRA, no reference model: the policy itself (only valid before training, to precompute)
             yield self.model
 
-    def live_reference_logps(self, batch: dict) -> PairLogps:
+    def live_reference_logps(self, batch: PairBatch) -> PairLogps:
         with torch.no_grad(), self.reference_network() as network:
             return pair_logps(network, batch, self.hparams.share_prompts)
 
-    def reference_logps(self, batch: dict) -> PairLogps:
+    def reference_logps(self, batch: PairBatch) -> PairLogps:
         """The reference's log-probs of ``batch`` (the policy's type); override to plug in another reference."""
         if self.reference_mode == "precomputed":
             return self.precomputed(batch)
@@ -149,10 +150,10 @@ class DPO(RLFTModule):
                 self.precomputed.prepare()
 
     # ------------------------------------------------------------------------------------------ loss
-    def policy_logps(self, batch: dict) -> PairLogps:
+    def policy_logps(self, batch: PairBatch) -> PairLogps:
         return pair_logps(self.model, batch, self.hparams.share_prompts)
 
-    def preference_loss(self, policy: PairLogps, reference: PairLogps, batch: dict) -> LossOutput:
+    def preference_loss(self, policy: PairLogps, reference: PairLogps, batch: PairBatch) -> LossOutput:
         """Per-pair losses ``[B]``, with the implicit rewards in ``stats["chosen_rewards"]`` and
         ``stats["rejected_rewards"]`` (``[B]``, detached); any other statistic is logged as its mean.
 
@@ -177,7 +178,7 @@ class DPO(RLFTModule):
             chosen_nll=policy.chosen_nll if hp.rpo_alpha is not None else None,
         )
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = self.policy_logps(batch)
         output = self.preference_loss(policy, self.reference_logps(batch), batch)
         metrics = preference_metrics(policy, output)

@@ -1,6 +1,7 @@
-"""Per-row fields of the data (a pair's ``weight``, ``margin``, ``score``): reading them from a batch, and nothing
-silent about them: a method says which numeric fields it reads (``uses_fields``); at the start of fit every other one
-draws a warning naming the methods that do read it, and a field it reads must be a number on every row."""
+"""Per-row fields of the data (a pair's ``weight``, ``margin``, ``score``; a batch serves them as
+``batch.field(name)``), and nothing silent about them: a method says which numeric fields it reads
+(``uses_fields``); at the start of fit every other one draws a warning naming the methods that do read it, and a
+field it reads must be a number on every row."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import math
 import lightning as L
 import torch
 
-from rlft.data.formats import RESERVED_PAIR_KEYS
+from rlft.data.kinds import RESERVED_PAIR_KEYS, RESERVED_UNPAIRED_KEYS
 
 log = logging.getLogger(__name__)
 
 # what an encoded row of a data kind holds besides the data's own fields (prompts are left out: their extra fields go
 # to the reward functions, which take any field)
-ENCODED_KEYS = {"pairs": RESERVED_PAIR_KEYS, "sft": frozenset({"input_ids", "labels", "row", "truncated"})}
+ENCODED_KEYS = {
+    "pairs": RESERVED_PAIR_KEYS,
+    "unpaired": RESERVED_UNPAIRED_KEYS,
+    "sft": frozenset({"input_ids", "labels", "row", "truncated"}),
+}
 
 
 def check_fields(module: L.LightningModule) -> None:
@@ -54,14 +59,6 @@ def check_fields(module: L.LightningModule) -> None:
                 name,
                 ", ".join(users) or "none",
             )
-
-
-def row_field(batch: dict, name: str) -> torch.Tensor | None:
-    """The per-row numeric field ``name`` of a batch as ``[B]`` floats, or ``None`` when the data has none."""
-    value = batch.get(name)
-    if value is None or torch.is_tensor(value):
-        return value
-    raise ValueError(f"per-row field {name!r} must be a number on every row of a batch, got {value[:4]}")
 
 
 def weighted_mean(losses: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

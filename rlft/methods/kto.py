@@ -21,13 +21,14 @@ from typing import Literal
 
 import torch
 
+from rlft.data.batches import UnpairedBatch
+from rlft.logprobs import IGNORE_INDEX
 from rlft.methods.base import RLFTModule
 from rlft.models import is_adapter
 from rlft.models.modes import disable_dropout as zero_dropout
 from rlft.models.reference import build_reference, load_reference_adapter, reference_model
 from rlft.models.scoring import position_ids_from_mask, scored_logps, vocabulary_size
 from rlft.models.unwrap import causal_lm
-from rlft.ops import IGNORE_INDEX
 from rlft.outputs import LossOutput
 from rlft.unpaired_losses import kto_kl, kto_loss
 
@@ -84,10 +85,13 @@ class KTO(RLFTModule):
             default ``adapter`` with LoRA, ``model`` without.
         ref_model: Model string of the reference for ``model``; default: ``model``.
         disable_dropout: Switch dropout off in the policy (and reference) so log-prob ratios are not noisy.
+
+    A per-row ``weight`` field of the data weights each row's loss in the batch mean.
     """
 
     default_lr = 5e-6
     data_kind = "unpaired"
+    uses_fields = frozenset({"weight"})
     supports_packed_batches = False  # the KL rows pair each prompt with another row's completion, in padded rows
 
     def __init__(
@@ -157,24 +161,26 @@ class KTO(RLFTModule):
             yield network
 
     # ------------------------------------------------------------------------------------------ log-probs
-    def policy_logps(self, batch: dict) -> UnpairedLogps:
+    def policy_logps(self, batch: UnpairedBatch) -> UnpairedLogps:
         """The policy's log-probs: with grad for the completions, without for the KL rows (only their mean is used,
         detached, so they need no activations kept)."""
-        completion, tokens = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        rows, kl_rows = batch.tokens, batch.kl_tokens
+        completion, tokens = completion_logps(self.model, rows.input_ids, rows.attention_mask, rows.labels)
         with torch.no_grad():
-            mismatched, _ = completion_logps(
-                self.model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
-            )
+            mismatched, _ = completion_logps(self.model, kl_rows.input_ids, kl_rows.attention_mask, kl_rows.labels)
         return UnpairedLogps(completion, mismatched, tokens)
 
-    def reference_logps(self, batch: dict) -> UnpairedLogps:
+    def reference_logps(self, batch: UnpairedBatch) -> UnpairedLogps:
         """The reference's log-probs of the completions and the KL rows, in one forward (both are padded to one
         width by the collator)."""
-        n = len(batch["input_ids"])
+        n, rows, kl_rows = len(batch), batch.tokens, batch.kl_tokens
         with torch.no_grad(), self.reference_network() as network:
             logps, tokens = completion_logps(
                 network,
-                *(torch.cat([batch[key], batch[f"kl_{key}"]]) for key in ("input_ids", "attention_mask", "labels")),
+                *(
+                    torch.cat([getattr(rows, key), getattr(kl_rows, key)])
+                    for key in ("input_ids", "attention_mask", "labels")
+                ),
             )
         return UnpairedLogps(logps[:n], logps[n:], tokens[:n])
 
@@ -186,26 +192,28 @@ class KTO(RLFTModule):
         return kto_kl(policy.mismatched, reference.mismatched, all_reduce_mean=average)
 
     def unpaired_loss(
-        self, policy: UnpairedLogps, reference: UnpairedLogps, kl: torch.Tensor, batch: dict
+        self, policy: UnpairedLogps, reference: UnpairedLogps, kl: torch.Tensor, batch: UnpairedBatch
     ) -> LossOutput:
         """Per-example losses and stats (``rewards`` at least, ``[B]``); override to try another objective."""
         hp = self.hparams
         return kto_loss(
             policy.completion,
             reference.completion,
-            batch["label"],
+            batch.label,
             kl,
             beta=hp.beta,
             desirable_weight=hp.desirable_weight,
             undesirable_weight=hp.undesirable_weight,
         )
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: UnpairedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = self.policy_logps(batch)
         reference = self.reference_logps(batch)
         kl = self.kl_reference_point(policy, reference)
         output = self.unpaired_loss(policy, reference, kl, batch)
-        return output.losses.mean(), unpaired_metrics(policy, output.stats["rewards"], batch["label"], kl)
+        return self.reduce_losses(output.losses, batch), unpaired_metrics(
+            policy, output.stats["rewards"], batch.label, kl
+        )
 
 
 def unpaired_metrics(policy: UnpairedLogps, rewards: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor) -> dict:

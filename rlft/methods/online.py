@@ -20,18 +20,22 @@ Every hook has one signature for every online method (see each method's docstrin
 The KL to the reference is one settings block, ``kl``, for every method: in the reward (PPO, REINFORCE++: a
 per-token penalty) or in the loss (GRPO: a per-token term). Validation runs the same hooks and the same loss on
 held-out prompts. ``training_step`` returns ``{"rollout": rollout}``, which Lightning hands to every callback's
-``on_train_batch_end`` as ``outputs``.
+``on_train_batch_end`` as ``outputs``. The update loop itself (epochs x minibatches x micro-batches, the approx-KL stop,
+the adaptive KL) is :class:`rlft.methods.online_update.MinibatchUpdates`, mixed in here.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import ClassVar
 
 import torch
 
+from rlft.data.batches import PromptBatch
+from rlft.generation.settings import ONLINE_SAMPLING, DecoderSettings, SamplingSettings, sampling_settings
 from rlft.methods.base import RLFTModule
+from rlft.methods.online_update import MinibatchUpdates, ScoredTokens
 from rlft.models.memory import return_freed_memory
 from rlft.models.modes import disable_dropout
 from rlft.models.reference import build_reference
@@ -39,35 +43,29 @@ from rlft.ops import kl_estimate, last_token_scores, masked_mean
 from rlft.outputs import LossOutput
 from rlft.registry import resolve
 from rlft.rl.kl import KLSettings
-from rlft.rl.logps import token_logps
 from rlft.rl.multiturn import AgentSettings, agent_metrics, collect_agent_rollout
 from rlft.rl.rewards import Rewards, RewardSpec, as_reward_tensor, reward_fields, total_reward
-from rlft.rl.rollout import Rollout, RolloutSettings, collect_rollout, minibatches
-from rlft.rl_losses import LOSS_AGGREGATIONS, aggregate_tokens, ppo_policy_loss
+from rlft.rl.rollout import Rollout, collect_rollout
+from rlft.rl_losses import LOSS_AGGREGATIONS, ppo_policy_loss
 from rlft.strategies import full_weights
 
 
-@dataclass
-class ScoredTokens:
-    """What the update's forward over a minibatch gives: log-probs (with grad), entropy, trunk states."""
-
-    logps: torch.Tensor
-    entropy: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-
-
-class OnlineRL(RLFTModule):
+class OnlineRL(MinibatchUpdates, RLFTModule):
     """Base of the online methods (see the module docs for the loop and its hooks).
 
     Args:
         rewards: Reward sources summed with their weights (see :mod:`rlft.rl.rewards`).
-        sampling: How responses are sampled.
+        sampling: What is sampled (:class:`~rlft.generation.settings.SamplingSettings`); unset fields take
+            ``ONLINE_SAMPLING`` (temperature 1.0, 64 tokens, no top-k).
+        decoder: How rollouts are decoded (:class:`~rlft.generation.settings.DecoderSettings`).
+        share_prompts: Score rollouts and run the updates with each prompt once for all of its samples, no padding
+            (:mod:`rlft.rl.layout`; same log-probs up to rounding); needs segmented attention (SDPA models).
         kl: The KL to the reference (:class:`KLSettings`); unset fields take the method's defaults.
         epochs: Passes over each rollout (PPO's epochs, GRPO's mu); > 1 makes the ratio and clipping matter.
         minibatch_size: Sequences per optimiser step; default the whole rollout.
         micro_batch_size: Sequences per forward/backward inside a minibatch (gradient accumulation: the same
             update as the whole minibatch, in bounded memory), and per scoring forward of the rollout; with
-            ``sampling.generation_batch_size`` the memory stays flat as the rollout grows. Default: all at once.
+            ``decoder.batch_size`` the memory stays flat as the rollout grows. Default: all at once.
         clip_range: Ratio clip epsilon of the surrogate.
         loss_aggregation: How token losses become one value per sequence: ``token`` (a token mean over the global
             minibatch), ``sequence`` or ``dr_grpo`` (see ``rlft.rl_losses.LOSS_AGGREGATIONS``).
@@ -98,7 +96,9 @@ class OnlineRL(RLFTModule):
         self,
         model: str,
         rewards: list[RewardSpec] | None = None,
-        sampling: RolloutSettings = RolloutSettings(),
+        sampling: SamplingSettings = ONLINE_SAMPLING,
+        decoder: DecoderSettings = DecoderSettings(),
+        share_prompts: bool = True,
         kl: KLSettings = KLSettings(),
         epochs: int = 1,
         minibatch_size: int | None = None,
@@ -122,7 +122,8 @@ class OnlineRL(RLFTModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         super().__init__(model, **kwargs)
         self.automatic_optimization = False
-        self.sampling = RolloutSettings(**sampling) if isinstance(sampling, dict) else sampling
+        self.sampling = sampling_settings(sampling, ONLINE_SAMPLING, online=True)
+        self.decoder = DecoderSettings(**decoder) if isinstance(decoder, dict) else decoder
         kl = KLSettings(**kl) if isinstance(kl, dict) else kl
         self.kl_settings = kl.with_defaults(self.default_kl)
         self.hparams["kl"] = asdict(self.kl_settings)  # what ran, the method's defaults resolved
@@ -159,12 +160,12 @@ class OnlineRL(RLFTModule):
         """Whether the update's forward must also return the trunk states (a value head on the policy)."""
         return False
 
-    def sample(self, batch: dict, *, score: bool | None = None) -> Rollout:
+    def sample(self, batch: PromptBatch, *, score: bool | None = None) -> Rollout:
         """Sample ``samples_per_prompt`` responses per prompt with the log-probs the update needs: old ones when the
         policy moves before the rollout's last update or the KL is in the reward, reference ones when ``kl.coef``
         is not 0."""
         if score is None:
-            rows = batch["prompt_input_ids"].shape[0] * self.samples_per_prompt
+            rows = len(batch) * self.samples_per_prompt
             several_updates = self.hparams.epochs > 1 or (self.hparams.minibatch_size or rows) < rows
             score = several_updates or (self.kl_coef != 0 and self.kl_settings.placement == "reward")
         options = dict(
@@ -173,13 +174,16 @@ class OnlineRL(RLFTModule):
             reference=self.reference_model,
             with_reference=self.needs_reference,
             score_batch_size=self.hparams.micro_batch_size,
+            share_prompts=self.hparams.share_prompts,
         )
         with full_weights(self):  # sharded weights gathered once per rollout, not per decoding step
             if self.agent is not None:
-                return collect_agent_rollout(self.model, self.tokenizer, batch, self.sampling, self.agent, **options)
-            return collect_rollout(self.model, self.tokenizer, batch, self.sampling, **options)
+                return collect_agent_rollout(
+                    self.model, self.tokenizer, batch, self.sampling, self.decoder, self.agent, **options
+                )
+            return collect_rollout(self.model, self.tokenizer, batch, self.sampling, self.decoder, **options)
 
-    def rollout(self, batch: dict) -> Rollout:
+    def rollout(self, batch: PromptBatch) -> Rollout:
         """What is sampled for a prompts batch (override for another layout or extra per-row tensors)."""
         return self.sample(batch)
 
@@ -252,7 +256,7 @@ class OnlineRL(RLFTModule):
             rewards = rewards - self.kl_coef * kl
         return rewards
 
-    def prepare(self, batch: dict, stage: str) -> Rollout:
+    def prepare(self, batch: PromptBatch, stage: str) -> Rollout:
         """Sample, score, shape and estimate: the rollout with ``rewards``, ``scores`` and ``advantages`` set."""
         rollout = self.rollout(batch)
         rollout.rewards, rollout.metrics = self.score(rollout, stage)
@@ -261,96 +265,6 @@ class OnlineRL(RLFTModule):
         mask = rollout.response_mask.to(advantages.dtype)
         rollout.advantages = advantages[:, None] * mask if advantages.dim() == 1 else advantages
         return rollout
-
-    def score_tokens(self, batch: Rollout) -> ScoredTokens:
-        """The update's forward over a minibatch: log-probs with grad, entropy and (``needs_hidden``) states."""
-        logps, entropy, hidden = token_logps(
-            self.model,
-            batch.input_ids,
-            batch.attention_mask,
-            batch.response_ids.shape[1],
-            temperature=self.sampling.temperature,
-            with_entropy=True,
-            with_hidden=self.needs_hidden,
-            share_prompts=self.sampling.share_prompts,
-        )
-        return ScoredTokens(logps, entropy, hidden)
-
-    def minibatch_loss(self, batch: Rollout) -> LossOutput:
-        """The loss of one minibatch: policy loss, the KL term (``kl.placement: loss``) and the auxiliary loss."""
-        scored = self.score_tokens(batch)
-        if batch.logps is None:  # one update per rollout: the rollout policy is the current one, the ratio is 1
-            batch = replace(batch, logps=scored.logps.detach())
-        out = self.policy_loss(batch, scored.logps, batch.advantages)
-        out = out if isinstance(out, LossOutput) else LossOutput(*out)  # a `(losses, stats)` pair reads the same
-        mask = batch.response_mask.to(scored.logps.dtype)
-        out.stats["policy_loss"] = out.losses.detach()
-        if self.kl_settings.placement == "loss" and self.kl_coef != 0:
-            token_kl = kl_estimate(scored.logps, batch.ref_logps, kind=self.kl_settings.estimator)
-            kl = aggregate_tokens(token_kl, mask, self.hparams.loss_aggregation, self.sampling.max_new_tokens)
-            out = out.plus(LossOutput(kl, {"kl": masked_mean(token_kl.detach(), mask, dim=-1)}), self.kl_coef)
-        auxiliary = self.auxiliary_loss(batch, scored)
-        if auxiliary is not None:
-            out = out.plus(auxiliary)
-        out.stats["entropy"] = masked_mean(scored.entropy, mask, dim=-1)
-        out.stats["approx_kl"] = masked_mean(0.5 * (scored.logps.detach() - batch.logps) ** 2, mask, dim=-1)
-        return out
-
-    def update_minibatch(self, batch: Rollout) -> dict[str, torch.Tensor]:
-        """One optimiser step on a minibatch, accumulated over micro-batches; returns its mean statistics."""
-        token_mean = self.hparams.loss_aggregation == "token"
-        mask = batch.response_mask.float()
-        # a token mean over the *global* minibatch: each rank's share of its tokens (data parallelism then averages)
-        world = 1 if self._trainer is None else self.trainer.world_size
-        tokens = self.sum_over_processes(mask.sum()).clamp(min=1.0) if token_mean else None
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        total, rows = torch.zeros((), device=mask.device), {}
-        for part in batch.split(self.hparams.micro_batch_size or len(batch)):
-            out = self.minibatch_loss(part)
-            share = part.response_mask.sum() * world / tokens if token_mean else len(part) / len(batch)
-            loss = out.loss * share
-            self.manual_backward(loss)
-            total += loss.detach()
-            for name, value in out.stats.items():
-                value = value.detach().float()
-                rows.setdefault(name, []).append(value.expand(len(part)) if value.dim() == 0 else value)
-        self.apply_gradients()
-        stats = {name: torch.cat(values).mean() for name, values in rows.items()}
-        stats["loss"] = self.sum_over_processes(total) / world
-        return stats
-
-    def apply_gradients(self) -> None:
-        """Clip to ``max_grad_norm``, step the optimiser and the schedule (per optimiser step, as Lightning counts
-        ``max_steps`` here)."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        if self.hparams.get("max_grad_norm") is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-
-    def update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """``epochs`` passes over shuffled minibatches of one rollout; returns the means of the statistics."""
-        hp = self.hparams
-        totals: dict[str, list[torch.Tensor]] = {}
-        epochs_done = 0
-        for _ in range(hp.epochs):
-            epoch_kl = []
-            for rows in minibatches(len(rollout), hp.minibatch_size):
-                stats = self.update_minibatch(rollout.select(rows.to(self.device)))
-                for name, value in stats.items():
-                    totals.setdefault(name, []).append(value)
-                epoch_kl.append(stats["approx_kl"])
-            epochs_done += 1
-            # the stop decision is taken on the mean over ranks: a rank stopping alone would hang the others
-            if hp.target_approx_kl is not None:
-                world = 1 if self._trainer is None else self.trainer.world_size
-                if self.sum_over_processes(torch.stack(epoch_kl).mean()) / world > hp.target_approx_kl:
-                    break
-        means = {name: torch.stack(values).mean() for name, values in totals.items()}
-        means["epochs"] = torch.tensor(float(epochs_done))
-        return means
 
     def rollout_metrics(self, rollout: Rollout, started: float) -> dict[str, torch.Tensor]:
         """What every online method logs for a rollout (the update's statistics come on top)."""
@@ -371,20 +285,8 @@ class OnlineRL(RLFTModule):
             metrics["kl_sequence"] = rollout.kl.sum(-1).mean()
         return metrics
 
-    def adapt_kl(self, rollout: Rollout, stats: dict[str, torch.Tensor]) -> None:
-        """Adaptive KL controller: every rank moves ``kl_coef`` by the same, global, per-sequence KL."""
-        if self.kl_settings.target is None or self.kl_coef == 0:
-            return
-        sequences = self.sum_over_processes(torch.tensor(float(len(rollout)), device=self.device))
-        if rollout.kl is not None:
-            observed = self.sum_over_processes(rollout.kl.sum()) / sequences
-        else:  # KL in the loss: the update's per-token KL times the mean response length
-            world = 1 if self._trainer is None else self.trainer.world_size
-            observed = self.sum_over_processes(stats["kl"] * rollout.response_lengths.float().mean()) / world
-        self.kl_coef = self.kl_settings.update(self.kl_coef, float(observed), int(sequences))
-
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: dict, batch_idx: int) -> dict:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict:
         started = time.perf_counter()
         rollout = self.prepare(batch, "train")
         stats = self.update(rollout)
@@ -394,7 +296,7 @@ class OnlineRL(RLFTModule):
         self.log_dict({f"train/{name}": torch.as_tensor(value).float() for name, value in metrics.items()})
         return {"rollout": rollout}  # to every callback's on_train_batch_end as `outputs`
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> dict:
         # the same hooks and the same loss as training, on held-out prompts
         rollout = self.prepare(batch, "validate")
         out = self.minibatch_loss(rollout)
@@ -418,14 +320,14 @@ class OnlineRL(RLFTModule):
         # gradient checkpointing on in transformers (dropout is zeroed either way)
         self.model.train()
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: PromptBatch, batch_idx: int) -> None:
         # the last update's freed activations would otherwise stay resident, fragmented, under the rollout's
         # allocations and the next update's, raising the peak
         super().on_train_batch_start(batch, batch_idx)
         if self.trim_heap_each_step:
             return_freed_memory(collect_garbage=False)
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs, batch: PromptBatch, batch_idx: int) -> None:
         # prompt and response tokens of the whole rollout, not only the prompt tokens the base class would count
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0 and outputs and "rollout" in outputs:

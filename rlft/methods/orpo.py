@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from rlft.data.batches import PairBatch
 from rlft.losses import orpo_loss, simpo_loss
 from rlft.methods.base import RLFTModule
 from rlft.methods.dpo import preference_metrics
@@ -51,12 +52,12 @@ class ORPO(RLFTModule):
     ) -> None:
         super().__init__(model, **kwargs)
 
-    def preference_loss(self, policy: PairLogps, batch: dict) -> LossOutput:
+    def preference_loss(self, policy: PairLogps, batch: PairBatch) -> LossOutput:
         """Per-pair losses ``[B]`` and the statistics of :func:`rlft.losses.orpo_loss` (``chosen_rewards`` and
         ``rejected_rewards`` among them); ``batch`` carries the data's per-row fields. Override for a variant."""
         return orpo_loss(policy.chosen_avg, policy.rejected_avg, policy.chosen_nll, beta=self.hparams.beta)
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = pair_logps(self.model, batch, self.hparams.share_prompts)
         output = self.preference_loss(logps, batch)
         return self.reduce_losses(output.losses, batch), _average_metrics(logps, output)
@@ -94,7 +95,7 @@ class SimPO(RLFTModule):
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
         super().__init__(model, **kwargs)
 
-    def preference_loss(self, policy: PairLogps, batch: dict) -> LossOutput:
+    def preference_loss(self, policy: PairLogps, batch: PairBatch) -> LossOutput:
         """Per-pair losses ``[B]`` with the rewards in ``stats["chosen_rewards"]`` / ``stats["rejected_rewards"]``;
         ``batch`` carries the data's per-row fields. The CPO-SimPO NLL term is added after this hook."""
         hp = self.hparams
@@ -102,7 +103,7 @@ class SimPO(RLFTModule):
             policy.chosen_avg, policy.rejected_avg, beta=hp.beta, gamma=hp.gamma, label_smoothing=hp.label_smoothing
         )
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         logps = pair_logps(self.model, batch, self.hparams.share_prompts)
         output = self.preference_loss(logps, batch)

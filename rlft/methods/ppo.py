@@ -13,7 +13,9 @@ import logging
 
 import torch
 
-from rlft.methods.online import OnlineRL, ScoredTokens
+from rlft.data.batches import PromptBatch
+from rlft.methods.online import OnlineRL
+from rlft.methods.online_update import ScoredTokens
 from rlft.models import load_model
 from rlft.models.modes import disable_dropout, inference
 from rlft.models.reward import REWARD_HEADS
@@ -113,7 +115,7 @@ class PPO(OnlineRL):
         return self.critic is None  # the value head reads the policy's own trunk states
 
     # ------------------------------------------------------------------ hooks
-    def rollout(self, batch: dict) -> Rollout:
+    def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample responses for a prompts batch with old and reference log-probs and old values."""
         shared_trunk = self.critic is None
         # sharded weights gathered once for the whole rollout (sampling, old log-probs, values), not per step
@@ -131,7 +133,7 @@ class PPO(OnlineRL):
                             part.response_ids.shape[1],
                             temperature=self.sampling.temperature,
                             with_hidden=True,
-                            share_prompts=self.sampling.share_prompts,
+                            share_prompts=self.hparams.share_prompts,
                         )
                         logps.append(part_logps)
                         values.append(self.values(part, hidden))
@@ -154,7 +156,7 @@ class PPO(OnlineRL):
                 length,
                 with_hidden=True,
                 with_logps=False,
-                share_prompts=self.sampling.share_prompts,
+                share_prompts=self.hparams.share_prompts,
             )
         return self.value_head(hidden.to(next(self.value_head.parameters()).dtype)).squeeze(-1)
 

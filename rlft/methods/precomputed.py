@@ -11,7 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from rlft.data.batches import PairBatch
 from rlft.data.collate import Collator
 from rlft.models.scoring import PairLogps, batch_keys, pair_key
 from rlft.strategies import full_weights
@@ -74,7 +76,7 @@ class PrecomputedReference:
             log.info("reusing precomputed reference log-probs from %s", path)
         self.logps = cache
 
-    def __call__(self, batch: dict) -> PairLogps:
+    def __call__(self, batch: PairBatch) -> PairLogps:
         """The cached reference log-probs of ``batch``; pairs the cache lacks are scored live and added."""
         module = self.module
         if self.logps is None:  # `validate`/`test` without `fit`: build (or load) the cache now
@@ -124,7 +126,7 @@ class PrecomputedReference:
             with full_weights(module), torch.no_grad():
                 for start in range(0, len(examples), batch_size):
                     chunk = examples[start : start + batch_size]
-                    batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+                    batch = move_data_to_device(collate(chunk), module.device)
                     self._store([example_key(e) for e in chunk], module.live_reference_logps(batch), cache)
         finally:
             if ref_from_string:

@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 
-from rlft.losses import RANKING_LOSSES, bradley_terry_loss
+from rlft.data.batches import PairBatch, RankingBatch
+from rlft.losses import bradley_terry_loss
 from rlft.methods.base import RLFTModule
-from rlft.methods.fields import row_field
 from rlft.metrics import pairwise_auroc
 from rlft.models.model_card import write_model_card
 from rlft.models.reward import (
@@ -27,6 +27,7 @@ from rlft.models.reward import (
 from rlft.models.scoring import pair_layout
 from rlft.models.unwrap import causal_lm
 from rlft.outputs import LossOutput
+from rlft.ranking_losses import RANKING_LOSSES
 from rlft.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class RewardModel(RLFTModule):
         head_dtype: Keep the head in this dtype (``float32`` is stable even with a bf16 backbone).
         share_prompts: Run each pair's common prompt once for both responses (exact; see ``rlft.methods.DPO``).
         ranking_loss: Loss for K-wise ranking batches (from ``rlft.data.RankingDataModule``): a key of
-            ``rlft.losses.RANKING_LOSSES`` (``plackett_luce`` or ``kwise_bradley_terry``). Pair batches always use
-            Bradley-Terry.
+            ``rlft.ranking_losses.RANKING_LOSSES`` (``plackett_luce`` or ``kwise_bradley_terry``). Pair batches always
+            use Bradley-Terry.
     """
 
     default_lr = 1e-4
@@ -81,25 +82,31 @@ class RewardModel(RLFTModule):
         head = resolve(self.hparams.head, REWARD_HEADS, "reward head")(hidden).to(
             getattr(torch, self.hparams.head_dtype)
         )
+        # pairwise and ranking losses compare rewards, so the output's constant offset gets a zero gradient: trained,
+        # its float rounding (~1e-9) becomes full lr-sized Adam steps, a bias that random-walks on noise. It stays at
+        # 0 (as transformers' bias-free `score`) unless center_coef ties the rewards' mean down
+        output = list(head.modules())[-1]
+        if not self.hparams.center_coef and isinstance(getattr(output, "bias", None), torch.nn.Parameter):
+            output.bias.requires_grad_(False)
         return RewardNetwork(backbone, head)
 
     # ------------------------------------------------------------------------------------------ loss
-    def pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of chosen and rejected (``[B]`` each) from one forward over both."""
         layout = pair_layout(self.model.backbone, batch, self.hparams.share_prompts)
         rewards = self.model.score_at(layout.inputs, layout.last)
         n = len(rewards) // 2
         return rewards[:n], rewards[n:]
 
-    def ranking_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def ranking_rewards(self, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, K]`` rewards (best first) and their mask for a ranking batch: all responses in one forward."""
-        flat = self.model(batch["ranking_input_ids"], batch["ranking_attention_mask"])
-        sizes = batch["ranking_sizes"].tolist()
-        mask = torch.arange(max(sizes), device=flat.device)[None] < batch["ranking_sizes"].to(flat.device)[:, None]
+        flat = self.model(batch.tokens.input_ids, batch.tokens.attention_mask)
+        sizes = batch.sizes.tolist()
+        mask = torch.arange(max(sizes), device=flat.device)[None] < batch.sizes.to(flat.device)[:, None]
         rewards = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
         return rewards, mask
 
-    def ranking_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ranking_pairs(self, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-prompt ranking losses and every (better, worse) pair's rewards of a ranking batch."""
         rewards, mask = self.ranking_rewards(batch)
         losses = resolve(self.hparams.ranking_loss, RANKING_LOSSES, "ranking_loss")(rewards, mask)
@@ -108,21 +115,23 @@ class RewardModel(RLFTModule):
         pairs = (upper & mask[:, :, None] & mask[:, None, :]).nonzero()
         return losses, rewards[pairs[:, 0], pairs[:, 1]], rewards[pairs[:, 0], pairs[:, 2]]
 
-    def reward_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict) -> LossOutput:
+    def reward_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: PairBatch) -> LossOutput:
         """Per-pair losses ``[B]`` from the rewards (with grad) of chosen and rejected, ``[B]`` each.
 
         Bradley-Terry with the batch's per-row ``margin`` if it has one, else the constant ``margin``. ``batch``
         carries every per-row field of the data, for a variant that reads one; the per-row ``weight`` is applied
         after this hook, by :meth:`compute_loss`. Override to change the loss of training and validation alike.
         """
-        margin = row_field(batch, "margin")
+        margin = batch.field("margin")
         margin = self.hparams.margin if margin is None else margin.to(chosen)
         return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=self.hparams.center_coef)
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: PairBatch | RankingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The (``weight``-ed) mean loss of a pair or ranking batch; its metrics carry every pair's rewards, ``[B]``,
         from which validation computes accuracy and AUROC over the whole set."""
-        if "ranking_sizes" in batch:  # per-prompt losses; every (better, worse) pair of a ranking counts as a pair
+        if isinstance(
+            batch, RankingBatch
+        ):  # per-prompt losses; every (better, worse) pair of a ranking counts as a pair
             losses, chosen, rejected = self.ranking_pairs(batch)
             output = LossOutput(losses)
         else:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rlft.data.encoding import IGNORE_INDEX
+from rlft.data.batches import SFTBatch
+from rlft.logprobs import IGNORE_INDEX
 from rlft.methods.base import RLFTModule
 from rlft.models.attention import forward_inputs
 from rlft.models.scoring import scored_logps
@@ -19,17 +20,17 @@ class SFT(RLFTModule):
 
     data_kind = "sft"
 
-    def token_logps(self, batch: dict) -> torch.Tensor:
+    def token_logps(self, batch: SFTBatch) -> torch.Tensor:
         """Log-probs of every trained (assistant) token of a padded or packed batch, ``[K]``.
 
         The LM head runs only on those tokens (never on prompts or padding), in chunks.
         """
-        labels = batch["labels"]
+        labels = batch.tokens.labels
         rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
         source = rows * labels.shape[1] + cols
-        return scored_logps(self.model, forward_inputs(self.model, batch), source, labels[rows, cols + 1])
+        return scored_logps(self.model, forward_inputs(self.model, batch.tokens), source, labels[rows, cols + 1])
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Token-weighted NLL over the *global* batch.
 
         Under data parallelism each rank divides its NLL sum by the token count of all ranks (times the world size,

@@ -179,7 +179,7 @@ class TRPO(GRPO):
             batch.response_ids.shape[1],
             with_logps=False,
             with_hidden=True,
-            share_prompts=self.sampling.share_prompts,
+            share_prompts=self.hparams.share_prompts,
         )
         head = plain_head(causal_lm(self.model))
         temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from rlft.data.batches import Tokens
 from rlft.models.unwrap import causal_lm
 
 SEGMENTED_SDPA = "rlft_sdpa"
@@ -58,12 +59,14 @@ def segmented_inputs(ids: torch.Tensor, positions: torch.Tensor, segments: tuple
     }
 
 
-def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:
-    """Model keyword arguments for a padded batch or a packed one (segmented where the model allows it)."""
-    if "seq_lengths" in batch and segmented_attention(model):
-        segments = causal_segments(batch["seq_lengths"].tolist())
-        return segmented_inputs(batch["input_ids"][0], batch["position_ids"][0], segments)
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+def forward_inputs(model: torch.nn.Module, tokens: Tokens) -> dict:
+    """Model keyword arguments for padded or packed ``tokens`` (packed: segmented where the model allows it)."""
+    if tokens.packed and segmented_attention(model):
+        segments = causal_segments(tokens.seq_lengths.tolist())
+        return segmented_inputs(tokens.input_ids[0], tokens.position_ids[0], segments)
+    if tokens.packed:  # transformers reads the restarting positions as example boundaries
+        return {"input_ids": tokens.input_ids, "position_ids": tokens.position_ids}
+    return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
 
 
 def _config(model: torch.nn.Module):

@@ -50,7 +50,7 @@ def auto_precision(accelerator: str | None) -> str:
 
 
 def decoding_dtype(setting: str | None, weights: torch.Tensor) -> torch.dtype | None:
-    """The dtype of a sampling twin (``sampling.decode_dtype``) for a policy whose weights look like ``weights``:
+    """The dtype of a sampling twin (``decoder.decode_dtype``) for a policy whose weights look like ``weights``:
     ``None`` for no twin. ``auto``: a bf16 twin of a fp32 policy on hardware with native bf16 (half the memory
     traffic per decoded token), no twin elsewhere or for a policy already in 16 bits."""
     if setting != "auto":

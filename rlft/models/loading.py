@@ -46,7 +46,7 @@ class LoraSettings:
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``["score"]``).
         use_dora: DoRA (weight-decomposed LoRA, https://arxiv.org/abs/2402.09353): a learned magnitude per output
             feature on top of the low-rank direction update. Rollouts then sample the adapter unmerged (it cannot be
-            folded into one matmul exactly) and ``sampling.decode_dtype`` is refused.
+            folded into one matmul exactly) and ``decoder.decode_dtype`` is refused.
         use_rslora: rank-stabilised LoRA (https://arxiv.org/abs/2312.03732): scale by ``alpha / sqrt(r)`` instead of
             ``alpha / r``, so a higher rank does not shrink the update.
     """

@@ -1,5 +1,5 @@
 """The reward network (a causal-LM body plus a scalar head), its exported folder, and the scorer that RL and
-evaluation call for rewards.
+evaluation call for rewards (an :class:`rlft.models.scorer.ExchangeScorer`).
 
 The reward of a sequence is the head applied to the final hidden state of its **last non-padding token**, located
 from the attention mask, so left and right padding give the same reward. Score text in two lines::
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from rlft.data.encoding import encode_conversation
 from rlft.models.loading import checkpoint_backbone, load_model, load_tokenizer, load_trained
+from rlft.models.modes import inference
 from rlft.models.scoring import flat_last_positions, position_ids_from_mask
 from rlft.models.unwrap import causal_lm
 from rlft.registry import resolve
@@ -184,7 +185,12 @@ def write_sequence_classification_folder(path: Path, lm, head, tokenizer, config
 
 
 class RewardScorer:
-    """Scores ``(prompt, completion)`` pairs with a trained reward model; what RL methods call for rewards.
+    """Scores ``(prompt, completion)`` pairs with a trained reward model; what RL methods call for rewards, and an
+    :class:`rlft.models.scorer.ExchangeScorer` for evaluation.
+
+    Scoring runs without gradients and in eval mode, and restores the network's mode after: a scorer wrapped
+    around the network being trained (as :class:`rlft.callbacks.RewardAccuracyCallback` does, no copy of the
+    weights) leaves it training. :meth:`from_pretrained` networks are in eval mode for good.
 
     Args:
         network: The :class:`RewardNetwork`.
@@ -194,7 +200,7 @@ class RewardScorer:
     """
 
     def __init__(self, network: RewardNetwork, tokenizer, *, max_length: int = 1024, batch_size: int = 8) -> None:
-        self.network = network.eval()
+        self.network = network
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -204,7 +210,7 @@ class RewardScorer:
         """Load an exported reward-model folder or an rlft ``RewardModel`` checkpoint (``.ckpt``)."""
         path = Path(path)
         if path.suffix == ".ckpt":
-            return cls(_network_from_checkpoint(str(path)), load_tokenizer(str(path)), **kwargs).to(device)
+            return cls(_network_from_checkpoint(str(path)).eval(), load_tokenizer(str(path)), **kwargs).to(device)
         config_file = path / CONFIG_FILE
         if not config_file.exists():
             raise FileNotFoundError(
@@ -223,7 +229,7 @@ class RewardScorer:
         head = resolve(config["head"], REWARD_HEADS, "reward head")(hidden.get_text_config().hidden_size)
         head.load_state_dict(load_file(str(path / HEAD_FILE)))
         head = head.to(getattr(torch, config.get("head_dtype", "float32")))
-        network = RewardNetwork(backbone, head).requires_grad_(False)
+        network = RewardNetwork(backbone, head).requires_grad_(False).eval()
         return cls(network, load_tokenizer(str(path)), **kwargs).to(device)
 
     def to(self, device: str | torch.device) -> RewardScorer:
@@ -240,8 +246,7 @@ class RewardScorer:
         ids = encode_conversation(self.tokenizer, [*messages, {"role": "assistant", "content": completion}]).input_ids
         return ids[-self.max_length :]
 
-    @torch.no_grad()
-    def score(self, prompts: list[list[dict]] | list[str], completions: list[str]) -> torch.Tensor:
+    def score(self, prompts: Sequence[list[dict] | str], completions: Sequence[str]) -> torch.Tensor:
         """Reward of each completion given its prompt: float ``[N]`` on the CPU.
 
         Args:
@@ -253,18 +258,23 @@ class RewardScorer:
         sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
         scores = []
         pad_id = self.tokenizer.pad_token_id
-        for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start : start + self.batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            scores.append(self.network(ids.to(self.device), mask.to(self.device)).float().cpu())
+        with inference(self.network):  # no grad, eval mode, the network's own mode restored after
+            for start in range(0, len(sequences), self.batch_size):
+                chunk = sequences[start : start + self.batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, seq in enumerate(chunk):
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    mask[row, : len(seq)] = 1
+                scores.append(self.network(ids.to(self.device), mask.to(self.device)).float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
     __call__ = score
+
+    def score_exchanges(self, prompts: Sequence[list[dict] | str], responses: Sequence[str]) -> list[float]:
+        """:meth:`score` as a list of floats (the :class:`rlft.models.scorer.ExchangeScorer` protocol)."""
+        return [float(x) for x in self.score(prompts, responses).tolist()]
 
 
 def _network_from_checkpoint(path: str) -> RewardNetwork:

@@ -1,9 +1,9 @@
 """Scoring preference pairs: per-sequence log-probs of chosen and rejected responses in one forward.
 
-Shared by DPO, ORPO, SimPO and the reward model. Batches come padded (``chosen_*``/``rejected_*`` tensors of one
-width) or packed (one padding-free row of ``[chosen_1..chosen_B, rejected_1..rejected_B]`` with restarting
-``position_ids``, see :func:`rlft.data.collate.pack`); with ``share_prompts`` either becomes one row of prompt trees
-(:func:`shared_prompt_layout`). All layouts give the same numbers.
+Shared by DPO, ORPO, SimPO and the reward model. A :class:`rlft.data.batches.PairBatch` holds its ``2B`` sequences
+(chosen first) padded to one width or packed (one padding-free row of ``[chosen_1..chosen_B, rejected_1..rejected_B]``
+with restarting ``position_ids``, see :func:`rlft.data.padding.pack`); with ``share_prompts`` either becomes one row
+of prompt trees (:func:`shared_prompt_layout`). All layouts give the same numbers.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlft.data.batches import PairBatch, Tokens
+from rlft.logprobs import IGNORE_INDEX, gather_logps, hidden_logps
 from rlft.models.attention import forward_inputs, segmented_attention, segmented_inputs
+from rlft.models.prompt_tree import prompt_tree
 from rlft.models.unwrap import causal_lm
-from rlft.ops import IGNORE_INDEX, gather_logps, hidden_logps
 
 
 @dataclass
@@ -63,7 +65,7 @@ def plain_head(lm: torch.nn.Module) -> torch.nn.Linear | None:
 def scored_logps(model: torch.nn.Module, inputs: dict, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-prob of ``targets[k]`` as predicted at position ``source[k]`` of the flattened ``[rows * T]`` outputs.
 
-    The LM head runs only at the ``source`` positions, chunk by chunk (:func:`rlft.ops.hidden_logps`), so no
+    The LM head runs only at the ``source`` positions, chunk by chunk (:func:`rlft.logprobs.hidden_logps`), so no
     ``[rows, T, V]`` logits exist; models whose logits are rescaled or capped fall back to the full forward.
     """
     lm = causal_lm(model)
@@ -109,42 +111,28 @@ class PairLayout:
     last: torch.Tensor
 
 
-def _padded_layout(batch: dict) -> PairLayout:
-    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+def _padded_layout(tokens: Tokens) -> PairLayout:
+    mask, labels = tokens.attention_mask, tokens.labels
     # positions counted over real tokens: left- and right-padded rows score alike
-    inputs = {
-        "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        "attention_mask": mask,
-        "position_ids": position_ids_from_mask(mask),
-    }
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    inputs = {"input_ids": tokens.input_ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     width = labels.shape[1]
     return PairLayout(inputs, rows * width + cols, labels[rows, cols + 1], rows, len(labels), flat_last_positions(mask))
 
 
-def _packed_layout(model: torch.nn.Module, batch: dict) -> PairLayout:
+def _packed_layout(model: torch.nn.Module, tokens: Tokens) -> PairLayout:
     """One padding-free row with restarting ``position_ids`` (attended per example where the model allows)."""
-    lengths = batch["seq_lengths"]
-    inputs = forward_inputs(model, batch)
-    labels = batch["labels"][0]
+    lengths = tokens.seq_lengths
+    inputs = forward_inputs(model, tokens)
+    labels = tokens.labels[0]
     cols = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0]
     owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
     return PairLayout(inputs, cols, labels[cols + 1], owner[cols + 1], len(lengths), lengths.cumsum(0) - 1)
 
 
-def _pair_sequences(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pair_sequences(batch: PairBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(input_ids, labels)`` of every sequence, chosen ``1..B`` then rejected ``1..B``, without padding."""
-    if "seq_lengths" in batch:
-        lengths = batch["seq_lengths"].tolist()
-        return list(zip(batch["input_ids"][0].split(lengths), batch["labels"][0].split(lengths)))
-    sequences = []
-    for side in ("chosen", "rejected"):
-        rows = zip(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
-        for ids, mask, labels in rows:
-            keep = mask.bool()
-            sequences.append((ids[keep], labels[keep]))
-    return sequences
+    return batch.sequences.sequences()
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -153,7 +141,7 @@ def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0, 0]) if len(differ) else n
 
 
-def shared_prompt_layout(batch: dict) -> PairLayout:
+def shared_prompt_layout(batch: PairBatch) -> PairLayout:
     """Each pair as one tree: the common prefix (the prompt) once, then both responses, each attending to it.
 
     A pair ``(p + c, p + r)`` becomes the span ``[p, c, r]`` with positions ``[0..|p|), [|p|..), [|p|..)`` and a
@@ -180,26 +168,13 @@ def shared_prompt_layout(batch: dict) -> PairLayout:
             maps[n + i] = torch.arange(offset + lc, offset + lc + lr, device=device)
             offset += lc + lr
             continue
-        # span [S = lc + lr - shared]: positions of p, c (continuing p), then r (also continuing p)
-        span = torch.cat([torch.arange(lc, device=device), torch.arange(shared, lr, device=device)])
-        # part [S]: 0 = prompt, 1 = chosen response, 2 = rejected response; mask [S, S]: causal within the span's
-        # positions, and a response token sees the prompt and its own response only
-        part = torch.cat(
-            [
-                torch.zeros(shared, device=device),
-                torch.ones(lc - shared, device=device),
-                torch.full((lr - shared,), 2.0, device=device),
-            ]
-        )
-        mask = (span[None, :] <= span[:, None]) & ((part[None, :] == 0) | (part[None, :] == part[:, None]))
-        ids += [chosen, rejected[shared:]]
-        positions.append(span)
-        segments.append((offset, offset + len(span), mask[None, None]))
-        maps[i] = offset + torch.arange(lc, device=device)
-        maps[n + i] = offset + torch.cat(
-            [torch.arange(shared, device=device), torch.arange(lc, lr + lc - shared, device=device)]
-        )
-        offset += len(span)
+        # the span [p, c, r]: c and r continue p's positions and see p and themselves only
+        tree = prompt_tree(chosen[:shared], [chosen[shared:], rejected[shared:]])
+        ids.append(tree.ids)
+        positions.append(tree.positions)
+        segments.append(tree.segment(offset))
+        maps[i], maps[n + i] = offset + tree.sequence(0), offset + tree.sequence(1)
+        offset += len(tree)
     source, targets, owner = [], [], []  # per scored token: flat row index predicting it, its id, its sequence
     for k, (_, labels) in enumerate(sequences):
         t = (labels[1:] != IGNORE_INDEX).nonzero()[:, 0] + 1  # [K_k] positions in sequence k that are scored
@@ -211,16 +186,16 @@ def shared_prompt_layout(batch: dict) -> PairLayout:
     return PairLayout(inputs, torch.cat(source), torch.cat(targets), torch.cat(owner), 2 * n, last)
 
 
-def pair_layout(model: torch.nn.Module, batch: dict, share_prompts: bool = False) -> PairLayout:
+def pair_layout(model: torch.nn.Module, batch: PairBatch, share_prompts: bool = False) -> PairLayout:
     """The shared-prompt layout when asked for and the model supports it, else the batch's packed or padded one."""
     if share_prompts and segmented_attention(model):
         return shared_prompt_layout(batch)
-    if "seq_lengths" in batch:
-        return _packed_layout(model, batch)
-    return _padded_layout(batch)
+    if batch.sequences.packed:
+        return _packed_layout(model, batch.sequences)
+    return _padded_layout(batch.sequences)
 
 
-def pair_logps(model: torch.nn.Module, batch: dict, share_prompts: bool = False) -> PairLogps:
+def pair_logps(model: torch.nn.Module, batch: PairBatch, share_prompts: bool = False) -> PairLogps:
     """Log-probs of chosen and rejected responses from one forward over ``[chosen; rejected]``.
 
     The LM head is applied only to scored positions (never to the prompt), chunk by chunk, so the ``[2B, T, V]``
@@ -247,19 +222,11 @@ def pair_key(chosen_ids, rejected_ids, prompt_length: int) -> str:
     return digest.hexdigest()
 
 
-def batch_keys(batch: dict) -> list[str]:
+def batch_keys(batch: PairBatch) -> list[str]:
     """The :func:`pair_key` of every pair of a padded or packed batch."""
-    prompt_lengths = batch["prompt_lengths"].tolist()
-    if "seq_lengths" in batch:
-        sequences = batch["input_ids"][0].split(batch["seq_lengths"].tolist())
-        n = len(prompt_lengths)
-        return [pair_key(sequences[i].tolist(), sequences[n + i].tolist(), p) for i, p in enumerate(prompt_lengths)]
-    keys = []
-    for i, prompt_length in enumerate(prompt_lengths):
-        chosen = batch["chosen_input_ids"][i][batch["chosen_attention_mask"][i].bool()].tolist()
-        rejected = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
-        keys.append(pair_key(chosen, rejected, prompt_length))
-    return keys
+    sequences = [ids.tolist() for ids, _ in batch.sequences.sequences()]
+    n = len(batch)
+    return [pair_key(sequences[i], sequences[n + i], p) for i, p in enumerate(batch.prompt_lengths.tolist())]
 
 
 def pair_metrics(logps: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

@@ -80,9 +80,9 @@ def evaluate(cfg: dict) -> dict:
         load_reward_scorer,
         load_toxicity_classifier,
         preference_accuracy,
-        score_exchanges,
     )
-    from rlft.generation.generator import Generator, SamplingSettings
+    from rlft.generation.generator import Generator
+    from rlft.generation.settings import SamplingSettings
     from rlft.metrics import outcomes_from_scores, win_rate
     from rlft.models import load_model, load_tokenizer
 
@@ -111,7 +111,6 @@ def evaluate(cfg: dict) -> dict:
     settings = SamplingSettings(
         max_new_tokens=cfg["max_new_tokens"],
         temperature=cfg["temperature"],
-        batch_size=cfg["batch_size"],
         seed=cfg["seed"],
     )
     refusal = load_refusal_classifier(cfg["refusal"])
@@ -124,8 +123,8 @@ def evaluate(cfg: dict) -> dict:
         log.warning("evaluating policy %s (%s)", name, model_string)
         lm = start_model if name == start_name else load_model(model_string, trainable_adapter=False)
         tok = start_tok if name == start_name else load_tokenizer(model_string)
-        texts = [s[0] for s in Generator(lm, tok).generate(prompts, settings)]
-        answers[name], rewards[name] = texts, np.asarray(score_exchanges(scorer, prompts, texts), dtype=float)
+        texts = [s[0] for s in Generator(lm, tok).generate(prompts, settings, batch_size=cfg["batch_size"])]
+        answers[name], rewards[name] = texts, np.asarray(scorer.score_exchanges(prompts, texts), dtype=float)
         entry: dict = {
             "model": model_string,
             "mean_reward": float(rewards[name].mean()),

@@ -41,8 +41,9 @@ def sample_pairs(
     rounds see new prompts while there are any.
     """
     from rlft.eval.data import load_records
-    from rlft.eval.reward_bench import load_reward_scorer, score_exchanges
-    from rlft.generation.generator import Generator, SamplingSettings
+    from rlft.eval.reward_bench import load_reward_scorer
+    from rlft.generation.generator import Generator
+    from rlft.generation.settings import SamplingSettings
     from rlft.models import load_model, load_tokenizer
 
     seen, prompts = set(), []
@@ -60,15 +61,15 @@ def sample_pairs(
         temperature=temperature,
         top_p=1.0,
         num_samples=samples_per_prompt,
-        batch_size=batch_size,
         seed=seed,
     )
-    samples = Generator(lm, tok).generate(chosen, settings)
+    rows = batch_size * (samples_per_prompt if temperature > 0 else 1)  # `batch_size` prompts per forward
+    samples = Generator(lm, tok).generate(chosen, settings, batch_size=rows)
     del lm
     gc.collect()
     scorer = load_reward_scorer(reward_model)
     flat_prompts = [p for p, group in zip(chosen, samples) for _ in group]
-    rewards = score_exchanges(scorer, flat_prompts, [s for group in samples for s in group])
+    rewards = scorer.score_exchanges(flat_prompts, [s for group in samples for s in group])
     pairs, skipped = pair_samples(chosen, samples, rewards, min_margin=min_margin)
     if not pairs:
         raise ValueError(

@@ -6,7 +6,8 @@ token. :func:`group_layout` packs each prompt once, followed by its completions 
 per prompt: ``[p, r1, ..., rG]`` with positions ``[0..|p|)``, then ``[|p|..|p|+|ri|)`` for each ``ri``, and a mask in
 which each ``ri`` attends to ``p`` and to itself only. Every response token gets exactly the hidden state it has in
 its own ``[p, ri]`` sequence (the same log-probs up to float rounding), while the work shrinks from
-``G * (P_max + R_max)`` to ``|p| + sum |ri|`` tokens per prompt.
+``G * (P_max + R_max)`` to ``|p| + sum |ri|`` tokens per prompt. The span is a
+:func:`rlft.models.prompt_tree.prompt_tree`, the layout DPO's shared prompts use too.
 
 Rows are grouped by their prompt tokens, so a shuffled minibatch (rows of a prompt anywhere) is laid out the same
 way; a prompt alone in the minibatch is simply a span of one sequence.
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlft.models.attention import Segment, segmented_inputs
+from rlft.models.attention import segmented_inputs
+from rlft.models.prompt_tree import prompt_tree
 
 
 @dataclass
@@ -49,36 +51,23 @@ def group_layout(
     prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> GroupLayout:
     """The packed, prompt-sharing layout of ``[N, P]`` left-padded prompts and ``[N, R]`` right-padded responses."""
-    device = prompt_ids.device
     lengths = response_mask.sum(-1).tolist()
     ids, positions, segments, source, rows, cols = [], [], [], [], [], []
     offset = 0
     for group in _group_rows(prompt_ids, prompt_mask):
         prompt = prompt_ids[group[0]][prompt_mask[group[0]].bool()]
-        spans = [prompt] + [response_ids[row, : lengths[row]] for row in group]
-        sizes = [len(s) for s in spans]
-        part = torch.repeat_interleave(torch.arange(len(spans), device=device), torch.tensor(sizes, device=device))
-        order = torch.arange(len(part), device=device)
-        # causal in packing order, and a response sees only the prompt (part 0) and its own tokens
-        mask = (order[None, :] <= order[:, None]) & ((part[None, :] == 0) | (part[None, :] == part[:, None]))
-        segment: Segment = (offset, offset + len(part), mask[None, None])
-        segments.append(segment)
-        ids.extend(spans)
-        positions.append(torch.arange(len(prompt), device=device))
-        prompt_last = offset + len(prompt) - 1
-        start = prompt_last + 1
-        for row, size in zip(group, sizes[1:]):
-            positions.append(torch.arange(len(prompt), len(prompt) + size, device=device))
-            # token t of the response is predicted at the prompt's last token (t = 0), else at token t - 1
-            source.append(
-                torch.cat(
-                    [torch.tensor([prompt_last], device=device), torch.arange(start, start + size - 1, device=device)]
-                )
-            )
-            rows.append(torch.full((size,), row, device=device))
-            cols.append(torch.arange(size, device=device))
-            start += size
-        offset += len(part)
+        tree = prompt_tree(prompt, [response_ids[row, : lengths[row]] for row in group])
+        ids.append(tree.ids)
+        positions.append(tree.positions)
+        segments.append(tree.segment(offset))
+        for branch, row in enumerate(group):
+            size = tree.lengths[branch]
+            # token t of the response is predicted at the token before it in its own [p, r] sequence: the prompt's
+            # last token (t = 0), else response token t - 1
+            source.append(offset + tree.sequence(branch)[tree.prompt_length - 1 : tree.prompt_length - 1 + size])
+            rows.append(torch.full((size,), row, device=prompt_ids.device))
+            cols.append(torch.arange(size, device=prompt_ids.device))
+        offset += len(tree)
     inputs = segmented_inputs(torch.cat(ids), torch.cat(positions), tuple(segments))
     rows_t, cols_t = torch.cat(rows), torch.cat(cols)
     return GroupLayout(inputs, torch.cat(source), response_ids[rows_t, cols_t], rows_t, cols_t)

@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
+from rlft.data.batches import PromptBatch
 from rlft.data.tool_calls import tool_call_format, with_tools
 from rlft.data.tool_messages import template_inputs
 from rlft.generation.generator import encode_prompt_text
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.models.tokens import pad_token_id, stop_token_ids
 from rlft.rl.environment import StepResult, environment_factory
-from rlft.rl.rollout import Rollout, RolloutSettings, generate_responses, score_rollout
+from rlft.rl.rollout import Rollout, generate_responses, score_rollout
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,9 @@ def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 def collect_agent_rollout(
     model: torch.nn.Module,
     tokenizer,
-    batch: dict,
-    settings: RolloutSettings,
+    batch: PromptBatch,
+    settings: SamplingSettings,
+    decoder: DecoderSettings,
     agent: AgentSettings,
     *,
     group_size: int = 1,
@@ -162,6 +165,7 @@ def collect_agent_rollout(
     reference: torch.nn.Module | None = None,
     with_reference: bool = False,
     score_batch_size: int | None = None,
+    share_prompts: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` multi-turn trajectories per prompt of a ``prompts`` batch and score their tokens (see
     the module docs); the record fields reach ``env.reset`` and the rewards. Besides the record's fields, each row
@@ -172,8 +176,8 @@ def collect_agent_rollout(
     fmt = agent.tool_call_format or tool_call_format(tokenizer)
     stops, pad_id = stop_token_ids(tokenizer, model, settings.stop_token_ids), pad_token_id(tokenizer)
     budget = agent.max_tokens or agent.max_turns * settings.max_new_tokens
-    prompts = batch.get("prompt") or [None] * batch["prompt_input_ids"].shape[0]
-    extra = {k: v for k, v in batch.items() if not torch.is_tensor(v) and k != "prompt"}
+    prompts = batch.prompts or [None] * len(batch)
+    extra = batch.fields
     rows: list[tuple[int, Any]] = [(i, p) for i, p in enumerate(prompts) for _ in range(group_size)]
     trajectories, row_prompts = [], []
     for index, prompt in rows:
@@ -182,7 +186,7 @@ def collect_agent_rollout(
         replaced = env.reset({"prompt": prompt, **record})
         prompt = replaced if replaced is not None else prompt
         if prompt is None:
-            ids = batch["prompt_input_ids"][index][batch["prompt_attention_mask"][index].bool()].tolist()
+            ids = batch.input_ids[index][batch.attention_mask[index].bool()].tolist()
         else:
             ids = agent_prompt_ids(tokenizer, prompt, list(getattr(env, "tools", ()) or ()), fmt)
         trajectories.append(_Trajectory(env, ids))
@@ -196,7 +200,7 @@ def collect_agent_rollout(
         room = [budget - len(t.tokens) for t in running]
         ids, mask = _left_padded([t.prompt + t.tokens for t in running], pad_id, device)
         turn = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, max(room))))
-        sampled, sampled_mask, stopped = generate_responses(model, tokenizer, ids, mask, turn)
+        sampled, sampled_mask, stopped = generate_responses(model, tokenizer, ids, mask, turn, decoder)
         for t, left, row, row_mask, ended in zip(running, room, sampled, sampled_mask, stopped.tolist()):
             tokens = row[row_mask.bool()].tolist()[: min(left, settings.max_new_tokens)]
             ended = ended and bool(tokens) and tokens[-1] in stops
@@ -237,6 +241,7 @@ def collect_agent_rollout(
         with_reference=with_reference,
         score_batch_size=score_batch_size,
         group_size=group_size,
+        share_prompts=share_prompts,
     )
 
 

@@ -18,92 +18,19 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
 
 import torch
 
+from rlft.data.batches import PromptBatch
 from rlft.generation.backends import get_sampler
 from rlft.generation.decoder import decoding_twin, merged_adapter, release_decoding_twin
 from rlft.generation.request import SampleRequest
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.models.hardware import decoding_dtype
 from rlft.models.modes import inference
 from rlft.models.reference import reference_model
 from rlft.models.tokens import pad_token_id, stop_token_ids
 from rlft.rl.logps import token_logps
-
-
-@dataclass(frozen=True)  # frozen: a default instance is shared by every signature that uses it
-class RolloutSettings:
-    """How responses are sampled.
-
-    Args:
-        max_new_tokens: Longest response in tokens; responses cut here have no stop token.
-        temperature: Sampling temperature (log-probs are taken at the same temperature); 0 means greedy.
-        top_p: Nucleus sampling mass.
-        top_k: Sample among the k most likely tokens only; 0 disables.
-        stop_token_ids: Extra token ids that end a response, besides EOS and the template's end-of-turn token.
-        generation_batch_size: Sequences generated at once (chunks a large rollout to bound memory; rounded down to
-            whole groups of ``group_size``, at least one); default all.
-        backend: ``rlft`` (shared prefill, finished rows dropped, merged LoRA), ``hf`` (``model.generate``),
-            ``vllm`` (a vLLM engine colocated on the training GPU, the current weights pushed before every rollout:
-            :mod:`rlft.generation.vllm`; needs vLLM and a CUDA GPU, one process or DDP), or any backend registered
-            with :func:`rlft.generation.backends.register_sampler` or named as ``module:function``.
-        merge_adapter: With ``backend: rlft``, decode with the LoRA folded into a temporary copy of the adapted
-            weights (one matmul per layer instead of three; costs one copy of those weights during the rollout).
-        decode_dtype: With ``backend: rlft``, sample from a copy of the policy in this dtype (e.g. ``bfloat16`` for
-            a fp32 policy on a CPU with bf16 matmuls: about half the memory traffic per token), refreshed from the
-            policy before every rollout; samples are then very slightly off-policy (as with vLLM in bf16), the
-            log-probs of the update still come from the policy. ``auto``: bf16 for a fp32 policy where the hardware
-            runs bf16 natively (:func:`rlft.models.hardware.fast_bf16`), none elsewhere (and with other backends).
-            Default: the policy itself.
-        free_twin: With ``decode_dtype``, free the twin's weights after each rollout (the refresh before the next one
-            rewrites them whole), so they are not held through the update. Default: on an accelerator, where freeing
-            and reallocating is a cache hit; not on a CPU, where the pages fault back in (SmolLM2 GRPO here: peak RSS
-            2.20 -> 2.02 GB but steps 3.98 -> 4.44 s).
-        lean_step: With ``backend: rlft``, decode Llama, Mistral, Qwen2 and Qwen3 models token by token without the
-            modeling code (:func:`rlft.generation.lean_step.lean_step`: the same arithmetic, q/k/v and gate/up each one
-            matmul); other models always step through their forward.
-        share_prompts: Score rollouts and run the updates with each prompt once for all of its samples and no
-            padding (:mod:`rlft.rl.layout`; the same log-probs up to float rounding); needs segmented attention
-            (SDPA models), others use the padded layout.
-        vllm_gpu_memory_utilization: With ``backend: vllm``, the share of the GPU vLLM takes (weights + KV cache).
-        vllm_max_model_len: With ``backend: vllm``, longest prompt + response vLLM plans for (default: the
-            model's context).
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    generation_batch_size: int | None = None
-    backend: str = "rlft"
-    merge_adapter: bool = True
-    decode_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
-    free_twin: bool | None = None
-    lean_step: bool = True
-    share_prompts: bool = True
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_max_model_len: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        get_sampler(self.backend)  # a registered name or `module:function`; the error lists the registered ones
-        if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
-        if self.decode_dtype not in (None, "auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"decode_dtype must be null, auto, bfloat16, float16 or float32: {self.decode_dtype!r}")
-        if self.decode_dtype not in (None, "auto") and self.backend != "rlft":  # model.generate samples the policy
-            raise ValueError(f"decode_dtype={self.decode_dtype!r} needs backend 'rlft', got {self.backend!r}")
-        if self.free_twin is not None and self.decode_dtype is None:  # no twin to free or keep
-            raise ValueError(
-                f"free_twin={self.free_twin} needs a decode_dtype (a decoding twin); set it or drop free_twin"
-            )
 
 
 @dataclass
@@ -227,7 +154,8 @@ def generate_responses(
     tokenizer,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    settings: RolloutSettings,
+    settings: SamplingSettings,
+    decoder: DecoderSettings = DecoderSettings(),
     group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ``group_size`` responses per (left-padded) prompt row with the KV cache, rows of one prompt
@@ -238,13 +166,15 @@ def generate_responses(
     slower here); the rollout is scored afterwards under the training precision, so the importance ratio still
     starts at 1."""
     with torch.autocast(prompt_ids.device.type, enabled=False):
-        return _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size)
+        return _sample(model, tokenizer, prompt_ids, prompt_mask, settings, decoder, group_size)
 
 
-def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
+def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, decoder, group_size):
+    if decoder.backend == "auto":
+        raise ValueError("decoder.backend 'auto' is for evaluation and serving; rollouts name one: rlft, hf or vllm")
     stops = stop_token_ids(tokenizer, model, settings.stop_token_ids)
     pad_id = pad_token_id(tokenizer)
-    sample = get_sampler(settings.backend)  # rlft's decoder, model.generate or vLLM: rlft.generation.backends
+    sample = get_sampler(decoder.backend)  # rlft's decoder, model.generate or vLLM: rlft.generation.backends
     request = SampleRequest(
         max_new_tokens=settings.max_new_tokens,
         stop_ids=stops,
@@ -254,27 +184,27 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
         top_p=settings.top_p,
         top_k=settings.top_k,
         options=dict(
-            lean=settings.lean_step,
-            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-            max_model_len=settings.vllm_max_model_len,
+            lean=decoder.lean_step,
+            gpu_memory_utilization=decoder.vllm_gpu_memory_utilization,
+            max_model_len=decoder.vllm_max_model_len,
         ),
     )
     # a chunk holds whole groups, so each prompt is still prefilled once
-    chunk = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group_size) // group_size)
+    chunk = max(1, (decoder.batch_size or prompt_ids.shape[0] * group_size) // group_size)
     pieces = []
-    decoder = model
-    twin_dtype = decoding_dtype(settings.decode_dtype, next(model.parameters())) if settings.backend == "rlft" else None
+    network = model
+    twin_dtype = decoding_dtype(decoder.decode_dtype, next(model.parameters())) if decoder.backend == "rlft" else None
     if twin_dtype is not None:
-        decoder = decoding_twin(model, twin_dtype)
+        network = decoding_twin(model, twin_dtype)
     # the rlft decoder runs LoRA merged (vLLM merges as it takes the weights; model.generate samples the adapter)
-    merge = settings.backend == "rlft" and settings.merge_adapter and decoder is model
+    merge = decoder.backend == "rlft" and decoder.merge_adapter and network is model
     merging = merged_adapter(model) if merge else contextlib.nullcontext()
     with inference(model), merging:
         for start in range(0, prompt_ids.shape[0], chunk):
             ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
-            pieces.append(sample(decoder, ids, mask, request))
-    free = settings.free_twin if settings.free_twin is not None else prompt_ids.device.type != "cpu"
-    if decoder is not model and free:
+            pieces.append(sample(network, ids, mask, request))
+    free = decoder.free_twin if decoder.free_twin is not None else prompt_ids.device.type != "cpu"
+    if network is not model and free:
         release_decoding_twin(model)
     width = max(p.shape[1] for p in pieces)
     padded = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces]
@@ -284,14 +214,16 @@ def _sample(model, tokenizer, prompt_ids, prompt_mask, settings, group_size):
 def collect_rollout(
     model: torch.nn.Module,
     tokenizer,
-    batch: dict,
-    settings: RolloutSettings,
+    batch: PromptBatch,
+    settings: SamplingSettings,
+    decoder: DecoderSettings = DecoderSettings(),
     *,
     group_size: int = 1,
     score: bool = True,
     reference: torch.nn.Module | None = None,
     with_reference: bool = False,
     score_batch_size: int | None = None,
+    share_prompts: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` responses per prompt of a ``prompts`` batch and score them.
 
@@ -300,13 +232,15 @@ def collect_rollout(
         tokenizer: Its tokenizer.
         batch: A ``PreferenceDataModule`` prompts batch: ``prompt_input_ids``/``prompt_attention_mask`` (left
             padded), ``prompt`` and any extra fields as lists.
-        settings: Sampling settings.
+        settings: What is sampled.
+        decoder: How it is decoded.
         group_size: Samples per prompt; rows of one prompt are contiguous.
         score: Compute the rollout policy's log-probs (``Rollout.logps``).
         reference: Separate frozen reference model; default is the adapter-disabled policy.
         with_reference: Compute ``Rollout.ref_logps``.
         score_batch_size: Rows per scoring forward (rounded up to whole groups), so the scoring memory does not grow
             with the rollout; default all rows at once.
+        share_prompts: Score each prompt once for all of its samples (:func:`rlft.rl.logps.token_logps`).
 
     Returns:
         The :class:`Rollout`.
@@ -314,10 +248,10 @@ def collect_rollout(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     device = next(model.parameters()).device
-    unique_ids, unique_mask = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+    unique_ids, unique_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     started = time.perf_counter()
     response_ids, response_mask, finished = generate_responses(
-        model, tokenizer, unique_ids, unique_mask, settings, group_size
+        model, tokenizer, unique_ids, unique_mask, settings, decoder, group_size
     )
     elapsed = time.perf_counter() - started
     prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)
@@ -329,14 +263,14 @@ def collect_rollout(
         [ids[: int(n)] for ids, n in zip(response_ids, text_lengths)], skip_special_tokens=False
     )
     repeat = lambda values: [v for v in values for _ in range(group_size)]  # noqa: E731
-    extra = {k: repeat(v) for k, v in batch.items() if not torch.is_tensor(v) and k != "prompt"}
+    extra = {k: repeat(v) for k, v in batch.fields.items()}
     rollout = Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=response_ids,
         response_mask=response_mask,
         completions=completions,
-        prompts=repeat(batch.get("prompt", [None] * prompt_ids.shape[0])),
+        prompts=repeat(batch.prompts or [None] * len(batch)),
         fields=extra,
         finished=finished,
         generation_seconds=elapsed,
@@ -352,19 +286,21 @@ def collect_rollout(
         with_reference=with_reference,
         score_batch_size=score_batch_size,
         group_size=group_size,
+        share_prompts=share_prompts,
     )
 
 
 def score_rollout(
     model: torch.nn.Module,
     rollout: Rollout,
-    settings: RolloutSettings,
+    settings: SamplingSettings,
     *,
     score: bool = True,
     reference: torch.nn.Module | None = None,
     with_reference: bool = False,
     score_batch_size: int | None = None,
     group_size: int = 1,
+    share_prompts: bool = True,
 ) -> Rollout:
     """Set ``rollout.logps`` (``score``) and ``rollout.ref_logps`` (``with_reference``): teacher-forced over the
     tokens as sampled, in chunks of ``score_batch_size`` rows (rounded up to whole groups)."""
@@ -377,7 +313,7 @@ def score_rollout(
                 part.attention_mask,
                 rollout.response_ids.shape[1],
                 temperature=settings.temperature,
-                share_prompts=settings.share_prompts,
+                share_prompts=share_prompts,
             )[0]
             for part in rollout.split(scoring_chunk(score_batch_size, group_size))
         ]

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from rlft.generation.generator import SamplingSettings
+from rlft.generation.settings import SamplingSettings
 from rlft.serve.continuous import ContinuousEngine
 from rlft.serve.engine import Choice, Completion, Engine
 from rlft.serve.limits import BodySizeLimit, BodyTooLarge, RequestLimits

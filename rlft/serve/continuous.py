@@ -5,9 +5,9 @@ after a batch started waits for the whole batch, and a batch runs as long as its
 owns a single batch of rows (one row per sample being generated) and, between two decode steps:
 
 - **admits** waiting rows, oldest request first, up to ``max_batch_size`` rows: their prompts are prefilled together
-  in one forward, then their KV cache is merged into the running one (:func:`merge_rows`). A request with more rows
-  (prompts x ``n``) than the batch holds is admitted in chunks as rows retire, so no request can make the batch, its
-  KV cache or the server's memory larger than ``max_batch_size`` rows;
+  in one forward, then their KV cache is merged into the running one (:func:`~rlft.serve.rows.merge_rows`). A
+  request with more rows (prompts x ``n``) than the batch holds is admitted in chunks as rows retire, so no request
+  can make the batch, its KV cache or the server's memory larger than ``max_batch_size`` rows;
 - **samples** one token per row, each request with its own settings and its own seeded random stream;
 - **retires** rows that hit a stop token, a stop string or their ``max_tokens``, answering a request as soon as
   its last row retires, and drops them from the batch and the cache; the rows of a cancelled request (its client
@@ -31,18 +31,19 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
 from rlft.generation.decoder import merged_adapter, sample_tokens
-from rlft.generation.generator import Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
+from rlft.generation.generator import Prompt, cut_at_stop, encode_prompt_text
 from rlft.generation.kv_cache import PreallocatedLayer, cache_argument, preallocated_cache
 from rlft.generation.lean_step import lean_step
+from rlft.generation.settings import SamplingSettings
 from rlft.models.scoring import position_ids_from_mask
 from rlft.models.tokens import pad_token_id, stop_token_ids
 from rlft.models.unwrap import causal_lm
 from rlft.serve.engine import Choice, Completion, DeltaCallback
+from rlft.serve.rows import Batch, Request, Row, merge_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,96 +52,6 @@ def supports_continuous(model: torch.nn.Module) -> bool:
     """Every cache layer of the model is plain full attention, which rows can join and leave."""
     cache = preallocated_cache(causal_lm(model).config, 1)
     return bool(cache.layers) and all(type(layer) is PreallocatedLayer for layer in cache.layers)
-
-
-@dataclass
-class _Request:
-    prompts: list[Prompt]
-    settings: SamplingSettings
-    on_delta: DeltaCallback | None
-    future: Future
-    prompt_tokens: int
-    rng: torch.Generator
-    encoded: list[list[int]]  # each prompt's token ids
-    rows: list[_Row] = field(default_factory=list)  # every row of the request, admitted or not
-    admitted: int = 0  # rows[:admitted] have been prefilled
-    dropped: bool = False  # its rows were dropped because the client went away
-
-    def __post_init__(self) -> None:
-        self.rows = [_Row(self, p, j) for p in range(len(self.prompts)) for j in range(self.samples_per_prompt)]
-
-    @property
-    def greedy(self) -> bool:
-        return self.settings.temperature == 0
-
-    @property
-    def samples_per_prompt(self) -> int:
-        """Rows generated per prompt: greedy decoding is deterministic, so its ``n`` choices share one row."""
-        return 1 if self.greedy else self.settings.num_samples
-
-
-@dataclass
-class _Row:
-    """One sample being generated: its tokens so far, what has been streamed of it, and how it ended."""
-
-    request: _Request
-    prompt: int
-    sample: int
-    tokens: list[int] = field(default_factory=list)
-    emitted: str = ""
-    finish_reason: str | None = None
-    text: str = ""
-
-    @property
-    def budget(self) -> int:
-        return self.request.settings.max_new_tokens - len(self.tokens)
-
-
-@dataclass
-class _Batch:
-    """The running rows and their state: cache (left-padded to one length), mask, next positions, next logits."""
-
-    rows: list[_Row]
-    cache: object
-    mask: torch.Tensor  # [B, L]
-    positions: torch.Tensor  # [B, 1]
-    logits: torch.Tensor  # [B, V], the distribution each row samples its next token from
-    step: object = None  # the lean decoding step over this cache, False where the model needs its forward
-
-
-def merge_rows(first: _Batch, second: _Batch) -> _Batch:
-    """One batch holding both batches' rows, right-aligned on a common cache length.
-
-    Leading columns that no row of ``first`` attends to any more are dropped; the padding added to align the two is
-    zero (masked positions must hold finite numbers: a masked NaN still poisons attention's weighted sum). The new
-    buffers have room for the longest remaining budget of any row, so no row outgrows them before the next merge.
-    """
-    keep_from = int(first.mask.any(0).long().argmax())
-    first_len, second_len = first.mask.shape[1] - keep_from, second.mask.shape[1]
-    length = max(first_len, second_len)
-    rows = first.rows + second.rows
-    capacity = length + max(row.budget for row in rows)
-    b1 = len(first.rows)
-    layers = []
-    for old, new in zip(first.cache.layers, second.cache.layers, strict=True):
-        buffers = []
-        for a, b in ((old.keys, new.keys), (old.values, new.values)):
-            merged = a.new_zeros((b1 + b.shape[0], *a.shape[1:-2], capacity, a.shape[-1]))
-            merged[:b1, ..., length - first_len : length, :] = a[..., keep_from:, :]
-            merged[b1:, ..., length - second_len : length, :] = b
-            buffers.append(merged)
-        layers.append(PreallocatedLayer.from_buffers(*buffers, length))
-    first.cache.layers = layers
-    mask = first.mask.new_zeros((len(rows), length))
-    mask[:b1, length - first_len :] = first.mask[:, keep_from:]
-    mask[b1:, length - second_len :] = second.mask
-    return _Batch(
-        rows,
-        first.cache,
-        mask,
-        torch.cat([first.positions, second.positions]),
-        torch.cat([first.logits, second.logits]),
-    )
 
 
 class ContinuousEngine:
@@ -175,9 +86,9 @@ class ContinuousEngine:
             "prefills": 0,
             "peak_rows": 0,
         }
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._waiting: deque[_Request] = deque()
-        self._batch: _Batch | None = None
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._waiting: deque[Request] = deque()
+        self._batch: Batch | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="rlft-serve-continuous", daemon=True)
         self._thread.start()
@@ -214,7 +125,7 @@ class ContinuousEngine:
         if prompt_tokens is None:
             prompt_tokens = sum(len(ids) for ids in encoded)
         rng = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**63))
-        self._queue.put(_Request(list(prompts), settings, on_delta, future, prompt_tokens, rng, encoded))
+        self._queue.put(Request(list(prompts), settings, on_delta, future, prompt_tokens, rng, encoded))
         return future
 
     def close(self) -> None:
@@ -257,7 +168,7 @@ class ContinuousEngine:
         """Prefill the waiting rows that fit (oldest request first; a request larger than the room left is admitted
         in part, the rest of it when rows retire) and merge them into the running batch."""
         room = self.max_batch_size - (len(self._batch.rows) if self._batch is not None else 0)
-        taken: list[_Row] = []
+        taken: list[Row] = []
         while self._waiting and room > 0 and not self._closing:
             request = self._waiting[0]
             if request.future.done():  # cancelled by its client, or failed, while (part of) it waited
@@ -283,7 +194,7 @@ class ContinuousEngine:
         self._batch = incoming if self._batch is None else merge_rows(self._batch, incoming)
         self.counts["peak_rows"] = max(self.counts["peak_rows"], len(self._batch.rows))
 
-    def _prefill(self, rows: list[_Row]) -> _Batch:
+    def _prefill(self, rows: list[Row]) -> Batch:
         """One forward over the distinct prompts of ``rows`` (consecutive rows of one prompt share it), then the cache
         rows repeated so each sample has its own."""
         encoded, repeats = [], []
@@ -317,7 +228,7 @@ class ContinuousEngine:
             )
             cache.batch_select_indices(index)
             mask, positions, logits = mask[index], positions[index], logits[index]
-        return _Batch(rows, cache, mask, positions, logits)
+        return Batch(rows, cache, mask, positions, logits)
 
     def _step(self) -> None:
         """Sample a token for every row, retire finished rows, and run the forward that gives the next logits."""
@@ -354,7 +265,7 @@ class ContinuousEngine:
             ).logits[:, -1]
         batch.positions = batch.positions + 1
 
-    def _sample(self, batch: _Batch) -> torch.Tensor:
+    def _sample(self, batch: Batch) -> torch.Tensor:
         tokens = torch.empty(len(batch.rows), dtype=torch.long, device=self.device)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(batch.rows):
@@ -372,7 +283,7 @@ class ContinuousEngine:
             )
         return tokens
 
-    def _advance(self, row: _Row, token: int) -> bool:
+    def _advance(self, row: Row, token: int) -> bool:
         """Add ``token`` to ``row`` and stream what became final; True when the row has finished."""
         settings = row.request.settings
         if row.request.future.done():  # cancelled by its client, or failed
@@ -396,7 +307,7 @@ class ContinuousEngine:
         self._emit(row, safe)
         return False
 
-    def _emit(self, row: _Row, text: str) -> None:
+    def _emit(self, row: Row, text: str) -> None:
         request = row.request
         if request.on_delta is None or len(text) <= len(row.emitted) or not text.startswith(row.emitted):
             return
@@ -405,7 +316,7 @@ class ContinuousEngine:
         for j in range(n) if request.greedy else (row.sample,):
             request.on_delta(row.prompt * n + j, delta)
 
-    def _retire(self, row: _Row, text: str) -> bool:
+    def _retire(self, row: Row, text: str) -> bool:
         request = row.request
         if request.future.done():
             self._note_cancelled(request)
@@ -425,7 +336,7 @@ class ContinuousEngine:
             request.future.set_result(Completion(choices, request.prompt_tokens))
         return True
 
-    def _note_cancelled(self, request: _Request) -> None:
+    def _note_cancelled(self, request: Request) -> None:
         if request.future.cancelled() and not request.dropped:
             request.dropped = True
             self.counts["requests_cancelled"] += 1

@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from rlft.generation.generator import Generator, Prompt, SamplingSettings, cut_at_stop, encode_prompt_text
+from rlft.generation.generator import Generator, Prompt, cut_at_stop, encode_prompt_text
+from rlft.generation.settings import SamplingSettings
 from rlft.models.tokens import pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -201,12 +202,12 @@ class Engine:
                 for j in range(n) if greedy else (sample,):
                     request.on_delta(p * n + j, delta)
 
-        # rows = prompts x samples per prompt: chunk the prompts so no forward holds more than max_batch_size rows
-        prompts_per_chunk = max(1, self.max_batch_size // (1 if greedy else n))
-        run_settings = SamplingSettings(**{**settings.__dict__, "batch_size": prompts_per_chunk})
-        run_settings.seed = group[0].seed if group[0].seed is not None else random.randrange(2**31)
-        try:
-            outputs = self.generator.generate([r.prompts[p] for r, p in owners], run_settings, on_token=on_token)
+        seed = group[0].seed if group[0].seed is not None else random.randrange(2**31)
+        run_settings = replace(settings, seed=seed)
+        try:  # rows = prompts x samples per prompt: no forward holds more than max_batch_size rows
+            outputs = self.generator.generate(
+                [r.prompts[p] for r, p in owners], run_settings, on_token=on_token, batch_size=self.max_batch_size
+            )
         except _GroupCancelled:
             self.cancelled += len(group)
             return

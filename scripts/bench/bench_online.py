@@ -115,13 +115,10 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
             steps.reward.append(float(raw.mean()))
             return raw, metrics
 
-    sampling = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": 1.0,
-        "top_p": 1.0,
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "top_p": 1.0}
+    decoder = {
         "backend": "hf" if "hfgen" in options else "rlft",
         "merge_adapter": "nomerge" not in options,
-        "share_prompts": "noshare" not in options,
         "lean_step": "nolean" not in options,
         "free_twin": True if "freetwin" in options else None,
         "decode_dtype": "bfloat16" if "bf16decode" in options else None,
@@ -147,6 +144,8 @@ def run_rlft(cfg, variant: str, workdir: Path) -> dict:
         output_dir=str(workdir / "out"),
         rewards=REWARDS,
         sampling=sampling,
+        decoder=decoder,
+        share_prompts="noshare" not in options,
         clip_range=0.2,
         **method,
         gradient_checkpointing="selective" if "sgc" in options else "gc" in options,

@@ -90,7 +90,7 @@ class BenchConfig:
             ``hfgen`` (``model.generate`` rollouts), ``nomerge`` (peft's unmerged LoRA while decoding), ``nolean``
             (rlft's decoder stepping through the model's forward instead of its lean step), ``noshare`` (padded
             update forwards, each row with its own copy of the prompt), ``bf16decode`` (a bf16 decoding twin),
-            ``freetwin`` (its weights freed through the update: ``sampling.free_twin``), ``notrim`` (freed heap
+            ``freetwin`` (its weights freed through the update: ``decoder.free_twin``), ``notrim`` (freed heap
             kept between steps: ``OnlineRL.trim_heap_each_step = False``) and for PPO ``critic`` (a separate LoRA
             critic instead of a value head on the policy's trunk); combined by ``+`` (e.g. ``precomputed+gc``).
         trl_variants: TRL variants: ``default`` (fp32, gradient checkpointing on as TRL's default), ``packing`` (SFT

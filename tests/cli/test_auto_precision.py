@@ -1,4 +1,4 @@
-"""``precision: auto`` (trainer) and ``sampling.decode_dtype: auto``: bf16 where the hardware runs it natively, fp32
+"""``precision: auto`` (trainer) and ``decoder.decode_dtype: auto``: bf16 where the hardware runs it natively, fp32
 elsewhere, printed; the shipped real-model configs use them, so they run at the benchmarked settings."""
 
 from __future__ import annotations
@@ -52,6 +52,6 @@ def test_shipped_real_model_configs_run_at_the_benchmarked_settings(method):
     config = yaml.safe_load((REPO / "configs" / method / "smollm2_lora.yaml").read_text())
     # TRPO keeps fp32: its natural-gradient step was never measured in bf16
     assert config["trainer"]["precision"] == ("32-true" if method == "trpo" else "auto")
-    sampling = config["model"]["init_args"].get("sampling")
-    if sampling is not None:  # the online methods: a bf16 decoding twin where bf16 is native
-        assert sampling["decode_dtype"] == "auto"
+    init = config["model"]["init_args"]
+    if "sampling" in init:  # the online methods: a bf16 decoding twin where bf16 is native
+        assert init["decoder"]["decode_dtype"] == "auto" and "decode_dtype" not in init["sampling"]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from rlft.data import PreferenceDataModule
-from rlft.data.encoding import IGNORE_INDEX
+from rlft.data import PairBatch, PreferenceDataModule, SFTBatch
+from rlft.logprobs import IGNORE_INDEX
 from rlft.models import load_tokenizer
 
 PAIRS = "rlft/assets/sample_pairs.jsonl"
@@ -30,27 +30,29 @@ def test_same_pairs_file_serves_every_kind(tokenizer, repo_root):
     rows = sum(1 for _ in open(path))
     sft = _module(tokenizer, "sft", path)
     batch = next(iter(sft.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert (batch["labels"] != IGNORE_INDEX).any() and (batch["labels"] == IGNORE_INDEX).any()
+    assert isinstance(batch, SFTBatch) and not batch.tokens.packed and batch.fields == {}
+    assert (batch.tokens.labels != IGNORE_INDEX).any() and (batch.tokens.labels == IGNORE_INDEX).any()
 
     pairs = _module(tokenizer, "pairs", path)
     batch = next(iter(pairs.train_dataloader()))
-    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape  # one width for one forward
+    assert isinstance(batch, PairBatch)
+    assert batch.side("chosen").input_ids.shape == batch.side("rejected").input_ids.shape  # one width, one forward
     assert len(pairs.train_set) + len(pairs.val_set) == rows
 
     prompts = _module(tokenizer, "prompts", path)
     batch = next(iter(prompts.train_dataloader()))
-    mask = batch["prompt_attention_mask"]
+    mask = batch.attention_mask
     assert (mask[:, -1] == 1).all()  # left padded: every prompt ends at the right edge
-    assert isinstance(batch["prompt"][0], list) and batch["prompt"][0][-1]["role"] == "user"
+    assert isinstance(batch.prompts[0], list) and batch.prompts[0][-1]["role"] == "user"
 
 
 def test_dynamic_padding_pads_to_the_longest_in_batch(tokenizer):
     dm = _module(tokenizer, "sft", "rlft/assets/sample_sft.jsonl")
     for batch in dm.train_dataloader():
-        lengths = batch["attention_mask"].sum(1)
-        assert batch["input_ids"].shape[1] == lengths.max()
-        assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+        tokens = batch.tokens
+        lengths = tokens.attention_mask.sum(1)
+        assert tokens.input_ids.shape[1] == lengths.max()
+        assert (tokens.input_ids[tokens.attention_mask == 0] == tokenizer.pad_token_id).all()
 
 
 def test_split_is_deterministic_and_disjoint(tokenizer):
@@ -116,11 +118,12 @@ def test_resumed_sampler_continues_the_same_order(tokenizer):
 def test_collated_pair_labels_cover_only_replies(tokenizer):
     dm = _module(tokenizer, "pairs")
     batch = next(iter(dm.train_dataloader()))
-    for i, prompt_len in enumerate(batch["prompt_lengths"].tolist()):
-        labels = batch["chosen_labels"][i]
+    chosen, rejected = batch.side("chosen"), batch.side("rejected")
+    for i, prompt_len in enumerate(batch.prompt_lengths.tolist()):
+        labels = chosen.labels[i]
         assert (labels[:prompt_len] == IGNORE_INDEX).all()
         assert (labels[prompt_len:] != IGNORE_INDEX).any()
-        assert torch.equal(batch["chosen_input_ids"][i, :prompt_len], batch["rejected_input_ids"][i, :prompt_len])
+        assert torch.equal(chosen.input_ids[i, :prompt_len], rejected.input_ids[i, :prompt_len])
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -135,9 +138,11 @@ def test_pair_records_keep_their_own_fields_into_the_batch(tokenizer, tmp_path, 
     dm = _module(tokenizer, "pairs", str(path), val_fraction=0.0, shuffle=False, packing=packing, cache=False)
     batch = next(iter(dm.train_dataloader()))
     # numbers become [B] float tensors (in the batch's pair order); anything else a list, None where a pair lacks it
-    torch.testing.assert_close(batch["margin"], torch.tensor([2.0, 0.5, 1.5]))
-    torch.testing.assert_close(batch["weight"], torch.tensor([1.0, 3.0, 2.0]))
-    assert batch["source"] == ["a", None, "b"]
-    assert not {"prompt", "chosen", "rejected", "row"} & set(batch)
+    torch.testing.assert_close(batch.field("margin"), torch.tensor([2.0, 0.5, 1.5]))
+    torch.testing.assert_close(batch.field("weight"), torch.tensor([1.0, 3.0, 2.0]))
+    assert batch.fields["source"] == ["a", None, "b"]
+    assert set(batch.fields) == {"margin", "weight", "source"}
+    with pytest.raises(ValueError, match="'source' must be a number on every row"):
+        batch.field("source")
     # the data's own fields never displace what the model reads
-    assert batch["prompt_lengths"].shape == (3,)
+    assert batch.prompt_lengths.shape == (3,)

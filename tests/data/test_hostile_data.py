@@ -18,10 +18,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 from rlft.data import PreferenceDataModule, datamodule, sources  # noqa: E402
-from rlft.data.encoding import IGNORE_INDEX, encode_completion, encode_pair, encode_prompt, encode_sft  # noqa: E402
+from rlft.data.encoding import encode_completion, encode_pair, encode_prompt, encode_sft  # noqa: E402
 from rlft.data.errors import DataError  # noqa: E402
 from rlft.data.formats import convert  # noqa: E402
 from rlft.data.sources import read_rows  # noqa: E402
+from rlft.logprobs import IGNORE_INDEX  # noqa: E402
 from rlft.models import load_tokenizer  # noqa: E402
 
 END_OF_TURN = {"tiny-llama": "<|eot_id|>", "tiny-qwen3": "<|im_end|>"}

@@ -6,32 +6,31 @@ import lightning as L
 import pytest
 import torch
 
-from rlft.data import PreferenceDataModule
-from rlft.data.encoding import IGNORE_INDEX
+from rlft.data import PreferenceDataModule, Tokens
+from rlft.logprobs import IGNORE_INDEX, gather_logps
 from rlft.methods import SFT
 from rlft.models import load_model, load_tokenizer, supports_packing
-from rlft.ops import gather_logps
 
 
-def _batches(name: str, kind: str, packing: bool, path: str) -> list[dict]:
+def _batches(name: str, kind: str, packing: bool, path: str) -> list:
     dm = PreferenceDataModule(path=path, batch_size=4, max_length=96, val_fraction=0.0, packing=packing, limit=8)
     dm.attach(kind, load_tokenizer(name)).setup("fit")
     return list(dm.train_dataloader())
 
 
-def _per_sequence_logps(model, batch: dict) -> list[float]:
+def _per_sequence_logps(model, tokens: Tokens) -> list[float]:
     logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
+        input_ids=tokens.input_ids,
+        attention_mask=tokens.attention_mask,
+        position_ids=tokens.position_ids,
         use_cache=False,
     ).logits
-    labels = batch["labels"][:, 1:]
+    labels = tokens.labels[:, 1:]
     token = gather_logps(logits[:, :-1], labels) * (labels != IGNORE_INDEX)
-    if "seq_lengths" not in batch:
+    if not tokens.packed:
         return token.sum(-1).tolist()
     sums, start = [], 0
-    for length in batch["seq_lengths"].tolist():  # a segment's labels sit one position left after the shift
+    for length in tokens.seq_lengths.tolist():  # a segment's labels sit one position left after the shift
         sums.append(float(token[0, max(start - 1, 0) : start + length - 1].sum()))
         start += length
     return sums
@@ -42,13 +41,13 @@ def test_packed_sft_losses_equal_padded_per_example(name):
     model = load_model(name).eval()
     padded = _batches(name, "sft", False, "rlft/assets/sample_sft.jsonl")
     packed = _batches(name, "sft", True, "rlft/assets/sample_sft.jsonl")
-    assert all(b["input_ids"].shape[0] == 1 for b in packed)
-    assert sum(int(b["seq_lengths"].sum()) for b in packed) == sum(int(b["attention_mask"].sum()) for b in padded)
+    assert all(b.tokens.input_ids.shape[0] == 1 for b in packed)
+    assert sum(b.tokens.real_tokens() for b in packed) == sum(int(b.tokens.attention_mask.sum()) for b in padded)
     with torch.no_grad():
         for a, b in zip(padded, packed):
             torch.testing.assert_close(
-                torch.tensor(_per_sequence_logps(model, a)),
-                torch.tensor(_per_sequence_logps(model, b)),
+                torch.tensor(_per_sequence_logps(model, a.tokens)),
+                torch.tensor(_per_sequence_logps(model, b.tokens)),
                 atol=1e-4,
                 rtol=1e-5,
             )
@@ -57,11 +56,12 @@ def test_packed_sft_losses_equal_padded_per_example(name):
 def test_packed_pairs_keep_chosen_then_rejected_order():
     padded = _batches("tiny-llama", "pairs", False, "rlft/assets/sample_pairs.jsonl")[0]
     packed = _batches("tiny-llama", "pairs", True, "rlft/assets/sample_pairs.jsonl")[0]
-    lengths = packed["seq_lengths"].tolist()
-    expected = padded["chosen_attention_mask"].sum(1).tolist() + padded["rejected_attention_mask"].sum(1).tolist()
+    lengths = packed.sequences.seq_lengths.tolist()
+    chosen, rejected = padded.side("chosen"), padded.side("rejected")
+    expected = chosen.attention_mask.sum(1).tolist() + rejected.attention_mask.sum(1).tolist()
     assert lengths == expected
-    first = padded["chosen_input_ids"][0, : lengths[0]]
-    assert torch.equal(packed["input_ids"][0, : lengths[0]], first)
+    first = chosen.input_ids[0, : lengths[0]]
+    assert torch.equal(packed.sequences.input_ids[0, : lengths[0]], first)
 
 
 def test_one_example_cannot_change_another_when_packed():

@@ -91,9 +91,9 @@ def test_prompt_rows_with_different_extra_fields_keep_theirs(tokenizer, tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = _module(tokenizer, "prompts", str(path), val_fraction=0.0, shuffle=False)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["answer"] == ["4", None, None, "6"]
-    assert batch["topic"] == [None, "art", None, "math"]
-    assert "row" not in batch  # where a row came from is not a reward field
+    assert batch.fields["answer"] == ["4", None, None, "6"]
+    assert batch.fields["topic"] == [None, "art", None, "math"]
+    assert "row" not in batch.fields  # where a row came from is not a reward field
 
 
 def test_packing_is_refused_where_the_method_cannot_honour_it(tokenizer):

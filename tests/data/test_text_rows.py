@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from rlft.data import PreferenceDataModule
-from rlft.data.encoding import IGNORE_INDEX, encode_text
+from rlft.data.encoding import encode_text
 from rlft.data.errors import DataError
 from rlft.data.formats import FORMATS, convert, detect_format
 from rlft.data.kinds import DATA_KINDS
 from rlft.data.sources import Row, read_rows
+from rlft.logprobs import IGNORE_INDEX
 from rlft.models import load_tokenizer
 from tests.methods.conftest import cli_fit  # noqa: F401 - the fixture, for the end-to-end run
 
@@ -146,18 +147,18 @@ def test_batches_train_every_real_token_and_packing_keeps_documents_apart(tmp_pa
     (batch,) = list(dm.train_dataloader())
     expected = [encode_text(tokenizer, doc).input_ids for doc in DOCS]
     if not packing:
-        mask = batch["attention_mask"].bool()
-        assert [row[m].tolist() for row, m in zip(batch["input_ids"], mask)] == expected
-        assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])  # every real token is a label
-        assert (batch["labels"][~mask] == IGNORE_INDEX).all()
+        mask = batch.tokens.attention_mask.bool()
+        assert [row[m].tolist() for row, m in zip(batch.tokens.input_ids, mask)] == expected
+        assert torch.equal(batch.tokens.labels[mask], batch.tokens.input_ids[mask])  # every real token is a label
+        assert (batch.tokens.labels[~mask] == IGNORE_INDEX).all()
         return
-    assert batch["input_ids"].shape[0] == 1 and batch["seq_lengths"].tolist() == [len(ids) for ids in expected]
-    assert batch["input_ids"][0].tolist() == [t for ids in expected for t in ids]
+    assert batch.tokens.input_ids.shape[0] == 1 and batch.tokens.seq_lengths.tolist() == [len(ids) for ids in expected]
+    assert batch.tokens.input_ids[0].tolist() == [t for ids in expected for t in ids]
     # positions restart at every document; each ends with EOS; only each document's first label (its "previous
     # token" is the other document's EOS) is ignored
     starts = [0, len(expected[0]), len(expected[0]) + len(expected[1])]
-    assert [i for i, p in enumerate(batch["position_ids"][0].tolist()) if p == 0] == starts
-    labels = batch["labels"][0].tolist()
+    assert [i for i, p in enumerate(batch.tokens.position_ids[0].tolist()) if p == 0] == starts
+    labels = batch.tokens.labels[0].tolist()
     assert [i for i, label in enumerate(labels) if label == IGNORE_INDEX] == starts
     assert all(labels[s - 1] == tokenizer.eos_token_id for s in starts[1:])
 

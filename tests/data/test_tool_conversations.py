@@ -9,11 +9,12 @@ import json
 
 import pytest
 
-from rlft.data.encoding import IGNORE_INDEX, TemplateError, encode_sft
+from rlft.data.encoding import TemplateError, encode_sft
 from rlft.data.errors import DataError
 from rlft.data.formats import convert
 from rlft.data.sources import Row
 from rlft.data.tool_messages import template_inputs, template_renders_tool_calls
+from rlft.logprobs import IGNORE_INDEX
 from rlft.models import load_tokenizer
 from tests.methods.conftest import cli_fit  # noqa: F401 - the fixture, for the end-to-end run
 

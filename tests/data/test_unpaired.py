@@ -14,11 +14,11 @@ import torch  # noqa: E402
 
 from rlft.data import PreferenceDataModule  # noqa: E402
 from rlft.data.collate import Collator  # noqa: E402
-from rlft.data.encoding import IGNORE_INDEX  # noqa: E402
 from rlft.data.errors import DataError  # noqa: E402
 from rlft.data.formats import FORMATS, KINDS, convert, detect_format  # noqa: E402
 from rlft.data.kinds import DATA_KINDS  # noqa: E402
 from rlft.data.sources import Row  # noqa: E402
+from rlft.logprobs import IGNORE_INDEX  # noqa: E402
 from rlft.models import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,23 +166,23 @@ def test_collated_unpaired_batch(unpaired_set):
     for example in examples:
         del example["weight"]
     n = len(examples)
-    assert batch["label"].dtype == torch.bool and batch["label"].tolist() == [e["label"] for e in examples]
-    assert batch["weight"].dtype == torch.float32 and batch["weight"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert batch["prompt_lengths"].tolist() == [len(e["prompt_ids"]) for e in examples]
-    assert batch["input_ids"].shape == batch["kl_input_ids"].shape == batch["labels"].shape
+    assert batch.label.dtype == torch.bool and batch.label.tolist() == [e["label"] for e in examples]
+    assert batch.field("weight").dtype == torch.float32 and batch.field("weight").tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert batch.prompt_lengths.tolist() == [len(e["prompt_ids"]) for e in examples]
+    assert batch.tokens.input_ids.shape == batch.kl_tokens.input_ids.shape == batch.tokens.labels.shape
     for i, e in enumerate(examples):
         length = len(e["prompt_ids"]) + len(e["completion_ids"])
-        assert batch["input_ids"][i, :length].tolist() == e["prompt_ids"] + e["completion_ids"]
-        assert batch["attention_mask"][i].sum() == length  # right-padded
-        trained = batch["labels"][i] != IGNORE_INDEX
-        assert batch["labels"][i, trained].tolist() == [t for t in e["completion_labels"] if t != IGNORE_INDEX]
+        assert batch.tokens.input_ids[i, :length].tolist() == e["prompt_ids"] + e["completion_ids"]
+        assert batch.tokens.attention_mask[i].sum() == length  # right-padded
+        trained = batch.tokens.labels[i] != IGNORE_INDEX
+        assert batch.tokens.labels[i, trained].tolist() == [t for t in e["completion_labels"] if t != IGNORE_INDEX]
         assert not trained[: len(e["prompt_ids"])].any()
         # the KL row: this prompt, the previous row's completion (TRL's shift by one)
         other = examples[(i - 1) % n]
-        kl_length = int(batch["kl_attention_mask"][i].sum())
+        kl_length = int(batch.kl_tokens.attention_mask[i].sum())
         expected = e["prompt_ids"] + other["completion_ids"]
-        assert batch["kl_input_ids"][i, :kl_length].tolist() == expected[-kl_length:]
-        kl_trained = batch["kl_labels"][i] != IGNORE_INDEX
+        assert batch.kl_tokens.input_ids[i, :kl_length].tolist() == expected[-kl_length:]
+        kl_trained = batch.kl_tokens.labels[i] != IGNORE_INDEX
         assert int(kl_trained.sum()) == sum(t != IGNORE_INDEX for t in other["completion_labels"])
 
 
@@ -192,8 +192,8 @@ def test_long_mismatched_rows_are_cut_to_the_batch_width(unpaired_set):
     short["completion_ids"] = short["completion_labels"] = short["completion_ids"] * 4
     batch = Collator("unpaired", 0, pad_to_multiple_of=8)([short, long])
     width = max(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in (short, long))
-    assert batch["kl_attention_mask"].sum(-1).max() <= width and batch["input_ids"].shape[1] % 8 == 0
-    assert (batch["kl_labels"] != IGNORE_INDEX).any(-1).all()  # every KL row keeps completion tokens
+    assert batch.kl_tokens.attention_mask.sum(-1).max() <= width and batch.tokens.input_ids.shape[1] % 8 == 0
+    assert (batch.kl_tokens.labels != IGNORE_INDEX).any(-1).all()  # every KL row keeps completion tokens
 
 
 def test_unpaired_data_is_not_packed(tmp_path):

@@ -57,7 +57,7 @@ def test_agent_grpo_trains_on_two_processes(overlay, tmp_path):
         str(tmp_path),
         "--model.init_args.output_dir",
         str(tmp_path / "hf"),
-        "--model.init_args.sampling.backend",
+        "--model.init_args.decoder.backend",
         "my_pkg.agent_script:scripted",
         "--model.init_args.sampling.max_new_tokens",
         "120",

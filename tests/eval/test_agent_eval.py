@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from rlft.eval.agent import evaluate_agent
+from rlft.generation.settings import ONLINE_SAMPLING, DecoderSettings, SamplingSettings
 from rlft.metrics import wilson_interval
 from rlft.rl.multiturn import AgentSettings
 from rlft.rl.rewards import Rewards
-from rlft.rl.rollout import RolloutSettings
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "rlft" / "assets" / "tool_arithmetic.jsonl"
@@ -38,9 +38,9 @@ def records(n: int = 4) -> list[dict]:
 
 def evaluate(tiny, rows=None, max_turns=4, **options):
     model, tokenizer = tiny
-    settings = RolloutSettings(max_new_tokens=128, temperature=0.0, backend=SCRIPT)
+    settings, decoder = SamplingSettings(max_new_tokens=128), DecoderSettings(backend=SCRIPT)
     agent = AgentSettings(tools=["calculator"], max_turns=max_turns)
-    return evaluate_agent(model, tokenizer, rows or records(), agent, Rewards(EXACT), settings, **options)
+    return evaluate_agent(model, tokenizer, rows or records(), agent, Rewards(EXACT), settings, decoder, **options)
 
 
 def test_a_solved_task_counts_as_success_with_its_turns_and_calls(tiny):
@@ -89,14 +89,14 @@ def test_samples_per_prompt_and_the_success_threshold(tiny):
 
 def test_records_that_cannot_be_evaluated_are_refused_by_index(tiny):
     model, tokenizer = tiny
-    settings, agent = RolloutSettings(backend=SCRIPT), AgentSettings(tools=["calculator"])
+    settings, decoder, agent = ONLINE_SAMPLING, DecoderSettings(backend=SCRIPT), AgentSettings(tools=["calculator"])
     with pytest.raises(ValueError, match="prompt record 1: field 'prompt'"):
-        evaluate_agent(model, tokenizer, [*records(1), {"answer": "2"}], agent, Rewards(EXACT), settings)
+        evaluate_agent(model, tokenizer, [*records(1), {"answer": "2"}], agent, Rewards(EXACT), settings, decoder)
     with pytest.raises(ValueError, match="nothing grades the answers"):
-        evaluate_agent(model, tokenizer, records(1), agent, None, settings)
+        evaluate_agent(model, tokenizer, records(1), agent, None, settings, decoder)
     with pytest.raises(ValueError, match="needs the field 'solution'"):
         rewards = Rewards([{"source": "exact_match", "options": {"field": "solution"}}])
-        evaluate_agent(model, tokenizer, records(1), agent, rewards, settings)
+        evaluate_agent(model, tokenizer, records(1), agent, rewards, settings, decoder)
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlft.eval.compare import generate_for_policies, prompt_text, summarize_policies
-from rlft.generation.generator import SamplingSettings
+from rlft.eval.reward_bench import TextFunctionScorer
+from rlft.generation.settings import SamplingSettings
 from rlft.metrics import distinct_n
 
 
@@ -19,7 +20,9 @@ def test_summary_hand_values():
         "base": ["one", "one two", "one two three", "x"],
         "dpo": ["one two", "one", "one two three", "x y z w"],
     }
-    result = summarize_policies(prompts, generations, baseline="base", scorer=reply_length, n_bootstrap=500)
+    result = summarize_policies(
+        prompts, generations, baseline="base", scorer=TextFunctionScorer(reply_length), n_bootstrap=500
+    )
     dpo = result["policies"]["dpo"]
     # word counts dpo [2,1,3,4] vs base [1,2,3,1]: win, loss, tie, win
     assert dpo["win_rate"]["rate"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)

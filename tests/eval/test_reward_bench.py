@@ -8,6 +8,8 @@ import transformers
 
 from rlft.eval.reward_bench import (
     RewardModelScorer,
+    TextFunctionScorer,
+    TextScorer,
     is_refusal,
     plain_transcript,
     policy_report,
@@ -23,9 +25,12 @@ PAIRS = [
 ]
 
 
-def length_scorer(texts):
+def reply_characters(texts):
     """Reward = characters after 'Assistant: ' (a hand-checkable scorer)."""
     return [float(len(t.split("Assistant: ")[-1])) for t in texts]
+
+
+length_scorer = TextFunctionScorer(reply_characters)
 
 
 def test_preference_accuracy_and_auroc_hand_values():
@@ -56,6 +61,18 @@ def test_policy_report_and_explicit_missing_toxicity():
     assert plain_transcript("hi", "yo") == "User: hi\nAssistant: yo"
 
 
+def test_text_scorers_score_plain_transcripts_through_one_base():
+    class Seen(TextScorer):
+        def __call__(self, texts):
+            self.texts = texts
+            return [1] * len(texts)
+
+    seen = Seen()
+    assert seen.score_exchanges(["hi", [{"role": "user", "content": "q"}]], ["yo", "a"]) == [1.0, 1.0]
+    assert seen.texts == ["User: hi\nAssistant: yo", "User: q\nAssistant: a"]
+    assert length_scorer.score_exchanges(["hi"], ["hello"]) == [5.0]
+
+
 @pytest.fixture(scope="module")
 def reward_model():
     from rlft.models import load_tokenizer, resolve_model
@@ -82,6 +99,10 @@ def test_reward_model_scores_do_not_depend_on_batching_or_padding(reward_model):
     with torch.no_grad():
         direct = rm(input_ids=ids).logits[0, 0].item()
     assert batched[0] == pytest.approx(direct, abs=1e-5)
+    # as an ExchangeScorer: the chat-template rendering, then the same scores
+    assert scorer.score_exchanges(["What is 2+2?", "Say hi"], ["4", "Hello! How can I help you today?"]) == (
+        pytest.approx(batched[:2], abs=1e-5)
+    )
     result = preference_accuracy(scorer, PAIRS)
     assert 0 <= result["accuracy"] <= 1 and result["n"] == 3
 

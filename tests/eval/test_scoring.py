@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-from rlft.data.encoding import IGNORE_INDEX, encode_conversation
+from rlft.data.encoding import encode_conversation
 from rlft.eval.accuracy import extract_answer, generative_accuracy, multiple_choice_accuracy
 from rlft.eval.perplexity import perplexity
 from rlft.eval.scoring import continuation_logprob, sliding_windows
-from rlft.generation.generator import Generator, SamplingSettings, cut_at_stop
+from rlft.generation.generator import Generator, cut_at_stop
+from rlft.generation.settings import DecoderSettings, SamplingSettings
+from rlft.logprobs import IGNORE_INDEX
 
 RECORDS = [
     {
@@ -165,11 +167,11 @@ def test_generative_accuracy_bookkeeping():
 
 def test_batched_generation_equals_one_by_one(tiny):
     model, tok = tiny
-    gen = Generator(model, tok, backend="hf")
+    gen = Generator(model, tok, DecoderSettings(backend="hf"))
     prompts = ["The capital of France", [{"role": "user", "content": "hello!"}], "def add(a, b):"]
-    settings = SamplingSettings(max_new_tokens=12, batch_size=3)
-    batched = gen.generate(prompts, settings)
-    single = [gen.generate([p], SamplingSettings(max_new_tokens=12, batch_size=1))[0] for p in prompts]
+    settings = SamplingSettings(max_new_tokens=12)
+    batched = gen.generate(prompts, settings, batch_size=3)
+    single = [gen.generate([p], settings, batch_size=1)[0] for p in prompts]
     assert batched == single
     rng_before = torch.get_rng_state()
     sampled = gen.generate(prompts[:1], SamplingSettings(max_new_tokens=8, temperature=1.0, num_samples=4))

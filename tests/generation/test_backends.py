@@ -16,8 +16,9 @@ import torch
 
 from rlft.generation.backends import SAMPLERS, batches_itself, get_sampler, hf_sample, register_sampler
 from rlft.generation.decoder import decoder_sample
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
 from rlft.generation.request import SampleRequest
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.generation.vllm import vllm_sample
 from rlft.models import load_model, load_tokenizer
 from rlft.models.tokens import pad_token_id, stop_token_ids
@@ -41,7 +42,7 @@ def test_names_resolve_to_the_three_backends_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match=r"unknown sampling backend 'nope'; choose one of \['hf', 'rlft', 'vllm'\]"):
         get_sampler("nope")
     with pytest.raises(ValueError, match="unknown sampling backend"):
-        Generator(None, None, backend="nope")
+        Generator(None, None, DecoderSettings(backend="nope"))
 
 
 def test_a_registered_backend_serves_the_generator(tiny, monkeypatch):
@@ -54,10 +55,12 @@ def test_a_registered_backend_serves_the_generator(tiny, monkeypatch):
         calls.append(prompt_ids.shape[0])
         return hf_sample(model, prompt_ids, prompt_mask, request)
 
-    settings = SamplingSettings(max_new_tokens=6, batch_size=1)
-    ours = Generator(model, tokenizer, backend="counting").generate(QUESTIONS, settings)
-    assert calls == [1, 1]  # batch_size prompts per call
-    assert ours == Generator(model, tokenizer, backend="hf").generate(QUESTIONS, settings)
+    settings = SamplingSettings(max_new_tokens=6)
+    ours = Generator(model, tokenizer, DecoderSettings(backend="counting", batch_size=1)).generate(QUESTIONS, settings)
+    assert calls == [1, 1]  # batch_size sequences per call
+    assert ours == Generator(model, tokenizer, DecoderSettings(backend="hf", batch_size=1)).generate(
+        QUESTIONS, settings
+    )
 
 
 def test_greedy_samples_are_the_same_through_every_torch_backend(tiny):
@@ -70,7 +73,7 @@ def test_greedy_samples_are_the_same_through_every_torch_backend(tiny):
         group_size=2,
         temperature=0.0,
     )
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     ours, theirs = (get_sampler(name)(model, ids, mask, request) for name in ("rlft", "hf"))
     assert ours.shape[0] == theirs.shape[0] == 2 * ids.shape[0]  # rows of one prompt contiguous
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
@@ -83,7 +86,7 @@ def test_the_generator_samples_and_streams_the_same_through_rlft_and_hf(tiny):
     results = {}
     for name in ("hf", "rlft"):
         streamed: dict = {}
-        texts = Generator(model, tokenizer, backend=name).generate(
+        texts = Generator(model, tokenizer, DecoderSettings(backend=name)).generate(
             QUESTIONS, settings, on_token=lambda p, s, t, seen=streamed: seen.setdefault((p, s), []).append(t)
         )
         results[name] = texts, streamed
@@ -96,7 +99,7 @@ def test_the_generator_samples_and_streams_the_same_through_rlft_and_hf(tiny):
 def test_sampled_generation_is_seeded_and_leaves_the_global_rng_alone(tiny):
     model, tokenizer = tiny
     settings = SamplingSettings(max_new_tokens=6, temperature=1.0, num_samples=3, seed=7)
-    generator = Generator(model, tokenizer, backend="hf")
+    generator = Generator(model, tokenizer, DecoderSettings(backend="hf"))
     torch.manual_seed(123)
     first = generator.generate(QUESTIONS, settings)
     after = torch.rand(1)
@@ -118,8 +121,10 @@ def test_evaluation_vllm_path_returns_the_hf_text(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("rlft.generation.generator.vllm_usable", lambda: True)
     generator = Generator(None, tokenizer, model_path=str(tmp_path))  # auto: vLLM, which loads the folder itself
     assert generator.backend_name == "vllm" and generator.options["engine"].llm.options["seed"] == 0
-    settings = SamplingSettings(max_new_tokens=8, num_samples=2, batch_size=1)
+    settings = SamplingSettings(max_new_tokens=8, num_samples=2)
     streamed: dict = {}
     texts = generator.generate(QUESTIONS, settings, on_token=lambda p, s, t: streamed.setdefault((p, s), []).append(t))
-    assert texts == Generator(model, tokenizer, backend="hf").generate(QUESTIONS, settings)
+    assert texts == Generator(model, tokenizer, DecoderSettings(backend="hf")).generate(
+        QUESTIONS, settings, batch_size=1
+    )
     assert sorted(streamed) == [(0, 0), (1, 0)] and all(streamed.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,11 +11,12 @@ from torch.utils._pytree import tree_leaves
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from rlft.generation.decoder import decode, merged_adapter, sample_tokens
+from rlft.generation.settings import ONLINE_SAMPLING, DecoderSettings, SamplingSettings
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.attention import segmented_attention
 from rlft.models.scoring import position_ids_from_mask
 from rlft.rl.logps import token_logps
-from rlft.rl.rollout import RolloutSettings, collect_rollout, generate_responses
+from rlft.rl.rollout import collect_rollout, generate_responses
 from tests.rl.test_rollout import prompt_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,17 +82,19 @@ def test_greedy_decoding_equals_generate_on_ragged_prompts(tiny):
     ours = generate_responses(
         model,
         tokenizer,
-        batch["prompt_input_ids"],
-        batch["prompt_attention_mask"],
-        RolloutSettings(**common, backend="rlft"),
+        batch.input_ids,
+        batch.attention_mask,
+        replace(ONLINE_SAMPLING, **common),
+        DecoderSettings(backend="rlft"),
         group_size=2,
     )
     theirs = generate_responses(
         model,
         tokenizer,
-        batch["prompt_input_ids"],
-        batch["prompt_attention_mask"],
-        RolloutSettings(**common, backend="hf", merge_adapter=False),
+        batch.input_ids,
+        batch.attention_mask,
+        replace(ONLINE_SAMPLING, **common),
+        DecoderSettings(backend="hf", merge_adapter=False),
         group_size=2,
     )
     width = min(ours[0].shape[1], theirs[0].shape[1])
@@ -100,7 +105,7 @@ def test_greedy_decoding_equals_generate_on_ragged_prompts(tiny):
 def test_shared_prefill_samples_what_separate_prefill_samples(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     stops, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
     common = dict(max_new_tokens=16, stop_ids=stops, pad_id=pad, temperature=1.3, top_p=0.95)
     torch.manual_seed(7)
@@ -120,7 +125,7 @@ def test_prefill_multiplies_the_head_without_a_batch_expanded_copy(tiny, decode_
     model, tokenizer = tiny
     decoder = model if decode_dtype is None else decoding_twin(model, decode_dtype)
     batch = prompt_batch(tokenizer)
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     head = model.get_base_model().lm_head.weight
     largest = LargestOutput()
     with largest, merged_adapter(model):
@@ -153,7 +158,7 @@ class LargestOutput(TorchDispatchMode):
 def test_merged_adapter_is_the_same_function_and_restores_the_weights_exactly(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
@@ -182,9 +187,7 @@ def test_rollout_logps_are_the_decoding_distribution(tiny):
     # the training forward, so the first update's importance ratio is exactly 1
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    rollout = collect_rollout(
-        model, tokenizer, batch, RolloutSettings(max_new_tokens=10, temperature=0.0), group_size=2
-    )
+    rollout = collect_rollout(model, tokenizer, batch, SamplingSettings(max_new_tokens=10), group_size=2)
     with torch.no_grad():
         length = rollout.response_ids.shape[1]
         out = model(
@@ -204,7 +207,7 @@ def test_shared_prompt_forward_gives_the_padded_forwards_log_probs_and_gradients
     batch = prompt_batch(tokenizer)
     torch.manual_seed(3)
     rollout = collect_rollout(
-        model, tokenizer, batch, RolloutSettings(max_new_tokens=9, temperature=1.5), group_size=3, score=False
+        model, tokenizer, batch, replace(ONLINE_SAMPLING, max_new_tokens=9, temperature=1.5), group_size=3, score=False
     )
     assert len(set(rollout.response_lengths.tolist())) > 1  # ragged responses: padding is really skipped
     assert segmented_attention(model)  # else share_prompts falls back to the padded forward and proves nothing
@@ -273,7 +276,7 @@ def test_decoding_twin_holds_the_current_merged_policy(tiny):
 
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     logits = lambda network: network(input_ids=ids, attention_mask=mask).logits.float()  # noqa: E731
     with torch.no_grad():
         twin = decoding_twin(model, torch.float32)
@@ -294,9 +297,9 @@ def test_decoding_twin_holds_the_current_merged_policy(tiny):
     # the twin attends in fp32 on CPU (bf16 SDPA is slow there); the policy keeps its own attention
     assert half.config._attn_implementation == "rlft_upcast_sdpa"
     assert model.get_base_model().config._attn_implementation != "rlft_upcast_sdpa"
-    settings = RolloutSettings(max_new_tokens=8, temperature=0.0, decode_dtype="float32")
-    twin_ids = generate_responses(model, tokenizer, ids, mask, settings)[0]
-    plain_ids = generate_responses(model, tokenizer, ids, mask, RolloutSettings(max_new_tokens=8, temperature=0.0))[0]
+    settings, decoder = SamplingSettings(max_new_tokens=8), DecoderSettings(decode_dtype="float32")
+    twin_ids = generate_responses(model, tokenizer, ids, mask, settings, decoder)[0]
+    plain_ids = generate_responses(model, tokenizer, ids, mask, SamplingSettings(max_new_tokens=8))[0]
     assert torch.equal(twin_ids, plain_ids)
 
 
@@ -310,7 +313,7 @@ def test_auto_decode_dtype_is_a_bf16_twin_of_a_fp32_policy_only_where_bf16_is_na
         assert hardware.decoding_dtype("auto", bf16) is None  # a 16-bit policy decodes as it is
         assert hardware.decoding_dtype("float32", bf16) == torch.float32 and hardware.decoding_dtype(None, fp32) is None
         assert hardware.auto_precision("cpu") == ("bf16-mixed" if native else "32-true")
-    RolloutSettings(decode_dtype="auto", backend="hf")  # auto picks no twin for other backends: nothing to refuse
+    DecoderSettings(decode_dtype="auto", backend="hf")  # auto picks no twin for other backends: nothing to refuse
 
 
 def test_auto_decode_dtype_samples_from_the_twin_on_this_machine(tiny):
@@ -321,24 +324,31 @@ def test_auto_decode_dtype_samples_from_the_twin_on_this_machine(tiny):
         pytest.skip("this CPU has no native bf16: auto picks no twin (covered above)")
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     runs = []
     for dtype in ("auto", "bfloat16"):
         torch.manual_seed(0)
         runs.append(
-            generate_responses(model, tokenizer, ids, mask, RolloutSettings(max_new_tokens=6, decode_dtype=dtype))[0]
+            generate_responses(
+                model,
+                tokenizer,
+                ids,
+                mask,
+                replace(ONLINE_SAMPLING, max_new_tokens=6),
+                DecoderSettings(decode_dtype=dtype),
+            )[0]
         )
     assert torch.equal(*runs)
 
 
 def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
     with pytest.raises(ValueError, match="decode_dtype='bfloat16' needs backend 'rlft'"):
-        RolloutSettings(decode_dtype="bfloat16", backend="hf")  # model.generate would sample the fp32 policy
+        DecoderSettings(decode_dtype="bfloat16", backend="hf")  # model.generate would sample the fp32 policy
     with pytest.raises(ValueError, match="decode_dtype must be"):
-        RolloutSettings(decode_dtype="bf16")
+        DecoderSettings(decode_dtype="bf16")
     for free in (True, False):  # there is no twin to free or keep
         with pytest.raises(ValueError, match=f"free_twin={free} needs a decode_dtype"):
-            RolloutSettings(free_twin=free)
+            DecoderSettings(free_twin=free)
     saved = load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, modules_to_save=["lm_head"]))
     tokenizer = load_tokenizer("tiny-llama")
     batch = prompt_batch(tokenizer)
@@ -346,9 +356,10 @@ def test_decoding_settings_that_would_be_ignored_or_cannot_work_are_refused():
         generate_responses(
             saved,
             tokenizer,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            RolloutSettings(max_new_tokens=2, decode_dtype="bfloat16"),
+            batch.input_ids,
+            batch.attention_mask,
+            replace(ONLINE_SAMPLING, max_new_tokens=2),
+            DecoderSettings(decode_dtype="bfloat16"),
         )
 
 
@@ -361,14 +372,15 @@ def test_the_decoding_twin_frees_its_weights_between_rollouts(tiny, free):
 
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    settings = RolloutSettings(max_new_tokens=8, temperature=1.0, decode_dtype="bfloat16", free_twin=free)
+    ids, mask = batch.input_ids, batch.attention_mask
+    settings = replace(ONLINE_SAMPLING, max_new_tokens=8)
+    decoder = DecoderSettings(decode_dtype="bfloat16", free_twin=free)
     with torch.no_grad():
         before = decoding_twin(model, torch.bfloat16)(input_ids=ids, attention_mask=mask).logits
     samples = []
     for _ in range(2):
         torch.manual_seed(0)
-        samples.append(generate_responses(model, tokenizer, ids, mask, settings, group_size=2)[0])
+        samples.append(generate_responses(model, tokenizer, ids, mask, settings, decoder, group_size=2)[0])
         assert all((p.untyped_storage().nbytes() == 0) == bool(free) for p in _TWINS[model].parameters())
     assert torch.equal(samples[0], samples[1])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""``sampling.backend: vllm`` against a stand-in engine (no GPU here): the weight hand-off and the sample layout.
+"""``decoder.backend: vllm`` against a stand-in engine (no GPU here): the weight hand-off and the sample layout.
 
 vLLM itself cannot run on these machines (no CUDA GPU), so a stand-in ``vllm`` package is installed for these tests:
 its engine is a plain Hugging Face copy of the policy's base folder whose ``load_weights`` accepts exactly the names
@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 import transformers
 
 from rlft.generation.decoder import decode, merged_adapter
+from rlft.generation.settings import ONLINE_SAMPLING, DecoderSettings
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.unwrap import causal_lm
-from rlft.rl.rollout import RolloutSettings, collect_rollout
+from rlft.rl.rollout import collect_rollout
 from tests.rl.test_rollout import prompt_batch
 
 
@@ -141,9 +142,11 @@ def test_vllm_rollouts_come_back_in_the_rollout_layout(fake_vllm, policy):
     batch = prompt_batch(tokenizer)
     greedy = dict(max_new_tokens=12, temperature=0.0)
     torch.manual_seed(0)
-    ours = collect_rollout(model, tokenizer, batch, RolloutSettings(**greedy), group_size=3)
+    ours = collect_rollout(model, tokenizer, batch, replace(ONLINE_SAMPLING, **greedy), group_size=3)
     torch.manual_seed(0)
-    theirs = collect_rollout(model, tokenizer, batch, RolloutSettings(**greedy, backend="vllm"), group_size=3)
+    theirs = collect_rollout(
+        model, tokenizer, batch, replace(ONLINE_SAMPLING, **greedy), DecoderSettings(backend="vllm"), group_size=3
+    )
     width = ours.response_ids.shape[1]
     assert torch.equal(theirs.response_ids[:, :width], ours.response_ids)
     assert torch.equal(theirs.response_mask[:, :width], ours.response_mask)
@@ -153,7 +156,13 @@ def test_vllm_rollouts_come_back_in_the_rollout_layout(fake_vllm, policy):
 
 def test_without_vllm_or_a_gpu_the_error_names_the_fallback(policy):
     model, tokenizer = policy
-    with pytest.raises(RuntimeError, match="sampling.backend rlft"):
-        collect_rollout(model, tokenizer, prompt_batch(tokenizer), RolloutSettings(max_new_tokens=4, backend="vllm"))
+    with pytest.raises(RuntimeError, match="decoder.backend rlft"):
+        collect_rollout(
+            model,
+            tokenizer,
+            prompt_batch(tokenizer),
+            replace(ONLINE_SAMPLING, max_new_tokens=4),
+            DecoderSettings(backend="vllm"),
+        )
     with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
-        RolloutSettings(backend="vllm", vllm_gpu_memory_utilization=1.5)
+        DecoderSettings(backend="vllm", vllm_gpu_memory_utilization=1.5)

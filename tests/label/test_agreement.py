@@ -12,10 +12,10 @@ from rlft.label.agreement import (
     krippendorff_alpha,
     mean_interval,
     plurality,
-    wilson_interval,
 )
 from rlft.label.quality import format_report, quality_report
 from rlft.label.queries import Vote
+from rlft.metrics import wilson_interval
 
 
 def test_cohen_kappa_two_by_two_table():

@@ -13,8 +13,14 @@ import textwrap
 import pytest
 import torch
 
-from rlft.logprobs import _as_row_blocks
-from rlft.ops import IGNORE_INDEX, entropy_from_logits, gather_logps, hidden_logps, hidden_logps_and_entropy
+from rlft.logprobs import (
+    IGNORE_INDEX,
+    _as_row_blocks,
+    entropy_from_logits,
+    gather_logps,
+    hidden_logps,
+    hidden_logps_and_entropy,
+)
 
 
 def naive_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -239,7 +245,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import gc, json
     import torch
-    from rlft.ops import gather_logps, hidden_logps
+    from rlft.logprobs import gather_logps, hidden_logps
 
     def status_kib(field):
         with open("/proc/self/status") as status:

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlft.losses import LOSSES, bradley_terry_loss, kwise_bradley_terry_loss, plackett_luce_loss
+from rlft.losses import LOSSES, bradley_terry_loss
+from rlft.ranking_losses import kwise_bradley_terry_loss, plackett_luce_loss
 
 
 def _nls(x: float) -> float:  # -log sigmoid(x)

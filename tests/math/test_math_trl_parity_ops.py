@@ -21,8 +21,8 @@ trl = pytest.importorskip("trl")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head, entropy_from_logits, nanstd, selective_log_softmax  # noqa: E402
 
+from rlft import logprobs, ops  # noqa: E402
 from rlft import losses as L  # noqa: E402
-from rlft import ops  # noqa: E402
 
 ATOL = 1e-6
 
@@ -50,10 +50,10 @@ def test_gather_logps_and_entropy_match_trl(dtype):
     labels = torch.randint(0, 257, (3, 13), generator=gen)
     atol = ATOL if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(
-        ops.gather_logps(logits, labels, chunk_size=8), selective_log_softmax(logits, labels), atol=atol, rtol=0
+        logprobs.gather_logps(logits, labels, chunk_size=8), selective_log_softmax(logits, labels), atol=atol, rtol=0
     )
     torch.testing.assert_close(
-        ops.entropy_from_logits(logits, chunk_size=8), entropy_from_logits(logits), atol=atol, rtol=0
+        logprobs.entropy_from_logits(logits, chunk_size=8), entropy_from_logits(logits), atol=atol, rtol=0
     )
 
 
@@ -144,20 +144,20 @@ def test_sequence_logps_of_tiny_llama_match_trl(tiny_llama):
         input_ids[row, : p + c] = torch.randint(1, 300, (p + c,), generator=gen)
         attention_mask[row, : p + c] = 1
         completion_mask[row, p : p + c] = 1
-    labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, ops.IGNORE_INDEX)
+    labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, logprobs.IGNORE_INDEX)
 
     outputs = tiny_llama(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     logits = outputs.logits
-    ours = ops.sequence_logps(ops.gather_logps(logits[:, :-1], labels, chunk_size=5), completion_mask[:, 1:])
+    ours = ops.sequence_logps(logprobs.gather_logps(logits[:, :-1], labels, chunk_size=5), completion_mask[:, 1:])
     hidden = outputs.hidden_states[-1][:, :-1]
     from_hidden = ops.sequence_logps(
-        ops.hidden_logps(hidden, tiny_llama.lm_head.weight, labels, chunk_size=7), completion_mask[:, 1:]
+        logprobs.hidden_logps(hidden, tiny_llama.lm_head.weight, labels, chunk_size=7), completion_mask[:, 1:]
     )
     trl_selective = (selective_log_softmax(logits[:, :-1], input_ids[:, 1:]) * completion_mask[:, 1:]).sum(1)
 
     fused = copy.deepcopy(tiny_llama)
     add_fused_lm_head(fused)
-    trl_labels = input_ids.masked_fill(completion_mask == 0, ops.IGNORE_INDEX)
+    trl_labels = input_ids.masked_fill(completion_mask == 0, logprobs.IGNORE_INDEX)
     fused_out = fused(input_ids=input_ids, attention_mask=attention_mask, labels=trl_labels, fused_lm_head=True)
     trl_fused = fused_out.log_probs[:, -(length - 1) :].sum(1)
 

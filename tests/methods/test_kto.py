@@ -43,7 +43,7 @@ def test_step_zero_loss_is_the_hand_value():
     # 1 - sigmoid(0) = 0.5, times its weight
     torch.manual_seed(0)
     batch = unpaired_batch()
-    assert batch["label"].any() and (~batch["label"]).any()
+    assert batch.label.any() and (~batch.label).any()
     kto = KTO("tiny-llama", lora=LORA, desirable_weight=1.0, undesirable_weight=1.0)
     with torch.no_grad():
         loss, metrics = kto.compute_loss(batch)
@@ -55,8 +55,8 @@ def test_step_zero_loss_is_the_hand_value():
     weighted = KTO("tiny-llama", lora=LORA, desirable_weight=2.0, undesirable_weight=0.5)
     with torch.no_grad():
         loss, _ = weighted.compute_loss(batch)
-    desirable = int(batch["label"].sum())
-    expected = 0.5 * (2.0 * desirable + 0.5 * (len(batch["label"]) - desirable)) / len(batch["label"])
+    desirable = int(batch.label.sum())
+    expected = 0.5 * (2.0 * desirable + 0.5 * (len(batch.label) - desirable)) / len(batch.label)
     assert float(loss) == pytest.approx(expected, abs=1e-6)
 
 
@@ -98,13 +98,13 @@ def test_unpaired_loss_hook_is_what_a_subclass_overrides():
     class DesirableOnly(KTO):
         def unpaired_loss(self, policy, reference, kl, batch) -> LossOutput:
             output = super().unpaired_loss(policy, reference, kl, batch)
-            return LossOutput(output.losses * batch["label"], output.stats)
+            return LossOutput(output.losses * batch.label, output.stats)
 
     torch.manual_seed(0)
     batch = unpaired_batch()
     with torch.no_grad():
         loss, _ = DesirableOnly("tiny-llama", lora=LORA).compute_loss(batch)
-    assert float(loss) == pytest.approx(0.5 * float(batch["label"].float().mean()), abs=1e-6)
+    assert float(loss) == pytest.approx(0.5 * float(batch.label.float().mean()), abs=1e-6)
 
 
 def test_kl_point_is_averaged_over_processes_before_the_clamp():

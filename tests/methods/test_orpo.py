@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,8 @@ def mean_logps_by_hand(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Length-averaged response log-probs from a plain float64 log_softmax, one side at a time."""
     out = []
     for side in ("chosen", "rejected"):
-        logits = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]).logits
-        labels = batch[f"{side}_labels"][:, 1:]
+        logits = model(input_ids=batch.side(side).input_ids, attention_mask=batch.side(side).attention_mask).logits
+        labels = batch.side(side).labels[:, 1:]
         mask = labels != -100
         token = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         out.append(((token * mask).sum(-1) / mask.sum(-1)).float())
@@ -179,6 +180,6 @@ def test_per_row_weight_and_the_batch_reach_the_reference_free_methods(method):
     with torch.no_grad():
         logps = pair_logps(module.model, batch)
         losses = hook(logps, batch).losses + (0.5 * logps.chosen_nll if method is SimPO else 0.0)
-        weighted, metrics = module.compute_loss({**batch, "weight": weight})
+        weighted, metrics = module.compute_loss(replace(batch, fields={"weight": weight}))
     assert weighted.item() == pytest.approx(((weight * losses).sum() / weight.sum()).item(), abs=1e-5)
-    assert torch.equal(seen[0]["weight"], weight) and "rewards/accuracy" in metrics
+    assert torch.equal(seen[0].field("weight"), weight) and "rewards/accuracy" in metrics

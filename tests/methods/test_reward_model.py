@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 
 from rlft.data import PreferenceDataModule  # noqa: E402
-from rlft.data.collate import Collator, pad  # noqa: E402
+from rlft.data.collate import Collator  # noqa: E402
+from rlft.data.padding import pad  # noqa: E402
 from rlft.losses import bradley_terry_loss  # noqa: E402
 from rlft.methods import RewardModel  # noqa: E402
 from rlft.metrics import pairwise_auroc  # noqa: E402
@@ -56,6 +57,21 @@ def randomize_head(rm: RewardModel) -> RewardModel:
 def test_head_starts_at_zero_reward():
     rm = RewardModel("tiny-llama", lora=LORA, head="mlp")
     assert rm.model(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).item() == 0.0
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_the_output_bias_trains_only_where_a_loss_gives_it_a_gradient(head, tmp_path):
+    # pairwise losses compare rewards: the offset's true gradient is 0, and Adam would turn its rounding into steps
+    data = PreferenceDataModule(path="rlft/assets/sample_pairs.jsonl", batch_size=4, max_length=64, val_fraction=0.0)
+    for center_coef, trains in ((0.0, False), (0.5, True)):
+        rm = RewardModel("tiny-llama", lora=LORA, head=head, center_coef=center_coef, optim={"lr": 1e-2})
+        rm.hparams.output_dir = str(tmp_path / "hf")
+        trainer = L.Trainer(
+            max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+        )
+        trainer.fit(rm, data)
+        bias = list(rm.model.head.modules())[-1].bias
+        assert bias.requires_grad is trains and (float(bias) != 0.0) is trains
 
 
 def test_last_token_index_any_padding_side():
@@ -253,7 +269,7 @@ class DoubleMarginRM(RewardModel):
     """A margin-aware variant as a user writes it: only the pair loss changes (twice each pair's margin)."""
 
     def reward_loss(self, chosen, rejected, batch):
-        return bradley_terry_loss(chosen, rejected, margin=2 * batch["margin"].to(chosen))
+        return bradley_terry_loss(chosen, rejected, margin=2 * batch.field("margin").to(chosen))
 
 
 class DoubledLossRM(RewardModel):

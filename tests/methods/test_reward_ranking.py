@@ -51,9 +51,9 @@ def test_ranking_batches_hold_every_response_best_first(tmp_path):
     dm = RankingDataModule(_rankings(tmp_path / "r.jsonl"), batch_size=3, val_fraction=0.0, shuffle=False)
     dm.attach("pairs", rm.tokenizer).setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["ranking_sizes"].tolist() == [3, 4, 3]
-    assert batch["ranking_input_ids"].shape[0] == 10
-    first = rm.tokenizer.decode(batch["ranking_input_ids"][0][batch["ranking_attention_mask"][0].bool()])
+    assert batch.sizes.tolist() == [3, 4, 3]
+    assert batch.tokens.input_ids.shape[0] == 10
+    first = rm.tokenizer.decode(batch.tokens.input_ids[0][batch.tokens.attention_mask[0].bool()])
     assert "good good good good good good answer 0" in first  # the scored row was reordered by its scores
     rewards, mask = rm.ranking_rewards(batch)
     assert rewards.shape == (3, 4) and mask.sum().item() == 10

@@ -121,8 +121,8 @@ def test_validation_logs_token_weighted_loss_and_perplexity(tmp_path):
     nll = tokens = 0.0
     with torch.no_grad():
         for batch in data.val_dataloader():
-            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
+            logits = module.model(input_ids=batch.tokens.input_ids, attention_mask=batch.tokens.attention_mask).logits
+            labels = batch.tokens.labels[:, 1:]
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="sum")
             nll += float(losses)
             tokens += float((labels != -100).sum())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
 
-from rlft.data import PreferenceDataModule
+from rlft.data import PairBatch, PreferenceDataModule, Tokens
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.attention import SEGMENTED_SDPA, causal_segments, segmented_attention, segmented_inputs
 from rlft.models.modes import disable_dropout as zero_dropout
@@ -52,8 +54,8 @@ def test_models_on_other_attention_keep_it():
 def test_shared_layout_runs_each_prompt_once():
     batch = _pair_batches("tiny-llama", packing=False)[0]
     layout = shared_prompt_layout(batch)
-    total = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-    prompts = int(batch["prompt_lengths"].sum())
+    total = int(batch.side("chosen").attention_mask.sum() + batch.side("rejected").attention_mask.sum())
+    prompts = int(batch.prompt_lengths.sum())
     assert layout.inputs["input_ids"].shape[1] <= total - prompts
     assert all(mask is not None for _, _, mask in layout.inputs["rlft_segments"])
 
@@ -89,8 +91,8 @@ def test_pairs_that_start_differently_are_scored_apart():
     model = load_model("tiny-llama").eval()
     batch = _pair_batches("tiny-llama", packing=False)[0]
     # make the first pair's rejected sequence begin with another token: nothing is shared for that pair
-    first = batch["rejected_attention_mask"][0].nonzero()[0, 0]
-    batch["rejected_input_ids"][0, first] = (batch["chosen_input_ids"][0, first] + 1) % 200
+    first = batch.side("rejected").attention_mask[0].nonzero()[0, 0]
+    batch.side("rejected").input_ids[0, first] = (batch.side("chosen").input_ids[0, first] + 1) % 200
     layout = shared_prompt_layout(batch)
     assert layout.inputs["rlft_segments"][0][2] is None and layout.inputs["rlft_segments"][1][2] is None
     with torch.no_grad():
@@ -118,15 +120,14 @@ def test_methods_train_the_same_with_and_without_shared_prompts(tmp_path, fit_lo
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
-def _left_padded(batch: dict) -> dict:
-    out = dict(batch)
-    for side in ("chosen", "rejected"):
-        mask = batch[f"{side}_attention_mask"]
-        shifts = (mask.shape[1] - mask.sum(1)).tolist()
-        for key in ("input_ids", "attention_mask", "labels"):
-            rows = batch[f"{side}_{key}"]
-            out[f"{side}_{key}"] = torch.stack([row.roll(shift) for row, shift in zip(rows, shifts)])
-    return out
+def _left_padded(batch: PairBatch) -> PairBatch:
+    tokens = batch.sequences
+    shifts = (tokens.attention_mask.shape[1] - tokens.attention_mask.sum(1)).tolist()
+    rolled = {
+        key: torch.stack([row.roll(shift) for row, shift in zip(getattr(tokens, key), shifts)])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+    return replace(batch, sequences=Tokens(**rolled))
 
 
 def test_reward_model_scores_every_layout_alike(fit_losses):

@@ -169,7 +169,8 @@ def test_bf16_mixed_grpo_samples_the_same_through_the_twin_and_runs_without_it(b
             lora=LORA,
             rewards=rewards,
             group_size=2,
-            sampling={"max_new_tokens": 6, "decode_dtype": decode_dtype},
+            sampling={"max_new_tokens": 6},
+            decoder={"decode_dtype": decode_dtype},
             frozen_weights_bf16=stored,
             output_dir=str(tmp_path / "out"),
         )

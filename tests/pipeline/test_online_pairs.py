@@ -12,6 +12,13 @@ from rlft.pipeline.online import describe_skipped, pair_samples
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(4)]
 
 
+class LengthPenalty:
+    """A reward scorer preferring short replies."""
+
+    def score_exchanges(self, prompts, responses):
+        return [-len(r) for r in responses]
+
+
 def test_empty_or_identical_best_and_worst_are_dropped_and_counted():
     samples = [
         ["", "It is 0.", "0"],  # the reward prefers the empty reply: it would be "chosen"
@@ -48,15 +55,14 @@ def stub_sampling(monkeypatch):
         def __init__(self, model, tokenizer):
             pass
 
-        def generate(self, prompts, settings):
-            assert settings.num_samples == 3
+        def generate(self, prompts, settings, batch_size=None):
+            assert settings.num_samples == 3 and batch_size == 8 * 3  # 8 prompts of 3 samples per forward
             return [list(replies[p[-1]["content"]]) for p in prompts]
 
     monkeypatch.setattr(generator, "Generator", StubGenerator)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: object())
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: object())
-    monkeypatch.setattr(reward_bench, "load_reward_scorer", lambda path: object())
-    monkeypatch.setattr(reward_bench, "score_exchanges", lambda scorer, prompts, texts: [-len(t) for t in texts])
+    monkeypatch.setattr(reward_bench, "load_reward_scorer", lambda path: LengthPenalty())
     return replies
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from rlft.data import PreferenceDataModule
 from rlft.eval.agent import evaluate_agent
+from rlft.generation.settings import SamplingSettings
 from rlft.methods import SFT, OptimizerSettings
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.rl.multiturn import AgentSettings
 from rlft.rl.rewards import Rewards
-from rlft.rl.rollout import RolloutSettings
 
 pytestmark = pytest.mark.real
 ASSETS = Path(__file__).resolve().parents[2] / "rlft" / "assets"
@@ -29,7 +29,7 @@ def _success(model, tokenizer, records) -> dict:
         records,
         AgentSettings(tools=["calculator"], max_turns=3, max_tokens=192),
         Rewards([{"source": "exact_match", "options": {"field": "answer", "extract": "last_number"}}]),
-        RolloutSettings(max_new_tokens=56, temperature=0.0),
+        SamplingSettings(max_new_tokens=56),
     )
     return report.metrics()
 

@@ -79,7 +79,7 @@ class RecordingKTO(KTO):
 
     def unpaired_loss(self, policy, reference, kl, batch):
         output = super().unpaired_loss(policy, reference, kl, batch)
-        self.records.append((output.stats["rewards"].detach(), batch["label"], float(output.losses.mean())))
+        self.records.append((output.stats["rewards"].detach(), batch.label, float(output.losses.mean())))
         return output
 
 

@@ -3,15 +3,18 @@ model's tokens are scored exactly as sampled, and the rewards see the whole conv
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from rlft.data import PromptBatch
 from rlft.data.tool_calls import parse_tool_calls
+from rlft.generation.settings import ONLINE_SAMPLING, DecoderSettings
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.scoring import position_ids_from_mask
 from rlft.rl.environment import StepResult, ToolEnvironment
 from rlft.rl.multiturn import AgentSettings, collect_agent_rollout, observation_ids
-from rlft.rl.rollout import RolloutSettings
 from tests.methods.my_pkg.agent_script import turn_text
 
 SCRIPT = "tests.methods.my_pkg.agent_script:scripted"
@@ -29,20 +32,21 @@ def tiny():
     return load_model("tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.0)), load_tokenizer("tiny-llama")
 
 
-def prompt_batch(tokenizer, prompts=PROMPTS, **fields) -> dict:
+def prompt_batch(tokenizer, prompts=PROMPTS, **fields) -> PromptBatch:
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(map(len, encoded))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt": list(prompts), **fields}
+    return PromptBatch(ids, mask, list(prompts), fields=fields)
 
 
 def rollout_of(tiny, agent=None, group_size=1, **sampling):
     model, tokenizer = tiny
-    settings = RolloutSettings(**{"max_new_tokens": 120, "backend": SCRIPT, **sampling})
+    settings, decoder = replace(ONLINE_SAMPLING, **{"max_new_tokens": 120, **sampling}), DecoderSettings(backend=SCRIPT)
     agent = agent or AgentSettings(tools=["calculator"], max_turns=3)
-    return collect_agent_rollout(model, tokenizer, prompt_batch(tokenizer), settings, agent, group_size=group_size)
+    batch = prompt_batch(tokenizer)
+    return collect_agent_rollout(model, tokenizer, batch, settings, decoder, agent, group_size=group_size)
 
 
 def test_a_tool_call_is_run_and_its_result_comes_back_as_a_tool_turn(tiny):
@@ -169,8 +173,10 @@ def test_a_custom_environment_sets_the_prompt_and_the_reward(tiny):
     agent = AgentSettings(environment="tests.rl.test_multiturn:Countdown", max_turns=5, max_tokens=300)
     model, tokenizer = tiny
     # every token ends a turn: each turn is one sampled token, so the episode runs its 3 turns
-    settings = RolloutSettings(max_new_tokens=4, stop_token_ids=list(range(len(tokenizer))))
-    rollout = collect_agent_rollout(model, tokenizer, prompt_batch(tokenizer), settings, agent, group_size=2)
+    settings = replace(ONLINE_SAMPLING, max_new_tokens=4, stop_token_ids=list(range(len(tokenizer))))
+    rollout = collect_agent_rollout(
+        model, tokenizer, prompt_batch(tokenizer), settings, DecoderSettings(), agent, group_size=2
+    )
     assert len(rollout) == 4 and rollout.group_ids.tolist() == [0, 0, 1, 1]
     prompt = tokenizer.decode(rollout.prompt_ids[0][rollout.prompt_mask[0].bool()])
     assert "Count down from 3." in prompt and "calculator" not in prompt
@@ -182,10 +188,10 @@ def test_a_custom_environment_sets_the_prompt_and_the_reward(tiny):
 def test_tools_are_never_silently_hidden_from_a_plain_text_prompt(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    batch["prompt"] = ["What is 2 * 3?", "What is 4 + 5?"]  # completion-mode strings: no turn to show tools in
+    batch.prompts = ["What is 2 * 3?", "What is 4 + 5?"]  # completion-mode strings: no turn to show tools in
     with pytest.raises(ValueError, match="needs chat prompts"):
         agent = AgentSettings(tools=["calculator"])
-        collect_agent_rollout(model, tokenizer, batch, RolloutSettings(backend=SCRIPT), agent)
+        collect_agent_rollout(model, tokenizer, batch, ONLINE_SAMPLING, DecoderSettings(backend=SCRIPT), agent)
 
 
 def test_settings_are_checked_at_start():

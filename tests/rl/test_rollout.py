@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from rlft.data import PromptBatch
+from rlft.generation.settings import ONLINE_SAMPLING, DecoderSettings, SamplingSettings
 from rlft.models import LoraSettings, load_model, load_tokenizer
 from rlft.models.scoring import position_ids_from_mask as position_ids_for
 from rlft.models.tokens import stop_token_ids
 from rlft.rl.rollout import (
     Rollout,
-    RolloutSettings,
     collect_rollout,
     mask_after_stop,
     minibatches,
@@ -36,14 +39,14 @@ def tiny():
     return model, tokenizer
 
 
-def prompt_batch(tokenizer, prompts=PROMPTS, **fields) -> dict:
+def prompt_batch(tokenizer, prompts=PROMPTS, **fields) -> PromptBatch:
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(map(len, encoded))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt": list(prompts), **fields}
+    return PromptBatch(ids, mask, list(prompts), fields=fields)
 
 
 def test_mask_after_stop_keeps_the_stop_token_and_pads_after_it():
@@ -67,15 +70,15 @@ def test_stop_tokens_include_end_of_turn(tiny):
 
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="max_new_tokens"):
-        RolloutSettings(max_new_tokens=0)
+        SamplingSettings(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
-        RolloutSettings(top_p=0.0)
+        SamplingSettings(top_p=0.0)
 
 
 def test_rollout_logps_match_unpadded_forward_and_greedy_matches_per_row_generation(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer, answer=["a", "b", "c"])
-    settings = RolloutSettings(max_new_tokens=6, temperature=0.0)
+    settings = SamplingSettings(max_new_tokens=6)
     rollout = collect_rollout(model, tokenizer, batch, settings, with_reference=True)
     assert rollout.response_ids.shape == rollout.logps.shape == rollout.ref_logps.shape
     assert rollout.fields == {"answer": ["a", "b", "c"]}
@@ -83,7 +86,7 @@ def test_rollout_logps_match_unpadded_forward_and_greedy_matches_per_row_generat
     torch.testing.assert_close(rollout.logps, rollout.ref_logps)
     stops = stop_token_ids(tokenizer, model)
     for row in range(len(PROMPTS)):
-        prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
+        prompt = batch.input_ids[row][batch.attention_mask[row].bool()]
         length = int(rollout.response_mask[row].sum())
         response = rollout.response_ids[row, :length]
         # independent reference: greedy decoding of this prompt alone (no padding at all), token by token
@@ -110,11 +113,11 @@ def test_generation_uses_the_kv_cache(tiny, lean):
     hook = embeddings.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1:].numel()))
     try:
         batch = prompt_batch(tokenizer)
-        settings = RolloutSettings(max_new_tokens=5, lean_step=lean)
-        collect_rollout(model, tokenizer, batch, settings, score=False)
+        settings = replace(ONLINE_SAMPLING, max_new_tokens=5)
+        collect_rollout(model, tokenizer, batch, settings, DecoderSettings(lean_step=lean), score=False)
     finally:
         hook.remove()
-    prompt_width = batch["prompt_input_ids"].shape[1]
+    prompt_width = batch.input_ids.shape[1]
     # the prompt is encoded once; every later step feeds only the newly sampled token
     assert widths[0] == prompt_width and all(w == 1 for w in widths[1:]) and len(widths) >= 2
 
@@ -136,16 +139,16 @@ class DtypesMade(TorchDispatchMode):
 def test_sampling_ignores_the_training_steps_autocast_and_scoring_keeps_it(tiny, decode_dtype):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    settings = RolloutSettings(max_new_tokens=12, decode_dtype=decode_dtype)
+    settings, decoder = replace(ONLINE_SAMPLING, max_new_tokens=12), DecoderSettings(decode_dtype=decode_dtype)
     torch.manual_seed(3)
-    plain = collect_rollout(model, tokenizer, batch, settings, group_size=4)
+    plain = collect_rollout(model, tokenizer, batch, settings, decoder, group_size=4)
     seen = DtypesMade()
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a bf16-mixed training step
         with seen:
-            sampled = collect_rollout(model, tokenizer, batch, settings, group_size=4, score=False)
+            sampled = collect_rollout(model, tokenizer, batch, settings, decoder, group_size=4, score=False)
         torch.manual_seed(3)
-        mixed = collect_rollout(model, tokenizer, batch, settings, group_size=4)
+        mixed = collect_rollout(model, tokenizer, batch, settings, decoder, group_size=4)
     # sampled in the weights' own dtype (no weight cast to bf16 at every step): the same tokens as outside autocast
     assert decode_dtype is not None or torch.bfloat16 not in seen.dtypes
     assert torch.equal(sampled.response_ids, plain.response_ids)
@@ -160,7 +163,9 @@ def test_group_samples_are_contiguous_and_temperature_scales_logps(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer, PROMPTS[:2], answer=["x", "y"])
     torch.manual_seed(1)
-    hot = collect_rollout(model, tokenizer, batch, RolloutSettings(max_new_tokens=4, temperature=2.0), group_size=3)
+    hot = collect_rollout(
+        model, tokenizer, batch, replace(ONLINE_SAMPLING, max_new_tokens=4, temperature=2.0), group_size=3
+    )
     assert len(hot) == 6 and hot.fields["answer"] == ["x"] * 3 + ["y"] * 3
     assert hot.prompts[:3] == [PROMPTS[0]] * 3 and hot.prompts[3] == PROMPTS[1]
     assert torch.equal(hot.prompt_ids[0], hot.prompt_ids[2]) and torch.equal(hot.prompt_ids[3], hot.prompt_ids[5])
@@ -223,7 +228,7 @@ def test_update_scoring_never_builds_the_whole_logits(tiny, monkeypatch, share_p
 
     model, tokenizer = tiny
     rollout = collect_rollout(
-        model, tokenizer, prompt_batch(tokenizer), RolloutSettings(max_new_tokens=8), group_size=2, score=False
+        model, tokenizer, prompt_batch(tokenizer), replace(ONLINE_SAMPLING, max_new_tokens=8), group_size=2, score=False
     )
     length = rollout.response_ids.shape[1]
     assert int(rollout.response_mask.sum()) > 24

@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from rlft.generation.generator import Generator, SamplingSettings
+from rlft.generation.generator import Generator
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.models import load_model, load_tokenizer
 from rlft.serve import ContinuousEngine, supports_continuous
 
@@ -30,7 +31,7 @@ def engine():
 
 def reference(engine: ContinuousEngine, prompt, max_new_tokens: int) -> str:
     """What ``model.generate`` answers for ``prompt`` alone (greedy)."""
-    generator = Generator(engine.model, engine.tokenizer, backend="hf")
+    generator = Generator(engine.model, engine.tokenizer, DecoderSettings(backend="hf"))
     return generator.generate([prompt], SamplingSettings(max_new_tokens=max_new_tokens))[0][0]
 
 
@@ -163,7 +164,9 @@ def test_an_adapter_is_served_merged_and_restored_on_close(tmp_path):
     tokenizer = load_tokenizer(str(adapter))
     model = load_model(str(adapter), trainable_adapter=False).eval()
     weights = {n: p.clone() for n, p in model.named_parameters()}
-    expected = Generator(model, tokenizer, backend="hf").generate([QUESTION], SamplingSettings(max_new_tokens=12))
+    expected = Generator(model, tokenizer, DecoderSettings(backend="hf")).generate(
+        [QUESTION], SamplingSettings(max_new_tokens=12)
+    )
     engine = ContinuousEngine(model, tokenizer, max_context=1024)
     try:
         got = engine.submit([QUESTION], SamplingSettings(max_new_tokens=12)).result(timeout=120).choices[0].text

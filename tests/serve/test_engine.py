@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from rlft.generation.generator import Generator, SamplingSettings, encode_prompt_text
+from rlft.generation.generator import Generator, encode_prompt_text
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.models import load_model, load_tokenizer
 from rlft.serve import Engine
 
@@ -15,7 +16,9 @@ from rlft.serve import Engine
 def engine():
     tokenizer = load_tokenizer("tiny-llama")
     model = load_model("tiny-llama", trainable_adapter=False).eval()
-    engine = Engine(Generator(model, tokenizer, backend="hf"), tokenizer, max_context=2048, batch_window_ms=200)
+    engine = Engine(
+        Generator(model, tokenizer, DecoderSettings(backend="hf")), tokenizer, max_context=2048, batch_window_ms=200
+    )
     yield engine
     engine.close()
 

@@ -165,20 +165,23 @@ def test_a_non_streaming_client_that_disconnects_stops_its_generation(server, mo
 
 
 def test_the_windowed_engine_chunks_rows_and_stops_for_cancelled_requests(monkeypatch):
-    from rlft.generation.generator import Generator, SamplingSettings
+    from rlft.generation.generator import Generator
+    from rlft.generation.settings import DecoderSettings, SamplingSettings
     from rlft.serve import Engine
 
     tokenizer = load_tokenizer("tiny-llama")
-    generator = Generator(load_model("tiny-llama", trainable_adapter=False).eval(), tokenizer, backend="hf")
+    generator = Generator(
+        load_model("tiny-llama", trainable_adapter=False).eval(), tokenizer, DecoderSettings(backend="hf")
+    )
     engine = Engine(generator, tokenizer, max_context=2048, batch_window_ms=1, max_batch_size=MAX_BATCH)
     seen: list[int] = []
-    generate = generator.generate
+    sample = generator.sample
 
-    def recording(prompts, settings, on_token=None):
-        seen.append(settings.batch_size)
-        return generate(prompts, settings, on_token=on_token)
+    def recording(model, prompt_ids, prompt_mask, request):
+        seen.append(prompt_ids.shape[0] * request.group_size)
+        return sample(model, prompt_ids, prompt_mask, request)
 
-    monkeypatch.setattr(generator, "generate", recording)
+    monkeypatch.setattr(generator, "sample", recording)
     try:
         wide = engine.submit(
             [f"Count to {i}" for i in range(8)],
@@ -186,7 +189,7 @@ def test_the_windowed_engine_chunks_rows_and_stops_for_cancelled_requests(monkey
             seed=1,
         )
         assert len(wide.result(timeout=120).choices) == 16
-        assert seen == [MAX_BATCH // 2]  # 2 prompts x 2 samples = 4 rows per forward
+        assert seen == [MAX_BATCH] * 4  # 8 prompts in chunks of 2 prompts x 2 samples = 4 rows per forward
         deltas: list[str] = []
 
         def hang_up_after_three(_: int, text: str) -> None:  # what the server does when the client goes away

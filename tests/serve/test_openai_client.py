@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from rlft.generation.generator import Generator, SamplingSettings, encode_prompt_text
+from rlft.generation.generator import Generator, encode_prompt_text
+from rlft.generation.settings import DecoderSettings, SamplingSettings
 from rlft.models import load_model, load_tokenizer
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install 'rlft[dev]')")
@@ -29,7 +30,9 @@ def local(served_adapter):
     """The same adapter in this process, for the answers the server must give."""
     _, adapter = served_adapter
     tokenizer = load_tokenizer(str(adapter))
-    return Generator(load_model(str(adapter), trainable_adapter=False).eval(), tokenizer, backend="hf"), tokenizer
+    return Generator(
+        load_model(str(adapter), trainable_adapter=False).eval(), tokenizer, DecoderSettings(backend="hf")
+    ), tokenizer
 
 
 def test_models_lists_the_served_name(client):

@@ -2,7 +2,7 @@
 the tool's result on the next, whatever the weights say. It lets a test check the multi-turn machinery (masks,
 log-probs, tool execution, rewards over the conversation) exactly, with a real model scoring the tokens.
 
-Select it as ``sampling: {backend: my_pkg.agent_script:scripted}``. The numbers come from the prompt's last
+Select it as ``decoder: {backend: my_pkg.agent_script:scripted}``. The numbers come from the prompt's last
 ``a * b`` (or ``a + b``); ``SCRIPT_MODE=wrong`` answers a wrong number, ``SCRIPT_MODE=bad_call`` writes an invalid
 call, ``SCRIPT_MODE=hostile`` calls the python tool with a program that tries to escape.
 """
