@@ -230,8 +230,8 @@ def collect_rollout(
     Args:
         model: The policy (usually a LoRA ``PeftModel``).
         tokenizer: Its tokenizer.
-        batch: A ``PreferenceDataModule`` prompts batch: ``prompt_input_ids``/``prompt_attention_mask`` (left
-            padded), ``prompt`` and any extra fields as lists.
+        batch: A :class:`~rlft.data.batches.PromptBatch` (left-padded ``input_ids``/``attention_mask``, the
+            ``prompts``, the rows' other fields in ``fields``, which reach the rollout's ``fields``).
         settings: What is sampled.
         decoder: How it is decoded.
         group_size: Samples per prompt; rows of one prompt are contiguous.
