@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from rlft.data.padding import pad
 from rlft.eval.refusal import RubricRefusalClassifier
 from rlft.metrics import pairwise_auroc
 from rlft.models.modes import inference as eval_mode  # no grad, eval mode, restored after
@@ -92,12 +93,7 @@ class RewardModelScorer(TextScorer):
                 chunk = texts[start : start + self.batch_size]
                 # templates carry their own BOS; add none, and keep the end (the response) when truncating
                 encoded = [tok(t, add_special_tokens=False)["input_ids"][-self.max_length :] for t in chunk]
-                width = max(len(e) for e in encoded)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, e in enumerate(encoded):
-                    ids[row, : len(e)] = torch.tensor(e)
-                    mask[row, : len(e)] = 1
+                ids, mask = pad(encoded, pad_id), pad([[1] * len(e) for e in encoded], 0)
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 scores += logits.float().view(len(chunk), -1)[:, 0].tolist()
         return scores

@@ -20,6 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from rlft.data.encoding import encode_conversation
+from rlft.data.padding import pad
 from rlft.models.loading import checkpoint_backbone, load_model, load_tokenizer, load_trained
 from rlft.models.modes import inference
 from rlft.models.scoring import flat_last_positions, position_ids_from_mask
@@ -261,12 +262,7 @@ class RewardScorer:
         with inference(self.network):  # no grad, eval mode, the network's own mode restored after
             for start in range(0, len(sequences), self.batch_size):
                 chunk = sequences[start : start + self.batch_size]
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, seq in enumerate(chunk):
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    mask[row, : len(seq)] = 1
+                ids, mask = pad(chunk, pad_id), pad([[1] * len(s) for s in chunk], 0)
                 scores.append(self.network(ids.to(self.device), mask.to(self.device)).float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
