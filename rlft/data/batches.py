@@ -90,6 +90,14 @@ class Batch:
         """Examples in the batch (a pair, a ranking, a prompt counts once)."""
         raise NotImplementedError
 
+    def __getitem__(self, key):
+        # batches were dicts before they were typed: point code written for that at what replaced it
+        names = ", ".join(f.name for f in dataclasses.fields(self) if f.name != "fields")
+        raise TypeError(
+            f"{type(self).__name__} is not a dict: read batch.field({key!r}) (a numeric per-row field) or "
+            f"batch.fields[{key!r}] (any per-row field); its data: {names} (see rlft.data.batches)"
+        )
+
     def token_blocks(self) -> list[Tokens]:
         """Every token block of the batch."""
         return [value for value in vars(self).values() if isinstance(value, Tokens)]

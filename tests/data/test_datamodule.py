@@ -144,5 +144,7 @@ def test_pair_records_keep_their_own_fields_into_the_batch(tokenizer, tmp_path, 
     assert set(batch.fields) == {"margin", "weight", "source"}
     with pytest.raises(ValueError, match="'source' must be a number on every row"):
         batch.field("source")
+    with pytest.raises(TypeError, match=r"PairBatch is not a dict: read batch.field\('margin'\)"):
+        batch["margin"]  # code written for the dict batches points at what replaced them
     # the data's own fields never displace what the model reads
     assert batch.prompt_lengths.shape == (3,)
