@@ -17,7 +17,7 @@ class _Scripted:
     def __init__(self, samples_by_prompt):
         self.samples_by_prompt, self.settings = samples_by_prompt, None
 
-    def generate(self, prompts, settings):
+    def generate(self, prompts, settings, batch_size=None):
         self.settings = settings
         return [self.samples_by_prompt[p if isinstance(p, str) else p[0]["content"]] for p in prompts]
 
