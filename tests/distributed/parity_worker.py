@@ -131,7 +131,8 @@ def record_load(module) -> dict:
     built = module.on_model_built
 
     def probe() -> None:
-        frozen = [p for p in module.model.parameters() if not p.requires_grad]
+        # the base only: a reward model's small head is built whole on every rank (its bias frozen at 0)
+        frozen = [p for n, p in module.model.named_parameters() if not p.requires_grad and not n.startswith("head.")]
         held["held"] = sum(
             p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel() for p in frozen
         )
