@@ -101,9 +101,8 @@ def misplaced_decoder_key(message: str) -> str | None:
     found = re.search(r"'sampling' does not accept option '([\w.]+)'", message) or re.search(
         r"unrecognized arguments: .*?--(?:[\w.]*\.)?sampling\.(\w+)", message
     )
-    if found and found.group(1).rsplit(".", 1)[-1] in DECODER_KEYS:
-        return misplaced_message([found.group(1).rsplit(".", 1)[-1]])
-    return None
+    key = found.group(1).rsplit(".", 1)[-1] if found else None
+    return misplaced_message([key]) if key in DECODER_KEYS else None
 
 
 class RLFTArgumentParser(LightningArgumentParser):
