@@ -1,5 +1,5 @@
-"""Pure metric functions (no models): pass@k, AUROC, win rates with bootstrap CIs, Wilson intervals, diversity and
-length statistics.
+"""Pure metric functions (no models): pass@k, AUROC, win rates with bootstrap CIs, Wilson intervals, the
+within-group slope for length control, diversity and length statistics.
 
 Everything here works on plain Python lists/NumPy arrays so it is easy to test against hand-computed values.
 """
@@ -144,6 +144,27 @@ def outcomes_from_scores(
         raise ValueError(f"score lists differ in length: {len(candidate)} vs {len(baseline)}")
     diffs = np.asarray(candidate, dtype=float) - np.asarray(baseline, dtype=float)
     return [1.0 if d > tie_margin else 0.0 if d < -tie_margin else 0.5 for d in diffs]
+
+
+def within_group_slope(values: Sequence[Sequence[float]], covariate: Sequence[Sequence[float]]) -> float:
+    """Least-squares slope of ``values`` on ``covariate`` with one intercept per group (a fixed-effects fit).
+
+    Used for length control: the reward per word *within* each policy's own answers. A pooled fit with one intercept
+    would credit length with the policies' own differences (a better policy that also writes longer would make
+    length look rewarded). 0.0 when no group varies in the covariate.
+    """
+    if len(values) != len(covariate):
+        raise ValueError(f"{len(values)} value groups vs {len(covariate)} covariate groups")
+    num = den = 0.0
+    for v, x in zip(values, covariate, strict=True):
+        v, x = np.asarray(v, dtype=float), np.asarray(x, dtype=float)
+        if v.shape != x.shape:
+            raise ValueError(f"a group has {v.size} values and {x.size} covariates")
+        if v.size:
+            dx = x - x.mean()
+            num += float((dx * (v - v.mean())).sum())
+            den += float((dx * dx).sum())
+    return num / den if den > 0 else 0.0
 
 
 def _tokens(text: str) -> list[str]:

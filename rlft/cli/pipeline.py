@@ -1,4 +1,4 @@
-"""``rlft pipeline -c configs/pipelines/NAME.yaml``: run (or resume) a whole SFT -> RM -> DPO/GRPO -> eval job.
+"""``rlft pipeline -c configs/pipelines/NAME.yaml``: run (or resume) a whole SFT -> RM -> policy methods -> eval job.
 
 Re-running the same command skips every stage with a ``DONE`` marker and resumes a killed one from its
 ``last.ckpt``; ``--force STAGE`` re-runs one stage (e.g. ``--force evaluation`` after changing its settings).
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="STAGE",
-        help="re-run this stage even if DONE (data, sft, rm, dpo, grpo, online_dpo, evaluation)",
+        help="re-run this step even if DONE: data, a stage's name, or evaluation",
     )
     parser.add_argument("--print_plan", action="store_true", help="print the stages and their configs, run nothing")
     args = parser.parse_args(argv)
@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, stage in config.stages.items():
             print(
                 f"{name}: {stage.config} -> {runner.model_of(name)}"
+                + (f" (method: {stage.method})" if stage.method else "")
                 + (f" (from {stage.init})" if stage.init else "")
                 + (f" (reward: {stage.reward})" if stage.reward else "")
+                + (f" (pairs relabelled by {stage.relabel})" if stage.relabel else "")
             )
         print(f"evaluation -> {runner.run_dir / 'evaluation'}; report -> {runner.run_dir / 'report' / 'report.md'}")
         return

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlft.eval.checkpoints import checkpoint_table
 from rlft.eval.results import _cell, flatten_metrics, read_results
 
 # plot panel -> substrings of logged metric names that belong in it
@@ -231,7 +232,8 @@ def build_pipeline_report(
     results_path: str | Path, run_dir: str | Path, *, out_dir: str | Path, title: str = "rlft pipeline"
 ) -> Path:
     """``report.md`` for an ``rlft pipeline`` run: held-out reward-model quality, every policy against the start
-    (reward, win rate, KL, refusal, toxicity, with CIs), learning curves of each stage, example answers."""
+    (reward, win rate, both length-controlled, KL, refusal, toxicity, with CIs), learning curves of each stage with
+    the guide's checkpoints (:mod:`rlft.eval.checkpoints`), example answers."""
     results = json.loads(Path(results_path).read_text())
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,12 +259,13 @@ def build_pipeline_report(
             f"## Policies on {results['n_prompts']} held-out prompts (vs `{start}`)",
             "",
             "| policy | mean RM reward [95% CI] | gain vs start | gain / start std | win rate vs start "
-            "[95% CI] | KL to start [95% CI] | refusal rate | toxicity | words |",
-            "|---" * 9 + "|",
+            "[95% CI] | length-controlled gain [95% CI] | length-controlled win rate [95% CI] | KL to start [95% CI] "
+            "| refusal rate | toxicity | words |",
+            "|---" * 11 + "|",
         ]
         for name, p in results["policies"].items():
-            wr = p.get("win_rate")
-            gain = p.get("reward_gain")
+            wr, lc_wr = p.get("win_rate"), p.get("length_controlled_win_rate")
+            gain, lc_gain = p.get("reward_gain"), p.get("length_controlled_gain")
             rel = p.get("reward_gain_relative")
             tox = p.get("toxicity")
             cells = [
@@ -271,6 +274,8 @@ def build_pipeline_report(
                 "—" if gain is None else f"{gain:+.3f}" + (f" ({rel:+.0%})" if math.isfinite(rel) else ""),
                 "—" if gain is None else f"{p['reward_gain_std']:+.2f}",
                 "—" if wr is None else f"{wr['rate']:.3f} {_ci([wr['ci_low'], wr['ci_high']])}",
+                "—" if lc_gain is None else f"{lc_gain:+.3f} {_ci(p.get('length_controlled_gain_ci'))}",
+                "—" if lc_wr is None else f"{lc_wr['rate']:.3f} {_ci([lc_wr['ci_low'], lc_wr['ci_high']])}",
                 "—" if "kl_to_start" not in p else f"{p['kl_to_start']:.2f} {_ci(p.get('kl_to_start_ci'))}",
                 f"{p['refusal_rate']:.3f}",
                 "not measured" if tox is None else f"{tox:.3f}",
@@ -285,7 +290,9 @@ def build_pipeline_report(
             f"{settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}; KL is the mean summed "
             "log-ratio log pi(y|x) - log pi_start(y|x) on each policy's own samples. Gain % is relative to "
             "|mean start reward| (reward models have an arbitrary offset: the win rate and the gain in start-std "
-            "units are the offset-free measures).",
+            "units are the offset-free measures). Length-controlled: each answer's reward minus "
+            f"{results.get('length_slope', float('nan')):+.4f} per word (the reward per word within each policy's "
+            "own answers), compared paired with the start.",
             "",
         ]
     bars = [(f"{n} vs {start}", p["win_rate"]) for n, p in results["policies"].items() if p.get("win_rate")]
@@ -302,6 +309,7 @@ def build_pipeline_report(
             png = out / f"curves_{label.replace('/', '_')}.png"
             if series and plot_learning_curves(series, png, label):
                 lines += [f"**{label}**", "", f"![{label} learning curves]({png.name})", ""]
+                lines += checkpoint_table(series)
         rounds = [
             json.loads(f.read_text()) | {"round": int(f.parent.name.split("_")[1])}
             for f in sorted(stage.glob("round_*/sampling.json"))

@@ -9,13 +9,18 @@ writes each stage's final config (paths wired to the previous stages' outputs) i
       sft: {config: configs/sft/tiny.yaml, args: {trainer.max_steps: 10}}
       rm: {config: configs/rm/tiny.yaml}
       dpo: {config: configs/dpo/tiny.yaml, init: sft}
+      dpo_rm_labels: {method: dpo, config: configs/dpo/tiny.yaml, init: sft, relabel: rm}
       grpo: {config: configs/grpo/tiny.yaml, init: sft, reward: rm}
       online_dpo: {config: configs/dpo/tiny.yaml, init: sft, reward: rm, rounds: 2}
     evaluation: {limit: 32, max_new_tokens: 48}
+
+Stages run in file order. A stage's name is free (it names its folder); its ``method`` (default: the name) is a key
+of :data:`METHODS`, which says what the pipeline does with it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +28,40 @@ import yaml
 
 from rlft.cli.options import check_options
 
-STAGE_ORDER = ("sft", "rm", "dpo", "grpo", "online_dpo")
-"""Training stages in the order they run; ``evaluation`` and ``report`` follow."""
+
+@dataclass(frozen=True)
+class StageMethod:
+    """What the pipeline does with a stage of one training method.
+
+    Attributes:
+        policy: Trains a policy that the evaluation compares with the start.
+        scored: Needs a ``reward:`` stage whose reward model scores its samples.
+        pairs: Trains on the split's preference pairs, so ``relabel:`` can re-order them by a reward model.
+    """
+
+    policy: bool = False
+    scored: bool = False
+    pairs: bool = False
+
+
+METHODS: dict[str, StageMethod] = {
+    "sft": StageMethod(),  # the start policy itself: the evaluation compares the others with it
+    "rm": StageMethod(),
+    "dpo": StageMethod(policy=True, pairs=True),
+    "orpo": StageMethod(policy=True, pairs=True),
+    "simpo": StageMethod(policy=True, pairs=True),
+    "grpo": StageMethod(policy=True, scored=True),
+    "ppo": StageMethod(policy=True, scored=True),
+    "trpo": StageMethod(policy=True, scored=True),
+    "online_dpo": StageMethod(policy=True, scored=True),  # the runner's own sample -> score -> DPO rounds
+}
+"""Training methods a stage can run; ``evaluation`` and ``report`` follow the stages."""
+
+POLICY_METHODS = tuple(name for name, method in METHODS.items() if method.policy)
+
+RESERVED_NAMES = ("data", "evaluation", "report")
+"""Folders of the run that are not stages (a stage's name is its folder)."""
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -50,10 +87,14 @@ class StageSettings:
 
     Args:
         config: Path of the stage's ``rlft fit`` YAML.
+        method: A key of :data:`METHODS` (default: the stage's name), so that one pipeline can hold two stages of
+            one method (``dpo`` and ``dpo_rm_labels``).
         args: Overrides as dotted keys, e.g. ``{trainer.max_steps: 50, model.beta: 0.2}`` (``model.X`` and
             ``data.X`` reach ``init_args``).
         init: Stage whose exported model this one starts from (its ``hf_model`` folder becomes ``model.model``).
-        reward: Stage whose reward model scores rollouts / samples (GRPO, PPO, online DPO).
+        reward: Reward-model stage that scores rollouts / samples (GRPO, PPO, TRPO, online DPO).
+        relabel: Pair methods only (DPO, ORPO, SimPO): reward-model stage that re-orders each training pair's
+            replies before the stage trains (:mod:`rlft.pipeline.relabel`).
         rounds: Online DPO only: sample -> score -> pair -> DPO rounds.
         prompts_per_round: Online DPO only: prompts sampled each round.
         samples_per_prompt: Online DPO only: responses per prompt (the best and worst become a pair).
@@ -63,9 +104,11 @@ class StageSettings:
     """
 
     config: str
+    method: str | None = None
     args: dict = field(default_factory=dict)
     init: str | None = None
     reward: str | None = None
+    relabel: str | None = None
     rounds: int = 2
     prompts_per_round: int = 32
     samples_per_prompt: int = 4
@@ -133,6 +176,11 @@ def set_dotted(config: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def method_of(name: str, stage: StageSettings) -> str:
+    """The stage's method: its ``method`` or else its name."""
+    return stage.method or name
+
+
 def _fail(path: str, message: str) -> None:
     raise ValueError(f"{path}: {message}")
 
@@ -198,34 +246,60 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     data = _build(DataSettings, raw["data"], "data", path)
     if not isinstance(raw["stages"], dict) or not raw["stages"]:
         _fail(path, "stages must be a non-empty mapping of stage name -> settings")
-    stages = {}
-    for name, values in raw["stages"].items():
-        if name not in STAGE_ORDER:
-            _fail(path, f"stages.{name}: unknown stage; stages are {list(STAGE_ORDER)}")
+    stages: dict[str, StageSettings] = {}
+    for name, values in raw["stages"].items():  # file order is run order: a link reaches the stages above it
+        name = str(name)  # a YAML key can be a number
         stage = _build(StageSettings, values, f"stages.{name}", path)
-        for link in ("init", "reward"):
-            target = getattr(stage, link)
-            if target is not None and (
-                target not in raw["stages"] or STAGE_ORDER.index(target) >= STAGE_ORDER.index(name)
-            ):
-                _fail(path, f"stages.{name}.{link}: {target!r} must be an earlier stage of this pipeline")
-        if not Path(stage.config).is_file():
-            _fail(path, f"stages.{name}.config: {stage.config} does not exist")
-        if name in ("grpo", "online_dpo") and stage.reward is None:
-            _fail(path, f"stages.{name}.reward: name the reward-model stage (e.g. rm) that scores its samples")
-        if name == "online_dpo" and (stage.rounds < 1 or stage.samples_per_prompt < 2):
-            _fail(path, "stages.online_dpo: need rounds >= 1 and samples_per_prompt >= 2")
-        stages[name] = stage
+        stages[name] = _check_stage(path, name, stage, stages, every=[str(n) for n in raw["stages"]])
     evaluation = raw.get("evaluation", {})
     evaluation = None if evaluation is None else _build(EvaluationSettings, evaluation, "evaluation", path)
-    if evaluation is not None and "rm" not in stages:
-        _fail(path, "evaluation needs a reward-model stage (stages.rm) to score with; add one or set evaluation: null")
+    if evaluation is not None and not any(method_of(n, s) == "rm" for n, s in stages.items()):
+        _fail(path, "evaluation needs a reward-model stage (method rm) to score with; add one or set evaluation: null")
     return PipelineConfig(
         run_dir=raw["run_dir"],
         data=data,
-        stages=dict(sorted(stages.items(), key=lambda kv: STAGE_ORDER.index(kv[0]))),
+        stages=stages,
         evaluation=evaluation,
         overlays=list(raw.get("overlays", [])),
         title=raw.get("title", "rlft pipeline"),
         source=path,
     )
+
+
+def _check_stage(
+    path: str, name: str, stage: StageSettings, earlier: dict[str, StageSettings], *, every: list[str]
+) -> StageSettings:
+    """One stage against the registry and the stages above it (``earlier``; ``every``: all the file's stages)."""
+    where = f"stages.{name}"
+    if name in RESERVED_NAMES or not _STAGE_NAME.fullmatch(name):
+        _fail(path, f"{where}: a stage name is its run folder: letters, digits, _ . - and not one of {RESERVED_NAMES}")
+    method = method_of(name, stage)
+    if method not in METHODS:
+        what = f"unknown method {method!r}" if stage.method else f"{name!r} is not a method, so set `method:`"
+        _fail(path, f"{where}: {what}; methods are {list(METHODS)}")
+    for link in ("init", "reward", "relabel"):
+        target = getattr(stage, link)
+        if target is None:
+            continue
+        if target not in earlier:
+            hint = "it comes later; stages run in file order" if target in every else "there is no such stage"
+            _fail(path, f"{where}.{link}: {target!r} must be an earlier stage of this pipeline ({hint})")
+        is_rm = method_of(target, earlier[target]) == "rm"
+        if link == "init" and is_rm:
+            _fail(path, f"{where}.init: {target!r} trains a reward model; init names a stage that trains a policy")
+        if link != "init" and not is_rm:
+            _fail(path, f"{where}.{link}: {target!r} is not a reward-model stage (method rm)")
+    if not Path(stage.config).is_file():
+        _fail(path, f"{where}.config: {stage.config} does not exist")
+    kind = METHODS[method]
+    scored = [m for m, k in METHODS.items() if k.scored]
+    if kind.scored and stage.reward is None:
+        _fail(path, f"{where}.reward: name the reward-model stage (e.g. rm) that scores its {method} samples")
+    if not kind.scored and stage.reward is not None:
+        _fail(path, f"{where}.reward: {method} scores no samples (reward is for {scored}; relabel re-orders pairs)")
+    if stage.relabel is not None and not kind.pairs:
+        pairs = [m for m, k in METHODS.items() if k.pairs]
+        _fail(path, f"{where}.relabel: {method} does not train on the preference pairs; relabel is for {pairs}")
+    if method == "online_dpo" and (stage.rounds < 1 or stage.samples_per_prompt < 2):
+        _fail(path, f"{where}: need rounds >= 1 and samples_per_prompt >= 2")
+    return stage

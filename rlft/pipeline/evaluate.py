@@ -1,9 +1,15 @@
 """The pipeline's evaluation stage: on held-out data only,
 
 * the reward model: accuracy and AUROC on held-out pairs, with 95 % bootstrap CIs;
-* every policy (base, start, DPO, GRPO, online DPO) answering held-out prompts: mean reward (with CI), win rate
-  vs the start judged by the reward model (bootstrap CI), KL to the start, refusal rate, toxicity (and the
-  classifiers that produced them), optionally lm-eval tasks.
+* every policy (base, start, then each policy stage: DPO, ORPO, SimPO, GRPO, PPO, TRPO, online DPO ...) answering
+  held-out prompts: mean reward (with CI), win rate vs the start judged by the reward model (bootstrap CI), the
+  same two controlled for reply length, KL to the start, refusal rate, toxicity (and the classifiers that produced
+  them), optionally lm-eval tasks.
+
+Length control: the reward model may pay for length, so a policy that only got longer would look better. The slope
+of reward on words *within* each policy's own answers (one intercept per policy,
+:func:`rlft.metrics.within_group_slope`) is removed from every answer's reward before the paired comparison with
+the start (``length_controlled_gain`` with a bootstrap CI, ``length_controlled_win_rate``).
 
 KL(pi || pi_start) is estimated on the policy's own samples as the mean of
 ``sum_t log pi(y_t | x, y_<t) - log pi_start(y_t | x, y_<t)`` (unbiased at temperature 1).
@@ -30,19 +36,19 @@ def evaluation_config(runner) -> dict:
     settings = runner.config.evaluation
     stages = runner.config.stages
     policies: dict[str, str] = {}
-    if any(name in stages for name in ("dpo", "grpo", "online_dpo")):  # else: the reward model alone is evaluated
-        if "sft" in stages:
-            policies["base"] = runner._base_model(stages["sft"])
+    trained, sft, rm = runner.policy_stages(), runner.stage_of("sft"), runner.stage_of("rm")
+    if trained:  # else: the reward model alone is evaluated
+        if sft is not None:
+            policies["base"] = runner._base_model(stages[sft])
         policies["start"] = runner.start_policy()
-        for name in ("dpo", "grpo", "online_dpo"):
-            if name in stages:
-                policies[name] = str(runner.model_of(name))
-    if "rm" not in stages:
-        raise ValueError(f"{runner.config.source}: the evaluation needs a reward-model stage (rm)")
+        for name in trained:
+            policies[name] = str(runner.model_of(name))
+    if rm is None:
+        raise ValueError(f"{runner.config.source}: the evaluation needs a reward-model stage (method rm)")
     return {
         "policies": policies,
         "start": "start",
-        "reward_model": str(runner.model_of("rm")),
+        "reward_model": str(runner.model_of(rm)),
         "heldout_pairs": str(runner.run_dir / "data" / "heldout_pairs.jsonl"),
         "out": str(runner.run_dir / "evaluation"),
         **vars(settings),
@@ -83,7 +89,7 @@ def evaluate(cfg: dict) -> dict:
     )
     from rlft.generation.generator import Generator
     from rlft.generation.settings import SamplingSettings
-    from rlft.metrics import outcomes_from_scores, win_rate
+    from rlft.metrics import outcomes_from_scores, win_rate, within_group_slope
     from rlft.models import load_model, load_tokenizer
 
     pairs = load_records(cfg["heldout_pairs"], kind="pairs", limit=cfg.get("pairs_limit"))
@@ -149,6 +155,11 @@ def evaluate(cfg: dict) -> dict:
             gc.collect()
     base = rewards[start_name]
     scale = abs(base.mean()) if abs(base.mean()) > 1e-8 else float("nan")
+    words = {name: np.asarray([len(t.split()) for t in texts], dtype=float) for name, texts in answers.items()}
+    # length control: the reward model may pay for length; the reward per word within each policy's own answers
+    # takes the length difference out of a policy's gain (its reward at the start's reply lengths)
+    slope = within_group_slope([rewards[n] for n in answers], [words[n] for n in answers])
+    controlled = {name: rewards[name] - slope * words[name] for name in answers}
     for name, entry in policies.items():
         if name == start_name:
             continue
@@ -159,9 +170,18 @@ def evaluate(cfg: dict) -> dict:
         entry["win_rate"] = win_rate(
             outcomes_from_scores(rewards[name], base), n_bootstrap=cfg["n_bootstrap"], seed=cfg["seed"]
         ).to_dict()
+        paired = controlled[name] - controlled[start_name]
+        entry["length_controlled_gain"] = float(paired.mean())
+        entry["length_controlled_gain_ci"] = _bootstrap(paired, np.mean, cfg["n_bootstrap"], cfg["seed"])
+        entry["length_controlled_win_rate"] = win_rate(
+            outcomes_from_scores(controlled[name], controlled[start_name]),
+            n_bootstrap=cfg["n_bootstrap"],
+            seed=cfg["seed"],
+        ).to_dict()
     results.update(
         start=start_name,
         n_prompts=len(prompts),
+        length_slope=slope,
         policies=policies,
         refusal_classifier=refusal.name,
         toxicity_classifier=toxicity.name if toxicity else "none (not measured)",

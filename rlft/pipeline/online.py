@@ -3,8 +3,8 @@ them, the best and the worst become a pair, and a DPO stage trains on those pair
 start policy (Xiong et al. 2024, https://arxiv.org/abs/2312.11456; Xu et al. 2023, "Some things are more CRINGE
 than others", https://arxiv.org/abs/2312.16682)::
 
-    <run>/online_dpo/round_<r>/pairs.jsonl   sampled pairs (+ sampling.json: rewards, pairs dropped and why)
-    <run>/online_dpo/round_<r>/              an ordinary rlft fit run (config.yaml, checkpoints, hf_model, DONE)
+    <run>/<stage>/round_<r>/pairs.jsonl      sampled pairs (+ sampling.json: rewards, pairs dropped and why)
+    <run>/<stage>/round_<r>/                 an ordinary rlft fit run (config.yaml, checkpoints, hf_model, DONE)
 
 Sampling runs as its own process (``python -m rlft.pipeline.online``) like every training round, so a finished
 round is skipped and a killed one resumes.
@@ -137,22 +137,22 @@ def describe_skipped(skipped: dict) -> str:
     return ", ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in skipped.items() if n) or "none"
 
 
-def run_online_dpo(runner, stage, train_path: str) -> None:
-    """All rounds of the ``online_dpo`` stage, each round's sampling and DPO fit as subprocesses."""
-    folder = runner.stage_dir("online_dpo")
+def run_online_dpo(runner, name: str, stage, train_path: str) -> None:
+    """All rounds of an online DPO stage (``name``: its folder), each round's sampling and DPO fit as subprocesses."""
+    folder = runner.stage_dir(name)
     start = str(runner.model_of(stage.init)) if stage.init else runner._base_model(stage)
     reward_model = str(runner.model_of(stage.reward))
     policy = start
     for r in range(1, stage.rounds + 1):
         round_dir = folder / f"round_{r}"
         if runner.is_done(round_dir):
-            print(f"rlft pipeline: online_dpo round {r} already DONE, skipped", flush=True)
+            print(f"rlft pipeline: {name} round {r} already DONE, skipped", flush=True)
             policy = str(round_dir / "hf_model")
             continue
         pairs = round_dir / "pairs.jsonl"
         if not (round_dir / "sampling.json").exists():
             print(
-                f"rlft pipeline: online_dpo round {r}: sampling {stage.samples_per_prompt} responses for "
+                f"rlft pipeline: {name} round {r}: sampling {stage.samples_per_prompt} responses for "
                 f"{stage.prompts_per_round} prompts (log: {round_dir / 'stage.log'})",
                 flush=True,
             )
@@ -183,20 +183,20 @@ def run_online_dpo(runner, stage, train_path: str) -> None:
                 "--seed",
                 str(r),
             ]
-            runner._run_process(f"online_dpo round {r} sampling", argv, round_dir / "stage.log")
+            runner._run_process(f"{name} round {r} sampling", argv, round_dir / "stage.log")
         stats = json.loads((round_dir / "sampling.json").read_text())
         print(
-            f"rlft pipeline: online_dpo round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts "
+            f"rlft pipeline: {name} round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts "
             f"(dropped: {describe_skipped(stats['skipped'])})",
             flush=True,
         )
-        config = runner.fit_config("online_dpo", stage, round_dir, data_path=str(pairs), model=policy)
+        config = runner.fit_config(name, stage, round_dir, data_path=str(pairs), model=policy)
         # the reference stays the start policy in every round (computed once per round from it)
         from rlft.pipeline.config import set_dotted
 
         set_dotted(config, "model.reference", "precomputed")
         set_dotted(config, "model.ref_model", start)
-        runner.run_fit(f"online_dpo round {r}", config, round_dir, round_dir / "hf_model")
+        runner.run_fit(f"{name} round {r}", config, round_dir, round_dir / "hf_model")
         policy = str(round_dir / "hf_model")
 
 

@@ -3,12 +3,13 @@ the report, all under one run folder::
 
     <run_dir>/data/{train,heldout}_pairs.jsonl   the split (held-out prompts are never trained on)
     <run_dir>/<stage>/config.yaml               the stage's complete rlft fit config (rerunnable by hand)
+    <run_dir>/<stage>/relabelled_pairs.jsonl    with ``relabel: rm``: the pairs it trains on, re-ordered by the RM
     <run_dir>/<stage>/stage.log                 its stdout and stderr
     <run_dir>/<stage>/checkpoints/last.ckpt     Lightning checkpoints (a killed stage resumes from here)
     <run_dir>/<stage>/hf_model                  its export, what the next stages load
     <run_dir>/<stage>/DONE                      written after the export, with a fingerprint of the stage's
                                                 settings; a re-run skips the stage unless its settings changed or
-                                                a stage it starts from or is scored by ran again
+                                                a stage it starts from, is scored or relabelled by ran again
     <run_dir>/evaluation/results.json, <run_dir>/report/report.md
     <run_dir>/pipeline.lock                     held (flock) by the running pipeline: one pipeline per run folder
 
@@ -33,13 +34,22 @@ from pathlib import Path
 
 import yaml
 
-from rlft.pipeline.config import PipelineConfig, StageSettings, set_dotted
+from rlft.pipeline.config import METHODS, PipelineConfig, StageSettings, method_of, set_dotted
 from rlft.pipeline.lock import RunFolderLock, RunFolderLocked
+from rlft.pipeline.online import run_online_dpo
 from rlft.pipeline.stage_process import run_stage_process
 
 log = logging.getLogger(__name__)
 
 DONE = "DONE"
+
+OWN_LOOPS = {"online_dpo": run_online_dpo}
+"""Methods the runner drives itself (``loop(runner, name, stage, train_path)``) instead of one ``rlft fit``: their
+fits are plain DPO (no ``model.rewards``: the loop scores its own samples) and their model is the last round's."""
+
+UNSET_NOT_FINGERPRINTED = ("method", "relabel")
+"""Stage settings added after run folders had fingerprints: left out while unset, so upgrading rlft does not re-run
+every finished stage of an existing run folder."""
 
 
 class StageFailed(RuntimeError):
@@ -75,17 +85,25 @@ class PipelineRunner:
 
     def model_of(self, name: str) -> Path:
         """The exported model folder a stage hands to later stages."""
-        if name == "online_dpo":
-            return self.stage_dir(name) / f"round_{self.config.stages[name].rounds}" / "hf_model"
+        stage = self.config.stages[name]
+        if method_of(name, stage) in OWN_LOOPS:
+            return self.stage_dir(name) / f"round_{stage.rounds}" / "hf_model"
         return self.stage_dir(name) / "hf_model"
 
+    def policy_stages(self) -> list[str]:
+        """Names, in file order, of the stages that train a policy the evaluation compares with the start."""
+        return [name for name, stage in self.config.stages.items() if METHODS[method_of(name, stage)].policy]
+
+    def stage_of(self, method: str) -> str | None:
+        """The first stage (file order) of ``method``: e.g. the reward model the evaluation scores with."""
+        return next((n for n, stage in self.config.stages.items() if method_of(n, stage) == method), None)
+
     def start_policy(self) -> str:
-        """What the policy stages start from: the ``init`` they share (normally the SFT export)."""
-        for name in ("dpo", "grpo", "online_dpo"):
-            stage = self.config.stages.get(name)
-            if stage is not None:
-                return str(self.model_of(stage.init)) if stage.init else self._base_model(stage)
-        raise ValueError(f"{self.config.source}: no policy stage (dpo, grpo, online_dpo) to evaluate")
+        """What the policy stages start from: the first one's ``init`` (normally the SFT export)."""
+        for name in self.policy_stages():
+            stage = self.config.stages[name]
+            return str(self.model_of(stage.init)) if stage.init else self._base_model(stage)
+        raise ValueError(f"{self.config.source}: no policy stage to evaluate")
 
     @staticmethod
     def _base_model(stage: StageSettings) -> str:
@@ -100,7 +118,13 @@ class PipelineRunner:
         a DONE stage was run with, so that a stage whose settings changed is not skipped."""
 
         def plain(value):
-            if dataclasses.is_dataclass(value):
+            if isinstance(value, StageSettings):
+                value = {
+                    k: v
+                    for k, v in dataclasses.asdict(value).items()
+                    if not (k in UNSET_NOT_FINGERPRINTED and v is None)
+                }
+            elif dataclasses.is_dataclass(value):
                 value = dataclasses.asdict(value)
             if isinstance(value, dict) and isinstance(value.get("config"), str) and Path(value["config"]).is_file():
                 value = {**value, "config_text": Path(value["config"]).read_text()}
@@ -136,7 +160,7 @@ class PipelineRunner:
             set_dotted(config, "model.model", model)
         elif stage.init:
             set_dotted(config, "model.model", str(self.model_of(stage.init)))
-        if stage.reward and name != "online_dpo":
+        if stage.reward and method_of(name, stage) not in OWN_LOOPS:
             rm = str(self.model_of(stage.reward))
             set_dotted(config, "model.rewards", [{"source": "reward_model", "name": "rm", "options": {"path": rm}}])
         for key, value in stage.args.items():
@@ -232,7 +256,7 @@ class PipelineRunner:
     def run_stage(self, name: str, stage: StageSettings, train_path: str) -> None:
         folder = self.stage_dir(name)
         settings = self.fingerprint(name, stage, self.stage_data(stage, train_path))
-        stale = {stage.init, stage.reward} & self.ran  # an upstream stage was re-run: this output is out of date
+        stale = {stage.init, stage.reward, stage.relabel} & self.ran  # an upstream stage re-ran: this is out of date
         recorded = self.done_settings(folder) if self.is_done(folder) else None
         changed = recorded is not None and recorded != settings
         if self.is_done(folder) and name not in self.force and not stale and not changed:
@@ -253,12 +277,15 @@ class PipelineRunner:
         started.write_text(settings + "\n")
         self.ran.add(name)
         (folder / DONE).unlink(missing_ok=True)
-        if name == "online_dpo":
-            from rlft.pipeline.online import run_online_dpo
-
-            run_online_dpo(self, stage, train_path)
+        loop = OWN_LOOPS.get(method_of(name, stage))
+        if loop is not None:
+            loop(self, name, stage, train_path)
             self.mark_done(folder, {"output": str(self.model_of(name)), "settings": settings})
             return
+        if stage.relabel:
+            from rlft.pipeline.relabel import relabel_stage
+
+            train_path = relabel_stage(self, name, stage, train_path)
         self.run_fit(
             name,
             self.fit_config(name, stage, folder, data_path=train_path),

@@ -38,6 +38,7 @@ def test_report_tables_curves_and_rounds(tmp_path):
         },
         "start": "start",
         "n_prompts": 10,
+        "length_slope": -0.02,
         "refusal_classifier": "rubric",
         "toxicity_classifier": "apc",
         "settings": {"temperature": 1.0, "max_new_tokens": 32, "seed": 0},
@@ -59,6 +60,9 @@ def test_report_tables_curves_and_rounds(tmp_path):
                 "reward_gain_relative": 1.2,
                 "reward_gain_std": 0.9,
                 "win_rate": win,
+                "length_controlled_gain": 0.4,
+                "length_controlled_gain_ci": [0.1, 0.7],
+                "length_controlled_win_rate": {**win, "rate": 0.6, "ci_low": 0.45, "ci_high": 0.75},
                 "kl_to_start": 2.5,
                 "kl_to_start_ci": [1.5, 3.5],
             },
@@ -78,9 +82,14 @@ def test_report_tables_curves_and_rounds(tmp_path):
     text = report.read_text()
     assert "| 100 | 0.610 | [0.520, 0.700] | 0.640 | [0.560, 0.710] | 0.300 |" in text
     assert (
-        "| grpo | 0.100 [-0.100, 0.300] | +0.600 (+120%) | +0.90 | 0.700 [0.550, 0.850] | 2.50 [1.500, 3.500] |" in text
+        "| grpo | 0.100 [-0.100, 0.300] | +0.600 (+120%) | +0.90 | 0.700 [0.550, 0.850] | +0.400 [0.100, 0.700] | "
+        "0.600 [0.450, 0.750] | 2.50 [1.500, 3.500] |" in text
     )
-    assert "| start | -0.500 [-0.700, -0.300] | — | — | — | — | 0.100 | 0.050 | 20.0 |" in text
+    assert "| start | -0.500 [-0.700, -0.300] | — | — | — | — | — | — | 0.100 | 0.050 | 20.0 |" in text
+    assert "minus -0.0200 per word" in text
+    # the guide's checkpoints under each stage's curves: start/end are means of the first/last 10 % of points
+    assert "| `train/loss` | 0.7 | 0.66 | 5 | falls (DPO: 0.69 -> 0.4-0.5) |" in text
+    assert "| `train/reward` | 0.1 | 0.3 | 2 | rises |" in text
     assert "How do I \\| pick a lock?" in text  # table cells are escaped
     for png in (
         "curves_rm.png",

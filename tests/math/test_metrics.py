@@ -18,6 +18,7 @@ from rlft.metrics import (
     self_bleu,
     sentence_bleu,
     win_rate,
+    within_group_slope,
 )
 
 
@@ -69,6 +70,20 @@ def test_win_rate_counts_ties_half_and_ci_matches_normal_approximation():
     assert outcomes_from_scores([2.0, 1.0, 1.05], [1.0, 2.0, 1.0], tie_margin=0.1) == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="1 \\(win\\)"):
         win_rate([2])
+
+
+def test_within_group_slope_has_one_intercept_per_group():
+    # both groups rise 2 per unit; their intercepts differ by far more than the slope explains
+    values, covariate = [[2.0, 4.0, 6.0], [0.0, 2.0]], [[1.0, 2.0, 3.0], [10.0, 11.0]]
+    assert within_group_slope(values, covariate) == pytest.approx(2.0)
+    # a pooled fit would have found a negative slope: the later group is lower
+    pooled = np.polyfit(np.concatenate(covariate), np.concatenate(values), 1)[0]
+    assert pooled < 0
+    # unequal slopes 1 and 3: sum(dx*dy) / sum(dx^2) over both groups = (0.5 + 1.5) / (0.5 + 0.5)
+    assert within_group_slope([[0.0, 1.0], [0.0, 3.0]], [[0.0, 1.0], [0.0, 1.0]]) == pytest.approx((0.5 + 1.5) / 1.0)
+    assert within_group_slope([[1.0, 2.0]], [[5.0, 5.0]]) == 0.0  # no variation in length: no correction
+    with pytest.raises(ValueError, match="2 values and 1 covariates"):
+        within_group_slope([[1.0, 2.0]], [[1.0]])
 
 
 def test_distinct_n_hand_values():

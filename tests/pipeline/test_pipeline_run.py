@@ -15,6 +15,10 @@ import yaml
 
 pytestmark = pytest.mark.slow  # each stage is a process (~10 s of imports each on a quiet machine)
 
+# every stage of configs/pipelines/tiny.yaml, in its order; all but sft and rm train a policy
+STAGES = ("sft", "rm", "dpo", "dpo_rm_labels", "grpo", "ppo", "online_dpo")
+POLICIES = STAGES[2:]
+
 
 def _pipeline(repo_root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -38,22 +42,29 @@ def tiny_run(repo_root, tmp_path_factory):
 
 def test_every_stage_runs_wired_to_the_previous_ones_and_the_report_is_written(tiny_run):
     run_dir, _ = tiny_run
-    for stage in (
-        "data",
-        "sft",
-        "rm",
-        "dpo",
-        "grpo",
-        "online_dpo",
-        "online_dpo/round_1",
-        "online_dpo/round_2",
-        "evaluation",
-    ):
+    for stage in ("data", *STAGES, "online_dpo/round_1", "online_dpo/round_2", "evaluation"):
         assert (run_dir / stage / "DONE").exists(), stage
-    dpo = yaml.safe_load((run_dir / "dpo" / "config.yaml").read_text())["model"]["init_args"]
-    assert dpo["model"] == str(run_dir / "sft" / "hf_model")
-    grpo = yaml.safe_load((run_dir / "grpo" / "config.yaml").read_text())["model"]["init_args"]
-    assert grpo["rewards"][0]["options"]["path"] == str(run_dir / "rm" / "hf_model")
+
+    def fit_config(stage: str) -> dict:
+        return yaml.safe_load((run_dir / stage / "config.yaml").read_text())
+
+    for stage in ("dpo", "dpo_rm_labels", "grpo", "ppo"):
+        assert fit_config(stage)["model"]["init_args"]["model"] == str(run_dir / "sft" / "hf_model"), stage
+    for stage in ("grpo", "ppo"):
+        rewards = fit_config(stage)["model"]["init_args"]["rewards"]
+        assert [r["options"]["path"] for r in rewards] == [str(run_dir / "rm" / "hf_model")], stage
+    assert fit_config("ppo")["model"]["class_path"] == "rlft.methods.PPO"
+    # dpo_rm_labels trains on the split's train pairs re-ordered by the reward model
+    relabelled = run_dir / "dpo_rm_labels" / "relabelled_pairs.jsonl"
+    assert fit_config("dpo_rm_labels")["data"]["init_args"]["path"] == str(relabelled)
+    assert fit_config("dpo")["data"]["init_args"]["path"] == str(run_dir / "data" / "train_pairs.jsonl")
+    stats = json.loads((run_dir / "dpo_rm_labels" / "relabel.json").read_text())
+    n_train = json.loads((run_dir / "data" / "split.json").read_text())["train"]
+    assert stats["n"] == n_train and 0 <= stats["swapped"] <= n_train and 0 <= stats["ties"] <= n_train
+    assert stats["agreement"] == pytest.approx((n_train - stats["swapped"] - stats["ties"] / 2) / n_train)
+    assert stats["reward_model"] == str(run_dir / "rm" / "hf_model")
+    rows = [json.loads(x) for x in relabelled.read_text().splitlines()]
+    assert len(rows) == n_train and all(r["chosen_reward"] >= r["rejected_reward"] for r in rows)
     round_2 = yaml.safe_load((run_dir / "online_dpo" / "round_2" / "config.yaml").read_text())["model"]["init_args"]
     # round 2 continues round 1's policy, the reference stays the start (SFT)
     assert round_2["model"] == str(run_dir / "online_dpo" / "round_1" / "hf_model")
@@ -64,8 +75,8 @@ def test_every_stage_runs_wired_to_the_previous_ones_and_the_report_is_written(t
     results = json.loads((run_dir / "evaluation" / "results.json").read_text())
     rm = results["reward_model"]
     assert rm["accuracy_ci"][0] <= rm["accuracy"] <= rm["accuracy_ci"][1]
-    assert set(results["policies"]) == {"base", "start", "dpo", "grpo", "online_dpo"}
-    for name in ("dpo", "grpo", "online_dpo"):
+    assert set(results["policies"]) == {"base", "start", *POLICIES}
+    for name in POLICIES:
         policy = results["policies"][name]
         assert {"mean_reward", "win_rate", "kl_to_start", "refusal_rate", "toxicity", "reward_gain"} <= set(policy)
         assert policy["win_rate"]["n"] == results["n_prompts"]
@@ -81,9 +92,9 @@ def test_rerun_skips_done_stages_and_a_killed_stage_resumes_from_its_checkpoint(
     run_dir, _ = tiny_run
     again = _pipeline(repo_root, "-c", "configs/pipelines/tiny.yaml", "--run_dir", str(run_dir))
     assert again.returncode == 0, again.stderr
-    for stage in ("sft", "rm", "dpo", "grpo", "online_dpo"):
+    for stage in STAGES:
         assert f"stage {stage} already DONE, skipped" in again.stdout
-    assert "evaluation already DONE, skipped" in again.stdout
+    assert "evaluation already DONE, skipped" in again.stdout and "relabelling" not in again.stdout
 
     # a DPO run killed after its last checkpoint but before the export: no DONE, no hf_model, a last.ckpt
     (run_dir / "dpo" / "DONE").unlink()
@@ -108,7 +119,7 @@ def test_a_failing_stage_stops_the_pipeline_naming_the_stage_and_its_log(repo_ro
         "evaluation": None,
     }
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     result = _pipeline(repo_root, "-c", str(path))
     assert result.returncode == 1
     assert "stage 'dpo' failed with exit code" in result.stderr
@@ -121,16 +132,17 @@ def test_a_stage_whose_settings_changed_runs_again_and_changed_data_is_refused(t
     config = yaml.safe_load((repo_root / "configs/pipelines/tiny.yaml").read_text())
     config["stages"]["dpo"]["args"]["model.beta"] = 0.3  # a user changes one stage and runs the pipeline again
     changed = tmp_path / "tiny_beta.yaml"
-    changed.write_text(yaml.safe_dump(config))
+    changed.write_text(yaml.safe_dump(config, sort_keys=False))
     again = _pipeline(repo_root, "-c", str(changed), "--run_dir", str(run_dir))
     assert again.returncode == 0, again.stderr
     assert "stage dpo re-runs from scratch (its settings changed)" in again.stdout
-    for stage in ("sft", "rm", "grpo", "online_dpo"):
-        assert f"stage {stage} already DONE, skipped" in again.stdout
+    for stage in STAGES:
+        if stage != "dpo":
+            assert f"stage {stage} already DONE, skipped" in again.stdout
     assert yaml.safe_load((run_dir / "dpo" / "config.yaml").read_text())["model"]["init_args"]["beta"] == 0.3
     assert "rlft pipeline: evaluation (log:" in again.stdout  # the report shows the new DPO policy
 
     config["data"]["heldout_fraction"] = 0.5
-    changed.write_text(yaml.safe_dump(config))
+    changed.write_text(yaml.safe_dump(config, sort_keys=False))
     refused = _pipeline(repo_root, "-c", str(changed), "--run_dir", str(run_dir))
     assert refused.returncode != 0 and "the data settings changed" in refused.stderr

@@ -33,7 +33,7 @@ def _config(tmp_path: Path, repo_root: Path, **sft_args) -> Path:
         "evaluation": None,
     }
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

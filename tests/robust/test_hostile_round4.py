@@ -245,7 +245,7 @@ def _pipeline(tmp_path: Path, **changes) -> Path:
             node = node[part]
         node[last] = value
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # stages run in file order
     return path
 
 
